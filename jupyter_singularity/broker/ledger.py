@@ -1,0 +1,308 @@
+"""The usage ledger: every lease and kernel state change, kept in a database.
+
+The ledger outlives the server, so daily GPU-second quotas and the usage CLI
+see the same history across restarts. It uses SQLAlchemy Core so that
+``db_url`` may point at any database SQLAlchemy speaks; SQLite is the default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+__all__ = ["Ledger", "LedgerError", "day_start"]
+
+_DAY = 86400.0
+
+# Double, not Float: epoch seconds need more than a 32-bit float (MySQL FLOAT).
+# BigInteger: GPU memory sizes exceed 2**31.
+_metadata = sa.MetaData()
+
+_leases = sa.Table(
+    "leases",
+    _metadata,
+    sa.Column("lease_id", sa.Text, primary_key=True),
+    sa.Column("kernel_id", sa.Text, nullable=False),
+    sa.Column("user", sa.Text, nullable=False),
+    sa.Column("device_index", sa.Integer, nullable=False),
+    sa.Column("device_uuid", sa.Text, nullable=False),
+    sa.Column("reservation_bytes", sa.BigInteger, nullable=False),
+    sa.Column("start", sa.Double, nullable=False),
+    sa.Column("end", sa.Double, nullable=True),
+    sa.Column("gpu_seconds", sa.Double, nullable=True),
+    sa.Column("peak_bytes", sa.BigInteger, nullable=True),
+    sa.Index("ix_leases_user_start", "user", "start"),
+)
+
+_state_changes = sa.Table(
+    "state_changes",
+    _metadata,
+    # Integer (not BigInteger) so SQLite makes it a rowid alias that autoincrements.
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("time", sa.Double, nullable=False),
+    sa.Column("kernel_id", sa.Text, nullable=False),
+    sa.Column("user", sa.Text, nullable=False),
+    sa.Column("old_state", sa.Text, nullable=True),
+    sa.Column("new_state", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("device_index", sa.Integer, nullable=True),
+    sa.Column("nbytes", sa.BigInteger, nullable=True),
+    sa.Column("duration", sa.Double, nullable=True),
+    sa.Index("ix_state_changes_kernel_time", "kernel_id", "time"),
+)
+
+
+class LedgerError(RuntimeError):
+    """The ledger database cannot be opened or created."""
+
+
+def day_start(now: float) -> float:
+    """UTC midnight of ``now``'s day: daily quotas reset there.
+
+    POSIX time has no leap seconds, so every UTC day is exactly 86400 s and
+    the remainder is exact.
+    """
+    return now - now % _DAY
+
+
+def _sqlite_file(url: URL) -> Path | None:
+    """The file path of a file-backed SQLite URL, else None."""
+    if url.get_backend_name() != "sqlite":
+        return None
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+class Ledger:
+    """Records leases and kernel state changes; answers usage questions.
+
+    Writes come from the broker's event loop and are each one short
+    transaction. Reads (e.g. from the CLI, or another thread) go through the
+    engine's connection pool; for SQLite, WAL mode keeps readers from blocking
+    the server.
+    """
+
+    def __init__(self, db_url: str) -> None:
+        shown = db_url
+        try:
+            url = sa.make_url(db_url)
+            shown = url.render_as_string(hide_password=True)
+            path = _sqlite_file(url)
+            connect_args: dict[str, Any] = {}
+            if url.get_backend_name() == "sqlite":
+                connect_args["check_same_thread"] = False
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            self._engine: Engine = sa.create_engine(url, connect_args=connect_args)
+            if path is not None:
+                # Persistent in the file: setting it once covers later connections.
+                with self._engine.connect() as conn:
+                    conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            _metadata.create_all(self._engine)
+        except (SQLAlchemyError, ImportError, OSError) as exc:
+            reason = getattr(exc, "orig", None) or exc
+            raise LedgerError(f"cannot open the usage ledger at {shown!r}: {reason}") from exc
+
+    # -- writes -----------------------------------------------------------------
+
+    def lease_started(
+        self,
+        *,
+        lease_id: str,
+        kernel_id: str,
+        user: str,
+        device_index: int,
+        device_uuid: str,
+        reservation_bytes: int,
+        start: float,
+    ) -> None:
+        """Record a granted lease; it stays open until `lease_ended`."""
+        with self._engine.begin() as conn:
+            conn.execute(
+                _leases.insert().values(
+                    lease_id=lease_id,
+                    kernel_id=kernel_id,
+                    user=user,
+                    device_index=device_index,
+                    device_uuid=device_uuid,
+                    reservation_bytes=reservation_bytes,
+                    start=start,
+                )
+            )
+
+    def lease_ended(self, lease_id: str, end: float, peak_bytes: int | None) -> None:
+        """Close an open lease and charge it ``end - start`` GPU-seconds.
+
+        Unknown or already ended leases are left alone, so a duplicate release
+        cannot re-charge a lease. An ``end`` before the start (wall clock
+        stepped back) charges nothing rather than a negative amount.
+        """
+        self._end_lease(lease_id, end, peak_bytes)
+
+    def close_dangling_leases(self, at: float) -> int:
+        """End leases left open by a crash; returns how many were ended.
+
+        How long they really ran is unknown, so each is charged only what was
+        observed: it ends at the latest state change of its kernel after its
+        start (or at its start if there is none), never after ``at``.
+        """
+        latest = (
+            sa.select(sa.func.max(_state_changes.c.time))
+            .where(
+                _state_changes.c.kernel_id == _leases.c.kernel_id,
+                _state_changes.c.time >= _leases.c.start,
+            )
+            .scalar_subquery()
+        )
+        with self._engine.begin() as conn:
+            dangling = conn.execute(
+                sa.select(_leases.c.lease_id, _leases.c.start, latest).where(
+                    _leases.c.end.is_(None)
+                )
+            ).all()
+            for lease_id, start, seen in dangling:
+                self._end_lease(lease_id, min(at, seen if seen is not None else start), None, conn)
+        return len(dangling)
+
+    def _end_lease(
+        self,
+        lease_id: str,
+        end: float,
+        peak_bytes: int | None,
+        conn: sa.Connection | None = None,
+    ) -> None:
+        """Set end, gpu_seconds and peak of an open lease (clamped to its start)."""
+        backwards = _leases.c.start > end
+        stmt = (
+            _leases.update()
+            .where(_leases.c.lease_id == lease_id, _leases.c.end.is_(None))
+            .values(
+                end=sa.case((backwards, _leases.c.start), else_=sa.literal(end)),
+                gpu_seconds=sa.case((backwards, 0.0), else_=end - _leases.c.start),
+                peak_bytes=peak_bytes,
+            )
+        )
+        if conn is not None:
+            conn.execute(stmt)
+            return
+        with self._engine.begin() as own:
+            own.execute(stmt)
+
+    def state_changed(
+        self,
+        *,
+        time: float,
+        kernel_id: str,
+        user: str,
+        old: str | None,
+        new: str,
+        reason: str = "",
+        device_index: int | None = None,
+        nbytes: int | None = None,
+        duration: float | None = None,
+    ) -> None:
+        """Record one kernel state transition (also evidence the kernel was alive)."""
+        with self._engine.begin() as conn:
+            conn.execute(
+                _state_changes.insert().values(
+                    time=time,
+                    kernel_id=kernel_id,
+                    user=user,
+                    old_state=old,
+                    new_state=new,
+                    reason=reason,
+                    device_index=device_index,
+                    nbytes=nbytes,
+                    duration=duration,
+                )
+            )
+
+    # -- reads ------------------------------------------------------------------
+
+    @staticmethod
+    def _overlapping(since: float, until: float) -> sa.ColumnElement[bool]:
+        """Leases that overlap ``[since, until]``; open ones extend to ``until``."""
+        return sa.and_(
+            _leases.c.start < until,
+            sa.or_(_leases.c.end.is_(None), _leases.c.end > since),
+        )
+
+    @staticmethod
+    def _clipped_seconds(since: float, until: float) -> sa.ColumnElement[float]:
+        """A lease's seconds inside ``[since, until]`` (CASE, not LEAST/GREATEST, for
+        portability across databases)."""
+        end = sa.func.coalesce(_leases.c.end, until)
+        clipped_end = sa.case((end > until, until), else_=end)
+        clipped_start = sa.case((_leases.c.start < since, since), else_=_leases.c.start)
+        return clipped_end - clipped_start
+
+    def usage(self, *, since: float, until: float, user: str | None = None) -> list[dict]:
+        """Per user (or just ``user``): GPU-seconds, lease and kernel counts in the window.
+
+        Each lease is clipped to ``[since, until]`` and an open lease counts up
+        to ``until``. Users without leases in the window are absent. Sorted by user.
+        """
+        stmt = (
+            sa.select(
+                _leases.c.user,
+                sa.func.sum(self._clipped_seconds(since, until)).label("gpu_seconds"),
+                sa.func.count().label("leases"),
+                sa.func.count(sa.distinct(_leases.c.kernel_id)).label("kernels"),
+            )
+            .where(self._overlapping(since, until))
+            .group_by(_leases.c.user)
+            .order_by(_leases.c.user)
+        )
+        if user is not None:
+            stmt = stmt.where(_leases.c.user == user)
+        with self._engine.connect() as conn:
+            return [
+                {
+                    "user": row.user,
+                    "gpu_seconds": float(row.gpu_seconds),
+                    "leases": row.leases,
+                    "kernels": row.kernels,
+                }
+                for row in conn.execute(stmt)
+            ]
+
+    def gpu_seconds_by_user(self, since: float, now: float) -> dict[str, float]:
+        """GPU-seconds per user in ``[since, now]``: what daily quotas are checked against."""
+        return {row["user"]: row["gpu_seconds"] for row in self.usage(since=since, until=now)}
+
+    def leases(
+        self, *, since: float, until: float, user: str | None = None, limit: int = 1000
+    ) -> list[dict]:
+        """Leases overlapping ``[since, until]`` as dicts, newest start first."""
+        stmt = (
+            sa.select(_leases)
+            .where(self._overlapping(since, until))
+            .order_by(_leases.c.start.desc(), _leases.c.lease_id.desc())
+            .limit(limit)
+        )
+        if user is not None:
+            stmt = stmt.where(_leases.c.user == user)
+        with self._engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(stmt)]
+
+    def events(self, *, kernel_id: str | None = None, limit: int = 50) -> list[dict]:
+        """State changes (all, or one kernel's) as dicts, newest first."""
+        stmt = (
+            sa.select(_state_changes)
+            .order_by(_state_changes.c.time.desc(), _state_changes.c.id.desc())
+            .limit(limit)
+        )
+        if kernel_id is not None:
+            stmt = stmt.where(_state_changes.c.kernel_id == kernel_id)
+        with self._engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(stmt)]
+
+    def close(self) -> None:
+        """Release pooled connections (and SQLite file handles)."""
+        self._engine.dispose()

@@ -1,0 +1,621 @@
+"""The pool broker as a running service: the decision core plus the I/O it decides on.
+
+It owns the core, the kernels' RPC channel, the ledger and a tick loop. Every event (a kernel
+message, a REST call, a clock tick, a dead process) is fed to :class:`~.core.BrokerCore`, and the
+actions it returns are carried out here: answer a waiting cell, ask an idle kernel to offload,
+write the ledger, emit an event for the browser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import grp
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..devices import DeviceInfo, DeviceInventory
+from ..protocol import ENV_BROKER_URL, ENV_KERNEL_ID, ENV_KERNEL_KEY, Message, generate_key
+from .core import (
+    Action,
+    BrokerCore,
+    BrokerError,
+    Deny,
+    Forget,
+    Grant,
+    KernelState,
+    LeaseEnded,
+    Offload,
+    Policy,
+    StateChanged,
+    Wait,
+)
+from .ledger import Ledger, day_start
+from .quotas import Quotas
+from .rpc import RPCServer
+
+Emit = Callable[[str, dict], None]
+"""``emit(name, data)`` for the browser: name is ``kernel_state``, ``lease`` or ``queue``; the server
+maps it to its versioned event schema."""
+KERNEL_STATE_SCHEMA, LEASE_SCHEMA, QUEUE_SCHEMA = "kernel_state", "lease", "queue"
+
+#: Environment variable telling the kernel runtime which simulated device size it was given.
+ENV_SIMULATED = "SINGULARITY_SIMULATED"
+
+
+def server_owner() -> tuple[str, tuple[str, ...]]:
+    """Who the kernels of this server belong to: the JupyterHub user, else the OS user."""
+    user = os.environ.get("JUPYTERHUB_USER") or getpass.getuser()
+    try:
+        groups = tuple(sorted({grp.getgrgid(g).gr_name for g in os.getgroups()}))
+    except (KeyError, OSError):
+        groups = ()
+    return user, groups
+
+
+@dataclass
+class KernelLaunch:
+    """What the provisioner needs to start a kernel inside the pool."""
+
+    kernel_id: str
+    home: DeviceInfo | None
+    env: dict[str, str]
+
+
+@dataclass
+class _Connection:
+    key: bytes
+    pid: int | None = None
+    missed_pings: int = 0
+    waiters: dict[str, asyncio.Future] = field(default_factory=dict)
+
+
+class BrokerService:
+    """Carries out the core's decisions; the only object handlers and the provisioner talk to."""
+
+    def __init__(
+        self,
+        inventory: DeviceInventory,
+        ledger: Ledger,
+        quotas: Quotas,
+        policy: Policy,
+        *,
+        log: logging.Logger,
+        emit: Emit | None = None,
+        clock: Callable[[], float] = time.time,
+        tick_interval: float = 1.0,
+        ping_interval: float = 5.0,
+        ping_misses: int = 3,
+        offload_timeout: float = 300.0,
+    ) -> None:
+        self.inventory = inventory
+        self.ledger = ledger
+        self.log = log
+        self.emit = emit or (lambda schema, data: None)
+        self.clock = clock
+        self.tick_interval = tick_interval
+        self.ping_interval = ping_interval
+        self.ping_misses = ping_misses
+        self.offload_timeout = offload_timeout
+        self.owner, self.owner_groups = server_owner()
+        now = clock()
+        ledger.close_dangling_leases(at=now)
+        self.core = BrokerCore(
+            inventory.devices(),
+            quotas,
+            policy,
+            usage_today=ledger.gpu_seconds_by_user(day_start(now), now),
+            now=now,
+        )
+        self._connections: dict[str, _Connection] = {}
+        self._rpc = RPCServer(self._key_for, self._handle, log)
+        self._tasks: set[asyncio.Task] = set()
+        self._loop_task: asyncio.Task | None = None
+        self.endpoint = ""
+
+    # -------------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self.endpoint = await self._rpc.start()
+        self._loop_task = asyncio.create_task(self._tick_loop())
+        self.log.debug("jupyter-singularity broker listening on %s", self.endpoint)
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for task in list(self._tasks):
+            task.cancel()
+        await self._rpc.stop()
+
+    # ----------------------------------------------------------------- kernels (provisioner side)
+
+    def register_kernel(self, kernel_id: str, notebook: str = "") -> KernelLaunch:
+        """Admit a kernel about to be launched; its environment carries the channel and key."""
+        if kernel_id in self._connections:
+            self.unregister_kernel(kernel_id, "restarted")
+        key = generate_key()
+        self._connections[kernel_id] = _Connection(key)
+        self._apply(
+            self.core.register(
+                kernel_id, self.owner, self.clock(), groups=self.owner_groups, notebook=notebook
+            )
+        )
+        home_index = self.core.kernels[kernel_id].home
+        home = None if home_index is None else self.core.devices[home_index]
+        env = {
+            ENV_BROKER_URL: self.endpoint,
+            ENV_KERNEL_ID: kernel_id,
+            ENV_KERNEL_KEY: key.decode(),
+        }
+        if home is not None and not self.inventory.simulated:
+            env["CUDA_VISIBLE_DEVICES"] = home.uuid
+        if self.inventory.simulated:
+            env[ENV_SIMULATED] = "1"
+        return KernelLaunch(kernel_id, home, env)
+
+    def kernel_started(self, kernel_id: str, pid: int | None) -> None:
+        """The provisioner launched the process: watch its pid so a kill -9 is noticed."""
+        connection = self._connections.get(kernel_id)
+        if connection is not None and pid:
+            connection.pid = pid
+
+    def unregister_kernel(self, kernel_id: str, reason: str = "shut down") -> None:
+        """The kernel ended: everything it held is released."""
+        connection = self._connections.pop(kernel_id, None)
+        if connection is None:
+            return
+        self.log.info("jupyter-singularity: kernel %s left the pool (%s)", kernel_id, reason)
+        self._rpc.forget(kernel_id)
+        self._apply(self.core.unregister(kernel_id, self.clock()))
+        for waiter in connection.waiters.values():
+            if not waiter.done():
+                waiter.set_result({"granted": False, "reason": f"kernel {reason}"})
+
+    # ------------------------------------------------------------------------ REST-facing views
+
+    def pool(self) -> dict:
+        snapshot = self.core.snapshot(self.clock())
+        snapshot["inventory"] = {
+            "kind": self.inventory.kind,
+            "simulated": self.inventory.simulated,
+            "reason": self.inventory.reason,
+        }
+        return snapshot
+
+    def kernel(self, kernel_id: str) -> dict:
+        kernel = self.core.kernels.get(kernel_id)
+        if kernel is None:
+            raise KeyError(kernel_id)
+        record = kernel.to_dict()
+        record["events"] = self.ledger.events(kernel_id=kernel_id, limit=20)
+        return record
+
+    async def offload(self, kernel_id: str) -> dict:
+        self._known(kernel_id)
+        self._apply(self.core.offload(kernel_id, self.clock(), reason="requested by user"))
+        return self.kernel(kernel_id)
+
+    async def restore(self, kernel_id: str) -> dict:
+        self._known(kernel_id)
+        self._apply(self.core.restore(kernel_id, self.clock()))
+        return self.kernel(kernel_id)
+
+    def pin(self, kernel_id: str, pinned: bool) -> dict:
+        self._known(kernel_id)
+        self._apply(self.core.set_pinned(kernel_id, pinned, self.clock()))
+        return self.kernel(kernel_id)
+
+    def quota(self, user: str, groups: Iterable[str] = ()) -> dict:
+        now = self.clock()
+        mine = [k for k in self.core.kernels.values() if k.user == user]
+        return {
+            "user": user,
+            "limits": self.core.limits(user, tuple(groups)).to_dict(),
+            "usage": {
+                "gpu_seconds_today": self.core.used_seconds(user, now),
+                "gpu_bytes": sum(k.booking() for k in mine),
+                "host_bytes": sum(k.host_bytes for k in mine),
+                "resident_kernels": sum(
+                    1
+                    for k in mine
+                    if k.state in (KernelState.RUNNING, KernelState.RESTORING, KernelState.RESIDENT)
+                ),
+            },
+        }
+
+    def quotas(self) -> Quotas:
+        return self.core.quotas
+
+    def set_quotas(self, quotas: Quotas) -> None:
+        self._apply(self.core.set_quotas(quotas, self.clock()))
+
+    def usage(self, since: float, until: float, user: str | None = None) -> dict:
+        return {
+            "since": since,
+            "until": until,
+            "users": self.ledger.usage(since=since, until=until, user=user),
+            "leases": self.ledger.leases(since=since, until=until, user=user),
+        }
+
+    def _known(self, kernel_id: str) -> None:
+        if kernel_id not in self.core.kernels:
+            raise KeyError(kernel_id)
+
+    # --------------------------------------------------------------------- kernel RPC (runtime)
+
+    def _key_for(self, kernel_id: str) -> bytes | None:
+        connection = self._connections.get(kernel_id)
+        return None if connection is None else connection.key
+
+    async def _handle(self, msg: Message) -> dict | None:
+        """One request from a kernel's runtime; readable errors go back as ``{"error": ...}``."""
+        kernel_id, body, now = msg.kernel_id, msg.body, self.clock()
+        connection = self._connections.get(kernel_id)
+        if connection is None or kernel_id not in self.core.kernels:
+            return {"error": "this kernel is not registered with the pool"}
+        connection.missed_pings = 0
+        handler = getattr(self, f"_on_{msg.type}", None)
+        if handler is None:
+            return {"error": f"unknown request {msg.type!r}"}
+        try:
+            return await handler(kernel_id, connection, body, now)
+        except BrokerError as err:
+            return {"error": str(err)}
+        except (KeyError, TypeError, ValueError) as err:
+            self.log.warning(
+                "jupyter-singularity: bad %s request from %s: %r", msg.type, kernel_id, err
+            )
+            return {"error": f"malformed {msg.type} request: {err!r}"}
+
+    async def _on_hello(
+        self, kernel_id: str, connection: _Connection, body: dict, now: float
+    ) -> dict:
+        pid = int(body["pid"])
+        if connection.pid is None:
+            connection.pid = pid
+        return {"kernel": self.kernel(kernel_id), "simulated": self.inventory.simulated}
+
+    async def _on_status(
+        self, kernel_id: str, connection: _Connection, body: dict, now: float
+    ) -> dict:
+        return {
+            "kernel": self.kernel(kernel_id),
+            "quota": self.quota(self.owner, self.owner_groups),
+            "queue": self.pool()["queue"],
+        }
+
+    async def _on_acquire(
+        self, kernel_id: str, connection: _Connection, body: dict, now: float
+    ) -> dict:
+        request_id = str(body["request_id"])
+        memory = body.get("memory")
+        waiter = asyncio.get_running_loop().create_future()
+        connection.waiters[request_id] = waiter
+        try:
+            self._apply(
+                self.core.acquire(
+                    kernel_id, request_id, now, None if memory is None else int(memory)
+                )
+            )
+            return await waiter
+        finally:
+            connection.waiters.pop(request_id, None)
+
+    async def _on_cancel(
+        self, kernel_id: str, connection: _Connection, body: dict, now: float
+    ) -> dict:
+        request_id = str(body["request_id"])
+        self._apply(self.core.cancel(kernel_id, request_id, now))
+        waiter = connection.waiters.get(request_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result({"granted": False, "reason": "cancelled"})
+        return {"ok": True}
+
+    async def _on_release(
+        self, kernel_id: str, connection: _Connection, body: dict, now: float
+    ) -> dict:
+        self._apply(
+            self.core.release(
+                kernel_id,
+                str(body["request_id"]),
+                now,
+                peak_bytes=_optional_int(body.get("peak_bytes")),
+                gpu_bytes=_optional_int(body.get("gpu_bytes")),
+            )
+        )
+        return {"ok": True}
+
+    async def _on_restored(
+        self, kernel_id: str, connection: _Connection, body: dict, now: float
+    ) -> dict:
+        self._apply(
+            self.core.restored(kernel_id, now, gpu_bytes=_optional_int(body.get("gpu_bytes")))
+        )
+        return {"ok": True}
+
+    async def _on_restore_failed(
+        self, kernel_id: str, connection: _Connection, body: dict, now: float
+    ) -> dict:
+        self._apply(self.core.restore_failed(kernel_id, str(body.get("reason", "unknown")), now))
+        return {"ok": True}
+
+    async def _on_spilled(
+        self, kernel_id: str, connection: _Connection, body: dict, now: float
+    ) -> dict:
+        self._apply(
+            self.core.spilled(kernel_id, now, int(body["host_bytes"]), int(body["disk_bytes"]))
+        )
+        return {"ok": True}
+
+    # ------------------------------------------------------------------------- carrying out
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, StateChanged):
+                self._record_state(action)
+            elif isinstance(action, Grant):
+                self._granted(action)
+            elif isinstance(action, Deny):
+                self._resolve(
+                    action.kernel_id, action.request_id, {"granted": False, "reason": action.reason}
+                )
+                self.emit(
+                    LEASE_SCHEMA,
+                    _lease_event(
+                        action.kernel_id, action.request_id, "denied", reason=action.reason
+                    ),
+                )
+            elif isinstance(action, Wait):
+                self._spawn(
+                    self._rpc.push(
+                        action.kernel_id,
+                        "queued",
+                        {
+                            "request_id": action.request_id,
+                            "position": action.position,
+                            "reason": action.reason,
+                        },
+                    )
+                )
+                self.emit(
+                    QUEUE_SCHEMA,
+                    {
+                        "kernel_id": action.kernel_id,
+                        "request_id": action.request_id,
+                        "position": action.position,
+                        "reason": action.reason,
+                    },
+                )
+            elif isinstance(action, Offload):
+                self._spawn(self._offload(action))
+            elif isinstance(action, LeaseEnded):
+                self.ledger.lease_ended(
+                    f"{action.kernel_id}:{action.request_id}", action.end, action.peak_bytes
+                )
+                self.emit(
+                    LEASE_SCHEMA,
+                    _lease_event(
+                        action.kernel_id,
+                        action.request_id,
+                        "ended",
+                        device=action.device,
+                        seconds=action.seconds,
+                    ),
+                )
+            elif isinstance(action, Forget):
+                self._rpc.forget(action.kernel_id)
+
+    def _record_state(self, action: StateChanged) -> None:
+        old = None if action.old is None else action.old.value
+        new = None if action.new is None else action.new.value
+        self.ledger.state_changed(
+            time=action.time,
+            kernel_id=action.kernel_id,
+            user=action.user,
+            old=old,
+            new=new or "gone",
+            reason=action.reason,
+            device_index=action.device,
+        )
+        self.emit(
+            KERNEL_STATE_SCHEMA,
+            {
+                "kernel_id": action.kernel_id,
+                "user": action.user,
+                "old": old,
+                "new": new,
+                "device": action.device,
+                "reason": action.reason,
+            },
+        )
+
+    def _granted(self, grant: Grant) -> None:
+        kernel = self.core.kernels[grant.kernel_id]
+        device = self.core.devices[grant.device]
+        if grant.hold:
+            self.ledger.lease_started(
+                lease_id=f"{grant.kernel_id}:{grant.request_id}",
+                kernel_id=grant.kernel_id,
+                user=kernel.user,
+                device_index=grant.device,
+                device_uuid=device.uuid,
+                reservation_bytes=grant.reservation,
+                start=grant.start,
+            )
+            self._resolve(
+                grant.kernel_id,
+                grant.request_id,
+                {
+                    "granted": True,
+                    "device": device.to_dict(),
+                    "reservation": grant.reservation,
+                    "restore": grant.restore,
+                },
+            )
+        else:
+            self._spawn(self._restore(grant))
+        self.emit(
+            LEASE_SCHEMA,
+            _lease_event(
+                grant.kernel_id,
+                grant.request_id,
+                "granted",
+                device=grant.device,
+                reservation=grant.reservation,
+            ),
+        )
+
+    def _resolve(self, kernel_id: str, request_id: str, reply: dict) -> None:
+        connection = self._connections.get(kernel_id)
+        waiter = None if connection is None else connection.waiters.get(request_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(reply)
+
+    async def _offload(self, action: Offload) -> None:
+        """Ask the kernel to move its GPU state off the device; it answers with what it moved."""
+        try:
+            reply = await self._rpc.request(
+                action.kernel_id, "offload", {"reason": action.reason}, timeout=self.offload_timeout
+            )
+        except (TimeoutError, asyncio.TimeoutError, ConnectionError, RuntimeError) as err:
+            reply = {
+                "error": f"kernel did not answer the offload request ({err or type(err).__name__})"
+            }
+        if action.kernel_id not in self.core.kernels:
+            return
+        now = self.clock()
+        if "error" in reply:
+            self.log.warning(
+                "jupyter-singularity: kernel %s kept its GPU state: %s",
+                action.kernel_id,
+                reply["error"],
+            )
+            self._apply(self.core.offload_failed(action.kernel_id, str(reply["error"]), now))
+        else:
+            self._apply(
+                self.core.offloaded(
+                    action.kernel_id,
+                    now,
+                    host_bytes=int(reply.get("host_bytes", 0)),
+                    disk_bytes=int(reply.get("disk_bytes", 0)),
+                    gpu_bytes=int(reply.get("gpu_bytes", 0)),
+                )
+            )
+
+    async def _restore(self, grant: Grant) -> None:
+        """An explicit restore (no cell waiting): the kernel brings its state back, then reports."""
+        try:
+            reply = await self._rpc.request(
+                grant.kernel_id,
+                "restore",
+                {"device": self.core.devices[grant.device].to_dict()},
+                timeout=self.offload_timeout,
+            )
+        except (TimeoutError, asyncio.TimeoutError, ConnectionError, RuntimeError) as err:
+            reply = {
+                "error": f"kernel did not answer the restore request ({err or type(err).__name__})"
+            }
+        if grant.kernel_id not in self.core.kernels:
+            return
+        now = self.clock()
+        if "error" in reply:
+            self._apply(self.core.restore_failed(grant.kernel_id, str(reply["error"]), now))
+        else:
+            self._apply(
+                self.core.restored(
+                    grant.kernel_id, now, gpu_bytes=_optional_int(reply.get("gpu_bytes"))
+                )
+            )
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("jupyter-singularity: broker task failed", exc_info=task.exception())
+
+    # ----------------------------------------------------------------------------- the clock
+
+    async def _tick_loop(self) -> None:
+        last_ping = 0.0
+        while True:
+            await asyncio.sleep(self.tick_interval)
+            try:
+                self._reap_dead_processes()
+                self._apply(self.core.tick(self.clock()))
+                if time.monotonic() - last_ping >= self.ping_interval:
+                    last_ping = time.monotonic()
+                    for kernel_id in list(self._connections):
+                        self._spawn(self._ping(kernel_id))
+            except Exception:
+                self.log.exception("jupyter-singularity: broker tick failed")
+
+    def _reap_dead_processes(self) -> None:
+        for kernel_id, connection in list(self._connections.items()):
+            if connection.pid is not None and not _alive(connection.pid):
+                self.unregister_kernel(kernel_id, f"process {connection.pid} died")
+
+    async def _ping(self, kernel_id: str) -> None:
+        """Heartbeat for kernels whose process we cannot watch (e.g. a remote kernel)."""
+        connection = self._connections.get(kernel_id)
+        if connection is None or connection.pid is not None:
+            return
+        try:
+            await self._rpc.request(kernel_id, "ping", {}, timeout=self.ping_interval)
+            connection.missed_pings = 0
+        except (TimeoutError, asyncio.TimeoutError, RuntimeError):
+            connection.missed_pings += 1
+            if connection.missed_pings >= self.ping_misses and kernel_id in self._connections:
+                self.unregister_kernel(
+                    kernel_id, f"heartbeat lost ({connection.missed_pings} pings unanswered)"
+                )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _lease_event(
+    kernel_id: str,
+    request_id: str,
+    action: str,
+    *,
+    device: int | None = None,
+    reservation: int | None = None,
+    seconds: float | None = None,
+    reason: str | None = None,
+) -> dict:
+    return {
+        "kernel_id": kernel_id,
+        "request_id": request_id,
+        "action": action,
+        "device": device,
+        "reservation": reservation,
+        "seconds": seconds,
+        "reason": reason,
+    }

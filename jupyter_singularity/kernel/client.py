@@ -1,0 +1,285 @@
+"""The kernel's end of the broker channel: a blocking API over one background I/O thread.
+
+User cells run on the kernel's main thread, which may block for a long time (waiting
+for a GPU lease, or just computing). The broker must still get answers to its pings
+meanwhile, so a daemon thread owns the DEALER socket (ZeroMQ sockets are not
+thread-safe) and every other thread talks to it through a queue plus a wake-up socket.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import zmq
+
+from ..protocol import (
+    ENV_BROKER_URL,
+    ENV_KERNEL_ID,
+    ENV_KERNEL_KEY,
+    ORIGIN_BROKER,
+    ORIGIN_KERNEL,
+    Message,
+    ProtocolError,
+    ReplayGuard,
+    Sequencer,
+    Signer,
+    decode,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+PushCallback = Callable[[dict], dict | None]
+
+#: How long messages still queued at close() may take to reach the broker.
+CLOSE_LINGER_MS = 500
+
+
+class BrokerError(Exception):
+    """The broker answered a request with an error, or the client is closed."""
+
+
+@dataclass
+class _Outgoing:
+    type: str
+    body: dict
+    reply_to: str | None = None
+    msg_id: str | None = None
+
+
+class BrokerClient:
+    """Synchronous, thread-safe client for the broker's RPC channel."""
+
+    def __init__(self, endpoint: str, kernel_id: str, key: bytes) -> None:
+        self.endpoint = endpoint
+        self.kernel_id = kernel_id
+        self._key = key
+        self._signer = Signer(key)
+        # Sequence numbers are assigned on the I/O thread, in send order, because the
+        # broker's replay guard rejects any message that overtakes a later-numbered one.
+        self._sequencer = Sequencer(kernel_id, ORIGIN_KERNEL)
+        self._guard = ReplayGuard(ORIGIN_BROKER)
+        self._outbox: queue.SimpleQueue[_Outgoing] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[PushCallback, Message] | None] = queue.SimpleQueue()
+        self._callbacks: dict[str, PushCallback] = {}
+        self._lock = threading.Lock()  # guards _pending and _closing
+        self._pending: dict[str, concurrent.futures.Future[dict]] = {}
+        self._closing = False
+        self._wake_rx, self._wake_tx = socket.socketpair()
+        self._wake_rx.setblocking(False)
+        self._wake_tx.setblocking(False)
+        self._threads: list[threading.Thread] = []
+
+    @classmethod
+    def from_env(cls) -> BrokerClient | None:
+        """The client this kernel was launched for, or None outside a pooled kernel."""
+        endpoint = os.environ.get(ENV_BROKER_URL)
+        kernel_id = os.environ.get(ENV_KERNEL_ID)
+        key = os.environ.get(ENV_KERNEL_KEY)
+        if not (endpoint and kernel_id and key):
+            return None
+        return cls(endpoint, kernel_id, key.encode())
+
+    def start(self) -> None:
+        """Connect and start the I/O and push-worker threads (daemons: never block exit)."""
+        if self._threads:
+            raise RuntimeError("BrokerClient already started")
+        # Created here, used only by the I/O thread from now on; starting the thread is
+        # the memory barrier ZeroMQ asks for when a socket changes threads.
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.connect(self.endpoint)
+        self._threads = [
+            threading.Thread(target=self._io_loop, args=(sock,), name="singularity-io"),
+            threading.Thread(target=self._work_loop, name="singularity-push"),
+        ]
+        for thread in self._threads:
+            thread.daemon = True
+            thread.start()
+
+    def request(self, type: str, body: dict, timeout: float | None = None) -> dict:
+        """Send and block until the broker replies; safe from any thread but the I/O one.
+
+        Raises TimeoutError, or BrokerError when the reply carries an "error".
+        """
+        msg_id = uuid.uuid4().hex
+        future: concurrent.futures.Future[dict] = concurrent.futures.Future()
+        with self._lock:
+            self._check_usable()
+            self._pending[msg_id] = future
+        self._post(_Outgoing(type, body, msg_id=msg_id))
+        try:
+            reply = future.result(timeout)
+        except concurrent.futures.TimeoutError:  # an alias of TimeoutError from 3.11 only
+            raise TimeoutError(f"no {type!r} reply from the broker in {timeout}s") from None
+        finally:
+            with self._lock:
+                self._pending.pop(msg_id, None)
+        if "error" in reply:
+            raise BrokerError(str(reply["error"]))
+        return reply
+
+    def send(self, type: str, body: dict) -> None:
+        """Fire-and-forget message to the broker."""
+        with self._lock:
+            self._check_usable()
+        self._post(_Outgoing(type, body))
+
+    def on(self, type: str, callback: PushCallback) -> None:
+        """Answer broker pushes of `type` with `callback(body)`, run on the push worker.
+
+        The worker is a single thread, so callbacks run one at a time in arrival order;
+        a slow one delays other pushes but never the pings, answered on the I/O thread.
+        """
+        if type == "ping":
+            raise ValueError("pings are answered by the client itself")
+        self._callbacks[type] = callback
+
+    def close(self) -> None:
+        """Stop the threads; requests still waiting fail with BrokerError."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for future in pending:
+            future.set_exception(BrokerError("broker client closed"))
+        self._jobs.put(None)
+        self._wake()
+        # Only the I/O thread is joined: a push callback may be stuck in user code, and
+        # the worker is a daemon that stops at the sentinel or with the process.
+        if self._threads and self._threads[0] is not threading.current_thread():
+            self._threads[0].join()
+        self._wake_rx.close()
+        self._wake_tx.close()
+
+    def _check_usable(self) -> None:
+        if self._closing:
+            raise BrokerError("broker client closed")
+        if not self._threads:
+            raise RuntimeError("BrokerClient.start() was not called")
+
+    def _post(self, item: _Outgoing) -> None:
+        self._outbox.put(item)
+        self._wake()
+
+    def _wake(self) -> None:
+        # OSError: the buffer is full of wake-ups already, or closed with nobody to wake.
+        with contextlib.suppress(OSError):
+            self._wake_tx.send(b"\0")
+
+    def _key_for(self, kernel_id: str) -> bytes | None:
+        return self._key if kernel_id == self.kernel_id else None
+
+    # -- I/O thread ---------------------------------------------------------------
+
+    def _io_loop(self, sock: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
+        try:
+            while not self._closing:
+                for ready, _ in poller.poll():
+                    if ready is sock:
+                        self._receive_all(sock)
+                    else:
+                        self._drain_wake()
+                self._flush(sock)
+            self._flush(sock)  # what was sent just before close() still goes out
+        finally:
+            sock.close(linger=CLOSE_LINGER_MS)
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_rx.recv(4096):
+                pass
+
+    def _receive_all(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.DONTWAIT)
+            except zmq.Again:
+                return
+            self._dispatch(frames)
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        try:
+            msg = decode(frames, self._key_for)
+            self._guard.check(msg)
+        except ProtocolError as exc:
+            log.warning("dropped message from the broker: %s", exc.reason)
+            return
+        if msg.reply_to is not None:
+            # A reply never triggers a callback, so two peers cannot bounce replies forever.
+            with self._lock:
+                future = self._pending.pop(msg.reply_to, None)
+            if future is None:
+                log.debug("late or unsolicited %r from the broker ignored", msg.type)
+            else:
+                future.set_result(msg.body)
+        elif msg.type == "ping":
+            body = {"pid": os.getpid(), "time": time.time()}
+            self._outbox.put(_Outgoing("ping_reply", body, reply_to=msg.msg_id))
+        elif (callback := self._callbacks.get(msg.type)) is not None:
+            self._jobs.put((callback, msg))
+        else:
+            error = {"error": f"unknown request {msg.type!r}"}
+            self._outbox.put(_Outgoing(f"{msg.type}_reply", error, reply_to=msg.msg_id))
+
+    def _flush(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                item = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            self._transmit(sock, item)
+
+    def _transmit(self, sock: zmq.Socket, item: _Outgoing) -> None:
+        """Encode and send one message; failures go to whoever waits for it, or the log."""
+        try:
+            frames = self._encode(item)
+        except (TypeError, ValueError) as exc:  # the body is not JSON
+            if item.reply_to is None:
+                self._fail(item, exc)
+                return
+            log.error("unencodable %r: %s", item.type, exc)
+            error = {"error": f"unencodable reply: {exc}"}
+            frames = self._encode(_Outgoing(item.type, error, reply_to=item.reply_to))
+        try:
+            sock.send_multipart(frames, zmq.DONTWAIT)
+        except zmq.ZMQError as exc:  # Again: the broker is gone and the queue is full
+            self._fail(item, BrokerError(f"cannot reach the broker: {exc}"))
+
+    def _encode(self, item: _Outgoing) -> list[bytes]:
+        msg = self._sequencer.make(item.type, item.body, item.reply_to, item.msg_id)
+        return encode(msg, self._signer)
+
+    def _fail(self, item: _Outgoing, error: Exception) -> None:
+        with self._lock:
+            future = self._pending.pop(item.msg_id, None) if item.msg_id else None
+        if future is None:
+            log.warning("%r to the broker dropped: %s", item.type, error)
+        else:
+            future.set_exception(error)
+
+    # -- push worker thread -------------------------------------------------------
+
+    def _work_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            callback, msg = job
+            try:
+                body = callback(msg.body) or {}
+            except Exception as exc:
+                log.exception("callback for broker push %r failed", msg.type)
+                body = {"error": str(exc) or type(exc).__name__}
+            self._post(_Outgoing(f"{msg.type}_reply", body, reply_to=msg.msg_id))

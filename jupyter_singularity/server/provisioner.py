@@ -1,0 +1,60 @@
+"""Kernel provisioner: every kernel the server starts joins the pool.
+
+It is the local provisioner plus three things: the kernel is registered with the broker before it
+launches (and gets a home device), its environment carries the broker's endpoint, its id and its
+signing key (and ``CUDA_VISIBLE_DEVICES`` naming the home GPU by UUID on real devices), and an
+IPython kernel starts with the ``jupyter_singularity.kernel`` runtime loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from jupyter_client.provisioning import LocalProvisioner
+
+from ..broker.service import BrokerService
+
+RUNTIME_EXTENSION = "jupyter_singularity.kernel"
+
+
+def _is_ipykernel(cmd: list[str]) -> bool:
+    return any("ipykernel" in part for part in cmd)
+
+
+class SingularityProvisioner(LocalProvisioner):
+    """Starts local kernels inside the GPU pool of this server."""
+
+    broker: ClassVar[BrokerService | None] = None
+    """The pool of this server, set by the extension when it starts (the embedded broker)."""
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        kwargs = await super().pre_launch(**kwargs)
+        broker = type(self).broker
+        if broker is None:
+            self.log.warning(
+                "jupyter-singularity: kernel %s starts outside the GPU pool: the server "
+                "extension is not running",
+                self.kernel_id,
+            )
+            return kwargs
+        env = kwargs["env"]
+        launch = broker.register_kernel(self.kernel_id, notebook=env.get("JPY_SESSION_NAME", ""))
+        env.update(launch.env)
+        cmd = list(kwargs["cmd"])
+        if _is_ipykernel(cmd):
+            cmd.append(f"--IPKernelApp.extra_extensions={RUNTIME_EXTENSION}")
+        kwargs["cmd"] = cmd
+        return kwargs
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any):  # type: ignore[override]
+        info = await super().launch_kernel(cmd, **kwargs)
+        if type(self).broker is not None:
+            type(self).broker.kernel_started(self.kernel_id, self.pid)
+        return info
+
+    async def cleanup(self, restart: bool = False) -> None:
+        await super().cleanup(restart=restart)
+        if type(self).broker is not None:
+            type(self).broker.unregister_kernel(
+                self.kernel_id, "restarted" if restart else "shut down"
+            )

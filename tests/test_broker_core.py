@@ -1,0 +1,1217 @@
+"""Tests for the broker's pure decision core and its quota configuration.
+
+The first half walks through what a user or an admin sees, one concrete scenario at a time. The second
+half is a hypothesis state machine that drives the core through random interleavings of everything the
+outside world can report (cells, interrupts, offloads that finish or fail, restores, kernel deaths,
+midnight, quota edits) and checks the pool's promises after every step against its own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from jupyter_singularity.broker.core import (
+    DAY,
+    BrokerCore,
+    BrokerError,
+    Deny,
+    Forget,
+    Grant,
+    Kernel,
+    KernelState,
+    LeaseEnded,
+    Offload,
+    Policy,
+    StateChanged,
+    Wait,
+)
+from jupyter_singularity.broker.quotas import Limits, QuotaError, Quotas
+from jupyter_singularity.devices import DeviceInfo, open_inventory
+
+MiB = 1 << 20
+GiB = 1 << 30
+T0 = 20_000 * DAY  # a UTC midnight (2024-10-04 00:00:00 UTC)
+MARGIN = Policy().margin_bytes
+S = KernelState
+
+
+def dev(index: int, gib: float, chip: str = "A100") -> DeviceInfo:
+    return DeviceInfo(index, f"GPU-{index:04d}", f"NVIDIA {chip}", chip, int(gib * GiB))
+
+
+def sim(spec: str = "2x16GiB") -> list[DeviceInfo]:
+    return open_inventory(f"simulated:{spec}").devices()
+
+
+def of(actions: list, cls: type) -> list:
+    return [a for a in actions if isinstance(a, cls)]
+
+
+def one(actions: list, cls: type):
+    found = of(actions, cls)
+    assert len(found) == 1, f"expected one {cls.__name__} in {actions}"
+    return found[0]
+
+
+def ids(actions: list, cls: type) -> list[str]:
+    return [a.kernel_id for a in of(actions, cls)]
+
+
+def predicted(peak: int) -> int:
+    policy = Policy()
+    return int(peak * (1 + policy.margin_fraction)) + policy.margin_bytes
+
+
+def make(
+    devices: list[DeviceInfo] | None = None,
+    quotas: dict | None = None,
+    policy: Policy | None = None,
+    kernels: dict[str, str] | None = None,
+    **kwargs,
+) -> BrokerCore:
+    """A core with ``kernels`` ({kernel_id: user}) registered at T0."""
+    core = BrokerCore(
+        sim("1x16GiB") if devices is None else devices,
+        Quotas.parse(quotas),
+        policy,
+        now=T0,
+        **kwargs,
+    )
+    for kid, user in (kernels or {}).items():
+        core.register(kid, user, T0)
+    return core
+
+
+def run_cell(
+    core: BrokerCore,
+    kid: str,
+    rid: str,
+    start: float,
+    end: float,
+    peak: int | None,
+    gpu: int | None = None,
+    memory: int | None | str = "peak",
+) -> tuple[Grant, list]:
+    """One GPU cell that is granted at once (by default it asks for ``peak`` bytes, so that
+    several kernels fit on one device); returns its Grant and the release's actions."""
+    if memory == "peak":
+        memory = peak
+    grant = one(core.acquire(kid, rid, start, memory=memory), Grant)
+    released = core.release(kid, rid, end, peak_bytes=peak, gpu_bytes=peak if gpu is None else gpu)
+    return grant, released
+
+
+def booked(core: BrokerCore, device: int) -> int:
+    return sum(k.booking() for k in core.kernels.values() if k.device == device)
+
+
+# ----------------------------------------------------------------------------- reservations
+
+
+def test_first_cell_of_a_cold_kernel_reserves_the_whole_device():
+    core = make(sim("2x16GiB"), kernels={"k1": "alice"})
+    assert core.kernels["k1"].state == S.COLD
+    actions = core.acquire("k1", "r1", T0 + 1)
+    grant = one(actions, Grant)
+    assert grant == Grant("k1", "r1", 0, 16 * GiB, restore=False, start=T0 + 1, hold=True)
+    assert one(actions, StateChanged).new == S.RUNNING
+    kernel = core.kernels["k1"]
+    assert (kernel.state, kernel.device, kernel.booking()) == (S.RUNNING, 0, 16 * GiB)
+    assert core.device_bookings() == {0: 16 * GiB, 1: 0}
+
+
+def test_first_cell_reserves_no_more_than_the_users_memory_quota():
+    core = make(sim("1x16GiB"), quotas={"user:alice": {"gpu_memory": "6GiB"}})
+    core.register("a", "alice", T0)
+    core.register("b", "bob", T0)
+    assert one(core.acquire("a", "r1", T0), Grant).reservation == 6 * GiB
+    # bob has no quota: the rest of the device is not "the whole device", so he waits
+    wait = one(core.acquire("b", "r2", T0), Wait)
+    assert wait.position == 1
+
+
+def test_known_kernel_reserves_its_recent_peak_plus_a_margin():
+    core = make(kernels={"k1": "alice"})
+    run_cell(core, "k1", "r1", T0, T0 + 5, peak=4 * GiB, gpu=2 * GiB)
+    assert core.kernels["k1"].state == S.RESIDENT
+    assert core.kernels["k1"].gpu_bytes == 2 * GiB
+    grant, _ = run_cell(core, "k1", "r2", T0 + 10, T0 + 11, peak=1 * GiB, memory=None)
+    assert grant.reservation == predicted(4 * GiB)
+    assert grant.restore is False
+    # only the recent peaks count: after peak_history small cells, the 4 GiB cell is forgotten
+    for i in range(Policy().peak_history):
+        run_cell(core, "k1", f"s{i}", T0 + 20 + i, T0 + 20.5 + i, peak=1 * GiB, memory=None)
+    grant = one(core.acquire("k1", "r3", T0 + 30), Grant)
+    assert grant.reservation == predicted(1 * GiB)
+
+
+def test_predicted_reservation_is_capped_by_the_device_and_the_quota():
+    core = make(quotas={"user:alice": {"gpu_memory": "10GiB"}}, kernels={"k1": "alice"})
+    run_cell(core, "k1", "r1", T0, T0 + 1, peak=9 * GiB + 512 * MiB, gpu=0)
+    grant = one(core.acquire("k1", "r2", T0 + 2), Grant)
+    assert grant.reservation == 10 * GiB  # 9.5 GiB * 1.1 + margin would exceed the quota
+
+
+def test_an_explicit_memory_hint_overrides_the_prediction():
+    core = make(kernels={"k1": "alice"})
+    assert one(core.acquire("k1", "r1", T0, memory=3 * GiB), Grant).reservation == 3 * GiB
+    core.release("k1", "r1", T0 + 1, peak_bytes=3 * GiB, gpu_bytes=1 * GiB)
+    assert one(core.acquire("k1", "r2", T0 + 2, memory=8 * GiB), Grant).reservation == 8 * GiB
+
+
+def test_a_hint_larger_than_any_gpu_or_the_quota_is_denied_readably():
+    core = make(quotas={"user:alice": {"gpu_memory": "4GiB"}}, kernels={"a": "alice", "b": "bob"})
+    deny = one(core.acquire("a", "r1", T0, memory=5 * GiB), Deny)
+    assert "GPU memory quota" in deny.reason and "4.0 GiB" in deny.reason
+    deny = one(core.acquire("b", "r2", T0, memory=20 * GiB), Deny)
+    assert "largest GPU" in deny.reason and "16.0 GiB" in deny.reason
+    assert core.kernels["b"].state == S.COLD
+    assert core.queue() == []
+
+
+def test_a_second_acquire_while_holding_a_lease_is_denied():
+    core = make(kernels={"k1": "alice"})
+    core.acquire("k1", "r1", T0)
+    deny = one(core.acquire("k1", "r2", T0 + 1), Deny)
+    assert deny.request_id == "r2" and "already holds" in deny.reason
+    assert core.kernels["k1"].lease.request_id == "r1"
+
+
+# --------------------------------------------------------------------------- sharing, eviction
+
+
+def test_two_kernels_whose_reservations_fit_share_one_device_at_once():
+    core = make(kernels={"k1": "alice", "k2": "bob"})
+    g1 = one(core.acquire("k1", "r1", T0, memory=6 * GiB), Grant)
+    g2 = one(core.acquire("k2", "r2", T0 + 1, memory=8 * GiB), Grant)
+    assert (g1.device, g2.device) == (0, 0)
+    assert core.kernels["k1"].state == core.kernels["k2"].state == S.RUNNING
+    assert core.device_bookings() == {0: 14 * GiB}
+
+
+def test_a_kernel_that_does_not_fit_evicts_the_lru_idle_kernel_and_waits():
+    core = make(kernels={"old": "alice", "new": "bob", "k3": "carol"})
+    run_cell(core, "old", "r1", T0 + 10, T0 + 11, peak=6 * GiB)
+    run_cell(core, "new", "r2", T0 + 20, T0 + 21, peak=6 * GiB)
+    assert core.device_bookings() == {0: 12 * GiB}
+
+    actions = core.acquire("k3", "r3", T0 + 30, memory=8 * GiB)
+    offload = one(actions, Offload)
+    assert (offload.kernel_id, offload.device) == ("old", 0)
+    assert "making room" in offload.reason
+    wait = one(actions, Wait)
+    assert (wait.kernel_id, wait.request_id, wait.position) == ("k3", "r3", 1)
+    assert "offloaded" in wait.reason
+    assert not of(actions, Grant)
+    assert core.kernels["old"].state == S.OFFLOADING
+    assert core.kernels["new"].state == S.RESIDENT
+    assert core.kernels["k3"].state == S.QUEUED
+    assert core.snapshot(T0 + 30)["queue"][0]["position"] == 1
+
+    actions = core.offloaded("old", T0 + 31, host_bytes=6 * GiB)
+    grant = one(actions, Grant)
+    assert (grant.kernel_id, grant.device, grant.reservation, grant.restore) == (
+        "k3",
+        0,
+        8 * GiB,
+        False,
+    )
+    old = core.kernels["old"]
+    assert (old.state, old.device, old.host_bytes, old.gpu_bytes) == (S.OFFLOADED, None, 6 * GiB, 0)
+    core.release("k3", "r3", T0 + 40, peak_bytes=7 * GiB, gpu_bytes=7 * GiB)
+
+    # the offloaded kernel's next cell needs its state back: it evicts the LRU idle kernel ("new")
+    actions = core.acquire("old", "r4", T0 + 50)
+    assert ids(actions, Offload) == ["new"]
+    assert one(actions, Wait).position == 1
+    assert core.kernels["old"].state == S.QUEUED
+    actions = core.offloaded("new", T0 + 51, host_bytes=6 * GiB)
+    grant = one(actions, Grant)
+    assert (grant.kernel_id, grant.restore, grant.reservation) == ("old", True, predicted(6 * GiB))
+    assert core.kernels["old"].state == S.RESTORING
+    assert core.kernels["old"].host_bytes == 6 * GiB  # freed only once the restore is complete
+    actions = core.restored("old", T0 + 52, gpu_bytes=6 * GiB)
+    assert one(actions, StateChanged).new == S.RUNNING
+    old = core.kernels["old"]
+    assert (old.host_bytes, old.gpu_bytes, old.state) == (0, 6 * GiB, S.RUNNING)
+    ended = one(core.release("old", "r4", T0 + 60, peak_bytes=6 * GiB), LeaseEnded)
+    assert ended.seconds == pytest.approx(9.0)  # charged from the grant, restore included
+
+
+def test_eviction_prefers_lower_priority_before_recency():
+    core = make(
+        quotas={"user:vip": {"priority": 4}}, kernels={"v": "vip", "p": "pleb", "k": "carol"}
+    )
+    run_cell(core, "v", "r1", T0 + 1, T0 + 2, peak=6 * GiB)  # least recently used, but vip
+    run_cell(core, "p", "r2", T0 + 3, T0 + 4, peak=6 * GiB)
+    assert ids(core.acquire("k", "r3", T0 + 5, memory=8 * GiB), Offload) == ["p"]
+
+
+def test_pinned_kernels_are_never_chosen_as_victims():
+    core = make(kernels={"pinned": "alice", "other": "bob", "k3": "carol"})
+    run_cell(core, "pinned", "r1", T0 + 1, T0 + 2, peak=6 * GiB)  # the LRU one
+    run_cell(core, "other", "r2", T0 + 3, T0 + 4, peak=6 * GiB)
+    assert core.set_pinned("pinned", True, T0 + 5) == []
+    actions = core.acquire("k3", "r3", T0 + 6, memory=8 * GiB)
+    assert ids(actions, Offload) == ["other"]
+    assert core.kernels["pinned"].state == S.RESIDENT
+    # not by the idle timeout either
+    core.policy = Policy(idle_timeout=10)
+    assert "pinned" not in ids(core.tick(T0 + 1000), Offload)
+
+
+def test_a_request_that_can_never_fit_because_of_pinned_kernels_is_denied():
+    core = make(kernels={"pinned": "alice", "k2": "bob"})
+    run_cell(core, "pinned", "r1", T0, T0 + 1, peak=10 * GiB)
+    core.set_pinned("pinned", True, T0 + 2)
+    deny = one(core.acquire("k2", "r2", T0 + 3), Deny)  # a first cell wants all 16 GiB
+    assert deny.kernel_id == "k2" and deny.request_id == "r2"
+    assert "pinned" in deny.reason and "--memory" in deny.reason
+    assert core.kernels["k2"].state == S.COLD and core.queue() == []
+    assert of(core.acquire("k2", "r3", T0 + 4, memory=8 * GiB), Deny)
+    assert one(core.acquire("k2", "r4", T0 + 5, memory=6 * GiB), Grant).device == 0
+    # once unpinned the pinned kernel is an ordinary victim again
+    core.release("k2", "r4", T0 + 6, peak_bytes=0, gpu_bytes=0)
+    core.set_pinned("pinned", False, T0 + 7)
+    assert ids(core.acquire("k2", "r5", T0 + 8, memory=8 * GiB), Offload) == ["pinned"]
+
+
+def test_running_cells_are_not_interrupted_the_waiter_gets_the_device_when_they_end():
+    core = make(kernels={"k1": "alice", "k2": "bob"})
+    core.acquire("k1", "r1", T0)
+    wait = one(core.acquire("k2", "r2", T0 + 1), Wait)
+    assert "busy with running cells" in wait.reason
+    actions = core.release("k1", "r1", T0 + 10, peak_bytes=2 * GiB, gpu_bytes=2 * GiB)
+    assert ids(actions, Offload) == ["k1"]  # k2's first cell wants the whole device
+    assert one(core.offloaded("k1", T0 + 11, host_bytes=2 * GiB), Grant).kernel_id == "k2"
+
+
+def test_cancel_leaves_the_queue_and_nothing_is_granted_to_it_afterwards():
+    core = make(kernels={"k1": "alice", "k2": "bob"})
+    core.acquire("k1", "r1", T0)
+    assert of(core.acquire("k2", "r2", T0 + 1), Wait)
+    assert core.kernels["k2"].state == S.QUEUED
+    assert core.cancel("k2", "wrong-id", T0 + 2) == []
+    assert core.cancel("nobody", "r2", T0 + 2) == []
+    actions = core.cancel("k2", "r2", T0 + 2)
+    assert one(actions, StateChanged).new == S.COLD
+    assert core.queue() == [] and core.kernels["k2"].request is None
+    later = core.release("k1", "r1", T0 + 3, peak_bytes=GiB, gpu_bytes=GiB)
+    later += core.tick(T0 + 4)
+    assert not [a for a in later if isinstance(a, Grant | Wait) and a.kernel_id == "k2"]
+    assert core.kernels["k1"].state == S.RESIDENT  # and nobody was evicted for it
+
+
+def test_release_ends_the_lease_and_reports_the_gpu_seconds():
+    core = make(kernels={"k1": "alice"})
+    core.acquire("k1", "r1", T0 + 100)
+    assert core.release("k1", "other", T0 + 110) == []  # a stale release is ignored
+    actions = core.release("k1", "r1", T0 + 142.5, peak_bytes=3 * GiB, gpu_bytes=2 * GiB)
+    assert one(actions, LeaseEnded) == LeaseEnded(
+        "k1", "r1", "alice", 0, T0 + 142.5, 42.5, 3 * GiB
+    )
+    kernel = core.kernels["k1"]
+    assert (kernel.state, kernel.lease, kernel.gpu_bytes, kernel.booking()) == (
+        S.RESIDENT,
+        None,
+        2 * GiB,
+        2 * GiB,
+    )
+    assert core.usage_today == {"alice": 42.5}
+    assert core.used_seconds("alice", T0 + 200) == 42.5
+
+
+# -------------------------------------------------------------------------------------- quotas
+
+
+def test_gpu_time_quota_denies_readably_and_resets_at_utc_midnight():
+    core = make(
+        quotas={"default": {"gpu_seconds_per_day": 100}}, kernels={"k1": "alice", "k2": "bob"}
+    )
+    start = T0 + 10 * 3600
+    run_cell(core, "k1", "r1", start, start + 100, peak=GiB)
+    deny = one(core.acquire("k1", "r2", start + 200), Deny)
+    assert "GPU-time quota" in deny.reason and "alice" in deny.reason
+    assert "0.03 of 0.03 GPU-hours" in deny.reason and "00:00 UTC" in deny.reason
+    assert core.kernels["k1"].state == S.RESIDENT and core.queue() == []
+    assert of(core.acquire("k2", "r3", start + 200, memory=GiB), Grant)  # bob is not affected
+
+    assert of(core.tick(T0 + DAY - 1), Deny) == []
+    assert core.usage_today["alice"] == 100
+    core.tick(T0 + DAY + 1)
+    assert core.usage_today == {}
+    assert of(core.acquire("k1", "r4", T0 + DAY + 2), Grant)
+
+
+def test_gpu_time_of_running_cells_counts_against_the_quota():
+    core = make(
+        quotas={"user:alice": {"gpu_hours_per_day": 0.5}}, kernels={"a1": "alice", "a2": "alice"}
+    )
+    core.acquire("a1", "r1", T0, memory=GiB)
+    assert of(core.acquire("a2", "r2", T0 + 1799, memory=GiB), Grant)
+    core.register("a3", "alice", T0 + 1800)
+    deny = one(core.acquire("a3", "r3", T0 + 1800, memory=GiB), Deny)
+    assert deny.request_id == "r3" and "GPU-time quota" in deny.reason
+
+
+def test_gpu_memory_quota_offloads_the_users_own_idle_kernel():
+    core = make(sim("2x16GiB"), quotas={"user:alice": {"gpu_memory": "10GiB"}})
+    core.register("a1", "alice", T0)
+    core.register("a2", "alice", T0)
+    run_cell(core, "a1", "r1", T0 + 1, T0 + 2, peak=6 * GiB)
+    actions = core.acquire("a2", "r2", T0 + 3)  # wants min(16 GiB, quota) = 10 GiB
+    assert ids(actions, Offload) == ["a1"]
+    assert one(actions, Wait).kernel_id == "a2"
+    grant = one(core.offloaded("a1", T0 + 4, host_bytes=6 * GiB), Grant)
+    assert (grant.kernel_id, grant.reservation) == ("a2", 10 * GiB)
+
+
+def test_gpu_memory_quota_waits_for_the_users_running_cells_then_offloads():
+    core = make(sim("2x16GiB"), quotas={"user:alice": {"gpu_memory": "10GiB"}})
+    core.register("a1", "alice", T0)
+    core.register("a2", "alice", T0)
+    core.acquire("a1", "r1", T0, memory=6 * GiB)
+    wait = one(core.acquire("a2", "r2", T0 + 1, memory=6 * GiB), Wait)
+    assert "GPU memory quota" in wait.reason and "waiting for their cells" in wait.reason
+    actions = core.release("a1", "r1", T0 + 5, peak_bytes=5 * GiB, gpu_bytes=5 * GiB)
+    assert ids(actions, Offload) == ["a1"]
+    assert of(core.offloaded("a1", T0 + 6, host_bytes=5 * GiB), Grant)
+
+
+def test_gpu_memory_quota_denies_when_only_pinned_kernels_could_make_room():
+    core = make(sim("2x16GiB"), quotas={"user:alice": {"gpu_memory": "10GiB"}})
+    core.register("a1", "alice", T0)
+    core.register("a2", "alice", T0)
+    run_cell(core, "a1", "r1", T0, T0 + 1, peak=6 * GiB)
+    core.set_pinned("a1", True, T0 + 2)
+    deny = one(core.acquire("a2", "r2", T0 + 3, memory=6 * GiB), Deny)
+    assert "GPU memory quota" in deny.reason and "unpin" in deny.reason
+    assert of(core.acquire("a2", "r3", T0 + 4, memory=4 * GiB), Grant)
+
+
+def test_resident_kernel_quota_offloads_own_idle_kernels_or_denies():
+    core = make(
+        sim("2x16GiB"),
+        quotas={"default": {"max_resident_kernels": 1}},
+        kernels={"a1": "alice", "a2": "alice", "a3": "alice", "b": "bob"},
+    )
+    run_cell(core, "a1", "r1", T0, T0 + 1, peak=GiB)
+    run_cell(core, "b", "rb", T0, T0 + 1, peak=GiB)  # another user's kernel does not count
+    actions = core.acquire("a2", "r2", T0 + 2, memory=GiB)
+    assert ids(actions, Offload) == ["a1"]
+    assert "making room" in one(actions, Offload).reason
+    assert of(core.offloaded("a1", T0 + 3, host_bytes=GiB), Grant)
+    # a2 is running: a3 waits for its cell
+    wait = one(core.acquire("a3", "r3", T0 + 4, memory=GiB), Wait)
+    assert "resident-kernel quota" in wait.reason
+    core.cancel("a3", "r3", T0 + 5)
+    core.release("a2", "r2", T0 + 6, peak_bytes=GiB, gpu_bytes=GiB)
+    core.set_pinned("a2", True, T0 + 7)
+    deny = one(core.acquire("a3", "r4", T0 + 8, memory=GiB), Deny)
+    assert "resident-kernel quota: 1 of 1" in deny.reason
+
+
+def test_quota_changes_apply_to_waiting_requests():
+    core = make(kernels={"a1": "alice", "a2": "alice"})
+    core.acquire("a1", "r1", T0, memory=GiB)
+    assert of(core.acquire("a2", "r2", T0 + 1), Wait)  # wants the whole device
+    actions = core.set_quotas(Quotas.parse({"user:alice": {"gpu_memory": "8GiB"}}), T0 + 2)
+    assert core.limits("alice").gpu_memory == 8 * GiB
+    wait = one(actions, Wait)  # now it needs 8 GiB, and a1's running cell holds 1 GiB of them
+    assert "GPU memory quota" in wait.reason and "waiting for their cells" in wait.reason
+    assert ids(core.release("a1", "r1", T0 + 3, peak_bytes=GiB, gpu_bytes=GiB), Offload) == ["a1"]
+    assert one(core.offloaded("a1", T0 + 4, host_bytes=GiB), Grant).reservation == 8 * GiB
+
+
+# --------------------------------------------------------------------------- idle, death, refusal
+
+
+def test_idle_timeout_offloads_an_idle_kernel_on_tick():
+    core = make(policy=Policy(idle_timeout=60), kernels={"k1": "alice", "k2": "bob"})
+    run_cell(core, "k1", "r1", T0, T0 + 100, peak=GiB)
+    core.acquire("k2", "r2", T0 + 100, memory=GiB)  # running kernels are never idle
+    assert of(core.tick(T0 + 159), Offload) == []
+    offload = one(core.tick(T0 + 160), Offload)
+    assert offload.kernel_id == "k1" and offload.reason == "idle for 60 s"
+    assert core.kernels["k1"].state == S.OFFLOADING
+    assert of(core.tick(T0 + 1000), Offload) == []  # asked once
+    core.offloaded("k1", T0 + 1001, host_bytes=GiB)
+    assert core.kernels["k1"].state == S.OFFLOADED
+
+
+def test_without_idle_timeout_idle_kernels_stay_resident():
+    core = make(kernels={"k1": "alice"})
+    run_cell(core, "k1", "r1", T0, T0 + 1, peak=GiB)
+    assert of(core.tick(T0 + 10 * DAY), Offload) == []
+    assert core.kernels["k1"].state == S.RESIDENT
+
+
+def test_unregister_a_kernel_holding_a_lease_lets_the_next_waiter_in():
+    core = make(kernels={"k1": "alice", "k2": "bob"})
+    core.acquire("k1", "r1", T0)
+    core.acquire("k2", "r2", T0 + 1)
+    actions = core.unregister("k1", T0 + 30)
+    ended = one(actions, LeaseEnded)
+    assert (ended.kernel_id, ended.seconds, ended.peak_bytes) == ("k1", 30, None)
+    gone = [a for a in actions if isinstance(a, StateChanged) and a.kernel_id == "k1"]
+    assert gone[0].new is None and gone[0].old == S.RUNNING
+    assert Forget("k1") in actions
+    grant = one(actions, Grant)
+    assert (grant.kernel_id, grant.reservation) == ("k2", 16 * GiB)
+    assert "k1" not in core.kernels
+    assert core.usage_today["alice"] == 30
+    assert core.unregister("k1", T0 + 31) == []  # twice is harmless
+
+
+def test_unregister_a_queued_kernel_denies_its_request_and_leaves_the_queue():
+    core = make(kernels={"k1": "alice", "k2": "bob"})
+    core.acquire("k1", "r1", T0)
+    core.acquire("k2", "r2", T0 + 1)
+    actions = core.unregister("k2", T0 + 2)
+    assert one(actions, Deny) == Deny("k2", "r2", "kernel is gone")
+    assert Forget("k2") in actions
+    assert core.queue() == []
+    later = core.release("k1", "r1", T0 + 3, peak_bytes=GiB)
+    assert "k2" not in {a.kernel_id for a in later if hasattr(a, "kernel_id")}
+
+
+def test_unregister_a_resident_kernel_frees_its_memory_for_the_waiter():
+    core = make(kernels={"stuck": "alice", "run": "bob", "k3": "carol"})
+    run_cell(core, "stuck", "r1", T0, T0 + 1, peak=6 * GiB)
+    core.acquire("run", "r2", T0 + 2, memory=6 * GiB)
+    assert ids(core.acquire("k3", "r3", T0 + 3, memory=8 * GiB), Offload) == ["stuck"]
+    core.offload_failed("stuck", "a CUDA graph is capturing", T0 + 4)
+    assert core.kernels["k3"].request is not None
+    actions = core.unregister("stuck", T0 + 5)
+    assert one(actions, Grant).kernel_id == "k3"
+    assert booked(core, 0) == 14 * GiB
+
+
+def test_unregister_a_kernel_being_offloaded_lets_the_waiter_in():
+    core = make(kernels={"k1": "alice", "k2": "bob"})
+    run_cell(core, "k1", "r1", T0, T0 + 1, peak=6 * GiB)
+    assert ids(core.acquire("k2", "r2", T0 + 2), Offload) == ["k1"]
+    actions = core.unregister("k1", T0 + 3)
+    assert one(actions, Grant).kernel_id == "k2"
+    assert core.offloaded("k2", T0 + 4, host_bytes=0) == []  # late reports for others are ignored
+    with pytest.raises(BrokerError, match="unknown kernel"):
+        core.offloaded("k1", T0 + 4, host_bytes=6 * GiB)
+
+
+def test_a_refused_offload_keeps_the_kernel_resident_and_off_the_victim_list_until_its_next_cell():
+    core = make(kernels={"k1": "alice", "k2": "bob", "k3": "carol", "k4": "dave"})
+    run_cell(core, "k1", "r1", T0 + 1, T0 + 2, peak=6 * GiB)
+    run_cell(core, "k2", "r2", T0 + 3, T0 + 4, peak=6 * GiB)
+    assert ids(core.acquire("k3", "r3", T0 + 5, memory=8 * GiB), Offload) == ["k1"]
+    actions = core.offload_failed("k1", "cell is running", T0 + 6)
+    assert ids(actions, Offload) == ["k2"]  # the next victim instead
+    k1 = core.kernels["k1"]
+    assert (k1.state, k1.gpu_bytes, k1.host_bytes) == (S.RESIDENT, 6 * GiB, 0)
+    assert k1.to_dict()["offload_refused"] == "cell is running"
+    assert one(core.offloaded("k2", T0 + 7, host_bytes=6 * GiB), Grant).kernel_id == "k3"
+    core.release("k3", "r3", T0 + 8, peak_bytes=GiB, gpu_bytes=GiB)
+    # k1 is the LRU kernel but refused: k3 is evicted instead
+    assert ids(core.acquire("k4", "r4", T0 + 9, memory=9 * GiB), Offload) == ["k3"]
+    core.offloaded("k3", T0 + 10, host_bytes=GiB)
+    core.release("k4", "r4", T0 + 11, peak_bytes=0, gpu_bytes=0)
+    # after k1's next cell ends it may be evicted again
+    run_cell(core, "k1", "r5", T0 + 12, T0 + 13, peak=6 * GiB)
+    assert core.kernels["k1"].refused == ""
+    assert ids(core.acquire("k2", "r6", T0 + 14, memory=12 * GiB), Offload) == ["k1"]
+
+
+def test_offload_and_restore_on_request():
+    core = make(kernels={"k1": "alice"})
+    with pytest.raises(BrokerError, match="cold"):
+        core.offload("k1", T0)
+    with pytest.raises(BrokerError, match="nothing to restore"):
+        core.restore("k1", T0)
+    core.acquire("k1", "r1", T0)
+    with pytest.raises(BrokerError, match="running"):
+        core.offload("k1", T0 + 1)
+    core.release("k1", "r1", T0 + 2, peak_bytes=2 * GiB, gpu_bytes=2 * GiB)
+    core.set_pinned("k1", True, T0 + 2)
+    offload = one(core.offload("k1", T0 + 3, reason="user asked"), Offload)  # even when pinned
+    assert offload == Offload("k1", 0, "user asked")
+    assert core.offload("k1", T0 + 3) == []  # already on its way
+    core.offloaded("k1", T0 + 4, host_bytes=GiB, disk_bytes=GiB)
+    assert core.kernels["k1"].state == S.OFFLOADED
+    core.spilled("k1", T0 + 5, host_bytes=0, disk_bytes=2 * GiB)
+    assert core.kernels["k1"].state == S.SPILLED
+    grant = one(core.restore("k1", T0 + 6), Grant)
+    assert (grant.restore, grant.hold) == (True, False)
+    assert core.kernels["k1"].state == S.RESTORING
+    assert core.used_seconds("alice", T0 + 100) == 2  # a restore is not GPU time
+    actions = core.restored("k1", T0 + 7, gpu_bytes=2 * GiB)
+    assert not of(actions, LeaseEnded)
+    kernel = core.kernels["k1"]
+    assert (kernel.state, kernel.lease, kernel.disk_bytes) == (S.RESIDENT, None, 0)
+
+
+def test_a_failed_restore_keeps_the_host_copy():
+    core = make(kernels={"k1": "alice"})
+    run_cell(core, "k1", "r1", T0, T0 + 1, peak=2 * GiB)
+    core.offload("k1", T0 + 2)
+    core.offloaded("k1", T0 + 3, host_bytes=2 * GiB)
+    assert one(core.acquire("k1", "r2", T0 + 4), Grant).restore
+    actions = core.restore_failed("k1", "driver error", T0 + 5)
+    assert one(actions, LeaseEnded).seconds == 1
+    kernel = core.kernels["k1"]
+    assert (kernel.state, kernel.host_bytes, kernel.device) == (S.ERROR, 2 * GiB, None)
+    assert one(core.acquire("k1", "r3", T0 + 6), Grant).restore
+
+
+# ------------------------------------------------------------------------------------ migration
+
+
+def _offloaded_kernel_and_pinned_neighbour(policy: Policy) -> BrokerCore:
+    """Devices 0 and 1 share a chip, device 2 is another chip. Kernel "a" is offloaded from
+    GPU 0, and a pinned kernel fills GPU 0 so that "a" cannot come back there."""
+    core = make([dev(0, 16), dev(1, 16), dev(2, 16, chip="H100")], policy=policy)
+    for kid in ("a", "b", "c"):
+        core.register(kid, kid, T0)
+    assert [core.kernels[k].home for k in "abc"] == [0, 1, 2]
+    grant, _ = run_cell(core, "a", "r1", T0, T0 + 1, peak=4 * GiB)
+    assert grant.device == 0
+    core.offload("a", T0 + 2)
+    core.offloaded("a", T0 + 3, host_bytes=4 * GiB)
+    core.register("p0", "p", T0 + 4)
+    assert one(core.acquire("p0", "rp0", T0 + 5, memory=14 * GiB), Grant).device == 0
+    core.release("p0", "rp0", T0 + 6, peak_bytes=14 * GiB, gpu_bytes=14 * GiB)
+    core.set_pinned("p0", True, T0 + 7)
+    return core
+
+
+def test_without_migration_an_offloaded_kernel_is_only_restored_on_its_home_device():
+    core = _offloaded_kernel_and_pinned_neighbour(Policy(migration=False))
+    deny = one(core.acquire("a", "r2", T0 + 10), Deny)
+    assert "GPU 0" in deny.reason and "GPU 1" not in deny.reason
+    # when the home device has room again it is restored there
+    core.set_pinned("p0", False, T0 + 11)
+    actions = core.acquire("a", "r3", T0 + 12)
+    assert ids(actions, Offload) == ["p0"]
+    grant = one(core.offloaded("p0", T0 + 13, host_bytes=14 * GiB), Grant)
+    assert (grant.kernel_id, grant.device, grant.restore) == ("a", 0, True)
+
+
+def test_with_migration_an_offloaded_kernel_moves_to_another_gpu_of_the_same_chip():
+    core = _offloaded_kernel_and_pinned_neighbour(Policy(migration=True))
+    grant = one(core.acquire("a", "r2", T0 + 10), Grant)
+    assert (grant.device, grant.restore) == (1, True)
+    assert core.kernels["a"].home == 1
+    core.restored("a", T0 + 11, gpu_bytes=4 * GiB)
+    core.release("a", "r2", T0 + 12, peak_bytes=4 * GiB)
+    assert core.kernels["a"].device == 1
+
+
+def test_migration_never_crosses_to_another_chip():
+    core = _offloaded_kernel_and_pinned_neighbour(Policy(migration=True))
+    core.register("p1", "p", T0 + 8)
+    assert one(core.acquire("p1", "rp1", T0 + 8, memory=14 * GiB), Grant).device == 1
+    core.release("p1", "rp1", T0 + 9, peak_bytes=14 * GiB, gpu_bytes=14 * GiB)
+    core.set_pinned("p1", True, T0 + 9)
+    actions = core.acquire("a", "r2", T0 + 10)
+    assert not of(actions, Grant)  # GPU 2 is empty but of another chip
+    deny = one(actions, Deny)
+    assert "GPU 0" in deny.reason and "GPU 1" in deny.reason and "GPU 2" not in deny.reason
+    # a cold kernel may use any chip
+    assert one(core.acquire("c", "rc", T0 + 11), Grant).device == 2
+
+
+def test_a_kernel_with_state_left_on_its_gpu_is_restored_there_even_with_migration():
+    core = make(sim("2x16GiB"), kernels={"k1": "alice"})
+    run_cell(core, "k1", "r1", T0, T0 + 1, peak=4 * GiB)
+    core.offload("k1", T0 + 2)
+    core.offloaded("k1", T0 + 3, host_bytes=3 * GiB + 512 * MiB, gpu_bytes=512 * MiB)
+    kernel = core.kernels["k1"]
+    assert (kernel.state, kernel.device, kernel.booking()) == (S.OFFLOADED, 0, 512 * MiB)
+    assert one(core.acquire("k1", "r2", T0 + 4), Grant).device == 0
+
+
+# ----------------------------------------------------------------------------------- fair share
+
+
+def _fair_share_race(priority: float, light_arrives: float) -> list[str]:
+    """heavy used 100 GPU-seconds today, light none; both wait for the same busy device."""
+    core = make(
+        quotas={"user:heavy": {"priority": priority}},
+        usage_today={"heavy": 100.0},
+        kernels={"busy": "ops", "h": "heavy", "l": "light"},
+    )
+    core.acquire("busy", "r0", T0)
+    assert one(core.acquire("h", "rh", T0 + 1), Wait).position == 1
+    assert of(core.acquire("l", "rl", T0 + light_arrives), Wait)
+    granted = ids(core.unregister("busy", T0 + 20), Grant)
+    assert len(granted) == 1  # both want the whole device
+    return granted
+
+
+def test_fair_share_serves_the_user_with_less_gpu_time_today_first():
+    # heavy asked first, but 0.1 * 100 s = 10 s of fair-share delay puts light (+2 s) ahead
+    assert _fair_share_race(priority=1, light_arrives=2) == ["l"]
+
+
+def test_fair_share_divides_usage_by_priority():
+    # with priority 10 heavy's delay is 1 s: it asked at +1, so it goes before light at +5
+    assert _fair_share_race(priority=10, light_arrives=5) == ["h"]
+    assert _fair_share_race(priority=1, light_arrives=5) == ["l"]
+
+
+def test_fair_share_delay_is_capped_so_heavy_users_do_not_starve():
+    core = make(usage_today={"heavy": 1e9}, kernels={"busy": "ops", "h": "heavy", "l": "light"})
+    core.acquire("busy", "r0", T0)
+    core.acquire("h", "rh", T0 + 1)
+    core.acquire("l", "rl", T0 + 1 + Policy().fair_share_cap + 1)
+    assert ids(core.unregister("busy", T0 + 1000), Grant) == ["h"]
+
+
+# ---------------------------------------------------------------------------- quota configuration
+
+
+def test_quota_precedence_user_then_most_generous_group_then_default():
+    quotas = Quotas.parse(
+        {
+            "default": {"gpu_memory": "8GiB", "gpu_hours_per_day": 2, "priority": 1},
+            "group:students": {"gpu_memory": "4GiB", "max_resident_kernels": 1},
+            "group:staff": {"gpu_memory": "24GiB", "max_resident_kernels": 3, "priority": 2},
+            "user:alice": {"gpu_memory": "2GiB", "host_memory": "64GiB"},
+        }
+    )
+    assert quotas.limits_for("alice", ["students", "staff"]) == Limits(
+        gpu_memory=2 * GiB,
+        gpu_seconds_per_day=7200.0,
+        max_resident_kernels=3,
+        host_memory=64 * GiB,
+        priority=2.0,
+    )
+    bob = quotas.limits_for("bob", ["students", "staff"])
+    assert (bob.gpu_memory, bob.max_resident_kernels, bob.priority) == (24 * GiB, 3, 2.0)
+    carol = quotas.limits_for("carol", ["students"])
+    assert (carol.gpu_memory, carol.max_resident_kernels) == (4 * GiB, 1)
+    dave = quotas.limits_for("dave", ["unknown-group"])
+    assert dave == Limits(gpu_memory=8 * GiB, gpu_seconds_per_day=7200.0, priority=1.0)
+    assert Quotas.parse(None).limits_for("anyone") == Limits()
+    assert Quotas.parse({}).limits_for("anyone", ["g"]) == Limits()
+    # an unset (None) limit falls through to the next level
+    assert Quotas.parse({"user:x": {"gpu_memory": None}, "default": {"gpu_memory": 1}}).limits_for(
+        "x"
+    ) == Limits(gpu_memory=1)
+
+
+def test_quota_parsing_accepts_sizes_and_round_trips():
+    config = {"default": {"gpu_memory": 1 << 30, "host_memory": "1.5GiB", "gpu_seconds_per_day": 60}}
+    quotas = Quotas.parse(config)
+    assert quotas.to_dict() == {
+        "default": {"gpu_memory": GiB, "host_memory": 3 * GiB // 2, "gpu_seconds_per_day": 60.0}
+    }
+    assert Quotas.parse(quotas.to_dict()) == quotas
+    assert Limits().to_dict()["priority"] == 1.0
+
+
+def test_the_core_uses_group_quotas_of_the_registered_kernel():
+    core = make(quotas={"group:ml": {"gpu_memory": "4GiB"}})
+    core.register("k1", "alice", T0, groups=["ml"])
+    core.register("k2", "alice", T0, groups=[])
+    assert one(core.acquire("k1", "r1", T0), Grant).reservation == 4 * GiB
+    core.release("k1", "r1", T0 + 1, peak_bytes=0, gpu_bytes=0)
+    assert one(core.acquire("k2", "r2", T0 + 2), Grant).reservation == 16 * GiB
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (["default"], "quotas must be a mapping"),
+        ({"admin": {}}, "quota key 'admin'"),
+        ({"user:": {}}, "quota key 'user:'"),
+        ({3: {}}, "quota key 3"),
+        ({"default": 5}, "quota 'default' must be a mapping"),
+        ({"default": {"gpu_mem": "1GiB"}}, "unknown resource 'gpu_mem'"),
+        ({"user:bob": {"gpu_memory": "lots"}}, "quota 'user:bob': gpu_memory: invalid size"),
+        ({"default": {"gpu_memory": "-1GiB"}}, "negative"),
+        ({"default": {"gpu_memory": 1.5}}, "quota 'default': gpu_memory"),
+        ({"default": {"host_memory": True}}, "quota 'default': host_memory"),
+        ({"default": {"gpu_hours_per_day": -1}}, "gpu_hours_per_day must be a number >= 0"),
+        ({"default": {"gpu_seconds_per_day": "1h"}}, "gpu_seconds_per_day must be a number"),
+        ({"default": {"gpu_seconds_per_day": math.nan}}, "gpu_seconds_per_day must be a number"),
+        ({"group:x": {"max_resident_kernels": 1.5}}, "max_resident_kernels must be an integer"),
+        ({"group:x": {"max_resident_kernels": True}}, "max_resident_kernels must be an integer"),
+        ({"group:x": {"max_resident_kernels": -1}}, "max_resident_kernels must be an integer"),
+        ({"default": {"priority": 0}}, "priority must be > 0"),
+        ({"default": {"priority": True}}, "priority must be a number"),
+        ({"default": {"priority": math.nan}}, "priority must be a number"),
+    ],
+)
+def test_invalid_quota_configs_raise_quota_error_naming_the_entry(config, message):
+    with pytest.raises(QuotaError, match=message.replace("(", r"\(")) as info:
+        Quotas.parse(config)
+    assert isinstance(info.value, ValueError)
+
+
+# ================================================================================ state machine
+
+
+KIDS_MAX = 6
+USERS = {"alice": ("ml",), "bob": ("ml", "ops"), "carol": ()}
+SHAPES = {
+    "1x16GiB": lambda: sim("1x16GiB"),
+    "2x16GiB": lambda: sim("2x16GiB"),
+    "two chips": lambda: [dev(0, 16), dev(1, 16), dev(2, 24, chip="H100")],
+}
+SIZES = ["2GiB", "4GiB", "8GiB", "12GiB", "24GiB"]
+HINTS = [512 * MiB, 2 * GiB, 6 * GiB, 12 * GiB, 20 * GiB]
+RESIDUALS = [0, 0, 256 * MiB, 600 * MiB]
+
+quota_entry = st.fixed_dictionaries(
+    {},
+    optional={
+        "gpu_memory": st.sampled_from(SIZES),
+        "gpu_seconds_per_day": st.sampled_from([30, 300, 3600]),
+        "max_resident_kernels": st.integers(0, 3),
+        "priority": st.sampled_from([0.5, 1, 2, 4]),
+    },
+)
+quota_configs = st.one_of(
+    st.none(),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "default": quota_entry,
+            "user:alice": quota_entry,
+            "user:bob": quota_entry,
+            "group:ml": quota_entry,
+            "group:ops": quota_entry,
+        },
+    ),
+)
+policies = st.builds(
+    Policy, idle_timeout=st.sampled_from([0.0, 0.0, 120.0]), migration=st.booleans()
+)
+picks = st.integers(0, 1 << 16)
+fractions = st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0])
+
+
+def booking_of(kernel: Kernel) -> int:
+    """The memory rule, computed here rather than trusted from the core."""
+    if kernel.device is None:
+        return 0
+    if kernel.lease is not None:
+        return max(kernel.lease.reservation, kernel.gpu_bytes)
+    return kernel.gpu_bytes
+
+
+@dataclass
+class Call:
+    """What the machine knows about the call whose actions it is checking."""
+
+    explicit_offload: str | None = None
+    unregistered: str | None = None
+    devices_before: dict[str, int | None] = field(default_factory=dict)
+
+
+class BrokerMachine(RuleBasedStateMachine):
+    """Random interleavings of everything the outside world can tell the core."""
+
+    @initialize(shape=st.sampled_from(sorted(SHAPES)), config=quota_configs, policy=policies)
+    def setup(self, shape: str, config: dict | None, policy: Policy) -> None:
+        self.devices = {d.index: d for d in SHAPES[shape]()}
+        self.now = T0 + 8 * 3600
+        self.core = BrokerCore(self.devices.values(), Quotas.parse(config), policy, now=self.now)
+        self.policy = policy
+        self.next_id = 0
+        self.alive: dict[str, str] = {}  # kernel -> user
+        self.gone: set[str] = set()
+        self.pending: dict[str, str] = {}  # kernel -> request id it waits with ("restore-*")
+        self.leases: dict[str, Grant] = {}  # outstanding grants
+        self.offloading: set[str] = set()  # Offload emitted, no offloaded/offload_failed yet
+        self.saved: dict[str, int] = {}  # host + disk bytes the kernel must keep
+        self.state_device: dict[str, int] = {}  # where the kernel's GPU state lives or lived
+        self.cancelled: set[str] = set()
+        self.usage: dict[str, float] = {}
+        self.day = int(self.now // DAY)
+
+    # ------------------------------------------------------------------------------- helpers
+
+    def pick(self, index: int, states: tuple[KernelState, ...] | None = None) -> str | None:
+        kids = sorted(
+            k for k in self.alive if states is None or self.core.kernels[k].state in states
+        )
+        return kids[index % len(kids)] if kids else None
+
+    def in_state(self, *states: KernelState) -> bool:
+        return any(self.core.kernels[k].state in states for k in self.alive)
+
+    def call(self, method: str, *args, call: Call | None = None, **kwargs) -> list:
+        call = call or Call()
+        call.devices_before = {k: self.core.kernels[k].device for k in self.alive}
+        actions = getattr(self.core, method)(*args, **kwargs)
+        self.check_actions(actions, call)
+        return actions
+
+    def used_seconds(self, user: str) -> float:
+        running = sum(
+            self.now - g.start
+            for k, g in self.leases.items()
+            if self.alive.get(k) == user and g.hold
+        )
+        return self.usage.get(user, 0.0) + running
+
+    def check_actions(self, actions: list, call: Call) -> None:
+        granted_users: set[str] = set()
+        for action in actions:
+            kid = getattr(action, "kernel_id", None)
+            if kid in self.gone:
+                assert kid == call.unregistered, f"{action} after {kid} left the pool"
+                assert isinstance(action, LeaseEnded | Deny | StateChanged | Forget), action
+                if isinstance(action, StateChanged):
+                    assert action.new is None
+            if isinstance(action, Grant):
+                self.check_grant(action, call)
+                granted_users.add(self.alive[kid])
+            elif isinstance(action, Deny):
+                assert action.reason.strip(), action
+                if self.pending.get(kid) == action.request_id or (
+                    self.pending.get(kid) == "restore-*"
+                    and action.request_id.startswith("restore-")
+                ):
+                    del self.pending[kid]
+            elif isinstance(action, Wait):
+                assert kid in self.alive, action
+                assert action.request_id not in self.cancelled, action
+                expected = self.pending.get(kid)
+                assert expected == action.request_id or (
+                    expected == "restore-*" and action.request_id.startswith("restore-")
+                ), (action, expected)
+                assert action.position >= 1 and action.reason.strip(), action
+            elif isinstance(action, Offload):
+                assert kid in self.alive, action
+                assert kid not in self.offloading, f"{kid} offloaded twice"
+                assert kid not in self.leases, f"{kid} offloaded while holding a lease"
+                if self.core.kernels[kid].pinned:
+                    assert kid == call.explicit_offload, f"pinned {kid} chosen as victim"
+                assert action.device == call.devices_before[kid]
+                assert action.reason.strip()
+                self.offloading.add(kid)
+            elif isinstance(action, LeaseEnded):
+                grant = self.leases.pop(kid, None)
+                assert grant is not None and grant.request_id == action.request_id, action
+                assert grant.hold
+                assert action.seconds == pytest.approx(self.now - grant.start)
+                self.usage[action.user] = self.usage.get(action.user, 0.0) + action.seconds
+        for kid, request in self.pending.items():
+            if request == "restore-*" and kid in self.core.kernels:
+                live = self.core.kernels[kid].request
+                if live is not None:
+                    self.pending[kid] = live.request_id
+        for user in granted_users:
+            self.check_quota_after_grant(user)
+
+    def check_grant(self, grant: Grant, call: Call) -> None:
+        kid = grant.kernel_id
+        assert kid in self.alive and kid in self.core.kernels, grant
+        assert grant.request_id not in self.cancelled, grant
+        expected = self.pending.pop(kid, None)
+        assert expected == grant.request_id or (
+            expected == "restore-*" and grant.request_id.startswith("restore-")
+        ), f"{grant} without a pending request ({expected})"
+        assert kid not in self.leases, f"second grant {grant} before the first ended"
+        assert kid not in self.offloading, f"{grant} while the kernel's offload is in flight"
+        assert grant.start == self.now
+        if grant.hold:
+            limit = self.core.limits(self.alive[kid], USERS[self.alive[kid]]).gpu_seconds_per_day
+            if limit is not None:
+                used = self.used_seconds(self.alive[kid])
+                assert used < limit, f"{grant} although {used} of {limit} GPU-seconds are used"
+        before = call.devices_before.get(kid)
+        if before is not None:
+            assert grant.device == before, "state left on a GPU must be used on that GPU"
+        assert grant.restore == (self.saved.get(kid, 0) > 0), (grant, self.saved.get(kid))
+        if grant.restore:
+            home = self.state_device[kid]
+            if self.policy.migration:
+                assert self.devices[grant.device].chip == self.devices[home].chip, grant
+            else:
+                assert grant.device == home, grant
+        self.state_device[kid] = grant.device
+        if grant.hold or grant.restore:
+            self.leases[kid] = grant
+
+    def check_quota_after_grant(self, user: str) -> None:
+        limits = self.core.limits(user, USERS[user])
+        mine = [k for k in self.core.kernels.values() if k.user == user]
+        if limits.gpu_memory is not None:
+            total = sum(booking_of(k) for k in mine)
+            assert total <= limits.gpu_memory, f"{user} books {total} > {limits.gpu_memory}"
+        if limits.max_resident_kernels is not None:
+            holding = (S.RUNNING, S.RESTORING, S.RESIDENT, S.OFFLOADING)
+            resident = sum(1 for k in mine if k.state in holding)
+            assert resident <= limits.max_resident_kernels, (user, resident, limits)
+
+    # --------------------------------------------------------------------------------- rules
+
+    @precondition(lambda self: len(self.alive) < KIDS_MAX)
+    @rule(user=st.sampled_from(sorted(USERS)))
+    def register(self, user: str) -> None:
+        kid = f"k{self.next_id}"
+        self.next_id += 1
+        self.alive[kid] = user
+        actions = self.call("register", kid, user, self.now, groups=USERS[user])
+        assert [type(a) for a in actions] == [StateChanged]
+        assert self.core.kernels[kid].state == S.COLD
+
+    @precondition(lambda self: self.alive)
+    @rule(index=picks, memory=st.one_of(st.none(), st.sampled_from(HINTS)))
+    def acquire(self, index: int, memory: int | None) -> None:
+        kid = self.pick(index)
+        rid = f"r{self.next_id}"
+        self.next_id += 1
+        busy = kid in self.pending or kid in self.leases
+        if not busy:
+            self.pending[kid] = rid
+        actions = self.call("acquire", kid, rid, self.now, memory=memory)
+        if busy:
+            assert actions == [Deny(kid, rid, "this kernel already holds or awaits a GPU lease")]
+        else:
+            mine = [a for a in actions if getattr(a, "request_id", None) == rid]
+            assert mine and isinstance(mine[-1], Grant | Deny | Wait), actions
+
+    @precondition(lambda self: self.pending)
+    @rule(index=picks, wrong=st.booleans())
+    def cancel(self, index: int, wrong: bool) -> None:
+        kids = sorted(self.pending)
+        kid = kids[index % len(kids)]
+        rid = self.pending[kid]
+        if wrong or rid.startswith("restore-"):
+            assert self.call("cancel", kid, "no-such-request", self.now) == []
+            return
+        self.call("cancel", kid, rid, self.now)
+        del self.pending[kid]
+        self.cancelled.add(rid)
+        assert self.core.kernels[kid].request is None
+
+    @precondition(lambda self: self.in_state(S.RUNNING))
+    @rule(index=picks, peak=fractions, gpu=fractions, report=st.booleans())
+    def release(self, index: int, peak: float, gpu: float, report: bool) -> None:
+        kid = self.pick(index, (S.RUNNING,))
+        lease = self.core.kernels[kid].lease
+        assert lease is not None and lease.hold
+        peak_bytes = int(lease.reservation * peak) if report else None
+        gpu_bytes = int(peak_bytes * gpu) if peak_bytes is not None else None
+        actions = self.call(
+            "release", kid, lease.request_id, self.now, peak_bytes=peak_bytes, gpu_bytes=gpu_bytes
+        )
+        assert any(isinstance(a, LeaseEnded) and a.kernel_id == kid for a in actions)
+        assert kid not in self.leases
+
+    @precondition(lambda self: self.in_state(S.OFFLOADING))
+    @rule(index=picks, residual=st.sampled_from(RESIDUALS), to_disk=st.booleans())
+    def offloaded(self, index: int, residual: int, to_disk: bool) -> None:
+        kid = self.pick(index, (S.OFFLOADING,))
+        kernel = self.core.kernels[kid]
+        left = min(kernel.gpu_bytes, residual)
+        moved = kernel.gpu_bytes - left
+        assert self.saved.get(kid, 0) == 0
+        host, disk = (0, moved) if to_disk else (moved, 0)
+        self.offloading.discard(kid)
+        self.saved[kid] = moved
+        self.call("offloaded", kid, self.now, host_bytes=host, disk_bytes=disk, gpu_bytes=left)
+        assert self.core.kernels[kid].state in (S.OFFLOADED, S.SPILLED, S.QUEUED, S.COLD) or (
+            kid in self.leases
+        )
+
+    @precondition(lambda self: self.in_state(S.OFFLOADING))
+    @rule(index=picks)
+    def offload_failed(self, index: int) -> None:
+        kid = self.pick(index, (S.OFFLOADING,))
+        self.offloading.discard(kid)
+        self.call("offload_failed", kid, "a cell is capturing a CUDA graph", self.now)
+        assert self.core.kernels[kid].refused or kid in self.leases
+
+    @precondition(lambda self: self.in_state(S.OFFLOADED))
+    @rule(index=picks, fraction=fractions)
+    def spill(self, index: int, fraction: float) -> None:
+        kid = self.pick(index, (S.OFFLOADED,))
+        kernel = self.core.kernels[kid]
+        part = int(kernel.host_bytes * fraction)
+        self.call(
+            "spilled", kid, self.now, host_bytes=kernel.host_bytes - part,
+            disk_bytes=kernel.disk_bytes + part,
+        )  # fmt: skip
+
+    @precondition(lambda self: self.in_state(S.RESTORING))
+    @rule(index=picks)
+    def restored(self, index: int) -> None:
+        kid = self.pick(index, (S.RESTORING,))
+        kernel = self.core.kernels[kid]
+        gpu = kernel.gpu_bytes + self.saved.get(kid, 0)
+        hold = kernel.lease.hold
+        self.saved[kid] = 0
+        if not hold:
+            self.leases.pop(kid)
+        self.call("restored", kid, self.now, gpu_bytes=gpu)
+        kernel = self.core.kernels[kid]
+        assert kernel.state == (S.RUNNING if hold else S.RESIDENT)
+        assert (kernel.gpu_bytes, kernel.host_bytes, kernel.disk_bytes) == (gpu, 0, 0)
+
+    @precondition(lambda self: self.in_state(S.RESTORING))
+    @rule(index=picks)
+    def restore_failed(self, index: int) -> None:
+        kid = self.pick(index, (S.RESTORING,))
+        if not self.core.kernels[kid].lease.hold:
+            self.leases.pop(kid)
+        self.call("restore_failed", kid, "out of luck", self.now)
+        assert self.core.kernels[kid].state == S.ERROR
+        assert kid not in self.leases
+
+    @precondition(lambda self: self.alive)
+    @rule(index=picks)
+    def offload(self, index: int) -> None:
+        kid = self.pick(index)
+        kernel = self.core.kernels[kid]
+        state = kernel.state
+        if state in (S.OFFLOADED, S.SPILLED, S.OFFLOADING):
+            assert self.call("offload", kid, self.now) == []
+        elif state == S.RESIDENT:
+            actions = self.call("offload", kid, self.now, call=Call(explicit_offload=kid))
+            assert ids(actions, Offload) == [kid]
+        else:
+            with pytest.raises(BrokerError, match=state.value):
+                self.core.offload(kid, self.now)
+
+    @precondition(lambda self: self.alive)
+    @rule(index=picks)
+    def restore(self, index: int) -> None:
+        kid = self.pick(index)
+        kernel = self.core.kernels[kid]
+        if kernel.state not in (S.OFFLOADED, S.SPILLED):
+            with pytest.raises(BrokerError, match="nothing to restore"):
+                self.core.restore(kid, self.now)
+            return
+        if kernel.request is None:
+            self.pending[kid] = "restore-*"
+            self.call("restore", kid, self.now)
+        else:
+            assert self.call("restore", kid, self.now) == []
+
+    @precondition(lambda self: self.alive)
+    @rule(index=picks, pinned=st.booleans())
+    def pin(self, index: int, pinned: bool) -> None:
+        kid = self.pick(index)
+        self.call("set_pinned", kid, pinned, self.now)
+        assert self.core.kernels[kid].pinned is pinned
+
+    @precondition(lambda self: self.alive)
+    @rule(index=picks)
+    def unregister(self, index: int) -> None:
+        kid = self.pick(index)
+        del self.alive[kid]
+        self.gone.add(kid)
+        actions = self.call("unregister", kid, self.now, call=Call(unregistered=kid))
+        assert Forget(kid) in actions
+        assert kid not in self.core.kernels
+        if kid in self.leases:
+            assert not self.leases[kid].hold  # a restore without a cell: nothing to charge
+        for table in (self.pending, self.leases, self.saved):
+            table.pop(kid, None)
+        self.offloading.discard(kid)
+
+    @rule(seconds=st.sampled_from([0.5, 7, 60, 121, 3600, 5 * 3600]))
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.tick()
+
+    @rule()
+    def past_midnight(self) -> None:
+        self.now = (self.day + 1) * DAY + 1
+        self.tick()
+
+    def tick(self) -> None:
+        day = int(self.now // DAY)
+        if day != self.day:
+            self.day = day
+            self.usage.clear()
+        actions = self.call("tick", self.now)
+        if self.policy.idle_timeout:
+            for kid in self.alive:
+                kernel = self.core.kernels[kid]
+                if (
+                    kernel.state == S.RESIDENT
+                    and not (kernel.pinned or kernel.refused)
+                    and self.now - kernel.last_activity >= self.policy.idle_timeout
+                ):
+                    raise AssertionError(f"{kid} idle past the timeout but still resident")
+        del actions
+        for user in set(self.usage) | set(self.core.usage_today):
+            expected = self.usage.get(user, 0.0)
+            assert self.core.usage_today.get(user, 0.0) == pytest.approx(expected), user
+
+    @rule(config=quota_configs)
+    def set_quotas(self, config: dict | None) -> None:
+        self.call("set_quotas", Quotas.parse(config), self.now)
+
+    # ---------------------------------------------------------------------------- invariants
+
+    @invariant()
+    def memory_never_overcommitted(self) -> None:
+        if not hasattr(self, "core"):
+            return
+        booked = dict.fromkeys(self.devices, 0)
+        for kernel in self.core.kernels.values():
+            if kernel.device is not None:
+                booked[kernel.device] += booking_of(kernel)
+        for index, info in self.devices.items():
+            assert booked[index] <= info.total_bytes, (index, booked, self.core.kernels)
+        assert booked == self.core.device_bookings()
+
+    @invariant()
+    def kernels_match_the_model(self) -> None:
+        if not hasattr(self, "core"):
+            return
+        assert set(self.core.kernels) == set(self.alive)
+        assert not self.gone & set(self.core.kernels)
+        for kid, kernel in self.core.kernels.items():
+            assert not (kernel.lease is not None and kernel.request is not None), kernel
+            assert (kernel.lease is not None) == (kid in self.leases), (kernel, self.leases)
+            if kernel.lease is not None:
+                assert kernel.lease.request_id == self.leases[kid].request_id
+                assert kernel.device == kernel.lease.device
+                assert kernel.state in (S.RUNNING, S.RESTORING)
+            assert (kernel.request is not None) == (kid in self.pending), (kernel, self.pending)
+            if kernel.request is not None:
+                assert kernel.request.request_id == self.pending[kid]
+            assert (kernel.state == S.OFFLOADING) == (kid in self.offloading), kernel
+            assert kernel.host_bytes + kernel.disk_bytes == self.saved.get(kid, 0), kernel
+            if kernel.state in (S.RUNNING, S.RESIDENT, S.OFFLOADING, S.RESTORING):
+                assert kernel.device is not None, kernel
+            if kernel.state == S.QUEUED:
+                assert kernel.request is not None, kernel
+
+    @invariant()
+    def every_waiting_request_is_served(self) -> None:
+        """Liveness: when nothing is running or moving, nobody is left waiting."""
+        if not hasattr(self, "core"):
+            return
+        kernels = self.core.kernels.values()
+        moving = (S.OFFLOADING, S.RESTORING)
+        if not any(k.lease is not None or k.state in moving for k in kernels):
+            assert self.core.queue() == [], self.core.snapshot(self.now)
+
+
+BrokerMachine.TestCase.settings = settings(
+    max_examples=200,
+    stateful_step_count=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestBrokerMachine = BrokerMachine.TestCase

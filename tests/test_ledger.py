@@ -1,0 +1,314 @@
+"""Tests for the usage ledger, against real SQLite files."""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jupyter_singularity.broker.ledger import Ledger, LedgerError, day_start
+
+DAY = 86400.0
+T0 = 1_750_000_000.0 - 1_750_000_000.0 % DAY  # a UTC midnight
+
+
+def _url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "ledger.db"
+
+
+@pytest.fixture
+def ledger(db_path: Path):
+    led = Ledger(_url(db_path))
+    yield led
+    led.close()
+
+
+def _start(
+    led: Ledger, lease_id: str, user: str, start: float, *, kernel: str = "k1", device: int = 0
+) -> None:
+    led.lease_started(
+        lease_id=lease_id,
+        kernel_id=kernel,
+        user=user,
+        device_index=device,
+        device_uuid=f"GPU-{device}",
+        reservation_bytes=4 << 30,
+        start=start,
+    )
+
+
+def test_creates_parent_directory_and_enables_wal(db_path: Path, ledger: Ledger) -> None:
+    assert db_path.is_file()
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"leases", "state_changes"} <= tables
+    assert {"ix_leases_user_start", "ix_state_changes_kernel_time"} <= indexes
+
+
+def test_leases_recorded_and_summed_per_user(ledger: Ledger) -> None:
+    _start(ledger, "a1", "alice", T0 + 100)
+    ledger.lease_ended("a1", T0 + 160, peak_bytes=3 << 30)
+    _start(ledger, "a2", "alice", T0 + 200, kernel="k2", device=1)
+    ledger.lease_ended("a2", T0 + 230.5, peak_bytes=None)
+    _start(ledger, "b1", "bob", T0 + 300, kernel="k3")
+    ledger.lease_ended("b1", T0 + 310, peak_bytes=1 << 30)
+
+    assert ledger.gpu_seconds_by_user(T0, T0 + 1000) == {"alice": 90.5, "bob": 10.0}
+    (row,) = ledger.leases(since=T0, until=T0 + 1000, user="bob")
+    assert row == {
+        "lease_id": "b1",
+        "kernel_id": "k3",
+        "user": "bob",
+        "device_index": 0,
+        "device_uuid": "GPU-0",
+        "reservation_bytes": 4 << 30,
+        "start": T0 + 300,
+        "end": T0 + 310,
+        "gpu_seconds": 10.0,
+        "peak_bytes": 1 << 30,
+    }
+
+
+def test_lease_ended_unknown_duplicate_and_backwards(ledger: Ledger) -> None:
+    ledger.lease_ended("nope", T0 + 5, peak_bytes=None)  # unknown: no-op, no error
+    _start(ledger, "a1", "alice", T0 + 100)
+    ledger.lease_ended("a1", T0 + 150, peak_bytes=7)
+    ledger.lease_ended("a1", T0 + 900, peak_bytes=9)  # duplicate release keeps the first
+    _start(ledger, "a2", "alice", T0 + 200)
+    ledger.lease_ended("a2", T0 + 190, peak_bytes=None)  # clock stepped back: charge 0
+
+    rows = {r["lease_id"]: r for r in ledger.leases(since=T0, until=T0 + DAY)}
+    assert set(rows) == {"a1", "a2"}
+    assert (rows["a1"]["end"], rows["a1"]["gpu_seconds"], rows["a1"]["peak_bytes"]) == (
+        T0 + 150,
+        50.0,
+        7,
+    )
+    assert (rows["a2"]["end"], rows["a2"]["gpu_seconds"]) == (T0 + 200, 0.0)
+
+
+def test_clipped_to_day_window(ledger: Ledger) -> None:
+    today = day_start(T0 + 5000)
+    _start(ledger, "over-midnight", "alice", today - 600)
+    ledger.lease_ended("over-midnight", today + 400, peak_bytes=None)
+    _start(ledger, "yesterday", "alice", today - 5000)
+    ledger.lease_ended("yesterday", today - 4000, peak_bytes=None)
+    _start(ledger, "into-tomorrow", "bob", today + DAY - 100)
+    ledger.lease_ended("into-tomorrow", today + DAY + 900, peak_bytes=None)
+
+    assert ledger.gpu_seconds_by_user(today, today + DAY) == {"alice": 400.0, "bob": 100.0}
+    assert ledger.gpu_seconds_by_user(today - DAY, today) == {"alice": 1600.0}
+    assert [r["lease_id"] for r in ledger.leases(since=today, until=today + DAY)] == [
+        "into-tomorrow",
+        "over-midnight",
+    ]
+
+
+def test_open_lease_counts_up_to_now(ledger: Ledger) -> None:
+    _start(ledger, "open", "alice", T0 + 100)
+    assert ledger.gpu_seconds_by_user(T0, T0 + 175) == {"alice": 75.0}
+    assert ledger.gpu_seconds_by_user(T0, T0 + 400) == {"alice": 300.0}
+    assert ledger.gpu_seconds_by_user(T0, T0 + 50) == {}  # not started yet
+    assert ledger.leases(since=T0, until=T0 + 400)[0]["end"] is None
+
+
+def test_survives_restart(db_path: Path) -> None:
+    first = Ledger(_url(db_path))
+    _start(first, "a1", "alice", T0 + 10)
+    first.lease_ended("a1", T0 + 70, peak_bytes=5)
+    _start(first, "b1", "bob", T0 + 20, kernel="k2")
+    first.state_changed(time=T0 + 10, kernel_id="k1", user="alice", old="idle", new="running")
+    before = first.gpu_seconds_by_user(T0, T0 + 100)
+    events_before = first.events()
+    first.close()
+
+    second = Ledger(_url(db_path))
+    try:
+        assert before == {"alice": 60.0, "bob": 80.0}
+        assert second.gpu_seconds_by_user(T0, T0 + 100) == before
+        assert second.events() == events_before
+        second.lease_ended("b1", T0 + 50, peak_bytes=None)  # a lease opened before restart
+        assert second.gpu_seconds_by_user(T0, T0 + 100) == {"alice": 60.0, "bob": 30.0}
+    finally:
+        second.close()
+
+
+def test_close_dangling_leases_charges_only_observed_time(ledger: Ledger) -> None:
+    _start(ledger, "seen", "alice", T0 + 100, kernel="k1")
+    ledger.state_changed(time=T0 + 90, kernel_id="k1", user="alice", old=None, new="idle")
+    ledger.state_changed(time=T0 + 100, kernel_id="k1", user="alice", old="idle", new="busy")
+    ledger.state_changed(time=T0 + 130, kernel_id="k1", user="alice", old="busy", new="idle")
+    # Another kernel's later activity is no evidence that k1's lease still ran.
+    ledger.state_changed(time=T0 + 500, kernel_id="k9", user="carol", old="idle", new="busy")
+    _start(ledger, "unseen", "bob", T0 + 200, kernel="k2")
+    ledger.state_changed(time=T0 + 150, kernel_id="k2", user="bob", old=None, new="idle")
+    _start(ledger, "capped", "dave", T0 + 300, kernel="k3")
+    ledger.state_changed(time=T0 + 900, kernel_id="k3", user="dave", old="busy", new="idle")
+    _start(ledger, "closed", "erin", T0 + 10, kernel="k4")
+    ledger.lease_ended("closed", T0 + 20, peak_bytes=None)
+
+    assert ledger.close_dangling_leases(at=T0 + 600) == 3
+    rows = {r["lease_id"]: r for r in ledger.leases(since=T0, until=T0 + DAY)}
+    assert (rows["seen"]["end"], rows["seen"]["gpu_seconds"]) == (T0 + 130, 30.0)
+    assert (rows["unseen"]["end"], rows["unseen"]["gpu_seconds"]) == (T0 + 200, 0.0)
+    assert (rows["capped"]["end"], rows["capped"]["gpu_seconds"]) == (T0 + 600, 300.0)
+    assert (rows["closed"]["end"], rows["closed"]["gpu_seconds"]) == (T0 + 20, 10.0)
+    assert ledger.close_dangling_leases(at=T0 + 700) == 0
+
+
+@pytest.mark.parametrize("url", ["not a url at all", "nosuchdialect://host/db"])
+def test_bad_url_raises_readable_ledger_error(url: str) -> None:
+    with pytest.raises(LedgerError, match="cannot open the usage ledger at") as info:
+        Ledger(url)
+    assert url in str(info.value)
+
+
+def test_password_is_not_shown_in_error() -> None:
+    with pytest.raises(LedgerError) as info:
+        Ledger("nosuchdialect://alice:s3cret@host/db")
+    assert "s3cret" not in str(info.value)
+    assert "alice:***@host" in str(info.value)
+
+
+def test_unwritable_directory_raises_ledger_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")  # a file where the parent directory should be: fails even as root
+    url = _url(blocker / "ledger.db")
+    with pytest.raises(LedgerError, match="cannot open the usage ledger") as info:
+        Ledger(url)
+    assert url in str(info.value)
+
+
+def test_unopenable_database_file_raises_ledger_error(tmp_path: Path) -> None:
+    url = _url(tmp_path)  # a directory, not a database file
+    with pytest.raises(LedgerError, match="unable to open database file") as info:
+        Ledger(url)
+    assert url in str(info.value)
+
+
+def test_events_newest_first_and_kernel_filter(ledger: Ledger) -> None:
+    ledger.state_changed(time=T0 + 1, kernel_id="k1", user="alice", old=None, new="idle")
+    ledger.state_changed(
+        time=T0 + 3,
+        kernel_id="k2",
+        user="bob",
+        old="idle",
+        new="busy",
+        reason="execute_request",
+        device_index=1,
+        nbytes=2 << 30,
+        duration=0.25,
+    )
+    ledger.state_changed(time=T0 + 2, kernel_id="k1", user="alice", old="idle", new="busy")
+    ledger.state_changed(time=T0 + 3, kernel_id="k1", user="alice", old="busy", new="idle")
+
+    assert [(e["kernel_id"], e["new_state"]) for e in ledger.events()] == [
+        ("k1", "idle"),  # same time as k2's: the later write comes first
+        ("k2", "busy"),
+        ("k1", "busy"),
+        ("k1", "idle"),
+    ]
+    assert [e["time"] for e in ledger.events(kernel_id="k1")] == [T0 + 3, T0 + 2, T0 + 1]
+    assert [e["time"] for e in ledger.events(kernel_id="k1", limit=2)] == [T0 + 3, T0 + 2]
+    (k2,) = ledger.events(kernel_id="k2")
+    assert {k: v for k, v in k2.items() if k != "id"} == {
+        "time": T0 + 3,
+        "kernel_id": "k2",
+        "user": "bob",
+        "old_state": "idle",
+        "new_state": "busy",
+        "reason": "execute_request",
+        "device_index": 1,
+        "nbytes": 2 << 30,
+        "duration": 0.25,
+    }
+    assert ledger.events(kernel_id="nope") == []
+
+
+def test_usage_aggregation(ledger: Ledger) -> None:
+    _start(ledger, "b1", "bob", T0 + 10, kernel="kb")
+    ledger.lease_ended("b1", T0 + 20, peak_bytes=None)
+    _start(ledger, "a1", "alice", T0 + 10, kernel="k1", device=0)
+    ledger.lease_ended("a1", T0 + 40, peak_bytes=None)
+    _start(ledger, "a2", "alice", T0 + 10, kernel="k1", device=1)
+    ledger.lease_ended("a2", T0 + 40, peak_bytes=None)
+    _start(ledger, "a3", "alice", T0 + 50, kernel="k2")  # open
+    _start(ledger, "old", "carol", T0 - 100, kernel="kc")
+    ledger.lease_ended("old", T0 - 50, peak_bytes=None)
+
+    assert ledger.usage(since=T0, until=T0 + 100) == [
+        {"user": "alice", "gpu_seconds": 110.0, "leases": 3, "kernels": 2},
+        {"user": "bob", "gpu_seconds": 10.0, "leases": 1, "kernels": 1},
+    ]
+    assert ledger.usage(since=T0, until=T0 + 100, user="bob") == [
+        {"user": "bob", "gpu_seconds": 10.0, "leases": 1, "kernels": 1},
+    ]
+    assert ledger.usage(since=T0 + 100, until=T0 + 200, user="bob") == []
+
+
+def test_leases_limit_and_user_filter(ledger: Ledger) -> None:
+    for i in range(5):
+        _start(ledger, f"l{i}", "alice" if i % 2 else "bob", T0 + i)
+    assert [r["lease_id"] for r in ledger.leases(since=T0, until=T0 + 10, limit=2)] == ["l4", "l3"]
+    assert [r["lease_id"] for r in ledger.leases(since=T0, until=T0 + 10, user="alice")] == [
+        "l3",
+        "l1",
+    ]
+
+
+@pytest.mark.parametrize(
+    "now", [T0, T0 + 0.5, T0 + DAY - 1e-3, 1_700_000_000.123, 0.0, 951_782_400.0 + 3600]
+)
+def test_day_start_is_utc_midnight(now: float) -> None:
+    moment = datetime.fromtimestamp(now, tz=timezone.utc)
+    midnight = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    assert day_start(now) == midnight.timestamp()
+
+
+_interval = st.tuples(
+    st.sampled_from(["alice", "bob", "carol"]),
+    st.floats(min_value=0, max_value=10_000, allow_nan=False),
+    st.one_of(st.none(), st.floats(min_value=0, max_value=5_000, allow_nan=False)),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    intervals=st.lists(_interval, max_size=12),
+    since=st.floats(min_value=0, max_value=10_000, allow_nan=False),
+    span=st.floats(min_value=0, max_value=10_000, allow_nan=False),
+)
+def test_gpu_seconds_match_brute_force(
+    intervals: list[tuple[str, float, float | None]], since: float, span: float
+) -> None:
+    # Brute force on the same absolute floats the ledger stores, so only summation order differs.
+    since, now = T0 + since, T0 + since + span
+    expected: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        led = Ledger(_url(Path(tmp) / "ledger.db"))
+        try:
+            for i, (user, offset, length) in enumerate(intervals):
+                start = T0 + offset
+                _start(led, f"l{i}", user, start)
+                if length is not None:
+                    led.lease_ended(f"l{i}", start + length, peak_bytes=None)
+                end = now if length is None else start + length
+                overlap = max(0.0, min(end, now) - max(start, since))
+                expected[user] = expected.get(user, 0.0) + overlap
+            got = led.gpu_seconds_by_user(since, now)
+        finally:
+            led.close()
+    for user in set(got) | set(expected):
+        assert got.get(user, 0.0) == pytest.approx(expected.get(user, 0.0), abs=1e-6)
