@@ -523,13 +523,13 @@ def test_a_refused_offload_keeps_the_kernel_resident_and_off_the_victim_list_unt
     assert one(core.offloaded("k2", T0 + 7, host_bytes=6 * GiB), Grant).kernel_id == "k3"
     core.release("k3", "r3", T0 + 8, peak_bytes=GiB, gpu_bytes=GiB)
     # k1 is the LRU kernel but refused: k3 is evicted instead
-    assert ids(core.acquire("k4", "r4", T0 + 9, memory=9 * GiB), Offload) == ["k3"]
+    assert ids(core.acquire("k4", "r4", T0 + 9, memory=10 * GiB), Offload) == ["k3"]
     core.offloaded("k3", T0 + 10, host_bytes=GiB)
     core.release("k4", "r4", T0 + 11, peak_bytes=0, gpu_bytes=0)
     # after k1's next cell ends it may be evicted again
     run_cell(core, "k1", "r5", T0 + 12, T0 + 13, peak=6 * GiB)
     assert core.kernels["k1"].refused == ""
-    assert ids(core.acquire("k2", "r6", T0 + 14, memory=12 * GiB), Offload) == ["k1"]
+    assert "k1" in ids(core.acquire("k2", "r6", T0 + 14, memory=12 * GiB), Offload)
 
 
 def test_offload_and_restore_on_request():
@@ -854,7 +854,7 @@ class BrokerMachine(RuleBasedStateMachine):
 
     def call(self, method: str, *args, call: Call | None = None, **kwargs) -> list:
         call = call or Call()
-        call.devices_before = {k: self.core.kernels[k].device for k in self.alive}
+        call.devices_before = {k: kernel.device for k, kernel in self.core.kernels.items()}
         actions = getattr(self.core, method)(*args, **kwargs)
         self.check_actions(actions, call)
         return actions

@@ -56,6 +56,20 @@ _state_changes = sa.Table(
 )
 
 
+# Ends an open lease, charging ``end - start`` (nothing if the wall clock stepped back). Only an
+# open lease is touched, so a duplicate release cannot charge twice.
+_backwards = _leases.c.start > sa.bindparam("end_at")
+_END_LEASE = (
+    _leases.update()
+    .where(_leases.c.lease_id == sa.bindparam("lid"), _leases.c.end.is_(None))
+    .values(
+        end=sa.case((_backwards, _leases.c.start), else_=sa.bindparam("end_at")),
+        gpu_seconds=sa.case((_backwards, 0.0), else_=sa.bindparam("end_at") - _leases.c.start),
+        peak_bytes=sa.bindparam("peak"),
+    )
+)
+
+
 class LedgerError(RuntimeError):
     """The ledger database cannot be opened or created."""
 
@@ -82,13 +96,16 @@ def _sqlite_file(url: URL) -> Path | None:
 class Ledger:
     """Records leases and kernel state changes; answers usage questions.
 
-    Writes come from the broker's event loop and are each one short
-    transaction. Reads (e.g. from the CLI, or another thread) go through the
+    Writes come from the broker's event loop and are buffered until
+    :meth:`flush` (every read flushes first, so reads see every write). Reads (e.g. from the CLI, or another thread) go through the
     engine's connection pool; for SQLite, WAL mode keeps readers from blocking
     the server.
     """
 
     def __init__(self, db_url: str) -> None:
+        self._new_leases: list[dict[str, Any]] = []
+        self._new_changes: list[dict[str, Any]] = []
+        self._ended_leases: list[dict[str, Any]] = []
         shown = db_url
         try:
             url = sa.make_url(db_url)
@@ -101,6 +118,11 @@ class Ledger:
                 path.parent.mkdir(parents=True, exist_ok=True)
             self._engine: Engine = sa.create_engine(url, connect_args=connect_args)
             if path is not None:
+                # WAL with synchronous=NORMAL never corrupts the file and skips the fsync per
+                # commit; a power cut may lose the last moments of usage, not the ledger. Lease
+                # records sit on every GPU cell's path, so this is the difference between ~0.4 ms
+                # and ~0.05 ms a write.
+                sa.event.listen(self._engine, "connect", _relaxed_sync)
                 # Persistent in the file: setting it once covers later connections.
                 with self._engine.connect() as conn:
                     conn.exec_driver_sql("PRAGMA journal_mode=WAL")
@@ -123,18 +145,17 @@ class Ledger:
         start: float,
     ) -> None:
         """Record a granted lease; it stays open until `lease_ended`."""
-        with self._engine.begin() as conn:
-            conn.execute(
-                _leases.insert().values(
-                    lease_id=lease_id,
-                    kernel_id=kernel_id,
-                    user=user,
-                    device_index=device_index,
-                    device_uuid=device_uuid,
-                    reservation_bytes=reservation_bytes,
-                    start=start,
-                )
-            )
+        self._new_leases.append(
+            {
+                "lease_id": lease_id,
+                "kernel_id": kernel_id,
+                "user": user,
+                "device_index": device_index,
+                "device_uuid": device_uuid,
+                "reservation_bytes": reservation_bytes,
+                "start": start,
+            }
+        )
 
     def lease_ended(self, lease_id: str, end: float, peak_bytes: int | None) -> None:
         """Close an open lease and charge it ``end - start`` GPU-seconds.
@@ -143,7 +164,7 @@ class Ledger:
         cannot re-charge a lease. An ``end`` before the start (wall clock
         stepped back) charges nothing rather than a negative amount.
         """
-        self._end_lease(lease_id, end, peak_bytes)
+        self._ended_leases.append({"lid": lease_id, "end_at": end, "peak": peak_bytes})
 
     def close_dangling_leases(self, at: float) -> int:
         """End leases left open by a crash; returns how many were ended.
@@ -152,6 +173,7 @@ class Ledger:
         observed: it ends at the latest state change of its kernel after its
         start (or at its start if there is none), never after ``at``.
         """
+        self.flush()
         latest = (
             sa.select(sa.func.max(_state_changes.c.time))
             .where(
@@ -166,33 +188,19 @@ class Ledger:
                     _leases.c.end.is_(None)
                 )
             ).all()
-            for lease_id, start, seen in dangling:
-                self._end_lease(lease_id, min(at, seen if seen is not None else start), None, conn)
+            if dangling:
+                conn.execute(
+                    _END_LEASE,
+                    [
+                        {
+                            "lid": lease_id,
+                            "end_at": min(at, start if seen is None else seen),
+                            "peak": None,
+                        }
+                        for lease_id, start, seen in dangling
+                    ],
+                )
         return len(dangling)
-
-    def _end_lease(
-        self,
-        lease_id: str,
-        end: float,
-        peak_bytes: int | None,
-        conn: sa.Connection | None = None,
-    ) -> None:
-        """Set end, gpu_seconds and peak of an open lease (clamped to its start)."""
-        backwards = _leases.c.start > end
-        stmt = (
-            _leases.update()
-            .where(_leases.c.lease_id == lease_id, _leases.c.end.is_(None))
-            .values(
-                end=sa.case((backwards, _leases.c.start), else_=sa.literal(end)),
-                gpu_seconds=sa.case((backwards, 0.0), else_=end - _leases.c.start),
-                peak_bytes=peak_bytes,
-            )
-        )
-        if conn is not None:
-            conn.execute(stmt)
-            return
-        with self._engine.begin() as own:
-            own.execute(stmt)
 
     def state_changed(
         self,
@@ -208,20 +216,49 @@ class Ledger:
         duration: float | None = None,
     ) -> None:
         """Record one kernel state transition (also evidence the kernel was alive)."""
-        with self._engine.begin() as conn:
-            conn.execute(
-                _state_changes.insert().values(
-                    time=time,
-                    kernel_id=kernel_id,
-                    user=user,
-                    old_state=old,
-                    new_state=new,
-                    reason=reason,
-                    device_index=device_index,
-                    nbytes=nbytes,
-                    duration=duration,
-                )
-            )
+        self._new_changes.append(
+            {
+                "time": time,
+                "kernel_id": kernel_id,
+                "user": user,
+                "old_state": old,
+                "new_state": new,
+                "reason": reason,
+                "device_index": device_index,
+                "nbytes": nbytes,
+                "duration": duration,
+            }
+        )
+
+    @property
+    def pending(self) -> bool:
+        """Whether records wait for :meth:`flush`."""
+        return bool(self._new_leases or self._new_changes or self._ended_leases)
+
+    def flush(self) -> None:
+        """Write the buffered records in one transaction.
+
+        Writes are buffered because they sit on every GPU cell's path: the broker answers the
+        kernel first and flushes a moment later. On failure (a full disk) the records stay
+        buffered for the next flush and :class:`LedgerError` says why.
+        """
+        if not self.pending:
+            return
+        batches = (self._new_leases, self._new_changes, self._ended_leases)
+        self._new_leases, self._new_changes, self._ended_leases = [], [], []
+        leases, changes, ended = batches
+        try:
+            with self._engine.begin() as conn:
+                if leases:
+                    conn.execute(_leases.insert(), leases)
+                if changes:
+                    conn.execute(_state_changes.insert(), changes)
+                if ended:
+                    conn.execute(_END_LEASE, ended)
+        except SQLAlchemyError as exc:
+            self._new_leases[:0], self._new_changes[:0], self._ended_leases[:0] = batches
+            reason = getattr(exc, "orig", None) or exc
+            raise LedgerError(f"cannot write the usage ledger: {reason}") from exc
 
     # -- reads ------------------------------------------------------------------
 
@@ -261,6 +298,7 @@ class Ledger:
         )
         if user is not None:
             stmt = stmt.where(_leases.c.user == user)
+        self.flush()
         with self._engine.connect() as conn:
             return [
                 {
@@ -288,6 +326,7 @@ class Ledger:
         )
         if user is not None:
             stmt = stmt.where(_leases.c.user == user)
+        self.flush()
         with self._engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(stmt)]
 
@@ -300,9 +339,17 @@ class Ledger:
         )
         if kernel_id is not None:
             stmt = stmt.where(_state_changes.c.kernel_id == kernel_id)
+        self.flush()
         with self._engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(stmt)]
 
     def close(self) -> None:
-        """Release pooled connections (and SQLite file handles)."""
-        self._engine.dispose()
+        """Write what is buffered, then release pooled connections (and SQLite file handles)."""
+        try:
+            self.flush()
+        finally:
+            self._engine.dispose()
+
+
+def _relaxed_sync(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.execute("PRAGMA synchronous=NORMAL")

@@ -35,7 +35,7 @@ from .core import (
     StateChanged,
     Wait,
 )
-from .ledger import Ledger, day_start
+from .ledger import Ledger, LedgerError, day_start
 from .quotas import Quotas
 from .rpc import RPCServer
 
@@ -43,6 +43,10 @@ Emit = Callable[[str, dict], None]
 """``emit(name, data)`` for the browser: name is ``kernel_state``, ``lease`` or ``queue``; the server
 maps it to its versioned event schema."""
 KERNEL_STATE_SCHEMA, LEASE_SCHEMA, QUEUE_SCHEMA = "kernel_state", "lease", "queue"
+
+#: Ledger writes are buffered and flushed this many seconds after the first one, off the
+#: path of the cell that caused them.
+LEDGER_FLUSH_DELAY = 0.05
 
 #: Environment variable telling the kernel runtime which simulated device size it was given.
 ENV_SIMULATED = "SINGULARITY_SIMULATED"
@@ -116,6 +120,7 @@ class BrokerService:
         self._rpc = RPCServer(self._key_for, self._handle, log)
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
+        self._flush_handle: asyncio.TimerHandle | None = None
         self.endpoint = ""
 
     # -------------------------------------------------------------------------------- lifecycle
@@ -133,6 +138,9 @@ class BrokerService:
         for task in list(self._tasks):
             task.cancel()
         await self._rpc.stop()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush_ledger()
 
     # ----------------------------------------------------------------- kernels (provisioner side)
 
@@ -357,6 +365,23 @@ class BrokerService:
     # ------------------------------------------------------------------------- carrying out
 
     def _apply(self, actions: list[Action]) -> None:
+        self._carry_out(actions)
+        if self.ledger.pending and self._flush_handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._flush_ledger()
+            else:
+                self._flush_handle = loop.call_later(LEDGER_FLUSH_DELAY, self._flush_ledger)
+
+    def _flush_ledger(self) -> None:
+        self._flush_handle = None
+        try:
+            self.ledger.flush()
+        except LedgerError as err:
+            self.log.error("jupyter-singularity: %s; will retry", err)
+
+    def _carry_out(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, StateChanged):
                 self._record_state(action)

@@ -1,0 +1,92 @@
+"""Lease round trip from a real kernel process: acquire + release, as a GPU cell would do them.
+
+Starts the broker service (simulated devices) and a real IPython kernel through jupyter_client with
+the pool's provisioner, then times, inside the kernel, N acquire+release pairs over the signed RPC
+channel. Goal (issue: foundation): p50 <= 1 ms. Run: ``python bench/lease_roundtrip.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.provisioning import KernelProvisionerFactory
+
+from jupyter_singularity.broker.core import Policy
+from jupyter_singularity.broker.ledger import Ledger
+from jupyter_singularity.broker.quotas import Quotas
+from jupyter_singularity.broker.service import BrokerService
+from jupyter_singularity.devices import open_inventory
+from jupyter_singularity.server.provisioner import SingularityProvisioner
+
+KERNEL_CODE = """
+import json, statistics, time
+from jupyter_singularity.kernel.runtime import Runtime
+client = Runtime.current.client
+samples = []
+for i in range({n}):
+    started = time.perf_counter()
+    grant = client.request("acquire", {{"request_id": f"bench-{{i}}", "memory": 1 << 30}})
+    client.request("release", {{"request_id": f"bench-{{i}}", "peak_bytes": 1 << 29, "gpu_bytes": 1 << 28}})
+    samples.append(time.perf_counter() - started)
+    assert grant["granted"], grant
+cuts = statistics.quantiles(samples, n=100)
+print(json.dumps({{"p50_ms": cuts[49] * 1e3, "p99_ms": cuts[98] * 1e3, "n": len(samples)}}))
+"""
+
+
+async def run(n: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        ledger = Ledger(f"sqlite:///{Path(tmp) / 'ledger.sqlite'}")
+        service = BrokerService(
+            open_inventory("simulated:1x16GiB"),
+            ledger,
+            Quotas({}),
+            Policy(),
+            log=logging.getLogger("bench"),
+        )
+        await service.start()
+        SingularityProvisioner.broker = service
+        KernelProvisionerFactory.instance().default_provisioner_name = "singularity-provisioner"
+        manager = AsyncKernelManager(kernel_name="python3")
+        await manager.start_kernel()
+        client = manager.client()
+        client.start_channels()
+        try:
+            await client.wait_for_ready(timeout=60)
+            reply = await client.execute_interactive(
+                KERNEL_CODE.format(n=n), timeout=300, output_hook=_collect
+            )
+            assert reply["content"]["status"] == "ok", reply["content"]
+        finally:
+            client.stop_channels()
+            await manager.shutdown_kernel(now=True)
+            await service.stop()
+            ledger.close()
+    result = json.loads(_OUTPUT[-1])
+    result["goal_p50_ms"] = 1.0
+    return result
+
+
+_OUTPUT: list[str] = []
+
+
+def _collect(msg: dict) -> None:
+    if msg["msg_type"] == "stream":
+        _OUTPUT.extend(line for line in msg["content"]["text"].splitlines() if line.startswith("{"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("-n", type=int, default=2000, help="round trips")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args.n)), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""The jupyter_server extension: configuration, the embedded broker, REST handlers, events.
+
+Configure it as ``c.SingularityApp.<trait>`` in ``jupyter_server_config.py`` or with
+``--SingularityApp.<trait>=`` on the command line. A configuration error stops the server at start
+with one line naming the setting and the bad value: a GPU pool that silently runs with other
+settings than the admin wrote would be worse than no server.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from importlib.metadata import EntryPoint
+from typing import Any
+
+from jupyter_client.provisioning import KernelProvisionerFactory
+from jupyter_core.paths import jupyter_data_dir, jupyter_runtime_dir
+from jupyter_server.extension.application import ExtensionApp
+from traitlets import Bool, Dict, Float, Int, Unicode, Union, default
+
+from ..broker.core import Policy
+from ..broker.ledger import Ledger, LedgerError
+from ..broker.quotas import QuotaError, Quotas
+from ..broker.service import BrokerService
+from ..devices import DeviceInventory, open_inventory
+from ..units import format_size, parse_size
+from .events import register_schemas, schema_id
+from .handlers import SETTINGS_KEY, default_handlers
+from .quota_file import QuotaFile
+
+PROVISIONER_NAME = "singularity-provisioner"
+PROVISIONER_REF = "jupyter_singularity.server.provisioner:SingularityProvisioner"
+
+
+class ConfigError(ValueError):
+    """A setting of SingularityApp that cannot be used; the message names it and its value."""
+
+
+class SingularityApp(ExtensionApp):
+    """Pools the machine's GPUs so that the kernels of this server share them in time."""
+
+    name = "jupyter_singularity"
+    description = "Share the GPUs of a machine between Jupyter kernels in time."
+    load_other_extensions = True
+
+    devices = Unicode(
+        "auto",
+        help="""Which GPUs form the pool: "auto" finds NVIDIA GPUs through NVML (an empty pool,
+        with the reason logged, when there are none); "simulated:NxSIZE" (e.g.
+        "simulated:2x16GiB") or "simulated:SIZE,SIZE,..." gives fake devices for machines
+        without GPUs.""",
+    ).tag(config=True)
+
+    idle_timeout = Float(
+        0.0,
+        help="""Seconds after which an idle kernel's GPU state is offloaded even when no other
+        kernel needs the room; 0 offloads only under memory pressure.""",
+    ).tag(config=True)
+
+    quotas = Dict(
+        help="""Quotas keyed "default", "user:NAME" or "group:NAME", each a mapping of resource to
+        limit: gpu_memory (size, e.g. "16GiB"), gpu_hours_per_day or gpu_seconds_per_day,
+        max_resident_kernels, host_memory (size) and priority (weight > 0). A user's limit is
+        their user entry, else the most generous of their groups', else default, else unlimited.
+        Ignored when quota_file is set.""",
+    ).tag(config=True)
+
+    quota_file = Unicode(
+        "",
+        help="""A YAML file with the same mapping as `quotas`. When set it replaces `quotas`
+        entirely; it is reloaded when it changes (checked every 2 s), an invalid file keeps the
+        previous quotas and the error is shown in GET /singularity/api/quotas, and PUT
+        /singularity/api/quotas rewrites it. It must exist and be valid when the server
+        starts.""",
+    ).tag(config=True)
+
+    host_memory_limit = Union(
+        [Unicode(), Int()],
+        default_value="0",
+        help="""Host memory for GPU state offloaded from kernels (e.g. "64GiB"); beyond it the
+        coldest kernels' state spills to spill_dir. "0" means half of the machine's RAM.""",
+    ).tag(config=True)
+
+    spill_dir = Unicode(
+        help="""Directory for offloaded GPU state that exceeds host_memory_limit. Default: a
+        singularity-spill folder in the Jupyter runtime directory.""",
+    ).tag(config=True)
+
+    db_url = Unicode(
+        help="""Database of the usage ledger (every lease and kernel state change), as an
+        SQLAlchemy URL. Default: sqlite:///<Jupyter data dir>/singularity.sqlite.""",
+    ).tag(config=True)
+
+    broker_url = Unicode(
+        "",
+        help="""Address of a standalone node broker shared by several servers (JupyterHub).
+        Empty: the broker runs inside this server. A standalone broker is not available yet.""",
+    ).tag(config=True)
+
+    migration = Bool(
+        True,
+        help="""Whether an offloaded kernel may be restored onto another GPU of the same chip
+        type (otherwise it waits for its own GPU).""",
+    ).tag(config=True)
+
+    @default("spill_dir")
+    def _default_spill_dir(self) -> str:
+        return os.path.join(jupyter_runtime_dir(), "singularity-spill")
+
+    @default("db_url")
+    def _default_db_url(self) -> str:
+        return "sqlite:///" + os.path.join(jupyter_data_dir(), "singularity.sqlite")
+
+    # Set by initialize_settings.
+    service: BrokerService
+    inventory: DeviceInventory
+    ledger: Ledger
+    quota_watcher: QuotaFile | None = None
+    host_memory_limit_bytes: int = 0
+    _started = False
+    _previous_provisioner: str | None = None
+
+    # ------------------------------------------------------------------------ configuration
+
+    def initialize_settings(self) -> None:
+        try:
+            self._configure()
+        except ConfigError as err:
+            if self.serverapp is not None and self.serverapp.reraise_server_extension_failures:
+                raise
+            self.log.critical("jupyter-singularity cannot start: %s", err)
+            # The extension manager would log a load failure and serve on without the pool.
+            raise SystemExit(1) from err
+
+    def _configure(self) -> None:
+        assert self.serverapp is not None
+        if self.broker_url:
+            raise ConfigError(
+                f"SingularityApp.broker_url = {self.broker_url!r}: a standalone broker is not "
+                "available yet; leave broker_url empty"
+            )
+        if not (math.isfinite(self.idle_timeout) and self.idle_timeout >= 0):
+            raise ConfigError(
+                f"SingularityApp.idle_timeout = {self.idle_timeout!r}: must be a number of "
+                "seconds >= 0 (0 = offload only under memory pressure)"
+            )
+        self.host_memory_limit_bytes = self._host_memory_limit()
+        quotas = self._initial_quotas()
+        self._make_spill_dir()
+
+        # Nothing is opened before every cheap check passed.
+        try:
+            self.inventory = open_inventory(self.devices)
+        except ValueError as err:
+            raise ConfigError(f"SingularityApp.devices = {self.devices!r}: {err}") from None
+        try:
+            self.ledger = Ledger(self.db_url)
+        except LedgerError as err:
+            self.inventory.close()
+            raise ConfigError(f"SingularityApp.db_url: {err}") from None
+
+        # Fails at start, not at the first kernel, if the provisioner cannot be imported.
+        from .provisioner import SingularityProvisioner  # noqa: F401
+
+        register_schemas(self.serverapp.event_logger)
+        self.service = BrokerService(
+            self.inventory,
+            self.ledger,
+            quotas,
+            Policy(idle_timeout=self.idle_timeout, migration=self.migration),
+            log=self.log,
+            emit=self._emit,
+        )
+        self.log.info(self._inventory_line())
+        self.settings[SETTINGS_KEY] = self
+
+    def _host_memory_limit(self) -> int:
+        try:
+            limit = parse_size(self.host_memory_limit)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(
+                f"SingularityApp.host_memory_limit = {self.host_memory_limit!r}: {err}"
+            ) from None
+        if limit:
+            return limit
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        except (ValueError, OSError, AttributeError):
+            raise ConfigError(
+                "SingularityApp.host_memory_limit = '0': the machine's RAM cannot be read here; "
+                "set a size such as '32GiB'"
+            ) from None
+
+    def _initial_quotas(self) -> Quotas:
+        if self.quota_file:
+            try:
+                self.quota_watcher = QuotaFile(
+                    self.quota_file, on_change=self._quotas_changed, log=self.log
+                )
+            except QuotaError as err:
+                raise ConfigError(
+                    f"SingularityApp.quota_file = {self.quota_file!r}: {err}"
+                ) from None
+            if self.quotas:
+                self.log.warning(
+                    "jupyter-singularity: SingularityApp.quotas is ignored because "
+                    "SingularityApp.quota_file is set (%s)",
+                    self.quota_watcher.path,
+                )
+            return self.quota_watcher.quotas
+        try:
+            return Quotas.parse(self.quotas)
+        except QuotaError as err:
+            raise ConfigError(f"SingularityApp.quotas: {err}") from None
+
+    def _make_spill_dir(self) -> None:
+        try:
+            os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(
+                f"SingularityApp.spill_dir = {self.spill_dir!r}: cannot create it ({err.strerror or err})"
+            ) from None
+        if not os.access(self.spill_dir, os.W_OK | os.X_OK):
+            raise ConfigError(f"SingularityApp.spill_dir = {self.spill_dir!r}: not writable")
+
+    def _inventory_line(self) -> str:
+        inventory = self.inventory
+        devices = inventory.devices()
+        if not devices:
+            return (
+                f"jupyter-singularity: no NVIDIA GPU found ({inventory.reason or 'no reason given'});"
+                " the pool is empty. Try simulated devices: "
+                "jupyter lab --SingularityApp.devices=simulated:2x16GiB"
+            )
+        if inventory.simulated:
+            sizes = [format_size(d.total_bytes) for d in devices]
+            if len(sizes) == 1:
+                detail = sizes[0]
+            elif len(set(sizes)) == 1:
+                detail = f"{sizes[0]} each"
+            else:
+                detail = ", ".join(sizes)
+            noun = "device" if len(devices) == 1 else "devices"
+            return (
+                f"jupyter-singularity: using {len(devices)} simulated {noun} ({detail}); "
+                "no real GPU is used"
+            )
+        listed = "; ".join(f"{d.index}: {d.name} ({format_size(d.total_bytes)})" for d in devices)
+        return f"jupyter-singularity: pooling {len(devices)} NVIDIA GPU{'s' if len(devices) != 1 else ''}: {listed}"
+
+    # ------------------------------------------------------------------------------- quotas
+
+    @property
+    def quota_source(self) -> str:
+        return "config" if self.quota_watcher is None else self.quota_watcher.source
+
+    @property
+    def quota_error(self) -> str | None:
+        return None if self.quota_watcher is None else self.quota_watcher.error
+
+    def replace_quotas(self, config: dict[str, Any]) -> None:
+        """PUT /quotas: validate, then write the quota file if there is one, else keep in memory.
+
+        Raises QuotaError (invalid, nothing changed) or OSError (the file cannot be written).
+        """
+        if self.quota_watcher is not None:
+            self.quota_watcher.write(config)
+        else:
+            self._quotas_changed(Quotas.parse(config))
+
+    def _quotas_changed(self, quotas: Quotas) -> None:
+        self.service.set_quotas(quotas)
+
+    # ------------------------------------------------------------------------------ events
+
+    def _emit(self, name: str, data: dict) -> None:
+        """The service's emit callback; a bad event is logged, never raised into the broker."""
+        assert self.serverapp is not None
+        try:
+            self.serverapp.event_logger.emit(schema_id=schema_id(name), data=data)
+        except Exception:
+            self.log.exception("jupyter-singularity: could not emit the %s event %r", name, data)
+
+    # ---------------------------------------------------------------------------- lifecycle
+
+    def initialize_handlers(self) -> None:
+        self.handlers.extend(default_handlers)
+
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        """Start the broker once the server's event loop runs; then kernels join the pool."""
+        from .provisioner import SingularityProvisioner
+
+        if not hasattr(self, "service"):
+            return  # loading failed and was logged; kernels start outside the pool
+        await self.service.start()
+        self._started = True
+        if self.quota_watcher is not None:
+            self.quota_watcher.start()
+        factory = KernelProvisionerFactory.instance(parent=serverapp)
+        if PROVISIONER_NAME not in factory.provisioners:
+            # Running from a source tree without the package's entry point installed.
+            factory.provisioners[PROVISIONER_NAME] = EntryPoint(
+                name=PROVISIONER_NAME,
+                value=PROVISIONER_REF,
+                group=KernelProvisionerFactory.GROUP_NAME,
+            )
+        previous = factory.default_provisioner_name
+        if previous not in ("local-provisioner", PROVISIONER_NAME):
+            self.log.warning(
+                "jupyter-singularity: the default kernel provisioner %r is replaced by %r; "
+                "kernels started with it would not share the GPUs",
+                previous,
+                PROVISIONER_NAME,
+            )
+        self._previous_provisioner = previous
+        factory.default_provisioner_name = PROVISIONER_NAME
+        SingularityProvisioner.broker = self.service
+
+    async def stop_extension(self) -> None:
+        """Empty the pool (recorded in the ledger), stop the broker, release devices and database."""
+        from .provisioner import SingularityProvisioner
+
+        if self._previous_provisioner is not None:
+            factory = KernelProvisionerFactory.instance()
+            if factory.default_provisioner_name == PROVISIONER_NAME:
+                factory.default_provisioner_name = self._previous_provisioner
+            self._previous_provisioner = None
+        if SingularityProvisioner.broker is getattr(self, "service", None):
+            SingularityProvisioner.broker = None
+        if self.quota_watcher is not None:
+            await self.quota_watcher.stop()
+        if self._started:
+            self._started = False
+            for kernel in self.service.pool()["kernels"]:
+                self.service.unregister_kernel(kernel["kernel_id"], "server stopped")
+            await self.service.stop()
+        if hasattr(self, "service"):
+            self.ledger.close()
+            self.inventory.close()

@@ -1,0 +1,231 @@
+"""REST handlers of the pool: thin translations between HTTP and the broker service.
+
+Every method is authenticated and authorized on the resource ``singularity`` (read for GET, write
+for POST and PUT). Actions an admin must do, namely changing quotas, acting on another user's kernel
+and reading another user's usage, additionally need ``write`` on ``singularity-admin``; the default
+authorizer of a single-user server allows it, a custom authorizer (JupyterHub's, for example)
+decides.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from jupyter_core.utils import ensure_async
+from jupyter_server.auth.decorator import authorized
+from jupyter_server.base.handlers import APIHandler
+from tornado import web
+
+from ..broker.core import BrokerError
+from ..broker.ledger import day_start
+from ..broker.quotas import QuotaError
+from . import metrics
+
+if TYPE_CHECKING:
+    from ..broker.service import BrokerService
+    from .app import SingularityApp
+
+AUTH_RESOURCE = "singularity"
+ADMIN_RESOURCE = "singularity-admin"
+SETTINGS_KEY = "singularity_app"
+
+
+class ApiError(web.HTTPError):
+    """An error answered as JSON ``{"message", "reason"}`` with the message exactly as given."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        # tornado %-formats log_message when it logs the error: escape, keep the raw text apart.
+        super().__init__(status_code, message.replace("%", "%%"))
+        self.message = message
+
+
+class SingularityHandler(APIHandler):
+    """Base of the pool's handlers: access to the extension, admin checks, JSON errors."""
+
+    auth_resource = AUTH_RESOURCE
+
+    @property
+    def extension(self) -> SingularityApp:
+        return self.settings[SETTINGS_KEY]
+
+    @property
+    def service(self) -> BrokerService:
+        return self.extension.service
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc_info = kwargs.get("exc_info")
+        error = exc_info[1] if exc_info else None
+        if not isinstance(error, ApiError):
+            super().write_error(status_code, **kwargs)
+            return
+        self.log.warning("wrote error: %r", error.message)
+        self.finish(json.dumps({"message": error.message, "reason": error.reason}))
+
+    def fail(self, status_code: int, message: str) -> NoReturn:
+        raise ApiError(status_code, message)
+
+    async def is_admin(self) -> bool:
+        return bool(
+            await ensure_async(
+                self.authorizer.is_authorized(self, self.current_user, "write", ADMIN_RESOURCE)
+            )
+        )
+
+    async def require_admin(self, what: str) -> None:
+        if not await self.is_admin():
+            self.fail(403, f"only an admin may {what} (permission 'write' on '{ADMIN_RESOURCE}')")
+
+    def write_json(self, data: Any) -> None:
+        self.finish(json.dumps(data, default=str))
+
+
+class PoolHandler(SingularityHandler):
+    @web.authenticated
+    @authorized
+    def get(self) -> None:
+        """Devices, kernels, queue and where the devices come from."""
+        self.write_json(self.service.pool())
+
+
+class KernelHandler(SingularityHandler):
+    def record(self, kernel_id: str) -> dict:
+        try:
+            return self.service.kernel(kernel_id)
+        except KeyError:
+            self.fail(404, f"no kernel {kernel_id} in the GPU pool")
+
+    @web.authenticated
+    @authorized
+    def get(self, kernel_id: str) -> None:
+        """One kernel's record with its recent state changes."""
+        self.write_json(self.record(kernel_id))
+
+
+class KernelActionHandler(KernelHandler):
+    """POST .../offload, .../restore, .../pin."""
+
+    @web.authenticated
+    @authorized
+    async def post(self, kernel_id: str, action: str) -> None:
+        record = self.record(kernel_id)
+        if record.get("user") != self.service.owner:
+            await self.require_admin(f"{action} another user's kernel")
+        try:
+            if action == "offload":
+                result = await self.service.offload(kernel_id)
+            elif action == "restore":
+                result = await self.service.restore(kernel_id)
+            else:
+                body = self.get_json_body()
+                if not isinstance(body, dict) or not isinstance(body.get("pinned"), bool):
+                    self.fail(400, 'the body must be {"pinned": true} or {"pinned": false}')
+                result = self.service.pin(kernel_id, body["pinned"])
+        except KeyError:
+            self.fail(404, f"no kernel {kernel_id} in the GPU pool")
+        except BrokerError as err:
+            self.fail(409, str(err))
+        self.write_json(result)
+
+
+class QuotaHandler(SingularityHandler):
+    @web.authenticated
+    @authorized
+    def get(self) -> None:
+        """The server owner's limits and usage."""
+        self.write_json(self.service.quota(self.service.owner, self.service.owner_groups))
+
+
+class QuotasHandler(SingularityHandler):
+    def model(self) -> dict:
+        return {
+            "quotas": self.service.quotas().to_dict(),
+            "source": self.extension.quota_source,
+            "error": self.extension.quota_error,
+        }
+
+    @web.authenticated
+    @authorized
+    def get(self) -> None:
+        """The quota configuration in force, where it comes from, and the quota file's error."""
+        self.write_json(self.model())
+
+    @web.authenticated
+    @authorized
+    async def put(self) -> None:
+        """Replace the quotas (admin): written to the quota file if one is configured."""
+        await self.require_admin("change quotas")
+        body = self.get_json_body()
+        if not isinstance(body, dict):
+            self.fail(
+                400,
+                "the body must be a JSON object of quotas keyed 'default', 'user:NAME' or 'group:NAME'",
+            )
+        try:
+            self.extension.replace_quotas(body)
+        except QuotaError as err:
+            self.fail(400, str(err))
+        except OSError as err:
+            self.fail(500, f"cannot write the quota file: {err}")
+        self.write_json(self.model())
+
+
+class UsageHandler(SingularityHandler):
+    def number(self, name: str, default: float) -> float:
+        raw = self.get_query_argument(name, None)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            self.fail(400, f"{name} must be epoch seconds (a number), not {raw!r}")
+        return value
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        """GPU usage from the ledger between ``since`` and ``until`` (default: today so far).
+
+        ``user`` selects one user; without it an admin sees every user and anyone else their own.
+        """
+        now = time.time()
+        since = self.number("since", day_start(now))
+        until = self.number("until", now)
+        if since > until:
+            self.fail(400, f"since ({since}) is after until ({until})")
+        user = self.get_query_argument("user", None) or None
+        if user is None:
+            if not await self.is_admin():
+                user = self.service.owner
+        elif user != self.service.owner:
+            await self.require_admin("read another user's usage")
+        self.write_json(self.service.usage(since, until, user))
+
+
+class MetricsHandler(SingularityHandler):
+    @web.authenticated
+    @authorized
+    def get(self) -> None:
+        """Prometheus text exposition of the pool."""
+        pool = self.service.pool()
+        now = pool.get("time") or time.time()
+        users = self.service.usage(day_start(now), now)["users"]
+        body = metrics.render(pool, {u["user"]: u["gpu_seconds"] for u in users})
+        self.finish(body, set_content_type=metrics.CONTENT_TYPE)
+
+
+_KERNEL = r"(?P<kernel_id>[^/]+)"
+
+default_handlers: list[tuple[str, type[SingularityHandler]]] = [
+    (r"/singularity/api/pool", PoolHandler),
+    (rf"/singularity/api/kernels/{_KERNEL}", KernelHandler),
+    (rf"/singularity/api/kernels/{_KERNEL}/(?P<action>offload|restore|pin)", KernelActionHandler),
+    (r"/singularity/api/quota", QuotaHandler),
+    (r"/singularity/api/quotas", QuotasHandler),
+    (r"/singularity/api/usage", UsageHandler),
+    (r"/singularity/metrics", MetricsHandler),
+]
