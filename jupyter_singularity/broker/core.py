@@ -174,6 +174,8 @@ class Kernel:
     lease: Lease | None = None
     request: Request | None = None
     refused: str = ""
+    used_gpu: bool = False
+    """Whether the kernel ever held a lease: off the device it is then offloaded, not cold."""
     """Why the kernel refused its last offload; it is not evicted again until its next cell ends."""
 
     def booking(self) -> int:
@@ -268,7 +270,7 @@ class BrokerCore:
         self._emit_state(kernel, None, KernelState.COLD, "registered", now)
         return self._drain()
 
-    def unregister(self, kernel_id: str, now: float) -> list[Action]:
+    def unregister(self, kernel_id: str, now: float, reason: str = "kernel gone") -> list[Action]:
         """The kernel died or was shut down: free its booking, lease and request, then reschedule."""
         kernel = self.kernels.pop(kernel_id, None)
         if kernel is None:
@@ -278,9 +280,7 @@ class BrokerCore:
         if kernel.request is not None:
             self._actions.append(Deny(kernel_id, kernel.request.request_id, "kernel is gone"))
         self._actions.append(
-            StateChanged(
-                kernel_id, kernel.user, kernel.state, None, kernel.device, "kernel gone", now
-            )
+            StateChanged(kernel_id, kernel.user, kernel.state, None, kernel.device, reason, now)
         )
         self._actions.append(Forget(kernel_id))
         self._schedule(now)
@@ -386,6 +386,10 @@ class BrokerCore:
         kernel.host_bytes, kernel.disk_bytes, kernel.gpu_bytes = host_bytes, disk_bytes, gpu_bytes
         if kernel.gpu_bytes == 0:
             kernel.device = None
+        elif not (host_bytes or disk_bytes):
+            # Nothing could be moved off: it stays resident, and asking again before its next cell
+            # would free nothing either (and would loop: evict, report, evict...).
+            kernel.refused = "offloading freed no more GPU memory"
         new = KernelState.QUEUED if kernel.request is not None else self._settled_state(kernel)
         self._set_state(kernel, new, "offload finished", now)
         self._schedule(now)
@@ -526,15 +530,13 @@ class BrokerCore:
 
     def _settled_state(self, kernel: Kernel) -> KernelState:
         """The state a kernel without lease or request is in, given where its data is."""
+        if kernel.disk_bytes and not kernel.host_bytes:
+            return KernelState.SPILLED
         if kernel.host_bytes or kernel.disk_bytes:
-            return (
-                KernelState.SPILLED
-                if kernel.disk_bytes and not kernel.host_bytes
-                else KernelState.OFFLOADED
-            )
+            return KernelState.OFFLOADED
         if kernel.device is not None:
             return KernelState.RESIDENT
-        return KernelState.COLD
+        return KernelState.OFFLOADED if kernel.used_gpu else KernelState.COLD
 
     def _booked_by_device(self) -> dict[int, int]:
         booked = dict.fromkeys(self.devices, 0)
@@ -617,13 +619,15 @@ class BrokerCore:
             if limits.gpu_memory is None
             else min(device.total_bytes, limits.gpu_memory)
         )
+        # Never less than the kernel's own state, which a restore brings back onto the device.
+        state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes
         if request.memory is not None:
-            return request.memory
+            return max(request.memory, state)
         if not kernel.peaks:
-            return max(cap, kernel.gpu_bytes)
+            return max(cap, state)
         peak = max(kernel.peaks)
         predicted = int(peak * (1 + self.policy.margin_fraction)) + self.policy.margin_bytes
-        return max(min(predicted, cap), kernel.gpu_bytes, peak)
+        return max(min(predicted, cap), state, peak)
 
     def _candidates(self, kernel: Kernel) -> list[int]:
         """Devices the kernel may run on: the one holding its GPU state; for state offloaded to the
@@ -698,6 +702,7 @@ class BrokerCore:
             by_device[device].append(kernel)
         kernel.request = None
         kernel.device = kernel.home = device
+        kernel.used_gpu = True
         kernel.lease = Lease(request.request_id, device, placement.reservation, now, request.hold)
         kernel.last_activity = now
         self._actions.append(
@@ -753,6 +758,10 @@ class BrokerCore:
                 deny=f"asked for {format_size(request.memory)} but the largest GPU it may use has "
                 f"{format_size(largest)}"
             )
+        if kernel.state == KernelState.OFFLOADING:
+            # Granting now would run the cell on state that is on its way off the GPU (and the
+            # offload report would then be ignored): wait until it is offloaded, then restore.
+            return _Placement(wait="waiting for this kernel's offload to finish")
 
         quota_victims, quota_wait, quota_deny = self._quota_room(
             kernel, request, limits, candidates, now
@@ -770,7 +779,16 @@ class BrokerCore:
             others = [k for k in by_device[d] if k is not kernel and k not in quota_victims]
             free = info.total_bytes - sum(k.booking() for k in others)
             fixed = sum(
-                k.booking() for k in others if k.pinned or k.refused or k.state == KernelState.ERROR
+                k.booking()
+                for k in others
+                if k.pinned
+                or k.refused
+                or k.state == KernelState.ERROR
+                # what an offload left behind (e.g. a CUDA context) stays until the kernel runs
+                or (
+                    k.lease is None
+                    and k.state not in (KernelState.RESIDENT, KernelState.OFFLOADING)
+                )
             )
             if info.total_bytes - fixed < reservation:
                 continue  # never fits here without someone unpinning
@@ -869,6 +887,21 @@ class BrokerCore:
             booked -= victim.booking()
             resident -= 1
         if fits():
+            leaving = [
+                k
+                for k in self.kernels.values()
+                if k.user == kernel.user and k.state == KernelState.OFFLOADING
+            ]
+            if not victims and leaving:
+                # Their memory is only free once the offload is reported: count it until then.
+                booked += sum(k.booking() for k in leaving)
+                resident += len(leaving)
+                if not fits():
+                    return (
+                        [],
+                        f"GPU quota of {kernel.user}: waiting for kernels to be offloaded",
+                        "",
+                    )
             return victims, "", ""
         if limits.gpu_memory is not None and booked + need > limits.gpu_memory:
             what = (

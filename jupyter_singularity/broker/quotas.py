@@ -44,7 +44,7 @@ RESOURCES = (*(f.name for f in fields(Limits)), "gpu_hours_per_day")
 
 
 def _positive_number(key: str, resource: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:  # NaN too
         raise QuotaError(f"quota {key!r}: {resource} must be a number >= 0, not {value!r}")
     return float(value)
 
@@ -62,7 +62,7 @@ def _parse_entry(key: str, entry: Any) -> dict[str, Any]:
         if resource in ("gpu_memory", "host_memory"):
             try:
                 parsed[resource] = parse_size(value)
-            except ValueError as err:
+            except (ValueError, TypeError) as err:  # TypeError: a float or bool, not a size
                 raise QuotaError(f"quota {key!r}: {resource}: {err}") from None
         elif resource == "gpu_hours_per_day":
             parsed["gpu_seconds_per_day"] = _positive_number(key, resource, value) * HOUR

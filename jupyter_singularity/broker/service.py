@@ -181,7 +181,7 @@ class BrokerService:
             return
         self.log.info("jupyter-singularity: kernel %s left the pool (%s)", kernel_id, reason)
         self._rpc.forget(kernel_id)
-        self._apply(self.core.unregister(kernel_id, self.clock()))
+        self._apply(self.core.unregister(kernel_id, self.clock(), reason=f"kernel {reason}"))
         for waiter in connection.waiters.values():
             if not waiter.done():
                 waiter.set_result({"granted": False, "reason": f"kernel {reason}"})

@@ -148,7 +148,7 @@ class SingularityApp(ExtensionApp):
         quotas = self._initial_quotas()
         self._make_spill_dir()
 
-        # Nothing is opened before every cheap check passed.
+        # Devices and database are opened only once the other settings passed.
         try:
             self.inventory = open_inventory(self.devices)
         except ValueError as err:
@@ -195,7 +195,7 @@ class SingularityApp(ExtensionApp):
         if self.quota_file:
             try:
                 self.quota_watcher = QuotaFile(
-                    self.quota_file, on_change=self._quotas_changed, log=self.log
+                    self.quota_file, on_change=self._apply_quotas, log=self.log
                 )
             except QuotaError as err:
                 raise ConfigError(
@@ -266,9 +266,9 @@ class SingularityApp(ExtensionApp):
         if self.quota_watcher is not None:
             self.quota_watcher.write(config)
         else:
-            self._quotas_changed(Quotas.parse(config))
+            self._apply_quotas(Quotas.parse(config))
 
-    def _quotas_changed(self, quotas: Quotas) -> None:
+    def _apply_quotas(self, quotas: Quotas) -> None:
         self.service.set_quotas(quotas)
 
     # ------------------------------------------------------------------------------ events
@@ -307,8 +307,8 @@ class SingularityApp(ExtensionApp):
         previous = factory.default_provisioner_name
         if previous not in ("local-provisioner", PROVISIONER_NAME):
             self.log.warning(
-                "jupyter-singularity: the default kernel provisioner %r is replaced by %r; "
-                "kernels started with it would not share the GPUs",
+                "jupyter-singularity: the default kernel provisioner %r is replaced by %r, "
+                "so that kernels join the GPU pool",
                 previous,
                 PROVISIONER_NAME,
             )

@@ -78,6 +78,12 @@ class SingularityHandler(APIHandler):
         if not await self.is_admin():
             self.fail(403, f"only an admin may {what} (permission 'write' on '{ADMIN_RESOURCE}')")
 
+    def kernel_record(self, kernel_id: str) -> dict:
+        try:
+            return self.service.kernel(kernel_id)
+        except KeyError:
+            self.fail(404, f"no kernel {kernel_id} in the GPU pool")
+
     def write_json(self, data: Any) -> None:
         self.finish(json.dumps(data, default=str))
 
@@ -91,26 +97,20 @@ class PoolHandler(SingularityHandler):
 
 
 class KernelHandler(SingularityHandler):
-    def record(self, kernel_id: str) -> dict:
-        try:
-            return self.service.kernel(kernel_id)
-        except KeyError:
-            self.fail(404, f"no kernel {kernel_id} in the GPU pool")
-
     @web.authenticated
     @authorized
     def get(self, kernel_id: str) -> None:
         """One kernel's record with its recent state changes."""
-        self.write_json(self.record(kernel_id))
+        self.write_json(self.kernel_record(kernel_id))
 
 
-class KernelActionHandler(KernelHandler):
+class KernelActionHandler(SingularityHandler):
     """POST .../offload, .../restore, .../pin."""
 
     @web.authenticated
     @authorized
     async def post(self, kernel_id: str, action: str) -> None:
-        record = self.record(kernel_id)
+        record = self.kernel_record(kernel_id)
         if record.get("user") != self.service.owner:
             await self.require_admin(f"{action} another user's kernel")
         try:

@@ -1,0 +1,185 @@
+"""Kernels in the pool, end to end: real kernels started through jupyter_server's REST API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+
+import zmq
+import zmq.asyncio
+
+from jupyter_singularity.protocol import Sequencer, Signer, encode
+
+GiB = 1 << 30
+STATES = {
+    "cold",
+    "queued",
+    "restoring",
+    "running",
+    "resident",
+    "offloading",
+    "offloaded",
+    "spilled",
+    "error",
+}
+
+# A GPU cell's lease, as the runtime of a kernel takes it: acquire, then release with the footprint.
+TAKE_LEASE = """
+from jupyter_singularity.kernel.runtime import Runtime
+client = Runtime.current.client
+grant = client.request("acquire", {{"request_id": "{rid}", "memory": {memory}}})
+client.request("release", {{"request_id": "{rid}", "peak_bytes": {memory}, "gpu_bytes": {memory}}})
+print(grant["granted"], grant["device"]["index"])
+"""
+
+
+def booked(pool: dict) -> dict[int, int]:
+    return {d["index"]: d["booked_bytes"] for d in pool["devices"]}
+
+
+async def hold_memory(execute, kernel_id: str, memory: int, rid: str = "r1") -> int:
+    status, out = await execute(kernel_id, TAKE_LEASE.format(rid=rid, memory=memory))
+    assert status == "ok", out
+    granted, device = out.split()
+    assert granted == "True"
+    return int(device)
+
+
+async def test_three_kernels_appear_with_valid_states(start_kernel, wait_in_pool, execute):
+    ids = [await start_kernel() for _ in range(3)]
+    pool = await wait_in_pool(ids)
+    kernels = {k["kernel_id"]: k for k in pool["kernels"]}
+    assert set(kernels) == set(ids)
+    for kernel in kernels.values():
+        assert kernel["state"] in STATES
+        assert kernel["state"] == "cold"  # no GPU cell has run yet
+        assert kernel["home"] in (0, 1)
+        assert kernel["user"]
+    # Homes spread over both devices rather than piling onto one.
+    assert {k["home"] for k in kernels.values()} == {0, 1}
+    # The runtime is loaded in each kernel and sees its own record.
+    status, out = await execute(ids[0], "%singularity status")
+    assert status == "ok", out
+    assert f"kernel {ids[0]}: cold" in out
+
+
+async def test_shut_down_kernel_leaves_pool_and_frees_booking(
+    start_kernel, wait_in_pool, execute, jp_fetch, get_pool
+):
+    kernel_id = await start_kernel()
+    await wait_in_pool(kernel_id)
+    device = await hold_memory(execute, kernel_id, 3 * GiB)
+    pool = await get_pool()
+    record = next(k for k in pool["kernels"] if k["kernel_id"] == kernel_id)
+    assert record["state"] == "resident" and record["gpu_bytes"] == 3 * GiB
+    assert booked(pool)[device] == 3 * GiB
+
+    await jp_fetch("api", "kernels", kernel_id, method="DELETE")
+    pool = await wait_in_pool(kernel_id, present=False)
+    assert booked(pool) == {0: 0, 1: 0}
+
+
+async def test_killed_kernel_leaves_pool_and_frees_booking(
+    start_kernel, wait_in_pool, execute, get_pool, wait_for, singularity_app
+):
+    kernel_id = await start_kernel()
+    await wait_in_pool(kernel_id)
+    device = await hold_memory(execute, kernel_id, 5 * GiB)
+    _, out = await execute(kernel_id, "import os; print(os.getpid())")
+    pid = int(out)
+    assert booked(await get_pool())[device] == 5 * GiB
+
+    os.kill(pid, signal.SIGKILL)
+
+    async def freed():
+        pool = await get_pool()
+        return pool if booked(pool) == {0: 0, 1: 0} else None
+
+    pool = await wait_for(freed, timeout=30)
+    # jupyter_server restarts a dead kernel under the same id: it may come back, but fresh.
+    for kernel in pool["kernels"]:
+        if kernel["kernel_id"] == kernel_id:
+            assert kernel["state"] == "cold" and kernel["gpu_bytes"] == 0
+    events = singularity_app.service.ledger.events(kernel_id=kernel_id, limit=50)
+    assert any(e["new_state"] == "gone" and "died" in e["reason"] for e in events), events
+
+
+async def test_forged_rpc_message_is_rejected(
+    start_kernel, wait_in_pool, execute, singularity_app, get_pool
+):
+    kernel_id = await start_kernel()
+    await wait_in_pool(kernel_id)
+    service = singularity_app.service
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    service.log.addHandler(handler)
+    ctx = zmq.asyncio.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(service.endpoint)
+    try:
+        # A message claiming to be the kernel, asking for the whole device, signed with a wrong key.
+        forged = Sequencer(kernel_id, "kernel").make(
+            "acquire", {"request_id": "forged", "memory": 16 * GiB}
+        )
+        await sock.send_multipart(encode(forged, Signer(b"0" * 64)))
+        deadline = time.monotonic() + 10
+        while not any("dropped message" in r.getMessage() for r in records):
+            assert time.monotonic() < deadline, "the broker did not report the forged message"
+            await __import__("asyncio").sleep(0.05)
+    finally:
+        sock.close(linger=0)
+        service.log.removeHandler(handler)
+    message = next(r.getMessage() for r in records if "dropped message" in r.getMessage())
+    assert "signature" in message
+    pool = await get_pool()
+    assert booked(pool) == {0: 0, 1: 0}
+    assert next(k for k in pool["kernels"] if k["kernel_id"] == kernel_id)["state"] == "cold"
+    # The real kernel is unaffected and still served.
+    assert await hold_memory(execute, kernel_id, 1 * GiB) in (0, 1)
+
+
+async def test_kernel_record_lists_events_with_durations(
+    start_kernel, wait_in_pool, execute, get_json
+):
+    kernel_id = await start_kernel()
+    await wait_in_pool(kernel_id)
+    await hold_memory(execute, kernel_id, 2 * GiB)
+    record = await get_json("singularity", "api", "kernels", kernel_id)
+    assert record["state"] == "resident"
+    assert record["device"] in (0, 1) and record["gpu_bytes"] == 2 * GiB
+    assert [e["new_state"] for e in record["events"]][:2] == ["resident", "running"]
+    usage = await get_json("singularity", "api", "usage")
+    assert usage["leases"][0]["kernel_id"] == kernel_id
+    assert usage["leases"][0]["gpu_seconds"] is not None
+
+
+async def test_offload_and_pin_through_rest(
+    start_kernel, wait_in_pool, execute, jp_fetch, get_json, wait_for
+):
+    kernel_id = await start_kernel()
+    await wait_in_pool(kernel_id)
+    await hold_memory(execute, kernel_id, 2 * GiB)
+    response = await jp_fetch(
+        "singularity",
+        "api",
+        "kernels",
+        kernel_id,
+        "pin",
+        method="POST",
+        body=json.dumps({"pinned": True}),
+    )
+    assert json.loads(response.body)["pinned"] is True
+    await jp_fetch("singularity", "api", "kernels", kernel_id, "offload", method="POST", body="{}")
+
+    async def offloaded():
+        record = await get_json("singularity", "api", "kernels", kernel_id)
+        return record if record["state"] not in ("resident", "offloading") else None
+
+    record = await wait_for(offloaded, timeout=30)
+    # This runtime has no GPU state to move yet: it reports honestly that nothing stayed.
+    assert record["state"] == "offloaded"
+    assert record["gpu_bytes"] == 0 and record["device"] is None

@@ -1,0 +1,512 @@
+"""The server extension through a real jupyter_server: REST, auth, quotas, metrics, events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+from jupyter_client.provisioning import KernelProvisionerFactory
+from jupyter_server.auth import Authorizer
+from prometheus_client.parser import text_string_to_metric_families
+from tornado.httpclient import HTTPClientError
+
+from jupyter_singularity.devices.nvml import NvmlInventory
+from jupyter_singularity.server.app import PROVISIONER_NAME, ConfigError
+from jupyter_singularity.server.events import KERNEL_STATE_SCHEMA
+from jupyter_singularity.server.handlers import default_handlers
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GiB = 1 << 30
+
+ENDPOINTS = [
+    ("GET", ("singularity", "api", "pool")),
+    ("GET", ("singularity", "api", "kernels", "some-kernel")),
+    ("POST", ("singularity", "api", "kernels", "some-kernel", "offload")),
+    ("POST", ("singularity", "api", "kernels", "some-kernel", "restore")),
+    ("POST", ("singularity", "api", "kernels", "some-kernel", "pin")),
+    ("GET", ("singularity", "api", "quota")),
+    ("GET", ("singularity", "api", "quotas")),
+    ("PUT", ("singularity", "api", "quotas")),
+    ("GET", ("singularity", "api", "usage")),
+    ("GET", ("singularity", "metrics")),
+]
+
+
+class NoAdminAuthorizer(Authorizer):
+    """Everything but the pool's admin permission."""
+
+    def is_authorized(self, handler, user, action, resource) -> bool:
+        return resource != "singularity-admin"
+
+
+async def fetch_error(jp_fetch, *parts, **kwargs) -> tuple[int, dict]:
+    """Fetch something that must fail; returns the status and the JSON error body."""
+    with pytest.raises(HTTPClientError) as info:
+        await jp_fetch(*parts, **kwargs)
+    body = info.value.response.body if info.value.response is not None else b""
+    return info.value.code, json.loads(body) if body else {}
+
+
+def fake_kernel(app, kernel_id: str = "fake-kernel") -> str:
+    """A kernel registered in the pool without a process (what the provisioner does first)."""
+    app.service.register_kernel(kernel_id)
+    return kernel_id
+
+
+# ------------------------------------------------------------------------------------- pool
+
+
+async def test_pool_shows_two_simulated_devices(get_pool):
+    pool = await get_pool()
+    assert [d["index"] for d in pool["devices"]] == [0, 1]
+    assert all(d["total_bytes"] == 16 * GiB for d in pool["devices"])
+    assert all(d["booked_bytes"] == 0 for d in pool["devices"])
+    assert pool["inventory"] == {"kind": "simulated", "simulated": True, "reason": ""}
+    assert pool["kernels"] == []
+    assert pool["queue"] == []
+
+
+async def test_inventory_line(singularity_app):
+    assert singularity_app._inventory_line() == (
+        "jupyter-singularity: using 2 simulated devices (16.0 GiB each); no real GPU is used"
+    )
+    real = singularity_app.inventory
+    singularity_app.inventory = NvmlInventory([], {}, reason="no NVIDIA driver found")
+    try:
+        line = singularity_app._inventory_line()
+    finally:
+        singularity_app.inventory = real
+    assert line == (
+        "jupyter-singularity: no NVIDIA GPU found (no NVIDIA driver found); the pool is empty. "
+        "Try simulated devices: jupyter lab --SingularityApp.devices=simulated:2x16GiB"
+    )
+
+
+async def test_settings_are_parsed(singularity_app, tmp_path):
+    assert (
+        singularity_app.host_memory_limit_bytes
+        == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    )
+    assert Path(singularity_app.spill_dir).is_dir()
+    assert singularity_app.service.core.policy.migration is True
+
+
+async def test_kernel_provisioner_is_the_default_while_running(singularity_app, get_json):
+    factory = KernelProvisionerFactory.instance()
+    assert factory.default_provisioner_name == PROVISIONER_NAME
+    assert PROVISIONER_NAME in factory.provisioners
+    # Kernel specs stay listed: the provisioner they now default to is available.
+    assert "python3" in (await get_json("api", "kernelspecs"))["kernelspecs"]
+    await singularity_app.stop_extension()
+    assert factory.default_provisioner_name == "local-provisioner"
+
+
+async def test_unknown_kernel_is_404(jp_fetch):
+    code, body = await fetch_error(jp_fetch, "singularity", "api", "kernels", "no-such-kernel")
+    assert code == 404
+    assert "no-such-kernel" in body["message"]
+    code, body = await fetch_error(
+        jp_fetch,
+        "singularity",
+        "api",
+        "kernels",
+        "no-such-kernel",
+        "offload",
+        method="POST",
+        body="",
+    )
+    assert code == 404
+
+
+# ------------------------------------------------------------------------------------- auth
+
+
+@pytest.mark.parametrize(("method", "parts"), ENDPOINTS)
+async def test_requests_without_token_are_refused(jp_fetch, method, parts):
+    body = None if method == "GET" else "{}"
+    code, _ = await fetch_error(
+        jp_fetch, *parts, method=method, body=body, headers={"Authorization": ""}
+    )
+    assert code in (401, 403)
+
+
+async def test_every_handler_method_requires_authentication(jp_serverapp):
+    for pattern, handler in default_handlers:
+        assert jp_serverapp.web_app._check_handler_auth(pattern, handler) == []
+
+
+def test_server_starts_without_auth_warnings_for_our_handlers(
+    jp_configurable_serverapp, jp_server_config
+):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        jp_configurable_serverapp(config=jp_server_config)
+    ours = [str(w.message) for w in record if "singularity" in str(w.message).lower()]
+    assert ours == []
+
+
+# --------------------------------------------------------------------------- kernel actions
+
+
+async def test_kernel_record_and_actions(jp_fetch, get_json, singularity_app):
+    kernel_id = fake_kernel(singularity_app)
+    record = await get_json("singularity", "api", "kernels", kernel_id)
+    assert record["state"] == "cold"
+    assert record["user"] == singularity_app.service.owner
+    assert record["events"][0]["new_state"] == "cold"
+
+    pinned = await get_json(
+        "singularity", "api", "kernels", kernel_id, "pin", method="POST", body='{"pinned": true}'
+    )
+    assert pinned["pinned"] is True
+
+    for bad in ('{"pinned": "yes"}', "[]", "{}"):
+        code, body = await fetch_error(
+            jp_fetch, "singularity", "api", "kernels", kernel_id, "pin", method="POST", body=bad
+        )
+        assert code == 400, bad
+        assert "pinned" in body["message"]
+
+    code, _ = await fetch_error(jp_fetch, "singularity", "api", "kernels", kernel_id, "offload")
+    assert code == 405
+
+    code, body = await fetch_error(
+        jp_fetch, "singularity", "api", "kernels", kernel_id, "offload", method="POST", body=""
+    )
+    assert code == 409
+    assert "cold" in body["message"]
+    code, body = await fetch_error(
+        jp_fetch, "singularity", "api", "kernels", kernel_id, "restore", method="POST", body=""
+    )
+    assert code == 409
+    assert "nothing to restore" in body["message"]
+
+
+async def test_my_quota(get_json, singularity_app):
+    quota = await get_json("singularity", "api", "quota")
+    assert quota["user"] == singularity_app.service.owner
+    assert quota["limits"]["gpu_memory"] is None
+    assert quota["usage"]["gpu_seconds_today"] == 0
+
+
+async def test_usage(jp_fetch, get_json):
+    usage = await get_json("singularity", "api", "usage")
+    assert usage["since"] <= usage["until"]
+    assert usage["until"] - usage["since"] <= 86400
+    assert usage["users"] == [] and usage["leases"] == []
+    usage = await get_json("singularity", "api", "usage", params={"since": "0", "until": "10"})
+    assert (usage["since"], usage["until"]) == (0, 10)
+    code, body = await fetch_error(jp_fetch, "singularity", "api", "usage", params={"since": "x"})
+    assert code == 400 and "since" in body["message"]
+    code, body = await fetch_error(
+        jp_fetch, "singularity", "api", "usage", params={"since": "10", "until": "5"}
+    )
+    assert code == 400
+
+
+# ------------------------------------------------------------------------------------ quotas
+
+
+async def test_admin_puts_quotas(jp_fetch, get_json):
+    quotas = {
+        "default": {"gpu_memory": "8GiB", "gpu_hours_per_day": 2},
+        "user:ann": {"priority": 2},
+    }
+    model = await get_json("singularity", "api", "quotas", method="PUT", body=json.dumps(quotas))
+    assert model["source"] == "config" and model["error"] is None
+    expected = {
+        "default": {"gpu_memory": 8 * GiB, "gpu_seconds_per_day": 7200.0},
+        "user:ann": {"priority": 2.0},
+    }
+    assert model["quotas"] == expected
+    assert (await get_json("singularity", "api", "quotas"))["quotas"] == expected
+    mine = await get_json("singularity", "api", "quota")
+    assert mine["limits"]["gpu_memory"] == 8 * GiB
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"default": {"gpu_mem": "8GiB"}}, "unknown resource 'gpu_mem'"),
+        ({"default": {"gpu_memory": "lots"}}, "invalid size 'lots'"),
+        ({"users:bob": {}}, "quota key 'users:bob'"),
+        (["default"], "JSON object"),
+    ],
+)
+async def test_invalid_quotas_are_400(jp_fetch, get_json, body, message):
+    code, error = await fetch_error(
+        jp_fetch, "singularity", "api", "quotas", method="PUT", body=json.dumps(body)
+    )
+    assert code == 400
+    assert message in error["message"]
+    assert (await get_json("singularity", "api", "quotas"))["quotas"] == {}
+
+
+class TestWithoutAdminPermission:
+    @pytest.fixture
+    def jp_server_config(self, jp_server_config):
+        jp_server_config.ServerApp.authorizer_class = NoAdminAuthorizer
+        return jp_server_config
+
+    async def test_cannot_put_quotas(self, jp_fetch, get_json):
+        code, body = await fetch_error(
+            jp_fetch, "singularity", "api", "quotas", method="PUT", body='{"default": {}}'
+        )
+        assert code == 403
+        assert "admin" in body["message"]
+        assert (await get_json("singularity", "api", "quotas"))["quotas"] == {}
+
+    async def test_acts_on_own_kernels_only(self, jp_fetch, get_json, singularity_app):
+        kernel_id = fake_kernel(singularity_app)
+        await get_json(
+            "singularity",
+            "api",
+            "kernels",
+            kernel_id,
+            "pin",
+            method="POST",
+            body='{"pinned": true}',
+        )
+        singularity_app.service.owner = "someone-else"
+        code, body = await fetch_error(
+            jp_fetch,
+            "singularity",
+            "api",
+            "kernels",
+            kernel_id,
+            "pin",
+            method="POST",
+            body='{"pinned": false}',
+        )
+        assert code == 403
+        assert "another user's kernel" in body["message"]
+        assert (await get_json("singularity", "api", "kernels", kernel_id))["pinned"] is True
+
+    async def test_reads_own_usage_only(self, jp_fetch, get_json, singularity_app):
+        owner = singularity_app.service.owner
+        await get_json("singularity", "api", "usage", params={"user": owner})
+        await get_json("singularity", "api", "usage")
+        code, _ = await fetch_error(
+            jp_fetch, "singularity", "api", "usage", params={"user": f"not-{owner}"}
+        )
+        assert code == 403
+
+
+# -------------------------------------------------------------------------------- quota file
+
+
+def write_quota_file(path: Path, text: str) -> None:
+    """Write and move the mtime on, so that coarse file-system clocks still show a change."""
+    old = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_text(text)
+    stamp = max(path.stat().st_mtime_ns, old + 1_000_000_000)
+    os.utime(path, ns=(stamp, stamp))
+
+
+class TestQuotaFile:
+    @pytest.fixture
+    def quota_path(self, tmp_path: Path) -> Path:
+        path = tmp_path / "quotas.yaml"
+        path.write_text("default:\n  gpu_memory: 4GiB\n")
+        return path
+
+    @pytest.fixture
+    def singularity_config(self, singularity_config, quota_path):
+        return {**singularity_config, "quota_file": str(quota_path), "quotas": {"default": {}}}
+
+    async def test_reloads_and_reports_errors(
+        self, get_json, singularity_app, quota_path, wait_for
+    ):
+        watcher = singularity_app.quota_watcher
+        await watcher.stop()
+        watcher.interval = 0.05
+        watcher.start()
+
+        async def quotas() -> dict:
+            return await get_json("singularity", "api", "quotas")
+
+        model = await quotas()
+        assert model == {
+            "quotas": {"default": {"gpu_memory": 4 * GiB}},
+            "source": f"file:{quota_path}",
+            "error": None,
+        }
+
+        write_quota_file(quota_path, "default:\n  gpu_memory: 6GiB\n")
+        await wait_for(
+            lambda: _matches(quotas, lambda m: m["quotas"]["default"]["gpu_memory"] == 6 * GiB),
+            timeout=10,
+        )
+
+        write_quota_file(quota_path, "default:\n  gpu_memory: [unclosed\n")
+        model = await wait_for(lambda: _matches(quotas, lambda m: m["error"]), timeout=10)
+        assert "is not valid YAML" in model["error"] and str(quota_path) in model["error"]
+        assert model["quotas"] == {"default": {"gpu_memory": 6 * GiB}}
+
+        write_quota_file(quota_path, "default:\n  gpu_mem: 1GiB\n")
+        model = await wait_for(
+            lambda: _matches(quotas, lambda m: m["error"] and "gpu_mem'" in m["error"]), timeout=10
+        )
+        assert model["quotas"] == {"default": {"gpu_memory": 6 * GiB}}
+
+        write_quota_file(quota_path, "user:ann:\n  max_resident_kernels: 1\n")
+        model = await wait_for(lambda: _matches(quotas, lambda m: m["error"] is None), timeout=10)
+        assert model["quotas"] == {"user:ann": {"max_resident_kernels": 1}}
+
+    async def test_put_writes_the_file(self, get_json, quota_path):
+        body = {"default": {"gpu_memory": "2GiB"}}
+        model = await get_json("singularity", "api", "quotas", method="PUT", body=json.dumps(body))
+        assert model["quotas"] == {"default": {"gpu_memory": 2 * GiB}}
+        assert yaml.safe_load(quota_path.read_text()) == body
+        mine = await get_json("singularity", "api", "quota")
+        assert mine["limits"]["gpu_memory"] == 2 * GiB
+
+
+async def _matches(fetch, predicate):
+    model = await fetch()
+    return model if predicate(model) else None
+
+
+# ------------------------------------------------------------------------------- bad config
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (
+            {"host_memory_limit": "lots"},
+            "SingularityApp.host_memory_limit = 'lots': invalid size 'lots'",
+        ),
+        ({"devices": "gpus:2"}, "SingularityApp.devices = 'gpus:2': unknown device spec"),
+        (
+            {"quotas": {"default": {"gpu_mem": "1GiB"}}},
+            "SingularityApp.quotas: quota 'default': unknown resource 'gpu_mem'",
+        ),
+        ({"quota_file": "/no/such/quotas.yaml"}, "does not exist"),
+        ({"idle_timeout": -5.0}, "SingularityApp.idle_timeout = -5.0"),
+        (
+            {"broker_url": "tcp://node:5555"},
+            "a standalone broker is not available yet; leave broker_url empty",
+        ),
+    ],
+)
+async def test_bad_config_fails_at_start(
+    jp_configurable_serverapp, jp_server_config, setting, message
+):
+    jp_server_config.SingularityApp.update(setting)
+    with pytest.raises(ConfigError) as info:
+        jp_configurable_serverapp(config=jp_server_config)
+    assert message in str(info.value)
+
+
+def test_jupyter_server_exits_with_a_readable_message(tmp_path):
+    """The real command line: the server stops at start and says which setting is wrong."""
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "JUPYTER_NO_CONFIG": "1",
+        "JUPYTER_DATA_DIR": str(tmp_path / "data"),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jupyter_server",
+            "--no-browser",
+            "--allow-root",
+            "--port=0",
+            "--ServerApp.jpserver_extensions={'jupyter_singularity': True}",
+            "--SingularityApp.devices=simulated:2x16GiB",
+            "--SingularityApp.host_memory_limit=lots",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert (
+        "jupyter-singularity cannot start: SingularityApp.host_memory_limit = 'lots': "
+        "invalid size 'lots'" in result.stderr
+    )
+    assert "is running at" not in result.stderr
+
+
+# ----------------------------------------------------------------------------------- metrics
+
+
+async def test_metrics_parse_as_prometheus_text(jp_fetch, singularity_app):
+    fake_kernel(singularity_app)
+    response = await jp_fetch("singularity", "metrics")
+    assert response.headers["Content-Type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(response.body.decode())}
+
+    def value(name: str, **labels: str) -> float:
+        for sample in families[name].samples:
+            if all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+        raise AssertionError(f"no sample {name} {labels}")
+
+    assert value("singularity_devices") == 2
+    assert value("singularity_device_memory_total_bytes", device="1") == 16 * GiB
+    assert value("singularity_device_memory_booked_bytes", device="0") == 0
+    assert value("singularity_kernels", state="cold") == 1
+    assert value("singularity_kernels", state="running") == 0
+    assert value("singularity_queue_length") == 0
+    assert value("singularity_offloaded_bytes", tier="host") == 0
+    assert value("singularity_offloaded_bytes", tier="disk") == 0
+    assert value("singularity_inventory_info", kind="simulated") == 1
+    assert "singularity_gpu_seconds_today" in families
+
+
+# ------------------------------------------------------------------------------------ events
+
+
+async def test_kernel_state_events_when_a_kernel_comes_and_goes(
+    jp_fetch, jp_ws_fetch, start_kernel, wait_in_pool, wait_for
+):
+    ws = await jp_ws_fetch("api", "events", "subscribe")
+    try:
+
+        async def next_state(kernel_id: str) -> dict:
+            while True:
+                message = json.loads(await ws.read_message())
+                if (
+                    message["schema_id"] == KERNEL_STATE_SCHEMA
+                    and message["kernel_id"] == kernel_id
+                ):
+                    return message
+
+        kernel_id = await start_kernel()
+        event = await asyncio.wait_for(next_state(kernel_id), timeout=60)
+        assert (event["old"], event["new"]) == (None, "cold")
+        assert event["reason"] and event["user"]
+        pool = await wait_in_pool(kernel_id)
+        assert [k["kernel_id"] for k in pool["kernels"]] == [kernel_id]
+
+        # Connecting as JupyterLab does returns once the kernel answers: it is fully up.
+        channels = await jp_ws_fetch("api", "kernels", kernel_id, "channels")
+        channels.close()
+
+        async def disconnected() -> bool:
+            model = json.loads((await jp_fetch("api", "kernels", kernel_id)).body)
+            return model["connections"] == 0
+
+        await wait_for(disconnected, timeout=30)
+        await jp_fetch("api", "kernels", kernel_id, method="DELETE")
+        while event["new"] is not None:
+            event = await asyncio.wait_for(next_state(kernel_id), timeout=60)
+        assert event["reason"] == "kernel gone"
+        await wait_in_pool(kernel_id, present=False)
+    finally:
+        ws.close()
