@@ -506,7 +506,7 @@ async def test_kernel_state_events_when_a_kernel_comes_and_goes(
         await jp_fetch("api", "kernels", kernel_id, method="DELETE")
         while event["new"] is not None:
             event = await asyncio.wait_for(next_state(kernel_id), timeout=60)
-        assert event["reason"] == "kernel gone"
+        assert event["reason"] == "kernel shut down"
         await wait_in_pool(kernel_id, present=False)
     finally:
         ws.close()

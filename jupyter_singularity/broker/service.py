@@ -14,9 +14,11 @@ import getpass
 import grp
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..devices import DeviceInfo, DeviceInventory
@@ -48,8 +50,11 @@ KERNEL_STATE_SCHEMA, LEASE_SCHEMA, QUEUE_SCHEMA = "kernel_state", "lease", "queu
 #: path of the cell that caused them.
 LEDGER_FLUSH_DELAY = 0.05
 
-#: Environment variable telling the kernel runtime which simulated device size it was given.
+#: Environment of a pooled kernel, beside the channel variables of :mod:`..protocol`: whether its
+#: devices are simulated, where it may spill host copies, and its pinned-memory budget.
 ENV_SIMULATED = "SINGULARITY_SIMULATED"
+ENV_SPILL_DIR = "SINGULARITY_SPILL_DIR"
+ENV_PINNED_LIMIT = "SINGULARITY_PINNED_LIMIT"
 
 
 def server_owner() -> tuple[str, tuple[str, ...]]:
@@ -96,6 +101,8 @@ class BrokerService:
         ping_interval: float = 5.0,
         ping_misses: int = 3,
         offload_timeout: float = 300.0,
+        spill_dir: Path | None = None,
+        pinned_limit: int = 8 << 30,
     ) -> None:
         self.inventory = inventory
         self.ledger = ledger
@@ -106,6 +113,8 @@ class BrokerService:
         self.ping_interval = ping_interval
         self.ping_misses = ping_misses
         self.offload_timeout = offload_timeout
+        self.spill_dir = spill_dir
+        self.pinned_limit = pinned_limit
         self.owner, self.owner_groups = server_owner()
         now = clock()
         ledger.close_dangling_leases(at=now)
@@ -166,7 +175,14 @@ class BrokerService:
             env["CUDA_VISIBLE_DEVICES"] = home.uuid
         if self.inventory.simulated:
             env[ENV_SIMULATED] = "1"
+        env[ENV_PINNED_LIMIT] = str(self.pinned_limit)
+        spill = self._spill_dir_of(kernel_id)
+        if spill is not None:
+            env[ENV_SPILL_DIR] = str(spill)
         return KernelLaunch(kernel_id, home, env)
+
+    def _spill_dir_of(self, kernel_id: str) -> Path | None:
+        return None if self.spill_dir is None else self.spill_dir / kernel_id
 
     def kernel_started(self, kernel_id: str, pid: int | None) -> None:
         """The provisioner launched the process: watch its pid so a kill -9 is noticed."""
@@ -436,6 +452,19 @@ class BrokerService:
                 )
             elif isinstance(action, Forget):
                 self._rpc.forget(action.kernel_id)
+                self._remove_spill_files(action.kernel_id)
+
+    def _remove_spill_files(self, kernel_id: str) -> None:
+        """A kernel that ended (even by kill -9) leaves no spill files behind."""
+        spill = self._spill_dir_of(kernel_id)
+        if spill is None or not spill.exists():
+            return
+        try:
+            shutil.rmtree(spill)
+        except OSError as err:
+            self.log.error(
+                "jupyter-singularity: cannot remove spill files of %s: %s", kernel_id, err
+            )
 
     def _record_state(self, action: StateChanged) -> None:
         old = None if action.old is None else action.old.value

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from importlib.metadata import EntryPoint
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.provisioning import KernelProvisionerFactory
@@ -170,6 +171,7 @@ class SingularityApp(ExtensionApp):
             Policy(idle_timeout=self.idle_timeout, migration=self.migration),
             log=self.log,
             emit=self._emit,
+            spill_dir=Path(self.spill_dir),
         )
         self.log.info(self._inventory_line())
         self.settings[SETTINGS_KEY] = self

@@ -1,0 +1,761 @@
+"""Driver-tier checkpoint: detection, ABI layouts, and the call sequence, without and with a GPU.
+
+Without a GPU the real driver cannot run, so most tests load a small fake libcuda compiled here
+from C. It declares the checkpoint structs the way the CUDA headers do, so the C compiler (not
+our ctypes code) decides where each field lies, and it enforces the documented contract: the
+lock/checkpoint/restore/unlock state machine and "reserved fields must be zero". The tests at the
+end need a real driver and GPU (driver >= 570, torch with CUDA) and are skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from jupyter_singularity.broker.checkpoint import (
+    CheckpointArgs,
+    CheckpointError,
+    DriverCapability,
+    DriverCheckpointer,
+    GpuPair,
+    LockArgs,
+    RestoreArgsCuda128,
+    RestoreArgsCuda130,
+    RestoreArgsCuda133,
+    RestoreArgsCuda134,
+    UnlockArgs,
+    detect,
+    gpu_uuid_to_cuuuid,
+    restore_args_layout,
+)
+
+GPU_A = "GPU-6f1c2a3b-4d5e-6f70-8192-a3b4c5d6e7f8"
+GPU_B = "GPU-00112233-4455-6677-8899-aabbccddeeff"
+
+# The fake driver. Struct declarations follow the CUDA headers named in checkpoint.py; the
+# fake reads restore arguments with the layout of the header generation it pretends to be.
+FAKE_LIBCUDA = r"""
+#include <stddef.h>
+#include <string.h>
+
+typedef int CUresult;
+typedef unsigned long long cuuint64_t;
+typedef struct { char bytes[16]; } CUuuid;
+typedef struct { CUuuid oldUuid; CUuuid newUuid; } CUcheckpointGpuPair;
+typedef struct { unsigned int timeoutMs; unsigned int reserved0; cuuint64_t reserved1[7]; } Lock;
+typedef struct { cuuint64_t reserved[8]; } Reserved64;
+typedef struct {
+    CUcheckpointGpuPair *gpuPairs; unsigned int gpuPairsCount;
+    char reserved[52 - sizeof(CUcheckpointGpuPair *)]; cuuint64_t reserved1;
+} Restore130;
+typedef struct {
+    CUcheckpointGpuPair *gpuPairs; unsigned int gpuPairsCount;
+    char reserved[64 - sizeof(CUcheckpointGpuPair *) - sizeof(unsigned int)];
+} Restore133;
+typedef struct {
+    CUcheckpointGpuPair *gpuPairs; unsigned int gpuPairsCount; unsigned int padding0;
+    void **customStorageInfo_out;
+    char reserved[64 - sizeof(CUcheckpointGpuPair *) - 2 * sizeof(unsigned int) - sizeof(void **)];
+} Restore134;
+
+/* What the C compiler makes of the declarations above: size, then field offsets. */
+size_t fake_layout_lock[] = {sizeof(Lock), offsetof(Lock, timeoutMs), offsetof(Lock, reserved0),
+                             offsetof(Lock, reserved1)};
+size_t fake_layout_pair[] = {sizeof(CUcheckpointGpuPair), offsetof(CUcheckpointGpuPair, oldUuid),
+                             offsetof(CUcheckpointGpuPair, newUuid)};
+size_t fake_layout_130[] = {sizeof(Restore130), offsetof(Restore130, gpuPairs),
+                            offsetof(Restore130, gpuPairsCount), offsetof(Restore130, reserved),
+                            offsetof(Restore130, reserved1)};
+size_t fake_layout_133[] = {sizeof(Restore133), offsetof(Restore133, gpuPairs),
+                            offsetof(Restore133, gpuPairsCount), offsetof(Restore133, reserved)};
+size_t fake_layout_134[] = {sizeof(Restore134), offsetof(Restore134, gpuPairs),
+                            offsetof(Restore134, gpuPairsCount), offsetof(Restore134, padding0),
+                            offsetof(Restore134, customStorageInfo_out),
+                            offsetof(Restore134, reserved)};
+
+int fake_driver_version = 13000;
+int fake_init_rc = 0;
+int fake_checkpoint_rc = 0;
+int fake_restore_rc = 0;
+int fake_unlock_rc = 0;
+int fake_pid = 0;          /* the one pid this driver knows as a CUDA process */
+int fake_state = 0;        /* CUprocessState of fake_pid */
+unsigned int fake_lock_timeout = 0;
+unsigned int fake_pair_count = 0;
+CUcheckpointGpuPair fake_pairs[4];
+char fake_calls[512];
+
+CUresult cuInit(unsigned int flags) { return flags ? 1 : fake_init_rc; }
+CUresult cuDriverGetVersion(int *v) { *v = fake_driver_version; return 0; }
+
+CUresult cuGetErrorName(CUresult e, const char **s) {
+    switch (e) {
+    case 1: *s = "CUDA_ERROR_INVALID_VALUE"; return 0;
+    case 100: *s = "CUDA_ERROR_NO_DEVICE"; return 0;
+    case 401: *s = "CUDA_ERROR_ILLEGAL_STATE"; return 0;
+    case 801: *s = "CUDA_ERROR_NOT_SUPPORTED"; return 0;
+    case 909: *s = "CUDA_ERROR_TIMEOUT"; return 0;
+    default: *s = 0; return 1;
+    }
+}
+
+CUresult cuGetErrorString(CUresult e, const char **s) {
+    switch (e) {
+    case 1: *s = "invalid argument"; return 0;
+    case 100: *s = "no CUDA-capable device is detected"; return 0;
+    case 401: *s = "operation not permitted in current state"; return 0;
+    case 801: *s = "operation not supported"; return 0;
+    case 909: *s = "the operation timed out"; return 0;
+    default: *s = 0; return 1;
+    }
+}
+
+#ifndef NO_CHECKPOINT
+static void note(const char *name) {
+    strncat(fake_calls, name, sizeof fake_calls - strlen(fake_calls) - 1);
+    strncat(fake_calls, ",", sizeof fake_calls - strlen(fake_calls) - 1);
+}
+
+static int zero(const void *p, size_t n) {
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++) if (b[i]) return 0;
+    return 1;
+}
+
+CUresult cuCheckpointProcessGetState(int pid, int *state) {
+    note("state");
+    if (pid != fake_pid) return 1;
+    *state = fake_state;
+    return 0;
+}
+
+CUresult cuCheckpointProcessLock(int pid, Lock *args) {
+    note("lock");
+    if (pid != fake_pid || !args || args->reserved0 || !zero(args->reserved1, sizeof args->reserved1))
+        return 1;
+    if (fake_state != 0) return 401;
+    fake_lock_timeout = args->timeoutMs;
+    fake_state = 1;
+    return 0;
+}
+
+CUresult cuCheckpointProcessCheckpoint(int pid, Reserved64 *args) {
+    note("checkpoint");
+    if (pid != fake_pid || !args || !zero(args, sizeof *args)) return 1;
+    if (fake_state != 1) return 401;
+    if (fake_checkpoint_rc) return fake_checkpoint_rc;
+    fake_state = 2;
+    return 0;
+}
+
+static int take_pairs(CUcheckpointGpuPair *pairs, unsigned int count) {
+    if (count > 4 || (count && !pairs)) return 0;
+    fake_pair_count = count;
+    memcpy(fake_pairs, pairs, count * sizeof *pairs);
+    return 1;
+}
+
+CUresult cuCheckpointProcessRestore(int pid, void *args) {
+    int ok;
+    note("restore");
+    if (pid != fake_pid || !args) return 1;
+    if (fake_driver_version < 13000) {
+        ok = zero(args, sizeof(Reserved64));
+    } else if (fake_driver_version < 13030) {
+        Restore130 *a = args;
+        ok = zero(a->reserved, sizeof a->reserved) && !a->reserved1
+             && take_pairs(a->gpuPairs, a->gpuPairsCount);
+    } else if (fake_driver_version < 13040) {
+        Restore133 *a = args;
+        ok = zero(a->reserved, sizeof a->reserved) && take_pairs(a->gpuPairs, a->gpuPairsCount);
+    } else {
+        Restore134 *a = args;
+        ok = !a->padding0 && !a->customStorageInfo_out && zero(a->reserved, sizeof a->reserved)
+             && take_pairs(a->gpuPairs, a->gpuPairsCount);
+    }
+    if (!ok) return 1;
+    if (fake_state != 2) return 401;
+    if (fake_restore_rc) return fake_restore_rc;
+    fake_state = 1;
+    return 0;
+}
+
+CUresult cuCheckpointProcessUnlock(int pid, Reserved64 *args) {
+    note("unlock");
+    if (pid != fake_pid || !args || !zero(args, sizeof *args)) return 1;
+    if (fake_state != 1) return 401;
+    if (fake_unlock_rc) return fake_unlock_rc;
+    fake_state = 0;
+    return 0;
+}
+#endif
+"""
+
+_CC = shutil.which("cc") or shutil.which("gcc")
+needs_cc = pytest.mark.skipif(_CC is None, reason="needs a C compiler to build the fake libcuda")
+
+
+def _compile(directory: Path, name: str, *flags: str) -> Path:
+    source = directory / "fake_libcuda.c"
+    source.write_text(FAKE_LIBCUDA)
+    library = directory / name
+    subprocess.run(
+        [_CC, "-shared", "-fPIC", "-std=c99", "-Wall", "-Werror", *flags, "-o", library, source],
+        check=True,
+    )
+    return library
+
+
+@pytest.fixture(scope="session")
+def fake_libraries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    directory = tmp_path_factory.mktemp("fake_libcuda")
+    return {
+        "checkpoint": _compile(directory, "libcuda_checkpoint.so"),
+        "old": _compile(directory, "libcuda_old.so", "-DNO_CHECKPOINT"),
+    }
+
+
+class Fake:
+    """The fake driver's globals, shared with the library detect() opens (same path, same handle)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.lib = ctypes.CDLL(self.path)
+
+    def __getattr__(self, name: str) -> int:
+        return ctypes.c_int.in_dll(self.lib, f"fake_{name}").value
+
+    def set(self, **values: int) -> None:
+        for name, value in values.items():
+            ctypes.c_int.in_dll(self.lib, f"fake_{name}").value = value
+
+    def calls(self) -> list[str]:
+        return (ctypes.c_char * 512).in_dll(self.lib, "fake_calls").value.decode().split(",")[:-1]
+
+    def lock_timeout(self) -> int:
+        return ctypes.c_uint.in_dll(self.lib, "fake_lock_timeout").value
+
+    def pairs(self) -> list[tuple[bytes, bytes]]:
+        count = ctypes.c_uint.in_dll(self.lib, "fake_pair_count").value
+        stored = (GpuPair * 4).in_dll(self.lib, "fake_pairs")
+        return [(bytes(p.oldUuid.bytes), bytes(p.newUuid.bytes)) for p in stored[:count]]
+
+    def layout(self, name: str, count: int) -> list[int]:
+        return list((ctypes.c_size_t * count).in_dll(self.lib, f"fake_layout_{name}"))
+
+
+@pytest.fixture
+def fake(fake_libraries: dict[str, Path]) -> Iterator[Fake]:
+    """The fake driver at CUDA 13.0, knowing this test process as its one CUDA process."""
+    driver = Fake(fake_libraries["checkpoint"])
+    driver.set(
+        driver_version=13000,
+        init_rc=0,
+        checkpoint_rc=0,
+        restore_rc=0,
+        unlock_rc=0,
+        pid=os.getpid(),
+        state=0,
+    )
+    ctypes.memset((ctypes.c_char * 512).in_dll(driver.lib, "fake_calls"), 0, 512)
+    ctypes.c_uint.in_dll(driver.lib, "fake_pair_count").value = 0
+    yield driver
+
+
+def _checkpointer(fake: Fake, driver_version: int = 13000) -> DriverCheckpointer:
+    fake.set(driver_version=driver_version)
+    capability = detect(fake.path)
+    assert capability.available, capability.reason
+    return DriverCheckpointer(capability)
+
+
+def _libcuda_present() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+# --- detection ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(_libcuda_present(), reason="this machine has an NVIDIA driver")
+def test_detect_without_driver_says_so_and_does_not_raise() -> None:
+    capability = detect()
+    assert capability == DriverCapability(
+        available=False,
+        migration=False,
+        driver_version=None,
+        reason="no NVIDIA driver (libcuda.so.1 not found)",
+    )
+    assert capability.log_line() == (
+        "driver-tier checkpoint unavailable: no NVIDIA driver (libcuda.so.1 not found); "
+        "offloaded kernels keep their CUDA context (~0.6 GB) on the GPU"
+    )
+
+
+def test_detect_names_a_missing_library(tmp_path: Path) -> None:
+    missing = str(tmp_path / "libcuda.so.1")
+    capability = detect(missing)
+    assert not capability.available
+    assert capability.reason == f"no NVIDIA driver ({missing} not found)"
+
+
+def test_detect_rejects_a_library_that_is_not_libcuda() -> None:
+    capability = detect(ctypes.util.find_library("c") or "libc.so.6")
+    assert not capability.available
+    assert "is not a CUDA driver library (lacks cuInit" in capability.reason
+
+
+@needs_cc
+def test_detect_old_driver_without_checkpoint_api(fake_libraries: dict[str, Path]) -> None:
+    old = Fake(fake_libraries["old"])
+    old.set(driver_version=12040)
+    capability = detect(old.path)
+    assert (capability.available, capability.migration, capability.driver_version) == (
+        False,
+        False,
+        12040,
+    )
+    assert capability.reason == (
+        "the driver (CUDA 12.4) lacks cuCheckpointProcess* (needs driver >= 570, CUDA 12.8)"
+    )
+
+
+@needs_cc
+def test_detect_reports_a_failing_cuinit(fake: Fake) -> None:
+    fake.set(init_rc=100)
+    capability = detect(fake.path)
+    assert not capability.available
+    assert capability.driver_version == 13000
+    assert capability.reason.startswith(
+        "cuInit failed with CUDA_ERROR_NO_DEVICE (no CUDA-capable device is detected): "
+        "the driver sees no GPU"
+    )
+
+
+@needs_cc
+@pytest.mark.parametrize(
+    ("version", "migration", "line"),
+    [
+        (
+            12080,
+            False,
+            "driver-tier checkpoint available (CUDA driver 12.8, UUID remap for migration: "
+            "no, needs driver >= 580 (CUDA 13.0))",
+        ),
+        (
+            12090,
+            False,
+            "driver-tier checkpoint available (CUDA driver 12.9, UUID remap for migration: "
+            "no, needs driver >= 580 (CUDA 13.0))",
+        ),
+        (
+            13000,
+            True,
+            "driver-tier checkpoint available (CUDA driver 13.0, UUID remap for migration: yes)",
+        ),
+        (
+            13030,
+            True,
+            "driver-tier checkpoint available (CUDA driver 13.3, UUID remap for migration: yes)",
+        ),
+    ],
+)
+def test_detect_available_and_migration_by_version(
+    fake: Fake, version: int, migration: bool, line: str
+) -> None:
+    fake.set(driver_version=version)
+    capability = detect(fake.path)
+    assert capability.available
+    assert capability.migration is migration
+    assert capability.driver_version == version
+    assert capability.reason == ""
+    assert capability.log_line() == line
+
+
+def test_unavailable_capability_raises_its_reason_on_use() -> None:
+    reason = "no NVIDIA driver (libcuda.so.1 not found)"
+    checkpointer = DriverCheckpointer(DriverCapability(False, False, None, reason))
+    for use in (
+        lambda: checkpointer.state(os.getpid()),
+        lambda: checkpointer.checkpoint(os.getpid()),
+        lambda: checkpointer.restore(os.getpid()),
+        lambda: checkpointer.lock(os.getpid()),
+        lambda: checkpointer.unlock(os.getpid()),
+    ):
+        with pytest.raises(CheckpointError, match=re.escape(f"unavailable: {reason}")):
+            use()
+
+
+# --- UUIDs ----------------------------------------------------------------------------------
+
+
+def test_gpu_uuid_becomes_the_16_bytes_nvml_prints() -> None:
+    cuuuid = gpu_uuid_to_cuuuid(GPU_A)
+    assert ctypes.sizeof(cuuuid) == 16
+    assert bytes(cuuuid.bytes) == bytes.fromhex("6f1c2a3b4d5e6f708192a3b4c5d6e7f8")
+    assert "GPU-" + str(uuid.UUID(bytes=bytes(cuuuid.bytes))) == GPU_A
+    assert bytes(gpu_uuid_to_cuuuid(GPU_A.upper()).bytes) == bytes(cuuuid.bytes)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "6f1c2a3b-4d5e-6f70-8192-a3b4c5d6e7f8",  # no prefix
+        "MIG-6f1c2a3b-4d5e-6f70-8192-a3b4c5d6e7f8",
+        "GPU-6f1c2a3b4d5e6f708192a3b4c5d6e7f8",  # no dashes
+        "GPU-6f1c2a3b-4d5e-6f70-8192-a3b4c5d6e7f",  # one digit short
+        "GPU-6f1c2a3b-4d5e-6f70-8192-a3b4c5d6e7fg",
+        "",
+    ],
+)
+def test_malformed_gpu_uuid_is_rejected_readably(text: str) -> None:
+    with pytest.raises(ValueError, match=r"not a GPU UUID: .*expected NVML's form 'GPU-'"):
+        gpu_uuid_to_cuuuid(text)
+
+
+# --- ABI layouts ----------------------------------------------------------------------------
+
+
+def _offsets(layout: type[ctypes.Structure]) -> dict[str, tuple[int, int]]:
+    return {
+        name: (getattr(layout, name).offset, getattr(layout, name).size)
+        for name, *_ in layout._fields_
+    }
+
+
+def test_layouts_match_the_headers_on_64_bit() -> None:
+    assert ctypes.sizeof(ctypes.c_void_p) == 8, "the checkpoint API exists on 64-bit Linux only"
+    # CUDA 12.8-13.4 cuda.h: CUcheckpointLockArgs {timeoutMs; reserved0; cuuint64_t reserved1[7]}
+    assert ctypes.sizeof(LockArgs) == 64
+    assert _offsets(LockArgs) == {"timeoutMs": (0, 4), "reserved0": (4, 4), "reserved1": (8, 56)}
+    # CUDA 12.8-13.3 cuda.h: checkpoint and unlock args are cuuint64_t reserved[8]
+    assert ctypes.sizeof(CheckpointArgs) == ctypes.sizeof(UnlockArgs) == 64
+    # CUDA 13.0+ cuda.h: CUcheckpointGpuPair {CUuuid oldUuid; CUuuid newUuid}
+    assert ctypes.sizeof(GpuPair) == 32
+    assert _offsets(GpuPair) == {"oldUuid": (0, 16), "newUuid": (16, 16)}
+    # CUDA 12.8 / 12.9 cuda.h: CUcheckpointRestoreArgs {cuuint64_t reserved[8]}
+    assert ctypes.sizeof(RestoreArgsCuda128) == 64
+    assert _offsets(RestoreArgsCuda128) == {"reserved": (0, 64)}
+    # CUDA 13.0-13.2 cuda.h: gpuPairs; gpuPairsCount; char reserved[52 - 8]; cuuint64_t reserved1
+    assert ctypes.sizeof(RestoreArgsCuda130) == 64
+    assert _offsets(RestoreArgsCuda130) == {
+        "gpuPairs": (0, 8),
+        "gpuPairsCount": (8, 4),
+        "reserved": (12, 44),
+        "reserved1": (56, 8),
+    }
+    # CUDA 13.3 cuda.h: gpuPairs; gpuPairsCount; char reserved[64 - 8 - 4]
+    assert ctypes.sizeof(RestoreArgsCuda133) == 64
+    assert _offsets(RestoreArgsCuda133) == {
+        "gpuPairs": (0, 8),
+        "gpuPairsCount": (8, 4),
+        "reserved": (12, 52),
+    }
+    # CUDA 13.4 cuda.h: gpuPairs; gpuPairsCount; padding0; customStorageInfo_out; reserved[40]
+    assert ctypes.sizeof(RestoreArgsCuda134) == 64
+    assert _offsets(RestoreArgsCuda134) == {
+        "gpuPairs": (0, 8),
+        "gpuPairsCount": (8, 4),
+        "padding0": (12, 4),
+        "customStorageInfo_out": (16, 8),
+        "reserved": (24, 40),
+    }
+
+
+@needs_cc
+def test_layouts_match_what_a_c_compiler_makes_of_the_header_declarations(fake: Fake) -> None:
+    def ours(layout: type[ctypes.Structure]) -> list[int]:
+        return [ctypes.sizeof(layout), *(getattr(layout, n).offset for n, *_ in layout._fields_)]
+
+    assert fake.layout("lock", 4) == ours(LockArgs)
+    assert fake.layout("pair", 3) == ours(GpuPair)
+    assert fake.layout("130", 5) == ours(RestoreArgsCuda130)
+    assert fake.layout("133", 4) == ours(RestoreArgsCuda133)
+    assert fake.layout("134", 6) == ours(RestoreArgsCuda134)
+
+
+@pytest.mark.parametrize(
+    ("version", "layout"),
+    [
+        (12080, RestoreArgsCuda128),
+        (12090, RestoreArgsCuda128),
+        (13000, RestoreArgsCuda130),
+        (13020, RestoreArgsCuda130),
+        (13030, RestoreArgsCuda133),
+        (13040, RestoreArgsCuda134),
+        (14000, RestoreArgsCuda134),
+    ],
+)
+def test_restore_layout_follows_the_driver_generation(
+    version: int, layout: type[ctypes.Structure]
+) -> None:
+    assert restore_args_layout(version) is layout
+
+
+# --- the call sequence against the fake driver ------------------------------------------------
+
+
+@needs_cc
+def test_checkpoint_then_restore_walks_the_driver_state_machine(fake: Fake) -> None:
+    checkpointer = _checkpointer(fake)
+    pid = os.getpid()
+    assert checkpointer.state(pid) == "running"
+    assert checkpointer.checkpoint(pid) >= 0
+    assert checkpointer.state(pid) == "checkpointed"
+    assert fake.lock_timeout() == 10_000
+    assert checkpointer.restore(pid) >= 0
+    assert checkpointer.state(pid) == "running"
+    assert fake.calls() == [
+        "state",
+        "lock",
+        "checkpoint",
+        "state",
+        "restore",
+        "unlock",
+        "state",
+    ]
+    assert fake.pairs() == []
+
+
+@needs_cc
+def test_lock_and_unlock_expose_the_locked_state(fake: Fake) -> None:
+    checkpointer = _checkpointer(fake)
+    pid = os.getpid()
+    checkpointer.lock(pid, timeout_ms=250)
+    assert (checkpointer.state(pid), fake.lock_timeout()) == ("locked", 250)
+    checkpointer.unlock(pid)
+    assert checkpointer.state(pid) == "running"
+    with pytest.raises(ValueError, match=re.escape("lock timeout must be 0..4294967295 ms")):
+        checkpointer.lock(pid, timeout_ms=-1)
+
+
+@needs_cc
+@pytest.mark.parametrize("version", [13000, 13020, 13030, 13040])
+def test_restore_passes_uuid_pairs_in_each_13x_layout(fake: Fake, version: int) -> None:
+    checkpointer = _checkpointer(fake, version)
+    pid = os.getpid()
+    checkpointer.checkpoint(pid)
+    checkpointer.restore(pid, [(GPU_A, GPU_B), (GPU_B, GPU_A)])
+    a, b = (bytes(gpu_uuid_to_cuuuid(u).bytes) for u in (GPU_A, GPU_B))
+    assert fake.pairs() == [(a, b), (b, a)]
+    assert checkpointer.state(pid) == "running"
+
+
+@needs_cc
+def test_restore_refuses_remap_where_the_driver_has_none(fake: Fake) -> None:
+    checkpointer = _checkpointer(fake, 12090)
+    pid = os.getpid()
+    checkpointer.checkpoint(pid)
+    with pytest.raises(CheckpointError, match=r"CUDA 12.9\) has no GPU UUID remap"):
+        checkpointer.restore(pid, [(GPU_A, GPU_A)])
+    assert "restore" not in fake.calls()
+    checkpointer.restore(pid)  # onto its own GPU: the all-zero 12.x struct
+    assert checkpointer.state(pid) == "running"
+
+
+@needs_cc
+def test_malformed_pair_touches_nothing(fake: Fake) -> None:
+    checkpointer = _checkpointer(fake)
+    pid = os.getpid()
+    checkpointer.checkpoint(pid)
+    with pytest.raises(ValueError, match="not a GPU UUID"):
+        checkpointer.restore(pid, [(GPU_A, "GPU-1")])
+    assert checkpointer.state(pid) == "checkpointed"
+
+
+@needs_cc
+def test_failed_checkpoint_unlocks_again(fake: Fake) -> None:
+    checkpointer = _checkpointer(fake)
+    pid = os.getpid()
+    fake.set(checkpoint_rc=801)
+    with pytest.raises(CheckpointError) as raised:
+        checkpointer.checkpoint(pid)
+    message = str(raised.value)
+    assert message.startswith(
+        f"cuCheckpointProcessCheckpoint for pid {pid} failed with CUDA_ERROR_NOT_SUPPORTED "
+        "(operation not supported): the driver cannot checkpoint this process"
+    )
+    assert message.endswith("the process was unlocked again and keeps its GPU state")
+    assert (raised.value.call, raised.value.code) == ("cuCheckpointProcessCheckpoint", 801)
+    assert fake.calls() == ["lock", "checkpoint", "unlock"]
+    assert checkpointer.state(pid) == "running"
+
+
+@needs_cc
+def test_failed_checkpoint_and_unlock_says_the_kernel_stays_blocked(fake: Fake) -> None:
+    checkpointer = _checkpointer(fake)
+    fake.set(checkpoint_rc=801, unlock_rc=909)
+    with pytest.raises(
+        CheckpointError,
+        match=r"unlocking again failed too .*CUDA_ERROR_TIMEOUT.*"
+        r"stay blocked; pid \d+ is now 'locked'",
+    ):
+        checkpointer.checkpoint(os.getpid())
+
+
+@needs_cc
+def test_failed_restore_reports_where_the_process_is(fake: Fake) -> None:
+    checkpointer = _checkpointer(fake)
+    pid = os.getpid()
+    checkpointer.checkpoint(pid)
+    fake.set(restore_rc=801)
+    with pytest.raises(CheckpointError, match=r"CUDA_ERROR_NOT_SUPPORTED.*is now 'checkpointed'$"):
+        checkpointer.restore(pid)
+    fake.set(restore_rc=0, unlock_rc=909)
+    with pytest.raises(CheckpointError, match="restored but the kernel's CUDA calls stay blocked"):
+        checkpointer.restore(pid)
+    assert checkpointer.state(pid) == "locked"
+
+
+@needs_cc
+def test_lock_of_a_checkpointed_process_is_an_illegal_state(fake: Fake) -> None:
+    checkpointer = _checkpointer(fake)
+    pid = os.getpid()
+    checkpointer.checkpoint(pid)
+    with pytest.raises(CheckpointError, match="CUDA_ERROR_ILLEGAL_STATE") as raised:
+        checkpointer.checkpoint(pid)
+    assert fake.calls()[-1] == "lock"  # nothing to unlock: the lock itself failed
+    assert raised.value.code == 401
+
+
+@needs_cc
+def test_unknown_cuda_result_is_still_named(fake: Fake) -> None:
+    checkpointer = _checkpointer(fake)
+    checkpointer.checkpoint(os.getpid())
+    fake.set(restore_rc=12345)
+    with pytest.raises(CheckpointError, match=r"failed with CUresult 12345"):
+        checkpointer.restore(os.getpid())
+
+
+@needs_cc
+def test_process_the_driver_does_not_know(fake: Fake) -> None:
+    checkpointer = _checkpointer(fake)
+    parent = os.getppid()
+    with pytest.raises(
+        CheckpointError,
+        match=rf"cuCheckpointProcessGetState for pid {parent} failed with "
+        r"CUDA_ERROR_INVALID_VALUE \(invalid argument\): usually the driver does not know",
+    ):
+        checkpointer.state(parent)
+
+
+@needs_cc
+def test_pid_that_does_not_exist(fake: Fake) -> None:
+    checkpointer = _checkpointer(fake)
+    # No pid exceeds pid_max, so this one cannot exist.
+    missing = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+    with pytest.raises(CheckpointError, match=rf"no process with pid {missing} \(has the kernel"):
+        checkpointer.checkpoint(missing)
+    assert fake.calls() == []
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="pid must be a positive integer"):
+            checkpointer.state(bad)
+
+
+# --- real driver and GPU ------------------------------------------------------------------------
+
+_CAPABILITY = detect()
+
+# A kernel stand-in: holds a CUDA context and a tensor, says which GPU, then answers whether the
+# tensor still holds what it held at the start each time it reads a line.
+_CUDA_CHILD = r"""
+import sys, torch
+x = torch.arange(1 << 22, device="cuda", dtype=torch.float64)
+expected = float(x.sum())
+gpu = str(torch.cuda.get_device_properties(0).uuid)
+print(gpu if gpu.startswith("GPU-") else "GPU-" + gpu, flush=True)
+for _ in sys.stdin:
+    print("intact" if float(x.sum()) == expected else "changed", flush=True)
+"""
+
+needs_gpu = pytest.mark.skipif(
+    not _CAPABILITY.available, reason=f"needs the driver checkpoint API: {_CAPABILITY.reason}"
+)
+
+
+@pytest.fixture
+def cuda_child() -> Iterator[tuple[subprocess.Popen[str], str]]:
+    pytest.importorskip("torch")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CUDA_CHILD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    gpu = child.stdout.readline().strip()
+    assert gpu.startswith("GPU-"), "the child could not start CUDA"
+    yield child, gpu
+    child.kill()
+    child.wait()
+
+
+def _ask(child: subprocess.Popen[str]) -> str:
+    assert child.stdin is not None and child.stdout is not None
+    child.stdin.write("check\n")
+    child.stdin.flush()
+    return child.stdout.readline().strip()
+
+
+def _gpu_pids() -> set[int]:
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        return {
+            process.pid
+            for index in range(pynvml.nvmlDeviceGetCount())
+            for process in pynvml.nvmlDeviceGetComputeRunningProcesses(
+                pynvml.nvmlDeviceGetHandleByIndex(index)
+            )
+        }
+    finally:
+        pynvml.nvmlShutdown()
+
+
+@needs_gpu
+def test_gpu_checkpoint_and_restore_of_a_torch_process(
+    cuda_child: tuple[subprocess.Popen[str], str],
+) -> None:
+    child, _ = cuda_child
+    checkpointer = DriverCheckpointer(_CAPABILITY)
+    assert checkpointer.state(child.pid) == "running"
+    assert child.pid in _gpu_pids(), "NVML does not list the child (another pid namespace?)"
+    checkpointer.lock(child.pid)
+    assert checkpointer.state(child.pid) == "locked"
+    checkpointer.unlock(child.pid)
+    assert checkpointer.state(child.pid) == "running"
+
+    assert checkpointer.checkpoint(child.pid) > 0
+    assert checkpointer.state(child.pid) == "checkpointed"
+    assert child.pid not in _gpu_pids()  # the whole context left the GPU
+
+    assert checkpointer.restore(child.pid) > 0
+    assert checkpointer.state(child.pid) == "running"
+    assert _ask(child) == "intact"
+
+
+@pytest.mark.skipif(not _CAPABILITY.migration, reason="the driver has no GPU UUID remap")
+@needs_gpu
+def test_gpu_restore_with_identity_uuid_remap(
+    cuda_child: tuple[subprocess.Popen[str], str],
+) -> None:
+    child, gpu = cuda_child
+    checkpointer = DriverCheckpointer(_CAPABILITY)
+    checkpointer.checkpoint(child.pid)
+    checkpointer.restore(child.pid, [(gpu, gpu)])
+    assert checkpointer.state(child.pid) == "running"
+    assert _ask(child) == "intact"
