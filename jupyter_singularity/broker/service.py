@@ -23,6 +23,7 @@ from typing import Any
 
 from ..devices import DeviceInfo, DeviceInventory
 from ..protocol import ENV_BROKER_URL, ENV_KERNEL_ID, ENV_KERNEL_KEY, Message, generate_key
+from .checkpoint import CheckpointError, DriverCapability, DriverCheckpointer, detect
 from .core import (
     Action,
     BrokerCore,
@@ -81,6 +82,10 @@ class _Connection:
     key: bytes
     pid: int | None = None
     missed_pings: int = 0
+    checkpointed_uuid: str | None = None
+    """UUID of the GPU the driver tier checkpointed this kernel's process off, if it did."""
+    context_note: str = ""
+    """Why the kernel's CUDA context stayed on the GPU after an offload, if it did."""
     waiters: dict[str, asyncio.Future] = field(default_factory=dict)
 
 
@@ -126,6 +131,14 @@ class BrokerService:
             now=now,
         )
         self._connections: dict[str, _Connection] = {}
+        self.driver_capability = (
+            detect()
+            if inventory.devices() and not inventory.simulated
+            else DriverCapability(False, False, None, "no real GPU in the pool")
+        )
+        self._driver = DriverCheckpointer(self.driver_capability)
+        if inventory.devices() and not inventory.simulated:
+            log.info("jupyter-singularity: %s", self.driver_capability.log_line())
         self._rpc = RPCServer(self._key_for, self._handle, log)
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
@@ -218,6 +231,8 @@ class BrokerService:
         if kernel is None:
             raise KeyError(kernel_id)
         record = kernel.to_dict()
+        connection = self._connections.get(kernel_id)
+        record["context"] = _context_view(connection, self.driver_capability)
         record["events"] = self.ledger.events(kernel_id=kernel_id, limit=20)
         return record
 
@@ -503,18 +518,9 @@ class BrokerService:
                 reservation_bytes=grant.reservation,
                 start=grant.start,
             )
-            self._resolve(
-                grant.kernel_id,
-                grant.request_id,
-                {
-                    "granted": True,
-                    "device": device.to_dict(),
-                    "reservation": grant.reservation,
-                    "restore": grant.restore,
-                },
-            )
-        else:
-            self._spawn(self._restore(grant))
+        self._spawn(
+            self._restore(grant) if grant.restore or not grant.hold else self._answer(grant)
+        )
         self.emit(
             LEASE_SCHEMA,
             _lease_event(
@@ -524,6 +530,19 @@ class BrokerService:
                 device=grant.device,
                 reservation=grant.reservation,
             ),
+        )
+
+    async def _answer(self, grant: Grant) -> None:
+        """Tell the waiting cell it may run (and whether it restores its tensors first)."""
+        self._resolve(
+            grant.kernel_id,
+            grant.request_id,
+            {
+                "granted": True,
+                "device": self.core.devices[grant.device].to_dict(),
+                "reservation": grant.reservation,
+                "restore": grant.restore,
+            },
         )
 
     def _resolve(self, kernel_id: str, request_id: str, reply: dict) -> None:
@@ -553,18 +572,76 @@ class BrokerService:
             )
             self._apply(self.core.offload_failed(action.kernel_id, str(reply["error"]), now))
         else:
+            gpu_bytes = int(reply.get("gpu_bytes", 0))
+            if gpu_bytes and await self._checkpoint_context(action):
+                gpu_bytes = 0
             self._apply(
                 self.core.offloaded(
                     action.kernel_id,
-                    now,
+                    self.clock(),
                     host_bytes=int(reply.get("host_bytes", 0)),
                     disk_bytes=int(reply.get("disk_bytes", 0)),
-                    gpu_bytes=int(reply.get("gpu_bytes", 0)),
+                    gpu_bytes=gpu_bytes,
                 )
             )
 
+    async def _checkpoint_context(self, action: Offload) -> bool:
+        """Driver tier: checkpoint what the tensor tier left (the CUDA context) off the GPU."""
+        connection = self._connections.get(action.kernel_id)
+        if connection is None or connection.pid is None or not self.driver_capability.available:
+            if connection is not None:
+                connection.context_note = self.driver_capability.reason or "process unknown"
+            return False
+        try:
+            seconds = await asyncio.to_thread(self._driver.checkpoint, connection.pid)
+        except (CheckpointError, ValueError) as err:
+            connection.context_note = str(err)
+            self.log.warning(
+                "jupyter-singularity: %s keeps its CUDA context on the GPU: %s",
+                action.kernel_id,
+                err,
+            )
+            return False
+        connection.checkpointed_uuid = self.core.devices[action.device].uuid
+        connection.context_note = ""
+        self.log.info(
+            "jupyter-singularity: %s checkpointed off GPU %d in %.2f s",
+            action.kernel_id,
+            action.device,
+            seconds,
+        )
+        return True
+
+    async def _restore_context(self, grant: Grant) -> None:
+        """Driver tier: bring the process back, onto the granted GPU (a UUID remap migrates it)."""
+        connection = self._connections.get(grant.kernel_id)
+        if connection is None or connection.checkpointed_uuid is None or connection.pid is None:
+            return
+        target = self.core.devices[grant.device].uuid
+        pairs = (
+            ()
+            if target == connection.checkpointed_uuid
+            else ((connection.checkpointed_uuid, target),)
+        )
+        await asyncio.to_thread(self._driver.restore, connection.pid, pairs)
+        connection.checkpointed_uuid = None
+
     async def _restore(self, grant: Grant) -> None:
-        """An explicit restore (no cell waiting): the kernel brings its state back, then reports."""
+        """Bring offloaded state back: the driver tier first (the context), then the kernel's
+        tensors — for a cell, by the kernel itself once it hears the grant; for an explicit
+        restore, on request."""
+        try:
+            await self._restore_context(grant)
+        except (CheckpointError, ValueError) as err:
+            reason = f"driver restore failed: {err}"
+            self.log.error("jupyter-singularity: %s: %s", grant.kernel_id, reason)
+            self._resolve(grant.kernel_id, grant.request_id, {"granted": False, "reason": reason})
+            if grant.kernel_id in self.core.kernels:
+                self._apply(self.core.restore_failed(grant.kernel_id, reason, self.clock()))
+            return
+        if grant.hold:
+            await self._answer(grant)
+            return
         try:
             reply = await self._rpc.request(
                 grant.kernel_id,
@@ -648,6 +725,16 @@ def _alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def _context_view(connection: _Connection | None, capability: DriverCapability) -> dict:
+    """Where the kernel's CUDA context is, for the kernel record: the driver tier's doing."""
+    if connection is not None and connection.checkpointed_uuid is not None:
+        return {"checkpointed": True, "note": "CUDA context checkpointed off the GPU by the driver"}
+    note = connection.context_note if connection is not None and connection.context_note else ""
+    if not note and not capability.available:
+        note = f"driver tier unavailable: {capability.reason}"
+    return {"checkpointed": False, "note": note}
 
 
 def _optional_int(value: Any) -> int | None:
