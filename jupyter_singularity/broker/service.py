@@ -518,9 +518,10 @@ class BrokerService:
                 reservation_bytes=grant.reservation,
                 start=grant.start,
             )
-        self._spawn(
-            self._restore(grant) if grant.restore or not grant.hold else self._answer(grant)
-        )
+        if grant.restore or not grant.hold:
+            self._spawn(self._restore(grant))
+        else:
+            self._answer(grant)
         self.emit(
             LEASE_SCHEMA,
             _lease_event(
@@ -532,7 +533,7 @@ class BrokerService:
             ),
         )
 
-    async def _answer(self, grant: Grant) -> None:
+    def _answer(self, grant: Grant) -> None:
         """Tell the waiting cell it may run (and whether it restores its tensors first)."""
         self._resolve(
             grant.kernel_id,
@@ -640,7 +641,7 @@ class BrokerService:
                 self._apply(self.core.restore_failed(grant.kernel_id, reason, self.clock()))
             return
         if grant.hold:
-            await self._answer(grant)
+            self._answer(grant)
             return
         try:
             reply = await self._rpc.request(
