@@ -1,0 +1,653 @@
+"""Tensor tier: move a kernel's torch device state to host memory and back, in place.
+
+The engine finds every live device storage with a gc scan and moves *storages*, not tensors: each
+storage is copied to a host buffer and then resized to zero bytes, so every tensor, view,
+``.detach()`` alias, parameter, gradient and optimizer state entry stays the same Python object
+and keeps sharing memory with the others; restore resizes the storages back and copies the bytes
+in. Host buffers come from a pool that is kept between offloads (pinned on CUDA: pinning costs
+0.42 s/GiB, so it is paid once), up to ``pinned_limit``; what does not fit goes to pageable memory.
+
+With ``simulated=True`` (machines without GPUs) the "device" is the CPU: every torch CPU storage
+of at least ``min_bytes`` that torch owns is device state, moved through the same code.
+
+torch is never imported here: a process that has not imported it has no tensors to move, and a
+kernel without torch must still load the runtime. CUDA is never initialised here either (its
+first initialisation waits for a lease): without it there is no CUDA storage.
+
+Unsafe state is refused before any device memory changes (``UnsafeStateError``); the kernel stays
+resident:
+
+- CUDA graphs: a stream capturing now, or any live ``torch.cuda.CUDAGraph`` (also those kept by
+  ``torch.compile(mode="reduce-overhead")``): graphs replay raw device addresses that a move
+  changes.
+- Storages shared with another process: found in torch.multiprocessing's sharing cache (storages
+  sent or received through it: CUDA IPC and CPU shared memory) and, on CPU, ``is_shared()``. Moving
+  one would split the processes' views of the data. Storages shared by calling ``_share_cuda_()``
+  directly, bypassing torch.multiprocessing, are not visible.
+- On CUDA, memory torch does not own: non-resizable storages (``from_blob``, DLPack, IPC handles
+  opened here) and, with the native caching allocator, storages outside its segments. In simulated
+  mode such storages (numpy arrays, ``frombuffer``, mmap) are host memory of another library, not
+  device state, and are left alone.
+
+What the scan cannot see (tensors held only by C++, such as the saved activations of an autograd
+graph not yet backpropagated, unless they share a storage with a visible tensor) stays on the
+device, as do storages below ``min_bytes``; on CUDA the bytes torch still has allocated after an
+offload are reported in ``Transfer.left_bytes``, for the driver tier to take.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import gc
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .spill import SpillError, SpillFile, read_spill, remove_spill, write_spill
+
+if TYPE_CHECKING:
+    import torch
+
+Progress = Callable[[int, int], None]
+
+#: Each host copy starts at a multiple of this, so copies run on page-aligned addresses.
+ALIGN = 4096
+
+
+class OffloadError(Exception):
+    """An offload or restore failed; the state was rolled back and nothing was lost."""
+
+
+class UnsafeStateError(OffloadError):
+    """State the engine cannot move safely; the message says what, and the kernel stays resident."""
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """What one offload or restore moved and how long it took."""
+
+    nbytes: int
+    seconds: float
+    storages: int
+    #: CUDA bytes torch still had allocated after an offload (unseen or small storages).
+    left_bytes: int = 0
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+def _allocate_host(nbytes: int, pinned: bool) -> torch.Tensor:
+    """One host buffer; the single place host memory is allocated (tests count the calls)."""
+    import torch
+
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """One byte-range copy between host and device (asynchronous from/to pinned memory)."""
+    dst.copy_(src, non_blocking=True)
+
+
+def _resize(storage: torch.UntypedStorage, nbytes: int) -> None:
+    """Free (0) or reallocate a device storage in place; every tensor on it follows."""
+    storage.resize_(nbytes)
+
+
+@dataclass
+class _Buffer:
+    """A host buffer holding ``used`` bytes of the tape; ``tensor`` is None once spilled to disk."""
+
+    tensor: torch.Tensor | None
+    used: int
+    pooled: bool
+    spill: SpillFile | None = None
+
+
+@dataclass
+class _Slot:
+    """One device storage and where its bytes sit on the host tape."""
+
+    storage: torch.UntypedStorage
+    nbytes: int
+    offset: int
+
+
+class _Tape:
+    """The host copies of one offload, laid end to end over several buffers (pooled ones first)."""
+
+    def __init__(self, buffers: list[_Buffer]) -> None:
+        self.buffers: list[_Buffer] = []
+        self.starts: list[int] = []
+        self.end = 0
+        for buffer in buffers:
+            self.append(buffer)
+
+    def append(self, buffer: _Buffer) -> None:
+        self.starts.append(self.end)
+        self.buffers.append(buffer)
+        self.end += buffer.used
+
+    def trim(self, end: int) -> None:
+        """Keep only the buffers that hold bytes below ``end`` (the pool keeps the others)."""
+        keep = bisect.bisect_left(self.starts, end)
+        del self.buffers[keep:], self.starts[keep:]
+        if self.buffers:
+            self.buffers[-1].used = end - self.starts[-1]
+        self.end = end
+
+    def pieces(self, offset: int, nbytes: int) -> Iterator[tuple[torch.Tensor, int, int]]:
+        """(host slice, offset in the storage, length) for the tape range of one storage."""
+        index = bisect.bisect_right(self.starts, offset) - 1
+        done = 0
+        while done < nbytes:
+            buffer = self.buffers[index]
+            assert buffer.tensor is not None
+            at = offset + done - self.starts[index]
+            length = min(buffer.used - at, nbytes - done)
+            yield buffer.tensor[at : at + length], done, length
+            done += length
+            index += 1
+
+
+@dataclass
+class _Scan:
+    """What a scan found that makes moving the state unsafe, by reason."""
+
+    problems: dict[str, list[int]] = field(default_factory=dict)  # reason -> storage sizes
+
+    def refuse(self, reason: str, nbytes: int | None = None) -> None:
+        sizes = self.problems.setdefault(reason, [])
+        if nbytes is not None:
+            sizes.append(nbytes)
+
+    def raise_if_unsafe(self) -> None:
+        if not self.problems:
+            return
+        parts = [
+            f"{len(sizes)} {reason} ({_mib(sum(sizes))})" if sizes else reason
+            for reason, sizes in self.problems.items()
+        ]
+        raise UnsafeStateError(
+            "cannot offload safely, the kernel stays resident: " + "; ".join(parts)
+        )
+
+
+class TensorEngine:
+    """Offload, spill and restore the torch device state of this process, losing nothing."""
+
+    def __init__(self, *, simulated: bool, pinned_limit: int, min_bytes: int = 1 << 20) -> None:
+        self.simulated = simulated
+        self.pinned_limit = pinned_limit
+        self.min_bytes = min_bytes
+        self._pin = not simulated
+        self._pool: list[torch.Tensor] = []
+        self._tape: _Tape | None = None
+        self._slots: list[_Slot] = []
+        self._offloaded = False
+        self._name = f"tensors-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # The runtime offloads from a background thread; magics may ask for sizes meanwhile.
+        self._lock = threading.RLock()
+
+    @property
+    def offloaded(self) -> bool:
+        return self._offloaded
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of host copies held in memory (the retained pool is ``pool_bytes``)."""
+        if self._tape is None:
+            return 0
+        return sum(b.used for b in self._tape.buffers if b.tensor is not None)
+
+    @property
+    def disk_bytes(self) -> int:
+        if self._tape is None:
+            return 0
+        return sum(b.spill.nbytes for b in self._tape.buffers if b.spill is not None)
+
+    @property
+    def pool_bytes(self) -> int:
+        """Host memory kept for reuse by the next offload, also while resident (≤ pinned_limit)."""
+        return sum(chunk.numel() for chunk in self._pool)
+
+    def device_bytes(self) -> int:
+        """Bytes of live device storages now, each storage counted once (unsafe ones included)."""
+        with self._lock:
+            torch = self._torch()
+            if torch is None:
+                return 0
+            found = _Scan()
+            movable = sum(storage.nbytes() for storage in self._find(torch, found))
+            return movable + sum(sum(sizes) for sizes in found.problems.values())
+
+    def offload(self, progress: Progress | None = None) -> Transfer:
+        """Copy every device storage to host memory, then free it on the device.
+
+        Copies start while the scan still runs, into the pool kept from the last offload, so on
+        CUDA the copy engines overlap the Python scan; what does not fit is copied after it.
+        ``progress(done, total)`` is called once the total is known, then after each storage.
+        """
+        with self._lock:
+            if self._offloaded:
+                return Transfer(0, 0.0, 0)
+            started = time.perf_counter()
+            torch = self._torch()
+            if torch is None:
+                self._commit_offload(_Tape([]), [], None)
+                return Transfer(0, time.perf_counter() - started, 0)
+            tape = _Tape([_Buffer(chunk, chunk.numel(), pooled=True) for chunk in self._pool])
+            slots: list[_Slot] = []
+            new_chunk = None
+            try:
+                with torch.no_grad():
+                    found, later = _Scan(), []
+                    for storage in self._find(torch, found):
+                        if tape.end - _end(slots) >= storage.nbytes():
+                            self._copy_out(torch, tape, slots, storage)
+                        else:
+                            later.append(storage)
+                    found.raise_if_unsafe()
+                    new_chunk = self._grow(
+                        tape, _end(slots) + sum(_aligned(s.nbytes()) for s in later)
+                    )
+                    done = sum(slot.nbytes for slot in slots)
+                    moved = done + sum(storage.nbytes() for storage in later)
+                    if progress is not None:
+                        progress(done, moved)
+                    for storage in later:
+                        self._copy_out(torch, tape, slots, storage)
+                        done += storage.nbytes()
+                        if progress is not None:
+                            progress(done, moved)
+                    tape.trim(_end(slots))
+                    self._synchronize(torch, slots)
+            except Exception as exc:
+                self._synchronize(torch, slots)  # the pool is reused: no copy may still land in it
+                if isinstance(exc, OffloadError):
+                    raise
+                raise OffloadError(
+                    f"offload failed while copying to host, nothing was changed: {exc}"
+                ) from exc
+            self._shrink(torch, slots, tape, new_chunk)
+            self._commit_offload(tape, slots, new_chunk)
+            self._release_device(torch)
+            return Transfer(
+                moved, time.perf_counter() - started, len(slots), self._left_bytes(torch, slots)
+            )
+
+    def restore(self, progress: Progress | None = None) -> Transfer:
+        """Bring every offloaded storage back, bit-identical; host copies go only after success."""
+        with self._lock:
+            if not self._offloaded:
+                return Transfer(0, 0.0, 0)
+            started = time.perf_counter()
+            tape = self._tape
+            assert tape is not None
+            moved = sum(slot.nbytes for slot in self._slots)
+            if not self._slots:
+                self._finish_restore()
+                return Transfer(0, time.perf_counter() - started, 0)
+            torch = self._torch()
+            assert torch is not None  # storages were moved, so torch is imported
+            spilled = any(buffer.tensor is None for buffer in tape.buffers)
+            total = moved + (self.disk_bytes if spilled else 0)
+            if spilled:
+                self._read_back(tape, progress, total)
+            try:
+                self._bring_back(torch, self._slots, tape, progress, total)
+            except Exception as exc:
+                raise OffloadError(
+                    f"restore failed, the state stays offloaded with its host copy: {exc}"
+                ) from exc
+            count = len(self._slots)
+            self._finish_restore()
+            return Transfer(moved, time.perf_counter() - started, count)
+
+    def spill(self, directory: Path) -> int:
+        """Move the host copies to files in ``directory``; host memory goes once all are durable."""
+        with self._lock:
+            tape = self._tape
+            if tape is None or self.host_bytes == 0:
+                return 0
+            written: list[_Buffer] = []
+            try:
+                for index, buffer in enumerate(tape.buffers):
+                    if buffer.spill is None:
+                        assert buffer.tensor is not None
+                        view = _memoryview(buffer.tensor, buffer.used)
+                        buffer.spill = write_spill(directory, f"{self._name}-{index}.spill", view)
+                        written.append(buffer)
+            except SpillError as exc:
+                for buffer in written:
+                    assert buffer.spill is not None
+                    remove_spill(buffer.spill)
+                    buffer.spill = None
+                raise OffloadError(f"spill failed, the host copy is kept: {exc}") from exc
+            for buffer in tape.buffers:
+                buffer.tensor = None
+            self._pool = []
+            self._release_pinned()
+            return sum(b.used for b in written)
+
+    def discard(self) -> None:
+        """The kernel is ending: free host buffers and the pool, delete spill files."""
+        with self._lock:
+            if self._tape is not None:
+                for buffer in self._tape.buffers:
+                    if buffer.spill is not None:
+                        remove_spill(buffer.spill)
+                    buffer.tensor = None
+            self._tape = None
+            self._slots = []
+            self._pool = []
+            self._offloaded = False
+            self._release_pinned()
+
+    # -- scanning ---------------------------------------------------------------------------
+
+    def _torch(self) -> Any:
+        """torch if this process could hold device storages now, else None (nothing to do)."""
+        torch = sys.modules.get("torch")
+        if torch is None or not hasattr(torch, "UntypedStorage"):
+            return None  # not imported, or still importing
+        if not self.simulated and not torch.cuda.is_initialized():
+            return None  # never initialised CUDA: no CUDA storage can exist
+        return torch
+
+    def _find(self, torch: Any, found: _Scan) -> Iterator[torch.UntypedStorage]:
+        """Yield each live, movable device storage once; record in ``found`` what is unsafe."""
+        device_type = "cpu" if self.simulated else "cuda"
+        smallest = max(self.min_bytes, 1)
+        seen = self._own_storages()
+        shared = _multiprocessing_shared()
+        segments = None if self.simulated else _allocator_segments(torch)
+        graph_type = None if self.simulated else torch.cuda.CUDAGraph
+        graphs = 0
+        for obj in gc.get_objects():
+            kind = type(obj)  # never isinstance: it reads __class__, which proxies may fake
+            if issubclass(kind, torch.Tensor):
+                storages = _storages_of(torch, obj)
+            elif issubclass(kind, torch.UntypedStorage):
+                storages = [obj]
+            elif issubclass(kind, torch.TypedStorage):
+                storages = [obj._untyped_storage]
+            else:
+                if graph_type is not None and issubclass(kind, graph_type):
+                    graphs += 1
+                continue
+            for storage in storages:
+                key = storage._cdata
+                if key in seen or storage.device.type != device_type:
+                    continue
+                seen.add(key)
+                nbytes = storage.nbytes()
+                if nbytes < smallest:
+                    continue
+                if key in shared or (self.simulated and storage.is_shared()):
+                    found.refuse(
+                        "storage(s) shared with another process (torch.multiprocessing / IPC)",
+                        nbytes,
+                    )
+                elif not storage.resizable():
+                    # Simulated, this is numpy/mmap/frombuffer memory: another library's, no device state.
+                    if not self.simulated:
+                        found.refuse(
+                            "storage(s) torch does not own (from_blob / DLPack / IPC)", nbytes
+                        )
+                elif segments is not None and not _inside(segments, storage.data_ptr()):
+                    found.refuse(
+                        "storage(s) outside torch's CUDA allocator (memory it cannot move)", nbytes
+                    )
+                else:
+                    yield storage
+        if graphs:
+            found.refuse(
+                f"{graphs} live CUDA graph(s) (torch.cuda.CUDAGraph, also kept by torch.compile "
+                "mode='reduce-overhead'): they replay fixed device addresses; delete them first"
+            )
+        if not self.simulated and torch.cuda.is_current_stream_capturing():
+            found.refuse("a CUDA graph capture is in progress")
+
+    def _own_storages(self) -> set[int]:
+        """The pool and tape buffers: CPU storages too, which a simulated scan must not move."""
+        tensors = list(self._pool)
+        if self._tape is not None:
+            tensors += [b.tensor for b in self._tape.buffers if b.tensor is not None]
+        return {t.untyped_storage()._cdata for t in tensors}
+
+    # -- host memory ------------------------------------------------------------------------
+
+    def _copy_out(self, torch: Any, tape: _Tape, slots: list[_Slot], storage: Any) -> None:
+        """Start copying one storage to the next free place on the tape."""
+        slot = _Slot(storage, storage.nbytes(), _end(slots))
+        slots.append(slot)
+        device_bytes = _bytes_of(torch, storage)
+        for host, start, length in tape.pieces(slot.offset, slot.nbytes):
+            _copy(host, device_bytes[start : start + length])
+
+    def _grow(self, tape: _Tape, total: int) -> torch.Tensor | None:
+        """Make the tape hold ``total`` bytes: the pool grows once up to pinned_limit, then
+        pageable memory takes the rest. Returns the new pool chunk, kept only if the offload
+        succeeds."""
+        new_chunk = None
+        try:
+            wanted = min(total, self.pinned_limit)
+            if tape.end < wanted:
+                new_chunk = _allocate_host(wanted - tape.end, self._pin)
+                tape.append(_Buffer(new_chunk, new_chunk.numel(), pooled=True))
+            if tape.end < total:
+                extra = total - tape.end
+                tape.append(_Buffer(_allocate_host(extra, False), extra, pooled=False))
+        except Exception as exc:
+            raise OffloadError(
+                f"cannot allocate {_mib(total)} of host memory for the offload, "
+                f"nothing was changed: {exc}"
+            ) from exc
+        return new_chunk
+
+    def _commit_offload(
+        self, tape: _Tape, slots: list[_Slot], new_chunk: torch.Tensor | None
+    ) -> None:
+        if new_chunk is not None:
+            self._pool.append(new_chunk)
+        self._tape = tape
+        self._slots = slots
+        self._offloaded = True
+
+    def _read_back(self, tape: _Tape, progress: Progress | None, total: int) -> None:
+        """Reload spilled buffers from disk, verified; on failure stay spilled, memory freed again."""
+        done = 0
+        try:
+            for buffer in tape.buffers:
+                if buffer.tensor is None:
+                    assert buffer.spill is not None
+                    buffer.tensor = _allocate_host(buffer.used, self._pin and buffer.pooled)
+                    read_spill(buffer.spill, _memoryview(buffer.tensor, buffer.used))
+                    done += buffer.used
+                    if progress is not None:
+                        progress(done, total)
+        except Exception as exc:
+            for buffer in tape.buffers:
+                if buffer.spill is not None:
+                    buffer.tensor = None
+            raise OffloadError(f"restore failed reading the spilled state back: {exc}") from exc
+        self._pool = [b.tensor for b in tape.buffers if b.pooled and b.tensor is not None]
+
+    def _finish_restore(self) -> None:
+        """Only now, with every storage back, may the host and disk copies go."""
+        assert self._tape is not None
+        for buffer in self._tape.buffers:
+            if buffer.spill is not None:
+                remove_spill(buffer.spill)
+        self._tape = None
+        self._slots = []
+        self._offloaded = False
+
+    # -- device side ------------------------------------------------------------------------
+
+    def _shrink(
+        self, torch: Any, slots: list[_Slot], tape: _Tape, new_chunk: torch.Tensor | None
+    ) -> None:
+        """Free every device storage; if one cannot be freed, bring the freed ones back."""
+        shrunk: list[_Slot] = []
+        try:
+            for slot in slots:
+                _resize(slot.storage, 0)
+                shrunk.append(slot)
+        except Exception as exc:
+            try:
+                self._bring_back(torch, shrunk, tape, None, 0)
+            except Exception as again:
+                # Could not undo: those storages stay offloaded with their host copies.
+                self._commit_offload(tape, shrunk, new_chunk)
+                raise OffloadError(
+                    f"offload failed while freeing device memory ({exc}) and undoing it failed "
+                    f"({again}); {len(shrunk)} storages stay offloaded, restore() brings them back"
+                ) from exc
+            raise OffloadError(
+                f"offload failed while freeing device memory, nothing was changed: {exc}"
+            ) from exc
+
+    def _bring_back(
+        self,
+        torch: Any,
+        slots: list[_Slot],
+        tape: _Tape,
+        progress: Progress | None,
+        total: int,
+    ) -> None:
+        """Reallocate and refill ``slots``; on failure free the refilled ones again and raise."""
+        restored: list[_Slot] = []
+        done = total - sum(slot.nbytes for slot in slots)
+        try:
+            with torch.no_grad():
+                for slot in slots:
+                    restored.append(slot)
+                    _resize(slot.storage, slot.nbytes)
+                    device_bytes = _bytes_of(torch, slot.storage)
+                    for host, start, length in tape.pieces(slot.offset, slot.nbytes):
+                        _copy(device_bytes[start : start + length], host)
+                    done += slot.nbytes
+                    if progress is not None:
+                        progress(done, total)
+                self._synchronize(torch, slots)
+        except BaseException:
+            self._synchronize(torch, restored)
+            for slot in restored:
+                _resize(slot.storage, 0)
+            self._release_device(torch)
+            raise
+
+    def _synchronize(self, torch: Any, slots: list[_Slot]) -> None:
+        """Wait for asynchronous copies on every device involved."""
+        if self.simulated:
+            return
+        for device in {slot.storage.device for slot in slots}:
+            torch.cuda.synchronize(device)
+
+    def _release_device(self, torch: Any) -> None:
+        """Hand freed blocks and cuBLAS workspaces back to the driver so other kernels can use them."""
+        if self.simulated:
+            return
+        if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+            torch._C._cuda_clearCublasWorkspaces()
+        torch.cuda.empty_cache()
+
+    def _release_pinned(self) -> None:
+        """Freed pinned buffers sit in torch's host cache until emptied; give them back."""
+        torch = sys.modules.get("torch")
+        if (
+            self._pin
+            and torch is not None
+            and torch.cuda.is_initialized()
+            and hasattr(torch._C, "_host_emptyCache")
+        ):
+            torch._C._host_emptyCache()
+
+    def _left_bytes(self, torch: Any, slots: list[_Slot]) -> int:
+        if self.simulated:
+            return 0
+        devices = {slot.storage.device for slot in slots} or {torch.device("cuda")}
+        return sum(torch.cuda.memory_allocated(device) for device in devices)
+
+
+def _storages_of(torch: Any, tensor: Any) -> list[Any]:
+    """The storages behind a tensor (sparse ones have several) and behind its gradient."""
+    tensors = [tensor]
+    try:
+        if tensor.is_leaf or tensor.retains_grad:
+            grad = tensor.grad
+            if grad is not None:
+                tensors.append(grad)
+    except Exception:
+        pass  # tensor subclasses without a usable .grad: the scan must go on
+    storages = []
+    for t in tensors:
+        try:
+            layout = t.layout
+            if layout == torch.sparse_coo:
+                parts = [t._indices(), t._values()]
+            elif layout in (torch.sparse_csr, torch.sparse_bsr):
+                parts = [t.crow_indices(), t.col_indices(), t.values()]
+            elif layout in (torch.sparse_csc, torch.sparse_bsc):
+                parts = [t.ccol_indices(), t.row_indices(), t.values()]
+            else:
+                parts = [t]
+            storages += [part.untyped_storage() for part in parts]
+        except Exception:
+            continue  # no storage torch exposes (nested, functional, fake, wrapper subclasses)
+    return storages
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def _end(slots: list[_Slot]) -> int:
+    """Where the next storage goes on the tape: after the last one, aligned."""
+    return _aligned(slots[-1].offset + slots[-1].nbytes) if slots else 0
+
+
+def _bytes_of(torch: Any, storage: Any) -> Any:
+    """A flat uint8 tensor over the whole storage, to copy it as raw bytes."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+
+def _memoryview(tensor: Any, nbytes: int) -> memoryview:
+    """The first ``nbytes`` of a contiguous host tensor as a writable memoryview (no numpy)."""
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
+
+
+def _multiprocessing_shared() -> set[int]:
+    """Storages torch.multiprocessing has sent or received (CUDA IPC, CPU shared memory)."""
+    reductions = sys.modules.get("torch.multiprocessing.reductions")
+    if reductions is None:
+        return set()
+    return {ref.cdata for ref in list(reductions.shared_cache.values()) if not ref.expired()}
+
+
+def _allocator_segments(torch: Any) -> list[tuple[int, int]] | None:
+    """Address ranges of the native caching allocator's segments; None where it cannot say."""
+    if torch.cuda.get_allocator_backend() != "native":
+        return None
+    return sorted(
+        (segment["address"], segment["address"] + segment["total_size"])
+        for segment in torch.cuda.memory_snapshot()
+    )
+
+
+def _inside(segments: list[tuple[int, int]], address: int) -> bool:
+    index = bisect.bisect_right(segments, (address, float("inf"))) - 1
+    return index >= 0 and segments[index][0] <= address < segments[index][1]
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.1f} MiB"

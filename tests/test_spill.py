@@ -1,0 +1,216 @@
+"""Spill files on a real filesystem, alone and under the engine (simulated devices, real torch).
+
+A full disk is produced for real with RLIMIT_FSIZE: writes past the limit fail with EFBIG, the
+same failure path as ENOSPC, without mounting anything.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from jupyter_singularity.kernel.spill import SpillError, SpillFile, read_spill, write_spill
+
+MIB = 1 << 20
+
+
+@contextmanager
+def file_size_limit(nbytes: int) -> Iterator[None]:
+    """Files of this process may not grow past ``nbytes`` (EFBIG instead of SIGXFSZ)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def pattern(n: int) -> bytes:
+    return bytes((i * 7 + i // 251) % 256 for i in range(n))
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    data = pattern(3 * MIB + 5)  # several write chunks and a ragged end
+    spill = write_spill(tmp_path / "spill", "state-0.spill", memoryview(data))
+
+    assert spill.path == tmp_path / "spill" / "state-0.spill"
+    assert spill.nbytes == len(data) and spill.path.stat().st_size == len(data)
+    into = bytearray(len(data))
+    read_spill(spill, memoryview(into))
+    assert into == data
+    assert os.listdir(tmp_path / "spill") == ["state-0.spill"]  # no temporary file left
+
+
+def test_files_are_private(tmp_path: Path) -> None:
+    old_umask = os.umask(0)  # even a permissive umask must not widen the mode
+    try:
+        spill = write_spill(tmp_path / "new", "a.spill", memoryview(b"secret"))
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(spill.path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o700
+
+
+def test_corruption_is_detected(tmp_path: Path) -> None:
+    data = pattern(MIB)
+    spill = write_spill(tmp_path, "c.spill", memoryview(data))
+    with open(spill.path, "r+b") as file:
+        file.seek(123_456)
+        file.write(bytes([data[123_456] ^ 0x01]))
+
+    with pytest.raises(SpillError, match=r"checksum mismatch in spill file .*c\.spill"):
+        read_spill(spill, memoryview(bytearray(MIB)))
+
+
+def test_truncation_is_detected(tmp_path: Path) -> None:
+    spill = write_spill(tmp_path, "t.spill", memoryview(pattern(MIB)))
+    os.truncate(spill.path, MIB - 10)
+
+    with pytest.raises(SpillError, match=r"t\.spill has 1048566 bytes, expected 1048576"):
+        read_spill(spill, memoryview(bytearray(MIB)))
+
+
+def test_missing_file_is_a_spill_error(tmp_path: Path) -> None:
+    spill = SpillFile(tmp_path / "gone.spill", 4, "0" * 128)
+    with pytest.raises(SpillError, match=r"cannot read spill file .*gone\.spill"):
+        read_spill(spill, memoryview(bytearray(4)))
+
+
+def test_full_disk_leaves_no_partial_file(tmp_path: Path) -> None:
+    with file_size_limit(MIB), pytest.raises(SpillError) as raised:
+        write_spill(tmp_path, "big.spill", memoryview(pattern(3 * MIB)))
+
+    message = str(raised.value)
+    assert "cannot write spill file" in message and "big.spill" in message
+    assert "file size limit" in message and "host copy is kept" in message
+    assert os.listdir(tmp_path) == []
+
+
+# -- the engine's spill tier ---------------------------------------------------------------
+
+torch = pytest.importorskip("torch")
+
+from jupyter_singularity.kernel.offload import OffloadError, TensorEngine  # noqa: E402
+
+
+def raw(tensor: torch.Tensor) -> bytes:
+    assert tensor.untyped_storage().nbytes() > 0, "reading a tensor whose memory is gone"
+    return ctypes.string_at(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+
+
+@pytest.fixture
+def engine() -> Iterator[TensorEngine]:
+    engine = TensorEngine(simulated=True, pinned_limit=4 * MIB, min_bytes=64 << 10)
+    yield engine
+    if engine.offloaded:  # a failed test must not leave this process's tensors empty
+        engine.restore()
+    engine.discard()
+
+
+@pytest.fixture
+def tensors() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randn(n, 1024, generator=generator) for n in (1024, 512, 256)]
+
+
+def test_engine_spills_and_restores(
+    engine: TensorEngine, tensors: list[torch.Tensor], tmp_path: Path
+) -> None:
+    before = [raw(t) for t in tensors]
+    engine.offload()
+    host = engine.host_bytes
+
+    written = engine.spill(tmp_path)
+
+    assert written == host == engine.disk_bytes and engine.host_bytes == 0
+    assert engine.pool_bytes == 0  # the pool is host memory too: it goes with the copies
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 2  # the 4 MiB pool buffer and the pageable rest
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+    assert engine.spill(tmp_path) == 0  # already on disk
+    seen: list[tuple[int, int]] = []
+
+    restored = engine.restore(lambda done, total: seen.append((done, total)))
+
+    assert [raw(t) for t in tensors] == before
+    assert restored.nbytes >= 7 * MIB
+    assert seen[-1] == (restored.nbytes + written, restored.nbytes + written)
+    assert list(tmp_path.iterdir()) == []
+    assert (engine.disk_bytes, engine.host_bytes, engine.pool_bytes) == (0, 0, 4 * MIB)
+
+
+def test_engine_spill_failure_keeps_the_host_copy(
+    engine: TensorEngine, tensors: list[torch.Tensor], tmp_path: Path
+) -> None:
+    before = [raw(t) for t in tensors]
+    engine.offload()
+    host = engine.host_bytes
+
+    with file_size_limit(2 * MIB), pytest.raises(OffloadError, match="host copy is kept"):
+        engine.spill(tmp_path)
+
+    assert engine.host_bytes == host and engine.disk_bytes == 0
+    assert list(tmp_path.iterdir()) == []
+    engine.restore()
+    assert [raw(t) for t in tensors] == before
+
+
+def test_engine_restore_from_a_corrupted_spill_fails_clearly(
+    engine: TensorEngine, tensors: list[torch.Tensor], tmp_path: Path
+) -> None:
+    before = [raw(t) for t in tensors]
+    engine.offload()
+    engine.spill(tmp_path)
+    victim = sorted(tmp_path.iterdir())[0]
+    original = victim.read_bytes()
+    victim.write_bytes(b"\xff" + original[1:])
+
+    with pytest.raises(OffloadError, match=r"checksum mismatch in spill file .*\.spill"):
+        engine.restore()
+
+    assert engine.offloaded and engine.host_bytes == 0 and engine.disk_bytes > 0
+    assert all(t.untyped_storage().nbytes() == 0 for t in tensors)
+    victim.write_bytes(original)  # the disk is repaired: the state comes back after all
+    engine.restore()
+    assert [raw(t) for t in tensors] == before
+
+
+DISCARD_SCRIPT = """
+import sys
+from pathlib import Path
+import torch
+from jupyter_singularity.kernel.offload import TensorEngine
+kept = [torch.randn(1024, 1024) for _ in range(3)]
+engine = TensorEngine(simulated=True, pinned_limit=4 << 20)
+engine.offload()
+engine.spill(Path(sys.argv[1]))
+print(len(list(Path(sys.argv[1]).iterdir())))
+engine.discard()
+print(engine.offloaded, engine.disk_bytes, engine.host_bytes, engine.pool_bytes)
+"""
+
+
+def test_discard_deletes_spill_files(tmp_path: Path) -> None:
+    """In a process of its own: a kernel that ends offloaded leaves its tensors empty."""
+    spill_dir = tmp_path / "spill"
+    result = subprocess.run(
+        [sys.executable, "-c", DISCARD_SCRIPT, str(spill_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert result.stdout.split("\n")[:2] == ["2", "False 0 0 0"]
+    assert list(spill_dir.iterdir()) == []
