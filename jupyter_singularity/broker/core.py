@@ -59,6 +59,9 @@ class Policy:
     """Whether offloaded state may be restored onto another device of the same chip type."""
     fair_share_rate: float = 0.1
     fair_share_cap: float = 300.0
+    host_memory_limit: int = 0
+    """Bytes of offloaded state kept in host memory; beyond it the least recently used kernels'
+    host copies spill to disk. 0 = no limit."""
     """A request is queued as if it arrived ``min(cap, rate * GPU-seconds used today / priority)``
     seconds later: heavy users yield to light ones, but never by more than ``cap``, so none starves."""
 
@@ -129,7 +132,15 @@ class Forget:
     kernel_id: str
 
 
-Action = Grant | Deny | Wait | Offload | LeaseEnded | StateChanged | Forget
+@dataclass(frozen=True)
+class Spill:
+    """Move the kernel's host copy to disk: host memory is over its budget."""
+
+    kernel_id: str
+    reason: str
+
+
+Action = Grant | Deny | Wait | Offload | Spill | LeaseEnded | StateChanged | Forget
 
 
 # ------------------------------------------------------------------------------------------ state
@@ -175,6 +186,9 @@ class Kernel:
     request: Request | None = None
     refused: str = ""
     used_gpu: bool = False
+    spilling: bool = False
+    spill_refused: str = ""
+    """Why the last spill failed; not retried until the kernel's state changes again."""
     """Whether the kernel ever held a lease: off the device it is then offloaded, not cold."""
     """Why the kernel refused its last offload; it is not evicted again until its next cell ends."""
 
@@ -354,6 +368,7 @@ class BrokerCore:
         if gpu_bytes is not None:
             kernel.gpu_bytes = gpu_bytes
         kernel.host_bytes = kernel.disk_bytes = 0
+        kernel.spill_refused = ""
         kernel.last_activity = now
         if kernel.lease is not None and kernel.lease.hold:
             self._set_state(kernel, KernelState.RUNNING, "restored", now)
@@ -393,16 +408,27 @@ class BrokerCore:
         new = KernelState.QUEUED if kernel.request is not None else self._settled_state(kernel)
         self._set_state(kernel, new, "offload finished", now)
         self._schedule(now)
+        self._enforce_host_budget(now)
         return self._drain()
 
     def spilled(self, kernel_id: str, now: float, host_bytes: int, disk_bytes: int) -> list[Action]:
         """The kernel's host copy moved (partly) to disk to respect the host-memory budget."""
         kernel = self._kernel(kernel_id)
-        if kernel.state not in OFF_DEVICE_STATES:
-            return []
+        kernel.spilling = False
+        if kernel.state not in OFF_DEVICE_STATES and kernel.state != KernelState.QUEUED:
+            return self._drain()
         kernel.host_bytes, kernel.disk_bytes = host_bytes, disk_bytes
         if kernel.request is None:
             self._set_state(kernel, self._settled_state(kernel), "spilled to disk", now)
+        self._enforce_host_budget(now)
+        return self._drain()
+
+    def spill_failed(self, kernel_id: str, reason: str, now: float) -> list[Action]:
+        """The spill could not complete (a full disk); the host copy is intact and stays."""
+        kernel = self._kernel(kernel_id)
+        kernel.spilling = False
+        kernel.spill_refused = reason
+        self._enforce_host_budget(now)
         return self._drain()
 
     def offload_failed(self, kernel_id: str, reason: str, now: float) -> list[Action]:
@@ -438,6 +464,7 @@ class BrokerCore:
         self.quotas = quotas
         self._limits_cache.clear()
         self._schedule(now)
+        self._enforce_host_budget(now)
         return self._drain()
 
     def tick(self, now: float) -> list[Action]:
@@ -594,6 +621,45 @@ class BrokerCore:
         assert kernel.device is not None
         self._set_state(kernel, KernelState.OFFLOADING, reason, now)
         self._actions.append(Offload(kernel.kernel_id, kernel.device, reason))
+
+    def _enforce_host_budget(self, now: float) -> None:
+        """Spill the least recently used idle kernels' host copies while host memory is over the
+        pool's budget or a user's ``host_memory`` quota."""
+        idle = sorted(
+            (
+                k
+                for k in self.kernels.values()
+                if k.host_bytes
+                and k.state in OFF_DEVICE_STATES
+                and k.request is None
+                and not k.spilling
+                and not k.spill_refused
+            ),
+            key=lambda k: k.last_activity,
+        )
+        if not idle:
+            return
+        by_user: dict[str, int] = {}
+        for kernel in self.kernels.values():
+            if kernel.host_bytes and not kernel.spilling:
+                by_user[kernel.user] = by_user.get(kernel.user, 0) + kernel.host_bytes
+        total = sum(by_user.values())
+        limit = self.policy.host_memory_limit
+        for kernel in idle:
+            user_limit = self.limits(kernel.user, kernel.groups).host_memory
+            over_pool = bool(limit) and total > limit
+            over_user = user_limit is not None and by_user[kernel.user] > user_limit
+            if not (over_pool or over_user):
+                continue
+            kernel.spilling = True
+            total -= kernel.host_bytes
+            by_user[kernel.user] -= kernel.host_bytes
+            reason = (
+                "host memory of the pool is full"
+                if over_pool
+                else f"host memory quota of {kernel.user} reached"
+            )
+            self._actions.append(Spill(kernel.kernel_id, reason))
 
     def _relieve_overcommit(self, device: int | None, now: float) -> None:
         """A cell may end with a larger footprint than it reserved; evict idle kernels to fit again."""

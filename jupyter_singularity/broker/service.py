@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from .core import (
     LeaseEnded,
     Offload,
     Policy,
+    Spill,
     StateChanged,
     Wait,
 )
@@ -123,6 +124,18 @@ class BrokerService:
         self.owner, self.owner_groups = server_owner()
         now = clock()
         ledger.close_dangling_leases(at=now)
+        real_gpus = bool(inventory.devices()) and not inventory.simulated
+        self.driver_capability = (
+            detect()
+            if real_gpus
+            else DriverCapability(False, False, None, "no real GPU in the pool")
+        )
+        self._driver = DriverCheckpointer(self.driver_capability)
+        if real_gpus:
+            log.info("jupyter-singularity: %s", self.driver_capability.log_line())
+            if policy.migration and not self.driver_capability.migration:
+                # Restoring onto another GPU needs the driver's UUID remap.
+                policy = replace(policy, migration=False)
         self.core = BrokerCore(
             inventory.devices(),
             quotas,
@@ -131,14 +144,6 @@ class BrokerService:
             now=now,
         )
         self._connections: dict[str, _Connection] = {}
-        self.driver_capability = (
-            detect()
-            if inventory.devices() and not inventory.simulated
-            else DriverCapability(False, False, None, "no real GPU in the pool")
-        )
-        self._driver = DriverCheckpointer(self.driver_capability)
-        if inventory.devices() and not inventory.simulated:
-            log.info("jupyter-singularity: %s", self.driver_capability.log_line())
         self._rpc = RPCServer(self._key_for, self._handle, log)
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
@@ -451,6 +456,8 @@ class BrokerService:
                 )
             elif isinstance(action, Offload):
                 self._spawn(self._offload(action))
+            elif isinstance(action, Spill):
+                self._spawn(self._spill(action))
             elif isinstance(action, LeaseEnded):
                 self.ledger.lease_ended(
                     f"{action.kernel_id}:{action.request_id}", action.end, action.peak_bytes
@@ -583,6 +590,39 @@ class BrokerService:
                     host_bytes=int(reply.get("host_bytes", 0)),
                     disk_bytes=int(reply.get("disk_bytes", 0)),
                     gpu_bytes=gpu_bytes,
+                )
+            )
+
+    async def _spill(self, action: Spill) -> None:
+        """Ask an offloaded kernel to move its host copy to its spill directory."""
+        directory = self._spill_dir_of(action.kernel_id)
+        try:
+            if directory is None:
+                raise RuntimeError("no spill directory is configured")
+            reply = await self._rpc.request(
+                action.kernel_id,
+                "spill",
+                {"directory": str(directory), "reason": action.reason},
+                timeout=self.offload_timeout,
+            )
+        except (TimeoutError, asyncio.TimeoutError, ConnectionError, RuntimeError) as err:
+            reply = {"error": f"spill request failed ({err or type(err).__name__})"}
+        if action.kernel_id not in self.core.kernels:
+            return
+        if "error" in reply:
+            self.log.error(
+                "jupyter-singularity: %s keeps its state in host memory: %s",
+                action.kernel_id,
+                reply["error"],
+            )
+            self._apply(self.core.spill_failed(action.kernel_id, str(reply["error"]), self.clock()))
+        else:
+            self._apply(
+                self.core.spilled(
+                    action.kernel_id,
+                    self.clock(),
+                    host_bytes=int(reply["host_bytes"]),
+                    disk_bytes=int(reply["disk_bytes"]),
                 )
             )
 

@@ -168,7 +168,11 @@ class SingularityApp(ExtensionApp):
             self.inventory,
             self.ledger,
             quotas,
-            Policy(idle_timeout=self.idle_timeout, migration=self.migration),
+            Policy(
+                idle_timeout=self.idle_timeout,
+                migration=self.migration,
+                host_memory_limit=self.host_memory_limit_bytes,
+            ),
             log=self.log,
             emit=self._emit,
             spill_dir=Path(self.spill_dir),
