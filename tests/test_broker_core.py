@@ -44,7 +44,6 @@ from jupyter_singularity.devices import DeviceInfo, open_inventory
 MiB = 1 << 20
 GiB = 1 << 30
 T0 = 20_000 * DAY  # a UTC midnight (2024-10-04 00:00:00 UTC)
-MARGIN = Policy().margin_bytes
 S = KernelState
 
 
@@ -103,7 +102,7 @@ def run_cell(
     end: float,
     peak: int | None,
     gpu: int | None = None,
-    memory: int | None | str = "peak",
+    memory: int | str | None = "peak",
 ) -> tuple[Grant, list]:
     """One GPU cell that is granted at once (by default it asks for ``peak`` bytes, so that
     several kernels fit on one device); returns its Grant and the release's actions."""
@@ -849,7 +848,7 @@ def test_a_memory_hint_does_not_slip_a_kernel_past_a_lowered_memory_quota():
 # ================================================================================ state machine
 
 
-KIDS_MAX = 6
+KIDS_MAX = 5
 USERS = {"alice": ("ml",), "bob": ("ml", "ops"), "carol": ()}
 SHAPES = {
     "1x16GiB": lambda: sim("1x16GiB"),
@@ -864,7 +863,7 @@ quota_entry = st.fixed_dictionaries(
     {},
     optional={
         "gpu_memory": st.sampled_from(SIZES),
-        "gpu_seconds_per_day": st.sampled_from([30, 300, 3600]),
+        "gpu_seconds_per_day": st.sampled_from([10, 600, 7200]),
         "max_resident_kernels": st.integers(0, 3),
         "priority": st.sampled_from([0.5, 1, 2, 4]),
     },
@@ -889,6 +888,34 @@ picks = st.integers(0, 1 << 16)
 fractions = st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0])
 
 
+IN_FLIGHT = (S.RUNNING, S.OFFLOADING, S.RESTORING)
+
+
+@dataclass(frozen=True)
+class Report:
+    """How a kernel finishes what it was doing (only the fields for its state are used)."""
+
+    index: int
+    failed: bool
+    peak: float
+    gpu: float
+    with_peak: bool
+    residual: int
+    to_disk: bool
+
+
+reports = st.builds(
+    Report,
+    index=picks,
+    failed=st.sampled_from([False, False, False, False, True]),
+    peak=fractions,
+    gpu=fractions,
+    with_peak=st.sampled_from([True, True, True, False]),
+    residual=st.sampled_from(RESIDUALS),
+    to_disk=st.booleans(),
+)
+
+
 def booking_of(kernel: Kernel) -> int:
     """The memory rule, computed here rather than trusted from the core."""
     if kernel.device is None:
@@ -905,13 +932,20 @@ class Call:
     explicit_offload: str | None = None
     unregistered: str | None = None
     devices_before: dict[str, int | None] = field(default_factory=dict)
+    reported: dict[str, int | None] = field(default_factory=dict)
+    """Where a report (offloaded) leaves the reporting kernel's GPU state, before any decision."""
 
 
 class BrokerMachine(RuleBasedStateMachine):
     """Random interleavings of everything the outside world can tell the core."""
 
-    @initialize(shape=st.sampled_from(sorted(SHAPES)), config=quota_configs, policy=policies)
-    def setup(self, shape: str, config: dict | None, policy: Policy) -> None:
+    @initialize(
+        shape=st.sampled_from(sorted(SHAPES)),
+        config=quota_configs,
+        policy=policies,
+        users=st.lists(st.sampled_from(sorted(USERS)), min_size=2, max_size=4),
+    )
+    def setup(self, shape: str, config: dict | None, policy: Policy, users: list[str]) -> None:
         self.devices = {d.index: d for d in SHAPES[shape]()}
         self.now = T0 + 8 * 3600
         self.core = BrokerCore(self.devices.values(), Quotas.parse(config), policy, now=self.now)
@@ -927,6 +961,8 @@ class BrokerMachine(RuleBasedStateMachine):
         self.cancelled: set[str] = set()
         self.usage: dict[str, float] = {}
         self.day = int(self.now // DAY)
+        for user in users:  # (rules that need kernels are then enabled from the first step)
+            self.register(user)
 
     # ------------------------------------------------------------------------------- helpers
 
@@ -942,6 +978,7 @@ class BrokerMachine(RuleBasedStateMachine):
     def call(self, method: str, *args, call: Call | None = None, **kwargs) -> list:
         call = call or Call()
         call.devices_before = {k: kernel.device for k, kernel in self.core.kernels.items()}
+        call.devices_before.update(call.reported)
         actions = getattr(self.core, method)(*args, **kwargs)
         self.check_actions(actions, call)
         return actions
@@ -1046,9 +1083,20 @@ class BrokerMachine(RuleBasedStateMachine):
             assert resident <= limits.max_resident_kernels, (user, resident, limits)
 
     # --------------------------------------------------------------------------------- rules
+    # Rules are picked about evenly (and some are switched off per example), so related events
+    # share one rule each, and kernels also finish their work as time passes: otherwise the rules
+    # that are always enabled (clock, pins, quotas) crowd out the ones that move kernels along.
 
-    @precondition(lambda self: len(self.alive) < KIDS_MAX)
-    @rule(user=st.sampled_from(sorted(USERS)))
+    @rule(
+        die=st.sampled_from([False, False, True]), user=st.sampled_from(sorted(USERS)), index=picks
+    )
+    def lifecycle(self, die: bool, user: str, index: int) -> None:
+        """A kernel starts, or one dies (in whatever state it is)."""
+        if die and len(self.alive) >= 2:
+            self.unregister(self.pick(index))
+        elif len(self.alive) < KIDS_MAX:
+            self.register(user)
+
     def register(self, user: str) -> None:
         kid = f"k{self.next_id}"
         self.next_id += 1
@@ -1058,9 +1106,14 @@ class BrokerMachine(RuleBasedStateMachine):
         assert self.core.kernels[kid].state == S.COLD
 
     @precondition(lambda self: self.alive)
-    @rule(index=picks, memory=st.one_of(st.none(), st.sampled_from(HINTS)))
-    def acquire(self, index: int, memory: int | None) -> None:
-        kid = self.pick(index)
+    @rule(
+        index=picks,
+        memory=st.one_of(st.none(), st.sampled_from(HINTS)),
+        any_kernel=st.sampled_from([False, False, False, True]),
+    )
+    def acquire(self, index: int, memory: int | None, any_kernel: bool) -> None:
+        idle = sorted(k for k in self.alive if k not in self.pending and k not in self.leases)
+        kid = idle[index % len(idle)] if idle and not any_kernel else self.pick(index)
         rid = f"r{self.next_id}"
         self.next_id += 1
         busy = kid in self.pending or kid in self.leases
@@ -1073,9 +1126,9 @@ class BrokerMachine(RuleBasedStateMachine):
             mine = [a for a in actions if getattr(a, "request_id", None) == rid]
             assert mine and isinstance(mine[-1], Grant | Deny | Wait), actions
 
-    @precondition(lambda self: self.pending)
-    @rule(index=picks, wrong=st.booleans())
     def cancel(self, index: int, wrong: bool) -> None:
+        if not self.pending:
+            return
         kids = sorted(self.pending)
         kid = kids[index % len(kids)]
         rid = self.pending[kid]
@@ -1087,10 +1140,7 @@ class BrokerMachine(RuleBasedStateMachine):
         self.cancelled.add(rid)
         assert self.core.kernels[kid].request is None
 
-    @precondition(lambda self: self.in_state(S.RUNNING))
-    @rule(index=picks, peak=fractions, gpu=fractions, report=st.booleans())
-    def release(self, index: int, peak: float, gpu: float, report: bool) -> None:
-        kid = self.pick(index, (S.RUNNING,))
+    def release(self, kid: str, peak: float, gpu: float, report: bool) -> None:
         lease = self.core.kernels[kid].lease
         assert lease is not None and lease.hold
         peak_bytes = int(lease.reservation * peak) if report else None
@@ -1101,10 +1151,7 @@ class BrokerMachine(RuleBasedStateMachine):
         assert any(isinstance(a, LeaseEnded) and a.kernel_id == kid for a in actions)
         assert kid not in self.leases
 
-    @precondition(lambda self: self.in_state(S.OFFLOADING))
-    @rule(index=picks, residual=st.sampled_from(RESIDUALS), to_disk=st.booleans())
-    def offloaded(self, index: int, residual: int, to_disk: bool) -> None:
-        kid = self.pick(index, (S.OFFLOADING,))
+    def offloaded(self, kid: str, residual: int, to_disk: bool) -> None:
         kernel = self.core.kernels[kid]
         left = min(kernel.gpu_bytes, residual)
         moved = kernel.gpu_bytes - left
@@ -1112,25 +1159,67 @@ class BrokerMachine(RuleBasedStateMachine):
         host, disk = (0, moved) if to_disk else (moved, 0)
         self.offloading.discard(kid)
         self.saved[kid] = moved
-        self.call("offloaded", kid, self.now, host_bytes=host, disk_bytes=disk, gpu_bytes=left)
+        self.call(
+            "offloaded", kid, self.now, host_bytes=host, disk_bytes=disk, gpu_bytes=left,
+            call=Call(reported={kid: kernel.device if left else None}),
+        )  # fmt: skip
         kernel = self.core.kernels[kid]
         if kid not in self.leases:  # (it may have been granted at once)
             assert kernel.state in (S.OFFLOADED, S.SPILLED, S.QUEUED, S.COLD, S.RESIDENT)
         if moved == 0 and left:
             assert kernel.refused, "an offload that freed nothing must not be asked again"
 
-    @precondition(lambda self: self.in_state(S.OFFLOADING))
-    @rule(index=picks)
-    def offload_failed(self, index: int) -> None:
-        kid = self.pick(index, (S.OFFLOADING,))
+    def offload_failed(self, kid: str) -> None:
         self.offloading.discard(kid)
         self.call("offload_failed", kid, "a cell is capturing a CUDA graph", self.now)
         assert self.core.kernels[kid].refused or kid in self.leases
 
-    @precondition(lambda self: self.in_state(S.OFFLOADED))
-    @rule(index=picks, fraction=fractions)
-    def spill(self, index: int, fraction: float) -> None:
-        kid = self.pick(index, (S.OFFLOADED,))
+    @precondition(lambda self: self.in_state(*IN_FLIGHT))
+    @rule(report=reports)
+    def kernel_reports(self, report: Report) -> None:
+        self.kernel_report(report)
+
+    def kernel_report(self, report: Report) -> None:
+        """A kernel finishes what it is doing: its cell ends (with or without a peak), or the
+        offload or restore it was asked for completes or fails."""
+        kid = self.pick(report.index, IN_FLIGHT)
+        state = self.core.kernels[kid].state
+        if state == S.RUNNING:
+            self.release(kid, report.peak, report.gpu, report.with_peak)
+        elif state == S.OFFLOADING:
+            if report.failed:
+                self.offload_failed(kid)
+            else:
+                self.offloaded(kid, report.residual, report.to_disk)
+        elif report.failed:
+            self.restore_failed(kid)
+        else:
+            self.restored(kid)
+
+    @precondition(lambda self: self.alive)
+    @rule(
+        kind=st.sampled_from(["interrupt", "offload", "restore"]),
+        index=picks,
+        any_state=st.booleans(),
+    )
+    def user_request(self, kind: str, index: int, any_state: bool) -> None:
+        """The user interrupts a waiting cell, or asks for an offload or a restore (magic, REST)."""
+        if kind == "interrupt":
+            self.cancel(index, wrong=any_state)
+        elif kind == "restore":
+            self.restore(index, any_state)
+        else:
+            self.offload(index, any_state)
+
+    @precondition(lambda self: self.alive)
+    @rule(kind=st.sampled_from(["pin", "unpin", "quotas"]), index=picks, config=quota_configs)
+    def admin(self, kind: str, index: int, config: dict | None) -> None:
+        if kind == "quotas":
+            self.set_quotas(config)
+        else:
+            self.pin(index, kind == "pin")
+
+    def spill(self, kid: str, fraction: float) -> None:
         kernel = self.core.kernels[kid]
         part = int(kernel.host_bytes * fraction)
         self.call(
@@ -1138,10 +1227,7 @@ class BrokerMachine(RuleBasedStateMachine):
             disk_bytes=kernel.disk_bytes + part,
         )  # fmt: skip
 
-    @precondition(lambda self: self.in_state(S.RESTORING))
-    @rule(index=picks)
-    def restored(self, index: int) -> None:
-        kid = self.pick(index, (S.RESTORING,))
+    def restored(self, kid: str) -> None:
         kernel = self.core.kernels[kid]
         gpu = kernel.gpu_bytes + self.saved.get(kid, 0)
         hold = kernel.lease.hold
@@ -1150,23 +1236,19 @@ class BrokerMachine(RuleBasedStateMachine):
             self.leases.pop(kid)
         self.call("restored", kid, self.now, gpu_bytes=gpu)
         kernel = self.core.kernels[kid]
-        assert kernel.state == (S.RUNNING if hold else S.RESIDENT)
+        # (without a cell, a waiter may evict it again at once)
+        assert kernel.state in ((S.RUNNING,) if hold else (S.RESIDENT, S.OFFLOADING))
         assert (kernel.gpu_bytes, kernel.host_bytes, kernel.disk_bytes) == (gpu, 0, 0)
 
-    @precondition(lambda self: self.in_state(S.RESTORING))
-    @rule(index=picks)
-    def restore_failed(self, index: int) -> None:
-        kid = self.pick(index, (S.RESTORING,))
+    def restore_failed(self, kid: str) -> None:
         if not self.core.kernels[kid].lease.hold:
             self.leases.pop(kid)
         self.call("restore_failed", kid, "out of luck", self.now)
         assert self.core.kernels[kid].state == S.ERROR
         assert kid not in self.leases
 
-    @precondition(lambda self: self.alive)
-    @rule(index=picks)
-    def offload(self, index: int) -> None:
-        kid = self.pick(index)
+    def offload(self, index: int, any_state: bool) -> None:
+        kid = (not any_state and self.pick(index, (S.RESIDENT,))) or self.pick(index)
         kernel = self.core.kernels[kid]
         state = kernel.state
         if state in (S.OFFLOADED, S.SPILLED, S.OFFLOADING):
@@ -1178,10 +1260,8 @@ class BrokerMachine(RuleBasedStateMachine):
             with pytest.raises(BrokerError, match=state.value):
                 self.core.offload(kid, self.now)
 
-    @precondition(lambda self: self.alive)
-    @rule(index=picks)
-    def restore(self, index: int) -> None:
-        kid = self.pick(index)
+    def restore(self, index: int, any_state: bool) -> None:
+        kid = (not any_state and self.pick(index, (S.OFFLOADED, S.SPILLED))) or self.pick(index)
         kernel = self.core.kernels[kid]
         if kernel.state not in (S.OFFLOADED, S.SPILLED):
             with pytest.raises(BrokerError, match="nothing to restore"):
@@ -1193,17 +1273,12 @@ class BrokerMachine(RuleBasedStateMachine):
         else:
             assert self.call("restore", kid, self.now) == []
 
-    @precondition(lambda self: self.alive)
-    @rule(index=picks, pinned=st.booleans())
     def pin(self, index: int, pinned: bool) -> None:
         kid = self.pick(index)
         self.call("set_pinned", kid, pinned, self.now)
         assert self.core.kernels[kid].pinned is pinned
 
-    @precondition(lambda self: self.alive)
-    @rule(index=picks)
-    def unregister(self, index: int) -> None:
-        kid = self.pick(index)
+    def unregister(self, kid: str) -> None:
         del self.alive[kid]
         self.gone.add(kid)
         actions = self.call("unregister", kid, self.now, call=Call(unregistered=kid))
@@ -1215,22 +1290,32 @@ class BrokerMachine(RuleBasedStateMachine):
             table.pop(kid, None)
         self.offloading.discard(kid)
 
-    @rule(seconds=st.sampled_from([0.5, 7, 60, 121, 3600, 5 * 3600]))
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+    @rule(
+        seconds=st.sampled_from([0.5, 7, 60, 121, 3600, 5 * 3600, "midnight"]),
+        spill=st.one_of(st.none(), st.tuples(picks, fractions)),
+        report=st.one_of(st.none(), reports),
+    )
+    def advance(
+        self, seconds: float | str, spill: tuple[int, float] | None, report: Report | None
+    ) -> None:
+        """Time passes (the service ticks); host memory may run short and a copy spill to disk;
+        meanwhile a kernel may finish what it was doing."""
+        if seconds == "midnight":
+            self.now = (self.day + 1) * DAY + 1
+        else:
+            self.now += seconds
         self.tick()
-
-    @rule()
-    def past_midnight(self) -> None:
-        self.now = (self.day + 1) * DAY + 1
-        self.tick()
+        if report is not None and self.in_state(*IN_FLIGHT):
+            self.kernel_report(report)
+        if spill is not None and self.in_state(S.OFFLOADED):
+            self.spill(self.pick(spill[0], (S.OFFLOADED,)), spill[1])
 
     def tick(self) -> None:
         day = int(self.now // DAY)
         if day != self.day:
             self.day = day
             self.usage.clear()
-        actions = self.call("tick", self.now)
+        self.call("tick", self.now)
         if self.policy.idle_timeout:
             for kid in self.alive:
                 kernel = self.core.kernels[kid]
@@ -1240,12 +1325,10 @@ class BrokerMachine(RuleBasedStateMachine):
                     and self.now - kernel.last_activity >= self.policy.idle_timeout
                 ):
                     raise AssertionError(f"{kid} idle past the timeout but still resident")
-        del actions
         for user in set(self.usage) | set(self.core.usage_today):
             expected = self.usage.get(user, 0.0)
             assert self.core.usage_today.get(user, 0.0) == pytest.approx(expected), user
 
-    @rule(config=quota_configs)
     def set_quotas(self, config: dict | None) -> None:
         self.call("set_quotas", Quotas.parse(config), self.now)
 
