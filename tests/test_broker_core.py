@@ -259,6 +259,15 @@ def test_eviction_prefers_lower_priority_before_recency():
     assert ids(core.acquire("k", "r3", T0 + 5, memory=8 * GiB), Offload) == ["p"]
 
 
+def test_a_first_cell_reserves_what_can_be_freed_beside_pinned_kernels():
+    """ "The whole device" for a kernel's first cell means all that eviction can free there."""
+    core = make(kernels={"pinned": "alice", "k2": "bob"})
+    run_cell(core, "pinned", "r1", T0, T0 + 1, peak=10 * GiB)
+    core.set_pinned("pinned", True, T0 + 2)
+    grant = one(core.acquire("k2", "r2", T0 + 3), Grant)
+    assert (grant.device, grant.reservation) == (0, 6 * GiB)
+
+
 def test_pinned_kernels_are_never_chosen_as_victims():
     core = make(kernels={"pinned": "alice", "other": "bob", "k3": "carol"})
     run_cell(core, "pinned", "r1", T0 + 1, T0 + 2, peak=6 * GiB)  # the LRU one
@@ -276,11 +285,10 @@ def test_a_request_that_can_never_fit_because_of_pinned_kernels_is_denied():
     core = make(kernels={"pinned": "alice", "k2": "bob"})
     run_cell(core, "pinned", "r1", T0, T0 + 1, peak=10 * GiB)
     core.set_pinned("pinned", True, T0 + 2)
-    deny = one(core.acquire("k2", "r2", T0 + 3), Deny)  # a first cell wants all 16 GiB
+    deny = one(core.acquire("k2", "r2", T0 + 3, memory=8 * GiB), Deny)
     assert deny.kernel_id == "k2" and deny.request_id == "r2"
     assert "pinned" in deny.reason and "--memory" in deny.reason
     assert core.kernels["k2"].state == S.COLD and core.queue() == []
-    assert of(core.acquire("k2", "r3", T0 + 4, memory=8 * GiB), Deny)
     assert one(core.acquire("k2", "r4", T0 + 5, memory=6 * GiB), Grant).device == 0
     # once unpinned the pinned kernel is an ordinary victim again
     core.release("k2", "r4", T0 + 6, peak_bytes=0, gpu_bytes=0)
@@ -785,28 +793,30 @@ def test_a_cell_that_starts_while_its_offload_is_refused_runs_without_restore():
 
 def test_memory_an_offload_leaves_behind_cannot_be_waited_for():
     """A kernel offloaded down to its CUDA context keeps 512 MiB on the GPU; a first cell that
-    wants the whole device used to wait for it forever."""
+    wants the whole device used to wait for it forever. It gets what can be freed instead, and
+    an explicit request that cannot fit is denied rather than left waiting."""
     core = make(kernels={"k1": "alice", "k2": "bob"})
     run_cell(core, "k1", "r1", T0, T0 + 1, peak=4 * GiB)
     core.offload("k1", T0 + 2)
     core.offloaded("k1", T0 + 3, host_bytes=3 * GiB + 512 * MiB, gpu_bytes=512 * MiB)
-    deny = one(core.acquire("k2", "r2", T0 + 4), Deny)
+    deny = one(core.acquire("k2", "r2", T0 + 4, memory=16 * GiB), Deny)
     assert "non-offloadable" in deny.reason and "--memory" in deny.reason
     assert core.queue() == []
-    assert of(core.acquire("k2", "r3", T0 + 5, memory=12 * GiB), Grant)
+    grant = one(core.acquire("k2", "r3", T0 + 5), Grant)
+    assert grant.reservation == 16 * GiB - 512 * MiB
 
 
 def test_an_offload_that_freed_nothing_is_not_asked_again_until_the_next_cell():
     core = make(kernels={"k1": "alice", "k2": "bob"})
     run_cell(core, "k1", "r1", T0, T0 + 1, peak=GiB, gpu=600 * MiB)
-    assert ids(core.acquire("k2", "r2", T0 + 2), Offload) == ["k1"]
+    assert ids(core.acquire("k2", "r2", T0 + 2, memory=16 * GiB), Offload) == ["k1"]
     actions = core.offloaded("k1", T0 + 3, host_bytes=0, gpu_bytes=600 * MiB)
     assert not of(actions, Offload)  # used to ask again, and again, for ever
     assert one(actions, Deny).kernel_id == "k2"
     kernel = core.kernels["k1"]
     assert (kernel.state, kernel.gpu_bytes) == (S.RESIDENT, 600 * MiB) and kernel.refused
     run_cell(core, "k1", "r3", T0 + 4, T0 + 5, peak=GiB, gpu=GiB, memory=None)
-    assert ids(core.acquire("k2", "r4", T0 + 6), Offload) == ["k1"]
+    assert ids(core.acquire("k2", "r4", T0 + 6, memory=16 * GiB), Offload) == ["k1"]
 
 
 def test_kernels_still_being_offloaded_count_against_the_users_quotas():

@@ -185,12 +185,12 @@ class Kernel:
     lease: Lease | None = None
     request: Request | None = None
     refused: str = ""
+    """Why the kernel refused its last offload; it is not evicted again until its next cell ends."""
     used_gpu: bool = False
+    """Whether the kernel ever held a lease: off the device it is then offloaded, not cold."""
     spilling: bool = False
     spill_refused: str = ""
-    """Why the last spill failed; not retried until the kernel's state changes again."""
-    """Whether the kernel ever held a lease: off the device it is then offloaded, not cold."""
-    """Why the kernel refused its last offload; it is not evicted again until its next cell ends."""
+    """Why the last spill failed; not retried until the kernel is restored."""
 
     def booking(self) -> int:
         if self.device is None:
@@ -260,6 +260,11 @@ class BrokerCore:
         self._seq = itertools.count()
         self._actions: list[Action] = []
         self._limits_cache: dict[tuple[str, tuple[str, ...]], Limits] = {}
+        self._pass: _Pass | None = None
+        # Indexes kept in step with every kernel's device and user, so a scheduling pass never
+        # walks all kernels.
+        self._by_device: dict[int, dict[str, Kernel]] = {d: {} for d in self.devices}
+        self._by_user: dict[str, dict[str, Kernel]] = {}
 
     # ----------------------------------------------------------------------------- public events
 
@@ -281,6 +286,7 @@ class BrokerCore:
             )
         kernel = Kernel(kernel_id, user, tuple(groups), notebook, home, now)
         self.kernels[kernel_id] = kernel
+        self._by_user.setdefault(user, {})[kernel_id] = kernel
         self._emit_state(kernel, None, KernelState.COLD, "registered", now)
         return self._drain()
 
@@ -289,12 +295,15 @@ class BrokerCore:
         kernel = self.kernels.pop(kernel_id, None)
         if kernel is None:
             return []
+        del self._by_user[kernel.user][kernel_id]
+        device = kernel.device
+        self._move(kernel, None)
         if kernel.lease is not None:
             self._end_lease(kernel, now, None)
         if kernel.request is not None:
             self._actions.append(Deny(kernel_id, kernel.request.request_id, "kernel is gone"))
         self._actions.append(
-            StateChanged(kernel_id, kernel.user, kernel.state, None, kernel.device, reason, now)
+            StateChanged(kernel_id, kernel.user, kernel.state, None, device, reason, now)
         )
         self._actions.append(Forget(kernel_id))
         self._schedule(now)
@@ -386,7 +395,7 @@ class BrokerCore:
         if kernel.lease is not None:
             self._end_lease(kernel, now, None)
         kernel.gpu_bytes = 0
-        kernel.device = None
+        self._move(kernel, None)
         self._set_state(kernel, KernelState.ERROR, f"restore failed: {reason}", now)
         self._schedule(now)
         return self._drain()
@@ -400,7 +409,7 @@ class BrokerCore:
             return []
         kernel.host_bytes, kernel.disk_bytes, kernel.gpu_bytes = host_bytes, disk_bytes, gpu_bytes
         if kernel.gpu_bytes == 0:
-            kernel.device = None
+            self._move(kernel, None)
         elif not (host_bytes or disk_bytes):
             # Nothing could be moved off: it stays resident, and asking again before its next cell
             # would free nothing either (and would loop: evict, report, evict...).
@@ -492,6 +501,8 @@ class BrokerCore:
 
     def used_seconds(self, user: str, now: float) -> float:
         """GPU-seconds used today, including the running leases' time so far."""
+        if self._pass is not None and self._pass.now == now:
+            return self.usage_today.get(user, 0.0) + self._pass.running_seconds(user)
         running = sum(
             now - k.lease.start
             for k in self.kernels.values()
@@ -565,6 +576,18 @@ class BrokerCore:
             return KernelState.RESIDENT
         return KernelState.OFFLOADED if kernel.used_gpu else KernelState.COLD
 
+    def _move(self, kernel: Kernel, device: int | None) -> None:
+        """Set where the kernel's GPU state is, keeping the device index in step."""
+        if kernel.device is not None:
+            self._by_device[kernel.device].pop(kernel.kernel_id, None)
+            if self._pass is not None:
+                self._pass.changed(kernel.device)
+        kernel.device = device
+        if device is not None:
+            self._by_device[device][kernel.kernel_id] = kernel
+            if self._pass is not None:
+                self._pass.changed(device)
+
     def _booked_by_device(self) -> dict[int, int]:
         booked = dict.fromkeys(self.devices, 0)
         for kernel in self.kernels.values():
@@ -621,6 +644,8 @@ class BrokerCore:
         assert kernel.device is not None
         self._set_state(kernel, KernelState.OFFLOADING, reason, now)
         self._actions.append(Offload(kernel.kernel_id, kernel.device, reason))
+        if self._pass is not None:
+            self._pass.changed(kernel.device)
 
     def _enforce_host_budget(self, now: float) -> None:
         """Spill the least recently used idle kernels' host copies while host memory is over the
@@ -666,7 +691,7 @@ class BrokerCore:
         if device is None:
             return
         total = self.devices[device].total_bytes
-        on_device = [k for k in self.kernels.values() if k.device == device]
+        on_device = list(self._by_device[device].values())
         booked = sum(k.booking() for k in on_device if k.state != KernelState.OFFLOADING)
         for victim in sorted(
             (k for k in on_device if self._evictable(k)), key=lambda k: self._eviction_key(k, now)
@@ -717,59 +742,59 @@ class BrokerCore:
         queue = self.queue()
         if not queue:
             return
-        by_device: dict[int, list[Kernel]] = {d: [] for d in self.devices}
-        for kernel in self.kernels.values():
-            if kernel.device is not None:
-                by_device[kernel.device].append(kernel)
-        claimed: set[int] = set()
-        position = 0
-        for request in queue:
-            kernel = self.kernels[request.kernel_id]
-            placement = self._place(kernel, request, by_device, claimed, now)
-            if placement.deny:
-                kernel.request = None
-                self._actions.append(Deny(kernel.kernel_id, request.request_id, placement.deny))
-                if kernel.state == KernelState.QUEUED:
-                    self._set_state(kernel, self._settled_state(kernel), "request denied", now)
-                continue
-            if placement.device is not None and not placement.victims and not placement.wait:
-                self._grant(kernel, request, placement, by_device, now)
-                continue
-            position += 1
-            if placement.device is not None:
-                request.claimed = placement.device
-                claimed.add(placement.device)
-            for victim in placement.victims:
-                if victim.state == KernelState.RESIDENT:
-                    self._start_offload(
-                        victim, f"making room for kernel {kernel.kernel_id[:8]}", now
+        self._pass = _Pass(self, now)
+        try:
+            claimed: set[int] = set()
+            position = 0
+            for request in queue:
+                kernel = self.kernels[request.kernel_id]
+                placement = self._place(kernel, request, claimed, now)
+                if placement.deny:
+                    kernel.request = None
+                    self._actions.append(Deny(kernel.kernel_id, request.request_id, placement.deny))
+                    if kernel.state == KernelState.QUEUED:
+                        self._set_state(kernel, self._settled_state(kernel), "request denied", now)
+                    continue
+                if placement.device is not None and not placement.victims and not placement.wait:
+                    self._grant(kernel, request, placement, now)
+                    continue
+                position += 1
+                if placement.device is not None:
+                    request.claimed = placement.device
+                    claimed.add(placement.device)
+                for victim in placement.victims:
+                    if victim.state == KernelState.RESIDENT:
+                        self._start_offload(
+                            victim, f"making room for kernel {kernel.kernel_id[:8]}", now
+                        )
+                reason = placement.wait or "waiting for idle kernels to be offloaded"
+                if kernel.state in (*OFF_DEVICE_STATES, KernelState.COLD, KernelState.ERROR):
+                    self._set_state(kernel, KernelState.QUEUED, reason, now)
+                if (position, reason) != (request.position, request.reason):
+                    request.position, request.reason = position, reason
+                    self._actions.append(
+                        Wait(kernel.kernel_id, request.request_id, position, reason)
                     )
-            reason = placement.wait or "waiting for idle kernels to be offloaded"
-            if kernel.state in (*OFF_DEVICE_STATES, KernelState.COLD, KernelState.ERROR):
-                self._set_state(kernel, KernelState.QUEUED, reason, now)
-            if (position, reason) != (request.position, request.reason):
-                request.position, request.reason = position, reason
-                self._actions.append(Wait(kernel.kernel_id, request.request_id, position, reason))
+        finally:
+            self._pass = None
 
     def _grant(
         self,
         kernel: Kernel,
         request: Request,
         placement: _Placement,
-        by_device: dict[int, list[Kernel]],
         now: float,
     ) -> None:
         device = placement.device
         assert device is not None
         restore = bool(kernel.host_bytes or kernel.disk_bytes)
-        if kernel.device is not None and kernel.device != device:
-            by_device[kernel.device].remove(kernel)
-        if kernel.device != device:
-            by_device[device].append(kernel)
         kernel.request = None
-        kernel.device = kernel.home = device
+        self._move(kernel, device)
+        kernel.home = device
         kernel.used_gpu = True
         kernel.lease = Lease(request.request_id, device, placement.reservation, now, request.hold)
+        if self._pass is not None:
+            self._pass.changed(device)
         kernel.last_activity = now
         self._actions.append(
             Grant(
@@ -790,14 +815,7 @@ class BrokerCore:
             kernel.lease = None
             self._set_state(kernel, KernelState.RESIDENT, "restored", now)
 
-    def _place(
-        self,
-        kernel: Kernel,
-        request: Request,
-        by_device: dict[int, list[Kernel]],
-        claimed: set[int],
-        now: float,
-    ) -> _Placement:
+    def _place(self, kernel: Kernel, request: Request, claimed: set[int], now: float) -> _Placement:
         limits = self.limits(kernel.user, kernel.groups)
         if request.hold and limits.gpu_seconds_per_day is not None:
             used = self.used_seconds(kernel.user, now)
@@ -837,55 +855,60 @@ class BrokerCore:
         if quota_wait:
             return _Placement(wait=quota_wait)
 
+        assert self._pass is not None
+        if claimed.issuperset(candidates):
+            # Every device it could use is claimed by an earlier request: nothing to decide yet.
+            return _Placement(wait="queued behind earlier requests for the same GPU")
+        own_fixed = kernel.booking() if _unfreeable(kernel) else 0
         best: tuple | None = None
-        eventual: tuple | None = None
+        eventual = False
+        reservations: dict[int, int] = {}  # by device size: the only thing it depends on
         for d in candidates:
-            info = self.devices[d]
-            reservation = self._reservation(kernel, request, info, limits)
-            others = [k for k in by_device[d] if k is not kernel and k not in quota_victims]
-            free = info.total_bytes - sum(k.booking() for k in others)
-            fixed = sum(
-                k.booking()
-                for k in others
-                if k.pinned
-                or k.refused
-                or k.state == KernelState.ERROR
-                # what an offload left behind (e.g. a CUDA context) stays until the kernel runs
-                or (
-                    k.lease is None
-                    and k.state not in (KernelState.RESIDENT, KernelState.OFFLOADING)
-                )
-            )
-            if info.total_bytes - fixed < reservation:
-                continue  # never fits here without someone unpinning
             if d in claimed:
-                eventual = eventual or (d, reservation)
+                # An earlier request runs here first; this one is looked at again after it.
+                eventual = True
                 continue
+            info = self.devices[d]
+            view = self._pass.view(d)
+            own = kernel.booking() if kernel.device == d else 0
+            leaving = (
+                sum(v.booking() for v in quota_victims if v.device == d) if quota_victims else 0
+            )
+            free = info.total_bytes - (view.booked - own - leaving)
+            freeable = info.total_bytes - (view.fixed - (own_fixed if kernel.device == d else 0))
+            reservation = reservations.get(info.total_bytes)
+            if reservation is None:
+                reservation = reservations[info.total_bytes] = self._reservation(
+                    kernel, request, info, limits
+                )
+            if request.memory is None and not kernel.peaks:
+                # "The whole device" for a first cell means all that can be made free there.
+                state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes
+                reservation = max(min(reservation, freeable), state)
+            if freeable < reservation:
+                continue  # never fits here without someone unpinning
             affinity = 0 if d in (kernel.device, kernel.home) else 1
+            victims: list[Kernel] = []
             if free >= reservation:
                 key = (0, affinity, free - reservation, d)
-                victims: list[Kernel] = []
             else:
                 need = reservation - free
-                pending = sum(k.gpu_bytes for k in others if k.state == KernelState.OFFLOADING)
-                victims = []
-                for victim in sorted(
-                    (k for k in others if self._evictable(k)),
-                    key=lambda k: self._eviction_key(k, now),
-                ):
+                pending = view.offloading
+                for victim in view.evictable:
                     if pending >= need:
                         break
+                    if victim is kernel or victim in quota_victims or not self._evictable(victim):
+                        continue
                     victims.append(victim)
                     pending += victim.booking()
                 if pending >= need:
                     key = (1, affinity, sum(v.booking() for v in victims), d)
                 else:
-                    running = sum(k.booking() for k in others if k.lease is not None)
-                    key = (2, affinity, running, d)
+                    key = (2, affinity, view.running, d)
             if best is None or key < best[0]:
                 best = (key, d, reservation, victims)
         if best is None:
-            if eventual is not None:
+            if eventual:
                 return _Placement(wait="queued behind earlier requests for the same GPU")
             sizes = ", ".join(
                 f"GPU {d}: {format_size(self._reservation(kernel, request, self.devices[d], limits))}"
@@ -908,10 +931,7 @@ class BrokerCore:
                 reservation=reservation,
                 wait=f"GPU {device} is busy with running cells",
             )
-        pending = any(
-            v.state == KernelState.OFFLOADING for v in by_device[device] if v is not kernel
-        )
-        if not victims and pending:
+        if not victims and self._pass.view(device).offloading:
             return _Placement(
                 device=device,
                 reservation=reservation,
@@ -926,14 +946,14 @@ class BrokerCore:
         resident-kernel quotas; else why it must wait (for the user's running cells) or be denied."""
         if limits.gpu_memory is None and limits.max_resident_kernels is None:
             return [], "", ""
+        assert self._pass is not None
+        users_kernels = self._pass.of_user(kernel.user)
         mine = [
             k
-            for k in self.kernels.values()
-            if k.user == kernel.user
-            and k is not kernel
-            and k.device is not None
-            and k.state != KernelState.OFFLOADING
+            for k in users_kernels
+            if k is not kernel and k.device is not None and k.state != KernelState.OFFLOADING
         ]
+        leaving = [k for k in users_kernels if k.state == KernelState.OFFLOADING]
         need = max(self._reservation(kernel, request, self.devices[d], limits) for d in candidates)
         booked = sum(k.booking() for k in mine)
         resident = sum(1 for k in mine if k.state in (*LEASE_STATES, KernelState.RESIDENT))
@@ -953,11 +973,6 @@ class BrokerCore:
             booked -= victim.booking()
             resident -= 1
         if fits():
-            leaving = [
-                k
-                for k in self.kernels.values()
-                if k.user == kernel.user and k.state == KernelState.OFFLOADING
-            ]
             if not victims and leaving:
                 # Their memory is only free once the offload is reported: count it until then.
                 booked += sum(k.booking() for k in leaving)
@@ -979,9 +994,77 @@ class BrokerCore:
                 f"resident-kernel quota: {resident} of {limits.max_resident_kernels} kernels of "
                 f"{kernel.user} hold GPU state"
             )
-        if any(k.lease is not None for k in mine) or any(
-            k.user == kernel.user and k.state == KernelState.OFFLOADING
-            for k in self.kernels.values()
-        ):
+        if any(k.lease is not None for k in mine) or leaving:
             return [], f"{what}; waiting for their cells to finish", ""
         return [], "", f"{what}; offload or unpin one of them first"
+
+
+def _unfreeable(kernel: Kernel) -> bool:
+    """Memory no eviction can free: pinned, refused or failed kernels, and what an offload left
+    behind (e.g. a CUDA context), which stays until the kernel runs again."""
+    return (
+        kernel.pinned
+        or bool(kernel.refused)
+        or kernel.state == KernelState.ERROR
+        or (
+            kernel.lease is None
+            and kernel.state not in (KernelState.RESIDENT, KernelState.OFFLOADING)
+        )
+    )
+
+
+@dataclass
+class _DeviceView:
+    """Aggregates of one device, computed once per scheduling pass (and again after it changes)."""
+
+    booked: int
+    fixed: int
+    offloading: int
+    running: int
+    evictable: list[Kernel]
+
+
+class _Pass:
+    """Per-pass caches, so a pass costs about O(requests x devices), not O(requests x kernels)."""
+
+    def __init__(self, core: BrokerCore, now: float) -> None:
+        self.core = core
+        self.now = now
+        self._running_seconds: dict[str, float] | None = None
+        self._views: dict[int, _DeviceView] = {}
+
+    def running_seconds(self, user: str) -> float:
+        if self._running_seconds is None:
+            self._running_seconds = {}
+            for kernels in self.core._by_device.values():
+                for kernel in kernels.values():
+                    if kernel.lease is not None and kernel.lease.hold:
+                        self._running_seconds[kernel.user] = (
+                            self._running_seconds.get(kernel.user, 0.0)
+                            + self.now
+                            - kernel.lease.start
+                        )
+        return self._running_seconds.get(user, 0.0)
+
+    def of_user(self, user: str) -> list[Kernel]:
+        return list(self.core._by_user.get(user, {}).values())
+
+    def view(self, device: int) -> _DeviceView:
+        view = self._views.get(device)
+        if view is None:
+            kernels = list(self.core._by_device[device].values())
+            view = self._views[device] = _DeviceView(
+                booked=sum(k.booking() for k in kernels),
+                fixed=sum(k.booking() for k in kernels if _unfreeable(k)),
+                offloading=sum(k.gpu_bytes for k in kernels if k.state == KernelState.OFFLOADING),
+                running=sum(k.booking() for k in kernels if k.lease is not None),
+                evictable=sorted(
+                    (k for k in kernels if self.core._evictable(k)),
+                    key=lambda k: self.core._eviction_key(k, self.now),
+                ),
+            )
+        return view
+
+    def changed(self, device: int) -> None:
+        """Something on ``device`` changed during the pass: recompute its view when next asked."""
+        self._views.pop(device, None)
