@@ -11,10 +11,20 @@ import pytest
 from tornado.websocket import WebSocketClientConnection
 
 
-async def run_cell(
-    ws: WebSocketClientConnection, code: str, timeout: float = 60.0
-) -> tuple[str, str]:
-    """Send an ``execute_request``; return the reply's status and the cell's output text."""
+async def cell_messages(
+    ws: WebSocketClientConnection,
+    code: str,
+    timeout: float = 60.0,
+    messages: list | None = None,
+    linger: float = 0.0,
+) -> tuple[str, list[dict]]:
+    """Send an ``execute_request``; return the reply's status and every message the cell caused.
+
+    Pass ``messages=[]`` to watch them arrive while the cell runs, and ``linger=seconds`` to keep
+    collecting messages of any parent (comm updates from the kernel's background threads) after
+    the cell finished.
+    """
+    messages = [] if messages is None else messages
     msg_id = uuid.uuid4().hex
     request = {
         "header": {
@@ -30,7 +40,7 @@ async def run_cell(
         "content": {
             "code": code,
             "silent": False,
-            "store_history": False,
+            "store_history": True,
             "user_expressions": {},
             "allow_stdin": False,
             "stop_on_error": True,
@@ -39,7 +49,6 @@ async def run_cell(
         "buffers": [],
     }
     await ws.write_message(json.dumps(request))
-    output: list[str] = []
     status: str | None = None
     idle = False
     deadline = time.monotonic() + timeout
@@ -52,14 +61,44 @@ async def run_cell(
             pytest.fail("kernel websocket closed while a cell ran")
         msg = json.loads(raw)
         if msg.get("parent_header", {}).get("msg_id") != msg_id:
+            if msg["msg_type"].startswith("comm"):
+                messages.append(msg)
             continue
+        messages.append(msg)
         kind, content = msg["msg_type"], msg["content"]
-        if kind == "stream":
-            output.append(content["text"])
-        elif kind == "error":
-            output.append("\n".join(content["traceback"]))
-        elif kind == "execute_reply":
+        if kind == "execute_reply":
             status = content["status"]
         elif kind == "status":
             idle = content["execution_state"] == "idle"
-    return status, "".join(output)
+    end = time.monotonic() + linger
+    while (remaining := end - time.monotonic()) > 0:
+        try:
+            raw = await asyncio.wait_for(ws.read_message(), remaining)
+        except asyncio.TimeoutError:
+            break
+        if raw is None:
+            break
+        messages.append(json.loads(raw))
+    return status, messages
+
+
+def cell_text(messages: list[dict], displays: bool = True) -> str:
+    """The text a cell showed: streams and errors, and (``displays``) displays and their updates."""
+    parts = []
+    for msg in messages:
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            parts.append(content["text"])
+        elif kind == "error":
+            parts.append("\n".join(content["traceback"]))
+        elif displays and kind in ("display_data", "update_display_data", "execute_result"):
+            parts.append(content.get("data", {}).get("text/plain", "") + "\n")
+    return "".join(parts)
+
+
+async def run_cell(
+    ws: WebSocketClientConnection, code: str, timeout: float = 60.0
+) -> tuple[str, str]:
+    """Run a cell; return its status and what it printed (streams and errors)."""
+    status, messages = await cell_messages(ws, code, timeout)
+    return status, cell_text(messages, displays=False)

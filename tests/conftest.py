@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cells import run_cell
+from cells import cell_messages, run_cell
+from cells import cell_text as cell_text_of
 from traitlets.config import Config
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
@@ -167,3 +168,28 @@ def execute(jp_ws_fetch):
             ws.close()
 
     return run
+
+
+# ------------------------------------------------------------------ kernel runtime (issue 3)
+
+
+@pytest.fixture
+def execute_messages(jp_ws_fetch):
+    """``await execute_messages(kernel_id, code)`` -> ``(status, messages)``: every message the
+    cell caused (display, updates, clear_output, comms, errors), not only its text; see
+    :func:`cells.cell_messages` for ``messages`` and ``linger``."""
+
+    async def run(kernel_id: str, code: str, **kwargs: Any) -> tuple[str, list[dict]]:
+        ws = await jp_ws_fetch("api", "kernels", kernel_id, "channels")
+        try:
+            return await cell_messages(ws, code, **kwargs)
+        finally:
+            ws.close()
+
+    return run
+
+
+@pytest.fixture
+def cell_text():
+    """``cell_text(messages)``: the text of a cell's outputs, displays and errors included."""
+    return cell_text_of

@@ -48,6 +48,14 @@ Emit = Callable[[str, dict], None]
 maps it to its versioned event schema."""
 KERNEL_STATE_SCHEMA, LEASE_SCHEMA, QUEUE_SCHEMA = "kernel_state", "lease", "queue"
 
+#: States whose end is a data transfer the kernel measured (offload, restore, spill).
+TRANSFER_STATES = (
+    KernelState.OFFLOADING,
+    KernelState.RESTORING,
+    KernelState.OFFLOADED,
+    KernelState.QUEUED,
+)
+
 #: Ledger writes are buffered and flushed this many seconds after the first one, off the
 #: path of the cell that caused them.
 LEDGER_FLUSH_DELAY = 0.05
@@ -86,6 +94,9 @@ class _Connection:
     checkpointed_uuid: str | None = None
     """UUID of the GPU the driver tier checkpointed this kernel's process off, if it did."""
     context_note: str = ""
+    transfer: dict | None = None
+    """The kernel's report of its last offload, restore or spill (bytes, seconds), recorded with
+    the state change it caused."""
     """Why the kernel's CUDA context stayed on the GPU after an offload, if it did."""
     waiters: dict[str, asyncio.Future] = field(default_factory=dict)
 
@@ -335,6 +346,43 @@ class BrokerService:
             "queue": self.pool()["queue"],
         }
 
+    async def _on_offload_me(
+        self, kernel_id: str, connection: _Connection, body: dict, now: float
+    ) -> dict:
+        return {"kernel": await self.offload(kernel_id)}
+
+    async def _on_restore_me(
+        self, kernel_id: str, connection: _Connection, body: dict, now: float
+    ) -> dict:
+        record = await self.restore(kernel_id)
+        queued = [q for q in self.pool()["queue"] if q["kernel_id"] == kernel_id]
+        return {"kernel": record, "queue": queued[0] if queued else None}
+
+    async def _on_pin(
+        self, kernel_id: str, connection: _Connection, body: dict, now: float
+    ) -> dict:
+        return {"kernel": self.pin(kernel_id, bool(body["pinned"]))}
+
+    async def _on_devices(
+        self, kernel_id: str, connection: _Connection, body: dict, now: float
+    ) -> dict:
+        pool = self.pool()
+        devices = [
+            {
+                **device,
+                "kernels": sum(1 for k in pool["kernels"] if k["device"] == device["index"]),
+                "running": sum(
+                    1 for k in pool["kernels"] if k["device"] == device["index"] and k["lease"]
+                ),
+            }
+            for device in pool["devices"]
+        ]
+        return {
+            "devices": devices,
+            "inventory": pool["inventory"],
+            "kernel": self.kernel(kernel_id),
+        }
+
     async def _on_acquire(
         self, kernel_id: str, connection: _Connection, body: dict, now: float
     ) -> dict:
@@ -379,6 +427,7 @@ class BrokerService:
     async def _on_restored(
         self, kernel_id: str, connection: _Connection, body: dict, now: float
     ) -> dict:
+        connection.transfer = body.get("transfer")
         self._apply(
             self.core.restored(kernel_id, now, gpu_bytes=_optional_int(body.get("gpu_bytes")))
         )
@@ -491,6 +540,10 @@ class BrokerService:
     def _record_state(self, action: StateChanged) -> None:
         old = None if action.old is None else action.old.value
         new = None if action.new is None else action.new.value
+        connection = self._connections.get(action.kernel_id)
+        transfer = None
+        if connection is not None and connection.transfer and action.old in TRANSFER_STATES:
+            transfer, connection.transfer = connection.transfer, None
         self.ledger.state_changed(
             time=action.time,
             kernel_id=action.kernel_id,
@@ -499,6 +552,8 @@ class BrokerService:
             new=new or "gone",
             reason=action.reason,
             device_index=action.device,
+            nbytes=_optional_int(transfer.get("nbytes")) if transfer else None,
+            duration=float(transfer["seconds"]) if transfer and "seconds" in transfer else None,
         )
         self.emit(
             KERNEL_STATE_SCHEMA,
@@ -580,6 +635,7 @@ class BrokerService:
             )
             self._apply(self.core.offload_failed(action.kernel_id, str(reply["error"]), now))
         else:
+            self._stash_transfer(action.kernel_id, reply)
             gpu_bytes = int(reply.get("gpu_bytes", 0))
             if gpu_bytes and await self._checkpoint_context(action):
                 gpu_bytes = 0
@@ -592,6 +648,11 @@ class BrokerService:
                     gpu_bytes=gpu_bytes,
                 )
             )
+
+    def _stash_transfer(self, kernel_id: str, reply: dict) -> None:
+        connection = self._connections.get(kernel_id)
+        if connection is not None:
+            connection.transfer = reply.get("transfer")
 
     async def _spill(self, action: Spill) -> None:
         """Ask an offloaded kernel to move its host copy to its spill directory."""
@@ -617,6 +678,7 @@ class BrokerService:
             )
             self._apply(self.core.spill_failed(action.kernel_id, str(reply["error"]), self.clock()))
         else:
+            self._stash_transfer(action.kernel_id, reply)
             self._apply(
                 self.core.spilled(
                     action.kernel_id,
@@ -700,6 +762,7 @@ class BrokerService:
         if "error" in reply:
             self._apply(self.core.restore_failed(grant.kernel_id, str(reply["error"]), now))
         else:
+            self._stash_transfer(grant.kernel_id, reply)
             self._apply(
                 self.core.restored(
                     grant.kernel_id, now, gpu_bytes=_optional_int(reply.get("gpu_bytes"))

@@ -106,27 +106,50 @@ class BrokerClient:
             thread.daemon = True
             thread.start()
 
+    def submit(self, type: str, body: dict) -> concurrent.futures.Future[dict]:
+        """Send a request without waiting; the future resolves to the broker's reply.
+
+        A reply carrying an "error" resolves it with BrokerError instead. The caller that gives
+        up waiting calls :meth:`abandon` so the pending entry does not linger.
+        """
+        msg_id = uuid.uuid4().hex
+        pending: concurrent.futures.Future[dict] = concurrent.futures.Future()
+        answer: concurrent.futures.Future[dict] = concurrent.futures.Future()
+        answer.msg_id = msg_id  # type: ignore[attr-defined]
+
+        def settle(done: concurrent.futures.Future[dict]) -> None:
+            error = done.exception()
+            if error is not None:
+                answer.set_exception(error)
+            elif "error" in (reply := done.result()):
+                answer.set_exception(BrokerError(str(reply["error"])))
+            else:
+                answer.set_result(reply)
+
+        pending.add_done_callback(settle)
+        with self._lock:
+            self._check_usable()
+            self._pending[msg_id] = pending
+        self._post(_Outgoing(type, body, msg_id=msg_id))
+        return answer
+
+    def abandon(self, answer: concurrent.futures.Future[dict]) -> None:
+        """Stop waiting for the reply of a :meth:`submit` (a late reply is then ignored)."""
+        with self._lock:
+            self._pending.pop(getattr(answer, "msg_id", ""), None)
+
     def request(self, type: str, body: dict, timeout: float | None = None) -> dict:
         """Send and block until the broker replies; safe from any thread but the I/O one.
 
         Raises TimeoutError, or BrokerError when the reply carries an "error".
         """
-        msg_id = uuid.uuid4().hex
-        future: concurrent.futures.Future[dict] = concurrent.futures.Future()
-        with self._lock:
-            self._check_usable()
-            self._pending[msg_id] = future
-        self._post(_Outgoing(type, body, msg_id=msg_id))
+        answer = self.submit(type, body)
         try:
-            reply = future.result(timeout)
+            return answer.result(timeout)
         except concurrent.futures.TimeoutError:  # an alias of TimeoutError from 3.11 only
             raise TimeoutError(f"no {type!r} reply from the broker in {timeout}s") from None
         finally:
-            with self._lock:
-                self._pending.pop(msg_id, None)
-        if "error" in reply:
-            raise BrokerError(str(reply["error"]))
-        return reply
+            self.abandon(answer)
 
     def send(self, type: str, body: dict) -> None:
         """Fire-and-forget message to the broker."""

@@ -1,33 +1,273 @@
-"""The kernel's side of the pool: its broker connection and the answers to the broker's requests.
+"""The kernel's side of the pool: leases for cells, and the broker's requests while the kernel is idle.
 
-The broker may ask an idle kernel to offload its GPU state or bring it back. The tensor tier that
-moves real state is not built yet, so this runtime reports honestly that it moved nothing and holds
-nothing on the device.
+One :class:`Runtime` per kernel process. It
+
+* holds a lease while a cell of a GPU-using kernel runs (the gate, :mod:`.gate`, asks for it at the top
+  of the cell; ``post_execute`` gives it back with the cell's peak and current GPU bytes);
+* restores the kernel's GPU state before a cell runs when the broker's grant says so;
+* answers the broker's ``offload``, ``restore`` and ``spill`` pushes on the client's push-worker
+  thread, serialised with cell restores through one lock, and refuses an offload while a cell holds
+  its lease;
+* keeps the last transfers (kind, bytes, seconds, GB/s) for ``%singularity log`` and the widget.
+
+The tensor tier itself is :class:`~.offload.TensorEngine`, created lazily once torch is imported
+(importing torch here would make every kernel pay for it, and on simulated devices an import of torch
+is what marks a kernel as a GPU user).
 """
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
+import contextlib
+import ctypes
+import inspect
 import logging
 import os
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
-from .client import BrokerClient
-from .magics import SingularityMagics
+from ..units import format_size
+from .client import BrokerClient, BrokerError
+from .gate import (
+    CudaInitGate,
+    GateInserter,
+    InterruptTrap,
+    LeaseCancelled,
+    LeaseDenied,
+    RestoreFailed,
+    TorchImportHook,
+    WaitLine,
+    install_gate,
+    parse_cell_options,
+    uninstall_gate,
+)
 
 log = logging.getLogger(__name__)
 
 #: How long the kernel waits for the broker to acknowledge it at start-up.
 HELLO_TIMEOUT = 10.0
+#: Timeout of the small requests made for magics and the widget.
+STATUS_TIMEOUT = 10.0
+#: How often a waiting cell checks for an interrupt and refreshes its line and widgets.
+WAIT_POLL = 0.05
+#: After an interrupt, how long to wait for the broker to confirm the request left the queue.
+CANCEL_TIMEOUT = 10.0
+#: Transfers kept for the widget and ``%singularity log``.
+TRANSFER_HISTORY = 20
+#: Pinned host memory the tensor engine may keep when the broker does not say (bytes).
+DEFAULT_PINNED_LIMIT = 8 << 30
+#: A bare CUDA context of a torch process (DESIGN §5: 612 MiB on an H100), counted as still on the
+#: GPU after an offload when NVML cannot say what the process holds.
+CONTEXT_ESTIMATE = 612 << 20
+
+ENV_SIMULATED = "SINGULARITY_SIMULATED"
+ENV_PINNED_LIMIT = "SINGULARITY_PINNED_LIMIT"
+
+
+@dataclass
+class Lease:
+    """The lease the running cell holds."""
+
+    request_id: str
+    device: dict
+    reservation: int
+    restore: bool
+    granted_at: float
+    start_bytes: int = 0
+
+
+@dataclass
+class Waiting:
+    """The request a cell is waiting on; ``queued`` pushes from the broker update it."""
+
+    request_id: str
+    memory: int | None
+    since: float
+    position: int = 0
+    reason: str = ""
+    restoring: int = 0
+
+
+@dataclass
+class TransferRecord:
+    """One move of the kernel's GPU state: ``offload``, ``restore`` or ``spill``."""
+
+    kind: str
+    nbytes: int
+    seconds: float
+    storages: int = 0
+    time: float = field(default_factory=time.time)
+    reason: str = ""
+    error: str = ""
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "nbytes": self.nbytes,
+            "seconds": round(self.seconds, 6),
+            "storages": self.storages,
+            "gbps": round(self.gbps, 3),
+            "time": self.time,
+            "reason": self.reason,
+            "error": self.error or None,
+        }
+
+    def describe(self) -> str:
+        verb = {"offload": "offloaded", "restore": "restored", "spill": "spilled"}.get(
+            self.kind, self.kind
+        )
+        if self.error:
+            return f"{self.kind} failed: {self.error}"
+        where = {"offload": " to host", "spill": " to disk"}.get(self.kind, "")
+        return (
+            f"{verb} {format_size(self.nbytes)}{where} in {self.seconds:.3f} s"
+            + (f" ({self.gbps:.1f} GB/s)" if self.nbytes else "")
+            + (f", {self.storages} storages" if self.storages else "")
+        )
+
+
+class MainThreadRelay:
+    """Runs callables on the kernel's main thread: widget updates must not come from other threads.
+
+    Updates posted from background threads are coalesced by key and run by the kernel's event loop
+    when it is idle, or by a waiting cell (whose loop polls :meth:`run_pending`) while it waits.
+    Outside ipykernel (no event loop) they run at once.
+    """
+
+    def __init__(self, shell: Any) -> None:
+        self._shell = shell
+        self._lock = threading.Lock()
+        self._pending: dict[str, Callable[[], None]] = {}
+        self._scheduled = False
+
+    def post(self, key: str, fn: Callable[[], None]) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._run(fn)
+            return
+        loop = getattr(getattr(self._shell, "kernel", None), "io_loop", None)
+        if loop is None:
+            self._run(fn)
+            return
+        with self._lock:
+            self._pending[key] = fn
+            schedule, self._scheduled = not self._scheduled, True
+        if schedule:
+            loop.add_callback(self.run_pending)
+
+    def run_pending(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            self._scheduled = False
+        for fn in pending.values():
+            self._run(fn)
+
+    @staticmethod
+    def _run(fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("jupyter-singularity: UI update failed")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _heap_probe() -> Callable[[], int] | None:
+    """Bytes malloc'ed by the process right now (glibc ``mallinfo2``, about 1 µs), or None.
+
+    On simulated devices the "device" state is large CPU tensors, and finding them takes a scan of all
+    live objects (tens of ms): too slow for every cell. Their data is malloc'ed, so a cell that did not
+    change the malloc'ed total by at least the engine's minimum storage size cannot have changed the
+    device footprint, and the previous scan still holds.
+    """
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+
+    def probe() -> int:
+        info = mallinfo2()
+        return int(info.uordblks + info.hblkhd)
+
+    return probe
 
 
 class Runtime:
-    """One per kernel process: the broker client plus the handlers of broker pushes."""
+    """One per kernel process: the broker client, the lease of the running cell, the engine."""
 
     current: ClassVar[Runtime | None] = None
 
-    def __init__(self, client: BrokerClient) -> None:
+    def __init__(
+        self,
+        client: BrokerClient,
+        shell: Any = None,
+        *,
+        simulated: bool = False,
+        pinned_limit: int = DEFAULT_PINNED_LIMIT,
+        min_bytes: int = 1 << 20,
+    ) -> None:
         self.client = client
-        self.simulated = False
+        self.shell = shell
+        self.simulated = simulated
+        self.pinned_limit = pinned_limit
+        self.min_bytes = min_bytes
+        #: Serialises everything that moves the kernel's state: offload, restore, spill.
+        self.lock = threading.RLock()
+        #: One lease request at a time (the main thread, or a thread initialising CUDA).
+        self._acquire_mutex = threading.Lock()
+        self.engine: Any = None
+        self.engine_error = ""
+        self.gpu_used = False
+        self.lease: Lease | None = None
+        self.waiting: Waiting | None = None
+        self.device: dict | None = None
+        self.state = "cold"
+        self.transfers: deque[TransferRecord] = deque(maxlen=TRANSFER_HISTORY)
+        self.transitions = 0
+        self._transition_cv = threading.Condition()
+        self._listeners: list[Callable[[], None]] = []
+        self.relay = MainThreadRelay(shell)
+        self._depth = 0
+        self._heap = _heap_probe()
+        self._device_cache: int | None = None
+        self._heap_mark = 0
+        self._launch_device = os.environ.get("CUDA_VISIBLE_DEVICES")
+        self._inserter: GateInserter | None = None
+        self._import_hook: TorchImportHook | None = None
+        self._cuda_gate = CudaInitGate(self._before_cuda_init, self._after_cuda_init)
+        self.widgets: Any = None  # the widget poller, created by the first %singularity
+        self._early: tuple[Waiting, concurrent.futures.Future] | None = None
+        self._handler_patch: tuple[dict, Any, Any] | None = None
+
+    # ------------------------------------------------------------------------------ lifecycle
 
     @classmethod
     def attach(cls, ipython: Any) -> Runtime | None:
@@ -38,28 +278,707 @@ class Runtime:
         if client is None:
             log.info("jupyter-singularity: not started by a pooled server; runtime inactive")
             return None
-        runtime = cls(client)
-        client.on("offload", runtime.on_offload)
-        client.on("restore", runtime.on_restore)
         client.start()
-        reply = client.request("hello", {"pid": os.getpid()}, timeout=HELLO_TIMEOUT)
-        runtime.simulated = bool(reply.get("simulated"))
+        try:
+            reply = client.request("hello", {"pid": os.getpid()}, timeout=HELLO_TIMEOUT)
+        except (BrokerError, TimeoutError) as err:
+            log.error(
+                "jupyter-singularity: the GPU pool did not answer (%s); runtime inactive", err
+            )
+            client.close()
+            return None
+        simulated = bool(reply.get("simulated")) or os.environ.get(ENV_SIMULATED) == "1"
+        pinned = reply.get("pinned_limit") or os.environ.get(ENV_PINNED_LIMIT)
+        runtime = cls(
+            client,
+            ipython,
+            simulated=simulated,
+            pinned_limit=int(pinned) if pinned else _default_pinned_limit(),
+        )
+        record = reply.get("kernel") or {}
+        runtime.state = record.get("state", "cold")
+        runtime.install(ipython)
         cls.current = runtime
-        ipython.register_magics(SingularityMagics(ipython, runtime=runtime))
         return runtime
 
     @classmethod
     def detach(cls, ipython: Any) -> None:
-        if cls.current is not None:
-            cls.current.client.close()
-            cls.current = None
+        runtime, cls.current = cls.current, None
+        if runtime is not None:
+            runtime.uninstall(ipython)
 
-    def status(self) -> dict:
-        return self.client.request("status", {}, timeout=HELLO_TIMEOUT)
+    def install(self, ipython: Any) -> None:
+        from .magics import SingularityMagics
+
+        for push, handler in (
+            ("offload", self.on_offload),
+            ("restore", self.on_restore),
+            ("spill", self.on_spill),
+            ("queued", self.on_queued),
+        ):
+            self.client.on(push, handler)
+        if ipython is not None:
+            ipython.events.register("pre_execute", self._pre_execute)
+            ipython.events.register("pre_run_cell", self._pre_run_cell)
+            ipython.events.register("post_execute", self._post_execute)
+            self._inserter = install_gate(ipython, self.gate_cell)
+            self._wrap_execute_request(ipython)
+            ipython.register_magics(SingularityMagics(ipython, runtime=self))
+        self._import_hook = TorchImportHook(self._before_torch_import, self._on_torch_imported)
+        self._import_hook.install()
+        atexit.register(self._at_exit)
+
+    def uninstall(self, ipython: Any) -> None:
+        if self.widgets is not None:
+            self.widgets.stop()
+        if ipython is not None:
+            for event, callback in (
+                ("pre_execute", self._pre_execute),
+                ("pre_run_cell", self._pre_run_cell),
+                ("post_execute", self._post_execute),
+            ):
+                with contextlib.suppress(ValueError):
+                    ipython.events.unregister(event, callback)
+            uninstall_gate(ipython, self._inserter)
+            self._unwrap_execute_request()
+        if self._import_hook is not None:
+            self._import_hook.uninstall()
+        self._cuda_gate.uninstall()
+        atexit.unregister(self._at_exit)
+        self.client.close()
+
+    def _at_exit(self) -> None:
+        """Spill files and host copies go with the process (the broker also forgets the kernel)."""
+        engine = self.engine
+        if engine is not None:
+            with contextlib.suppress(Exception):
+                engine.discard()
+
+    # ------------------------------------------------------------------------ listeners (UI)
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(callback)
+
+    def notify(self) -> None:
+        """Something changed (a transition, a queue position): refresh whoever shows it."""
+        for callback in list(self._listeners):
+            try:
+                callback()
+            except Exception:
+                log.exception("jupyter-singularity: listener failed")
+
+    def _transitioned(self, record: TransferRecord) -> None:
+        self.transfers.append(record)
+        with self._transition_cv:
+            self.transitions += 1
+            self._transition_cv.notify_all()
+        self.notify()
+
+    def wait_for_transition(self, after: int, timeout: float) -> TransferRecord | None:
+        """The first transfer recorded after the ``after``-th one, or None within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._transition_cv:
+            while self.transitions <= after:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._transition_cv.wait(min(remaining, 0.1))
+            return self.transfers[-1]
+
+    # --------------------------------------------------------------------------- broker views
+
+    def status(self, timeout: float = STATUS_TIMEOUT) -> dict:
+        return self.client.request("status", {}, timeout=timeout)
+
+    def request(self, type: str, body: dict | None = None, timeout: float = STATUS_TIMEOUT) -> dict:
+        return self.client.request(type, body or {}, timeout=timeout)
+
+    # ----------------------------------------------------------------------- cells and leases
+
+    def _pre_execute(self) -> None:
+        self._depth += 1
+
+    def _post_execute(self) -> None:
+        # An empty cell fires post_execute without pre_execute: never below zero. A nested
+        # run_cell (user code calling IPython) keeps the outer cell's lease.
+        self._depth = max(0, self._depth - 1)
+        if self._depth:
+            return
+        early, self._early = self._early, None
+        if early is not None:
+            self._abandon(early)
+        lease = self.lease
+        if lease is not None:
+            self.release(lease)
+
+    def gate_cell(self, line: str | None = None) -> None:
+        """The top of a cell: take a lease if the kernel uses the GPU (or ``%%singularity`` asks)."""
+        if self.lease is not None:
+            return
+        explicit = line is not None
+        if not (explicit or self.gpu_used or self._early is not None):
+            return
+        memory = parse_cell_options(line) if explicit else None
+        self.acquire(memory, top_of_cell=True)
+
+    def acquire(self, memory: int | None, *, top_of_cell: bool, what: str = "this cell") -> Lease:
+        """Ask the broker for a lease and wait for it, showing the wait in the cell's output.
+
+        Returns with the lease held and the kernel's state on the device. Raises LeaseDenied,
+        LeaseCancelled (interrupted: the request left the queue) or RestoreFailed.
+        """
+        with self._acquire_mutex:
+            if self.lease is not None:
+                return self.lease
+            early, self._early = self._early, None
+            waiting, future = early if early is not None else self._send_acquire(memory)
+            request_id = waiting.request_id
+            line = WaitLine(top_of_cell, what)
+            try:
+                with InterruptTrap() as trap:
+                    reply, cancelled = self._await_grant(future, waiting, line, trap)
+                    if not reply.get("granted"):
+                        reason = str(reply.get("reason") or "the broker gave no reason")
+                        if cancelled or reason == "cancelled":
+                            raise LeaseCancelled(
+                                "the cell stopped waiting for a GPU lease and left the queue; "
+                                "it did not run."
+                            )
+                        raise LeaseDenied(reason)
+                    lease = self._granted(request_id, reply)
+                    self._restore_for_cell(lease, waiting, line)
+                    self._lease_started(lease)
+                    if cancelled or trap.fired:
+                        raise LeaseCancelled(
+                            "the lease arrived as the cell was interrupted; the cell did not run."
+                        )
+                    return lease
+            finally:
+                self.waiting = None
+                line.close()
+                self.notify()
+
+    def _send_acquire(self, memory: int | None) -> tuple[Waiting, concurrent.futures.Future]:
+        """Send an acquire; the future gets the broker's answer (grant or denial)."""
+        waiting = Waiting(uuid.uuid4().hex, memory, time.monotonic())
+        self.waiting = waiting  # before sending: the broker's ``queued`` push may come at once
+        body = {"request_id": waiting.request_id, "memory": memory}
+        return waiting, self.client.submit("acquire", body)
+
+    def _send_early(self, code: str) -> None:
+        """Send the acquire of the cell about to run before IPython prepares it, so the round
+        trip to the broker overlaps ipykernel's and IPython's work (publishing the input,
+        transforming and compiling the cell); the gate at the top of the cell then only waits
+        for the answer, and a cell that never reaches its gate gives it back (:meth:`_abandon`).
+
+        Only for the plain case: a resident GPU kernel (a restore belongs inside the gate, where
+        it shows), a cell that is not made only of ``%singularity`` line magics, and not a
+        ``%%singularity`` cell (its reservation is read by the gate).
+        """
+        if self.lease is not None or self._early is not None or not self.gpu_used:
+            return
+        engine = self.engine
+        if self.state in ("offloaded", "spilled", "offloading", "error") or (
+            engine is not None and engine.offloaded
+        ):
+            return
+        if not _needs_lease(code):
+            return
+        try:
+            self._early = self._send_acquire(None)
+        except BrokerError:
+            self._early = None
+            self.waiting = None
+
+    def _pre_run_cell(self, info: Any) -> None:
+        """Where the execute_request handler could not be wrapped, the earliest IPython hook."""
+        self._send_early(getattr(info, "raw_cell", "") or "")
+
+    def _wrap_execute_request(self, ipython: Any) -> None:
+        """Send the acquire as soon as ipykernel dispatches an execute_request (before it
+        publishes the input and IPython transforms the cell): about 0.25 ms earlier than
+        ``pre_run_cell``. Silent requests are left to the gate."""
+        handlers = getattr(getattr(ipython, "kernel", None), "shell_handlers", None)
+        original = handlers.get("execute_request") if isinstance(handlers, dict) else None
+        if original is None or not inspect.iscoroutinefunction(original):
+            return
+        runtime = self
+
+        async def execute_request(stream: Any, ident: Any, parent: Any, *args: Any, **kw: Any):
+            try:
+                content = parent.get("content") or {}
+                if not content.get("silent"):
+                    runtime._send_early(str(content.get("code") or ""))
+            except Exception:
+                log.exception("jupyter-singularity: early lease request failed")
+            return await original(stream, ident, parent, *args, **kw)
+
+        handlers["execute_request"] = execute_request
+        self._handler_patch = (handlers, original, execute_request)
+
+    def _unwrap_execute_request(self) -> None:
+        if self._handler_patch is not None:
+            handlers, original, wrapper = self._handler_patch
+            if handlers.get("execute_request") is wrapper:
+                handlers["execute_request"] = original
+            self._handler_patch = None
+
+    def _abandon(self, early: tuple[Waiting, concurrent.futures.Future]) -> None:
+        """The cell ended without reaching its gate (a syntax error, say): leave the queue, and
+        give back a lease that was granted meanwhile, before any later acquire can be sent."""
+        waiting, future = early
+        if self.waiting is waiting:
+            self.waiting = None
+        self._send("cancel", {"request_id": waiting.request_id})
+        try:
+            reply = _answer(future, CANCEL_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            return
+        if not reply.get("granted"):
+            return
+        lease = self._granted(waiting.request_id, reply)
+        if lease.restore:
+            with contextlib.suppress(Exception):
+                self._restore_for_cell(lease, waiting, WaitLine(False))
+        if self.lease is lease:
+            self.release(lease)
+
+    def _await_grant(
+        self,
+        future: concurrent.futures.Future,
+        waiting: Waiting,
+        line: WaitLine,
+        trap: InterruptTrap,
+    ) -> tuple[dict, bool]:
+        """The broker's answer to the acquire; on an interrupt, cancel and take whatever comes."""
+        notified = (0, "")
+        on_main = threading.current_thread() is threading.main_thread()
+        while True:
+            try:
+                return _answer(future, WAIT_POLL), False
+            except concurrent.futures.TimeoutError:
+                pass
+            if trap.fired:
+                break
+            line.tick(waiting)
+            if (waiting.position, waiting.reason) != notified:
+                notified = (waiting.position, waiting.reason)
+                self.notify()
+            if on_main:
+                self.relay.run_pending()
+        # Interrupted: leave the queue. The grant may cross the cancel on the wire; then it is
+        # taken (and released by the end of the cell), so no lease is ever left behind unknown.
+        with contextlib.suppress(BrokerError):
+            self.client.send("cancel", {"request_id": waiting.request_id})
+        try:
+            return _answer(future, CANCEL_TIMEOUT), True
+        except concurrent.futures.TimeoutError:
+            return {"granted": False, "reason": "cancelled"}, True
+
+    def _granted(self, request_id: str, reply: dict) -> Lease:
+        device = reply.get("device") or {}
+        lease = Lease(
+            request_id=request_id,
+            device=device,
+            reservation=int(reply.get("reservation") or 0),
+            restore=bool(reply.get("restore")),
+            granted_at=time.monotonic(),
+        )
+        self.lease = lease
+        self.gpu_used = True
+        self.device = device
+        self.state = "running"
+        self._select_device(device)
+        return lease
+
+    def _select_device(self, device: dict) -> None:
+        """A grant on another GPU than the launch one, before CUDA is initialised: use that one.
+
+        Each kernel sees exactly one GPU, named by UUID in CUDA_VISIBLE_DEVICES; CUDA reads it once,
+        at initialisation, so this works only while nothing initialised CUDA in the process.
+        """
+        uuid_ = device.get("uuid")
+        if self.simulated or not uuid_ or os.environ.get("CUDA_VISIBLE_DEVICES") == uuid_:
+            return
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            return
+        os.environ["CUDA_VISIBLE_DEVICES"] = uuid_
+
+    def _restore_for_cell(self, lease: Lease, waiting: Waiting, line: WaitLine) -> None:
+        """Bring the kernel's state back before the cell runs (the grant's ``restore``)."""
+        engine = self.get_engine()
+        offloaded = engine is not None and engine.offloaded
+        if not (lease.restore or offloaded):
+            return
+        with self.lock:
+            if not offloaded:
+                # The broker believes the state is off the device, but nothing of it is held here.
+                self._send("restored", {"gpu_bytes": self._device_bytes(force=True)})
+                return
+            source = "disk" if engine.disk_bytes and not engine.host_bytes else "host"
+            total = int(engine.host_bytes + engine.disk_bytes)
+            waiting.restoring = total
+            line.restoring(total, source)
+            self.state = "restoring"
+            self.notify()
+            started = time.perf_counter()
+            try:
+                transfer = engine.restore(progress=line.progress)
+            except Exception as err:
+                seconds = time.perf_counter() - started
+                self.lease = None
+                self.state = "error"
+                reason = str(err) or type(err).__name__
+                self._send("restore_failed", {"reason": reason})
+                self._transitioned(TransferRecord("restore", 0, seconds, error=reason))
+                raise RestoreFailed(
+                    f"{reason}. The kernel's state is still held in {source} memory; run the cell "
+                    "again to retry, or restart the kernel to drop it."
+                ) from err
+            record = self._record_transfer("restore", transfer, "cell")
+            self._device_cache = None
+            self.state = "running"
+            self._send(
+                "restored",
+                {"gpu_bytes": self._device_bytes(force=True), "transfer": record.to_dict()},
+            )
+            self._transitioned(record)
+
+    def _lease_started(self, lease: Lease) -> None:
+        torch = self._cuda_torch()
+        if torch is not None:
+            with contextlib.suppress(Exception):
+                torch.cuda.reset_peak_memory_stats()
+        lease.start_bytes = self._device_bytes()
+
+    def release(self, lease: Lease) -> None:
+        """The cell ended: give the lease back with its peak and the bytes now on the device."""
+        gpu_bytes = self._device_bytes()
+        peak = max(lease.start_bytes, gpu_bytes)
+        torch = self._cuda_torch()
+        if torch is not None:
+            with contextlib.suppress(Exception):
+                peak = max(peak, int(torch.cuda.max_memory_allocated()))
+        self.lease = None
+        self.state = "resident"
+        self._send(
+            "release",
+            {"request_id": lease.request_id, "peak_bytes": peak, "gpu_bytes": gpu_bytes},
+        )
+        if self._listeners:
+            self.notify()
+
+    def _send(self, type: str, body: dict) -> None:
+        try:
+            self.client.send(type, body)
+        except BrokerError as err:
+            log.warning("jupyter-singularity: %s not sent: %s", type, err)
+
+    # ---------------------------------------------------------------- first GPU use (hooks)
+
+    def _before_torch_import(self) -> None:
+        """Simulated devices: the kernel's first ``import torch`` is its first GPU use."""
+        if not self.simulated:
+            return
+        self.first_use("import torch")
+
+    def _on_torch_imported(self, torch: Any) -> None:
+        if self.simulated:
+            self.gpu_used = True
+            return
+        self._cuda_gate.install(torch)
+        with contextlib.suppress(Exception):
+            if torch.cuda.is_initialized():
+                self.gpu_used = True
+
+    def first_use(self, what: str) -> Lease | None:
+        """The kernel starts to use the GPU: inside a cell, that cell waits for a lease now.
+
+        Returns a lease taken only for this use (outside any cell), which the caller releases.
+        """
+        self.gpu_used = True
+        if self.lease is not None:
+            return None
+        if self._depth > 0:
+            self.acquire(None, top_of_cell=False, what=f"{what} in this cell")
+            return None
+        if self.simulated:
+            return None  # no GPU work outside a cell here; the next cell takes a lease
+        return self.acquire(None, top_of_cell=False, what=what)
+
+    def _before_cuda_init(self) -> Lease | None:
+        return self.first_use("CUDA initialisation")
+
+    def _after_cuda_init(self, token: Lease | None) -> None:
+        if token is not None and self.lease is token:
+            self.release(token)
+
+    def _cuda_torch(self) -> Any:
+        if self.simulated:
+            return None
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return None
+        try:
+            return torch if torch.cuda.is_initialized() else None
+        except Exception:
+            return None
+
+    # ------------------------------------------------------------------------- the engine
+
+    def get_engine(self) -> Any:
+        """The tensor engine, once torch is imported; None before, or if it cannot be loaded."""
+        if self.engine is not None:
+            return self.engine
+        if "torch" not in sys.modules or self.engine_error:
+            return None
+        with self.lock:
+            if self.engine is None and not self.engine_error:
+                try:
+                    from .offload import TensorEngine
+
+                    self.engine = TensorEngine(
+                        simulated=self.simulated,
+                        pinned_limit=self.pinned_limit,
+                        min_bytes=self.min_bytes,
+                    )
+                except Exception as err:  # ImportError included: the engine is optional
+                    self.engine_error = f"the tensor engine is unavailable: {err}"
+                    log.error("jupyter-singularity: %s", self.engine_error)
+        return self.engine
+
+    def _device_bytes(self, force: bool = False) -> int:
+        """Bytes of this kernel's state on its device now.
+
+        CUDA: what torch's caching allocator holds. Simulated: the engine's count of large CPU
+        storages, rescanned only when the malloc'ed total moved by the engine's minimum storage size.
+        """
+        torch = self._cuda_torch()
+        if torch is not None:
+            try:
+                return int(torch.cuda.memory_reserved())
+            except Exception:
+                return 0
+        if not self.simulated:
+            return 0
+        engine = self.get_engine()
+        if engine is None or engine.offloaded:
+            return 0
+        mark = self._heap() if self._heap is not None else None
+        if (
+            force
+            or mark is None
+            or self._device_cache is None
+            or abs(mark - self._heap_mark) >= self.min_bytes
+        ):
+            with self.lock:
+                self._device_cache = int(engine.device_bytes())
+            self._heap_mark = self._heap() if self._heap is not None else 0
+        return self._device_cache
+
+    def _residual_gpu_bytes(self, transfer: Any) -> int:
+        """GPU memory this process still holds after an offload: the CUDA context, what the scan
+        could not see (``left_bytes``). Non-zero makes the broker try the driver tier."""
+        torch = self._cuda_torch()
+        if torch is None:
+            return 0
+        own = _nvml_process_bytes(os.getpid())
+        if own is not None:
+            return own
+        try:
+            reserved = int(torch.cuda.memory_reserved())
+        except Exception:
+            reserved = 0
+        return max(reserved, int(getattr(transfer, "left_bytes", 0) or 0)) + CONTEXT_ESTIMATE
+
+    def _record_transfer(self, kind: str, transfer: Any, reason: str) -> TransferRecord:
+        return TransferRecord(
+            kind,
+            int(getattr(transfer, "nbytes", 0)),
+            float(getattr(transfer, "seconds", 0.0)),
+            int(getattr(transfer, "storages", 0)),
+            reason=reason,
+        )
+
+    # --------------------------------------------------------- broker pushes (push-worker thread)
+
+    def on_queued(self, body: dict) -> dict | None:
+        waiting = self.waiting
+        if waiting is not None and waiting.request_id == body.get("request_id"):
+            waiting.position = int(body.get("position") or 0)
+            waiting.reason = str(body.get("reason") or "")
+            self.state = "queued"
+        return None
 
     def on_offload(self, body: dict) -> dict:
-        """Nothing of this kernel lives on a GPU yet, so there is nothing to move."""
-        return {"host_bytes": 0, "disk_bytes": 0, "gpu_bytes": 0}
+        """Move the kernel's GPU state to host memory; refuse (stay resident) when unsafe."""
+        reason = str(body.get("reason") or "")
+        with self.lock:
+            if self.lease is not None:
+                return {"error": "a cell of this kernel holds its GPU lease"}
+            engine = self.get_engine()
+            if engine is None:
+                if "torch" in sys.modules and self.engine_error:
+                    return {"error": self.engine_error}
+                # Without torch nothing of this kernel can be on the device.
+                self.state = "offloaded"
+                return {"host_bytes": 0, "disk_bytes": 0, "gpu_bytes": 0}
+            self.state = "offloading"
+            started = time.perf_counter()
+            try:
+                transfer = engine.offload()
+            except Exception as err:
+                # The engine rolled back: nothing moved, nothing lost; the kernel stays resident.
+                message = str(err) or type(err).__name__
+                self.state = "resident"
+                self._transitioned(
+                    TransferRecord(
+                        "offload", 0, time.perf_counter() - started, reason=reason, error=message
+                    )
+                )
+                return {"error": message}
+            record = self._record_transfer("offload", transfer, reason)
+            self._device_cache = None
+            gpu_bytes = self._residual_gpu_bytes(transfer)
+            self.state = "offloaded"
+            reply = {
+                "host_bytes": int(engine.host_bytes),
+                "disk_bytes": int(engine.disk_bytes),
+                "gpu_bytes": gpu_bytes,
+                "transfer": record.to_dict(),
+            }
+        self._transitioned(record)
+        return reply
 
     def on_restore(self, body: dict) -> dict:
-        return {"gpu_bytes": 0}
+        """An explicit restore (``%singularity restore``, REST): no cell is waiting for it."""
+        device = body.get("device")
+        with self.lock:
+            if isinstance(device, dict):
+                self.device = device
+            engine = self.get_engine()
+            if engine is None or not engine.offloaded:
+                self.state = "resident"
+                return {"gpu_bytes": self._device_bytes(force=True)}
+            self.state = "restoring"
+            started = time.perf_counter()
+            try:
+                transfer = engine.restore()
+            except Exception as err:
+                message = str(err) or type(err).__name__
+                self.state = "error"
+                self._transitioned(
+                    TransferRecord("restore", 0, time.perf_counter() - started, error=message)
+                )
+                return {"error": message}
+            record = self._record_transfer("restore", transfer, "requested")
+            self._device_cache = None
+            self.state = "resident"
+            reply = {"gpu_bytes": self._device_bytes(force=True), "transfer": record.to_dict()}
+        self._transitioned(record)
+        return reply
+
+    def on_spill(self, body: dict) -> dict:
+        """Move the host copy of the offloaded state to files in ``directory``."""
+        with self.lock:
+            engine = self.get_engine()
+            if engine is None or not engine.offloaded:
+                return {
+                    "host_bytes": int(getattr(engine, "host_bytes", 0) or 0),
+                    "disk_bytes": int(getattr(engine, "disk_bytes", 0) or 0),
+                }
+            started = time.perf_counter()
+            try:
+                moved = int(engine.spill(Path(str(body["directory"]))))
+            except Exception as err:
+                message = str(err) or type(err).__name__
+                self._transitioned(
+                    TransferRecord("spill", 0, time.perf_counter() - started, error=message)
+                )
+                return {"error": message}
+            record = TransferRecord("spill", moved, time.perf_counter() - started)
+            self.state = "spilled" if not engine.host_bytes else "offloaded"
+            reply = {
+                "host_bytes": int(engine.host_bytes),
+                "disk_bytes": int(engine.disk_bytes),
+                "transfer": record.to_dict(),
+            }
+        self._transitioned(record)
+        return reply
+
+
+def _answer(future: concurrent.futures.Future, timeout: float) -> dict:
+    """The acquire reply; a broker error (or a closed channel) is a denial with its reason."""
+    try:
+        reply = future.result(timeout=timeout)
+    except (BrokerError, TimeoutError) as err:
+        if isinstance(err, concurrent.futures.TimeoutError) and not future.done():
+            raise
+        return {"granted": False, "reason": f"the GPU pool did not grant a lease: {err}"}
+    return reply
+
+
+def _needs_lease(raw_cell: str) -> bool:
+    """Whether a cell's text will get a plain gate (see GateInserter): not empty, not made only
+    of ``%singularity`` line magics, not a ``%%singularity`` cell."""
+    lines = [
+        line.strip()
+        for line in raw_cell.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if not lines or lines[0].startswith("%%singularity"):
+        return False
+    return not all(line == "%singularity" or line.startswith("%singularity ") for line in lines)
+
+
+def _nvml_process_bytes(pid: int) -> int | None:
+    """This process's memory on its GPU according to NVML, or None where NVML cannot tell (no
+    NVML, or the process is not listed, as in a container with its own pid namespace)."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        if visible.startswith(("GPU-", "MIG-")):
+            handles = [pynvml.nvmlDeviceGetHandleByUUID(visible.split(",")[0])]
+        else:
+            count = pynvml.nvmlDeviceGetCount()
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        for handle in handles:
+            for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if process.pid == pid:
+                    return int(process.usedGpuMemory or 0)
+        return None
+    except Exception:
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+
+
+def _default_pinned_limit() -> int:
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return DEFAULT_PINNED_LIMIT
+    return max(1 << 30, min(DEFAULT_PINNED_LIMIT, ram // 4))
+
+
+__all__ = [
+    "LeaseCancelled",
+    "LeaseDenied",
+    "MainThreadRelay",
+    "RestoreFailed",
+    "Runtime",
+    "TransferRecord",
+]

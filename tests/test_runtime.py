@@ -1,0 +1,457 @@
+"""The kernel runtime end to end: gated cells, offload and restore between kernels, the queue,
+quotas and ``%%singularity``, through a real jupyter_server and real kernels on one simulated GPU.
+
+The device (256 MiB) fits one kernel's state (a model with Adam state, ~150 MiB), never two. On
+simulated devices a kernel's large CPU tensors are its "GPU" state and its first ``import torch``
+is its first GPU use (see jupyter_singularity.kernel.gate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+MiB = 1 << 20
+
+# A model with Adam state: ~34 MiB of parameters, as much again in gradients, twice that in the
+# optimizer's moments (~135 MiB in storages of >= 1 MiB), plus a 16 MiB tensor held by a closure
+# and a view of it. ``state_digest`` covers every byte of it.
+BUILD_STATE = """
+import ctypes, hashlib, torch
+torch.manual_seed(0)
+model = torch.nn.Sequential(
+    torch.nn.Linear(1024, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 1024)
+)
+opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+data = torch.randn(64, 1024)
+
+def train_step():
+    opt.zero_grad()
+    loss = model(data).pow(2).mean()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+def make_closure():
+    big = torch.arange(4 * 1024 * 1024, dtype=torch.float32)
+    return lambda: big
+held = make_closure()
+view = held()[1024:2048]
+
+def state_digest():
+    h = hashlib.sha256()
+    tensors = [*model.parameters(), *(p.grad for p in model.parameters())]
+    tensors += [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    tensors += [held(), view]
+    for t in tensors:
+        c = t.detach().contiguous()
+        # Raw bytes without numpy: .numpy() would make the storage non-resizable for good.
+        h.update(ctypes.string_at(c.data_ptr(), c.numel() * c.element_size()))
+    return h.hexdigest()
+
+first_loss = train_step()
+print("digest", state_digest())
+"""
+
+NEXT_STEP = """
+print("digest", state_digest())
+print("same objects", view._base is held() or view.untyped_storage().data_ptr() == held().untyped_storage().data_ptr())
+print("loss", repr(train_step()))
+"""
+
+REFERENCE_RUN = BUILD_STATE + NEXT_STEP
+
+
+@pytest.fixture
+def singularity_config(request, tmp_path: Path) -> dict[str, Any]:
+    """One 256 MiB device; ``indirect`` parametrisation adds settings (quotas)."""
+    return {
+        "devices": "simulated:1x256MiB",
+        "db_url": f"sqlite:///{tmp_path / 'singularity.sqlite'}",
+        "spill_dir": str(tmp_path / "spill"),
+        **getattr(request, "param", {}),
+    }
+
+
+def record_of(pool: dict, kernel_id: str) -> dict | None:
+    return next((k for k in pool["kernels"] if k["kernel_id"] == kernel_id), None)
+
+
+def value(text: str, key: str) -> str:
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return line[len(key) + 1 :].strip()
+    raise AssertionError(f"no {key!r} line in:\n{text}")
+
+
+@pytest.fixture
+def run(execute_messages, cell_text):
+    """``await run(kernel_id, code)`` -> ``(status, text, messages)`` of one cell."""
+
+    async def run(kernel_id: str, code: str, **kwargs: Any) -> tuple[str, str, list[dict]]:
+        status, messages = await execute_messages(kernel_id, code, **kwargs)
+        return status, cell_text(messages), messages
+
+    return run
+
+
+@pytest.fixture
+def state(get_pool, wait_for):
+    """``await state(kernel_id, *states)`` waits until the kernel's record is in one of them."""
+
+    async def wait(kernel_id: str, *states: str, timeout: float = 30) -> dict:
+        async def probe():
+            pool = await get_pool()
+            record = record_of(pool, kernel_id)
+            return pool if record is not None and record["state"] in states else None
+
+        return await wait_for(probe, timeout=timeout)
+
+    return wait
+
+
+async def test_kernels_take_turns_on_one_device_and_state_survives(
+    start_kernel, wait_in_pool, run, get_pool, get_json, state, jp_fetch
+):
+    k1, k2 = await start_kernel(), await start_kernel()
+    await wait_in_pool([k1, k2])
+
+    # Kernel 1 builds its state; its first import of torch took a lease.
+    status, out, _ = await run(k1, BUILD_STATE)
+    assert status == "ok", out
+    digest_before = value(out, "digest")
+    pool = await state(k1, "resident")
+    one = record_of(pool, k1)
+    assert one["device"] == 0 and 130 * MiB < one["gpu_bytes"] < 200 * MiB, one
+
+    # Kernel 2's cell needs the device: kernel 1, idle, is offloaded to host memory.
+    status, out, _ = await run(k2, REFERENCE_RUN)
+    assert status == "ok", out
+    reference_loss = value(out, "loss")
+    pool = await get_pool()
+    one, two = record_of(pool, k1), record_of(pool, k2)
+    assert one["state"] == "offloaded" and one["device"] is None, one
+    assert one["host_bytes"] > 130 * MiB and one["gpu_bytes"] == 0, one
+    assert two["state"] == "resident" and two["gpu_bytes"] > 130 * MiB, two
+
+    # Kernel 1's next cell restores it bit-identically (showing the restore) and evicts kernel 2.
+    status, out, messages = await run(k1, NEXT_STEP)
+    assert status == "ok", out
+    assert value(out, "digest") == digest_before
+    assert value(out, "same objects") == "True"
+    # The same loss as kernel 2's uninterrupted run of the same steps.
+    assert value(out, "loss") == reference_loss
+    assert "restoring" in out and "from host" in out, out
+    assert any(m["msg_type"] == "clear_output" for m in messages), "the wait line was not cleared"
+    pool = await get_pool()
+    one, two = record_of(pool, k1), record_of(pool, k2)
+    assert one["state"] == "resident" and one["host_bytes"] == 0, one
+    assert two["state"] == "offloaded" and two["host_bytes"] > 130 * MiB, two
+
+    # The transfers are in the kernel's log, with bytes, durations and speeds.
+    status, out, _ = await run(k1, "%singularity log")
+    assert status == "ok", out
+    assert "offloaded" in out and "restored" in out and "GB/s" in out, out
+    assert "resident → offloading" in out and "restoring → running" in out, out
+    # ... and in the broker's ledger, with the bytes and seconds the kernel measured.
+    record = await get_json("singularity", "api", "kernels", k1)
+    moved = {e["new_state"]: e for e in record["events"] if e["nbytes"]}
+    assert moved["offloaded"]["nbytes"] > 130 * MiB and moved["offloaded"]["duration"] > 0, record
+    assert moved["running"]["nbytes"] > 130 * MiB and moved["running"]["duration"] > 0, record
+
+    # A cell that starts while its kernel is being offloaded waits for the offload, then restores.
+    status, out, _ = await run(k1, 'print("digest", state_digest())')
+    digest_now = value(out, "digest")
+    await jp_fetch("singularity", "api", "kernels", k1, "offload", method="POST", body="{}")
+    status, out, _ = await run(k1, 'print("digest", state_digest())')
+    assert status == "ok", out
+    assert value(out, "digest") == digest_now
+    assert "restoring" in out, out
+    assert record_of(await get_pool(), k1)["state"] == "resident"
+
+
+async def test_waiting_cell_is_queued_and_interrupt_leaves_the_queue(
+    start_kernel, wait_in_pool, run, get_pool, state, jp_fetch, wait_for, tmp_path
+):
+    k1, k2 = await start_kernel(), await start_kernel()
+    await wait_in_pool([k1, k2])
+    for kernel_id in (k1, k2):
+        status, out, _ = await run(kernel_id, "import time, torch")
+        assert status == "ok", out
+
+    marker = tmp_path / "ran"
+    busy = asyncio.ensure_future(run(k2, "time.sleep(60)", timeout=90))
+    await state(k2, "running")
+
+    seen: list[dict] = []
+    waiting = asyncio.ensure_future(
+        run(k1, f"open({str(marker)!r}, 'w').close()", messages=seen, timeout=60)
+    )
+
+    async def queued():
+        pool = await get_pool()
+        return pool if any(q["kernel_id"] == k1 for q in pool["queue"]) else None
+
+    pool = await wait_for(queued, timeout=20)
+    entry = next(q for q in pool["queue"] if q["kernel_id"] == k1)
+    assert entry["position"] == 1 and "busy" in entry["reason"], entry
+
+    async def line_shown():
+        texts = [
+            m["content"]["data"]["text/plain"]
+            for m in seen
+            if m["msg_type"] in ("display_data", "update_display_data")
+        ]
+        return next((t for t in texts if "1st in the GPU queue" in t), None)
+
+    line = await wait_for(line_shown, timeout=10)
+    assert "waits for a GPU lease" in line and "busy" in line, line
+
+    await jp_fetch("api", "kernels", k1, "interrupt", method="POST", body="")
+    status, out, messages = await waiting
+    assert status == "error"
+    assert "left the queue" in out and "Traceback" not in out, out
+    assert not marker.exists()
+    assert any(m["msg_type"] == "clear_output" for m in messages)
+    pool = await get_pool()
+    assert pool["queue"] == [], pool["queue"]
+    assert record_of(pool, k2)["state"] == "running"
+
+    # The kernel still works: once kernel 2's cell ends, kernel 1's cells run again.
+    await jp_fetch("api", "kernels", k2, "interrupt", method="POST", body="")
+    status, _, _ = await busy
+    assert status == "error"
+    status, out, _ = await run(k1, "print(6 * 7)")
+    assert status == "ok" and out.strip().endswith("42"), out
+    pool = await get_pool()
+    assert record_of(pool, k1)["state"] == "resident" and pool["queue"] == []
+
+
+@pytest.mark.parametrize(
+    "singularity_config", [{"quotas": {"default": {"gpu_seconds_per_day": 1.0}}}], indirect=True
+)
+async def test_cell_over_quota_does_not_run_and_says_why(
+    start_kernel, wait_in_pool, run, get_pool, tmp_path
+):
+    kernel_id = await start_kernel()
+    await wait_in_pool(kernel_id)
+    # The first GPU cell spends the whole day's GPU-second.
+    status, out, _ = await run(kernel_id, "import time, torch\ntime.sleep(1.2)")
+    assert status == "ok", out
+
+    marker = tmp_path / "side-effect"
+    for cell in (
+        f"open({str(marker)!r}, 'w').close()",
+        f"%%singularity --memory 1MiB\nopen({str(marker)!r}, 'w').close()",
+    ):
+        status, out, _ = await run(kernel_id, cell)
+        assert status == "error", out
+        assert not marker.exists(), "a denied cell ran"
+        assert "This cell did not run: no GPU lease" in out, out
+        assert "GPU-time quota reached" in out, out
+        assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+    pool = await get_pool()
+    assert pool["queue"] == [] and record_of(pool, kernel_id)["lease"] is None
+    # Asking where the kernel stands needs no lease, so it still answers.
+    status, out, _ = await run(kernel_id, "%singularity quota")
+    assert status == "ok" and "GPU-time today" in out, out
+
+
+async def test_cell_magic_sets_the_reservation(start_kernel, wait_in_pool, run, get_pool, wait_for):
+    kernel_id = await start_kernel()
+    await wait_in_pool(kernel_id)
+    cell = asyncio.ensure_future(
+        run(kernel_id, "%%singularity --memory 100MiB\nimport time\ntime.sleep(3)\n6 * 7")
+    )
+
+    async def leased():
+        record = record_of(await get_pool(), kernel_id)
+        return record if record and record["lease"] else None
+
+    record = await wait_for(leased, timeout=20)
+    assert record["lease"]["reservation"] == 100 * MiB
+    assert record["state"] == "running"
+    status, out, _ = await cell
+    assert status == "ok" and "42" in out, out
+
+    status, out, _ = await run(kernel_id, "%%singularity --memory lots\nprint('ran')")
+    assert status == "error" and "ran" not in out
+    assert "invalid size" in out and "Traceback" not in out, out
+
+    # A cell that never reaches its gate (a syntax error) leaves no lease and no queued request.
+    status, out, _ = await run(kernel_id, "x = (")
+    assert status == "error" and "SyntaxError" in out, out
+    pool = await get_pool()
+    assert record_of(pool, kernel_id)["lease"] is None and pool["queue"] == [], pool
+    status, out, _ = await run(kernel_id, "print(6 * 7)")
+    assert status == "ok" and "42" in out, out
+
+
+async def test_kernel_killed_while_offloaded_leaves_no_booking(
+    start_kernel, wait_in_pool, run, get_pool, state, wait_for, singularity_app
+):
+    k1, k2 = await start_kernel(), await start_kernel()
+    await wait_in_pool([k1, k2])
+    status, out, _ = await run(k1, "import os, torch\nx = torch.ones(40 * 2**20 // 4)\nos.getpid()")
+    assert status == "ok", out
+    pid = int(out.strip().splitlines()[-1])
+    status, out, _ = await run(k2, "import torch\ny = torch.ones(40 * 2**20 // 4)")
+    assert status == "ok", out
+    pool = await state(k1, "offloaded")
+    assert record_of(pool, k1)["host_bytes"] >= 40 * MiB
+
+    os.kill(pid, signal.SIGKILL)
+
+    async def gone():
+        pool = await get_pool()
+        record = record_of(pool, k1)
+        fresh = record is None or (record["state"] == "cold" and record["host_bytes"] == 0)
+        return pool if fresh else None
+
+    pool = await wait_for(gone, timeout=30)
+    two = record_of(pool, k2)
+    assert pool["devices"][0]["booked_bytes"] == two["booked_bytes"], pool
+    spill_dir = Path(singularity_app.spill_dir) / k1
+    assert not spill_dir.exists() or not any(spill_dir.iterdir())
+    assert json.dumps(pool)  # the pool stays serialisable
+
+
+@pytest.mark.parametrize("singularity_config", [{"host_memory_limit": "32MiB"}], indirect=True)
+async def test_spill_to_disk_and_back(
+    start_kernel, wait_in_pool, run, get_pool, state, wait_for, singularity_app
+):
+    spill_root = Path(singularity_app.spill_dir)
+    k1, k2 = await start_kernel(), await start_kernel()
+    await wait_in_pool([k1, k2])
+    status, out, _ = await run(k1, BUILD_STATE)
+    assert status == "ok", out
+    digest = value(out, "digest")
+
+    # Kernel 2 evicts kernel 1, whose host copy is over the 32 MiB host budget: it goes to disk.
+    status, out, _ = await run(k2, "import os, torch\ny = torch.ones(50 * 2**20 // 4)\nos.getpid()")
+    assert status == "ok", out
+    pid2 = int(out.strip().splitlines()[-1])
+    pool = await state(k1, "spilled")
+    one = record_of(pool, k1)
+    assert one["host_bytes"] == 0 and one["disk_bytes"] > 130 * MiB, one
+    files = list((spill_root / k1).iterdir())
+    assert files and all(f.stat().st_mode & 0o777 == 0o600 for f in files), files
+
+    # Its next cell reads the state back from disk, bit-identical, and the files go.
+    status, out, _ = await run(k1, NEXT_STEP)
+    assert status == "ok", out
+    assert value(out, "digest") == digest
+    assert "from disk" in out, out
+    assert not any((spill_root / k1).iterdir())
+    status, out, _ = await run(k1, "%singularity log")
+    assert "spilled" in out and "restored" in out, out
+
+    # Kernel 2 was evicted and spilled in turn; killed, it leaves no files and no booking.
+    pool = await state(k2, "spilled")
+    assert any((spill_root / k2).iterdir())
+    os.kill(pid2, signal.SIGKILL)
+
+    async def cleaned():
+        pool = await get_pool()
+        record = record_of(pool, k2)
+        gone = record is None or record["state"] == "cold"
+        files = (spill_root / k2).exists() and any((spill_root / k2).iterdir())
+        return pool if gone and not files else None
+
+    pool = await wait_for(cleaned, timeout=30)
+    assert pool["devices"][0]["booked_bytes"] == record_of(pool, k1)["booked_bytes"]
+
+
+# ----------------------------------------------------------------- pieces, without a kernel
+
+
+def gated(source: str) -> str:
+    import ast
+
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    from jupyter_singularity.kernel.gate import GateInserter
+
+    tree = ast.parse(TransformerManager().transform_cell(source))
+    return ast.unparse(GateInserter().visit(tree))
+
+
+def test_gate_is_the_first_statement_of_a_cell():
+    assert gated("x = 1\nprint(x)").splitlines()[0] == "__singularity_gate__()"
+    # After future imports (which must come first), and with a docstring before them.
+    lines = gated('"""doc"""\nfrom __future__ import annotations\nx = 1').splitlines()
+    assert lines[1:3] == ["from __future__ import annotations", "__singularity_gate__()"]
+    # %%singularity passes its options to the gate, before the body runs.
+    assert gated("%%singularity --memory 6GiB\nx = 1").startswith(
+        "__singularity_gate__('--memory 6GiB')\n"
+    )
+    # Other cell magics are gated like any cell.
+    assert gated("%%time\nx = 1").startswith("__singularity_gate__()\n")
+    # Cells made only of %singularity line magics are not: asking must not restore the kernel.
+    assert "__singularity_gate__" not in gated("%singularity status\n%singularity log")
+    assert gated("%singularity status\nx = 1").startswith("__singularity_gate__()\n")
+    assert gated("# just a comment") == ""
+
+
+def test_cell_options_and_which_cells_send_their_acquire_early():
+    from jupyter_singularity.kernel.gate import GateUsageError, parse_cell_options
+    from jupyter_singularity.kernel.runtime import _needs_lease
+
+    assert parse_cell_options("") is None
+    assert parse_cell_options("--memory 6GiB") == 6 << 30
+    assert parse_cell_options("--memory=512MiB") == 512 << 20
+    assert parse_cell_options("-m 1G") == 1 << 30
+    for bad in ("--memory", "--memory lots", "--colour red", "'unclosed"):
+        with pytest.raises(GateUsageError) as err:
+            parse_cell_options(bad)
+        assert len(err.value._render_traceback_()) == 1
+
+    assert _needs_lease("x = 1")
+    assert _needs_lease("%%time\nx = 1")
+    assert _needs_lease("%singularity status\nx = 1")
+    assert not _needs_lease("%singularity status\n# note\n%singularity")
+    assert not _needs_lease("%%singularity --memory 1GiB\nx = 1")
+    assert not _needs_lease("  \n# nothing\n")
+
+
+def test_cuda_init_waits_for_its_gate_once(monkeypatch):
+    """The wrapper of torch.cuda._lazy_init (checked here with a stand-in torch): it runs the gate
+    before the first initialisation only, also through modules that imported the function."""
+    import sys
+    import types
+
+    from jupyter_singularity.kernel.gate import CudaInitGate
+
+    calls: list[str] = []
+    state = {"initialized": False}
+
+    def _lazy_init():
+        if state["initialized"]:
+            return
+        calls.append("init")
+        state["initialized"] = True
+
+    cuda = types.ModuleType("torch.cuda")
+    cuda._lazy_init = _lazy_init
+    cuda.is_initialized = lambda: state["initialized"]
+    memory = types.ModuleType("torch.cuda.memory")
+    memory._lazy_init = _lazy_init  # as ``from . import _lazy_init`` leaves it
+    torch = types.ModuleType("torch")
+    torch.cuda = cuda
+    for name, module in (("torch", torch), ("torch.cuda", cuda), ("torch.cuda.memory", memory)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+    gate = CudaInitGate(lambda: calls.append("lease") or "token", lambda t: calls.append(t))
+    gate.install(torch)
+    assert memory._lazy_init is cuda._lazy_init is not _lazy_init
+    memory._lazy_init()
+    cuda._lazy_init()
+    assert calls == ["lease", "init", "token"]
+    gate.uninstall()
+    assert memory._lazy_init is _lazy_init and cuda._lazy_init is _lazy_init
