@@ -32,7 +32,7 @@ samples = []
 for i in range({n}):
     started = time.perf_counter()
     grant = client.request("acquire", {{"request_id": f"bench-{{i}}", "memory": 1 << 30}})
-    client.request("release", {{"request_id": f"bench-{{i}}", "peak_bytes": 1 << 29, "gpu_bytes": 1 << 28}})
+    client.send("release", {{"request_id": f"bench-{{i}}", "peak_bytes": 1 << 29, "gpu_bytes": 1 << 28}})
     samples.append(time.perf_counter() - started)
     assert grant["granted"], grant
 cuts = statistics.quantiles(samples, n=100)

@@ -31,7 +31,8 @@ TAKE_LEASE = """
 from jupyter_singularity.kernel.runtime import Runtime
 client = Runtime.current.client
 grant = client.request("acquire", {{"request_id": "{rid}", "memory": {memory}}})
-client.request("release", {{"request_id": "{rid}", "peak_bytes": {memory}, "gpu_bytes": {memory}}})
+client.send("release", {{"request_id": "{rid}", "peak_bytes": {memory}, "gpu_bytes": {memory}}})
+client.request("status", {{}})  # the broker handles one kernel's messages in order
 print(grant["granted"], grant["device"]["index"])
 """
 

@@ -29,7 +29,8 @@ from jupyter_singularity.kernel.runtime import Runtime
 client = Runtime.current.client
 grant = client.request("acquire", {"request_id": "cell-1", "memory": 2 << 30})
 time.sleep(1.0)
-client.request("release", {"request_id": "cell-1", "peak_bytes": 2 << 30, "gpu_bytes": 2 << 30})
+client.send("release", {"request_id": "cell-1", "peak_bytes": 2 << 30, "gpu_bytes": 2 << 30})
+client.request("status", {})  # the broker handles one kernel's messages in order
 print(grant["granted"])
 """
 

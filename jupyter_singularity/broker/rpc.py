@@ -158,10 +158,12 @@ class RPCServer:
     async def _serve(self, identity: bytes, msg: Message) -> None:
         reply_type = f"{msg.type}_reply"
         try:
-            body = await self._handler(msg) or {}
+            body = await self._handler(msg)
         except Exception as exc:
             self._log.exception("handler for %r from %s failed", msg.type, msg.kernel_id)
             body = {"error": str(exc) or type(exc).__name__}
+        if body is None:
+            return  # a notification (release, cancel...): the kernel waits for no answer
         try:
             self._send(msg.kernel_id, identity, reply_type, body, reply_to=msg.msg_id)
         except (TypeError, ValueError) as exc:  # the handler returned something not JSON

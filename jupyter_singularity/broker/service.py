@@ -402,17 +402,16 @@ class BrokerService:
 
     async def _on_cancel(
         self, kernel_id: str, connection: _Connection, body: dict, now: float
-    ) -> dict:
+    ) -> None:
         request_id = str(body["request_id"])
         self._apply(self.core.cancel(kernel_id, request_id, now))
         waiter = connection.waiters.get(request_id)
         if waiter is not None and not waiter.done():
             waiter.set_result({"granted": False, "reason": "cancelled"})
-        return {"ok": True}
 
     async def _on_release(
         self, kernel_id: str, connection: _Connection, body: dict, now: float
-    ) -> dict:
+    ) -> None:
         self._apply(
             self.core.release(
                 kernel_id,
@@ -422,30 +421,19 @@ class BrokerService:
                 gpu_bytes=_optional_int(body.get("gpu_bytes")),
             )
         )
-        return {"ok": True}
 
     async def _on_restored(
         self, kernel_id: str, connection: _Connection, body: dict, now: float
-    ) -> dict:
+    ) -> None:
         connection.transfer = body.get("transfer")
         self._apply(
             self.core.restored(kernel_id, now, gpu_bytes=_optional_int(body.get("gpu_bytes")))
         )
-        return {"ok": True}
 
     async def _on_restore_failed(
         self, kernel_id: str, connection: _Connection, body: dict, now: float
-    ) -> dict:
+    ) -> None:
         self._apply(self.core.restore_failed(kernel_id, str(body.get("reason", "unknown")), now))
-        return {"ok": True}
-
-    async def _on_spilled(
-        self, kernel_id: str, connection: _Connection, body: dict, now: float
-    ) -> dict:
-        self._apply(
-            self.core.spilled(kernel_id, now, int(body["host_bytes"]), int(body["disk_bytes"]))
-        )
-        return {"ok": True}
 
     # ------------------------------------------------------------------------- carrying out
 
