@@ -35,10 +35,12 @@ def run(kernels: int, devices: int, rounds: int, seed: int) -> dict:
         pending[kernel_id] = "warm"
     acquire_times: list[float] = []
     release_times: list[float] = []
+    by_depth: dict[bool, list[float]] = {False: [], True: []}  # queue deeper than the devices?
     for r in range(rounds):
         kernel_id = rng.choice(ids)
         kernel = core.kernels[kernel_id]
         now += 0.01
+        deep = len(core.queue()) > devices
         if kernel.lease is not None:
             started = time.perf_counter()
             actions = core.release(
@@ -49,10 +51,12 @@ def run(kernels: int, devices: int, rounds: int, seed: int) -> dict:
                 gpu_bytes=kernel.lease.reservation // 3,
             )
             release_times.append(time.perf_counter() - started)
+            by_depth[deep].append(release_times[-1])
         elif kernel.request is None:
             started = time.perf_counter()
             actions = core.acquire(kernel_id, f"r{r}", now)
             acquire_times.append(time.perf_counter() - started)
+            by_depth[deep].append(acquire_times[-1])
         else:
             continue
         # Offloads finish instantly in this model: report them back (not timed).
@@ -74,7 +78,13 @@ def run(kernels: int, devices: int, rounds: int, seed: int) -> dict:
         "acquire_p99_ms": pct(acquire_times, 99),
         "release_p50_ms": pct(release_times, 50),
         "release_p99_ms": pct(release_times, 99),
+        "all_p50_ms": pct(every, 50),
         "all_p99_ms": pct(every, 99),
+        "decisions_with_queue_deeper_than_devices": len(by_depth[True]),
+        "p99_ms_queue_within_devices": pct(by_depth[False], 99),
+        "p99_ms_queue_deeper_than_devices": pct(by_depth[True], 99)
+        if len(by_depth[True]) > 1
+        else None,
         "queue_length_end": len(core.queue()),
         "goal_p99_ms": 1.0,
     }

@@ -748,7 +748,14 @@ class BrokerCore:
             position = 0
             for request in queue:
                 kernel = self.kernels[request.kernel_id]
-                placement = self._place(kernel, request, claimed, now)
+                if len(claimed) == len(self.devices):
+                    # Every device is claimed by a request ahead: only a denial can be decided.
+                    placement = _Placement(
+                        deny=self._time_quota_denial(kernel, request, now),
+                        wait="queued behind earlier requests for the same GPU",
+                    )
+                else:
+                    placement = self._place(kernel, request, claimed, now)
                 if placement.deny:
                     kernel.request = None
                     self._actions.append(Deny(kernel.kernel_id, request.request_id, placement.deny))
@@ -817,13 +824,9 @@ class BrokerCore:
 
     def _place(self, kernel: Kernel, request: Request, claimed: set[int], now: float) -> _Placement:
         limits = self.limits(kernel.user, kernel.groups)
-        if request.hold and limits.gpu_seconds_per_day is not None:
-            used = self.used_seconds(kernel.user, now)
-            if used >= limits.gpu_seconds_per_day:
-                return _Placement(
-                    deny=f"GPU-time quota reached: {kernel.user} used {used / 3600:.2f} of "
-                    f"{limits.gpu_seconds_per_day / 3600:.2f} GPU-hours today (resets at 00:00 UTC)"
-                )
+        denial = self._time_quota_denial(kernel, request, now)
+        if denial:
+            return _Placement(deny=denial)
         candidates = self._candidates(kernel)
         if not candidates:
             return _Placement(deny="this pool has no GPU devices")
@@ -938,6 +941,18 @@ class BrokerCore:
                 wait="waiting for idle kernels to be offloaded",
             )
         return _Placement(device=device, reservation=reservation, victims=victims)
+
+    def _time_quota_denial(self, kernel: Kernel, request: Request, now: float) -> str:
+        limits = self.limits(kernel.user, kernel.groups)
+        if not request.hold or limits.gpu_seconds_per_day is None:
+            return ""
+        used = self.used_seconds(kernel.user, now)
+        if used < limits.gpu_seconds_per_day:
+            return ""
+        return (
+            f"GPU-time quota reached: {kernel.user} used {used / 3600:.2f} of "
+            f"{limits.gpu_seconds_per_day / 3600:.2f} GPU-hours today (resets at 00:00 UTC)"
+        )
 
     def _quota_room(
         self, kernel: Kernel, request: Request, limits: Limits, candidates: list[int], now: float
