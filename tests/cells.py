@@ -102,3 +102,8 @@ async def run_cell(
     """Run a cell; return its status and what it printed (streams and errors)."""
     status, messages = await cell_messages(ws, code, timeout)
     return status, cell_text(messages, displays=False)
+
+
+def record_of(pool: dict, kernel_id: str) -> dict | None:
+    """One kernel's record in a ``GET /singularity/api/pool`` answer."""
+    return next((k for k in pool["kernels"] if k["kernel_id"] == kernel_id), None)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cells import cell_messages, run_cell
+from cells import cell_messages, record_of, run_cell
 from cells import cell_text as cell_text_of
 from traitlets.config import Config
 
@@ -193,3 +193,33 @@ def execute_messages(jp_ws_fetch):
 def cell_text():
     """``cell_text(messages)``: the text of a cell's outputs, displays and errors included."""
     return cell_text_of
+
+
+@pytest.fixture
+def run(execute_messages):
+    """``await run(kernel_id, code)`` -> ``(status, text, messages)`` of one cell."""
+
+    async def run(kernel_id: str, code: str, **kwargs: Any) -> tuple[str, str, list[dict]]:
+        status, messages = await execute_messages(kernel_id, code, **kwargs)
+        return status, cell_text_of(messages), messages
+
+    return run
+
+
+@pytest.fixture
+def state(get_pool):
+    """``await state(kernel_id, *states)`` waits until the kernel's record is in one of them.
+
+    A cell's lease ends with a message of its own, which may reach the broker just after the
+    cell's reply reaches the test: read a state a cell leaves behind through this.
+    """
+
+    async def wait(kernel_id: str, *states: str, timeout: float = 30) -> dict:
+        async def probe():
+            pool = await get_pool()
+            record = record_of(pool, kernel_id)
+            return pool if record is not None and record["state"] in states else None
+
+        return await _wait_for(probe, timeout=timeout)
+
+    return wait

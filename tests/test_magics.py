@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cells import record_of
 
 MiB = 1 << 20
 
@@ -24,23 +25,10 @@ def singularity_config(request, tmp_path: Path) -> dict[str, Any]:
 
 
 @pytest.fixture
-def run(execute_messages, cell_text):
-    async def run(kernel_id: str, code: str, **kwargs: Any) -> tuple[str, str, list[dict]]:
-        status, messages = await execute_messages(kernel_id, code, **kwargs)
-        return status, cell_text(messages), messages
-
-    return run
-
-
-@pytest.fixture
 async def kernel(start_kernel, wait_in_pool) -> str:
     kernel_id = await start_kernel()
     await wait_in_pool(kernel_id)
     return kernel_id
-
-
-def record_of(pool: dict, kernel_id: str) -> dict:
-    return next(k for k in pool["kernels"] if k["kernel_id"] == kernel_id)
 
 
 async def magic(run, kernel_id: str, line: str) -> str:
@@ -90,12 +78,12 @@ async def test_pin_and_unpin(kernel, run, get_pool):
     assert record_of(await get_pool(), kernel)["pinned"] is False
 
 
-async def test_offload_and_restore_from_the_notebook(kernel, run, get_pool):
+async def test_offload_and_restore_from_the_notebook(kernel, run, get_pool, state):
     status, out, _ = await run(
         kernel, "import torch\nx = torch.arange(16 * 2**20 // 4, dtype=torch.int32)\nx[-1].item()"
     )
     assert status == "ok", out
-    record = record_of(await get_pool(), kernel)
+    record = record_of(await state(kernel, "resident"), kernel)
     assert record["state"] == "resident" and record["gpu_bytes"] == 16 * MiB, record
 
     out = await magic(run, kernel, "offload")
@@ -111,7 +99,7 @@ async def test_offload_and_restore_from_the_notebook(kernel, run, get_pool):
 
     out = await magic(run, kernel, "restore")
     assert out.startswith("restored 16.0 MiB in ") and "GB/s" in out, out
-    record = record_of(await get_pool(), kernel)
+    record = record_of(await state(kernel, "resident"), kernel)
     assert record["state"] == "resident" and record["gpu_bytes"] == 16 * MiB, record
     assert "nothing to restore" in await magic(run, kernel, "restore")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cells import record_of
 
 MiB = 1 << 20
 
@@ -79,41 +80,11 @@ def singularity_config(request, tmp_path: Path) -> dict[str, Any]:
     }
 
 
-def record_of(pool: dict, kernel_id: str) -> dict | None:
-    return next((k for k in pool["kernels"] if k["kernel_id"] == kernel_id), None)
-
-
 def value(text: str, key: str) -> str:
     for line in text.splitlines():
         if line.startswith(key + " "):
             return line[len(key) + 1 :].strip()
     raise AssertionError(f"no {key!r} line in:\n{text}")
-
-
-@pytest.fixture
-def run(execute_messages, cell_text):
-    """``await run(kernel_id, code)`` -> ``(status, text, messages)`` of one cell."""
-
-    async def run(kernel_id: str, code: str, **kwargs: Any) -> tuple[str, str, list[dict]]:
-        status, messages = await execute_messages(kernel_id, code, **kwargs)
-        return status, cell_text(messages), messages
-
-    return run
-
-
-@pytest.fixture
-def state(get_pool, wait_for):
-    """``await state(kernel_id, *states)`` waits until the kernel's record is in one of them."""
-
-    async def wait(kernel_id: str, *states: str, timeout: float = 30) -> dict:
-        async def probe():
-            pool = await get_pool()
-            record = record_of(pool, kernel_id)
-            return pool if record is not None and record["state"] in states else None
-
-        return await wait_for(probe, timeout=timeout)
-
-    return wait
 
 
 async def test_kernels_take_turns_on_one_device_and_state_survives(
@@ -134,7 +105,9 @@ async def test_kernels_take_turns_on_one_device_and_state_survives(
     status, out, _ = await run(k2, REFERENCE_RUN)
     assert status == "ok", out
     reference_loss = value(out, "loss")
-    pool = await get_pool()
+    pool = await state(
+        k2, "resident"
+    )  # the release is a message of its own: it may trail the reply
     one, two = record_of(pool, k1), record_of(pool, k2)
     assert one["state"] == "offloaded" and one["device"] is None, one
     assert one["host_bytes"] > 130 * MiB and one["gpu_bytes"] == 0, one
@@ -149,7 +122,7 @@ async def test_kernels_take_turns_on_one_device_and_state_survives(
     assert value(out, "loss") == reference_loss
     assert "restoring" in out and "from host" in out, out
     assert any(m["msg_type"] == "clear_output" for m in messages), "the wait line was not cleared"
-    pool = await get_pool()
+    pool = await state(k1, "resident")
     one, two = record_of(pool, k1), record_of(pool, k2)
     assert one["state"] == "resident" and one["host_bytes"] == 0, one
     assert two["state"] == "offloaded" and two["host_bytes"] > 130 * MiB, two
@@ -173,7 +146,7 @@ async def test_kernels_take_turns_on_one_device_and_state_survives(
     assert status == "ok", out
     assert value(out, "digest") == digest_now
     assert "restoring" in out, out
-    assert record_of(await get_pool(), k1)["state"] == "resident"
+    await state(k1, "resident")
 
 
 async def test_waiting_cell_is_queued_and_interrupt_leaves_the_queue(
@@ -229,8 +202,8 @@ async def test_waiting_cell_is_queued_and_interrupt_leaves_the_queue(
     assert status == "error"
     status, out, _ = await run(k1, "print(6 * 7)")
     assert status == "ok" and out.strip().endswith("42"), out
-    pool = await get_pool()
-    assert record_of(pool, k1)["state"] == "resident" and pool["queue"] == []
+    pool = await state(k1, "resident")
+    assert pool["queue"] == []
 
 
 @pytest.mark.parametrize(
