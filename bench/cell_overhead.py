@@ -17,21 +17,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
+from embedded_pool import embedded_pool
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
-
-from jupyter_singularity.broker.core import Policy
-from jupyter_singularity.broker.ledger import Ledger
-from jupyter_singularity.broker.quotas import Quotas
-from jupyter_singularity.broker.service import BrokerService
-from jupyter_singularity.devices import open_inventory
-from jupyter_singularity.server.provisioner import SingularityProvisioner
 
 SETUP = "import torch\nx = torch.ones(2**22)"
 CHECK_POOLED = (
@@ -65,17 +56,7 @@ def summary(samples: list[float]) -> dict:
 
 
 async def run(n: int, warmup: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        ledger = Ledger(f"sqlite:///{Path(tmp) / 'ledger.sqlite'}")
-        service = BrokerService(
-            open_inventory("simulated:1x16GiB"),
-            ledger,
-            Quotas({}),
-            Policy(),
-            log=logging.getLogger("bench"),
-        )
-        await service.start()
-        SingularityProvisioner.broker = service
+    async with embedded_pool() as service:
         kernels = []
         try:
             for provisioner in ("local-provisioner", "singularity-provisioner") * 2:
@@ -100,14 +81,13 @@ async def run(n: int, warmup: int) -> dict:
                     if i >= warmup:
                         times[name].append(elapsed)
             await asyncio.sleep(0.2)
-            ledger.flush()
-            leases = len(ledger.leases(since=began, until=time.time(), limit=10 * (n + warmup)))
+            leases = len(
+                service.ledger.leases(since=began, until=time.time(), limit=10 * (n + warmup))
+            )
         finally:
             for manager, client in kernels:
                 client.stop_channels()
                 await manager.shutdown_kernel(now=True)
-            await service.stop()
-            ledger.close()
     result = {name: summary(samples) for name, samples in times.items()}
     result["added_p50_ms"] = round(result["pooled"]["p50_ms"] - result["plain"]["p50_ms"], 3)
     result["added_p99_ms"] = round(result["pooled"]["p99_ms"] - result["plain"]["p99_ms"], 3)

@@ -10,19 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
-import tempfile
-from pathlib import Path
 
+from embedded_pool import embedded_pool
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
-
-from jupyter_singularity.broker.core import Policy
-from jupyter_singularity.broker.ledger import Ledger
-from jupyter_singularity.broker.quotas import Quotas
-from jupyter_singularity.broker.service import BrokerService
-from jupyter_singularity.devices import open_inventory
-from jupyter_singularity.server.provisioner import SingularityProvisioner
 
 KERNEL_CODE = """
 import json, statistics, time
@@ -41,17 +32,7 @@ print(json.dumps({{"p50_ms": cuts[49] * 1e3, "p99_ms": cuts[98] * 1e3, "n": len(
 
 
 async def run(n: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        ledger = Ledger(f"sqlite:///{Path(tmp) / 'ledger.sqlite'}")
-        service = BrokerService(
-            open_inventory("simulated:1x16GiB"),
-            ledger,
-            Quotas({}),
-            Policy(),
-            log=logging.getLogger("bench"),
-        )
-        await service.start()
-        SingularityProvisioner.broker = service
+    async with embedded_pool():
         KernelProvisionerFactory.instance().default_provisioner_name = "singularity-provisioner"
         manager = AsyncKernelManager(kernel_name="python3")
         await manager.start_kernel()
@@ -66,8 +47,6 @@ async def run(n: int) -> dict:
         finally:
             client.stop_channels()
             await manager.shutdown_kernel(now=True)
-            await service.stop()
-            ledger.close()
     result = json.loads(_OUTPUT[-1])
     result["goal_p50_ms"] = 1.0
     return result

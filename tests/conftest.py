@@ -45,12 +45,20 @@ def _kernels_import_this_checkout(monkeypatch):
 
 
 @pytest.fixture
-def singularity_config(tmp_path: Path) -> dict[str, Any]:
-    """``SingularityApp`` settings of the test server; override the fixture to change them."""
+def singularity_devices() -> str:
+    """The test server's ``devices``; a test module overrides it for a smaller pool."""
+    return "simulated:2x16GiB"
+
+
+@pytest.fixture
+def singularity_config(request, tmp_path: Path, singularity_devices: str) -> dict[str, Any]:
+    """``SingularityApp`` settings of the test server; ``indirect`` parametrisation adds or
+    replaces settings (quotas, say)."""
     return {
-        "devices": "simulated:2x16GiB",
+        "devices": singularity_devices,
         "db_url": f"sqlite:///{tmp_path / 'singularity.sqlite'}",
         "spill_dir": str(tmp_path / "spill"),
+        **getattr(request, "param", {}),
     }
 
 

@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
-from typing import Any
 
 import pytest
 from cells import record_of
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def singularity_config(request, tmp_path: Path) -> dict[str, Any]:
-    """Two 16 GiB devices by default; ``indirect`` parametrisation replaces settings."""
-    return {
-        "devices": "simulated:2x16GiB",
-        "db_url": f"sqlite:///{tmp_path / 'singularity.sqlite'}",
-        "spill_dir": str(tmp_path / "spill"),
-        **getattr(request, "param", {}),
-    }
 
 
 @pytest.fixture

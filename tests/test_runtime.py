@@ -13,7 +13,6 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cells import record_of
@@ -70,14 +69,9 @@ REFERENCE_RUN = BUILD_STATE + NEXT_STEP
 
 
 @pytest.fixture
-def singularity_config(request, tmp_path: Path) -> dict[str, Any]:
-    """One 256 MiB device; ``indirect`` parametrisation adds settings (quotas)."""
-    return {
-        "devices": "simulated:1x256MiB",
-        "db_url": f"sqlite:///{tmp_path / 'singularity.sqlite'}",
-        "spill_dir": str(tmp_path / "spill"),
-        **getattr(request, "param", {}),
-    }
+def singularity_devices() -> str:
+    """One device that holds one kernel's state at a time."""
+    return "simulated:1x256MiB"
 
 
 def value(text: str, key: str) -> str:
