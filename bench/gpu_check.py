@@ -32,8 +32,9 @@ What it measures (each step keeps going past a failure of another; the errors ar
 7. ``bench/offload_bandwidth.py --device cuda --gib 8`` and the CUDA/GPU tests
    (``pytest tests/test_offload.py tests/test_checkpoint.py -k "cuda or gpu"``), as subprocesses.
 
-Progress lines go to stdout as it runs; the last thing printed is the JSON summary (also written
-to ``--out DIR/gpu_check.json`` with the server and subprocess logs). Exit status 0 when every
+Progress lines go to stdout as it runs; the last thing printed is the JSON summary on one line
+(verdicts first, without event lists and logs); the full one goes to ``--out DIR/gpu_check.json``
+with the server and subprocess logs. Exit status 0 when every
 applicable goal passed and no step failed. A watchdog prints the summary and exits at
 ``--deadline`` seconds whatever happens; every wait has its own timeout.
 
@@ -1411,9 +1412,13 @@ class GpuCheck:
 
         offloads = s.get("offloads") or []
         restores = s.get("restores") or []
-        warm = offloads[1] if len(offloads) > 1 else None
-        cold = offloads[0] if offloads else None
-        warm_restore = restores[1] if len(restores) > 1 else None
+
+        def labelled(entries: list[dict], prefix: str) -> dict | None:
+            return next((e for e in entries if str(e.get("label", "")).startswith(prefix)), None)
+
+        warm = labelled(offloads, "offload 2")
+        cold = labelled(offloads, "offload 1")
+        warm_restore = labelled(restores, "restore 2")
 
         state_bytes = (s.get("kernel_a") or {}).get("build", {}).get("state_bytes")
         threshold = 8e9 if gpu else 256 * MiB * 0.99
@@ -1444,7 +1449,7 @@ class GpuCheck:
             "value": cold.get("offload_vs_pinned_d2h") if cold else None,
             "pass": None,
         }
-        first_restore = restores[0] if restores else None
+        first_restore = labelled(restores, "restore 1")
         goals["restore_vs_pinned_copy_first_restore"] = {
             "goal": "info: restore after the first offload",
             "value": first_restore.get("restore_vs_pinned_h2d") if first_restore else None,
@@ -1669,15 +1674,17 @@ class GpuCheck:
         return s
 
     def emit(self, summary: dict) -> None:
-        text = json.dumps(rounded(summary), indent=2, default=str)
+        """The full summary to ``--out``/gpu_check.json; a compact one (no event lists, logs or
+        long tracebacks, goals first) as one JSON line on stdout, the last thing printed."""
+        full = rounded(summary)
         if self.out is not None:
             with contextlib.suppress(OSError):
-                (self.out / "gpu_check.json").write_text(text + "\n")
+                (self.out / "gpu_check.json").write_text(json.dumps(full, indent=2, default=str))
                 for name in ("server.log", "holder.log"):
                     if (self.workdir / name).exists():
                         shutil.copy(self.workdir / name, self.out / name)
         print("=== gpu_check summary (JSON) ===", flush=True)
-        print(text, flush=True)
+        print(json.dumps(compact(full), separators=(",", ":"), default=str), flush=True)
 
     def kill_children(self) -> None:
         for process in self.children:
@@ -1686,6 +1693,50 @@ class GpuCheck:
                     os.killpg(process.pid, signal.SIGKILL)
         for pid in self.kernel_pids:
             kill_kernel(pid)
+
+
+def compact(summary: dict) -> dict:
+    """The summary without its bulky parts, the verdicts first (stdout is read from its tail)."""
+    drop = {
+        "events",
+        "output_tail",
+        "cell_output",
+        "pids_listed",
+        "traceback",
+        "record",
+        "record_resident",
+        "nvml_baseline",
+        "nvml_after_copy",
+        "note",
+        "d2h_seconds",
+        "h2d_seconds",
+        "a_final_digest",
+        "b_final_digest",
+    }
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in drop}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    first = ("ok", "mode", "goals_failed", "goals", "eviction_comparison", "errors", "notes")
+    out = {k: strip(summary[k]) for k in first if k in summary}
+    # Verdict and value per goal; what each goal means is in the full summary.
+    out["goals"] = {
+        name: {"pass": goal.get("pass"), "value": strip(goal.get("value"))}
+        for name, goal in (summary.get("goals") or {}).items()
+    }
+    for key, value in summary.items():
+        if key == "server_log_singularity":
+            out[key] = value[-12:]
+        elif key not in out:
+            out[key] = strip(value)
+    for error in out.get("errors") or []:
+        if isinstance(error.get("error"), str):
+            error["error"] = error["error"][-1500:]
+    return out
 
 
 def kill_kernel(pid: int) -> None:
@@ -1771,6 +1822,7 @@ def main() -> int:
                 check.finish(f"deadline of {args.deadline:.0f} s reached; the run was cut short")
             )
         sys.stdout.flush()
+        shutil.rmtree(check.workdir, ignore_errors=True)
         os._exit(3)
 
     timer = threading.Timer(args.deadline, watchdog)

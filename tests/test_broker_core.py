@@ -538,6 +538,19 @@ def test_a_refused_offload_keeps_the_kernel_resident_and_off_the_victim_list_unt
     assert "k1" in ids(core.acquire("k2", "r6", T0 + 14, memory=12 * GiB), Offload)
 
 
+def test_offload_asked_while_a_cell_runs_happens_when_it_ends():
+    core = make(kernels={"k1": "alice"})
+    core.acquire("k1", "r1", T0)
+    assert core.offload("k1", T0 + 1, reason="user asked") == []
+    assert core.kernels["k1"].state == S.RUNNING  # the running cell is not interrupted
+    actions = core.release("k1", "r1", T0 + 2, peak_bytes=2 * GiB, gpu_bytes=2 * GiB)
+    assert one(actions, Offload) == Offload("k1", 0, "user asked")
+    core.offloaded("k1", T0 + 3, host_bytes=2 * GiB)
+    # Asked once: the next cell's end does not offload again.
+    core.acquire("k1", "r2", T0 + 4)
+    assert not of(core.release("k1", "r2", T0 + 5, peak_bytes=2 * GiB, gpu_bytes=2 * GiB), Offload)
+
+
 def test_offload_and_restore_on_request():
     core = make(kernels={"k1": "alice"})
     with pytest.raises(BrokerError, match="cold"):
@@ -545,8 +558,6 @@ def test_offload_and_restore_on_request():
     with pytest.raises(BrokerError, match="nothing to restore"):
         core.restore("k1", T0)
     core.acquire("k1", "r1", T0)
-    with pytest.raises(BrokerError, match="running"):
-        core.offload("k1", T0 + 1)
     core.release("k1", "r1", T0 + 2, peak_bytes=2 * GiB, gpu_bytes=2 * GiB)
     core.set_pinned("k1", True, T0 + 2)
     offload = one(core.offload("k1", T0 + 3, reason="user asked"), Offload)  # even when pinned
@@ -966,6 +977,7 @@ class BrokerMachine(RuleBasedStateMachine):
         self.pending: dict[str, str] = {}  # kernel -> request id it waits with ("restore-*")
         self.leases: dict[str, Grant] = {}  # outstanding grants
         self.offloading: set[str] = set()  # Offload emitted, no offloaded/offload_failed yet
+        self.asked: set[str] = set()  # offload asked while a cell ran: done when it ends
         self.saved: dict[str, int] = {}  # host + disk bytes the kernel must keep
         self.state_device: dict[str, int] = {}  # where the kernel's GPU state lives or lived
         self.cancelled: set[str] = set()
@@ -1156,8 +1168,10 @@ class BrokerMachine(RuleBasedStateMachine):
         peak_bytes = int(lease.reservation * peak) if report else None
         gpu_bytes = int(peak_bytes * gpu) if peak_bytes is not None else None
         actions = self.call(
-            "release", kid, lease.request_id, self.now, peak_bytes=peak_bytes, gpu_bytes=gpu_bytes
-        )
+            "release", kid, lease.request_id, self.now, peak_bytes=peak_bytes, gpu_bytes=gpu_bytes,
+            call=Call(explicit_offload=kid if kid in self.asked else None),
+        )  # fmt: skip
+        self.asked.discard(kid)
         assert any(isinstance(a, LeaseEnded) and a.kernel_id == kid for a in actions)
         assert kid not in self.leases
 
@@ -1263,6 +1277,9 @@ class BrokerMachine(RuleBasedStateMachine):
         state = kernel.state
         if state in (S.OFFLOADED, S.SPILLED, S.OFFLOADING):
             assert self.call("offload", kid, self.now) == []
+        elif state == S.RUNNING and kernel.lease is not None and kernel.lease.hold:
+            assert self.call("offload", kid, self.now) == []  # done when the cell ends
+            self.asked.add(kid)
         elif state == S.RESIDENT:
             actions = self.call("offload", kid, self.now, call=Call(explicit_offload=kid))
             assert ids(actions, Offload) == [kid]

@@ -352,6 +352,19 @@ def test_host_pool_is_reused(engine: TensorEngine, monkeypatch: pytest.MonkeyPat
     assert all(t.untyped_storage().nbytes() == 4 * MIB for t in tensors)
 
 
+def test_a_prepared_pool_makes_the_first_offload_allocate_nothing(
+    engine: TensorEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tensors = [torch.randn(1024, 1024) for _ in range(3)]
+    before = [raw(t) for t in tensors]
+    assert engine.prepare(engine.device_bytes() + MIB) >= 13 * MIB
+    calls = count_allocations(monkeypatch)
+    engine.offload()
+    engine.restore()
+    assert calls == []
+    assert [raw(t) for t in tensors] == before
+
+
 def test_state_beyond_the_pool_goes_to_other_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     engine = TensorEngine(simulated=True, pinned_limit=6 * MIB, min_bytes=MIN_BYTES)
     tensors = [torch.randn(1024, 1024) for _ in range(3)]

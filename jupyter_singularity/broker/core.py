@@ -189,6 +189,8 @@ class Kernel:
     used_gpu: bool = False
     """Whether the kernel ever held a lease: off the device it is then offloaded, not cold."""
     spilling: bool = False
+    offload_asked: str = ""
+    """Why someone asked to offload the kernel while a cell ran: done when the cell ends."""
     spill_refused: str = ""
     """Why the last spill failed; not retried until the kernel is restored."""
 
@@ -365,6 +367,9 @@ class BrokerCore:
         kernel.last_activity = now
         self._end_lease(kernel, now, peak_bytes)
         self._set_state(kernel, KernelState.RESIDENT, "cell finished", now)
+        if kernel.offload_asked and kernel.request is None:
+            self._start_offload(kernel, kernel.offload_asked, now)
+        kernel.offload_asked = ""
         self._relieve_overcommit(kernel.device, now)
         self._schedule(now)
         return self._drain()
@@ -451,9 +456,13 @@ class BrokerCore:
         return self._drain()
 
     def offload(self, kernel_id: str, now: float, reason: str = "requested") -> list[Action]:
-        """Offload an idle resident kernel now (a user's or admin's request)."""
+        """Offload a resident kernel (a user's or admin's request): now if it is idle, else as soon
+        as its running cell ends."""
         kernel = self._kernel(kernel_id)
         if kernel.state in OFF_DEVICE_STATES or kernel.state == KernelState.OFFLOADING:
+            return []
+        if kernel.state == KernelState.RUNNING and kernel.lease is not None and kernel.lease.hold:
+            kernel.offload_asked = reason
             return []
         if kernel.state != KernelState.RESIDENT or kernel.lease is not None:
             raise BrokerError(

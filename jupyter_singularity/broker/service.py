@@ -94,6 +94,8 @@ class _Connection:
     checkpointed_uuid: str | None = None
     """UUID of the GPU the driver tier checkpointed this kernel's process off, if it did."""
     context_note: str = ""
+    context_seconds: dict[str, float] = field(default_factory=dict)
+    """How long the driver tier's last checkpoint and restore of this kernel took."""
     transfer: dict | None = None
     """The kernel's report of its last offload, restore or spill (bytes, seconds), recorded with
     the state change it caused."""
@@ -695,6 +697,7 @@ class BrokerService:
             return False
         connection.checkpointed_uuid = self.core.devices[action.device].uuid
         connection.context_note = ""
+        connection.context_seconds["checkpoint"] = seconds
         self.log.info(
             "jupyter-singularity: %s checkpointed off GPU %d in %.2f s",
             action.kernel_id,
@@ -714,8 +717,16 @@ class BrokerService:
             if target == connection.checkpointed_uuid
             else ((connection.checkpointed_uuid, target),)
         )
-        await asyncio.to_thread(self._driver.restore, connection.pid, pairs)
+        seconds = await asyncio.to_thread(self._driver.restore, connection.pid, pairs)
         connection.checkpointed_uuid = None
+        connection.context_seconds["restore"] = seconds
+        self.log.info(
+            "jupyter-singularity: %s restored onto GPU %d in %.2f s%s",
+            grant.kernel_id,
+            grant.device,
+            seconds,
+            " (migrated)" if pairs else "",
+        )
 
     async def _restore(self, grant: Grant) -> None:
         """Bring offloaded state back: the driver tier first (the context), then the kernel's
@@ -821,12 +832,17 @@ def _alive(pid: int) -> bool:
 
 def _context_view(connection: _Connection | None, capability: DriverCapability) -> dict:
     """Where the kernel's CUDA context is, for the kernel record: the driver tier's doing."""
+    seconds = {} if connection is None else dict(connection.context_seconds)
     if connection is not None and connection.checkpointed_uuid is not None:
-        return {"checkpointed": True, "note": "CUDA context checkpointed off the GPU by the driver"}
+        return {
+            "checkpointed": True,
+            "note": "CUDA context checkpointed off the GPU by the driver",
+            "seconds": seconds,
+        }
     note = connection.context_note if connection is not None and connection.context_note else ""
     if not note and not capability.available:
         note = f"driver tier unavailable: {capability.reason}"
-    return {"checkpointed": False, "note": note}
+    return {"checkpointed": False, "note": note, "seconds": seconds}
 
 
 def _optional_int(value: Any) -> int | None:

@@ -672,6 +672,22 @@ class Runtime:
         )
         if self._listeners:
             self.notify()
+        if (
+            not self.simulated
+            and self.engine is not None
+            and self.engine.pool_bytes < min(gpu_bytes, self.pinned_limit)
+        ):
+            threading.Thread(
+                target=self._prepare_pool, args=(gpu_bytes,), name="singularity-pool", daemon=True
+            ).start()
+
+    def _prepare_pool(self, nbytes: int) -> None:
+        """Pin host memory for the kernel's footprint while it idles (see TensorEngine.prepare)."""
+        with self.lock:
+            try:
+                self.engine.prepare(nbytes)
+            except Exception as err:  # the offload then allocates what it needs itself
+                log.warning("jupyter-singularity: could not prepare the host pool: %s", err)
 
     def _send(self, type: str, body: dict) -> None:
         try:
