@@ -263,6 +263,7 @@ class BrokerCore:
         self._actions: list[Action] = []
         self._limits_cache: dict[tuple[str, tuple[str, ...]], Limits] = {}
         self._pass: _Pass | None = None
+        self._uniform = len({d.total_bytes for d in self.devices.values()}) == 1
         # Indexes kept in step with every kernel's device and user, so a scheduling pass never
         # walks all kernels.
         self._by_device: dict[int, dict[str, Kernel]] = {d: {} for d in self.devices}
@@ -871,6 +872,26 @@ class BrokerCore:
         if claimed.issuperset(candidates):
             # Every device it could use is claimed by an earlier request: nothing to decide yet.
             return _Placement(wait="queued behind earlier requests for the same GPU")
+        # Within a pass room only shrinks (grants book it, offloads started are not yet done), so a
+        # request of a kernel that may use any device and asks at least as much as one that found
+        # every free device busy is busy too: it claims the least busy one without a search.
+        anywhere = (
+            self._uniform
+            and kernel.device is None
+            and not quota_victims
+            and len(candidates) == len(self.devices)
+        )
+        asked = 0
+        if anywhere:
+            asked = self._reservation(kernel, request, self.devices[candidates[0]], limits)
+            floor = self._pass.busy_floor
+            if floor is not None and asked >= floor:
+                device = self._pass.least_busy(claimed)
+                return _Placement(
+                    device=device,
+                    reservation=asked,
+                    wait=f"GPU {device} is busy with running cells",
+                )
         own_fixed = kernel.booking() if _unfreeable(kernel) else 0
         best: tuple | None = None
         eventual = False
@@ -932,6 +953,9 @@ class BrokerCore:
                 "%%singularity --memory SIZE"
             )
         (tier, *_), device, reservation, victims = best
+        if anywhere and tier == 2 and not eventual:
+            floor = self._pass.busy_floor
+            self._pass.busy_floor = asked if floor is None else min(floor, asked)
         for victim in quota_victims:
             if victim.state == KernelState.RESIDENT:
                 victims = [*victims, victim]
@@ -1056,6 +1080,15 @@ class _Pass:
         self.now = now
         self._running_seconds: dict[str, float] | None = None
         self._views: dict[int, _DeviceView] = {}
+        self.busy_floor: int | None = None
+        """The smallest reservation that found every unclaimed device busy in this pass."""
+        self._by_busyness: list[int] | None = None
+
+    def least_busy(self, claimed: set[int]) -> int:
+        """The unclaimed device with the fewest bytes under running leases."""
+        if self._by_busyness is None:
+            self._by_busyness = sorted(self.core.devices, key=lambda d: (self.view(d).running, d))
+        return next(d for d in self._by_busyness if d not in claimed)
 
     def running_seconds(self, user: str) -> float:
         if self._running_seconds is None:

@@ -206,7 +206,8 @@ class BrokerService:
             env["CUDA_VISIBLE_DEVICES"] = home.uuid
         if self.inventory.simulated:
             env[ENV_SIMULATED] = "1"
-        env[ENV_PINNED_LIMIT] = str(self.pinned_limit)
+        # Simulated devices live in host memory already: a kept host pool would only double it.
+        env[ENV_PINNED_LIMIT] = "0" if self.inventory.simulated else str(self.pinned_limit)
         spill = self._spill_dir_of(kernel_id)
         if spill is not None:
             env[ENV_SPILL_DIR] = str(spill)

@@ -132,7 +132,7 @@ def format_devices(reply: dict, kernel: dict | None = None) -> str:
         share = f"{booked / total:.0%}" if total else "-"
         extra = []
         if "kernels" in d:
-            extra.append(f"{d['kernels']} kernels")
+            extra.append(f"{d['kernels']} kernel{'' if d['kernels'] == 1 else 's'}")
         if d.get("running"):
             extra.append(f"{d['running']} running")
         if here == d["index"]:

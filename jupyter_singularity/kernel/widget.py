@@ -123,7 +123,7 @@ def render_summary(status: dict, runtime: Runtime | None = None) -> str:
         for name, value in rows
     )
     return (
-        f'<div class="jp-singularity-status"><b>GPU pool</b> · kernel '
+        f'<div class="jp-singularity-widget-summary"><b>GPU pool</b> · kernel '
         f"<code>{_esc(kernel['kernel_id'][:8])}</code><table>{body}</table></div>"
     )
 

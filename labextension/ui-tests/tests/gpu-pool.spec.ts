@@ -1,9 +1,17 @@
 /**
- * The GPU pool in a real JupyterLab and a real Chromium, on one simulated 16 GiB GPU.
+ * The GPU pool in a real JupyterLab and a real Chromium, on one simulated 2 GiB GPU, with real
+ * torch cells.
  *
- * A notebook runs a GPU cell: the status bar says "resident", the panel shows the kernel's bar on
- * GPU 0; the panel's Offload button offloads it (both say "offloaded"); the next GPU cell brings
- * it back (resident again).
+ * On simulated devices the kernel runtime treats a kernel's first `import torch` as its first GPU
+ * use (it takes a lease) and the kernel's large CPU tensors (>= 1 MiB) as its "GPU" state, which
+ * the broker offloads to host copies and restores, measuring bytes and seconds.
+ *
+ * Notebook 1 makes a 1 GiB tensor: the status bar says "resident · 1 GiB", the panel shows the
+ * kernel's bar on GPU 0. The panel's Offload button offloads it (both say "offloaded · 1 GiB");
+ * the notebook's next cell restores it (the status bar passes through "restoring…") and finds its
+ * tensor intact; the panel's recent transfers show both moves with bytes, duration and GB/s.
+ * Notebook 2 then makes a 1.5 GiB tensor: 1 + 1.5 GiB do not fit on the 2 GiB GPU, so the pool
+ * offloads notebook 1's idle kernel to make room.
  */
 
 import { expect, IJupyterLabPageFixture, test } from '@jupyterlab/galata';
@@ -11,39 +19,14 @@ import type { Locator, TestInfo } from '@playwright/test';
 import * as fs from 'fs';
 import * as path from 'path';
 
-/**
- * The cell that uses the GPU.
- *
- * `by-hand` (the default) takes and releases a lease through the kernel's broker client, as a
- * gated cell does; it works with the kernel runtime as it is today (and, once the runtime gates
- * every cell of a kernel that used the GPU, the gate's own lease does the same). `torch` runs an ordinary
- * torch cell, for when the runtime gates torch cells by itself (in simulated mode a large tensor
- * makes the kernel resident): switch with SINGULARITY_UI_GPU_CELL=torch.
- */
-const GPU_CELLS: Record<string, (gib: number) => string> = {
-  'by-hand': gib =>
-    [
-      'import uuid',
-      'from jupyter_singularity.kernel.runtime import Runtime',
-      'c = Runtime.current.client',
-      'rid = uuid.uuid4().hex',
-      `g = c.request("acquire", {"request_id": rid, "memory": ${gib} << 30})`,
-      `r = c.request("release", {"request_id": rid, "peak_bytes": ${gib} << 30, "gpu_bytes": ${gib} << 30}) if g.get("granted") else None`,
-      '# A kernel that the runtime already gates holds the lease for this very cell.',
-      'print("lease " + "ok" if g.get("granted") or "already holds" in str(g.get("reason")) else g)'
-    ].join('\n'),
-  torch: gib =>
-    [
-      'import torch',
-      `x = torch.ones(${gib * 256}, 1024, 1024)  # ${gib} GiB of float32`,
-      'print("lease " + "ok" if float(x[0, 0, 0]) == 1.0 else "?")'
-    ].join('\n')
-};
-const GPU_CELL_MODE = process.env.SINGULARITY_UI_GPU_CELL ?? 'by-hand';
-const gpuCell = GPU_CELLS[GPU_CELL_MODE] ?? GPU_CELLS['by-hand'];
+const GiB = 2 ** 30;
 
 /** The README's screenshot (panel and status bar), refreshed by each run. */
 const DOCS_IMAGE = path.resolve(__dirname, '..', '..', '..', 'docs', 'images', 'panel.png');
+
+/** A transfer in the panel's list: "GPU 0 → host · 1 GiB in 0.42 s · 2.6 GB/s". */
+const MEASURED = (size: string) =>
+  new RegExp(`· ${size.replace('.', '\\.')} in [\\d.]+ (s|min) · [\\d.]+ (GB|MB)/s`);
 
 async function shot(page: IJupyterLabPageFixture, testInfo: TestInfo, name: string) {
   const file = testInfo.outputPath(`${name}.png`);
@@ -51,99 +34,272 @@ async function shot(page: IJupyterLabPageFixture, testInfo: TestInfo, name: stri
   await testInfo.attach(name, { path: file, contentType: 'image/png' });
 }
 
+/** The status bar item (the `%singularity` widget's HTML has a class of the same name). */
 function statusItem(page: IJupyterLabPageFixture): Locator {
-  return page.locator('.jp-singularity-status');
+  return page.locator('#jp-main-statusbar .jp-singularity-status');
 }
 
-async function runGpuCell(page: IJupyterLabPageFixture, gib = 2) {
-  await page.notebook.setCell(0, 'code', gpuCell(gib));
+/**
+ * Types `lines` into the active notebook's first cell, runs it and waits for `expected` as what
+ * it printed. Typed with the keyboard, so no indented blocks (the editor would indent them again).
+ * Only stdout is compared: a cell whose `import torch` waited for its lease keeps the emptied
+ * wait line as a (blank) display output before it.
+ */
+async function runCell(
+  page: IJupyterLabPageFixture,
+  lines: string[],
+  expected: string | RegExp
+): Promise<void> {
+  await page.notebook.setCell(0, 'code', lines.join('\n'));
   await page.notebook.runCell(0, true);
-  // Typed with the keyboard, so no indented blocks (the editor would indent them again).
-  const output = page.locator('.jp-Cell').first().locator('.jp-OutputArea-output');
-  await expect(output).toHaveText('lease ok');
+  const notebook = page.locator('.jp-NotebookPanel').filter({ visible: true });
+  const output = notebook
+    .locator('.jp-Cell')
+    .first()
+    .locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stdout"]');
+  await expect(output).toHaveText(expected, { timeout: 60_000 });
+}
+
+/**
+ * Opens a new, empty notebook `name` (a Python 3 kernel) in the test's folder. Written first and
+ * then opened, rather than created as Untitled.ipynb and renamed: a rename while the new kernel's
+ * session is still being created leaves that session (and so the panel) with the old name.
+ */
+async function openNotebook(page: IJupyterLabPageFixture, tmpPath: string, name: string) {
+  const notebook = {
+    cells: [{ cell_type: 'code', source: '', metadata: {}, outputs: [], execution_count: null }],
+    metadata: {
+      kernelspec: { name: 'python3', display_name: 'Python 3 (ipykernel)', language: 'python' }
+    },
+    nbformat: 4,
+    nbformat_minor: 5
+  };
+  const file = `${tmpPath}/${name}`;
+  await page.contents.uploadContent(JSON.stringify(notebook), 'text', file);
+  // Through the command, not the file browser: the panel may hide the file browser.
+  await page.evaluate(async path => {
+    await (window as any).galata.app.commands.execute('docmanager:open', { path });
+  }, file);
+  await page.notebook.activate(name);
+}
+
+/** The kernel's record with its ledger events, as the panel reads it. */
+async function kernelRecord(page: IJupyterLabPageFixture, kernelId: string): Promise<any> {
+  const response = await page.request.get(`/singularity/api/kernels/${kernelId}`);
+  expect(response.ok()).toBeTruthy();
+  return response.json();
+}
+
+/** The kernel's ledger events, newest first. */
+function newestFirst(record: any): any[] {
+  return [...record.events].sort((a: any, b: any) => b.time - a.time || (b.id ?? 0) - (a.id ?? 0));
+}
+
+/** The latest ledger event that ends a transfer `from` → `to`, with the measured bytes and seconds. */
+function transferEvent(record: any, from: string, to: string): any {
+  return newestFirst(record).find(
+    (e: any) => e.old_state === from && e.new_state === to && e.nbytes
+  );
+}
+
+/** Starts recording what the status bar shows, each change of state or text, in order. */
+async function watchStatusBar(page: IJupyterLabPageFixture): Promise<void> {
+  await page.evaluate(() => {
+    const w = window as any;
+    w.__singularitySeen = [];
+    w.__singularityObserver?.disconnect();
+    const record = () => {
+      const el = document.querySelector('.jp-singularity-status') as HTMLElement | null;
+      if (!el) {
+        return;
+      }
+      const seen = { state: el.dataset.state ?? '', text: el.textContent ?? '' };
+      const last = w.__singularitySeen[w.__singularitySeen.length - 1];
+      if (!last || last.state !== seen.state || last.text !== seen.text) {
+        w.__singularitySeen.push(seen);
+      }
+    };
+    const observer = new MutationObserver(record);
+    observer.observe(document.querySelector('#jp-main-statusbar') ?? document.body, {
+      subtree: true,
+      childList: true,
+      attributes: true,
+      characterData: true
+    });
+    w.__singularityObserver = observer;
+    record();
+  });
+}
+
+async function statusBarSeen(
+  page: IJupyterLabPageFixture
+): Promise<{ state: string; text: string }[]> {
+  return page.evaluate(() => {
+    const w = window as any;
+    w.__singularityObserver?.disconnect();
+    return w.__singularitySeen ?? [];
+  });
 }
 
 test.use({ viewport: { width: 1280, height: 800 } });
 
 test.describe('GPU pool', () => {
-  test('status bar and panel follow a kernel through a GPU cell, an offload and a restore', async ({
-    page
+  test('two notebooks time-share one GPU: torch cells, offload, restore, eviction', async ({
+    page,
+    tmpPath
   }, testInfo) => {
-    await page.notebook.createNew('gpu-pool.ipynb');
-    await page.notebook.setCell(0, 'code', 'print("warm")');
-    await page.notebook.runCell(0, true);
+    await openNotebook(page, tmpPath, 'gpu-pool.ipynb');
+    await runCell(page, ['print("warm")'], 'warm');
 
     // The notebook's kernel is in the pool, not yet on a GPU.
     const status = statusItem(page);
     await expect(status).toBeVisible();
     await expect(status).toHaveAttribute('data-state', 'cold');
-    const kernelId = await status.getAttribute('data-kernel-id');
+    const kernelId = (await status.getAttribute('data-kernel-id')) as string;
     expect(kernelId).toBeTruthy();
     await expect(status).toHaveAttribute('aria-label', /GPU pool: .*Open the GPU pool panel/);
 
-    // A GPU cell: the kernel becomes resident on GPU 0.
-    await runGpuCell(page);
+    // A torch cell: its `import torch` takes a lease, its 1 GiB tensor is the kernel's GPU state.
+    await runCell(
+      page,
+      [
+        'import torch',
+        'x = torch.randn(256, 1024, 1024)  # 1 GiB of float32',
+        'checksum = float(x.sum())',
+        'print(f"x: {x.nbytes >> 20} MiB")'
+      ],
+      'x: 1024 MiB'
+    );
     await expect(status).toHaveAttribute('data-state', 'resident');
-    await expect(status).toContainText('GPU 0 · resident · 2 GiB');
+    await expect(status).toContainText('GPU 0 · resident · 1 GiB');
     await shot(page, testInfo, '01-status-resident');
 
     // The status item opens the panel, which shows the kernel's bar on its device.
     await status.click();
     const panel = page.locator('#jp-singularity-pool');
     await expect(panel).toBeVisible();
-    const segment = panel.locator(
-      `.jp-singularity-device[data-device="0"] .jp-singularity-segment[data-kernel-id="${kernelId}"]`
-    );
+    const device = panel.locator('.jp-singularity-device[data-device="0"]');
+    const segment = device.locator(`.jp-singularity-segment[data-kernel-id="${kernelId}"]`);
     await expect(segment).toHaveAttribute('data-state', 'resident');
     const width = await segment.evaluate(el => (el as HTMLElement).style.width);
-    expect(parseFloat(width)).toBeCloseTo(12.5, 1); // 2 of 16 GiB
+    expect(parseFloat(width)).toBeCloseTo(50, 0); // 1 of 2 GiB
+    await expect(device).toContainText('1 GiB / 2 GiB');
     const row = panel.locator(`li.jp-singularity-kernel[data-kernel-id="${kernelId}"]`);
     await expect(row).toContainText('gpu-pool.ipynb');
-    await expect(row).toContainText('resident');
+    await expect(row).toContainText('resident · 1 GiB');
     await expect(panel.locator('.jp-singularity-gauge-hours')).toContainText('of 8.00 h');
     await shot(page, testInfo, '02-panel-resident');
 
-    // Offload from the panel: both places say offloaded, and the bar leaves the device.
+    // Offload from the panel: both places say offloaded, with the size of the host copy.
     await row.getByRole('button', { name: /^Offload / }).click();
     await expect(status).toHaveAttribute('data-state', 'offloaded');
-    await expect(status).toContainText('offloaded');
+    await expect(status).toContainText('offloaded · 1 GiB');
     const offRow = panel.locator(
       `.jp-singularity-offdevice li.jp-singularity-kernel[data-kernel-id="${kernelId}"]`
     );
     await expect(offRow).toHaveAttribute('data-state', 'offloaded');
+    await expect(offRow).toContainText('offloaded · 1 GiB');
     await expect(segment).toHaveCount(0);
-    await expect(panel.locator('.jp-singularity-activity li[data-kind="offload"]')).toHaveCount(1);
+    const transfers = (kind: string) =>
+      panel.locator(`.jp-singularity-activity li[data-kind="${kind}"][data-kernel-id="${kernelId}"]`);
+    await expect(transfers('offload')).toHaveCount(1);
+    await expect(transfers('offload')).toContainText(
+      /GPU 0 → host/
+    );
+    await expect(transfers('offload')).toContainText(
+      MEASURED('1 GiB')
+    );
     await expect(offRow.getByRole('button', { name: /^Restore / })).toBeVisible();
     await shot(page, testInfo, '03-offloaded');
 
-    // The next GPU cell brings the kernel back onto the GPU.
-    await runGpuCell(page);
+    // The next cell (any cell: the kernel uses the GPU, so every cell is gated) restores the
+    // tensor before it runs; the status bar passes through "restoring…" and ends resident.
+    await watchStatusBar(page);
+    await runCell(page, ['print("same", float(x.sum()) == checksum)'], 'same True');
     await expect(status).toHaveAttribute('data-state', 'resident');
-    await expect(status).toContainText('GPU 0 · resident');
+    await expect(status).toContainText('GPU 0 · resident · 1 GiB');
     await expect(segment).toHaveAttribute('data-state', 'resident');
-    await expect(row).toContainText('resident');
+    await expect(row).toContainText('resident · 1 GiB');
+    const seen = await statusBarSeen(page);
+    console.log(`status bar during the restore: ${seen.map(s => s.text).join(' | ')}`);
+    testInfo.annotations.push({
+      type: 'status bar during the restore',
+      description: seen.map(s => s.text).join(' | ')
+    });
+    const restoring = seen.filter(s => s.state === 'restoring');
+    if (restoring.length) {
+      // Shown long enough to be seen: it said so.
+      expect(restoring[0].text).toContain('restoring…');
+      const after = seen.slice(seen.indexOf(restoring[0]));
+      expect(after.some(s => s.state === 'resident' || s.state === 'running')).toBeTruthy();
+    }
+    // Either way the kernel's ledger has the restore, with what the kernel measured.
+    let record = await kernelRecord(page, kernelId);
+    const offload = transferEvent(record, 'offloading', 'offloaded');
+    const restore = transferEvent(record, 'restoring', 'running');
+    expect(offload?.nbytes).toBe(GiB);
+    expect(offload?.duration).toBeGreaterThan(0);
+    expect(restore?.nbytes).toBe(GiB);
+    expect(restore?.duration).toBeGreaterThan(0);
 
-    // Pin it from the panel.
+    // The panel's recent transfers: the offload and the restore, with bytes, duration and GB/s.
+    const restored = transfers('restore');
+    await expect(restored).toHaveCount(1);
+    await expect(restored).toContainText(/host → GPU 0/);
+    await expect(restored).toContainText(MEASURED('1 GiB'));
+    await shot(page, testInfo, '04-restored');
+
+    // Pin and unpin from the panel.
     await row.getByRole('button', { name: /^Pin / }).click();
     await expect(row.getByRole('button', { name: /^Unpin / })).toBeVisible();
     await expect(status).toContainText('pinned');
-    await shot(page, testInfo, '04-restored-pinned');
+    await shot(page, testInfo, '05-pinned');
+    await row.getByRole('button', { name: /^Unpin / }).click();
+    await expect(row.getByRole('button', { name: /^Pin / })).toBeVisible();
+    await expect(status).not.toContainText('pinned');
 
-    // A second notebook's kernel time-shares GPU 0: two bars on one device.
-    await page.notebook.createNew('second.ipynb');
-    await runGpuCell(page, 6);
-    await expect(status).toContainText('GPU 0 · resident · 6 GiB');
-    await expect(panel.locator('.jp-singularity-device[data-device="0"] .jp-singularity-segment')).toHaveCount(2);
-    await expect(panel.locator('.jp-singularity-device[data-device="0"]')).toContainText('8 GiB / 16 GiB');
+    // A second notebook wants 1.5 GiB of the 2 GiB GPU: its first torch cell waits while the
+    // pool offloads notebook 1's idle kernel, then runs.
+    await openNotebook(page, tmpPath, 'second.ipynb');
+    await runCell(
+      page,
+      [
+        'import torch',
+        'y = torch.ones(384, 1024, 1024)  # 1.5 GiB of float32',
+        'print(f"y: {y.nbytes >> 20} MiB")'
+      ],
+      'y: 1536 MiB'
+    );
+    await expect(status).toHaveAttribute('data-state', 'resident');
+    await expect(status).toContainText('GPU 0 · resident · 1.5 GiB');
+    const secondId = (await status.getAttribute('data-kernel-id')) as string;
+    expect(secondId).not.toBe(kernelId);
+    await expect(device.locator('.jp-singularity-segment')).toHaveCount(1);
+    await expect(
+      device.locator(`.jp-singularity-segment[data-kernel-id="${secondId}"]`)
+    ).toHaveAttribute('data-state', 'resident');
+    await expect(device).toContainText('1.5 GiB / 2 GiB');
+    await expect(offRow).toHaveAttribute('data-state', 'offloaded');
+    await expect(offRow).toContainText('offloaded · 1 GiB');
+    await expect(transfers('offload')).toHaveCount(2);
+    await expect(transfers('offload').first()).toContainText(
+      MEASURED('1 GiB')
+    );
+    record = await kernelRecord(page, kernelId);
+    expect(record.state).toBe('offloaded');
+    expect(record.host_bytes).toBe(GiB);
+    const evicted = newestFirst(record).find((e: any) => e.new_state === 'offloading');
+    expect(evicted?.reason).toContain(`making room for kernel ${secondId.slice(0, 8)}`);
 
-    // The README's screenshot: panel and status bar.
+    // The README's screenshot: panel and status bar, with real sizes.
     fs.mkdirSync(path.dirname(DOCS_IMAGE), { recursive: true });
     await page.screenshot({ path: DOCS_IMAGE });
+    await testInfo.attach('06-time-shared', { path: DOCS_IMAGE, contentType: 'image/png' });
 
     // Dark theme: same widgets, theme variables only.
     await page.theme.setDarkTheme();
     await expect(status).toContainText('resident');
-    await shot(page, testInfo, '05-dark-theme');
+    await shot(page, testInfo, '07-dark-theme');
     await page.theme.setLightTheme();
   });
 
@@ -159,7 +315,7 @@ test.describe('GPU pool', () => {
     await panel.getByRole('button', { name: 'Save quotas' }).click();
     const alert = panel.locator('.jp-singularity-quota-editor [role="alert"]');
     await expect(alert).toContainText("unknown resource 'gpu_memroy'");
-    await shot(page, testInfo, '06-refused');
+    await shot(page, testInfo, '08-refused');
 
     await editor.fill('{"default": {"gpu_memory": "8GiB", "gpu_hours_per_day": 8}}');
     await panel.getByRole('button', { name: 'Save quotas' }).click();
