@@ -263,7 +263,9 @@ class BrokerCore:
         self._actions: list[Action] = []
         self._limits_cache: dict[tuple[str, tuple[str, ...]], Limits] = {}
         self._pass: _Pass | None = None
-        self._uniform = len({d.total_bytes for d in self.devices.values()}) == 1
+        sizes = {d.total_bytes for d in self.devices.values()}
+        self._uniform = len(sizes) == 1
+        self._largest = max(sizes, default=0)
         # Indexes kept in step with every kernel's device and user, so a scheduling pass never
         # walks all kernels.
         self._by_device: dict[int, dict[str, Kernel]] = {d: {} for d in self.devices}
@@ -849,7 +851,11 @@ class BrokerCore:
                 deny=f"asked for {format_size(request.memory)} but the GPU memory quota of "
                 f"{kernel.user} is {format_size(limits.gpu_memory)}"
             )
-        largest = max(self.devices[d].total_bytes for d in candidates)
+        largest = (
+            self._largest
+            if len(candidates) == len(self.devices)
+            else max(self.devices[d].total_bytes for d in candidates)
+        )
         if request.memory is not None and request.memory > largest:
             return _Placement(
                 deny=f"asked for {format_size(request.memory)} but the largest GPU it may use has "
@@ -953,7 +959,7 @@ class BrokerCore:
                 "%%singularity --memory SIZE"
             )
         (tier, *_), device, reservation, victims = best
-        if anywhere and tier == 2 and not eventual:
+        if anywhere and tier == 2:
             floor = self._pass.busy_floor
             self._pass.busy_floor = asked if floor is None else min(floor, asked)
         for victim in quota_victims:
