@@ -384,6 +384,10 @@ async def _matches(fetch, predicate):
             {"host_memory_limit": "lots"},
             "SingularityApp.host_memory_limit = 'lots': invalid size 'lots'",
         ),
+        (
+            {"pinned_memory_limit": "-1GiB"},
+            "SingularityApp.pinned_memory_limit = '-1GiB'",
+        ),
         ({"devices": "gpus:2"}, "SingularityApp.devices = 'gpus:2': unknown device spec"),
         (
             {"quotas": {"default": {"gpu_mem": "1GiB"}}},

@@ -154,12 +154,7 @@ class SingularityApp(ExtensionApp):
                 "seconds >= 0 (0 = offload only under memory pressure)"
             )
         self.host_memory_limit_bytes = self._host_memory_limit()
-        try:
-            pinned_limit = parse_size(self.pinned_memory_limit)
-        except (ValueError, TypeError) as err:
-            raise ConfigError(
-                f"SingularityApp.pinned_memory_limit = {self.pinned_memory_limit!r}: {err}"
-            ) from None
+        pinned_limit = self._size_setting("pinned_memory_limit")
         quotas = self._initial_quotas()
         self._make_spill_dir()
 
@@ -195,13 +190,15 @@ class SingularityApp(ExtensionApp):
         self.log.info(self._inventory_line())
         self.settings[SETTINGS_KEY] = self
 
-    def _host_memory_limit(self) -> int:
+    def _size_setting(self, name: str) -> int:
+        value = getattr(self, name)
         try:
-            limit = parse_size(self.host_memory_limit)
+            return parse_size(value)
         except (ValueError, TypeError) as err:
-            raise ConfigError(
-                f"SingularityApp.host_memory_limit = {self.host_memory_limit!r}: {err}"
-            ) from None
+            raise ConfigError(f"SingularityApp.{name} = {value!r}: {err}") from None
+
+    def _host_memory_limit(self) -> int:
+        limit = self._size_setting("host_memory_limit")
         if limit:
             return limit
         try:
