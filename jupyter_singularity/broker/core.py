@@ -933,7 +933,7 @@ class BrokerCore:
             else:
                 need = reservation - free
                 pending = view.offloading
-                for victim in view.evictable:
+                for victim in self._pass.victims(d):
                     if pending >= need:
                         break
                     if victim is kernel or victim in quota_victims or not self._evictable(victim):
@@ -1076,6 +1076,7 @@ class _DeviceView:
     offloading: int
     running: int
     evictable: list[Kernel]
+    ordered: bool = False
 
 
 class _Pass:
@@ -1115,18 +1116,27 @@ class _Pass:
     def view(self, device: int) -> _DeviceView:
         view = self._views.get(device)
         if view is None:
-            kernels = list(self.core._by_device[device].values())
-            view = self._views[device] = _DeviceView(
-                booked=sum(k.booking() for k in kernels),
-                fixed=sum(k.booking() for k in kernels if _unfreeable(k)),
-                offloading=sum(k.gpu_bytes for k in kernels if k.state == KernelState.OFFLOADING),
-                running=sum(k.booking() for k in kernels if k.lease is not None),
-                evictable=sorted(
-                    (k for k in kernels if self.core._evictable(k)),
-                    key=lambda k: self.core._eviction_key(k, self.now),
-                ),
-            )
+            view = self._views[device] = _DeviceView(0, 0, 0, 0, [])
+            for kernel in self.core._by_device[device].values():
+                booking = kernel.booking()
+                view.booked += booking
+                if _unfreeable(kernel):
+                    view.fixed += booking
+                if kernel.state == KernelState.OFFLOADING:
+                    view.offloading += kernel.gpu_bytes
+                if kernel.lease is not None:
+                    view.running += booking
+                elif self.core._evictable(kernel):
+                    view.evictable.append(kernel)
         return view
+
+    def victims(self, device: int) -> list[Kernel]:
+        """The device's evictable kernels in eviction order (sorted on first use in a pass)."""
+        view = self.view(device)
+        if not view.ordered:
+            view.evictable.sort(key=lambda k: self.core._eviction_key(k, self.now))
+            view.ordered = True
+        return view.evictable
 
     def changed(self, device: int) -> None:
         """Something on ``device`` changed during the pass: recompute its view when next asked."""
