@@ -8,6 +8,7 @@ that no peer can take the server down or block other kernels.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -26,7 +27,9 @@ from ..protocol import (
     encode,
 )
 
-Handler = Callable[[Message], Awaitable[dict | None]]
+Handler = Callable[[Message], dict | Awaitable[dict | None] | None]
+"""Answers a kernel's message: at once (a dict, or None for a notification), or with an
+awaitable when the answer must wait."""
 
 #: Control messages are small; a peer sending more is cut off by ZeroMQ before the
 #: payload is buffered in the server's memory.
@@ -141,9 +144,18 @@ class RPCServer:
             if msg.reply_to is not None:
                 self._resolve(msg)
                 continue
-            task = asyncio.create_task(self._serve(identity, msg))
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
+            try:
+                result = self._handler(msg)
+            except Exception as exc:
+                self._log.exception("handler for %r from %s failed", msg.type, msg.kernel_id)
+                result = {"error": str(exc) or type(exc).__name__}
+            if inspect.isawaitable(result):
+                # It waits (a lease, say) as its own task, so other kernels are served meanwhile.
+                task = asyncio.create_task(self._serve(identity, msg, result))
+                self._handlers.add(task)
+                task.add_done_callback(self._handlers.discard)
+            else:
+                self._reply(identity, msg, result)
 
     def _resolve(self, msg: Message) -> None:
         """Hand a reply to its request(); replies never run the handler (no reply loops)."""
@@ -155,13 +167,16 @@ class RPCServer:
         if not future.done():
             future.set_result(msg.body)
 
-    async def _serve(self, identity: bytes, msg: Message) -> None:
-        reply_type = f"{msg.type}_reply"
+    async def _serve(self, identity: bytes, msg: Message, pending: Awaitable[dict | None]) -> None:
         try:
-            body = await self._handler(msg)
+            body = await pending
         except Exception as exc:
             self._log.exception("handler for %r from %s failed", msg.type, msg.kernel_id)
             body = {"error": str(exc) or type(exc).__name__}
+        self._reply(identity, msg, body)
+
+    def _reply(self, identity: bytes, msg: Message, body: dict | None) -> None:
+        reply_type = f"{msg.type}_reply"
         if body is None:
             return  # a notification (release, cancel...): the kernel waits for no answer
         try:

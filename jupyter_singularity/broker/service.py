@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,8 @@ class _Connection:
     context_seconds: dict[str, float] = field(default_factory=dict)
     """How long the driver tier's last checkpoint and restore of this kernel took."""
     transfer: dict | None = None
+    stopping: str = ""
+    """Why the kernel's process is about to exit (shut down, restarted), when the server said so."""
     """The kernel's report of its last offload, restore or spill (bytes, seconds), recorded with
     the state change it caused."""
     """Why the kernel's CUDA context stayed on the GPU after an offload, if it did."""
@@ -222,6 +224,12 @@ class BrokerService:
         if connection is not None and pid:
             connection.pid = pid
 
+    def kernel_stopping(self, kernel_id: str, reason: str) -> None:
+        """The server is stopping the kernel: its process exit is expected, not a death."""
+        connection = self._connections.get(kernel_id)
+        if connection is not None:
+            connection.stopping = reason
+
     def unregister_kernel(self, kernel_id: str, reason: str = "shut down") -> None:
         """The kernel ended: everything it held is released."""
         connection = self._connections.pop(kernel_id, None)
@@ -255,12 +263,12 @@ class BrokerService:
         record["events"] = self.ledger.events(kernel_id=kernel_id, limit=20)
         return record
 
-    async def offload(self, kernel_id: str) -> dict:
+    def offload(self, kernel_id: str) -> dict:
         self._known(kernel_id)
         self._apply(self.core.offload(kernel_id, self.clock(), reason="requested by user"))
         return self.kernel(kernel_id)
 
-    async def restore(self, kernel_id: str) -> dict:
+    def restore(self, kernel_id: str) -> dict:
         self._known(kernel_id)
         self._apply(self.core.restore(kernel_id, self.clock()))
         return self.kernel(kernel_id)
@@ -312,8 +320,10 @@ class BrokerService:
         connection = self._connections.get(kernel_id)
         return None if connection is None else connection.key
 
-    async def _handle(self, msg: Message) -> dict | None:
-        """One request from a kernel's runtime; readable errors go back as ``{"error": ...}``."""
+    def _handle(self, msg: Message) -> dict | Awaitable[dict] | None:
+        """One request from a kernel's runtime, answered at once where possible (an awaitable
+        only when it must wait, as a cell for its lease); readable errors go back as
+        ``{"error": ...}``."""
         kernel_id, body, now = msg.kernel_id, msg.body, self.clock()
         connection = self._connections.get(kernel_id)
         if connection is None or kernel_id not in self.core.kernels:
@@ -323,7 +333,7 @@ class BrokerService:
         if handler is None:
             return {"error": f"unknown request {msg.type!r}"}
         try:
-            return await handler(kernel_id, connection, body, now)
+            return handler(kernel_id, connection, body, now)
         except BrokerError as err:
             return {"error": str(err)}
         except (KeyError, TypeError, ValueError) as err:
@@ -332,43 +342,35 @@ class BrokerService:
             )
             return {"error": f"malformed {msg.type} request: {err!r}"}
 
-    async def _on_hello(
-        self, kernel_id: str, connection: _Connection, body: dict, now: float
-    ) -> dict:
+    def _on_hello(self, kernel_id: str, connection: _Connection, body: dict, now: float) -> dict:
         pid = int(body["pid"])
         if connection.pid is None:
             connection.pid = pid
         return {"kernel": self.kernel(kernel_id), "simulated": self.inventory.simulated}
 
-    async def _on_status(
-        self, kernel_id: str, connection: _Connection, body: dict, now: float
-    ) -> dict:
+    def _on_status(self, kernel_id: str, connection: _Connection, body: dict, now: float) -> dict:
         return {
             "kernel": self.kernel(kernel_id),
             "quota": self.quota(self.owner, self.owner_groups),
             "queue": self.pool()["queue"],
         }
 
-    async def _on_offload_me(
+    def _on_offload_me(
         self, kernel_id: str, connection: _Connection, body: dict, now: float
     ) -> dict:
-        return {"kernel": await self.offload(kernel_id)}
+        return {"kernel": self.offload(kernel_id)}
 
-    async def _on_restore_me(
+    def _on_restore_me(
         self, kernel_id: str, connection: _Connection, body: dict, now: float
     ) -> dict:
-        record = await self.restore(kernel_id)
+        record = self.restore(kernel_id)
         queued = [q for q in self.pool()["queue"] if q["kernel_id"] == kernel_id]
         return {"kernel": record, "queue": queued[0] if queued else None}
 
-    async def _on_pin(
-        self, kernel_id: str, connection: _Connection, body: dict, now: float
-    ) -> dict:
+    def _on_pin(self, kernel_id: str, connection: _Connection, body: dict, now: float) -> dict:
         return {"kernel": self.pin(kernel_id, bool(body["pinned"]))}
 
-    async def _on_devices(
-        self, kernel_id: str, connection: _Connection, body: dict, now: float
-    ) -> dict:
+    def _on_devices(self, kernel_id: str, connection: _Connection, body: dict, now: float) -> dict:
         pool = self.pool()
         devices = [
             {
@@ -386,9 +388,9 @@ class BrokerService:
             "kernel": self.kernel(kernel_id),
         }
 
-    async def _on_acquire(
+    def _on_acquire(
         self, kernel_id: str, connection: _Connection, body: dict, now: float
-    ) -> dict:
+    ) -> dict | Awaitable[dict]:
         request_id = str(body["request_id"])
         memory = body.get("memory")
         waiter = asyncio.get_running_loop().create_future()
@@ -399,22 +401,30 @@ class BrokerService:
                     kernel_id, request_id, now, None if memory is None else int(memory)
                 )
             )
+        except BaseException:
+            connection.waiters.pop(request_id, None)
+            raise
+        if waiter.done():  # granted or denied at once: the common case, answered without a task
+            connection.waiters.pop(request_id, None)
+            return waiter.result()
+        return self._until_answered(connection, request_id, waiter)
+
+    async def _until_answered(
+        self, connection: _Connection, request_id: str, waiter: asyncio.Future
+    ) -> dict:
+        try:
             return await waiter
         finally:
             connection.waiters.pop(request_id, None)
 
-    async def _on_cancel(
-        self, kernel_id: str, connection: _Connection, body: dict, now: float
-    ) -> None:
+    def _on_cancel(self, kernel_id: str, connection: _Connection, body: dict, now: float) -> None:
         request_id = str(body["request_id"])
         self._apply(self.core.cancel(kernel_id, request_id, now))
         waiter = connection.waiters.get(request_id)
         if waiter is not None and not waiter.done():
             waiter.set_result({"granted": False, "reason": "cancelled"})
 
-    async def _on_release(
-        self, kernel_id: str, connection: _Connection, body: dict, now: float
-    ) -> None:
+    def _on_release(self, kernel_id: str, connection: _Connection, body: dict, now: float) -> None:
         self._apply(
             self.core.release(
                 kernel_id,
@@ -425,15 +435,13 @@ class BrokerService:
             )
         )
 
-    async def _on_restored(
-        self, kernel_id: str, connection: _Connection, body: dict, now: float
-    ) -> None:
+    def _on_restored(self, kernel_id: str, connection: _Connection, body: dict, now: float) -> None:
         connection.transfer = body.get("transfer")
         self._apply(
             self.core.restored(kernel_id, now, gpu_bytes=_optional_int(body.get("gpu_bytes")))
         )
 
-    async def _on_restore_failed(
+    def _on_restore_failed(
         self, kernel_id: str, connection: _Connection, body: dict, now: float
     ) -> None:
         self._apply(self.core.restore_failed(kernel_id, str(body.get("reason", "unknown")), now))
@@ -798,7 +806,9 @@ class BrokerService:
     def _reap_dead_processes(self) -> None:
         for kernel_id, connection in list(self._connections.items()):
             if connection.pid is not None and not _alive(connection.pid):
-                self.unregister_kernel(kernel_id, f"process {connection.pid} died")
+                self.unregister_kernel(
+                    kernel_id, connection.stopping or f"process {connection.pid} died"
+                )
 
     async def _ping(self, kernel_id: str) -> None:
         """Heartbeat for kernels whose process we cannot watch (e.g. a remote kernel)."""

@@ -115,9 +115,9 @@ class KernelActionHandler(SingularityHandler):
             await self.require_admin(f"{action} another user's kernel")
         try:
             if action == "offload":
-                result = await self.service.offload(kernel_id)
+                result = self.service.offload(kernel_id)
             elif action == "restore":
-                result = await self.service.restore(kernel_id)
+                result = self.service.restore(kernel_id)
             else:
                 body = self.get_json_body()
                 if not isinstance(body, dict) or not isinstance(body.get("pinned"), bool):

@@ -52,6 +52,13 @@ class SingularityProvisioner(LocalProvisioner):
             type(self).broker.kernel_started(self.kernel_id, self.pid)
         return info
 
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        await super().shutdown_requested(restart=restart)
+        if type(self).broker is not None:
+            type(self).broker.kernel_stopping(
+                self.kernel_id, "restarted" if restart else "shut down"
+            )
+
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart=restart)
         if type(self).broker is not None:
