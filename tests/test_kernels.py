@@ -84,7 +84,7 @@ async def test_shut_down_kernel_leaves_pool_and_frees_booking(
 
 
 async def test_killed_kernel_leaves_pool_and_frees_booking(
-    start_kernel, wait_in_pool, execute, get_pool, wait_for, singularity_app
+    start_kernel, wait_in_pool, execute, get_pool, wait_for, singularity_app, jp_fetch
 ):
     kernel_id = await start_kernel()
     await wait_in_pool(kernel_id)
@@ -104,6 +104,12 @@ async def test_killed_kernel_leaves_pool_and_frees_booking(
     for kernel in pool["kernels"]:
         if kernel["kernel_id"] == kernel_id:
             assert kernel["state"] == "cold" and kernel["gpu_bytes"] == 0
+
+    async def restarted():  # let the restart finish, so the server shuts the kernel down cleanly
+        model = json.loads((await jp_fetch("api", "kernels", kernel_id)).body)
+        return model["execution_state"] == "idle"
+
+    await wait_for(restarted, timeout=60)
     events = singularity_app.service.ledger.events(kernel_id=kernel_id, limit=50)
     assert any(e["new_state"] == "gone" and "died" in e["reason"] for e in events), events
 

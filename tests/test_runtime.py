@@ -261,7 +261,7 @@ async def test_cell_magic_sets_the_reservation(start_kernel, wait_in_pool, run, 
 
 
 async def test_kernel_killed_while_offloaded_leaves_no_booking(
-    start_kernel, wait_in_pool, run, get_pool, state, wait_for, singularity_app
+    start_kernel, wait_in_pool, run, get_pool, state, wait_for, singularity_app, jp_fetch
 ):
     k1, k2 = await start_kernel(), await start_kernel()
     await wait_in_pool([k1, k2])
@@ -275,13 +275,16 @@ async def test_kernel_killed_while_offloaded_leaves_no_booking(
 
     os.kill(pid, signal.SIGKILL)
 
-    async def gone():
+    async def restarted():
+        # jupyter_server restarts a dead kernel under the same id: it comes back fresh. Waiting for
+        # that (rather than ending the test mid-restart) lets the server shut it down cleanly.
         pool = await get_pool()
         record = record_of(pool, k1)
-        fresh = record is None or (record["state"] == "cold" and record["host_bytes"] == 0)
-        return pool if fresh else None
+        model = json.loads((await jp_fetch("api", "kernels", k1)).body)
+        fresh = record is not None and record["state"] == "cold" and record["host_bytes"] == 0
+        return pool if fresh and model["execution_state"] == "idle" else None
 
-    pool = await wait_for(gone, timeout=30)
+    pool = await wait_for(restarted, timeout=60)
     two = record_of(pool, k2)
     assert pool["devices"][0]["booked_bytes"] == two["booked_bytes"], pool
     spill_dir = Path(singularity_app.spill_dir) / k1
