@@ -73,8 +73,12 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+# The project, and the tests' cell runner (the same websocket protocol JupyterLab speaks).
+for _path in (REPO_ROOT, REPO_ROOT / "tests"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from cells import cell_messages, cell_text  # noqa: E402
 
 TOKEN = "gpu-check-" + uuid.uuid4().hex[:16]
 GiB = 1 << 30
@@ -562,60 +566,13 @@ class Server:
             websocket_connect(HTTPRequest(ws_url, headers={"Authorization": f"token {TOKEN}"})),
             30,
         )
-        msg_id = uuid.uuid4().hex
-        request = {
-            "header": {
-                "msg_id": msg_id,
-                "msg_type": "execute_request",
-                "username": "gpu-check",
-                "session": uuid.uuid4().hex,
-                "version": "5.3",
-                "date": "",
-            },
-            "parent_header": {},
-            "metadata": {},
-            "content": {
-                "code": code,
-                "silent": False,
-                "store_history": True,
-                "user_expressions": {},
-                "allow_stdin": False,
-                "stop_on_error": True,
-            },
-            "channel": "shell",
-            "buffers": [],
-        }
-        parts: list[str] = []
-        status: str | None = None
-        idle = False
+        messages: list[dict] = []
         try:
             started = time.perf_counter()
-            await ws.write_message(json.dumps(request))
-            deadline = time.monotonic() + timeout
-            while status is None or not idle:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise asyncio.TimeoutError
-                raw = await asyncio.wait_for(ws.read_message(), remaining)
-                if raw is None:
-                    raise RuntimeError("the kernel websocket closed while the cell ran")
-                msg = json.loads(raw)
-                if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                    continue
-                kind, content = msg["msg_type"], msg["content"]
-                if kind == "stream":
-                    parts.append(content["text"])
-                elif kind == "error":
-                    parts.append("\n".join(content["traceback"]) + "\n")
-                elif kind in ("display_data", "update_display_data", "execute_result"):
-                    parts.append(content.get("data", {}).get("text/plain", "") + "\n")
-                elif kind == "execute_reply":
-                    status = content["status"]
-                elif kind == "status":
-                    idle = content["execution_state"] == "idle"
+            status, _ = await cell_messages(ws, code, timeout, messages=messages)
             seconds = time.perf_counter() - started
-        except asyncio.TimeoutError:
-            text = _ANSI.sub("", "".join(parts))
+        except TimeoutError:
+            text = _ANSI.sub("", cell_text(messages))
             with contextlib.suppress(Exception):
                 self.api(f"api/kernels/{kernel_id}/interrupt", "POST", {}, timeout=10)
             raise Timeout(
@@ -624,7 +581,7 @@ class Server:
             ) from None
         finally:
             ws.close()
-        text = _ANSI.sub("", "".join(parts))
+        text = _ANSI.sub("", cell_text(messages))
         cell = Cell(status, text, seconds)
         with contextlib.suppress(RuntimeError, json.JSONDecodeError):
             cell.result = result_line(text)

@@ -1,4 +1,5 @@
-"""Run a notebook cell over a kernel's websocket, as JupyterLab does (shared by the tests)."""
+"""Run a notebook cell over a kernel's websocket, as JupyterLab does (shared by the tests and
+``bench/gpu_check.py``; it needs nothing but tornado)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 import time
 import uuid
 
-import pytest
 from tornado.websocket import WebSocketClientConnection
 
 
@@ -22,7 +22,7 @@ async def cell_messages(
 
     Pass ``messages=[]`` to watch them arrive while the cell runs, and ``linger=seconds`` to keep
     collecting messages of any parent (comm updates from the kernel's background threads) after
-    the cell finished.
+    the cell finished. Raises TimeoutError when the cell outlasts ``timeout``.
     """
     messages = [] if messages is None else messages
     msg_id = uuid.uuid4().hex
@@ -55,10 +55,10 @@ async def cell_messages(
     while status is None or not idle:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            pytest.fail(f"cell did not finish within {timeout} s: {code!r}")
+            raise TimeoutError(f"cell did not finish within {timeout} s: {code!r}")
         raw = await asyncio.wait_for(ws.read_message(), remaining)
         if raw is None:
-            pytest.fail("kernel websocket closed while a cell ran")
+            raise ConnectionError("the kernel websocket closed while a cell ran")
         msg = json.loads(raw)
         if msg.get("parent_header", {}).get("msg_id") != msg_id:
             if msg["msg_type"].startswith("comm"):
