@@ -58,6 +58,7 @@ async def test_three_kernels_appear_with_valid_states(start_kernel, wait_in_pool
         assert kernel["state"] in STATES
         assert kernel["state"] == "cold"  # no GPU cell has run yet
         assert kernel["home"] in (0, 1)
+        assert kernel["process_gpu_bytes"] is None  # simulated devices: NVML has nothing to say
         assert kernel["user"]
     # Homes spread over both devices rather than piling onto one.
     assert {k["home"] for k in kernels.values()} == {0, 1}

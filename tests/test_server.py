@@ -68,6 +68,7 @@ async def test_pool_shows_two_simulated_devices(get_pool):
     assert [d["index"] for d in pool["devices"]] == [0, 1]
     assert all(d["total_bytes"] == 16 * GiB for d in pool["devices"])
     assert all(d["booked_bytes"] == 0 for d in pool["devices"])
+    assert all(d["used_bytes"] is None for d in pool["devices"])  # simulated: no driver figures
     assert pool["inventory"] == {"kind": "simulated", "simulated": True, "reason": ""}
     assert pool["kernels"] == []
     assert pool["queue"] == []

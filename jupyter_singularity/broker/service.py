@@ -245,7 +245,20 @@ class BrokerService:
     # ------------------------------------------------------------------------ REST-facing views
 
     def pool(self) -> dict:
+        """The core's view (bookings) beside the driver's (NVML: memory in use, per device and per
+        kernel process), so an admin sees both; the driver's figures are null when unknown."""
         snapshot = self.core.snapshot(self.clock())
+        by_process: dict[int, int] = {}
+        for device in snapshot["devices"]:
+            device["used_bytes"] = self.inventory.memory_used(device["index"])
+            for pid, nbytes in self.inventory.process_memory(device["index"]).items():
+                by_process[pid] = by_process.get(pid, 0) + nbytes
+        for kernel in snapshot["kernels"]:
+            connection = self._connections.get(kernel["kernel_id"])
+            pid = None if connection is None else connection.pid
+            kernel["process_gpu_bytes"] = (
+                None if pid is None or self.inventory.simulated else by_process.get(pid, 0)
+            )
         snapshot["inventory"] = {
             "kind": self.inventory.kind,
             "simulated": self.inventory.simulated,
