@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from ..devices import DeviceInfo, DeviceInventory
-from ..protocol import ENV_BROKER_URL, ENV_KERNEL_ID, ENV_KERNEL_KEY, Message, generate_key
+from ..protocol import (
+    ENV_BROKER_URL,
+    ENV_KERNEL_ID,
+    ENV_KERNEL_KEY,
+    ENV_PINNED_LIMIT,
+    ENV_SIMULATED,
+    Message,
+    generate_key,
+)
 from .checkpoint import CheckpointError, DriverCapability, DriverCheckpointer, detect
 from .core import (
     Action,
@@ -59,12 +67,6 @@ TRANSFER_STATES = (
 #: Ledger writes are buffered and flushed this many seconds after the first one, off the
 #: path of the cell that caused them.
 LEDGER_FLUSH_DELAY = 0.05
-
-#: Environment of a pooled kernel, beside the channel variables of :mod:`..protocol`: whether its
-#: devices are simulated, where it may spill host copies, and its pinned-memory budget.
-ENV_SIMULATED = "SINGULARITY_SIMULATED"
-ENV_SPILL_DIR = "SINGULARITY_SPILL_DIR"
-ENV_PINNED_LIMIT = "SINGULARITY_PINNED_LIMIT"
 
 
 def server_owner() -> tuple[str, tuple[str, ...]]:
@@ -210,9 +212,6 @@ class BrokerService:
             env[ENV_SIMULATED] = "1"
         # Simulated devices live in host memory already: a kept host pool would only double it.
         env[ENV_PINNED_LIMIT] = "0" if self.inventory.simulated else str(self.pinned_limit)
-        spill = self._spill_dir_of(kernel_id)
-        if spill is not None:
-            env[ENV_SPILL_DIR] = str(spill)
         return KernelLaunch(kernel_id, home, env)
 
     def _spill_dir_of(self, kernel_id: str) -> Path | None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..protocol import ENV_PINNED_LIMIT, ENV_SIMULATED
 from ..units import format_size
 from .client import BrokerClient, BrokerError
 from .gate import (
@@ -67,9 +68,6 @@ DEFAULT_PINNED_LIMIT = 8 << 30
 #: A bare CUDA context of a torch process (DESIGN §5: 612 MiB on an H100), counted as still on the
 #: GPU after an offload when NVML cannot say what the process holds.
 CONTEXT_ESTIMATE = 612 << 20
-
-ENV_SIMULATED = "SINGULARITY_SIMULATED"
-ENV_PINNED_LIMIT = "SINGULARITY_PINNED_LIMIT"
 
 
 @dataclass
@@ -288,7 +286,7 @@ class Runtime:
             client.close()
             return None
         simulated = bool(reply.get("simulated")) or os.environ.get(ENV_SIMULATED) == "1"
-        pinned = reply.get("pinned_limit") or os.environ.get(ENV_PINNED_LIMIT)
+        pinned = os.environ.get(ENV_PINNED_LIMIT)
         runtime = cls(
             client,
             ipython,
