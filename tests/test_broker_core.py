@@ -372,6 +372,40 @@ def test_gpu_time_of_running_cells_counts_against_the_quota():
     assert deny.request_id == "r3" and "GPU-time quota" in deny.reason
 
 
+def test_a_cell_across_midnight_charges_each_day_its_own_seconds():
+    """alice's limit is 600 GPU-seconds a day. A cell from 23:55 to 00:06:40 counts 300 s for the
+    day it started and 400 s for the next, even when no tick came between midnight and its end."""
+    core = make(quotas={"user:alice": {"gpu_seconds_per_day": 600}}, kernels={"k1": "alice"})
+    midnight = T0 + DAY
+    run_cell(core, "k1", "r1", midnight - 1000, midnight - 700, peak=GiB)
+    assert of(core.acquire("k1", "r2", midnight - 300, memory=GiB), Grant)
+    assert core.used_seconds("alice", midnight - 1) == 599  # 300 ended + 299 running
+    assert core.used_seconds("alice", midnight + 100) == 100  # the new day: since midnight only
+
+    ended = one(core.release("k1", "r2", midnight + 400, peak_bytes=GiB), LeaseEnded)
+    assert ended.seconds == 700  # the whole lease, as the ledger records it
+    assert core.usage_today == {"alice": 400.0}
+    assert core.used_seconds("alice", midnight + 500) == 400
+    # Charged wholly to the new day (700 s) it would be over the limit; it is not.
+    assert of(core.acquire("k1", "r3", midnight + 500, memory=GiB), Grant)
+
+
+def test_a_running_cell_counts_only_its_seconds_since_midnight():
+    core = make(
+        quotas={"user:alice": {"gpu_hours_per_day": 1}}, kernels={"a1": "alice", "a2": "alice"}
+    )
+    midnight = T0 + DAY
+    core.acquire("a1", "r1", midnight - 3000, memory=GiB)
+    core.tick(midnight + 700)
+    assert core.usage_today == {}
+    assert core.used_seconds("alice", midnight + 700) == 700
+    # 3700 s since the cell started, but only 700 of them today: a2 may run.
+    assert of(core.acquire("a2", "r2", midnight + 700, memory=GiB), Grant)
+    core.release("a1", "r1", midnight + 800, peak_bytes=GiB)
+    assert core.usage_today == {"alice": 800.0}
+    assert core.used_seconds("alice", midnight + 900) == 800 + 200  # a2 has run 200 s
+
+
 def test_gpu_memory_quota_offloads_the_users_own_idle_kernel():
     core = make(sim("2x16GiB"), quotas={"user:alice": {"gpu_memory": "10GiB"}})
     core.register("a1", "alice", T0)
@@ -1007,7 +1041,7 @@ class BrokerMachine(RuleBasedStateMachine):
 
     def used_seconds(self, user: str) -> float:
         running = sum(
-            self.now - g.start
+            self.now - max(g.start, self.day * DAY)
             for k, g in self.leases.items()
             if self.alive.get(k) == user and g.hold
         )
@@ -1054,7 +1088,9 @@ class BrokerMachine(RuleBasedStateMachine):
                 assert grant is not None and grant.request_id == action.request_id, action
                 assert grant.hold
                 assert action.seconds == pytest.approx(self.now - grant.start)
-                self.usage[action.user] = self.usage.get(action.user, 0.0) + action.seconds
+                # Today is charged only the seconds since midnight of a lease begun before it.
+                today = self.now - max(grant.start, self.day * DAY)
+                self.usage[action.user] = self.usage.get(action.user, 0.0) + today
         for kid, request in self.pending.items():
             if request == "restore-*" and kid in self.core.kernels:
                 live = self.core.kernels[kid].request

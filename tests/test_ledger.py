@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jupyter_singularity.broker.core import BrokerCore, Grant, LeaseEnded
 from jupyter_singularity.broker.ledger import Ledger, LedgerError, day_start
+from jupyter_singularity.devices import open_inventory
 
 DAY = 86400.0
 T0 = 1_750_000_000.0 - 1_750_000_000.0 % DAY  # a UTC midnight
@@ -114,6 +116,46 @@ def test_clipped_to_day_window(ledger: Ledger) -> None:
         "into-tomorrow",
         "over-midnight",
     ]
+
+
+def test_a_lease_across_midnight_reads_back_as_the_core_counts_it(db_path: Path) -> None:
+    """What the broker charges each day for a cell that ran across midnight is what a restarted
+    broker reads back from the ledger: 300 s for the day it started, 400 s for the next."""
+    midnight = T0 + DAY
+    core = BrokerCore(open_inventory("simulated:1x16GiB").devices(), now=midnight - 400)
+    core.register("k1", "alice", midnight - 400)
+    first = Ledger(_url(db_path))
+    try:
+        grant = next(
+            a
+            for a in core.acquire("k1", "r1", midnight - 300, memory=1 << 30)
+            if isinstance(a, Grant)
+        )
+        _start(first, "k1:r1", "alice", grant.start)  # as the broker service records them
+        core.tick(midnight + 10)
+        assert core.used_seconds("alice", midnight + 10) == 10.0
+        assert first.gpu_seconds_by_user(day_start(midnight + 10), midnight + 10) == {"alice": 10.0}
+        ended = next(
+            a for a in core.release("k1", "r1", midnight + 400) if isinstance(a, LeaseEnded)
+        )
+        first.lease_ended("k1:r1", ended.end, peak_bytes=None)
+        assert core.usage_today == {"alice": 400.0}
+    finally:
+        first.close()
+
+    second = Ledger(_url(db_path))
+    try:
+        now = midnight + 500
+        today = second.gpu_seconds_by_user(day_start(now), now)
+        assert today == core.usage_today == {"alice": 400.0}
+        assert second.gpu_seconds_by_user(midnight - DAY, midnight) == {"alice": 300.0}
+        assert second.leases(since=T0, until=now)[0]["gpu_seconds"] == 700.0
+        restarted = BrokerCore(
+            open_inventory("simulated:1x16GiB").devices(), usage_today=today, now=now
+        )
+        assert restarted.used_seconds("alice", now) == core.used_seconds("alice", now) == 400.0
+    finally:
+        second.close()
 
 
 def test_open_lease_counts_up_to_now(ledger: Ledger) -> None:

@@ -490,10 +490,7 @@ class BrokerCore:
 
     def tick(self, now: float) -> list[Action]:
         """Time passed: start a new accounting day, offload kernels idle longer than the timeout."""
-        day = int(now // DAY)
-        if day != self.day:
-            self.day = day
-            self.usage_today.clear()
+        self._roll_day(now)
         timeout = self.policy.idle_timeout
         if timeout > 0:
             for kernel in list(self.kernels.values()):
@@ -512,15 +509,17 @@ class BrokerCore:
         return limits
 
     def used_seconds(self, user: str, now: float) -> float:
-        """GPU-seconds used today, including the running leases' time so far."""
+        """GPU-seconds used today, including the running leases' time so far (since midnight, for
+        a lease that started the day before)."""
         if self._pass is not None and self._pass.now == now:
-            return self.usage_today.get(user, 0.0) + self._pass.running_seconds(user)
+            return self._ended_today(user, now) + self._pass.running_seconds(user)
+        midnight = _midnight(now)
         running = sum(
-            now - k.lease.start
+            _seconds_since(k.lease.start, midnight, now)
             for k in self.kernels.values()
             if k.user == user and k.lease is not None and k.lease.hold
         )
-        return self.usage_today.get(user, 0.0) + running
+        return self._ended_today(user, now) + running
 
     def queue(self) -> list[Request]:
         return sorted(
@@ -553,6 +552,18 @@ class BrokerCore:
         }
 
     # --------------------------------------------------------------------------------- internals
+
+    def _roll_day(self, now: float) -> None:
+        """Start a new accounting day (UTC) when ``now`` is in another day than the last event."""
+        day = int(now // DAY)
+        if day != self.day:
+            self.day = day
+            self.usage_today.clear()
+
+    def _ended_today(self, user: str, now: float) -> float:
+        """GPU-seconds of the user's ended leases charged to ``now``'s day (nothing yet if the day
+        turned since the last event)."""
+        return self.usage_today.get(user, 0.0) if int(now // DAY) == self.day else 0.0
 
     def _kernel(self, kernel_id: str) -> Kernel:
         try:
@@ -611,7 +622,7 @@ class BrokerCore:
         self, kernel: Kernel, request_id: str, memory: int | None, hold: bool, now: float
     ) -> None:
         limits = self.limits(kernel.user, kernel.groups)
-        used = self.usage_today.get(kernel.user, 0.0)
+        used = self._ended_today(kernel.user, now)
         delay = min(
             self.policy.fair_share_cap, self.policy.fair_share_rate * used / limits.priority
         )
@@ -626,7 +637,11 @@ class BrokerCore:
         if not lease.hold:
             return
         seconds = max(0.0, now - lease.start)
-        self.usage_today[kernel.user] = self.usage_today.get(kernel.user, 0.0) + seconds
+        # A lease that ran across midnight counts today only with its seconds after midnight; the
+        # earlier ones belong to the day before (as in the ledger, which clips leases to a day).
+        self._roll_day(now)
+        today = _seconds_since(lease.start, _midnight(now), now)
+        self.usage_today[kernel.user] = self.usage_today.get(kernel.user, 0.0) + today
         self._actions.append(
             LeaseEnded(
                 kernel.kernel_id, lease.request_id, kernel.user, lease.device, now, seconds, peak
@@ -1053,6 +1068,17 @@ class BrokerCore:
         return [], "", f"{what}; offload or unpin one of them first"
 
 
+def _midnight(now: float) -> float:
+    """UTC midnight of ``now``'s day, where daily GPU-time quotas reset (as the ledger's
+    ``day_start``)."""
+    return now - now % DAY
+
+
+def _seconds_since(start: float, midnight: float, now: float) -> float:
+    """The seconds of a lease begun at ``start`` that fall between ``midnight`` and ``now``."""
+    return max(0.0, now - max(start, midnight))
+
+
 def _unfreeable(kernel: Kernel) -> bool:
     """Memory no eviction can free: pinned, refused or failed kernels, and what an offload left
     behind (e.g. a CUDA context), which stays until the kernel runs again."""
@@ -1098,16 +1124,16 @@ class _Pass:
         return next(d for d in self._by_busyness if d not in claimed)
 
     def running_seconds(self, user: str) -> float:
+        """Seconds the user's running leases held a device today (since midnight)."""
         if self._running_seconds is None:
             self._running_seconds = {}
+            midnight = _midnight(self.now)
             for kernels in self.core._by_device.values():
                 for kernel in kernels.values():
                     if kernel.lease is not None and kernel.lease.hold:
-                        self._running_seconds[kernel.user] = (
-                            self._running_seconds.get(kernel.user, 0.0)
-                            + self.now
-                            - kernel.lease.start
-                        )
+                        self._running_seconds[kernel.user] = self._running_seconds.get(
+                            kernel.user, 0.0
+                        ) + _seconds_since(kernel.lease.start, midnight, self.now)
         return self._running_seconds.get(user, 0.0)
 
     def of_user(self, user: str) -> list[Kernel]:
