@@ -52,9 +52,10 @@ from .quotas import Quotas
 from .rpc import RPCServer
 
 Emit = Callable[[str, dict], None]
-"""``emit(name, data)`` for the browser: name is ``kernel_state``, ``lease`` or ``queue``; the server
-maps it to its versioned event schema."""
+"""``emit(name, data)`` for the browser: name is ``kernel_state``, ``lease``, ``queue`` or ``pin``;
+the server maps it to its versioned event schema."""
 KERNEL_STATE_SCHEMA, LEASE_SCHEMA, QUEUE_SCHEMA = "kernel_state", "lease", "queue"
+PIN_SCHEMA = "pin"
 
 #: States whose end is a data transfer the kernel measured (offload, restore, spill).
 TRANSFER_STATES = (
@@ -285,9 +286,41 @@ class BrokerService:
         self._apply(self.core.restore(kernel_id, self.clock()))
         return self.kernel(kernel_id)
 
-    def pin(self, kernel_id: str, pinned: bool) -> dict:
+    def pin(self, kernel_id: str, pinned: bool, by: str | None = None) -> dict:
+        """Pin or unpin a kernel; ``by`` is who asked (default: the kernel's user).
+
+        A change is recorded in the kernel's events (its state unchanged, the reason saying who)
+        and emitted as a ``pin`` event, before what it causes (unpinned, the kernel may be
+        offloaded at once for a waiting cell). Pinning a pinned kernel records nothing.
+        """
         self._known(kernel_id)
-        self._apply(self.core.set_pinned(kernel_id, pinned, self.clock()))
+        kernel = self.core.kernels[kernel_id]
+        now = self.clock()
+        if kernel.pinned != pinned:
+            who = by or kernel.user
+            reason = f"{'pinned' if pinned else 'unpinned'} by {who}"
+            state = kernel.state.value
+            self.ledger.state_changed(
+                time=now,
+                kernel_id=kernel_id,
+                user=kernel.user,
+                old=state,
+                new=state,
+                reason=reason,
+                device_index=kernel.device,
+            )
+            self.emit(
+                PIN_SCHEMA,
+                {
+                    "kernel_id": kernel_id,
+                    "user": kernel.user,
+                    "pinned": pinned,
+                    "by": who,
+                    "state": state,
+                    "reason": reason,
+                },
+            )
+        self._apply(self.core.set_pinned(kernel_id, pinned, now))
         return self.kernel(kernel_id)
 
     def quota(self, user: str, groups: Iterable[str] = ()) -> dict:

@@ -2,8 +2,8 @@
 
 Each schema is a versioned YAML file ``event_schemas/<name>/v<version>.yaml`` whose ``$id`` is
 ``https://events.jupyter.org/jupyter_singularity/<name>/v<version>``. The broker service emits with
-the constants below, or with the bare names ``kernel_state``, ``lease`` and ``queue``, which
-:func:`schema_id` maps to the same ids.
+the constants below, or with the bare names ``kernel_state``, ``lease``, ``queue`` and ``pin``,
+which :func:`schema_id` maps to the same ids.
 """
 
 from __future__ import annotations
@@ -24,11 +24,14 @@ LEASE_SCHEMA = f"{EVENTS_URI}/lease/v1"
 seconds, reason}."""
 QUEUE_SCHEMA = f"{EVENTS_URI}/queue/v1"
 """A lease request waits: {kernel_id, request_id, position, reason}."""
+PIN_SCHEMA = f"{EVENTS_URI}/pin/v1"
+"""A kernel was pinned or unpinned: {kernel_id, user, pinned, by, state, reason}."""
 
 SCHEMAS: dict[str, str] = {
     "kernel_state": KERNEL_STATE_SCHEMA,
     "lease": LEASE_SCHEMA,
     "queue": QUEUE_SCHEMA,
+    "pin": PIN_SCHEMA,
 }
 """Short name -> schema id, for every schema this package emits."""
 

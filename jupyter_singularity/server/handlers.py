@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from .app import SingularityApp
 
 AUTH_RESOURCE = "singularity"
+_ANONYMOUS_ID = re.compile(r"[0-9a-f]{32}")
+"""The username jupyter_server gives an anonymous user (a uuid4 hex)."""
 ADMIN_RESOURCE = "singularity-admin"
 SETTINGS_KEY = "singularity_app"
 
@@ -73,6 +76,18 @@ class SingularityHandler(APIHandler):
                 self.authorizer.is_authorized(self, self.current_user, "write", ADMIN_RESOURCE)
             )
         )
+
+    def actor(self) -> str:
+        """Who makes this request, as the pool's records name them: the signed-in user where the
+        server knows users by name (JupyterHub), else the server's owner: with one shared token or
+        password, jupyter_server only makes up an anonymous user for each session."""
+        user = self.current_user
+        username = getattr(user, "username", "") or ""
+        if not username or (
+            _ANONYMOUS_ID.fullmatch(username) and getattr(user, "name", "").startswith("Anonymous ")
+        ):
+            return self.service.owner
+        return username
 
     async def require_admin(self, what: str) -> None:
         if not await self.is_admin():
@@ -122,7 +137,7 @@ class KernelActionHandler(SingularityHandler):
                 body = self.get_json_body()
                 if not isinstance(body, dict) or not isinstance(body.get("pinned"), bool):
                     self.fail(400, 'the body must be {"pinned": true} or {"pinned": false}')
-                result = self.service.pin(kernel_id, body["pinned"])
+                result = self.service.pin(kernel_id, body["pinned"], by=self.actor())
         except KeyError:
             self.fail(404, f"no kernel {kernel_id} in the GPU pool")
         except BrokerError as err:
