@@ -611,6 +611,36 @@ def test_offload_and_restore_on_request():
     assert (kernel.state, kernel.lease, kernel.disk_bytes) == (S.RESIDENT, None, 0)
 
 
+def test_a_cell_started_during_an_explicit_restore_runs_after_it():
+    core = make([dev(0, 16)], kernels={"k1": "alice", "k2": "bob"})
+    run_cell(core, "k1", "r1", T0, T0 + 1, peak=4 * GiB)
+    core.offload("k1", T0 + 2)
+    core.offloaded("k1", T0 + 3, host_bytes=4 * GiB)
+    core.acquire("k2", "r2", T0 + 4, memory=14 * GiB)  # the device is busy: the restore waits
+
+    # Queued: the cell takes the restore's place and restores itself when granted.
+    assert not of(core.restore("k1", T0 + 5), Grant)
+    wait = one(core.acquire("k1", "r3", T0 + 6), Wait)
+    assert wait.request_id == "r3" and wait.position == 1
+    grant = one(core.release("k2", "r2", T0 + 7, peak_bytes=GiB, gpu_bytes=GiB), Grant)
+    assert (grant.request_id, grant.restore, grant.hold) == ("r3", True, True)
+    core.restored("k1", T0 + 8, gpu_bytes=4 * GiB)
+    core.release("k1", "r3", T0 + 9, peak_bytes=4 * GiB, gpu_bytes=4 * GiB)
+
+    # Under way: the cell waits for the restore to finish, then runs without restoring again.
+    core.offload("k1", T0 + 10)
+    core.offloaded("k1", T0 + 11, host_bytes=4 * GiB)
+    assert one(core.restore("k1", T0 + 12), Grant).hold is False
+    wait = one(core.acquire("k1", "r4", T0 + 13), Wait)
+    assert (wait.request_id, wait.reason) == ("r4", "waiting for its restore to finish")
+    assert core.kernels["k1"].state == S.RESTORING
+    grant = one(core.restored("k1", T0 + 14, gpu_bytes=4 * GiB), Grant)
+    assert (grant.request_id, grant.restore, grant.hold) == ("r4", False, True)
+    assert core.kernels["k1"].state == S.RUNNING
+    # A second request while the cell's request waits or runs is still refused.
+    assert one(core.acquire("k1", "r5", T0 + 15), Deny).reason.startswith("this kernel already")
+
+
 def test_a_failed_restore_keeps_the_host_copy():
     core = make(kernels={"k1": "alice"})
     run_cell(core, "k1", "r1", T0, T0 + 1, peak=2 * GiB)
@@ -1174,7 +1204,12 @@ class BrokerMachine(RuleBasedStateMachine):
         kid = idle[index % len(idle)] if idle and not any_kernel else self.pick(index)
         rid = f"r{self.next_id}"
         self.next_id += 1
-        busy = kid in self.pending or kid in self.leases
+        # A cell during an explicit restore is not refused: it takes the queued restore's place,
+        # or waits for the restore under way.
+        restoring = self.pending.get(kid, "").startswith("restore-")
+        busy = (kid in self.pending and not restoring) or (
+            kid in self.leases and self.leases[kid].hold
+        )
         if not busy:
             self.pending[kid] = rid
         actions = self.call("acquire", kid, rid, self.now, memory=memory)
@@ -1291,21 +1326,28 @@ class BrokerMachine(RuleBasedStateMachine):
         kernel = self.core.kernels[kid]
         gpu = kernel.gpu_bytes + self.saved.get(kid, 0)
         hold = kernel.lease.hold
+        waiting = kernel.request is not None  # a cell started during the explicit restore
         self.saved[kid] = 0
         if not hold:
             self.leases.pop(kid)
         self.call("restored", kid, self.now, gpu_bytes=gpu)
         kernel = self.core.kernels[kid]
         # (without a cell, a waiter may evict it again at once)
-        assert kernel.state in ((S.RUNNING,) if hold else (S.RESIDENT, S.OFFLOADING))
+        assert kernel.state in ((S.RUNNING,) if hold else (S.RESIDENT, S.OFFLOADING, S.RUNNING))
+        if waiting:  # the cell that waited for the restore is answered, or told where it waits
+            assert kid in self.leases or kid not in self.pending or kernel.request.position >= 1
         assert (kernel.gpu_bytes, kernel.host_bytes, kernel.disk_bytes) == (gpu, 0, 0)
 
     def restore_failed(self, kid: str) -> None:
+        waiting = self.core.kernels[kid].request is not None
         if not self.core.kernels[kid].lease.hold:
             self.leases.pop(kid)
         self.call("restore_failed", kid, "out of luck", self.now)
-        assert self.core.kernels[kid].state == S.ERROR
-        assert kid not in self.leases
+        state = self.core.kernels[kid].state
+        if waiting:  # the cell that waited: granted (it tries the restore again), queued or denied
+            assert state in ((S.RESTORING,) if kid in self.leases else (S.QUEUED, S.ERROR))
+        else:
+            assert state == S.ERROR and kid not in self.leases
 
     def offload(self, index: int, any_state: bool) -> None:
         kid = (not any_state and self.pick(index, (S.RESIDENT,))) or self.pick(index)
@@ -1416,7 +1458,8 @@ class BrokerMachine(RuleBasedStateMachine):
         assert set(self.core.kernels) == set(self.alive)
         assert not self.gone & set(self.core.kernels)
         for kid, kernel in self.core.kernels.items():
-            assert not (kernel.lease is not None and kernel.request is not None), kernel
+            # (a cell's request may wait while the kernel's explicit restore runs)
+            assert kernel.request is None or kernel.lease is None or not kernel.lease.hold, kernel
             assert (kernel.lease is not None) == (kid in self.leases), (kernel, self.leases)
             if kernel.lease is not None:
                 assert kernel.lease.request_id == self.leases[kid].request_id

@@ -142,6 +142,16 @@ async def test_kernels_take_turns_on_one_device_and_state_survives(
     assert "restoring" in out, out
     await state(k1, "resident")
 
+    # A cell started right after an explicit restore (the panel's button) runs once the state
+    # is back, whether the restore is still queued or under way.
+    await jp_fetch("singularity", "api", "kernels", k1, "offload", method="POST", body="{}")
+    await state(k1, "offloaded")
+    await jp_fetch("singularity", "api", "kernels", k1, "restore", method="POST", body="{}")
+    status, out, _ = await run(k1, 'print("digest", state_digest())')
+    assert status == "ok", out
+    assert value(out, "digest") == digest_now
+    await state(k1, "resident")
+
 
 async def test_waiting_cell_is_queued_and_interrupt_leaves_the_queue(
     start_kernel, wait_in_pool, run, get_pool, state, jp_fetch, wait_for, tmp_path
@@ -198,6 +208,48 @@ async def test_waiting_cell_is_queued_and_interrupt_leaves_the_queue(
     assert status == "ok" and out.strip().endswith("42"), out
     pool = await state(k1, "resident")
     assert pool["queue"] == []
+
+
+async def test_first_gpu_use_mid_cell_waits_and_leaves_no_blank_output(
+    start_kernel, wait_in_pool, run, state, jp_fetch, wait_for
+):
+    k1, k2 = await start_kernel(), await start_kernel()
+    await wait_in_pool([k1, k2])
+    status, out, _ = await run(k1, "import time, torch")
+    assert status == "ok", out
+    busy = asyncio.ensure_future(run(k1, "time.sleep(60)", timeout=90))
+    await state(k1, "running")
+
+    # Kernel 2's first GPU use (its first import of torch) comes after some output of the cell.
+    seen: list[dict] = []
+    cell = asyncio.ensure_future(
+        run(k2, 'print("before")\nimport torch\nprint("after")', messages=seen, timeout=60)
+    )
+
+    async def line_shown():
+        return next((m for m in seen if m["msg_type"] == "display_data"), None)
+
+    shown = await wait_for(line_shown, timeout=20)
+    assert "waits for a GPU lease" in shown["content"]["data"]["text/plain"], shown
+    await jp_fetch("api", "kernels", k1, "interrupt", method="POST", body="")
+    status, _, _ = await busy
+    assert status == "error"
+
+    status, out, messages = await cell
+    assert status == "ok", out
+    streams = "".join(m["content"]["text"] for m in messages if m["msg_type"] == "stream")
+    assert streams.split() == ["before", "after"], streams
+    # The line is emptied in place, not cleared: earlier output stays, and an output without a
+    # MIME type renders as nothing (an empty text would leave a blank line).
+    assert not any(m["msg_type"] == "clear_output" for m in messages)
+    display_id = shown["content"]["transient"]["display_id"]
+    updates = [
+        m["content"]["data"]
+        for m in messages
+        if m["msg_type"] == "update_display_data"
+        and m["content"]["transient"]["display_id"] == display_id
+    ]
+    assert updates and updates[-1] == {}, updates
 
 
 @pytest.mark.parametrize(

@@ -151,6 +151,19 @@ def test_engine_spills_and_restores(
     assert (engine.disk_bytes, engine.host_bytes, engine.pool_bytes) == (0, 0, 4 * MIB)
 
 
+def test_a_partly_used_pool_chunk_comes_back_whole(engine: TensorEngine, tmp_path: Path) -> None:
+    tensor = torch.randn(768, 1024)  # 3 MiB: part of the 4 MiB pool chunk
+    before = raw(tensor)
+    assert engine.prepare(4 * MIB) == 4 * MIB
+    engine.offload()
+    assert engine.spill(tmp_path) == 3 * MIB  # only the used part is written
+
+    engine.restore()
+
+    assert raw(tensor) == before
+    assert engine.pool_bytes == 4 * MIB  # the whole chunk, ready for the next offload
+
+
 def test_engine_spill_failure_keeps_the_host_copy(
     engine: TensorEngine, tensors: list[torch.Tensor], tmp_path: Path
 ) -> None:

@@ -317,14 +317,25 @@ class BrokerCore:
     def acquire(
         self, kernel_id: str, request_id: str, now: float, memory: int | None = None
     ) -> list[Action]:
-        """A cell wants the GPU. ``memory`` is the user's explicit reservation, if any."""
+        """A cell wants the GPU. ``memory`` is the user's explicit reservation, if any.
+
+        A cell started during an explicit restore is not refused: a queued restore becomes the
+        cell's request (keeping its place), and a restore under way finishes before the cell's
+        grant."""
         kernel = self._kernel(kernel_id)
-        if kernel.lease is not None or kernel.request is not None:
+        request = kernel.request
+        if (kernel.lease is not None and kernel.lease.hold) or (
+            request is not None and request.hold
+        ):
             self._actions.append(
                 Deny(kernel_id, request_id, "this kernel already holds or awaits a GPU lease")
             )
             return self._drain()
-        self._enqueue(kernel, request_id, memory, hold=True, now=now)
+        if request is not None:
+            request.request_id, request.memory, request.hold = request_id, memory, True
+            request.position, request.reason = 0, ""  # so the cell hears where it waits
+        else:
+            self._enqueue(kernel, request_id, memory, hold=True, now=now)
         self._schedule(now)
         return self._drain()
 
@@ -775,6 +786,11 @@ class BrokerCore:
             position = 0
             for request in queue:
                 kernel = self.kernels[request.kernel_id]
+                if kernel.lease is not None:
+                    # Its explicit restore is under way; the cell is granted once it is back.
+                    position += 1
+                    self._tell_position(request, position, "waiting for its restore to finish")
+                    continue
                 if len(claimed) == len(self.devices):
                     # Every device is claimed by a request ahead: only a denial can be decided.
                     placement = _Placement(
@@ -804,13 +820,14 @@ class BrokerCore:
                 reason = placement.wait or "waiting for idle kernels to be offloaded"
                 if kernel.state in (*OFF_DEVICE_STATES, KernelState.COLD, KernelState.ERROR):
                     self._set_state(kernel, KernelState.QUEUED, reason, now)
-                if (position, reason) != (request.position, request.reason):
-                    request.position, request.reason = position, reason
-                    self._actions.append(
-                        Wait(kernel.kernel_id, request.request_id, position, reason)
-                    )
+                self._tell_position(request, position, reason)
         finally:
             self._pass = None
+
+    def _tell_position(self, request: Request, position: int, reason: str) -> None:
+        if (position, reason) != (request.position, request.reason):
+            request.position, request.reason = position, reason
+            self._actions.append(Wait(request.kernel_id, request.request_id, position, reason))
 
     def _grant(
         self,

@@ -256,8 +256,9 @@ class WaitLine:
 
     It is displayed only once the wait lasts (:data:`LINE_DELAY`) or the broker queued the request,
     updated in place (``display_id``), and cleared when the cell starts to run: with
-    ``clear_output`` at the top of a cell (nothing else was printed yet), by an empty update when the
-    wait happened mid-cell (the first ``import torch``), so earlier output stays.
+    ``clear_output`` at the top of a cell (nothing else was printed yet), by an update with an empty
+    bundle when the wait happened mid-cell (the first ``import torch``), so earlier output stays and
+    no blank line is left (JupyterLab renders an output without a MIME type as nothing).
     """
 
     def __init__(self, top_of_cell: bool, what: str = "this cell") -> None:
@@ -335,7 +336,7 @@ class WaitLine:
 
                 clear_output()
             else:
-                self._handle.update({"text/plain": ""}, raw=True)
+                self._handle.update({}, raw=True)
         except Exception:  # pragma: no cover
             pass
         self._handle = None

@@ -6,6 +6,8 @@ storage is copied to a host buffer and then resized to zero bytes, so every tens
 and keeps sharing memory with the others; restore resizes the storages back and copies the bytes
 in. Host buffers come from a pool that is kept between offloads (pinned on CUDA: pinning costs
 0.42 s/GiB, so it is paid once), up to ``pinned_limit``; what does not fit goes to pageable memory.
+Pool chunks are powers of two: torch's pinned allocator rounds every request up to one, so any
+other size would pin up to twice the memory asked for, past the limit.
 
 With ``simulated=True`` (machines without GPUs) the "device" is the CPU: every torch CPU storage
 of at least ``min_bytes`` that torch owns is device state, moved through the same code.
@@ -59,6 +61,8 @@ Progress = Callable[[int, int], None]
 
 #: Each host copy starts at a multiple of this, so copies run on page-aligned addresses.
 ALIGN = 4096
+#: The smallest pool chunk; the pool grows by powers of two of it.
+POOL_UNIT = 2 << 20
 
 
 class OffloadError(Exception):
@@ -103,12 +107,20 @@ def _resize(storage: torch.UntypedStorage, nbytes: int) -> None:
 
 @dataclass
 class _Buffer:
-    """A host buffer holding ``used`` bytes of the tape; ``tensor`` is None once spilled to disk."""
+    """A host buffer holding ``used`` bytes of the tape; ``tensor`` is None once spilled to disk.
+
+    A pooled buffer is a whole pool chunk of ``capacity`` bytes, reallocated whole when it comes
+    back from disk so that it returns to the pool."""
 
     tensor: torch.Tensor | None
     used: int
     pooled: bool
+    capacity: int = 0
     spill: SpillFile | None = None
+
+    @classmethod
+    def of_pool(cls, chunk: torch.Tensor) -> _Buffer:
+        return cls(chunk, chunk.numel(), pooled=True, capacity=chunk.numel())
 
 
 @dataclass
@@ -241,21 +253,22 @@ class TensorEngine:
             started = time.perf_counter()
             torch = self._torch()
             if torch is None:
-                self._commit_offload(_Tape([]), [], None)
+                self._commit_offload(_Tape([]), [], [])
                 return Transfer(0, time.perf_counter() - started, 0)
-            tape = _Tape([_Buffer(chunk, chunk.numel(), pooled=True) for chunk in self._pool])
+            tape = _Tape([_Buffer.of_pool(chunk) for chunk in self._pool])
             slots: list[_Slot] = []
-            new_chunk = None
+            new_chunks: list[torch.Tensor] = []
+            idle: set[Any] = set()
             try:
                 with torch.no_grad():
                     found, later = _Scan(), []
                     for storage in self._find(torch, found):
                         if tape.end - _end(slots) >= storage.nbytes():
-                            self._copy_out(torch, tape, slots, storage)
+                            self._copy_out(torch, tape, slots, storage, idle)
                         else:
                             later.append(storage)
                     found.raise_if_unsafe()
-                    new_chunk = self._grow(
+                    new_chunks = self._grow(
                         tape, _end(slots) + sum(_aligned(s.nbytes()) for s in later)
                     )
                     done = sum(slot.nbytes for slot in slots)
@@ -263,7 +276,7 @@ class TensorEngine:
                     if progress is not None:
                         progress(done, moved)
                     for storage in later:
-                        self._copy_out(torch, tape, slots, storage)
+                        self._copy_out(torch, tape, slots, storage, idle)
                         done += storage.nbytes()
                         if progress is not None:
                             progress(done, moved)
@@ -276,8 +289,8 @@ class TensorEngine:
                 raise OffloadError(
                     f"offload failed while copying to host, nothing was changed: {exc}"
                 ) from exc
-            self._shrink(torch, slots, tape, new_chunk)
-            self._commit_offload(tape, slots, new_chunk)
+            self._shrink(torch, slots, tape, new_chunks)
+            self._commit_offload(tape, slots, new_chunks)
             self._release_device(torch)
             return Transfer(
                 moved, time.perf_counter() - started, len(slots), self._left_bytes(torch, slots)
@@ -425,8 +438,17 @@ class TensorEngine:
 
     # -- host memory ------------------------------------------------------------------------
 
-    def _copy_out(self, torch: Any, tape: _Tape, slots: list[_Slot], storage: Any) -> None:
-        """Start copying one storage to the next free place on the tape."""
+    def _copy_out(
+        self, torch: Any, tape: _Tape, slots: list[_Slot], storage: Any, idle: set[Any]
+    ) -> None:
+        """Start copying one storage to the next free place on the tape.
+
+        The first copy from a device waits for that device to finish what the last cell queued: a
+        cell returns before its GPU work ends, and work on its own streams is not ordered with
+        the copy. ``idle`` holds the devices already waited for."""
+        if not self.simulated and storage.device not in idle:
+            torch.cuda.synchronize(storage.device)
+            idle.add(storage.device)
         slot = _Slot(storage, storage.nbytes(), _end(slots))
         slots.append(slot)
         device_bytes = _bytes_of(torch, storage)
@@ -437,21 +459,24 @@ class TensorEngine:
         """Grow the reusable host pool towards ``nbytes`` (at most ``pinned_limit``) ahead of the
         first offload: pinned allocation costs about 0.42 s/GiB, paid here while the kernel idles
         rather than inside an eviction another cell waits for. Returns the pool's size."""
-        wanted = min(nbytes, self.pinned_limit) - self.pool_bytes
-        if wanted > 0 and not self._offloaded:
-            self._pool.append(_allocate_host(wanted, self._pin))
+        if not self._offloaded:
+            growth = self._pool_growth(nbytes - self.pool_bytes)
+            self._pool += [_allocate_host(size, self._pin) for size in growth]
         return self.pool_bytes
 
-    def _grow(self, tape: _Tape, total: int) -> torch.Tensor | None:
-        """Make the tape hold ``total`` bytes: the pool grows once up to pinned_limit, then
-        pageable memory takes the rest. Returns the new pool chunk, kept only if the offload
-        succeeds."""
-        new_chunk = None
+    def _pool_growth(self, nbytes: int) -> list[int]:
+        """Sizes of the chunks that grow the pool by ``nbytes``, as far as pinned_limit allows."""
+        room = (self.pinned_limit - self.pool_bytes) // POOL_UNIT * POOL_UNIT
+        return _chunk_sizes(max(0, min(-(-nbytes // POOL_UNIT) * POOL_UNIT, room)))
+
+    def _grow(self, tape: _Tape, total: int) -> list[torch.Tensor]:
+        """Make the tape hold ``total`` bytes: the pool grows up to pinned_limit, then pageable
+        memory takes the rest. Returns the new pool chunks, kept only if the offload succeeds."""
+        new_chunks: list[torch.Tensor] = []
         try:
-            wanted = min(total, self.pinned_limit)
-            if tape.end < wanted:
-                new_chunk = _allocate_host(wanted - tape.end, self._pin)
-                tape.append(_Buffer(new_chunk, new_chunk.numel(), pooled=True))
+            for size in self._pool_growth(total - tape.end):
+                new_chunks.append(_allocate_host(size, self._pin))
+                tape.append(_Buffer.of_pool(new_chunks[-1]))
             if tape.end < total:
                 extra = total - tape.end
                 tape.append(_Buffer(_allocate_host(extra, False), extra, pooled=False))
@@ -460,13 +485,12 @@ class TensorEngine:
                 f"cannot allocate {_mib(total)} of host memory for the offload, "
                 f"nothing was changed: {exc}"
             ) from exc
-        return new_chunk
+        return new_chunks
 
     def _commit_offload(
-        self, tape: _Tape, slots: list[_Slot], new_chunk: torch.Tensor | None
+        self, tape: _Tape, slots: list[_Slot], new_chunks: list[torch.Tensor]
     ) -> None:
-        if new_chunk is not None:
-            self._pool.append(new_chunk)
+        self._pool += new_chunks
         self._tape = tape
         self._slots = slots
         self._offloaded = True
@@ -478,7 +502,8 @@ class TensorEngine:
             for buffer in tape.buffers:
                 if buffer.tensor is None:
                     assert buffer.spill is not None
-                    buffer.tensor = _allocate_host(buffer.used, self._pin and buffer.pooled)
+                    size = buffer.capacity if buffer.pooled else buffer.used
+                    buffer.tensor = _allocate_host(size, self._pin and buffer.pooled)
                     read_spill(buffer.spill, _memoryview(buffer.tensor, buffer.used))
                     done += buffer.used
                     if progress is not None:
@@ -503,7 +528,7 @@ class TensorEngine:
     # -- device side ------------------------------------------------------------------------
 
     def _shrink(
-        self, torch: Any, slots: list[_Slot], tape: _Tape, new_chunk: torch.Tensor | None
+        self, torch: Any, slots: list[_Slot], tape: _Tape, new_chunks: list[torch.Tensor]
     ) -> None:
         """Free every device storage; if one cannot be freed, bring the freed ones back."""
         shrunk: list[_Slot] = []
@@ -516,7 +541,7 @@ class TensorEngine:
                 self._bring_back(torch, shrunk, tape, None, 0)
             except Exception as again:
                 # Could not undo: those storages stay offloaded with their host copies.
-                self._commit_offload(tape, shrunk, new_chunk)
+                self._commit_offload(tape, shrunk, new_chunks)
                 raise OffloadError(
                     f"offload failed while freeing device memory ({exc}) and undoing it failed "
                     f"({again}); {len(shrunk)} storages stay offloaded, restore() brings them back"
@@ -614,6 +639,12 @@ def _storages_of(torch: Any, tensor: Any) -> list[Any]:
         except Exception:
             continue  # no storage torch exposes (nested, functional, fake, wrapper subclasses)
     return storages
+
+
+def _chunk_sizes(nbytes: int) -> list[int]:
+    """``nbytes`` (a multiple of POOL_UNIT) as powers of two of POOL_UNIT, largest first."""
+    units = nbytes // POOL_UNIT
+    return [POOL_UNIT << bit for bit in reversed(range(units.bit_length())) if units >> bit & 1]
 
 
 def _aligned(nbytes: int) -> int:
