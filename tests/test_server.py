@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from jupyter_client.provisioning import KernelProvisionerFactory
-from jupyter_server.auth import Authorizer
+from jupyter_server.auth import Authorizer, IdentityProvider, User
 from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import HTTPClientError
 
@@ -27,6 +27,7 @@ GiB = 1 << 30
 
 ENDPOINTS = [
     ("GET", ("singularity", "api", "pool")),
+    ("GET", ("singularity", "api", "me")),
     ("GET", ("singularity", "api", "kernels", "some-kernel")),
     ("POST", ("singularity", "api", "kernels", "some-kernel", "offload")),
     ("POST", ("singularity", "api", "kernels", "some-kernel", "restore")),
@@ -44,6 +45,13 @@ class NoAdminAuthorizer(Authorizer):
 
     def is_authorized(self, handler, user, action, resource) -> bool:
         return resource != "singularity-admin"
+
+
+class NamedIdentityProvider(IdentityProvider):
+    """Token requests sign in as "grace" (by default each gets an anonymous random name)."""
+
+    def generate_anonymous_user(self, handler) -> User:
+        return User(username="grace", name="Grace", display_name="Grace")
 
 
 async def fetch_error(jp_fetch, *parts, **kwargs) -> tuple[int, dict]:
@@ -107,6 +115,19 @@ async def test_kernel_provisioner_is_the_default_while_running(singularity_app, 
     assert "python3" in (await get_json("api", "kernelspecs"))["kernelspecs"]
     await singularity_app.stop_extension()
     assert factory.default_provisioner_name == "local-provisioner"
+
+
+async def test_me_says_who_asks_and_that_the_default_authorizer_makes_an_admin(
+    get_json, singularity_app
+):
+    me = await get_json("singularity", "api", "me")
+    # A token-only server knows no user names: who asks is its owner.
+    owner = singularity_app.service.owner
+    assert me == {"user": owner, "username": owner, "admin": True}
+    # "Mine" in the client: the kernels whose record carries this user.
+    kernel_id = fake_kernel(singularity_app)
+    record = await get_json("singularity", "api", "kernels", kernel_id)
+    assert record["user"] == me["user"]
 
 
 async def test_unknown_kernel_is_404(jp_fetch):
@@ -298,6 +319,18 @@ class TestWithoutAdminPermission:
             jp_fetch, "singularity", "api", "usage", params={"user": f"not-{owner}"}
         )
         assert code == 403
+
+
+class TestMeWithoutAdminPermission:
+    @pytest.fixture
+    def jp_server_config(self, jp_server_config):
+        jp_server_config.ServerApp.authorizer_class = NoAdminAuthorizer
+        jp_server_config.ServerApp.identity_provider_class = NamedIdentityProvider
+        return jp_server_config
+
+    async def test_me_is_not_an_admin(self, get_json, singularity_app):
+        me = await get_json("singularity", "api", "me")
+        assert me == {"user": singularity_app.service.owner, "username": "grace", "admin": False}
 
 
 # -------------------------------------------------------------------------------- quota file

@@ -111,6 +111,27 @@ class PoolHandler(SingularityHandler):
         self.write_json(self.service.pool())
 
 
+class MeHandler(SingularityHandler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        """Who asks: the user whose kernels are "mine" here, who signed in, and whether an admin.
+
+        ``user`` is the name the pool's kernel records and quota carry for this server's kernels
+        (the server's owner), the one actions are checked against; ``username`` names who asks as
+        the pool's records do (:meth:`actor`: the signed-in user under JupyterHub, else the owner);
+        ``admin`` says whether the request's identity has ``write`` on ``singularity-admin``, so
+        the client offers admin actions only to an admin.
+        """
+        self.write_json(
+            {
+                "user": self.service.owner,
+                "username": self.actor(),
+                "admin": await self.is_admin(),
+            }
+        )
+
+
 class KernelHandler(SingularityHandler):
     @web.authenticated
     @authorized
@@ -237,6 +258,7 @@ _KERNEL = r"(?P<kernel_id>[^/]+)"
 
 default_handlers: list[tuple[str, type[SingularityHandler]]] = [
     (r"/singularity/api/pool", PoolHandler),
+    (r"/singularity/api/me", MeHandler),
     (rf"/singularity/api/kernels/{_KERNEL}", KernelHandler),
     (rf"/singularity/api/kernels/{_KERNEL}/(?P<action>offload|restore|pin)", KernelActionHandler),
     (r"/singularity/api/quota", QuotaHandler),
