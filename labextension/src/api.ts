@@ -5,12 +5,13 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
-import type { IKernelDetail, IPool, IQuota, IQuotas } from './types';
+import type { IKernelDetail, IMe, IPool, IQuota, IQuotas } from './types';
 
 /** What the pool model needs from the server; the tests give it a fake. */
 export interface IPoolAPI {
   pool(): Promise<IPool>;
   quota(): Promise<IQuota>;
+  me(): Promise<IMe>;
   kernel(kernelId: string): Promise<IKernelDetail>;
   offload(kernelId: string): Promise<IKernelDetail>;
   restore(kernelId: string): Promise<IKernelDetail>;
@@ -95,6 +96,10 @@ export class PoolAPI implements IPoolAPI {
 
   quota(): Promise<IQuota> {
     return requestAPI<IQuota>('quota', this.settings);
+  }
+
+  me(): Promise<IMe> {
+    return requestAPI<IMe>('me', this.settings);
   }
 
   kernel(kernelId: string): Promise<IKernelDetail> {

@@ -1,7 +1,8 @@
 /**
  * The pool model: what the panel and the status bar show, kept up to date from the server.
  *
- * It is a plain class: it fetches the pool, my quota and my kernels' recent state changes through
+ * It is a plain class: it fetches the pool, who I am (and whether an admin), my quota and my
+ * kernels' recent state changes through
  * an {@link IPoolAPI}, patches itself from the server's events as they arrive, and refreshes
  * (debounced) after each one. It knows nothing of widgets, so the tests drive it directly.
  */
@@ -23,6 +24,7 @@ import {
   IDevice,
   IKernelDetail,
   IKernelRecord,
+  IMe,
   IPool,
   IQuota,
   IQuotas,
@@ -101,9 +103,22 @@ export class PoolModel implements IDisposable {
     return this._quota;
   }
 
+  /** Who I am, as the server last said, or null when unknown. */
+  get me(): IMe | null {
+    return this._me;
+  }
+
   /** The user the server runs for (the owner of "my" kernels). */
   get user(): string | null {
-    return this._quota?.user ?? null;
+    return this._me?.user ?? this._quota?.user ?? null;
+  }
+
+  /**
+   * Whether the server said I am an admin (may act on every user's kernel and change the
+   * quotas). False until it says so.
+   */
+  get isAdmin(): boolean {
+    return this._me?.admin === true;
   }
 
   /** Why the last refresh failed, or null when it succeeded. */
@@ -175,8 +190,17 @@ export class PoolModel implements IDisposable {
     return entry ? entry.position : null;
   }
 
+  /** Whether a kernel is mine; every kernel counts as mine while I do not know who I am. */
   isMine(record: IKernelRecord): boolean {
     return this.user === null || record.user === this.user;
+  }
+
+  /**
+   * Whether the server would let me offload, restore or pin this kernel: my own, or anyone's
+   * for an admin. (The server checks again; this only keeps refused buttons out of sight.)
+   */
+  canAct(record: IKernelRecord): boolean {
+    return this.isAdmin || this.isMine(record);
   }
 
   /** The action in flight for a kernel ("offload", "restore", "pin"), if any. */
@@ -258,8 +282,8 @@ export class PoolModel implements IDisposable {
   }
 
   /**
-   * Fetch the pool, my quota and my kernels' histories. Calls while one runs are merged into one
-   * more run after it.
+   * Fetch the pool, who I am, my quota and my kernels' histories. Calls while one runs are merged
+   * into one more run after it.
    */
   refresh(): Promise<void> {
     if (this._refreshing) {
@@ -347,7 +371,11 @@ export class PoolModel implements IDisposable {
   }
 
   private async _fetch(): Promise<void> {
-    const [pool, quota] = await Promise.allSettled([this.api.pool(), this.api.quota()]);
+    const [pool, quota, me] = await Promise.allSettled([
+      this.api.pool(),
+      this.api.quota(),
+      this.api.me()
+    ]);
     if (this._disposed) {
       return;
     }
@@ -362,6 +390,9 @@ export class PoolModel implements IDisposable {
     this._error = null;
     if (quota.status === 'fulfilled') {
       this._quota = quota.value;
+    }
+    if (me.status === 'fulfilled') {
+      this._me = me.value;
     }
     const now = this._clock();
     for (const k of snapshot.kernels) {
@@ -443,6 +474,7 @@ export class PoolModel implements IDisposable {
 
   private _pool: IPool | null = null;
   private _quota: IQuota | null = null;
+  private _me: IMe | null = null;
   private _details = new Map<string, IKernelDetail>();
   private _pending = new Map<string, string>();
   private _enteredAt = new Map<string, number>();

@@ -1,6 +1,9 @@
 /**
  * The "GPU pool" sidebar panel: devices with a stacked memory bar per kernel, kernels off the
  * devices, the queue, my quota, recent transfers, and (for admins) the quota configuration.
+ *
+ * Everyone sees every kernel in the pool; the buttons on a kernel show only where the server
+ * would accept them (my own kernels, or anyone's for an admin), and so does the quota editor.
  */
 
 import { ReactWidget } from '@jupyterlab/ui-components';
@@ -90,11 +93,6 @@ function PoolView(props: { model: PoolModel; activeKernelId: string | null }): J
     <div className="jp-singularity-view">
       <header className="jp-singularity-header">
         <h2>GPU pool</h2>
-        {inventory?.simulated && (
-          <span className="jp-singularity-badge" title="No NVIDIA GPU: these devices are simulated">
-            simulated
-          </span>
-        )}
         <button
           className="jp-singularity-button jp-mod-minimal"
           onClick={() => void model.refresh()}
@@ -104,6 +102,23 @@ function PoolView(props: { model: PoolModel; activeKernelId: string | null }): J
           ⟳
         </button>
       </header>
+      {(inventory?.simulated || model.isAdmin) && (
+        <div className="jp-singularity-badges">
+          {inventory?.simulated && (
+            <span className="jp-singularity-badge" title="No NVIDIA GPU: these devices are simulated">
+              simulated
+            </span>
+          )}
+          {model.isAdmin && (
+            <span
+              className="jp-singularity-badge jp-singularity-admin-badge"
+              title="You are an admin of the GPU pool: you may act on every user's kernel and edit the quotas"
+            >
+              admin
+            </span>
+          )}
+        </div>
+      )}
       {model.error && (
         <div className="jp-singularity-error" role="alert">
           {model.error}
@@ -143,7 +158,7 @@ function PoolView(props: { model: PoolModel; activeKernelId: string | null }): J
           <Queue model={model} />
           <Quota model={model} />
           <Activity model={model} />
-          <QuotaEditor model={model} />
+          {model.isAdmin && <QuotaEditor model={model} />}
         </>
       )}
     </div>
@@ -249,16 +264,21 @@ function KernelRow(props: {
   const { kernel, model } = props;
   const name = model.displayName(kernel);
   const pending = model.pending(kernel.kernel_id);
-  const mine = model.isMine(kernel);
+  // Marked as mine only once the server has said who I am.
+  const mine = model.user !== null && model.isMine(kernel);
+  const canAct = model.canAct(kernel);
   const busy = TRANSITIONAL_STATES.has(kernel.state);
   const where = OFFLOADED_WHERE[kernel.state];
   const position = model.queuePosition(kernel.kernel_id);
   return (
     <li
-      className={`jp-singularity-kernel ${props.active ? 'jp-mod-active' : ''}`}
+      className={`jp-singularity-kernel ${props.active ? 'jp-mod-active' : ''} ${
+        mine ? 'jp-mod-mine' : ''
+      }`}
       data-kernel-id={kernel.kernel_id}
       data-state={kernel.state}
-      aria-label={`${name}, ${kernel.user}, ${stateLabel(kernel.state)}`}
+      data-mine={mine ? 'true' : 'false'}
+      aria-label={`${name}, ${kernel.user}${mine ? ' (you)' : ''}, ${stateLabel(kernel.state)}`}
     >
       <span
         className={`jp-singularity-swatch jp-singularity-slot-${model.colourSlot(kernel.kernel_id)}`}
@@ -271,7 +291,10 @@ function KernelRow(props: {
           {kernel.pinned && <span className="jp-singularity-tag">pinned</span>}
         </div>
         <div className="jp-singularity-kernel-meta">
-          <span className="jp-singularity-owner">{kernel.user}</span>
+          <span className="jp-singularity-owner" title={mine ? 'Your kernel' : undefined}>
+            {kernel.user}
+            {mine && <span className="jp-singularity-you"> (you)</span>}
+          </span>
           {' · '}
           <span className="jp-singularity-state" data-state={kernel.state}>
             {kernel.state === 'queued' && position ? `queued #${position}` : stateLabel(kernel.state)}
@@ -282,46 +305,52 @@ function KernelRow(props: {
         {kernel.offload_refused && (
           <div className="jp-singularity-note">offload refused: {kernel.offload_refused}</div>
         )}
-        <div
-          className="jp-singularity-actions"
-          title={mine ? undefined : `${kernel.user}'s kernel: only an admin may act on it`}
-        >
-          {canRestore(kernel) ? (
+        {canAct && (
+          <div
+            className="jp-singularity-actions"
+            title={
+              model.isMine(kernel)
+                ? undefined
+                : `${kernel.user}'s kernel: you act on it as an admin`
+            }
+          >
+            {canRestore(kernel) ? (
+              <button
+                className="jp-singularity-button"
+                disabled={pending !== null}
+                onClick={() => void model.restore(kernel.kernel_id)}
+                aria-label={`Restore ${name} onto a GPU`}
+                title="Bring this kernel's state back onto a GPU now"
+              >
+                {pending === 'restore' ? 'Restoring…' : 'Restore'}
+              </button>
+            ) : (
+              <button
+                className="jp-singularity-button"
+                disabled={pending !== null || !canOffload(kernel)}
+                onClick={() => void model.offload(kernel.kernel_id)}
+                aria-label={`Offload ${name} off the GPU`}
+                title="Move this kernel's GPU state to host memory now"
+              >
+                {pending === 'offload' ? 'Offloading…' : 'Offload'}
+              </button>
+            )}
             <button
               className="jp-singularity-button"
               disabled={pending !== null}
-              onClick={() => void model.restore(kernel.kernel_id)}
-              aria-label={`Restore ${name} onto a GPU`}
-              title="Bring this kernel's state back onto a GPU now"
+              aria-pressed={kernel.pinned}
+              onClick={() => void model.pin(kernel.kernel_id, !kernel.pinned)}
+              aria-label={`${kernel.pinned ? 'Unpin' : 'Pin'} ${name}`}
+              title={
+                kernel.pinned
+                  ? 'Let the pool offload this kernel when others need the GPU'
+                  : 'Never offload this kernel to make room for others'
+              }
             >
-              {pending === 'restore' ? 'Restoring…' : 'Restore'}
+              {kernel.pinned ? 'Unpin' : 'Pin'}
             </button>
-          ) : (
-            <button
-              className="jp-singularity-button"
-              disabled={pending !== null || !canOffload(kernel)}
-              onClick={() => void model.offload(kernel.kernel_id)}
-              aria-label={`Offload ${name} off the GPU`}
-              title="Move this kernel's GPU state to host memory now"
-            >
-              {pending === 'offload' ? 'Offloading…' : 'Offload'}
-            </button>
-          )}
-          <button
-            className="jp-singularity-button"
-            disabled={pending !== null}
-            aria-pressed={kernel.pinned}
-            onClick={() => void model.pin(kernel.kernel_id, !kernel.pinned)}
-            aria-label={`${kernel.pinned ? 'Unpin' : 'Pin'} ${name}`}
-            title={
-              kernel.pinned
-                ? 'Let the pool offload this kernel when others need the GPU'
-                : 'Never offload this kernel to make room for others'
-            }
-          >
-            {kernel.pinned ? 'Unpin' : 'Pin'}
-          </button>
-        </div>
+          </div>
+        )}
       </div>
     </li>
   );
@@ -483,7 +512,10 @@ function Activity(props: { model: PoolModel }): JSX.Element {
   );
 }
 
-/** Admins: the quota configuration as JSON; the server checks the permission and the content. */
+/**
+ * Admins (the panel shows it only to them): the quota configuration as JSON; the server checks
+ * the permission and the content again.
+ */
 function QuotaEditor(props: { model: PoolModel }): JSX.Element {
   const [open, setOpen] = useState(false);
   const [config, setConfig] = useState<IQuotas | null>(null);

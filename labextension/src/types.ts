@@ -104,6 +104,16 @@ export interface IQuota {
   };
 }
 
+/** Who asks, as `GET /singularity/api/me` answers. */
+export interface IMe {
+  /** The user whose kernels are mine here: the `user` of their records and of my quota. */
+  user: string;
+  /** Who asks, as the pool's records name them: under JupyterHub the Hub user, else `user`. */
+  username: string;
+  /** Whether I may act on every user's kernel and change the quotas. */
+  admin: boolean;
+}
+
 export interface IQuotas {
   quotas: Record<string, Record<string, unknown>>;
   source: string;

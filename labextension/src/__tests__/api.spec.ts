@@ -46,6 +46,13 @@ describe('PoolAPI', () => {
     expect(seen[0].headers.get('Authorization')).toBe('token abc');
   });
 
+  it('GETs who I am', async () => {
+    const { api, seen } = server(200, '{"user": "ada", "username": "ada", "admin": false}');
+    expect(await api.me()).toEqual({ user: 'ada', username: 'ada', admin: false });
+    expect(seen[0].url).toMatch(/\/base\/singularity\/api\/me(\?\d+)?$/);
+    expect(seen[0].method).toBe('GET');
+  });
+
   it('POSTs actions with their JSON body', async () => {
     const { api, seen } = server(200, '{"kernel_id": "k/1", "events": []}');
     await api.pin('k/1', true);

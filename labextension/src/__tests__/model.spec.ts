@@ -3,6 +3,7 @@ import { gauge, PoolModel } from '../model';
 import {
   IKernelDetail,
   IKernelRecord,
+  IMe,
   IPool,
   IQuota,
   IQuotas,
@@ -37,6 +38,7 @@ function kernel(id: string, overrides: Partial<IKernelRecord> = {}): IKernelReco
 class FakeAPI implements IPoolAPI {
   calls: string[] = [];
   failPool: Error | null = null;
+  failMe: Error | null = null;
   refuse: Error | null = null;
   pool_: IPool = {
     devices: [
@@ -68,9 +70,18 @@ class FakeAPI implements IPoolAPI {
     }
     return JSON.parse(JSON.stringify(this.pool_));
   }
+  me_: IMe = { user: 'ada', username: 'ada', admin: false };
+
   async quota(): Promise<IQuota> {
     this.calls.push('quota');
     return JSON.parse(JSON.stringify(this.quota_));
+  }
+  async me(): Promise<IMe> {
+    this.calls.push('me');
+    if (this.failMe) {
+      throw this.failMe;
+    }
+    return { ...this.me_ };
   }
   async kernel(id: string): Promise<IKernelDetail> {
     this.calls.push(`kernel ${id}`);
@@ -158,6 +169,43 @@ describe('PoolModel', () => {
     expect(model.isMine(model.kernel('k3')!)).toBe(false);
     expect(model.kernel('nope')).toBeNull();
     expect(model.kernel(null)).toBeNull();
+  });
+
+  it('knows who I am, and lets only an admin act on others\' kernels', async () => {
+    const { api, model } = await loaded();
+    expect(api.calls).toContain('me');
+    expect(model.me).toEqual({ user: 'ada', username: 'ada', admin: false });
+    expect(model.isAdmin).toBe(false);
+    expect(model.canAct(model.kernel('k1')!)).toBe(true);
+    expect(model.canAct(model.kernel('k3')!)).toBe(false);
+
+    api.me_ = { user: 'ada', username: 'root', admin: true };
+    await model.refresh();
+    expect(model.isAdmin).toBe(true);
+    expect(model.isMine(model.kernel('k3')!)).toBe(false);
+    expect(model.canAct(model.kernel('k3')!)).toBe(true);
+  });
+
+  it('takes "me" over the quota\'s user, and is no admin until the server says so', async () => {
+    const api = new FakeAPI();
+    api.me_ = { user: 'bob', username: 'bob', admin: false };
+    const { model } = await loaded(api);
+    expect(model.user).toBe('bob');
+    expect(model.isMine(model.kernel('k3')!)).toBe(true);
+    expect(model.isMine(model.kernel('k1')!)).toBe(false);
+
+    const old = new FakeAPI();
+    old.failMe = new PoolAPIError('not found', 404);
+    const fallback = (await loaded(old)).model;
+    expect(fallback.loaded).toBe(true);
+    expect(fallback.error).toBeNull();
+    expect(fallback.user).toBe('ada'); // from the quota
+    expect(fallback.isAdmin).toBe(false);
+    expect(fallback.canAct(fallback.kernel('k3')!)).toBe(false);
+
+    const before = new PoolModel(new FakeAPI());
+    expect(before.isAdmin).toBe(false);
+    expect(before.user).toBeNull();
   });
 
   it('turns my quota into gauges', async () => {

@@ -141,7 +141,9 @@ async function statusBarSeen(
   });
 }
 
-test.use({ viewport: { width: 1280, height: 800 } });
+// Galata's user mock answers every URL matching /api/me, the pool's /singularity/api/me too:
+// the real server says who the user is (and that the default authorizer makes them an admin).
+test.use({ viewport: { width: 1280, height: 800 }, mockUser: false });
 
 test.describe('GPU pool', () => {
   test('two notebooks time-share one GPU: torch cells, offload, restore, eviction', async ({
@@ -187,6 +189,9 @@ test.describe('GPU pool', () => {
     const row = panel.locator(`li.jp-singularity-kernel[data-kernel-id="${kernelId}"]`);
     await expect(row).toContainText('gpu-pool.ipynb');
     await expect(row).toContainText('resident · 1 GiB');
+    // The notebook's kernel is the user's own: marked so, with its buttons.
+    await expect(row).toHaveAttribute('data-mine', 'true');
+    await expect(row.locator('.jp-singularity-owner')).toContainText('(you)');
     await expect(panel.locator('.jp-singularity-gauge-hours')).toContainText('of 8.00 h');
     await shot(page, testInfo, '02-panel-resident');
 
@@ -307,6 +312,11 @@ test.describe('GPU pool', () => {
     await page.sidebar.openTab('jp-singularity-pool');
     const panel = page.locator('#jp-singularity-pool');
     await expect(panel.locator('.jp-singularity-device[data-device="0"]')).toBeVisible();
+    // The default authorizer lets the server's user do everything: the server says it is an
+    // admin, and the panel shows the admin badge and the quota editor.
+    const me = await (await page.request.get('/singularity/api/me')).json();
+    expect(me.admin).toBe(true);
+    await expect(panel.locator('.jp-singularity-admin-badge')).toHaveText('admin');
     await panel.locator('summary', { hasText: 'Quotas (admin)' }).click();
     const editor = panel.locator('#jp-singularity-quota-json');
     await expect(editor).toHaveValue(/gpu_seconds_per_day/);
