@@ -339,6 +339,33 @@ def test_release_ends_the_lease_and_reports_the_gpu_seconds():
     assert core.used_seconds("alice", T0 + 200) == 42.5
 
 
+def test_a_notebook_renamed_or_moved_with_its_folder_keeps_its_kernels():
+    core = make()
+    for kid, notebook in (
+        ("a", "/home/alice/nb/a.ipynb"),
+        ("b", "/home/alice/nb/sub/b.ipynb"),
+        ("c", "/home/alice/nbx/c.ipynb"),  # a folder whose name only starts like "nb"
+        ("d", ""),  # a kernel without a notebook
+    ):
+        core.register(kid, "alice", T0, notebook=notebook)
+
+    def notebooks() -> dict[str, str]:
+        return {k: v.notebook for k, v in core.kernels.items()}
+
+    assert core.notebook_moved("/home/alice/nb/a.ipynb", "/home/alice/nb/z.ipynb") == ["a"]
+    assert core.notebook_moved("/home/alice/nb/", "/home/alice/work") == ["a", "b"]
+    assert notebooks() == {
+        "a": "/home/alice/work/z.ipynb",
+        "b": "/home/alice/work/sub/b.ipynb",
+        "c": "/home/alice/nbx/c.ipynb",
+        "d": "",
+    }
+    assert core.notebook_moved("/home/alice/elsewhere.ipynb", "/home/alice/x.ipynb") == []
+    assert core.notebook_moved("", "/home/alice/x.ipynb") == []
+    assert notebooks()["d"] == ""
+    assert core.snapshot(T0)["kernels"][0]["notebook"] == "/home/alice/work/z.ipynb"
+
+
 # -------------------------------------------------------------------------------------- quotas
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
+import nbformat
 import pytest
+from cells import record_of
 from jupyter_server.auth import IdentityProvider, User
 
 from jupyter_singularity.server.events import PIN_SCHEMA, schema_path
@@ -142,3 +145,110 @@ async def test_pin_from_the_notebook_emits_an_event_and_shows_in_the_log(
     assert f"cold → cold  (pinned by {owner})" in out, out
     record = await get_json("singularity", "api", "kernels", kernel)
     assert record["pinned"] is True and record["events"][0]["reason"] == f"pinned by {owner}"
+
+
+# ------------------------------------------------------------------------------- notebook paths
+
+
+@pytest.fixture
+def notebook_session(jp_fetch, wait_in_pool):
+    """``await notebook_session(path, name)`` creates the notebook through the contents API and
+    opens a session on it as JupyterLab does; returns the kernel id once it is in the pool (and
+    records the session's id in ``notebook_session.ids``)."""
+
+    async def open_session(path: str, name: str | None) -> str:
+        body = {"type": "notebook", "format": "json", "content": nbformat.v4.new_notebook()}
+        await jp_fetch("api", "contents", *path.split("/"), method="PUT", body=json.dumps(body))
+        session = {"path": path, "type": "notebook", "kernel": {"name": "python3"}}
+        if name is not None:
+            session["name"] = name
+        response = await jp_fetch("api", "sessions", method="POST", body=json.dumps(session))
+        model = json.loads(response.body)
+        kernel_id = model["kernel"]["id"]
+        open_session.ids[kernel_id] = model["id"]
+        await wait_in_pool(kernel_id)
+        return kernel_id
+
+    open_session.ids = {}
+    return open_session
+
+
+async def test_notebook_path_follows_a_rename_and_a_folder_move(
+    jp_fetch, jp_serverapp, get_pool, wait_for, notebook_session
+):
+    root = jp_serverapp.kernel_manager.root_dir
+    for folder in ("nb", "nbx"):
+        await jp_fetch("api", "contents", folder, method="PUT", body='{"type": "directory"}')
+    # JupyterLab names the session after the file: the kernel records the file's path on disk.
+    on_disk = await notebook_session("nb/a.ipynb", "a.ipynb")
+    # A session opened without a name: the kernel records the API path.
+    api_path = await notebook_session("nbx/c.ipynb", None)
+
+    async def notebooks() -> dict[str, str]:
+        pool = await get_pool()
+        return {k: record_of(pool, k)["notebook"] for k in (on_disk, api_path)}
+
+    assert await notebooks() == {
+        on_disk: os.path.join(root, "nb", "a.ipynb"),
+        api_path: "nbx/c.ipynb",
+    }
+
+    async def shows(expected: dict[str, str]):
+        async def probe():
+            return await notebooks() == expected
+
+        await wait_for(probe, timeout=10)
+
+    # Rename the notebook in JupyterLab: PATCH /api/contents/{path} with the new path.
+    await jp_fetch(
+        "api", "contents", "nb", "a.ipynb", method="PATCH", body=json.dumps({"path": "nb/b.ipynb"})
+    )
+    await shows({on_disk: os.path.join(root, "nb", "b.ipynb"), api_path: "nbx/c.ipynb"})
+
+    # Rename its folder: every notebook under it moves; "nbx" only shares a prefix and stays.
+    await jp_fetch("api", "contents", "nb", method="PATCH", body=json.dumps({"path": "work"}))
+    await shows({on_disk: os.path.join(root, "work", "b.ipynb"), api_path: "nbx/c.ipynb"})
+
+    # Move the other notebook into another folder.
+    await jp_fetch(
+        "api",
+        "contents",
+        "nbx",
+        "c.ipynb",
+        method="PATCH",
+        body=json.dumps({"path": "work/c.ipynb"}),
+    )
+    await shows({on_disk: os.path.join(root, "work", "b.ipynb"), api_path: "work/c.ipynb"})
+
+
+async def test_a_renamed_notebook_keeps_its_new_path_when_its_kernel_restarts(
+    jp_fetch, jp_serverapp, singularity_app, get_pool, wait_for, notebook_session
+):
+    """JupyterLab renames the file, then moves its session to the new path (PATCH
+    /api/sessions/{id}); the restarted kernel joins the pool again under the new path."""
+    root = jp_serverapp.kernel_manager.root_dir
+    kernel_id = await notebook_session("a.ipynb", "a.ipynb")
+    renamed = os.path.join(root, "b.ipynb")
+    await jp_fetch("api", "contents", "a.ipynb", method="PATCH", body='{"path": "b.ipynb"}')
+    await jp_fetch(
+        "api",
+        "sessions",
+        notebook_session.ids[kernel_id],
+        method="PATCH",
+        body=json.dumps({"path": "b.ipynb", "name": "b.ipynb"}),
+    )
+
+    def joins() -> int:
+        events = singularity_app.service.ledger.events(kernel_id=kernel_id, limit=100)
+        return sum(1 for e in events if e["old_state"] is None)
+
+    async def shows_renamed(times_joined: int):
+        async def probe() -> bool:
+            record = record_of(await get_pool(), kernel_id)
+            return record is not None and record["notebook"] == renamed and joins() == times_joined
+
+        await wait_for(probe, timeout=60)
+
+    await shows_renamed(1)
+    await jp_fetch("api", "kernels", kernel_id, "restart", method="POST", body="")
+    await shows_renamed(2)

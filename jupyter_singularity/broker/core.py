@@ -492,6 +492,24 @@ class BrokerCore:
         self._schedule(now)
         return self._drain()
 
+    def notebook_moved(self, old: str, new: str) -> list[str]:
+        """The file or folder ``old`` was renamed or moved to ``new``: kernels whose notebook is that
+        file, or lies under that folder, show the new path. Returns their ids (nothing else changes,
+        so there are no actions)."""
+        if not old or old == new:
+            return []
+        folder = old.rstrip("/") + "/"
+        moved = []
+        for kernel in self.kernels.values():
+            if kernel.notebook == old:
+                kernel.notebook = new
+            elif kernel.notebook.startswith(folder):
+                kernel.notebook = new.rstrip("/") + "/" + kernel.notebook[len(folder) :]
+            else:
+                continue
+            moved.append(kernel.kernel_id)
+        return moved
+
     def set_quotas(self, quotas: Quotas, now: float) -> list[Action]:
         self.quotas = quotas
         self._limits_cache.clear()

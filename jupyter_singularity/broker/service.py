@@ -323,6 +323,20 @@ class BrokerService:
         self._apply(self.core.set_pinned(kernel_id, pinned, now))
         return self.kernel(kernel_id)
 
+    def notebook_renamed(self, old: str, new: str) -> list[str]:
+        """A notebook, or a folder of notebooks, was renamed or moved from ``old`` to ``new`` (paths
+        in the form the kernels' notebooks were recorded in): their kernels show the new path.
+        Returns the ids of the kernels whose notebook moved. The ledger keeps no notebook paths, so
+        only the pool's view changes."""
+        moved = self.core.notebook_moved(old, new)
+        for kernel_id in moved:
+            self.log.info(
+                "jupyter-singularity: kernel %s now belongs to %s",
+                kernel_id,
+                self.core.kernels[kernel_id].notebook,
+            )
+        return moved
+
     def quota(self, user: str, groups: Iterable[str] = ()) -> dict:
         now = self.clock()
         mine = [k for k in self.core.kernels.values() if k.user == user]

@@ -17,6 +17,7 @@ from typing import Any
 from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_data_dir, jupyter_runtime_dir
 from jupyter_server.extension.application import ExtensionApp
+from jupyter_server.utils import ApiPath, to_os_path
 from traitlets import Bool, Dict, Float, Int, Unicode, Union, default
 
 from ..broker.core import Policy
@@ -299,6 +300,29 @@ class SingularityApp(ExtensionApp):
         except Exception:
             self.log.exception("jupyter-singularity: could not emit the %s event %r", name, data)
 
+    @property
+    def _contents_schema(self) -> str:
+        """jupyter_server's contents event ("rename" with ``path`` and ``source_path``)."""
+        assert self.serverapp is not None
+        return self.serverapp.contents_manager.event_schema_id
+
+    async def _on_contents_event(self, logger: Any, schema_id: str, data: dict) -> None:
+        """A file or folder renamed or moved through the contents API (JupyterLab's file browser,
+        a notebook's Rename): its kernels' notebook paths follow."""
+        if data.get("action") == "rename" and data.get("source_path"):
+            self.notebook_moved(data["source_path"], data["path"])
+
+    def notebook_moved(self, old: str, new: str) -> None:
+        """``old`` and ``new`` are API paths. A kernel started for a session records its notebook
+        as jupyter_server's JPY_SESSION_NAME: the file's path on disk under the kernel manager's
+        root_dir, or the API path itself for a session started without a name; both follow."""
+        assert self.serverapp is not None
+        root = self.serverapp.kernel_manager.root_dir
+        self.service.notebook_renamed(old, new)
+        self.service.notebook_renamed(
+            to_os_path(ApiPath(old), root), to_os_path(ApiPath(new), root)
+        )
+
     # ---------------------------------------------------------------------------- lifecycle
 
     def initialize_handlers(self) -> None:
@@ -312,6 +336,9 @@ class SingularityApp(ExtensionApp):
             return  # loading failed and was logged; kernels start outside the pool
         await self.service.start()
         self._started = True
+        serverapp.event_logger.add_listener(
+            schema_id=self._contents_schema, modified=False, listener=self._on_contents_event
+        )
         if self.quota_watcher is not None:
             self.quota_watcher.start()
         factory = KernelProvisionerFactory.instance(parent=serverapp)
@@ -349,6 +376,10 @@ class SingularityApp(ExtensionApp):
             await self.quota_watcher.stop()
         if self._started:
             self._started = False
+            assert self.serverapp is not None
+            self.serverapp.event_logger.remove_listener(
+                schema_id=self._contents_schema, listener=self._on_contents_event
+            )
             for kernel in self.service.pool()["kernels"]:
                 self.service.unregister_kernel(kernel["kernel_id"], "server stopped")
             await self.service.stop()
