@@ -668,6 +668,19 @@ def test_a_cell_started_during_an_explicit_restore_runs_after_it():
     assert one(core.acquire("k1", "r5", T0 + 15), Deny).reason.startswith("this kernel already")
 
 
+def test_a_cold_kernel_whose_cuda_chose_a_device_waits_for_that_one():
+    core = make([dev(0, 16), dev(1, 16)], kernels={"k1": "alice", "k2": "bob"})
+    assert core.kernels["k2"].home == 1
+    core.acquire("k1", "r1", T0, memory=12 * GiB)  # device 0 is busy, device 1 free
+    wait = one(core.acquire("k2", "r2", T0 + 1, memory=8 * GiB, device=0), Wait)
+    assert "busy" in wait.reason
+    grant = one(core.release("k1", "r1", T0 + 2, peak_bytes=GiB, gpu_bytes=GiB), Grant)
+    assert (grant.kernel_id, grant.device) == ("k2", 0)
+    with pytest.raises(BrokerError, match="no device 7"):
+        core.acquire("k1", "r3", T0 + 3, device=7)
+    assert core.kernels["k1"].request is None
+
+
 def test_a_failed_restore_keeps_the_host_copy():
     core = make(kernels={"k1": "alice"})
     run_cell(core, "k1", "r1", T0, T0 + 1, peak=2 * GiB)

@@ -71,6 +71,20 @@ def test_failed_spill_keeps_host_copy_and_is_not_retried_until_restore():
     assert spills(core.tick(6)) == []
 
 
+def test_a_partial_spill_is_not_asked_again_until_the_kernel_runs():
+    core = make_core(limit=4 * GiB)
+    assert spills(offloaded_kernel(core, "k", "alice", 6 * GiB, now=0)) == ["k"]
+    # Its pinned pool had to stay (the driver holds the process): 2 GiB stay in memory.
+    assert spills(core.spilled("k", 5, host_bytes=2 * GiB, disk_bytes=4 * GiB)) == []
+    assert spills(core.tick(6)) == []
+    assert core.kernels["k"].to_dict()["state"] == "offloaded"
+    core.acquire("k", "c2", 10)
+    core.restored("k", 11, gpu_bytes=6 * GiB)
+    core.release("k", "c2", 12, peak_bytes=6 * GiB, gpu_bytes=6 * GiB)
+    core.offload("k", 13)
+    assert spills(core.offloaded("k", 14, host_bytes=6 * GiB)) == ["k"]  # asked again
+
+
 def test_a_kernel_waiting_to_run_is_not_spilled():
     core = make_core(limit=4 * GiB)
     core.register("k", "alice", 0)

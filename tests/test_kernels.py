@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -84,6 +85,26 @@ async def test_shut_down_kernel_leaves_pool_and_frees_booking(
     assert booked(pool) == {0: 0, 1: 0}
 
 
+async def test_kernel_checkpointed_by_the_driver_is_ended_at_shutdown(
+    start_kernel, wait_in_pool, execute, jp_fetch, jp_serverapp, singularity_app
+):
+    kernel_id = await start_kernel()
+    await wait_in_pool(kernel_id)
+    # A process the driver holds checkpointed cannot exit cleanly: its CUDA calls at exit wait for
+    # a restore. Stand-ins for what CI lacks: an exit that waits, and the driver tier's mark.
+    status, out = await execute(kernel_id, "import atexit, time; atexit.register(time.sleep, 600)")
+    assert status == "ok", out
+    manager = jp_serverapp.kernel_manager.get_kernel(kernel_id)
+    manager.shutdown_wait_time = 600.0  # a clean exit would be waited for this long
+    singularity_app.service._connections[kernel_id].checkpointed_uuid = "GPU-0000"
+    process = manager.provisioner.process
+
+    await asyncio.wait_for(jp_fetch("api", "kernels", kernel_id, method="DELETE"), 60)
+
+    assert process.returncode == -signal.SIGKILL
+    await wait_in_pool(kernel_id, present=False)
+
+
 async def test_killed_kernel_leaves_pool_and_frees_booking(
     start_kernel, wait_in_pool, execute, get_pool, wait_for, singularity_app, jp_fetch
 ):
@@ -113,6 +134,38 @@ async def test_killed_kernel_leaves_pool_and_frees_booking(
     await wait_for(restarted, timeout=60)
     events = singularity_app.service.ledger.events(kernel_id=kernel_id, limit=50)
     assert any(e["new_state"] == "gone" and "died" in e["reason"] for e in events), events
+
+
+BOUND_LEASE = """
+from jupyter_singularity.kernel.runtime import Runtime
+from jupyter_singularity.kernel.client import BrokerError
+client = Runtime.current.client
+try:
+    grant = client.request("acquire", {{"request_id": "{rid}", "bound_uuid": "{uuid}"}})
+except BrokerError as err:
+    print("error:", err)
+else:
+    client.send("release", {{"request_id": "{rid}", "peak_bytes": 0, "gpu_bytes": 0}})
+    print(grant["granted"], grant["device"]["index"])
+"""
+
+
+async def test_kernel_whose_cuda_chose_a_gpu_is_granted_that_gpu(
+    start_kernel, wait_in_pool, execute, get_pool
+):
+    kernel_id = await start_kernel()
+    pool = await wait_in_pool(kernel_id)
+    home = next(k["home"] for k in pool["kernels"] if k["kernel_id"] == kernel_id)
+    other = next(d for d in pool["devices"] if d["index"] != home)
+
+    # A library initialised CUDA before the first lease: its GPU is fixed, the grant must follow.
+    status, out = await execute(kernel_id, BOUND_LEASE.format(rid="r1", uuid=other["uuid"]))
+    assert status == "ok", out
+    assert out.split() == ["True", str(other["index"])], out
+
+    status, out = await execute(kernel_id, BOUND_LEASE.format(rid="r2", uuid="GPU-nope"))
+    assert status == "ok", out
+    assert out.startswith("error:") and "GPU GPU-nope is not in this pool" in out, out
 
 
 async def test_forged_rpc_message_is_rejected(

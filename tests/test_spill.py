@@ -151,6 +151,25 @@ def test_engine_spills_and_restores(
     assert (engine.disk_bytes, engine.host_bytes, engine.pool_bytes) == (0, 0, 4 * MIB)
 
 
+def test_a_frozen_process_spills_all_but_its_pool(
+    engine: TensorEngine, tensors: list[torch.Tensor], tmp_path: Path
+) -> None:
+    before = [raw(t) for t in tensors]
+    engine.offload()
+    host = engine.host_bytes
+
+    # The driver holds the process checkpointed: its pinned pool cannot be freed now.
+    written = engine.spill(tmp_path, keep_pool=True)
+
+    assert written == host - 4 * MIB == engine.disk_bytes
+    assert (engine.host_bytes, engine.pool_bytes) == (4 * MIB, 4 * MIB)
+    assert len(list(tmp_path.iterdir())) == 1
+    assert engine.spill(tmp_path, keep_pool=True) == 0  # nothing more can move
+    engine.restore()
+    assert [raw(t) for t in tensors] == before
+    assert list(tmp_path.iterdir()) == [] and engine.pool_bytes == 4 * MIB
+
+
 def test_a_partly_used_pool_chunk_comes_back_whole(engine: TensorEngine, tmp_path: Path) -> None:
     tensor = torch.randn(768, 1024)  # 3 MiB: part of the 4 MiB pool chunk
     before = raw(tensor)

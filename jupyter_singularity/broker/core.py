@@ -165,6 +165,8 @@ class Request:
     claimed: int | None = None
     position: int = 0
     reason: str = ""
+    device: int | None = None
+    """The one device a cold kernel can use: something in it initialised CUDA already."""
 
 
 @dataclass
@@ -315,14 +317,22 @@ class BrokerCore:
         return self._drain()
 
     def acquire(
-        self, kernel_id: str, request_id: str, now: float, memory: int | None = None
+        self,
+        kernel_id: str,
+        request_id: str,
+        now: float,
+        memory: int | None = None,
+        device: int | None = None,
     ) -> list[Action]:
-        """A cell wants the GPU. ``memory`` is the user's explicit reservation, if any.
+        """A cell wants the GPU. ``memory`` is the user's explicit reservation, if any;
+        ``device`` the only device the kernel can use (its CUDA driver chose already).
 
         A cell started during an explicit restore is not refused: a queued restore becomes the
         cell's request (keeping its place), and a restore under way finishes before the cell's
         grant."""
         kernel = self._kernel(kernel_id)
+        if device is not None and device not in self.devices:
+            raise BrokerError(f"no device {device} in the pool")
         request = kernel.request
         if (kernel.lease is not None and kernel.lease.hold) or (
             request is not None and request.hold
@@ -336,6 +346,8 @@ class BrokerCore:
             request.position, request.reason = 0, ""  # so the cell hears where it waits
         else:
             self._enqueue(kernel, request_id, memory, hold=True, now=now)
+            assert kernel.request is not None
+            kernel.request.device = device
         self._schedule(now)
         return self._drain()
 
@@ -446,6 +458,10 @@ class BrokerCore:
         if kernel.state not in OFF_DEVICE_STATES and kernel.state != KernelState.QUEUED:
             return self._drain()
         kernel.host_bytes, kernel.disk_bytes = host_bytes, disk_bytes
+        if host_bytes:
+            # What stayed cannot leave memory now (pinned memory of a process the driver holds
+            # checkpointed): asking again before the kernel next runs would move nothing.
+            kernel.spill_refused = "part of the host copy stays in memory until the kernel runs"
         if kernel.request is None:
             self._set_state(kernel, self._settled_state(kernel), "spilled to disk", now)
         self._enforce_host_budget(now)
@@ -776,9 +792,10 @@ class BrokerCore:
         predicted = int(peak * (1 + self.policy.margin_fraction)) + self.policy.margin_bytes
         return max(min(predicted, cap), state, peak)
 
-    def _candidates(self, kernel: Kernel) -> list[int]:
+    def _candidates(self, kernel: Kernel, request: Request) -> list[int]:
         """Devices the kernel may run on: the one holding its GPU state; for state offloaded to the
-        host, any device of the same chip when migration is possible, else its home; any when cold."""
+        host, any device of the same chip when migration is possible, else its home; any when cold
+        (unless CUDA in the kernel chose one already)."""
         if kernel.device is not None:
             return [kernel.device]
         if (kernel.host_bytes or kernel.disk_bytes) and kernel.home is not None:
@@ -786,7 +803,7 @@ class BrokerCore:
                 return [kernel.home]
             chip = self.devices[kernel.home].chip
             return [d for d, info in self.devices.items() if info.chip == chip]
-        return list(self.devices)
+        return list(self.devices) if request.device is None else [request.device]
 
     def _schedule(self, now: float) -> None:
         """One pass over the queue in fair-share order.
@@ -889,7 +906,7 @@ class BrokerCore:
         denial = self._time_quota_denial(kernel, request, now)
         if denial:
             return _Placement(deny=denial)
-        candidates = self._candidates(kernel)
+        candidates = self._candidates(kernel, request)
         if not candidates:
             return _Placement(deny="this pool has no GPU devices")
         if (

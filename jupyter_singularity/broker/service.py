@@ -209,6 +209,9 @@ class BrokerService:
         }
         if home is not None and not self.inventory.simulated:
             env["CUDA_VISIBLE_DEVICES"] = home.uuid
+            # torch.cuda.is_available() then asks NVML instead of initialising CUDA, which would
+            # fix the kernel to its home GPU before its first lease could choose another.
+            env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
         if self.inventory.simulated:
             env[ENV_SIMULATED] = "1"
         # Simulated devices live in host memory already: a kept host pool would only double it.
@@ -224,11 +227,17 @@ class BrokerService:
         if connection is not None and pid:
             connection.pid = pid
 
-    def kernel_stopping(self, kernel_id: str, reason: str) -> None:
-        """The server is stopping the kernel: its process exit is expected, not a death."""
+    def kernel_stopping(self, kernel_id: str, reason: str) -> bool:
+        """The server is stopping the kernel: its process exit is expected, not a death.
+
+        Returns True when the process must be ended at once: the driver tier holds it
+        checkpointed, so its CUDA calls, and with them its clean exit, would wait for a restore
+        that is not coming (its state is being discarded anyway)."""
         connection = self._connections.get(kernel_id)
-        if connection is not None:
-            connection.stopping = reason
+        if connection is None:
+            return False
+        connection.stopping = reason
+        return connection.checkpointed_uuid is not None
 
     def unregister_kernel(self, kernel_id: str, reason: str = "shut down") -> None:
         """The kernel ended: everything it held is released."""
@@ -452,12 +461,14 @@ class BrokerService:
     ) -> dict | Awaitable[dict]:
         request_id = str(body["request_id"])
         memory = body.get("memory")
+        bound = body.get("bound_uuid")  # CUDA in the kernel already chose this GPU
+        device = None if bound is None else self._device_index(str(bound))
         waiter = asyncio.get_running_loop().create_future()
         connection.waiters[request_id] = waiter
         try:
             self._apply(
                 self.core.acquire(
-                    kernel_id, request_id, now, None if memory is None else int(memory)
+                    kernel_id, request_id, now, None if memory is None else int(memory), device
                 )
             )
         except BaseException:
@@ -467,6 +478,12 @@ class BrokerService:
             connection.waiters.pop(request_id, None)
             return waiter.result()
         return self._until_answered(connection, request_id, waiter)
+
+    def _device_index(self, uuid: str) -> int:
+        for index, info in self.core.devices.items():
+            if info.uuid == uuid:
+                return index
+        raise BrokerError(f"GPU {uuid} is not in this pool")
 
     async def _until_answered(
         self, connection: _Connection, request_id: str, waiter: asyncio.Future
@@ -715,13 +732,16 @@ class BrokerService:
     async def _spill(self, action: Spill) -> None:
         """Ask an offloaded kernel to move its host copy to its spill directory."""
         directory = self._spill_dir_of(action.kernel_id)
+        connection = self._connections.get(action.kernel_id)
+        # A process the driver holds checkpointed cannot make CUDA calls (free pinned memory).
+        frozen = connection is not None and connection.checkpointed_uuid is not None
         try:
             if directory is None:
                 raise RuntimeError("no spill directory is configured")
             reply = await self._rpc.request(
                 action.kernel_id,
                 "spill",
-                {"directory": str(directory), "reason": action.reason},
+                {"directory": str(directory), "reason": action.reason, "cuda_frozen": frozen},
                 timeout=self.offload_timeout,
             )
         except (TimeoutError, asyncio.TimeoutError, ConnectionError, RuntimeError) as err:

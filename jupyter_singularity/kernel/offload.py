@@ -324,8 +324,12 @@ class TensorEngine:
             self._finish_restore()
             return Transfer(moved, time.perf_counter() - started, count)
 
-    def spill(self, directory: Path) -> int:
-        """Move the host copies to files in ``directory``; host memory goes once all are durable."""
+    def spill(self, directory: Path, keep_pool: bool = False) -> int:
+        """Move the host copies to files in ``directory``; host memory goes once all are durable.
+
+        ``keep_pool`` leaves the pool's buffers in memory: on CUDA they are pinned, and freeing
+        pinned memory is a CUDA call, which waits forever in a process that the driver tier holds
+        checkpointed. Only the other buffers move then."""
         with self._lock:
             tape = self._tape
             if tape is None or self.host_bytes == 0:
@@ -333,7 +337,7 @@ class TensorEngine:
             written: list[_Buffer] = []
             try:
                 for index, buffer in enumerate(tape.buffers):
-                    if buffer.spill is None:
+                    if buffer.spill is None and not (keep_pool and buffer.pooled):
                         assert buffer.tensor is not None
                         view = _memoryview(buffer.tensor, buffer.used)
                         buffer.spill = write_spill(directory, f"{self._name}-{index}.spill", view)
@@ -344,10 +348,11 @@ class TensorEngine:
                     remove_spill(buffer.spill)
                     buffer.spill = None
                 raise OffloadError(f"spill failed, the host copy is kept: {exc}") from exc
-            for buffer in tape.buffers:
+            for buffer in written:
                 buffer.tensor = None
-            self._pool = []
-            self._release_pinned()
+            if not keep_pool:
+                self._pool = []
+                self._release_pinned()
             return sum(b.used for b in written)
 
     def discard(self) -> None:
@@ -513,7 +518,8 @@ class TensorEngine:
                 if buffer.spill is not None:
                     buffer.tensor = None
             raise OffloadError(f"restore failed reading the spilled state back: {exc}") from exc
-        self._pool = [b.tensor for b in tape.buffers if b.pooled and b.tensor is not None]
+        if not self._pool:  # the pool went to disk with the copies: it comes back with them
+            self._pool = [b.tensor for b in tape.buffers if b.pooled and b.tensor is not None]
 
     def _finish_restore(self) -> None:
         """Only now, with every storage back, may the host and disk copies go."""

@@ -197,6 +197,16 @@ class _MallInfo2(ctypes.Structure):
     ]
 
 
+def _cuda_driver_initialised() -> bool:
+    """Whether this process initialised the CUDA driver (``cuInit``), without initialising it."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD)
+    except OSError:
+        return False  # not even loaded
+    count = ctypes.c_int()
+    return libcuda.cuDeviceGetCount(ctypes.byref(count)) == 0  # else CUDA_ERROR_NOT_INITIALIZED
+
+
 def _heap_probe() -> Callable[[], int] | None:
     """Bytes malloc'ed by the process right now (glibc ``mallinfo2``, about 1 µs), or None.
 
@@ -464,8 +474,19 @@ class Runtime:
         """Send an acquire; the future gets the broker's answer (grant or denial)."""
         waiting = Waiting(uuid.uuid4().hex, memory, time.monotonic())
         self.waiting = waiting  # before sending: the broker's ``queued`` push may come at once
-        body = {"request_id": waiting.request_id, "memory": memory}
+        body: dict[str, Any] = {"request_id": waiting.request_id, "memory": memory}
+        bound = self._bound_gpu()
+        if bound is not None:
+            body["bound_uuid"] = bound
         return waiting, self.client.submit("acquire", body)
+
+    def _bound_gpu(self) -> str | None:
+        """Before the first grant: the launch GPU, if something in the process (a library other
+        than torch's gated path) initialised the CUDA driver already, which fixed its GPU; the
+        broker must then grant that one (see :meth:`_select_device`)."""
+        if self.simulated or self.device is not None or not self._launch_device:
+            return None
+        return self._launch_device if _cuda_driver_initialised() else None
 
     def _send_early(self, code: str) -> None:
         """Send the acquire of the cell about to run before IPython prepares it, so the round
@@ -908,7 +929,8 @@ class Runtime:
                 }
             started = time.perf_counter()
             try:
-                moved = int(engine.spill(Path(str(body["directory"]))))
+                directory = Path(str(body["directory"]))
+                moved = int(engine.spill(directory, keep_pool=bool(body.get("cuda_frozen"))))
             except Exception as err:
                 message = str(err) or type(err).__name__
                 self._transitioned(

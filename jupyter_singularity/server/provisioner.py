@@ -54,10 +54,15 @@ class SingularityProvisioner(LocalProvisioner):
 
     async def shutdown_requested(self, restart: bool = False) -> None:
         await super().shutdown_requested(restart=restart)
-        if type(self).broker is not None:
-            type(self).broker.kernel_stopping(
-                self.kernel_id, "restarted" if restart else "shut down"
+        broker = type(self).broker
+        reason = "restarted" if restart else "shut down"
+        if broker is not None and broker.kernel_stopping(self.kernel_id, reason):
+            self.log.info(
+                "jupyter-singularity: kernel %s is checkpointed by the CUDA driver and cannot "
+                "exit cleanly; ending it now",
+                self.kernel_id,
             )
+            await self.kill(restart=restart)
 
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart=restart)
