@@ -2,7 +2,6 @@ import { IPoolAPI, PoolAPIError } from '../api';
 import { gauge, PoolModel } from '../model';
 import {
   IKernelDetail,
-  IKernelRecord,
   IMe,
   IPool,
   IQuota,
@@ -10,29 +9,8 @@ import {
   KERNEL_STATE_SCHEMA,
   LEASE_SCHEMA
 } from '../types';
+import { GiB, kernelRecord as kernel } from './records';
 
-const GiB = 1024 ** 3;
-
-function kernel(id: string, overrides: Partial<IKernelRecord> = {}): IKernelRecord {
-  return {
-    kernel_id: id,
-    user: 'ada',
-    notebook: `/work/${id}.ipynb`,
-    state: 'resident',
-    device: 0,
-    home: 0,
-    gpu_bytes: 2 * GiB,
-    booked_bytes: 2 * GiB,
-    host_bytes: 0,
-    disk_bytes: 0,
-    pinned: false,
-    last_activity: 0,
-    peak_bytes: 2 * GiB,
-    lease: null,
-    offload_refused: null,
-    ...overrides
-  };
-}
 
 /** An in-memory server: enough of the broker's behaviour to drive the model. */
 class FakeAPI implements IPoolAPI {

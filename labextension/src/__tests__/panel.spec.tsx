@@ -9,24 +9,10 @@ import { IPoolAPI } from '../api';
 import { PoolModel } from '../model';
 import { PoolPanel } from '../panel';
 import { IKernelDetail, IKernelRecord, IMe, IPool, IQuota, IQuotas } from '../types';
-
-const GiB = 1024 ** 3;
+import { GiB, kernelRecord } from './records';
 
 function kernel(id: string, user: string, overrides: Partial<IKernelRecord> = {}): IKernelRecord {
-  return {
-    kernel_id: id,
-    user,
-    notebook: `/work/${id}.ipynb`,
-    state: 'resident',
-    device: 0,
-    gpu_bytes: 2 * GiB,
-    booked_bytes: 2 * GiB,
-    host_bytes: 0,
-    disk_bytes: 0,
-    pinned: false,
-    last_activity: 0,
-    ...overrides
-  };
+  return kernelRecord(id, { user, ...overrides });
 }
 
 /** A pool of ada's and bob's kernels; `me_` says who asks (or the error the server gives). */
