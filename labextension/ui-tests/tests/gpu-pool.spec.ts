@@ -12,6 +12,10 @@
  * tensor intact; the panel's recent transfers show both moves with bytes, duration and GB/s.
  * Notebook 2 then makes a 1.5 GiB tensor: 1 + 1.5 GiB do not fit on the 2 GiB GPU, so the pool
  * offloads notebook 1's idle kernel to make room.
+ *
+ * The queue: while one notebook's cell runs, another's first GPU use waits in the middle of its
+ * cell, its output saying where it is in the queue; the ■ interrupt makes it leave the queue, and a
+ * wait that ends leaves no blank line behind.
  */
 
 import { expect, IJupyterLabPageFixture, test } from '@jupyterlab/galata';
@@ -43,7 +47,7 @@ function statusItem(page: IJupyterLabPageFixture): Locator {
  * Types `lines` into the active notebook's first cell, runs it and waits for `expected` as what
  * it printed. Typed with the keyboard, so no indented blocks (the editor would indent them again).
  * Only stdout is compared: a cell whose `import torch` waited for its lease keeps the emptied
- * wait line as a (blank) display output before it.
+ * wait line as a display output without a MIME type, which renders as nothing.
  */
 async function runCell(
   page: IJupyterLabPageFixture,
@@ -58,6 +62,24 @@ async function runCell(
     .first()
     .locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stdout"]');
   await expect(output).toHaveText(expected, { timeout: 60_000 });
+}
+
+/** Types `lines` into the active notebook's first cell and starts it, without waiting for it. */
+async function startCell(page: IJupyterLabPageFixture, lines: string[]): Promise<void> {
+  await page.notebook.setCell(0, 'code', lines.join('\n'));
+  await page.evaluate(() => {
+    void (window as any).galata.app.commands.execute('notebook:run-cell');
+  });
+}
+
+/** The first cell's output area in the visible notebook. */
+function firstOutput(page: IJupyterLabPageFixture): Locator {
+  return page
+    .locator('.jp-NotebookPanel')
+    .filter({ visible: true })
+    .locator('.jp-Cell')
+    .first()
+    .locator('.jp-OutputArea');
 }
 
 /**
@@ -334,4 +356,63 @@ test.describe('GPU pool', () => {
     );
     await expect(panel.locator('.jp-singularity-gauge-memory')).toContainText('of 8 GiB');
   });
+});
+
+test.describe('GPU queue', () => {
+  // Galata's kernel tracking proxies POST /api/kernels/*: the interrupt's empty 204 answer makes
+  // it throw and leave the browser's request hanging. Interrupts need the real API.
+  test.use({ kernels: null });
+
+    test('a waiting cell shows its place in the queue, leaves it when interrupted, and its wait leaves no blank line', async ({
+      page,
+      tmpPath
+    }, testInfo) => {
+      // Notebook 1 holds the GPU with a running cell.
+      await openNotebook(page, tmpPath, 'busy.ipynb');
+      await runCell(page, ['import time, torch', 'print("ready")'], 'ready');
+      const status = statusItem(page);
+      await startCell(page, ['time.sleep(120)']);
+      await expect(status).toHaveAttribute('data-state', 'running');
+
+      // Notebook 2's first GPU use (its first `import torch`) comes after some output: it waits,
+      // saying where it is in the queue, below what the cell printed before.
+      await openNotebook(page, tmpPath, 'waiting.ipynb');
+      const output = firstOutput(page);
+      const cell = ['print("before")', 'import torch', 'print("after")'];
+      await startCell(page, cell);
+      await expect(output).toContainText('waits for a GPU lease, 1st in the GPU queue');
+      await expect(output).toContainText('before');
+      await shot(page, testInfo, '09-waiting');
+
+      // Interrupted, the cell leaves the queue and does not go on.
+      await page.evaluate(async () => {
+        await (window as any).galata.app.commands.execute('notebook:interrupt-kernel');
+      });
+      await expect(output).toContainText('left the queue');
+      await expect(output).not.toContainText('after');
+      await expect(output).not.toContainText('waits for a GPU lease');
+      const queue = await (await page.request.get('/singularity/api/pool')).json();
+      expect(queue.queue).toEqual([]);
+
+      // Notebook 3's first GPU use also waits mid-cell; once notebook 1's cell is interrupted,
+      // it gets the GPU and runs to the end.
+      await openNotebook(page, tmpPath, 'midcell.ipynb');
+      await startCell(page, cell);
+      await expect(output).toContainText('1st in the GPU queue');
+      await page.notebook.activate('busy.ipynb');
+      await page.evaluate(async () => {
+        await (window as any).galata.app.commands.execute('notebook:interrupt-kernel');
+      });
+      await page.notebook.activate('midcell.ipynb');
+      const stdout = output.locator(
+        '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stdout"]'
+      );
+      // Two stream outputs: the emptied wait line is still an output between them, but one
+      // without a MIME type takes no room (no blank line, no prompt).
+      await expect(stdout).toHaveText(['before', 'after']);
+      await expect(output.locator('.jp-OutputArea-child')).toHaveCount(2);
+      await expect(output).not.toContainText('waits for a GPU lease');
+      await expect(status).toHaveAttribute('data-state', /resident|running/);
+      await shot(page, testInfo, '10-ran-after-waiting');
+    });
 });
