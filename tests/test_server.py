@@ -277,13 +277,17 @@ class TestWithoutAdminPermission:
         jp_server_config.ServerApp.authorizer_class = NoAdminAuthorizer
         return jp_server_config
 
-    async def test_cannot_put_quotas(self, jp_fetch, get_json):
+    async def test_cannot_read_or_put_quotas(self, jp_fetch, get_json, singularity_app):
         code, body = await fetch_error(
             jp_fetch, "singularity", "api", "quotas", method="PUT", body='{"default": {}}'
         )
         assert code == 403
         assert "admin" in body["message"]
-        assert (await get_json("singularity", "api", "quotas"))["quotas"] == {}
+        assert singularity_app.service.quotas().to_dict() == {}
+        code, body = await fetch_error(jp_fetch, "singularity", "api", "quotas")
+        assert code == 403 and "every user's quotas" in body["message"]
+        # Their own limits stay readable.
+        assert "limits" in await get_json("singularity", "api", "quota")
 
     async def test_acts_on_own_kernels_only(self, jp_fetch, get_json, singularity_app):
         kernel_id = fake_kernel(singularity_app)

@@ -184,8 +184,10 @@ class QuotasHandler(SingularityHandler):
 
     @web.authenticated
     @authorized
-    def get(self) -> None:
-        """The quota configuration in force, where it comes from, and the quota file's error."""
+    async def get(self) -> None:
+        """The quota configuration in force, where it comes from, and the quota file's error
+        (admin: it names every user's limits; anyone reads their own at ``/quota``)."""
+        await self.require_admin("read every user's quotas")
         self.write_json(self.model())
 
     @web.authenticated
