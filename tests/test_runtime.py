@@ -221,14 +221,24 @@ async def test_first_gpu_use_mid_cell_waits_and_leaves_no_blank_output(
     await state(k1, "running")
 
     # Kernel 2's first GPU use (its first import of torch) comes after some output of the cell.
+    code = 'print("before")\nimport torch\nprint("after")'
     seen: list[dict] = []
-    cell = asyncio.ensure_future(
-        run(k2, 'print("before")\nimport torch\nprint("after")', messages=seen, timeout=60)
-    )
 
     async def line_shown():
         return next((m for m in seen if m["msg_type"] == "display_data"), None)
 
+    # Interrupted, that first use did not happen: the kernel's next cells still run ungated,
+    # even while kernel 1's cell holds the GPU.
+    cell = asyncio.ensure_future(run(k2, code, messages=seen, timeout=60))
+    await wait_for(line_shown, timeout=20)
+    await jp_fetch("api", "kernels", k2, "interrupt", method="POST", body="")
+    status, out, _ = await cell
+    assert status == "error" and "left the queue" in out and "after" not in out, out
+    status, out, _ = await run(k2, 'print("free")', timeout=10)
+    assert status == "ok" and out.strip() == "free", out
+
+    seen.clear()
+    cell = asyncio.ensure_future(run(k2, code, messages=seen, timeout=60))
     shown = await wait_for(line_shown, timeout=20)
     assert "waits for a GPU lease" in shown["content"]["data"]["text/plain"], shown
     await jp_fetch("api", "kernels", k1, "interrupt", method="POST", body="")

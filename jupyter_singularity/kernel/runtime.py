@@ -735,15 +735,17 @@ class Runtime:
         """The kernel starts to use the GPU: inside a cell, that cell waits for a lease now.
 
         Returns a lease taken only for this use (outside any cell), which the caller releases.
+        A use that was refused or interrupted did not happen: later cells stay ungated until the
+        next try (the grant marks the kernel as a GPU user).
         """
-        self.gpu_used = True
-        if self.lease is not None:
+        if self.lease is not None or (self._depth == 0 and self.simulated):
+            # Under a lease already; or, simulated, outside a cell (no GPU work happens there):
+            # the next cell takes a lease.
+            self.gpu_used = True
             return None
         if self._depth > 0:
             self.acquire(None, top_of_cell=False, what=f"{what} in this cell")
             return None
-        if self.simulated:
-            return None  # no GPU work outside a cell here; the next cell takes a lease
         return self.acquire(None, top_of_cell=False, what=what)
 
     def _before_cuda_init(self) -> Lease | None:
