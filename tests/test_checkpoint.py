@@ -9,8 +9,10 @@ end need a real driver and GPU (driver >= 570, torch with CUDA) and are skipped 
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
+import logging
 import os
 import re
 import shutil
@@ -38,6 +40,13 @@ from jupyter_singularity.broker.checkpoint import (
     gpu_uuid_to_cuuuid,
     restore_args_layout,
 )
+from jupyter_singularity.broker.core import Policy
+from jupyter_singularity.broker.ledger import Ledger
+from jupyter_singularity.broker.quotas import Quotas
+from jupyter_singularity.broker.service import BrokerService
+from jupyter_singularity.devices import DeviceInfo, DeviceInventory
+from jupyter_singularity.kernel.client import BrokerClient
+from jupyter_singularity.protocol import ENV_BROKER_URL, ENV_KERNEL_KEY
 
 GPU_A = "GPU-6f1c2a3b-4d5e-6f70-8192-a3b4c5d6e7f8"
 GPU_B = "GPU-00112233-4455-6677-8899-aabbccddeeff"
@@ -759,3 +768,113 @@ def test_gpu_restore_with_identity_uuid_remap(
     checkpointer.restore(child.pid, [(gpu, gpu)])
     assert checkpointer.state(child.pid) == "running"
     assert _ask(child) == "intact"
+
+
+# --- the broker service drives the tier (the fake driver stands in for the GPU) --------------
+
+
+class TwoGpusOfOneChip(DeviceInventory):
+    """What NVML lists on a node with two GPUs of one chip."""
+
+    def __init__(self) -> None:
+        super().__init__(kind="nvml")
+
+    def devices(self) -> list[DeviceInfo]:
+        return [
+            DeviceInfo(i, uuid, "NVIDIA H100", "H100", 16 << 30)
+            for i, uuid in enumerate((GPU_A, GPU_B))
+        ]
+
+    def close(self) -> None:
+        pass
+
+
+async def _until(predicate, timeout: float = 10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (value := predicate()):
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+    return value
+
+
+@needs_cc
+async def test_service_checkpoints_the_context_after_the_tensors_and_restores_it_first(
+    fake: Fake, tmp_path: Path
+) -> None:
+    GiB = 1 << 30
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    service = BrokerService(
+        TwoGpusOfOneChip(),
+        ledger,
+        Quotas({}),
+        Policy(host_memory_limit=10 * GiB),
+        log=logging.getLogger("test"),
+        spill_dir=tmp_path / "spill",
+        driver=_checkpointer(fake),
+    )
+    await service.start()
+    clients: list[BrokerClient] = []
+    spills: list[dict] = []
+
+    def spill(body: dict) -> dict:
+        """Told its process is frozen, the kernel keeps its 8 GiB pinned pool, spills the rest."""
+        spills.append(body)
+        return {"host_bytes": 8 * GiB, "disk_bytes": 4 * GiB}
+
+    def kernel(kernel_id: str) -> BrokerClient:
+        env = service.register_kernel(kernel_id).env
+        client = BrokerClient(env[ENV_BROKER_URL], kernel_id, env[ENV_KERNEL_KEY].encode())
+        # The kernel's tensor tier: 12 GiB to host memory, its CUDA context (600 MiB) stays.
+        client.on("offload", lambda body: {"host_bytes": 12 * GiB, "gpu_bytes": 600 << 20})
+        client.on("spill", spill)
+        client.start()
+        clients.append(client)
+        return client
+
+    async def ask(client: BrokerClient, type: str, body: dict) -> dict:
+        return await asyncio.to_thread(client.request, type, body, 10)
+
+    try:
+        one, two = kernel("k1"), kernel("k2")
+        for client in (one, two):
+            await ask(client, "hello", {"pid": os.getpid()})  # the one process the fake knows
+        grant = await ask(one, "acquire", {"request_id": "r1", "memory": 12 * GiB})
+        assert grant["device"]["uuid"] == GPU_A
+        one.send("release", {"request_id": "r1", "peak_bytes": 12 * GiB, "gpu_bytes": 12 * GiB})
+        await _until(lambda: service.kernel("k1")["state"] == "resident")
+
+        # Offloaded: the tensor tier first, then the driver takes the context; 0 bytes left.
+        service.offload("k1")
+        record = await _until(lambda: (r := service.kernel("k1"))["state"] == "offloaded" and r)
+        assert record["gpu_bytes"] == 0 and record["device"] is None, record
+        assert record["context"]["checkpointed"] is True, record["context"]
+        assert fake.calls() == ["lock", "checkpoint"] and fake.state == 2
+        # Over the host budget: the frozen process is asked to spill without CUDA calls, once.
+        await _until(lambda: spills)
+        assert spills[0]["cuda_frozen"] is True
+
+        # GPU A is taken; kernel 1's next cell migrates to GPU B: the driver restores its
+        # context there (UUID remap) before the cell hears its grant.
+        await ask(two, "acquire", {"request_id": "r2", "memory": 16 * GiB, "bound_uuid": GPU_A})
+        grant = await ask(one, "acquire", {"request_id": "r3"})
+        assert (grant["device"]["uuid"], grant["restore"]) == (GPU_B, True)
+        assert fake.calls()[-2:] == ["restore", "unlock"] and fake.state == 0
+        one.send("restored", {"gpu_bytes": 12 * GiB})  # its tensors, back by the tensor tier
+        await _until(lambda: service.kernel("k1")["state"] == "running")
+        a, b = (bytes(gpu_uuid_to_cuuuid(u).bytes) for u in (GPU_A, GPU_B))
+        assert fake.pairs() == [(a, b)]
+        assert service.kernel("k1")["context"]["checkpointed"] is False
+        assert len(spills) == 1  # a partial spill is not asked again before the kernel ran
+
+        # Shutting down: a kernel the driver holds checkpointed must be ended at once.
+        one.send("release", {"request_id": "r3", "peak_bytes": 12 * GiB, "gpu_bytes": 12 * GiB})
+        await _until(lambda: service.kernel("k1")["state"] == "resident")
+        service.offload("k1")
+        await _until(lambda: service.kernel("k1")["context"]["checkpointed"])
+        assert service.kernel_stopping("k1", "shut down") is True
+        assert service.kernel_stopping("k2", "shut down") is False
+    finally:
+        for client in clients:
+            client.close()
+        await service.stop()
+        ledger.close()

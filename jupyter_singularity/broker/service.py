@@ -127,7 +127,10 @@ class BrokerService:
         offload_timeout: float = 300.0,
         spill_dir: Path | None = None,
         pinned_limit: int = 8 << 30,
+        driver: DriverCheckpointer | None = None,
     ) -> None:
+        """``driver`` is the driver tier; by default the machine's libcuda where the pool has
+        real GPUs, and none on simulated devices."""
         self.inventory = inventory
         self.ledger = ledger
         self.log = log
@@ -143,13 +146,15 @@ class BrokerService:
         now = clock()
         ledger.close_dangling_leases(at=now)
         real_gpus = bool(inventory.devices()) and not inventory.simulated
-        self.driver_capability = (
-            detect()
-            if real_gpus
-            else DriverCapability(False, False, None, "no real GPU in the pool")
-        )
-        self._driver = DriverCheckpointer(self.driver_capability)
-        if real_gpus:
+        if driver is None:
+            driver = DriverCheckpointer(
+                detect()
+                if real_gpus
+                else DriverCapability(False, False, None, "no real GPU in the pool")
+            )
+        self._driver = driver
+        self.driver_capability = driver.capability
+        if real_gpus or driver.capability.available:
             log.info("jupyter-singularity: %s", self.driver_capability.log_line())
             if policy.migration and not self.driver_capability.migration:
                 # Restoring onto another GPU needs the driver's UUID remap.
