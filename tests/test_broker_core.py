@@ -681,6 +681,25 @@ def test_a_cold_kernel_whose_cuda_chose_a_device_waits_for_that_one():
     assert core.kernels["k1"].request is None
 
 
+def test_pinned_pools_share_a_total():
+    policy = Policy(pinned_per_kernel=8 * GiB, pinned_total=10 * GiB)
+    core = make([dev(0, 16), dev(1, 16)], kernels={"k1": "alice", "k2": "bob"}, policy=policy)
+    core.register("k3", "carol", T0)
+
+    def allowance(kernel_id: str, rid: str, memory: int, now: float) -> int:
+        grant, _ = run_cell(core, kernel_id, rid, now, now + 1, peak=memory)
+        return grant.pool_allowance
+
+    assert allowance("k1", "r1", 12 * GiB, T0) == 8 * GiB  # the per-kernel bound
+    assert allowance("k2", "r2", 4 * GiB, T0 + 2) == 2 * GiB  # what is left of the total
+    assert allowance("k3", "r3", 4 * GiB, T0 + 4) == 0  # none left: pageable offloads
+    assert allowance("k1", "r4", GiB, T0 + 6) == 8 * GiB  # never shrinks: the pool is kept
+    assert core.pool_allowances == 10 * GiB
+    core.unregister("k1", T0 + 8)
+    assert allowance("k3", "r5", 4 * GiB, T0 + 9) == 4 * GiB  # k1's share is free again
+    assert core.kernels["k3"].to_dict()["pool_allowance"] == 4 * GiB
+
+
 def test_a_failed_restore_keeps_the_host_copy():
     core = make(kernels={"k1": "alice"})
     run_cell(core, "k1", "r1", T0, T0 + 1, peak=2 * GiB)
@@ -1007,7 +1026,11 @@ quota_configs = st.one_of(
     ),
 )
 policies = st.builds(
-    Policy, idle_timeout=st.sampled_from([0.0, 0.0, 120.0]), migration=st.booleans()
+    Policy,
+    idle_timeout=st.sampled_from([0.0, 0.0, 120.0]),
+    migration=st.booleans(),
+    pinned_per_kernel=st.sampled_from([0, 4 * GiB]),
+    pinned_total=st.sampled_from([None, 6 * GiB]),
 )
 picks = st.integers(0, 1 << 16)
 fractions = st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0])
@@ -1490,6 +1513,16 @@ class BrokerMachine(RuleBasedStateMachine):
         for index, info in self.devices.items():
             assert booked[index] <= info.total_bytes, (index, booked, self.core.kernels)
         assert booked == self.core.device_bookings()
+
+    @invariant()
+    def pinned_pools_within_bounds(self) -> None:
+        if not hasattr(self, "core"):
+            return
+        allowances = [k.pool_allowance for k in self.core.kernels.values()]
+        assert sum(allowances) == self.core.pool_allowances
+        assert all(a <= self.policy.pinned_per_kernel for a in allowances)
+        if self.policy.pinned_total is not None:
+            assert self.core.pool_allowances <= self.policy.pinned_total
 
     @invariant()
     def kernels_match_the_model(self) -> None:

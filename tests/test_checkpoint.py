@@ -807,7 +807,7 @@ async def test_service_checkpoints_the_context_after_the_tensors_and_restores_it
         TwoGpusOfOneChip(),
         ledger,
         Quotas({}),
-        Policy(host_memory_limit=10 * GiB),
+        Policy(host_memory_limit=10 * GiB, pinned_per_kernel=8 * GiB, pinned_total=10 * GiB),
         log=logging.getLogger("test"),
         spill_dir=tmp_path / "spill",
         driver=_checkpointer(fake),
@@ -840,6 +840,7 @@ async def test_service_checkpoints_the_context_after_the_tensors_and_restores_it
             await ask(client, "hello", {"pid": os.getpid()})  # the one process the fake knows
         grant = await ask(one, "acquire", {"request_id": "r1", "memory": 12 * GiB})
         assert grant["device"]["uuid"] == GPU_A
+        assert grant["pool_allowance"] == 8 * GiB  # the pinned pool it may keep: its own bound
         one.send("release", {"request_id": "r1", "peak_bytes": 12 * GiB, "gpu_bytes": 12 * GiB})
         await _until(lambda: service.kernel("k1")["state"] == "resident")
 
@@ -855,9 +856,16 @@ async def test_service_checkpoints_the_context_after_the_tensors_and_restores_it
 
         # GPU A is taken; kernel 1's next cell migrates to GPU B: the driver restores its
         # context there (UUID remap) before the cell hears its grant.
-        await ask(two, "acquire", {"request_id": "r2", "memory": 16 * GiB, "bound_uuid": GPU_A})
+        grant = await ask(
+            two, "acquire", {"request_id": "r2", "memory": 16 * GiB, "bound_uuid": GPU_A}
+        )
+        assert grant["pool_allowance"] == 2 * GiB  # what kernel 1 left of the pinned total
         grant = await ask(one, "acquire", {"request_id": "r3"})
-        assert (grant["device"]["uuid"], grant["restore"]) == (GPU_B, True)
+        assert (grant["device"]["uuid"], grant["restore"], grant["pool_allowance"]) == (
+            GPU_B,
+            True,
+            8 * GiB,
+        )
         assert fake.calls()[-2:] == ["restore", "unlock"] and fake.state == 0
         one.send("restored", {"gpu_bytes": 12 * GiB})  # its tensors, back by the tensor tier
         await _until(lambda: service.kernel("k1")["state"] == "running")

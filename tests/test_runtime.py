@@ -356,7 +356,7 @@ async def test_kernel_killed_while_offloaded_leaves_no_booking(
 
 @pytest.mark.parametrize("singularity_config", [{"host_memory_limit": "32MiB"}], indirect=True)
 async def test_spill_to_disk_and_back(
-    start_kernel, wait_in_pool, run, get_pool, state, wait_for, singularity_app
+    start_kernel, wait_in_pool, run, get_pool, state, wait_for, singularity_app, jp_fetch
 ):
     spill_root = Path(singularity_app.spill_dir)
     k1, k2 = await start_kernel(), await start_kernel()
@@ -394,7 +394,10 @@ async def test_spill_to_disk_and_back(
         record = record_of(pool, k2)
         gone = record is None or record["state"] == "cold"
         files = (spill_root / k2).exists() and any((spill_root / k2).iterdir())
-        return pool if gone and not files else None
+        # The server restarts the dead kernel: wait until it is back, so that the server does not
+        # shut down in the middle of the restart.
+        model = json.loads((await jp_fetch("api", "kernels", k2)).body)
+        return pool if gone and not files and model["execution_state"] == "idle" else None
 
     pool = await wait_for(cleaned, timeout=30)
     assert pool["devices"][0]["booked_bytes"] == record_of(pool, k1)["booked_bytes"]

@@ -104,7 +104,11 @@ async def test_settings_are_parsed(singularity_app, tmp_path):
         == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     )
     assert Path(singularity_app.spill_dir).is_dir()
-    assert singularity_app.service.core.policy.migration is True
+    policy = singularity_app.service.core.policy
+    assert policy.migration is True
+    # Pinned pools: none on simulated devices; all of them within host_memory_limit by default.
+    assert policy.pinned_per_kernel == 0
+    assert policy.pinned_total == singularity_app.host_memory_limit_bytes
 
 
 async def test_kernel_provisioner_is_the_default_while_running(singularity_app, get_json):
@@ -425,6 +429,10 @@ async def _matches(fetch, predicate):
         (
             {"pinned_memory_limit": "-1GiB"},
             "SingularityApp.pinned_memory_limit = '-1GiB'",
+        ),
+        (
+            {"pinned_memory_total": "half"},
+            "SingularityApp.pinned_memory_total = 'half': invalid size 'half'",
         ),
         ({"devices": "gpus:2"}, "SingularityApp.devices = 'gpus:2': unknown device spec"),
         (

@@ -59,11 +59,18 @@ class Policy:
     """Whether offloaded state may be restored onto another device of the same chip type."""
     fair_share_rate: float = 0.1
     fair_share_cap: float = 300.0
+    """A request is queued as if it arrived ``min(cap, rate * GPU-seconds used today / priority)``
+    seconds later: heavy users yield to light ones, but never by more than ``cap``, so none starves."""
     host_memory_limit: int = 0
     """Bytes of offloaded state kept in host memory; beyond it the least recently used kernels'
     host copies spill to disk. 0 = no limit."""
-    """A request is queued as if it arrived ``min(cap, rate * GPU-seconds used today / priority)``
-    seconds later: heavy users yield to light ones, but never by more than ``cap``, so none starves."""
+    pinned_per_kernel: int = 0
+    """Pinned host memory one kernel may keep for its offloads (0: none, offloads use pageable
+    memory)."""
+    pinned_total: int | None = None
+    """Pinned host memory all kernels together may keep (None: only the per-kernel bound). Pinned
+    memory cannot be swapped, and kernels keep their pools while resident, so on a busy machine
+    the per-kernel bound alone could pin much of the host's memory."""
 
 
 # ---------------------------------------------------------------------------------------- actions
@@ -79,6 +86,8 @@ class Grant:
     start: float
     hold: bool = True
     """False for an explicit restore: the kernel comes back resident, no cell holds a lease."""
+    pool_allowance: int = 0
+    """Pinned host memory the kernel may keep for its offloads (it never shrinks for a kernel)."""
 
 
 @dataclass(frozen=True)
@@ -195,6 +204,8 @@ class Kernel:
     """Why someone asked to offload the kernel while a cell ran: done when the cell ends."""
     spill_refused: str = ""
     """Why the last spill failed; not retried until the kernel is restored."""
+    pool_allowance: int = 0
+    """Pinned host memory the kernel may keep for its offloads (see Policy.pinned_total)."""
 
     def booking(self) -> int:
         if self.device is None:
@@ -227,6 +238,7 @@ class Kernel:
                 "start": self.lease.start,
             },
             "offload_refused": self.refused or None,
+            "pool_allowance": self.pool_allowance,
         }
 
 
@@ -272,6 +284,8 @@ class BrokerCore:
         # walks all kernels.
         self._by_device: dict[int, dict[str, Kernel]] = {d: {} for d in self.devices}
         self._by_user: dict[str, dict[str, Kernel]] = {}
+        self.pool_allowances = 0
+        """The sum of every kernel's ``pool_allowance``."""
 
     # ----------------------------------------------------------------------------- public events
 
@@ -303,6 +317,7 @@ class BrokerCore:
         if kernel is None:
             return []
         del self._by_user[kernel.user][kernel_id]
+        self.pool_allowances -= kernel.pool_allowance
         device = kernel.device
         self._move(kernel, None)
         if kernel.lease is not None:
@@ -882,6 +897,7 @@ class BrokerCore:
         if self._pass is not None:
             self._pass.changed(device)
         kernel.last_activity = now
+        self._allow_pool(kernel, placement.reservation)
         self._actions.append(
             Grant(
                 kernel.kernel_id,
@@ -891,6 +907,7 @@ class BrokerCore:
                 restore,
                 now,
                 request.hold,
+                kernel.pool_allowance,
             )
         )
         if restore:
@@ -900,6 +917,21 @@ class BrokerCore:
         else:
             kernel.lease = None
             self._set_state(kernel, KernelState.RESIDENT, "restored", now)
+
+    def _allow_pool(self, kernel: Kernel, reservation: int) -> None:
+        """Let the kernel pin host memory for its footprint (what this grant reserves, or its
+        state), within the per-kernel bound and what the other kernels left of the total. An
+        allowance only grows: a pool once pinned is kept for the next offload."""
+        want = min(
+            self.policy.pinned_per_kernel,
+            max(reservation, kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes),
+        )
+        if self.policy.pinned_total is not None:
+            others = self.pool_allowances - kernel.pool_allowance
+            want = min(want, max(0, self.policy.pinned_total - others))
+        if want > kernel.pool_allowance:
+            self.pool_allowances += want - kernel.pool_allowance
+            kernel.pool_allowance = want
 
     def _place(self, kernel: Kernel, request: Request, claimed: set[int], now: float) -> _Placement:
         limits = self.limits(kernel.user, kernel.groups)

@@ -126,7 +126,6 @@ class BrokerService:
         ping_misses: int = 3,
         offload_timeout: float = 300.0,
         spill_dir: Path | None = None,
-        pinned_limit: int = 8 << 30,
         driver: DriverCheckpointer | None = None,
     ) -> None:
         """``driver`` is the driver tier; by default the machine's libcuda where the pool has
@@ -141,7 +140,6 @@ class BrokerService:
         self.ping_misses = ping_misses
         self.offload_timeout = offload_timeout
         self.spill_dir = spill_dir
-        self.pinned_limit = pinned_limit
         self.owner, self.owner_groups = server_owner()
         now = clock()
         ledger.close_dangling_leases(at=now)
@@ -159,6 +157,9 @@ class BrokerService:
             if policy.migration and not self.driver_capability.migration:
                 # Restoring onto another GPU needs the driver's UUID remap.
                 policy = replace(policy, migration=False)
+        if inventory.simulated:
+            # Simulated devices live in host memory already: a kept host pool would only double it.
+            policy = replace(policy, pinned_per_kernel=0)
         self.core = BrokerCore(
             inventory.devices(),
             quotas,
@@ -219,8 +220,7 @@ class BrokerService:
             env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
         if self.inventory.simulated:
             env[ENV_SIMULATED] = "1"
-        # Simulated devices live in host memory already: a kept host pool would only double it.
-        env[ENV_PINNED_LIMIT] = "0" if self.inventory.simulated else str(self.pinned_limit)
+        env[ENV_PINNED_LIMIT] = str(self.core.policy.pinned_per_kernel)
         return KernelLaunch(kernel_id, home, env)
 
     def _spill_dir_of(self, kernel_id: str) -> Path | None:
@@ -685,6 +685,7 @@ class BrokerService:
                 "device": self.core.devices[grant.device].to_dict(),
                 "reservation": grant.reservation,
                 "restore": grant.restore,
+                "pool_allowance": grant.pool_allowance,
             },
         )
 

@@ -611,6 +611,10 @@ class Runtime:
         self.gpu_used = True
         self.device = device
         self.state = "running"
+        if "pool_allowance" in reply:  # the pinned memory the pool lets this kernel keep
+            self.pinned_limit = int(reply["pool_allowance"])
+            if self.engine is not None:
+                self.engine.pinned_limit = self.pinned_limit
         self._select_device(device)
         return lease
 

@@ -91,6 +91,14 @@ class SingularityApp(ExtensionApp):
         costs about 0.42 s/GiB. State beyond it is offloaded through ordinary memory.""",
     ).tag(config=True)
 
+    pinned_memory_total = Union(
+        [Unicode(), Int()],
+        default_value="0",
+        help="""Pinned host memory all kernels together may keep for their offloads (pinned memory
+        cannot be swapped, and kernels keep it while resident); kernels granted the GPU once this
+        is given out offload through ordinary memory. "0": host_memory_limit.""",
+    ).tag(config=True)
+
     spill_dir = Unicode(
         help="""Directory for offloaded GPU state that exceeds host_memory_limit. Default: a
         singularity-spill folder in the Jupyter runtime directory.""",
@@ -156,6 +164,7 @@ class SingularityApp(ExtensionApp):
             )
         self.host_memory_limit_bytes = self._host_memory_limit()
         pinned_limit = self._size_setting("pinned_memory_limit")
+        pinned_total = self._size_setting("pinned_memory_total") or self.host_memory_limit_bytes
         quotas = self._initial_quotas()
         self._make_spill_dir()
 
@@ -182,11 +191,12 @@ class SingularityApp(ExtensionApp):
                 idle_timeout=self.idle_timeout,
                 migration=self.migration,
                 host_memory_limit=self.host_memory_limit_bytes,
+                pinned_per_kernel=pinned_limit,
+                pinned_total=pinned_total,
             ),
             log=self.log,
             emit=self._emit,
             spill_dir=Path(self.spill_dir),
-            pinned_limit=pinned_limit,
         )
         self.log.info(self._inventory_line())
         self.settings[SETTINGS_KEY] = self

@@ -48,6 +48,8 @@ export interface IKernelRecord {
   peak_bytes?: number | null;
   lease?: ILease | null;
   offload_refused?: string | null;
+  /** Pinned host memory the pool lets this kernel keep for its offloads. */
+  pool_allowance?: number;
 }
 
 /** One row of the ledger's state changes, as `GET /singularity/api/kernels/{id}` returns them. */
