@@ -2,9 +2,9 @@
  * The pool model: what the panel and the status bar show, kept up to date from the server.
  *
  * It is a plain class: it fetches the pool, who I am (and whether an admin), my quota and my
- * kernels' recent state changes through
- * an {@link IPoolAPI}, patches itself from the server's events as they arrive, and refreshes
- * (debounced) after each one. It knows nothing of widgets, so the tests drive it directly.
+ * kernels' recent state changes through an {@link IPoolAPI}, patches itself from the server's
+ * events as they arrive, and refreshes (debounced) after each one. It knows nothing of widgets,
+ * so the tests drive it directly.
  */
 
 import { IDisposable } from '@lumino/disposable';
