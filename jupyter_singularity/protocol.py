@@ -24,9 +24,8 @@ DEFAULT_MAX_AGE = 60.0
 ENV_BROKER_URL = "SINGULARITY_BROKER_URL"
 ENV_KERNEL_ID = "SINGULARITY_KERNEL_ID"
 ENV_KERNEL_KEY = "SINGULARITY_KERNEL_KEY"
-#: ... whether its devices are simulated, and its budget of pinned host memory for offloads.
+#: ... and whether its devices are simulated.
 ENV_SIMULATED = "SINGULARITY_SIMULATED"
-ENV_PINNED_LIMIT = "SINGULARITY_PINNED_LIMIT"
 
 #: Who produced a message. Both directions are signed with the kernel's key, so the
 #: origin is part of the signed header: otherwise a captured broker->kernel message

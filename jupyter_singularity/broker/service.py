@@ -26,7 +26,6 @@ from ..protocol import (
     ENV_BROKER_URL,
     ENV_KERNEL_ID,
     ENV_KERNEL_KEY,
-    ENV_PINNED_LIMIT,
     ENV_SIMULATED,
     Message,
     generate_key,
@@ -220,7 +219,6 @@ class BrokerService:
             env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
         if self.inventory.simulated:
             env[ENV_SIMULATED] = "1"
-        env[ENV_PINNED_LIMIT] = str(self.core.policy.pinned_per_kernel)
         return KernelLaunch(kernel_id, home, env)
 
     def _spill_dir_of(self, kernel_id: str) -> Path | None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..protocol import ENV_PINNED_LIMIT, ENV_SIMULATED
+from ..protocol import ENV_SIMULATED
 from ..units import format_size
 from .client import BrokerClient, BrokerError
 from .gate import (
@@ -63,8 +63,6 @@ WAIT_POLL = 0.05
 CANCEL_TIMEOUT = 10.0
 #: Transfers kept for the widget and ``%singularity log``.
 TRANSFER_HISTORY = 20
-#: Pinned host memory the tensor engine may keep when the broker does not say (bytes).
-DEFAULT_PINNED_LIMIT = 8 << 30
 #: A bare CUDA context of a torch process (DESIGN §5: 612 MiB on an H100), counted as still on the
 #: GPU after an offload when NVML cannot say what the process holds.
 CONTEXT_ESTIMATE = 612 << 20
@@ -239,13 +237,13 @@ class Runtime:
         shell: Any = None,
         *,
         simulated: bool = False,
-        pinned_limit: int = DEFAULT_PINNED_LIMIT,
         min_bytes: int = 1 << 20,
     ) -> None:
         self.client = client
         self.shell = shell
         self.simulated = simulated
-        self.pinned_limit = pinned_limit
+        #: Pinned host memory the pool lets this kernel keep: each grant says how much.
+        self.pinned_limit = 0
         self.min_bytes = min_bytes
         #: Serialises everything that moves the kernel's state: offload, restore, spill.
         self.lock = threading.RLock()
@@ -296,13 +294,7 @@ class Runtime:
             client.close()
             return None
         simulated = bool(reply.get("simulated")) or os.environ.get(ENV_SIMULATED) == "1"
-        pinned = os.environ.get(ENV_PINNED_LIMIT)
-        runtime = cls(
-            client,
-            ipython,
-            simulated=simulated,
-            pinned_limit=int(pinned) if pinned else _default_pinned_limit(),
-        )
+        runtime = cls(client, ipython, simulated=simulated)
         record = reply.get("kernel") or {}
         runtime.state = record.get("state", "cold")
         runtime.install(ipython)
@@ -611,10 +603,9 @@ class Runtime:
         self.gpu_used = True
         self.device = device
         self.state = "running"
-        if "pool_allowance" in reply:  # the pinned memory the pool lets this kernel keep
-            self.pinned_limit = int(reply["pool_allowance"])
-            if self.engine is not None:
-                self.engine.pinned_limit = self.pinned_limit
+        self.pinned_limit = int(reply.get("pool_allowance") or 0)
+        if self.engine is not None:
+            self.engine.pinned_limit = self.pinned_limit
         self._select_device(device)
         return lease
 
@@ -1006,14 +997,6 @@ def _nvml_process_bytes(pid: int) -> int | None:
     finally:
         with contextlib.suppress(Exception):
             pynvml.nvmlShutdown()
-
-
-def _default_pinned_limit() -> int:
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return DEFAULT_PINNED_LIMIT
-    return max(1 << 30, min(DEFAULT_PINNED_LIMIT, ram // 4))
 
 
 __all__ = [
