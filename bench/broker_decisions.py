@@ -13,7 +13,8 @@ import random
 import statistics
 import time
 
-from jupyter_singularity.broker.core import BrokerCore, KernelState
+from jupyter_singularity.broker.core import BrokerCore
+from jupyter_singularity.broker.model import KernelState
 from jupyter_singularity.devices import open_inventory
 
 GiB = 1 << 30

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from jupyter_singularity.broker.core import Policy
 from jupyter_singularity.broker.ledger import Ledger
+from jupyter_singularity.broker.model import Policy
 from jupyter_singularity.broker.quotas import Quotas
 from jupyter_singularity.broker.service import BrokerService
 from jupyter_singularity.devices import open_inventory

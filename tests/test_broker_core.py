@@ -23,9 +23,9 @@ from hypothesis.stateful import (
     rule,
 )
 
-from jupyter_singularity.broker.core import (
+from jupyter_singularity.broker.core import BrokerCore
+from jupyter_singularity.broker.model import (
     DAY,
-    BrokerCore,
     BrokerError,
     Deny,
     Forget,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from jupyter_singularity.broker.core import BrokerCore, KernelState, Offload, Policy, Spill
+from jupyter_singularity.broker.core import BrokerCore
+from jupyter_singularity.broker.model import KernelState, Offload, Policy, Spill
 from jupyter_singularity.broker.quotas import Quotas
 from jupyter_singularity.devices import DeviceInfo
 

@@ -40,8 +40,8 @@ from jupyter_singularity.broker.checkpoint import (
     gpu_uuid_to_cuuuid,
     restore_args_layout,
 )
-from jupyter_singularity.broker.core import Policy
 from jupyter_singularity.broker.ledger import Ledger
+from jupyter_singularity.broker.model import Policy
 from jupyter_singularity.broker.quotas import Quotas
 from jupyter_singularity.broker.service import BrokerService
 from jupyter_singularity.devices import DeviceInfo, DeviceInventory

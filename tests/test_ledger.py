@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jupyter_singularity.broker.core import BrokerCore, Grant, LeaseEnded
+from jupyter_singularity.broker.core import BrokerCore
 from jupyter_singularity.broker.ledger import Ledger, LedgerError, day_start
+from jupyter_singularity.broker.model import Grant, LeaseEnded
 from jupyter_singularity.devices import open_inventory
 
 DAY = 86400.0

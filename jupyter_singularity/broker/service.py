@@ -16,8 +16,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,14 @@ from ..protocol import (
     ENV_KERNEL_ID,
     ENV_KERNEL_KEY,
     ENV_SIMULATED,
-    Message,
     generate_key,
 )
-from .checkpoint import CheckpointError, DriverCapability, DriverCheckpointer, detect
-from .core import (
+from .checkpoint import DriverCapability, DriverCheckpointer, detect
+from .core import BrokerCore
+from .kernel_requests import KernelConnection, KernelRequests, _optional_int
+from .ledger import Ledger, LedgerError, day_start
+from .model import (
     Action,
-    BrokerCore,
-    BrokerError,
     Deny,
     Forget,
     Grant,
@@ -46,9 +46,9 @@ from .core import (
     StateChanged,
     Wait,
 )
-from .ledger import Ledger, LedgerError, day_start
 from .quotas import Quotas
 from .rpc import RPCServer
+from .state_moves import StateMoves, _context_view
 
 Emit = Callable[[str, dict], None]
 """``emit(name, data)`` for the browser: name is ``kernel_state``, ``lease``, ``queue`` or ``pin``;
@@ -88,26 +88,7 @@ class KernelLaunch:
     env: dict[str, str]
 
 
-@dataclass
-class _Connection:
-    key: bytes
-    pid: int | None = None
-    missed_pings: int = 0
-    checkpointed_uuid: str | None = None
-    """UUID of the GPU the driver tier checkpointed this kernel's process off, if it did."""
-    context_note: str = ""
-    context_seconds: dict[str, float] = field(default_factory=dict)
-    """How long the driver tier's last checkpoint and restore of this kernel took."""
-    transfer: dict | None = None
-    stopping: str = ""
-    """Why the kernel's process is about to exit (shut down, restarted), when the server said so."""
-    """The kernel's report of its last offload, restore or spill (bytes, seconds), recorded with
-    the state change it caused."""
-    """Why the kernel's CUDA context stayed on the GPU after an offload, if it did."""
-    waiters: dict[str, asyncio.Future] = field(default_factory=dict)
-
-
-class BrokerService:
+class BrokerService(KernelRequests, StateMoves):
     """Carries out the core's decisions; the only object handlers and the provisioner talk to."""
 
     def __init__(
@@ -166,7 +147,7 @@ class BrokerService:
             usage_today=ledger.gpu_seconds_by_user(day_start(now), now),
             now=now,
         )
-        self._connections: dict[str, _Connection] = {}
+        self._connections: dict[str, KernelConnection] = {}
         self._rpc = RPCServer(self._key_for, self._handle, log)
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
@@ -199,7 +180,7 @@ class BrokerService:
         if kernel_id in self._connections:
             self.unregister_kernel(kernel_id, "restarted")
         key = generate_key()
-        self._connections[kernel_id] = _Connection(key)
+        self._connections[kernel_id] = KernelConnection(key)
         self._apply(
             self.core.register(
                 kernel_id, self.owner, self.clock(), groups=self.owner_groups, notebook=notebook
@@ -385,146 +366,6 @@ class BrokerService:
         if kernel_id not in self.core.kernels:
             raise KeyError(kernel_id)
 
-    # --------------------------------------------------------------------- kernel RPC (runtime)
-
-    def _key_for(self, kernel_id: str) -> bytes | None:
-        connection = self._connections.get(kernel_id)
-        return None if connection is None else connection.key
-
-    def _handle(self, msg: Message) -> dict | Awaitable[dict] | None:
-        """One request from a kernel's runtime, answered at once where possible (an awaitable
-        only when it must wait, as a cell for its lease); readable errors go back as
-        ``{"error": ...}``."""
-        kernel_id, body, now = msg.kernel_id, msg.body, self.clock()
-        connection = self._connections.get(kernel_id)
-        if connection is None or kernel_id not in self.core.kernels:
-            return {"error": "this kernel is not registered with the pool"}
-        connection.missed_pings = 0
-        handler = getattr(self, f"_on_{msg.type}", None)
-        if handler is None:
-            return {"error": f"unknown request {msg.type!r}"}
-        try:
-            return handler(kernel_id, connection, body, now)
-        except BrokerError as err:
-            return {"error": str(err)}
-        except (KeyError, TypeError, ValueError) as err:
-            self.log.warning(
-                "jupyter-singularity: bad %s request from %s: %r", msg.type, kernel_id, err
-            )
-            return {"error": f"malformed {msg.type} request: {err!r}"}
-
-    def _on_hello(self, kernel_id: str, connection: _Connection, body: dict, now: float) -> dict:
-        pid = int(body["pid"])
-        if connection.pid is None:
-            connection.pid = pid
-        return {"kernel": self.kernel(kernel_id), "simulated": self.inventory.simulated}
-
-    def _on_status(self, kernel_id: str, connection: _Connection, body: dict, now: float) -> dict:
-        return {
-            "kernel": self.kernel(kernel_id),
-            "quota": self.quota(self.owner, self.owner_groups),
-            "queue": self.pool()["queue"],
-        }
-
-    def _on_offload_me(
-        self, kernel_id: str, connection: _Connection, body: dict, now: float
-    ) -> dict:
-        return {"kernel": self.offload(kernel_id)}
-
-    def _on_restore_me(
-        self, kernel_id: str, connection: _Connection, body: dict, now: float
-    ) -> dict:
-        record = self.restore(kernel_id)
-        queued = [q for q in self.pool()["queue"] if q["kernel_id"] == kernel_id]
-        return {"kernel": record, "queue": queued[0] if queued else None}
-
-    def _on_pin(self, kernel_id: str, connection: _Connection, body: dict, now: float) -> dict:
-        return {"kernel": self.pin(kernel_id, bool(body["pinned"]))}
-
-    def _on_devices(self, kernel_id: str, connection: _Connection, body: dict, now: float) -> dict:
-        pool = self.pool()
-        devices = [
-            {
-                **device,
-                "kernels": sum(1 for k in pool["kernels"] if k["device"] == device["index"]),
-                "running": sum(
-                    1 for k in pool["kernels"] if k["device"] == device["index"] and k["lease"]
-                ),
-            }
-            for device in pool["devices"]
-        ]
-        return {
-            "devices": devices,
-            "inventory": pool["inventory"],
-            "kernel": self.kernel(kernel_id),
-        }
-
-    def _on_acquire(
-        self, kernel_id: str, connection: _Connection, body: dict, now: float
-    ) -> dict | Awaitable[dict]:
-        request_id = str(body["request_id"])
-        memory = body.get("memory")
-        bound = body.get("bound_uuid")  # CUDA in the kernel already chose this GPU
-        device = None if bound is None else self._device_index(str(bound))
-        waiter = asyncio.get_running_loop().create_future()
-        connection.waiters[request_id] = waiter
-        try:
-            self._apply(
-                self.core.acquire(
-                    kernel_id, request_id, now, None if memory is None else int(memory), device
-                )
-            )
-        except BaseException:
-            connection.waiters.pop(request_id, None)
-            raise
-        if waiter.done():  # granted or denied at once: the common case, answered without a task
-            connection.waiters.pop(request_id, None)
-            return waiter.result()
-        return self._until_answered(connection, request_id, waiter)
-
-    def _device_index(self, uuid: str) -> int:
-        for index, info in self.core.devices.items():
-            if info.uuid == uuid:
-                return index
-        raise BrokerError(f"GPU {uuid} is not in this pool")
-
-    async def _until_answered(
-        self, connection: _Connection, request_id: str, waiter: asyncio.Future
-    ) -> dict:
-        try:
-            return await waiter
-        finally:
-            connection.waiters.pop(request_id, None)
-
-    def _on_cancel(self, kernel_id: str, connection: _Connection, body: dict, now: float) -> None:
-        request_id = str(body["request_id"])
-        self._apply(self.core.cancel(kernel_id, request_id, now))
-        waiter = connection.waiters.get(request_id)
-        if waiter is not None and not waiter.done():
-            waiter.set_result({"granted": False, "reason": "cancelled"})
-
-    def _on_release(self, kernel_id: str, connection: _Connection, body: dict, now: float) -> None:
-        self._apply(
-            self.core.release(
-                kernel_id,
-                str(body["request_id"]),
-                now,
-                peak_bytes=_optional_int(body.get("peak_bytes")),
-                gpu_bytes=_optional_int(body.get("gpu_bytes")),
-            )
-        )
-
-    def _on_restored(self, kernel_id: str, connection: _Connection, body: dict, now: float) -> None:
-        connection.transfer = body.get("transfer")
-        self._apply(
-            self.core.restored(kernel_id, now, gpu_bytes=_optional_int(body.get("gpu_bytes")))
-        )
-
-    def _on_restore_failed(
-        self, kernel_id: str, connection: _Connection, body: dict, now: float
-    ) -> None:
-        self._apply(self.core.restore_failed(kernel_id, str(body.get("reason", "unknown")), now))
-
     # ------------------------------------------------------------------------- carrying out
 
     def _apply(self, actions: list[Action]) -> None:
@@ -693,173 +534,6 @@ class BrokerService:
         if waiter is not None and not waiter.done():
             waiter.set_result(reply)
 
-    async def _offload(self, action: Offload) -> None:
-        """Ask the kernel to move its GPU state off the device; it answers with what it moved."""
-        try:
-            reply = await self._rpc.request(
-                action.kernel_id, "offload", {"reason": action.reason}, timeout=self.offload_timeout
-            )
-        except (TimeoutError, asyncio.TimeoutError, ConnectionError, RuntimeError) as err:
-            reply = {
-                "error": f"kernel did not answer the offload request ({err or type(err).__name__})"
-            }
-        if action.kernel_id not in self.core.kernels:
-            return
-        now = self.clock()
-        if "error" in reply:
-            self.log.warning(
-                "jupyter-singularity: kernel %s kept its GPU state: %s",
-                action.kernel_id,
-                reply["error"],
-            )
-            self._apply(self.core.offload_failed(action.kernel_id, str(reply["error"]), now))
-        else:
-            self._stash_transfer(action.kernel_id, reply)
-            gpu_bytes = int(reply.get("gpu_bytes", 0))
-            if gpu_bytes and await self._checkpoint_context(action):
-                gpu_bytes = 0
-            self._apply(
-                self.core.offloaded(
-                    action.kernel_id,
-                    self.clock(),
-                    host_bytes=int(reply.get("host_bytes", 0)),
-                    disk_bytes=int(reply.get("disk_bytes", 0)),
-                    gpu_bytes=gpu_bytes,
-                )
-            )
-
-    def _stash_transfer(self, kernel_id: str, reply: dict) -> None:
-        connection = self._connections.get(kernel_id)
-        if connection is not None:
-            connection.transfer = reply.get("transfer")
-
-    async def _spill(self, action: Spill) -> None:
-        """Ask an offloaded kernel to move its host copy to its spill directory."""
-        directory = self._spill_dir_of(action.kernel_id)
-        connection = self._connections.get(action.kernel_id)
-        # A process the driver holds checkpointed cannot make CUDA calls (free pinned memory).
-        frozen = connection is not None and connection.checkpointed_uuid is not None
-        try:
-            if directory is None:
-                raise RuntimeError("no spill directory is configured")
-            reply = await self._rpc.request(
-                action.kernel_id,
-                "spill",
-                {"directory": str(directory), "reason": action.reason, "cuda_frozen": frozen},
-                timeout=self.offload_timeout,
-            )
-        except (TimeoutError, asyncio.TimeoutError, ConnectionError, RuntimeError) as err:
-            reply = {"error": f"spill request failed ({err or type(err).__name__})"}
-        if action.kernel_id not in self.core.kernels:
-            return
-        if "error" in reply:
-            self.log.error(
-                "jupyter-singularity: %s keeps its state in host memory: %s",
-                action.kernel_id,
-                reply["error"],
-            )
-            self._apply(self.core.spill_failed(action.kernel_id, str(reply["error"]), self.clock()))
-        else:
-            self._stash_transfer(action.kernel_id, reply)
-            self._apply(
-                self.core.spilled(
-                    action.kernel_id,
-                    self.clock(),
-                    host_bytes=int(reply["host_bytes"]),
-                    disk_bytes=int(reply["disk_bytes"]),
-                )
-            )
-
-    async def _checkpoint_context(self, action: Offload) -> bool:
-        """Driver tier: checkpoint what the tensor tier left (the CUDA context) off the GPU."""
-        connection = self._connections.get(action.kernel_id)
-        if connection is None or connection.pid is None or not self.driver_capability.available:
-            if connection is not None:
-                connection.context_note = self.driver_capability.reason or "process unknown"
-            return False
-        try:
-            seconds = await asyncio.to_thread(self._driver.checkpoint, connection.pid)
-        except (CheckpointError, ValueError) as err:
-            connection.context_note = str(err)
-            self.log.warning(
-                "jupyter-singularity: %s keeps its CUDA context on the GPU: %s",
-                action.kernel_id,
-                err,
-            )
-            return False
-        connection.checkpointed_uuid = self.core.devices[action.device].uuid
-        connection.context_note = ""
-        connection.context_seconds["checkpoint"] = seconds
-        self.log.info(
-            "jupyter-singularity: %s checkpointed off GPU %d in %.2f s",
-            action.kernel_id,
-            action.device,
-            seconds,
-        )
-        return True
-
-    async def _restore_context(self, grant: Grant) -> None:
-        """Driver tier: bring the process back, onto the granted GPU (a UUID remap migrates it)."""
-        connection = self._connections.get(grant.kernel_id)
-        if connection is None or connection.checkpointed_uuid is None or connection.pid is None:
-            return
-        target = self.core.devices[grant.device].uuid
-        pairs = (
-            ()
-            if target == connection.checkpointed_uuid
-            else ((connection.checkpointed_uuid, target),)
-        )
-        seconds = await asyncio.to_thread(self._driver.restore, connection.pid, pairs)
-        connection.checkpointed_uuid = None
-        connection.context_seconds["restore"] = seconds
-        self.log.info(
-            "jupyter-singularity: %s restored onto GPU %d in %.2f s%s",
-            grant.kernel_id,
-            grant.device,
-            seconds,
-            " (migrated)" if pairs else "",
-        )
-
-    async def _restore(self, grant: Grant) -> None:
-        """Bring offloaded state back: the driver tier first (the context), then the kernel's
-        tensors — for a cell, by the kernel itself once it hears the grant; for an explicit
-        restore, on request."""
-        try:
-            await self._restore_context(grant)
-        except (CheckpointError, ValueError) as err:
-            reason = f"driver restore failed: {err}"
-            self.log.error("jupyter-singularity: %s: %s", grant.kernel_id, reason)
-            self._resolve(grant.kernel_id, grant.request_id, {"granted": False, "reason": reason})
-            if grant.kernel_id in self.core.kernels:
-                self._apply(self.core.restore_failed(grant.kernel_id, reason, self.clock()))
-            return
-        if grant.hold:
-            self._answer(grant)
-            return
-        try:
-            reply = await self._rpc.request(
-                grant.kernel_id,
-                "restore",
-                {"device": self.core.devices[grant.device].to_dict()},
-                timeout=self.offload_timeout,
-            )
-        except (TimeoutError, asyncio.TimeoutError, ConnectionError, RuntimeError) as err:
-            reply = {
-                "error": f"kernel did not answer the restore request ({err or type(err).__name__})"
-            }
-        if grant.kernel_id not in self.core.kernels:
-            return
-        now = self.clock()
-        if "error" in reply:
-            self._apply(self.core.restore_failed(grant.kernel_id, str(reply["error"]), now))
-        else:
-            self._stash_transfer(grant.kernel_id, reply)
-            self._apply(
-                self.core.restored(
-                    grant.kernel_id, now, gpu_bytes=_optional_int(reply.get("gpu_bytes"))
-                )
-            )
-
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -922,25 +596,6 @@ def _alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
-
-
-def _context_view(connection: _Connection | None, capability: DriverCapability) -> dict:
-    """Where the kernel's CUDA context is, for the kernel record: the driver tier's doing."""
-    seconds = {} if connection is None else dict(connection.context_seconds)
-    if connection is not None and connection.checkpointed_uuid is not None:
-        return {
-            "checkpointed": True,
-            "note": "CUDA context checkpointed off the GPU by the driver",
-            "seconds": seconds,
-        }
-    note = connection.context_note if connection is not None and connection.context_note else ""
-    if not note and not capability.available:
-        note = f"driver tier unavailable: {capability.reason}"
-    return {"checkpointed": False, "note": note, "seconds": seconds}
-
-
-def _optional_int(value: Any) -> int | None:
-    return None if value is None else int(value)
 
 
 def _lease_event(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import contextlib
-import ctypes
 import inspect
 import logging
 import os
@@ -30,12 +29,10 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..protocol import ENV_SIMULATED
-from ..units import format_size
 from .client import BrokerClient, BrokerError
 from .gate import (
     CudaInitGate,
@@ -50,6 +47,8 @@ from .gate import (
     parse_cell_options,
     uninstall_gate,
 )
+from .process_probes import cuda_driver_initialised, heap_probe
+from .pushes import BrokerPushes, TransferRecord
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +62,6 @@ WAIT_POLL = 0.05
 CANCEL_TIMEOUT = 10.0
 #: Transfers kept for the widget and ``%singularity log``.
 TRANSFER_HISTORY = 20
-#: A bare CUDA context of a torch process (DESIGN §5: 612 MiB on an H100), counted as still on the
-#: GPU after an offload when NVML cannot say what the process holds.
-CONTEXT_ESTIMATE = 612 << 20
 
 
 @dataclass
@@ -90,48 +86,6 @@ class Waiting:
     position: int = 0
     reason: str = ""
     restoring: int = 0
-
-
-@dataclass
-class TransferRecord:
-    """One move of the kernel's GPU state: ``offload``, ``restore`` or ``spill``."""
-
-    kind: str
-    nbytes: int
-    seconds: float
-    storages: int = 0
-    time: float = field(default_factory=time.time)
-    reason: str = ""
-    error: str = ""
-
-    @property
-    def gbps(self) -> float:
-        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
-
-    def to_dict(self) -> dict:
-        return {
-            "kind": self.kind,
-            "nbytes": self.nbytes,
-            "seconds": round(self.seconds, 6),
-            "storages": self.storages,
-            "gbps": round(self.gbps, 3),
-            "time": self.time,
-            "reason": self.reason,
-            "error": self.error or None,
-        }
-
-    def describe(self) -> str:
-        verb = {"offload": "offloaded", "restore": "restored", "spill": "spilled"}.get(
-            self.kind, self.kind
-        )
-        if self.error:
-            return f"{self.kind} failed: {self.error}"
-        where = {"offload": " to host", "spill": " to disk"}.get(self.kind, "")
-        return (
-            f"{verb} {format_size(self.nbytes)}{where} in {self.seconds:.3f} s"
-            + (f" ({self.gbps:.1f} GB/s)" if self.nbytes else "")
-            + (f", {self.storages} storages" if self.storages else "")
-        )
 
 
 class MainThreadRelay:
@@ -177,56 +131,7 @@ class MainThreadRelay:
             log.exception("jupyter-singularity: UI update failed")
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-def _cuda_driver_initialised() -> bool:
-    """Whether this process initialised the CUDA driver (``cuInit``), without initialising it."""
-    try:
-        libcuda = ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD)
-    except OSError:
-        return False  # not even loaded
-    count = ctypes.c_int()
-    return libcuda.cuDeviceGetCount(ctypes.byref(count)) == 0  # else CUDA_ERROR_NOT_INITIALIZED
-
-
-def _heap_probe() -> Callable[[], int] | None:
-    """Bytes malloc'ed by the process right now (glibc ``mallinfo2``, about 1 µs), or None.
-
-    On simulated devices the "device" state is large CPU tensors, and finding them takes a scan of all
-    live objects (tens of ms): too slow for every cell. Their data is malloc'ed, so a cell that did not
-    change the malloc'ed total by at least the engine's minimum storage size cannot have changed the
-    device footprint, and the previous scan still holds.
-    """
-    try:
-        mallinfo2 = ctypes.CDLL(None).mallinfo2
-    except (OSError, AttributeError):
-        return None
-    mallinfo2.restype = _MallInfo2
-
-    def probe() -> int:
-        info = mallinfo2()
-        return int(info.uordblks + info.hblkhd)
-
-    return probe
-
-
-class Runtime:
+class Runtime(BrokerPushes):
     """One per kernel process: the broker client, the lease of the running cell, the engine."""
 
     current: ClassVar[Runtime | None] = None
@@ -262,7 +167,7 @@ class Runtime:
         self._listeners: list[Callable[[], None]] = []
         self.relay = MainThreadRelay(shell)
         self._depth = 0
-        self._heap = _heap_probe()
+        self._heap = heap_probe()
         self._device_cache: int | None = None
         self._heap_mark = 0
         self._launch_device = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -478,7 +383,7 @@ class Runtime:
         broker must then grant that one (see :meth:`_select_device`)."""
         if self.simulated or self.device is not None or not self._launch_device:
             return None
-        return self._launch_device if _cuda_driver_initialised() else None
+        return self._launch_device if cuda_driver_initialised() else None
 
     def _send_early(self, code: str) -> None:
         """Send the acquire of the cell about to run before IPython prepares it, so the round
@@ -813,137 +718,6 @@ class Runtime:
             self._heap_mark = self._heap() if self._heap is not None else 0
         return self._device_cache
 
-    def _residual_gpu_bytes(self, transfer: Any) -> int:
-        """GPU memory this process still holds after an offload: the CUDA context, what the scan
-        could not see (``left_bytes``). Non-zero makes the broker try the driver tier."""
-        torch = self._cuda_torch()
-        if torch is None:
-            return 0
-        own = _nvml_process_bytes(os.getpid())
-        if own is not None:
-            return own
-        try:
-            reserved = int(torch.cuda.memory_reserved())
-        except Exception:
-            reserved = 0
-        return max(reserved, int(getattr(transfer, "left_bytes", 0) or 0)) + CONTEXT_ESTIMATE
-
-    def _record_transfer(self, kind: str, transfer: Any, reason: str) -> TransferRecord:
-        return TransferRecord(
-            kind,
-            int(getattr(transfer, "nbytes", 0)),
-            float(getattr(transfer, "seconds", 0.0)),
-            int(getattr(transfer, "storages", 0)),
-            reason=reason,
-        )
-
-    # --------------------------------------------------------- broker pushes (push-worker thread)
-
-    def on_queued(self, body: dict) -> dict | None:
-        waiting = self.waiting
-        if waiting is not None and waiting.request_id == body.get("request_id"):
-            waiting.position = int(body.get("position") or 0)
-            waiting.reason = str(body.get("reason") or "")
-            self.state = "queued"
-        return None
-
-    def on_offload(self, body: dict) -> dict:
-        """Move the kernel's GPU state to host memory; refuse (stay resident) when unsafe."""
-        reason = str(body.get("reason") or "")
-        with self.lock:
-            if self.lease is not None:
-                return {"error": "a cell of this kernel holds its GPU lease"}
-            engine = self.get_engine()
-            if engine is None:
-                if "torch" in sys.modules and self.engine_error:
-                    return {"error": self.engine_error}
-                # Without torch nothing of this kernel can be on the device.
-                self.state = "offloaded"
-                return {"host_bytes": 0, "disk_bytes": 0, "gpu_bytes": 0}
-            self.state = "offloading"
-            started = time.perf_counter()
-            try:
-                transfer = engine.offload()
-            except Exception as err:
-                # The engine rolled back: nothing moved, nothing lost; the kernel stays resident.
-                message = str(err) or type(err).__name__
-                self.state = "resident"
-                self._transitioned(
-                    TransferRecord(
-                        "offload", 0, time.perf_counter() - started, reason=reason, error=message
-                    )
-                )
-                return {"error": message}
-            record = self._record_transfer("offload", transfer, reason)
-            self._device_cache = None
-            gpu_bytes = self._residual_gpu_bytes(transfer)
-            self.state = "offloaded"
-            reply = {
-                "host_bytes": int(engine.host_bytes),
-                "disk_bytes": int(engine.disk_bytes),
-                "gpu_bytes": gpu_bytes,
-                "transfer": record.to_dict(),
-            }
-        self._transitioned(record)
-        return reply
-
-    def on_restore(self, body: dict) -> dict:
-        """An explicit restore (``%singularity restore``, REST): no cell is waiting for it."""
-        device = body.get("device")
-        with self.lock:
-            if isinstance(device, dict):
-                self.device = device
-            engine = self.get_engine()
-            if engine is None or not engine.offloaded:
-                self.state = "resident"
-                return {"gpu_bytes": self._device_bytes(force=True)}
-            self.state = "restoring"
-            started = time.perf_counter()
-            try:
-                transfer = engine.restore()
-            except Exception as err:
-                message = str(err) or type(err).__name__
-                self.state = "error"
-                self._transitioned(
-                    TransferRecord("restore", 0, time.perf_counter() - started, error=message)
-                )
-                return {"error": message}
-            record = self._record_transfer("restore", transfer, "requested")
-            self._device_cache = None
-            self.state = "resident"
-            reply = {"gpu_bytes": self._device_bytes(force=True), "transfer": record.to_dict()}
-        self._transitioned(record)
-        return reply
-
-    def on_spill(self, body: dict) -> dict:
-        """Move the host copy of the offloaded state to files in ``directory``."""
-        with self.lock:
-            engine = self.get_engine()
-            if engine is None or not engine.offloaded:
-                return {
-                    "host_bytes": int(getattr(engine, "host_bytes", 0) or 0),
-                    "disk_bytes": int(getattr(engine, "disk_bytes", 0) or 0),
-                }
-            started = time.perf_counter()
-            try:
-                directory = Path(str(body["directory"]))
-                moved = int(engine.spill(directory, keep_pool=bool(body.get("cuda_frozen"))))
-            except Exception as err:
-                message = str(err) or type(err).__name__
-                self._transitioned(
-                    TransferRecord("spill", 0, time.perf_counter() - started, error=message)
-                )
-                return {"error": message}
-            record = TransferRecord("spill", moved, time.perf_counter() - started)
-            self.state = "spilled" if not engine.host_bytes else "offloaded"
-            reply = {
-                "host_bytes": int(engine.host_bytes),
-                "disk_bytes": int(engine.disk_bytes),
-                "transfer": record.to_dict(),
-            }
-        self._transitioned(record)
-        return reply
-
 
 def _answer(future: concurrent.futures.Future, timeout: float) -> dict:
     """The acquire reply; a broker error (or a closed channel) is a denial with its reason."""
@@ -967,36 +741,6 @@ def _needs_lease(raw_cell: str) -> bool:
     if not lines or lines[0].startswith("%%singularity"):
         return False
     return not all(line == "%singularity" or line.startswith("%singularity ") for line in lines)
-
-
-def _nvml_process_bytes(pid: int) -> int | None:
-    """This process's memory on its GPU according to NVML, or None where NVML cannot tell (no
-    NVML, or the process is not listed, as in a container with its own pid namespace)."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except Exception:
-        return None
-    try:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        if visible.startswith(("GPU-", "MIG-")):
-            handles = [pynvml.nvmlDeviceGetHandleByUUID(visible.split(",")[0])]
-        else:
-            count = pynvml.nvmlDeviceGetCount()
-            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-        for handle in handles:
-            for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if process.pid == pid:
-                    return int(process.usedGpuMemory or 0)
-        return None
-    except Exception:
-        return None
-    finally:
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
 
 
 __all__ = [

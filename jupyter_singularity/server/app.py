@@ -20,8 +20,8 @@ from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import ApiPath, to_os_path
 from traitlets import Bool, Dict, Float, Int, Unicode, Union, default
 
-from ..broker.core import Policy
 from ..broker.ledger import Ledger, LedgerError
+from ..broker.model import Policy
 from ..broker.quotas import QuotaError, Quotas
 from ..broker.service import BrokerService
 from ..devices import DeviceInventory, open_inventory

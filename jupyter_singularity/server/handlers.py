@@ -20,8 +20,8 @@ from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
-from ..broker.core import BrokerError
 from ..broker.ledger import day_start
+from ..broker.model import BrokerError
 from ..broker.quotas import QuotaError
 from . import metrics
 

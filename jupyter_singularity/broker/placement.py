@@ -1,0 +1,374 @@
+"""Where a queued request can run: reservations, candidate devices, victims, quota room.
+
+A mixin of :class:`~.core.BrokerCore`: the core keeps the state and the order of the queue, this
+finds, for one request in one scheduling pass, the device, the reservation and the idle kernels to
+evict (or why it must wait, or be denied). ``_Pass`` caches per-device aggregates for one pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..devices import DeviceInfo
+from ..units import format_size
+from .model import LEASE_STATES, Kernel, KernelState, Request, _midnight, _seconds_since
+from .quotas import Limits
+
+if TYPE_CHECKING:
+    from .core import BrokerCore
+
+
+@dataclass
+class _Placement:
+    """What the core decided for one queued request in one scheduling pass."""
+
+    device: int | None = None
+    reservation: int = 0
+    victims: list[Kernel] = field(default_factory=list)
+    wait: str = ""
+    deny: str = ""
+
+
+class Placement:
+    """Placement decisions of :class:`~.core.BrokerCore` (see the module docstring)."""
+
+    def _reservation(
+        self, kernel: Kernel, request: Request, device: DeviceInfo, limits: Limits
+    ) -> int:
+        """Explicit memory, else the predicted peak, else (first GPU cell) the whole device."""
+        cap = (
+            device.total_bytes
+            if limits.gpu_memory is None
+            else min(device.total_bytes, limits.gpu_memory)
+        )
+        # Never less than the kernel's own state, which a restore brings back onto the device.
+        state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes
+        if request.memory is not None:
+            return max(request.memory, state)
+        if not kernel.peaks:
+            return max(cap, state)
+        peak = max(kernel.peaks)
+        predicted = int(peak * (1 + self.policy.margin_fraction)) + self.policy.margin_bytes
+        return max(min(predicted, cap), state, peak)
+
+    def _candidates(self, kernel: Kernel, request: Request) -> list[int]:
+        """Devices the kernel may run on: the one holding its GPU state; for state offloaded to the
+        host, any device of the same chip when migration is possible, else its home; any when cold
+        (unless CUDA in the kernel chose one already)."""
+        if kernel.device is not None:
+            return [kernel.device]
+        if (kernel.host_bytes or kernel.disk_bytes) and kernel.home is not None:
+            if not self.policy.migration:
+                return [kernel.home]
+            chip = self.devices[kernel.home].chip
+            return [d for d, info in self.devices.items() if info.chip == chip]
+        return list(self.devices) if request.device is None else [request.device]
+
+    def _place(self, kernel: Kernel, request: Request, claimed: set[int], now: float) -> _Placement:
+        limits = self.limits(kernel.user, kernel.groups)
+        denial = self._time_quota_denial(kernel, request, now)
+        if denial:
+            return _Placement(deny=denial)
+        candidates = self._candidates(kernel, request)
+        if not candidates:
+            return _Placement(deny="this pool has no GPU devices")
+        if (
+            request.memory is not None
+            and limits.gpu_memory is not None
+            and request.memory > limits.gpu_memory
+        ):
+            return _Placement(
+                deny=f"asked for {format_size(request.memory)} but the GPU memory quota of "
+                f"{kernel.user} is {format_size(limits.gpu_memory)}"
+            )
+        largest = (
+            self._largest
+            if len(candidates) == len(self.devices)
+            else max(self.devices[d].total_bytes for d in candidates)
+        )
+        if request.memory is not None and request.memory > largest:
+            return _Placement(
+                deny=f"asked for {format_size(request.memory)} but the largest GPU it may use has "
+                f"{format_size(largest)}"
+            )
+        if kernel.state == KernelState.OFFLOADING:
+            # Granting now would run the cell on state that is on its way off the GPU (and the
+            # offload report would then be ignored): wait until it is offloaded, then restore.
+            return _Placement(wait="waiting for this kernel's offload to finish")
+
+        quota_victims, quota_wait, quota_deny = self._quota_room(
+            kernel, request, limits, candidates, now
+        )
+        if quota_deny:
+            return _Placement(deny=quota_deny)
+        if quota_wait:
+            return _Placement(wait=quota_wait)
+
+        assert self._pass is not None
+        if claimed.issuperset(candidates):
+            # Every device it could use is claimed by an earlier request: nothing to decide yet.
+            return _Placement(wait="queued behind earlier requests for the same GPU")
+        # Within a pass room only shrinks (grants book it, offloads started are not yet done), so a
+        # request of a kernel that may use any device and asks at least as much as one that found
+        # every free device busy is busy too: it claims the least busy one without a search.
+        anywhere = (
+            self._uniform
+            and kernel.device is None
+            and not quota_victims
+            and len(candidates) == len(self.devices)
+        )
+        asked = 0
+        if anywhere:
+            asked = self._reservation(kernel, request, self.devices[candidates[0]], limits)
+            floor = self._pass.busy_floor
+            if floor is not None and asked >= floor:
+                device = self._pass.least_busy(claimed)
+                return _Placement(
+                    device=device,
+                    reservation=asked,
+                    wait=f"GPU {device} is busy with running cells",
+                )
+        own_fixed = kernel.booking() if _unfreeable(kernel) else 0
+        best: tuple | None = None
+        eventual = False
+        reservations: dict[int, int] = {}  # by device size: the only thing it depends on
+        for d in candidates:
+            if d in claimed:
+                # An earlier request runs here first; this one is looked at again after it.
+                eventual = True
+                continue
+            info = self.devices[d]
+            view = self._pass.view(d)
+            own = kernel.booking() if kernel.device == d else 0
+            leaving = (
+                sum(v.booking() for v in quota_victims if v.device == d) if quota_victims else 0
+            )
+            free = info.total_bytes - (view.booked - own - leaving)
+            freeable = info.total_bytes - (view.fixed - (own_fixed if kernel.device == d else 0))
+            reservation = reservations.get(info.total_bytes)
+            if reservation is None:
+                reservation = reservations[info.total_bytes] = self._reservation(
+                    kernel, request, info, limits
+                )
+            if request.memory is None and not kernel.peaks:
+                # "The whole device" for a first cell means all that can be made free there.
+                state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes
+                reservation = max(min(reservation, freeable), state)
+            if freeable < reservation:
+                continue  # never fits here without someone unpinning
+            affinity = 0 if d in (kernel.device, kernel.home) else 1
+            victims: list[Kernel] = []
+            if free >= reservation:
+                key = (0, affinity, free - reservation, d)
+            else:
+                need = reservation - free
+                pending = view.offloading
+                for victim in self._pass.victims(d):
+                    if pending >= need:
+                        break
+                    if victim is kernel or victim in quota_victims or not self._evictable(victim):
+                        continue
+                    victims.append(victim)
+                    pending += victim.booking()
+                if pending >= need:
+                    key = (1, affinity, sum(v.booking() for v in victims), d)
+                else:
+                    key = (2, affinity, view.running, d)
+            if best is None or key < best[0]:
+                best = (key, d, reservation, victims)
+        if best is None:
+            if eventual:
+                return _Placement(wait="queued behind earlier requests for the same GPU")
+            sizes = ", ".join(
+                f"GPU {d}: {format_size(self._reservation(kernel, request, self.devices[d], limits))}"
+                for d in candidates
+            )
+            return _Placement(
+                deny=f"no GPU can make room for this request ({sizes}) while pinned or "
+                "non-offloadable kernels hold their memory; unpin a kernel or ask for less with "
+                "%%singularity --memory SIZE"
+            )
+        (tier, *_), device, reservation, victims = best
+        if anywhere and tier == 2:
+            floor = self._pass.busy_floor
+            self._pass.busy_floor = asked if floor is None else min(floor, asked)
+        for victim in quota_victims:
+            if victim.state == KernelState.RESIDENT:
+                victims = [*victims, victim]
+        if tier == 0 and not victims:
+            return _Placement(device=device, reservation=reservation)
+        if tier == 2:
+            return _Placement(
+                device=device,
+                reservation=reservation,
+                wait=f"GPU {device} is busy with running cells",
+            )
+        if not victims and self._pass.view(device).offloading:
+            return _Placement(
+                device=device,
+                reservation=reservation,
+                wait="waiting for idle kernels to be offloaded",
+            )
+        return _Placement(device=device, reservation=reservation, victims=victims)
+
+    def _time_quota_denial(self, kernel: Kernel, request: Request, now: float) -> str:
+        limits = self.limits(kernel.user, kernel.groups)
+        if not request.hold or limits.gpu_seconds_per_day is None:
+            return ""
+        used = self.used_seconds(kernel.user, now)
+        if used < limits.gpu_seconds_per_day:
+            return ""
+        return (
+            f"GPU-time quota reached: {kernel.user} used {used / 3600:.2f} of "
+            f"{limits.gpu_seconds_per_day / 3600:.2f} GPU-hours today (resets at 00:00 UTC)"
+        )
+
+    def _quota_room(
+        self, kernel: Kernel, request: Request, limits: Limits, candidates: list[int], now: float
+    ) -> tuple[list[Kernel], str, str]:
+        """Own idle kernels to offload so this request stays within the user's memory and
+        resident-kernel quotas; else why it must wait (for the user's running cells) or be denied."""
+        if limits.gpu_memory is None and limits.max_resident_kernels is None:
+            return [], "", ""
+        assert self._pass is not None
+        users_kernels = self._pass.of_user(kernel.user)
+        mine = [
+            k
+            for k in users_kernels
+            if k is not kernel and k.device is not None and k.state != KernelState.OFFLOADING
+        ]
+        leaving = [k for k in users_kernels if k.state == KernelState.OFFLOADING]
+        need = max(self._reservation(kernel, request, self.devices[d], limits) for d in candidates)
+        booked = sum(k.booking() for k in mine)
+        resident = sum(1 for k in mine if k.state in (*LEASE_STATES, KernelState.RESIDENT))
+        victims: list[Kernel] = []
+
+        def fits() -> bool:
+            return (limits.gpu_memory is None or booked + need <= limits.gpu_memory) and (
+                limits.max_resident_kernels is None or resident + 1 <= limits.max_resident_kernels
+            )
+
+        for victim in sorted(
+            (k for k in mine if self._evictable(k)), key=lambda k: self._eviction_key(k, now)
+        ):
+            if fits():
+                break
+            victims.append(victim)
+            booked -= victim.booking()
+            resident -= 1
+        if fits():
+            if not victims and leaving:
+                # Their memory is only free once the offload is reported: count it until then.
+                booked += sum(k.booking() for k in leaving)
+                resident += len(leaving)
+                if not fits():
+                    return (
+                        [],
+                        f"GPU quota of {kernel.user}: waiting for kernels to be offloaded",
+                        "",
+                    )
+            return victims, "", ""
+        if limits.gpu_memory is not None and booked + need > limits.gpu_memory:
+            what = (
+                f"GPU memory quota: needs {format_size(need)}, {kernel.user}'s other kernels hold "
+                f"{format_size(booked)} of {format_size(limits.gpu_memory)}"
+            )
+        else:
+            what = (
+                f"resident-kernel quota: {resident} of {limits.max_resident_kernels} kernels of "
+                f"{kernel.user} hold GPU state"
+            )
+        if any(k.lease is not None for k in mine) or leaving:
+            return [], f"{what}; waiting for their cells to finish", ""
+        return [], "", f"{what}; offload or unpin one of them first"
+
+
+def _unfreeable(kernel: Kernel) -> bool:
+    """Memory no eviction can free: pinned, refused or failed kernels, and what an offload left
+    behind (e.g. a CUDA context), which stays until the kernel runs again."""
+    return (
+        kernel.pinned
+        or bool(kernel.refused)
+        or kernel.state == KernelState.ERROR
+        or (
+            kernel.lease is None
+            and kernel.state not in (KernelState.RESIDENT, KernelState.OFFLOADING)
+        )
+    )
+
+
+@dataclass
+class _DeviceView:
+    """Aggregates of one device, computed once per scheduling pass (and again after it changes)."""
+
+    booked: int
+    fixed: int
+    offloading: int
+    running: int
+    evictable: list[Kernel]
+    ordered: bool = False
+
+
+class _Pass:
+    """Per-pass caches, so a pass costs about O(requests x devices), not O(requests x kernels)."""
+
+    def __init__(self, core: BrokerCore, now: float) -> None:
+        self.core = core
+        self.now = now
+        self._running_seconds: dict[str, float] | None = None
+        self._views: dict[int, _DeviceView] = {}
+        self.busy_floor: int | None = None
+        """The smallest reservation that found every unclaimed device busy in this pass."""
+        self._by_busyness: list[int] | None = None
+
+    def least_busy(self, claimed: set[int]) -> int:
+        """The unclaimed device with the fewest bytes under running leases."""
+        if self._by_busyness is None:
+            self._by_busyness = sorted(self.core.devices, key=lambda d: (self.view(d).running, d))
+        return next(d for d in self._by_busyness if d not in claimed)
+
+    def running_seconds(self, user: str) -> float:
+        """Seconds the user's running leases held a device today (since midnight)."""
+        if self._running_seconds is None:
+            self._running_seconds = {}
+            midnight = _midnight(self.now)
+            for kernels in self.core._by_device.values():
+                for kernel in kernels.values():
+                    if kernel.lease is not None and kernel.lease.hold:
+                        self._running_seconds[kernel.user] = self._running_seconds.get(
+                            kernel.user, 0.0
+                        ) + _seconds_since(kernel.lease.start, midnight, self.now)
+        return self._running_seconds.get(user, 0.0)
+
+    def of_user(self, user: str) -> list[Kernel]:
+        return list(self.core._by_user.get(user, {}).values())
+
+    def view(self, device: int) -> _DeviceView:
+        view = self._views.get(device)
+        if view is None:
+            view = self._views[device] = _DeviceView(0, 0, 0, 0, [])
+            for kernel in self.core._by_device[device].values():
+                booking = kernel.booking()
+                view.booked += booking
+                if _unfreeable(kernel):
+                    view.fixed += booking
+                if kernel.state == KernelState.OFFLOADING:
+                    view.offloading += kernel.gpu_bytes
+                if kernel.lease is not None:
+                    view.running += booking
+                elif self.core._evictable(kernel):
+                    view.evictable.append(kernel)
+        return view
+
+    def victims(self, device: int) -> list[Kernel]:
+        """The device's evictable kernels in eviction order (sorted on first use in a pass)."""
+        view = self.view(device)
+        if not view.ordered:
+            view.evictable.sort(key=lambda k: self.core._eviction_key(k, self.now))
+            view.ordered = True
+        return view.evictable
+
+    def changed(self, device: int) -> None:
+        """Something on ``device`` changed during the pass: recompute its view when next asked."""
+        self._views.pop(device, None)

@@ -1,0 +1,221 @@
+"""Moving a kernel's state off and back onto a GPU: the requests to the kernel (offload, spill,
+restore) and the driver tier's checkpoint and restore of its process around them.
+
+A mixin of :class:`~.service.BrokerService`: the core decided; this carries it out and feeds the
+outcome back to the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .checkpoint import CheckpointError, DriverCapability, DriverCheckpointer
+from .kernel_requests import KernelConnection, _optional_int
+from .model import Action, Grant, Offload, Spill
+
+if TYPE_CHECKING:
+    from .core import BrokerCore
+    from .rpc import RPCServer
+
+
+class StateMoves:
+    """Offload, spill and restore, tensor tier and driver tier (see the module docstring)."""
+
+    core: BrokerCore
+    log: logging.Logger
+    offload_timeout: float
+    driver_capability: DriverCapability
+    clock: Callable[[], float]
+    _driver: DriverCheckpointer
+    _rpc: RPCServer
+    _connections: dict[str, KernelConnection]
+    _apply: Callable[[list[Action]], None]
+    _answer: Callable[[Grant], None]
+    _resolve: Callable[[str, str, dict], None]
+    _spill_dir_of: Callable[[str], Path | None]
+
+    async def _offload(self, action: Offload) -> None:
+        """Ask the kernel to move its GPU state off the device; it answers with what it moved."""
+        try:
+            reply = await self._rpc.request(
+                action.kernel_id, "offload", {"reason": action.reason}, timeout=self.offload_timeout
+            )
+        except (TimeoutError, asyncio.TimeoutError, ConnectionError, RuntimeError) as err:
+            reply = {
+                "error": f"kernel did not answer the offload request ({err or type(err).__name__})"
+            }
+        if action.kernel_id not in self.core.kernels:
+            return
+        now = self.clock()
+        if "error" in reply:
+            self.log.warning(
+                "jupyter-singularity: kernel %s kept its GPU state: %s",
+                action.kernel_id,
+                reply["error"],
+            )
+            self._apply(self.core.offload_failed(action.kernel_id, str(reply["error"]), now))
+        else:
+            self._stash_transfer(action.kernel_id, reply)
+            gpu_bytes = int(reply.get("gpu_bytes", 0))
+            if gpu_bytes and await self._checkpoint_context(action):
+                gpu_bytes = 0
+            self._apply(
+                self.core.offloaded(
+                    action.kernel_id,
+                    self.clock(),
+                    host_bytes=int(reply.get("host_bytes", 0)),
+                    disk_bytes=int(reply.get("disk_bytes", 0)),
+                    gpu_bytes=gpu_bytes,
+                )
+            )
+
+    def _stash_transfer(self, kernel_id: str, reply: dict) -> None:
+        connection = self._connections.get(kernel_id)
+        if connection is not None:
+            connection.transfer = reply.get("transfer")
+
+    async def _spill(self, action: Spill) -> None:
+        """Ask an offloaded kernel to move its host copy to its spill directory."""
+        directory = self._spill_dir_of(action.kernel_id)
+        connection = self._connections.get(action.kernel_id)
+        # A process the driver holds checkpointed cannot make CUDA calls (free pinned memory).
+        frozen = connection is not None and connection.checkpointed_uuid is not None
+        try:
+            if directory is None:
+                raise RuntimeError("no spill directory is configured")
+            reply = await self._rpc.request(
+                action.kernel_id,
+                "spill",
+                {"directory": str(directory), "reason": action.reason, "cuda_frozen": frozen},
+                timeout=self.offload_timeout,
+            )
+        except (TimeoutError, asyncio.TimeoutError, ConnectionError, RuntimeError) as err:
+            reply = {"error": f"spill request failed ({err or type(err).__name__})"}
+        if action.kernel_id not in self.core.kernels:
+            return
+        if "error" in reply:
+            self.log.error(
+                "jupyter-singularity: %s keeps its state in host memory: %s",
+                action.kernel_id,
+                reply["error"],
+            )
+            self._apply(self.core.spill_failed(action.kernel_id, str(reply["error"]), self.clock()))
+        else:
+            self._stash_transfer(action.kernel_id, reply)
+            self._apply(
+                self.core.spilled(
+                    action.kernel_id,
+                    self.clock(),
+                    host_bytes=int(reply["host_bytes"]),
+                    disk_bytes=int(reply["disk_bytes"]),
+                )
+            )
+
+    async def _checkpoint_context(self, action: Offload) -> bool:
+        """Driver tier: checkpoint what the tensor tier left (the CUDA context) off the GPU."""
+        connection = self._connections.get(action.kernel_id)
+        if connection is None or connection.pid is None or not self.driver_capability.available:
+            if connection is not None:
+                connection.context_note = self.driver_capability.reason or "process unknown"
+            return False
+        try:
+            seconds = await asyncio.to_thread(self._driver.checkpoint, connection.pid)
+        except (CheckpointError, ValueError) as err:
+            connection.context_note = str(err)
+            self.log.warning(
+                "jupyter-singularity: %s keeps its CUDA context on the GPU: %s",
+                action.kernel_id,
+                err,
+            )
+            return False
+        connection.checkpointed_uuid = self.core.devices[action.device].uuid
+        connection.context_note = ""
+        connection.context_seconds["checkpoint"] = seconds
+        self.log.info(
+            "jupyter-singularity: %s checkpointed off GPU %d in %.2f s",
+            action.kernel_id,
+            action.device,
+            seconds,
+        )
+        return True
+
+    async def _restore_context(self, grant: Grant) -> None:
+        """Driver tier: bring the process back, onto the granted GPU (a UUID remap migrates it)."""
+        connection = self._connections.get(grant.kernel_id)
+        if connection is None or connection.checkpointed_uuid is None or connection.pid is None:
+            return
+        target = self.core.devices[grant.device].uuid
+        pairs = (
+            ()
+            if target == connection.checkpointed_uuid
+            else ((connection.checkpointed_uuid, target),)
+        )
+        seconds = await asyncio.to_thread(self._driver.restore, connection.pid, pairs)
+        connection.checkpointed_uuid = None
+        connection.context_seconds["restore"] = seconds
+        self.log.info(
+            "jupyter-singularity: %s restored onto GPU %d in %.2f s%s",
+            grant.kernel_id,
+            grant.device,
+            seconds,
+            " (migrated)" if pairs else "",
+        )
+
+    async def _restore(self, grant: Grant) -> None:
+        """Bring offloaded state back: the driver tier first (the context), then the kernel's
+        tensors — for a cell, by the kernel itself once it hears the grant; for an explicit
+        restore, on request."""
+        try:
+            await self._restore_context(grant)
+        except (CheckpointError, ValueError) as err:
+            reason = f"driver restore failed: {err}"
+            self.log.error("jupyter-singularity: %s: %s", grant.kernel_id, reason)
+            self._resolve(grant.kernel_id, grant.request_id, {"granted": False, "reason": reason})
+            if grant.kernel_id in self.core.kernels:
+                self._apply(self.core.restore_failed(grant.kernel_id, reason, self.clock()))
+            return
+        if grant.hold:
+            self._answer(grant)
+            return
+        try:
+            reply = await self._rpc.request(
+                grant.kernel_id,
+                "restore",
+                {"device": self.core.devices[grant.device].to_dict()},
+                timeout=self.offload_timeout,
+            )
+        except (TimeoutError, asyncio.TimeoutError, ConnectionError, RuntimeError) as err:
+            reply = {
+                "error": f"kernel did not answer the restore request ({err or type(err).__name__})"
+            }
+        if grant.kernel_id not in self.core.kernels:
+            return
+        now = self.clock()
+        if "error" in reply:
+            self._apply(self.core.restore_failed(grant.kernel_id, str(reply["error"]), now))
+        else:
+            self._stash_transfer(grant.kernel_id, reply)
+            self._apply(
+                self.core.restored(
+                    grant.kernel_id, now, gpu_bytes=_optional_int(reply.get("gpu_bytes"))
+                )
+            )
+
+
+def _context_view(connection: KernelConnection | None, capability: DriverCapability) -> dict:
+    """Where the kernel's CUDA context is, for the kernel record: the driver tier's doing."""
+    seconds = {} if connection is None else dict(connection.context_seconds)
+    if connection is not None and connection.checkpointed_uuid is not None:
+        return {
+            "checkpointed": True,
+            "note": "CUDA context checkpointed off the GPU by the driver",
+            "seconds": seconds,
+        }
+    note = connection.context_note if connection is not None and connection.context_note else ""
+    if not note and not capability.available:
+        note = f"driver tier unavailable: {capability.reason}"
+    return {"checkpointed": False, "note": note, "seconds": seconds}

@@ -1,0 +1,217 @@
+"""The broker's requests to an idle kernel (offload, restore, spill, queue position), answered on
+the client's push-worker thread, and the record each transfer leaves for the log and the widget.
+
+A mixin of :class:`~.runtime.Runtime`; every move takes ``Runtime.lock``, so it never overlaps a
+cell's restore.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..units import format_size
+from .process_probes import nvml_process_bytes
+
+if TYPE_CHECKING:
+    from .runtime import Lease, Waiting
+
+#: A bare CUDA context of a torch process (DESIGN §5: 612 MiB on an H100), counted as still on the
+#: GPU after an offload when NVML cannot say what the process holds.
+CONTEXT_ESTIMATE = 612 << 20
+
+
+@dataclass
+class TransferRecord:
+    """One move of the kernel's GPU state: ``offload``, ``restore`` or ``spill``."""
+
+    kind: str
+    nbytes: int
+    seconds: float
+    storages: int = 0
+    time: float = field(default_factory=time.time)
+    reason: str = ""
+    error: str = ""
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "nbytes": self.nbytes,
+            "seconds": round(self.seconds, 6),
+            "storages": self.storages,
+            "gbps": round(self.gbps, 3),
+            "time": self.time,
+            "reason": self.reason,
+            "error": self.error or None,
+        }
+
+    def describe(self) -> str:
+        verb = {"offload": "offloaded", "restore": "restored", "spill": "spilled"}.get(
+            self.kind, self.kind
+        )
+        if self.error:
+            return f"{self.kind} failed: {self.error}"
+        where = {"offload": " to host", "spill": " to disk"}.get(self.kind, "")
+        return (
+            f"{verb} {format_size(self.nbytes)}{where} in {self.seconds:.3f} s"
+            + (f" ({self.gbps:.1f} GB/s)" if self.nbytes else "")
+            + (f", {self.storages} storages" if self.storages else "")
+        )
+
+
+class BrokerPushes:
+    """Answers to the broker's pushes (see the module docstring)."""
+
+    lock: threading.RLock
+    lease: Lease | None
+    waiting: Waiting | None
+    device: dict | None
+    state: str
+    engine: Any
+    engine_error: str
+    _device_cache: int | None
+    get_engine: Callable[[], Any]
+    _device_bytes: Callable[..., int]
+    _cuda_torch: Callable[[], Any]
+    _transitioned: Callable[[TransferRecord], None]
+
+    def _residual_gpu_bytes(self, transfer: Any) -> int:
+        """GPU memory this process still holds after an offload: the CUDA context, what the scan
+        could not see (``left_bytes``). Non-zero makes the broker try the driver tier."""
+        torch = self._cuda_torch()
+        if torch is None:
+            return 0
+        own = nvml_process_bytes(os.getpid())
+        if own is not None:
+            return own
+        try:
+            reserved = int(torch.cuda.memory_reserved())
+        except Exception:
+            reserved = 0
+        return max(reserved, int(getattr(transfer, "left_bytes", 0) or 0)) + CONTEXT_ESTIMATE
+
+    def _record_transfer(self, kind: str, transfer: Any, reason: str) -> TransferRecord:
+        return TransferRecord(
+            kind,
+            int(getattr(transfer, "nbytes", 0)),
+            float(getattr(transfer, "seconds", 0.0)),
+            int(getattr(transfer, "storages", 0)),
+            reason=reason,
+        )
+
+    # --------------------------------------------------------- broker pushes (push-worker thread)
+
+    def on_queued(self, body: dict) -> dict | None:
+        waiting = self.waiting
+        if waiting is not None and waiting.request_id == body.get("request_id"):
+            waiting.position = int(body.get("position") or 0)
+            waiting.reason = str(body.get("reason") or "")
+            self.state = "queued"
+        return None
+
+    def on_offload(self, body: dict) -> dict:
+        """Move the kernel's GPU state to host memory; refuse (stay resident) when unsafe."""
+        reason = str(body.get("reason") or "")
+        with self.lock:
+            if self.lease is not None:
+                return {"error": "a cell of this kernel holds its GPU lease"}
+            engine = self.get_engine()
+            if engine is None:
+                if "torch" in sys.modules and self.engine_error:
+                    return {"error": self.engine_error}
+                # Without torch nothing of this kernel can be on the device.
+                self.state = "offloaded"
+                return {"host_bytes": 0, "disk_bytes": 0, "gpu_bytes": 0}
+            self.state = "offloading"
+            started = time.perf_counter()
+            try:
+                transfer = engine.offload()
+            except Exception as err:
+                # The engine rolled back: nothing moved, nothing lost; the kernel stays resident.
+                message = str(err) or type(err).__name__
+                self.state = "resident"
+                self._transitioned(
+                    TransferRecord(
+                        "offload", 0, time.perf_counter() - started, reason=reason, error=message
+                    )
+                )
+                return {"error": message}
+            record = self._record_transfer("offload", transfer, reason)
+            self._device_cache = None
+            gpu_bytes = self._residual_gpu_bytes(transfer)
+            self.state = "offloaded"
+            reply = {
+                "host_bytes": int(engine.host_bytes),
+                "disk_bytes": int(engine.disk_bytes),
+                "gpu_bytes": gpu_bytes,
+                "transfer": record.to_dict(),
+            }
+        self._transitioned(record)
+        return reply
+
+    def on_restore(self, body: dict) -> dict:
+        """An explicit restore (``%singularity restore``, REST): no cell is waiting for it."""
+        device = body.get("device")
+        with self.lock:
+            if isinstance(device, dict):
+                self.device = device
+            engine = self.get_engine()
+            if engine is None or not engine.offloaded:
+                self.state = "resident"
+                return {"gpu_bytes": self._device_bytes(force=True)}
+            self.state = "restoring"
+            started = time.perf_counter()
+            try:
+                transfer = engine.restore()
+            except Exception as err:
+                message = str(err) or type(err).__name__
+                self.state = "error"
+                self._transitioned(
+                    TransferRecord("restore", 0, time.perf_counter() - started, error=message)
+                )
+                return {"error": message}
+            record = self._record_transfer("restore", transfer, "requested")
+            self._device_cache = None
+            self.state = "resident"
+            reply = {"gpu_bytes": self._device_bytes(force=True), "transfer": record.to_dict()}
+        self._transitioned(record)
+        return reply
+
+    def on_spill(self, body: dict) -> dict:
+        """Move the host copy of the offloaded state to files in ``directory``."""
+        with self.lock:
+            engine = self.get_engine()
+            if engine is None or not engine.offloaded:
+                return {
+                    "host_bytes": int(getattr(engine, "host_bytes", 0) or 0),
+                    "disk_bytes": int(getattr(engine, "disk_bytes", 0) or 0),
+                }
+            started = time.perf_counter()
+            try:
+                directory = Path(str(body["directory"]))
+                moved = int(engine.spill(directory, keep_pool=bool(body.get("cuda_frozen"))))
+            except Exception as err:
+                message = str(err) or type(err).__name__
+                self._transitioned(
+                    TransferRecord("spill", 0, time.perf_counter() - started, error=message)
+                )
+                return {"error": message}
+            record = TransferRecord("spill", moved, time.perf_counter() - started)
+            self.state = "spilled" if not engine.host_bytes else "offloaded"
+            reply = {
+                "host_bytes": int(engine.host_bytes),
+                "disk_bytes": int(engine.disk_bytes),
+                "transfer": record.to_dict(),
+            }
+        self._transitioned(record)
+        return reply
