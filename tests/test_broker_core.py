@@ -1173,6 +1173,8 @@ class BrokerMachine(RuleBasedStateMachine):
                 assert kid not in self.leases, f"{kid} offloaded while holding a lease"
                 if self.core.kernels[kid].pinned:
                     assert kid == call.explicit_offload, f"pinned {kid} chosen as victim"
+                if self.core.kernels[kid].stalled_since is not None:
+                    assert kid == call.explicit_offload, f"stalled {kid} chosen as victim"
                 assert action.device == call.devices_before[kid]
                 assert action.reason.strip()
                 self.offloading.add(kid)
@@ -1203,6 +1205,7 @@ class BrokerMachine(RuleBasedStateMachine):
         assert kid not in self.leases, f"second grant {grant} before the first ended"
         assert kid not in self.offloading, f"{grant} while the kernel's offload is in flight"
         assert grant.start == self.now
+        assert grant.device not in self.core.unavailable, f"{grant} on an unavailable GPU"
         if grant.hold:
             limit = self.core.limits(self.alive[kid], USERS[self.alive[kid]]).gpu_seconds_per_day
             if limit is not None:
@@ -1377,6 +1380,39 @@ class BrokerMachine(RuleBasedStateMachine):
         else:
             self.pin(index, kind == "pin")
 
+    @precondition(lambda self: self.alive)
+    @rule(kind=st.sampled_from(["stall", "answer", "block", "unblock", "revoke"]), index=picks)
+    def watchdog(self, kind: str, index: int) -> None:
+        """A kernel stops answering or answers again; a GPU is closed to new work or reopened; a
+        stalled kernel's lease is revoked (the driver tier checkpointed its process)."""
+        if kind in ("stall", "answer"):
+            kid = self.pick(index)
+            since = self.now - 10 if kind == "stall" else None
+            self.call("set_stalled", kid, since, self.now)
+            assert self.core.kernels[kid].stalled_since == since
+        elif kind in ("block", "unblock"):
+            device = sorted(self.devices)[index % len(self.devices)]
+            self.call(
+                "set_device_unavailable",
+                device,
+                "stalled lease" if kind == "block" else None,
+                self.now,
+            )
+        else:
+            holders = sorted(
+                k
+                for k, g in self.leases.items()
+                if g.hold and self.core.kernels[k].state == S.RUNNING
+            )
+            if not holders:
+                return
+            kid = holders[index % len(holders)]
+            held = booking_of(self.core.kernels[kid])
+            self.call("revoke", kid, self.now, "stalled")
+            kernel = self.core.kernels[kid]
+            assert kid not in self.leases and kernel.state == S.OFFLOADED and kernel.device is None
+            self.saved[kid] = self.saved.get(kid, 0) + held
+
     def spill(self, kid: str, fraction: float) -> None:
         kernel = self.core.kernels[kid]
         part = int(kernel.host_bytes * fraction)
@@ -1490,6 +1526,7 @@ class BrokerMachine(RuleBasedStateMachine):
                 if (
                     kernel.state == S.RESIDENT
                     and not (kernel.pinned or kernel.refused)
+                    and kernel.stalled_since is None  # it would not answer
                     and self.now - kernel.last_activity >= self.policy.idle_timeout
                 ):
                     raise AssertionError(f"{kid} idle past the timeout but still resident")
@@ -1555,6 +1592,8 @@ class BrokerMachine(RuleBasedStateMachine):
             return
         kernels = self.core.kernels.values()
         moving = (S.OFFLOADING, S.RESTORING)
+        if self.core.unavailable or any(k.stalled_since is not None for k in kernels):
+            return  # they may hold what a request waits for, until they answer again
         if not any(k.lease is not None or k.state in moving for k in kernels):
             assert self.core.queue() == [], self.core.snapshot(self.now)
 

@@ -441,6 +441,8 @@ async def _matches(fetch, predicate):
         ),
         ({"quota_file": "/no/such/quotas.yaml"}, "does not exist"),
         ({"idle_timeout": -5.0}, "SingularityApp.idle_timeout = -5.0"),
+        ({"offload_timeout": 0.0}, "SingularityApp.offload_timeout = 0.0: must be"),
+        ({"lease_stall_timeout": float("inf")}, "SingularityApp.lease_stall_timeout = inf"),
         (
             {"broker_url": "tcp://node:5555"},
             "a standalone broker is not available yet; leave broker_url empty",

@@ -71,6 +71,8 @@ class BrokerCore(Placement):
         # walks all kernels.
         self._by_device: dict[int, dict[str, Kernel]] = {d: {} for d in self.devices}
         self._by_user: dict[str, dict[str, Kernel]] = {}
+        self.unavailable: dict[int, str] = {}
+        """Devices that take no new grant, and why (see :meth:`set_device_unavailable`)."""
         self.pool_allowances = 0
         """The sum of every kernel's ``pool_allowance``."""
 
@@ -335,6 +337,47 @@ class BrokerCore(Placement):
         self._enforce_host_budget(now)
         return self._drain()
 
+    def set_stalled(self, kernel_id: str, since: float | None, now: float) -> list[Action]:
+        """The kernel stopped answering the broker (``since``: when it last answered), or answers
+        again (None). A stalled kernel is never asked to make room (it would not answer), and the
+        memory it holds or is giving back counts as taken until it answers again."""
+        kernel = self._kernel(kernel_id)
+        if kernel.stalled_since == since:
+            return []
+        kernel.stalled_since = since
+        # Its state does not change, but its history (and the browser) should show it.
+        note = "stopped answering the broker" if since is not None else "answers again"
+        self._emit_state(kernel, kernel.state, kernel.state, note, now)
+        self._schedule(now)
+        return self._drain()
+
+    def revoke(self, kernel_id: str, now: float, reason: str) -> list[Action]:
+        """The lease of a stalled kernel was taken back: the driver tier checkpointed its process
+        off the GPU, whose memory is free now. Its state waits in host memory (held by the
+        driver, counted as the kernel's host bytes) until a restore brings it back."""
+        kernel = self._kernel(kernel_id)
+        if kernel.lease is None or kernel.device is None:
+            return []
+        held = kernel.booking()
+        self._end_lease(kernel, now, None)
+        kernel.host_bytes, kernel.gpu_bytes = kernel.host_bytes + held, 0
+        self._move(kernel, None)
+        self._set_state(kernel, KernelState.OFFLOADED, f"lease revoked: {reason}", now)
+        self._schedule(now)
+        return self._drain()
+
+    def set_device_unavailable(self, device: int, reason: str | None, now: float) -> list[Action]:
+        """No new grant on ``device`` while ``reason`` holds (a stalled kernel's lease there may
+        still write to its memory), or usable again (None). Requests wait, saying why."""
+        if device not in self.devices:
+            raise BrokerError(f"no device {device} in the pool")
+        if reason is None:
+            self.unavailable.pop(device, None)
+        else:
+            self.unavailable[device] = reason
+        self._schedule(now)
+        return self._drain()
+
     def tick(self, now: float) -> list[Action]:
         """Time passed: start a new accounting day, offload kernels idle longer than the timeout."""
         self._roll_day(now)
@@ -381,7 +424,12 @@ class BrokerCore(Placement):
         booked = self._booked_by_device()
         return {
             "devices": [
-                {**d.to_dict(), "booked_bytes": booked[d.index]} for d in self.devices.values()
+                {
+                    **d.to_dict(),
+                    "booked_bytes": booked[d.index],
+                    "unavailable": self.unavailable.get(d.index),
+                }
+                for d in self.devices.values()
             ],
             "kernels": [k.to_dict() for k in self.kernels.values()],
             "queue": [
@@ -502,6 +550,7 @@ class BrokerCore(Placement):
             and not kernel.pinned
             and not kernel.refused
             and kernel.device is not None
+            and kernel.stalled_since is None
         )
 
     def _eviction_key(self, kernel: Kernel, now: float) -> tuple:

@@ -42,6 +42,15 @@ class KernelConnection:
     stopping: str = ""
     """Why the kernel's process is about to exit (shut down, restarted), when the server said so."""
     waiters: dict[str, asyncio.Future] = field(default_factory=dict)
+    last_heard: float = 0.0
+    """When the kernel last sent anything (a request, a reply, a ping answer)."""
+    pinging: bool = False
+    stalled_since: float | None = None
+    """When it last answered, if it stopped answering (see :mod:`.watchdog`)."""
+    revoked: bool = False
+    """Its lease was revoked while it was stalled: the driver holds its process checkpointed."""
+    blocked_device: int | None = None
+    """The GPU that takes no new work because this stalled kernel holds a lease there."""
 
 
 class KernelRequests:
@@ -60,6 +69,7 @@ class KernelRequests:
     offload: Callable[[str], dict]
     restore: Callable[[str], dict]
     pin: Callable[..., dict]
+    _heard_from: Callable[[str, KernelConnection], None]
 
     def _key_for(self, kernel_id: str) -> bytes | None:
         connection = self._connections.get(kernel_id)
@@ -73,7 +83,7 @@ class KernelRequests:
         connection = self._connections.get(kernel_id)
         if connection is None or kernel_id not in self.core.kernels:
             return {"error": "this kernel is not registered with the pool"}
-        connection.missed_pings = 0
+        self._heard_from(kernel_id, connection)
         handler = getattr(self, f"_on_{msg.type}", None)
         if handler is None:
             return {"error": f"unknown request {msg.type!r}"}

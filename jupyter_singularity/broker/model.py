@@ -194,6 +194,8 @@ class Kernel:
     """Why the last spill failed; not retried until the kernel is restored."""
     pool_allowance: int = 0
     """Pinned host memory the kernel may keep for its offloads (see Policy.pinned_total)."""
+    stalled_since: float | None = None
+    """When the kernel last answered the broker, if it stopped answering (stopped or hung)."""
 
     def booking(self) -> int:
         if self.device is None:
@@ -227,6 +229,7 @@ class Kernel:
             },
             "offload_refused": self.refused or None,
             "pool_allowance": self.pool_allowance,
+            "stalled_since": self.stalled_since,
         }
 
 

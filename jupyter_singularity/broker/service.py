@@ -50,6 +50,7 @@ from .quotas import Quotas
 from .rpc import RPCServer
 from .spill_dirs import KernelIdError, SpillDirs, check_kernel_id
 from .state_moves import StateMoves, _context_view
+from .watchdog import Watchdog
 
 Emit = Callable[[str, dict], None]
 """``emit(name, data)`` for the browser: name is ``kernel_state``, ``lease``, ``queue`` or ``pin``;
@@ -92,7 +93,7 @@ class KernelLaunch:
     env: dict[str, str]
 
 
-class BrokerService(KernelRequests, StateMoves):
+class BrokerService(KernelRequests, StateMoves, Watchdog):
     """Carries out the core's decisions; the only object handlers and the provisioner talk to."""
 
     def __init__(
@@ -109,6 +110,7 @@ class BrokerService(KernelRequests, StateMoves):
         ping_interval: float = 5.0,
         ping_misses: int = 3,
         offload_timeout: float = 300.0,
+        lease_stall_timeout: float = 120.0,
         spill_dir: Path | None = None,
         driver: DriverCheckpointer | None = None,
     ) -> None:
@@ -123,6 +125,7 @@ class BrokerService(KernelRequests, StateMoves):
         self.ping_interval = ping_interval
         self.ping_misses = ping_misses
         self.offload_timeout = offload_timeout
+        self.lease_stall_timeout = lease_stall_timeout
         self.spill_dirs = None if spill_dir is None else SpillDirs(spill_dir)
         self.owner, self.owner_groups = server_owner()
         now = clock()
@@ -497,7 +500,12 @@ class BrokerService(KernelRequests, StateMoves):
         new = None if action.new is None else action.new.value
         connection = self._connections.get(action.kernel_id)
         transfer = None
-        if connection is not None and connection.transfer and action.old in TRANSFER_STATES:
+        if (
+            connection is not None
+            and connection.transfer
+            and action.old in TRANSFER_STATES
+            and action.old != action.new
+        ):
             transfer, connection.transfer = connection.transfer, None
         self.ledger.state_changed(
             time=action.time,
@@ -591,8 +599,8 @@ class BrokerService(KernelRequests, StateMoves):
                 self._apply(self.core.tick(self.clock()))
                 if time.monotonic() - last_ping >= self.ping_interval:
                     last_ping = time.monotonic()
-                    for kernel_id in list(self._connections):
-                        self._spawn(self._ping(kernel_id))
+                    self._ping_all()
+                self._check_stalled_leases()
                 if time.monotonic() - last_sweep >= SWEEP_INTERVAL:
                     last_sweep = time.monotonic()
                     await self._sweep_spill_dirs(min_age=SWEEP_INTERVAL)
@@ -604,21 +612,6 @@ class BrokerService(KernelRequests, StateMoves):
             if connection.pid is not None and not alive(connection.pid):
                 self.unregister_kernel(
                     kernel_id, connection.stopping or f"process {connection.pid} died"
-                )
-
-    async def _ping(self, kernel_id: str) -> None:
-        """Heartbeat for kernels whose process we cannot watch (e.g. a remote kernel)."""
-        connection = self._connections.get(kernel_id)
-        if connection is None or connection.pid is not None:
-            return
-        try:
-            await self._rpc.request(kernel_id, "ping", {}, timeout=self.ping_interval)
-            connection.missed_pings = 0
-        except (TimeoutError, asyncio.TimeoutError, RuntimeError):
-            connection.missed_pings += 1
-            if connection.missed_pings >= self.ping_misses and kernel_id in self._connections:
-                self.unregister_kernel(
-                    kernel_id, f"heartbeat lost ({connection.missed_pings} pings unanswered)"
                 )
 
 
