@@ -107,3 +107,11 @@ def test_a_grant_is_not_a_side_effect_of_marking_a_stall():
     assert core.set_stalled("k", T0, T0 + 2) == []  # unchanged: nothing to say
     assert isinstance(core.kernels["k"].to_dict()["stalled_since"], float)
     assert core.kernels["k"].state == S.COLD
+
+
+def test_a_first_cell_does_not_take_a_gpu_a_stalled_kernel_fills_with_nothing_booked():
+    core = make(sim("1x16GiB"), kernels={"hung": "ann", "new": "bob"})
+    one(core.acquire("hung", "r1", T0 + 1), Grant)  # a first cell: the whole device
+    core.set_stalled("hung", T0 + 1, T0 + 10)
+    wait = one(core.acquire("new", "r2", T0 + 11), Wait)
+    assert "stopped answering" in wait.reason

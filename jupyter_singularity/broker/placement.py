@@ -161,10 +161,14 @@ class Placement:
                     kernel, request, info, limits
                 )
             if request.memory is None and not kernel.peaks:
-                # "The whole device" for a first cell means all that can be made free there (not
-                # counting what a kernel that stopped answering holds).
+                # "The whole device" for a first cell means all that can be made free there: not
+                # what a kernel that stopped answering holds, unless little else would be left
+                # (then it waits for that kernel rather than run with next to nothing booked).
                 state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes
-                reservation = max(min(reservation, freeable - view.stalled), state)
+                room = freeable - view.stalled
+                if room < min(reservation, self.policy.margin_bytes):
+                    room = freeable
+                reservation = max(min(reservation, room), state)
             if freeable < reservation:
                 continue  # never fits here without someone unpinning
             # Only fits once a kernel that stopped answering gives its memory back.
