@@ -322,6 +322,7 @@ async def test_cell_magic_sets_the_reservation(start_kernel, wait_in_pool, run, 
     assert status == "ok" and "42" in out, out
 
 
+@pytest.mark.faults
 async def test_kernel_killed_while_offloaded_leaves_no_booking(
     start_kernel, wait_in_pool, run, get_pool, state, wait_for, singularity_app, jp_fetch
 ):
@@ -354,6 +355,7 @@ async def test_kernel_killed_while_offloaded_leaves_no_booking(
     assert json.dumps(pool)  # the pool stays serialisable
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("singularity_config", [{"host_memory_limit": "32MiB"}], indirect=True)
 async def test_spill_to_disk_and_back(
     start_kernel, wait_in_pool, run, get_pool, state, wait_for, singularity_app, jp_fetch

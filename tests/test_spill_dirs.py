@@ -109,6 +109,7 @@ def test_sweep_of_a_missing_root_is_nothing(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "kernel_id", [".", "..", "../x", "/tmp/singularity-abs", "x\x00y", "k" * 300]
 )
+@pytest.mark.faults
 async def test_post_kernels_refuses_hostile_ids_and_deletes_nothing(
     jp_fetch, singularity_app, get_pool, kernel_id: str
 ) -> None:
