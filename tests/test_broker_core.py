@@ -713,6 +713,43 @@ def test_a_failed_restore_keeps_the_host_copy():
     assert one(core.acquire("k1", "r3", T0 + 6), Grant).restore
 
 
+def test_a_discard_of_damaged_state_leaves_error_with_what_is_left():
+    core = make(kernels={"k1": "alice", "k2": "bob"})
+    for kid in ("k1", "k2"):
+        run_cell(core, kid, f"{kid}-r1", T0, T0 + 1, peak=2 * GiB)
+        core.offload(kid, T0 + 2)
+        core.offloaded(kid, T0 + 3, host_bytes=0, disk_bytes=2 * GiB)
+        assert one(core.acquire(kid, f"{kid}-r2", T0 + 4), Grant).restore
+        core.restore_failed(kid, "checksum mismatch in spill file", T0 + 5)
+        assert core.kernels[kid].state == S.ERROR
+    # A running kernel, or one not offloaded, has nothing to discard: nothing changes.
+    run_cell(core, "k2", "k2-r3", T0 + 5, T0 + 5, peak=None)
+    assert core.discarded("k2", T0 + 5, host_bytes=0, disk_bytes=0) == []
+    assert core.kernels["k2"].state == S.RESIDENT
+
+    actions = core.discarded("k1", T0 + 6, host_bytes=0, disk_bytes=GiB)
+
+    change = one(actions, StateChanged)
+    assert (change.old, change.new, change.reason) == (
+        S.ERROR,
+        S.SPILLED,
+        "damaged state discarded",
+    )
+    assert (core.kernels["k1"].host_bytes, core.kernels["k1"].disk_bytes) == (0, GiB)
+    assert one(core.acquire("k1", "k1-r3", T0 + 7), Grant).restore  # the rest comes back
+    core.restored("k1", T0 + 8, gpu_bytes=GiB)
+    core.release("k1", "k1-r3", T0 + 9, peak_bytes=GiB, gpu_bytes=GiB)
+    core.offload("k1", T0 + 10)
+    core.offloaded("k1", T0 + 11, host_bytes=GiB)
+    assert one(core.acquire("k1", "k1-r4", T0 + 12), Grant).restore
+    core.restore_failed("k1", "checksum mismatch in spill file", T0 + 13)
+
+    # Nothing left: off the device with nothing to restore; the next cell just runs.
+    change = one(core.discarded("k1", T0 + 14, host_bytes=0, disk_bytes=0), StateChanged)
+    assert change.new == S.OFFLOADED and core.kernels["k1"].device is None
+    assert not one(core.acquire("k1", "k1-r5", T0 + 15), Grant).restore
+
+
 # ------------------------------------------------------------------------------------ migration
 
 
@@ -1354,21 +1391,26 @@ class BrokerMachine(RuleBasedStateMachine):
                 self.offloaded(kid, report.residual, report.to_disk)
         elif report.failed:
             self.restore_failed(kid)
+            if report.to_disk and self.core.kernels[kid].state == S.ERROR:
+                self.discard_damaged(kid)  # the restore found damage; the user goes on
         else:
             self.restored(kid)
 
     @precondition(lambda self: self.alive)
     @rule(
-        kind=st.sampled_from(["interrupt", "offload", "restore"]),
+        kind=st.sampled_from(["interrupt", "offload", "restore", "discard"]),
         index=picks,
         any_state=st.booleans(),
     )
     def user_request(self, kind: str, index: int, any_state: bool) -> None:
-        """The user interrupts a waiting cell, or asks for an offload or a restore (magic, REST)."""
+        """The user interrupts a waiting cell, asks for an offload or a restore (magic, REST), or
+        discards the part of an offloaded state a damaged spill file lost."""
         if kind == "interrupt":
             self.cancel(index, wrong=any_state)
         elif kind == "restore":
             self.restore(index, any_state)
+        elif kind == "discard":
+            self.discard(index, any_state)
         else:
             self.offload(index, any_state)
 
@@ -1447,6 +1489,23 @@ class BrokerMachine(RuleBasedStateMachine):
             assert state in ((S.RESTORING,) if kid in self.leases else (S.QUEUED, S.ERROR))
         else:
             assert state == S.ERROR and kid not in self.leases
+
+    def discard(self, index: int, any_state: bool) -> None:
+        self.discard_damaged((not any_state and self.pick(index, (S.ERROR,))) or self.pick(index))
+
+    def discard_damaged(self, kid: str) -> None:
+        """Half the kernel's saved bytes were lost (all when it had one): it keeps the rest."""
+        kernel = self.core.kernels[kid]
+        before = (kernel.state, kernel.host_bytes, kernel.disk_bytes)
+        left = self.saved.get(kid, 0) // 2
+        host = min(kernel.host_bytes, left)
+        actions = self.call("discarded", kid, self.now, host_bytes=host, disk_bytes=left - host)
+        if before[0] not in (S.ERROR, S.OFFLOADED, S.SPILLED) or kernel.lease is not None:
+            assert actions == [] and before == (kernel.state, kernel.host_bytes, kernel.disk_bytes)
+            return
+        self.saved[kid] = left
+        if kid not in self.leases:  # (a waiting cell may be granted at once)
+            assert kernel.state in (S.OFFLOADED, S.SPILLED, S.QUEUED), kernel
 
     def offload(self, index: int, any_state: bool) -> None:
         kid = (not any_state and self.pick(index, (S.RESIDENT,))) or self.pick(index)

@@ -235,6 +235,21 @@ class BrokerCore(Placement):
         self._schedule(now)
         return self._drain()
 
+    def discarded(
+        self, kernel_id: str, now: float, host_bytes: int, disk_bytes: int
+    ) -> list[Action]:
+        """The kernel dropped the part of its offloaded state a damaged spill file lost
+        (``%singularity discard``): out of ``error``, it waits with what is left, if anything."""
+        kernel = self._kernel(kernel_id)
+        if kernel.state not in (KernelState.ERROR, *OFF_DEVICE_STATES) or kernel.lease is not None:
+            return []
+        kernel.host_bytes, kernel.disk_bytes = host_bytes, disk_bytes
+        if kernel.request is None:
+            self._set_state(kernel, self._settled_state(kernel), "damaged state discarded", now)
+        self._schedule(now)
+        self._enforce_host_budget(now)
+        return self._drain()
+
     def offloaded(
         self, kernel_id: str, now: float, host_bytes: int, disk_bytes: int = 0, gpu_bytes: int = 0
     ) -> list[Action]:

@@ -221,6 +221,22 @@ class KernelRequests:
     ) -> None:
         self._apply(self.core.restore_failed(kernel_id, str(body.get("reason", "unknown")), now))
 
+    def _on_discarded(
+        self, kernel_id: str, connection: KernelConnection, body: dict, now: float
+    ) -> dict:
+        """``%singularity discard``: the kernel dropped its damaged state; what is left, where."""
+        host_bytes, disk_bytes = _size(body, "host_bytes"), _size(body, "disk_bytes")
+        self._apply(self.core.discarded(kernel_id, now, host_bytes, disk_bytes))
+        return {"kernel": self.kernel(kernel_id)}
+
 
 def _optional_int(value: Any) -> int | None:
     return None if value is None else int(value)
+
+
+def _size(body: dict, name: str) -> int:
+    """A byte count a kernel reports: a non-negative integer, or the request is refused."""
+    value = body[name]
+    if type(value) is not int or value < 0:
+        raise BrokerError(f"{name} must be a non-negative integer of bytes, not {value!r}")
+    return value

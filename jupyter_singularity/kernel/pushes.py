@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..units import format_size
+from .damage import restore_failure
 from .process_probes import nvml_process_bytes
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class BrokerPushes:
     """Answers to the broker's pushes (see the module docstring)."""
 
     lock: threading.RLock
+    shell: Any
     lease: Lease | None
     waiting: Waiting | None
     device: dict | None
@@ -174,12 +176,16 @@ class BrokerPushes:
             try:
                 transfer = engine.restore()
             except Exception as err:
-                message = str(err) or type(err).__name__
                 self.state = "error"
                 self._transitioned(
-                    TransferRecord("restore", 0, time.perf_counter() - started, error=message)
+                    TransferRecord(
+                        "restore",
+                        0,
+                        time.perf_counter() - started,
+                        error=restore_failure(err, engine, self.shell),
+                    )
                 )
-                return {"error": message}
+                return {"error": str(err) or type(err).__name__}
             record = self._record_transfer("restore", transfer, "requested")
             self._device_cache = None
             self.state = "resident"

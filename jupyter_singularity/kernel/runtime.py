@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 from ..protocol import ENV_SIMULATED
 from .client import BrokerClient, BrokerError
+from .damage import restore_failure
 from .gate import (
     CudaInitGate,
     GateInserter,
@@ -552,13 +553,10 @@ class Runtime(BrokerPushes):
                 seconds = time.perf_counter() - started
                 self.lease = None
                 self.state = "error"
-                reason = str(err) or type(err).__name__
-                self._send("restore_failed", {"reason": reason})
-                self._transitioned(TransferRecord("restore", 0, seconds, error=reason))
-                raise RestoreFailed(
-                    f"{reason}. The kernel's state is still held in {source} memory; run the cell "
-                    "again to retry, or restart the kernel to drop it."
-                ) from err
+                self._send("restore_failed", {"reason": str(err) or type(err).__name__})
+                message = restore_failure(err, engine, self.shell)
+                self._transitioned(TransferRecord("restore", 0, seconds, error=message))
+                raise RestoreFailed(message) from err
             record = self._record_transfer("restore", transfer, "cell")
             self._device_cache = None
             self.state = "running"
