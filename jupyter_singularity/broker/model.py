@@ -220,6 +220,7 @@ class Kernel:
             "gpu_bytes": self.gpu_bytes,
             "booked_bytes": self.booking(),
             "host_bytes": self.host_bytes,
+            "host_reserved": self.host_reserved,
             "disk_bytes": self.disk_bytes,
             "pinned": self.pinned,
             "last_activity": self.last_activity,

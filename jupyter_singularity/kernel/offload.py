@@ -503,7 +503,7 @@ class TensorEngine:
         try:
             spill = write_spill(directory, f"{self._name}-{len(tape.buffers)}.spill", pieces)
         except SpillError as exc:
-            raise HostFullError(str(exc)) from exc
+            raise HostFullError(exc.strerror or str(exc)) from exc
         finally:
             pieces.close()
             self._release_pinned()

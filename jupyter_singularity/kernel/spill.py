@@ -77,6 +77,8 @@ def write_spill(directory: Path, name: str, data: memoryview | Iterable[memoryvi
         if not isinstance(exc, OSError):
             raise  # the data could not be produced (a failed device copy): the caller's error
         reason = _REASONS.get(exc.errno or 0, exc.strerror or str(exc))
+        if exc.filename is not None and str(exc.filename) not in (str(temp), str(final)):
+            reason += f": {exc.filename}"  # the directory, say
         raise SpillError(
             exc.errno, f"cannot write spill file {final} ({written} bytes written): {reason}"
         ) from exc
