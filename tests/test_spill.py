@@ -287,6 +287,23 @@ def test_an_offload_without_host_room_goes_to_disk_whole(
     assert [raw(t) for t in tensors] == before
 
 
+@pytest.mark.parametrize("host_limit", [0, 150_001])
+def test_storages_of_odd_sizes_go_to_disk_and_come_back(
+    engine: TensorEngine, tmp_path: Path, host_limit: int
+) -> None:
+    """Storages start at aligned places on the tape: the gaps between them are written too."""
+    generator = torch.Generator().manual_seed(5)
+    odd = [
+        torch.randint(0, 256, (n,), dtype=torch.uint8, generator=generator)
+        for n in (100_003, 70_001, 250_007)
+    ]
+    before = [raw(t) for t in odd]
+    engine.offload(host_limit=host_limit, directory=tmp_path)
+    assert engine.host_bytes <= host_limit and engine.disk_bytes > 0
+    engine.restore()
+    assert [raw(t) for t in odd] == before
+
+
 @pytest.mark.parametrize("where", ["full disk", "not a directory", "no directory"])
 def test_an_offload_the_disk_cannot_take_changes_nothing(
     engine: TensorEngine, tensors: list[torch.Tensor], tmp_path: Path, where: str
