@@ -26,6 +26,7 @@ from hypothesis.stateful import (
 from jupyter_singularity.broker.core import BrokerCore
 from jupyter_singularity.broker.model import (
     DAY,
+    SPILLABLE_STATES,
     BrokerError,
     Deny,
     Forget,
@@ -35,6 +36,7 @@ from jupyter_singularity.broker.model import (
     LeaseEnded,
     Offload,
     Policy,
+    Spill,
     StateChanged,
     Wait,
 )
@@ -1047,6 +1049,7 @@ quota_entry = st.fixed_dictionaries(
         "gpu_seconds_per_day": st.sampled_from([10, 600, 7200]),
         "max_resident_kernels": st.integers(0, 3),
         "priority": st.sampled_from([0.5, 1, 2, 4]),
+        "host_memory": st.sampled_from(["0GiB", "1GiB", "6GiB"]),
     },
 )
 quota_configs = st.one_of(
@@ -1068,6 +1071,7 @@ policies = st.builds(
     migration=st.booleans(),
     pinned_per_kernel=st.sampled_from([0, 4 * GiB]),
     pinned_total=st.sampled_from([None, 6 * GiB]),
+    host_memory_limit=st.sampled_from([0, 3 * GiB, 10 * GiB]),
 )
 picks = st.integers(0, 1 << 16)
 fractions = st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0])
@@ -1141,6 +1145,8 @@ class BrokerMachine(RuleBasedStateMachine):
         self.pending: dict[str, str] = {}  # kernel -> request id it waits with ("restore-*")
         self.leases: dict[str, Grant] = {}  # outstanding grants
         self.offloading: set[str] = set()  # Offload emitted, no offloaded/offload_failed yet
+        self.host_limits: dict[str, int | None] = {}  # the host_limit of each offload in flight
+        self.spilling: set[str] = set()  # Spill emitted, no spilled/spill_failed yet
         self.asked: set[str] = set()  # offload asked while a cell ran: done when it ends
         self.saved: dict[str, int] = {}  # host + disk bytes the kernel must keep
         self.state_device: dict[str, int] = {}  # where the kernel's GPU state lives or lived
@@ -1214,7 +1220,17 @@ class BrokerMachine(RuleBasedStateMachine):
                     assert kid == call.explicit_offload, f"stalled {kid} chosen as victim"
                 assert action.device == call.devices_before[kid]
                 assert action.reason.strip()
+                if self.policy.host_memory_limit:
+                    assert action.host_limit is not None, action
+                assert action.host_limit is None or action.host_limit >= 0, action
                 self.offloading.add(kid)
+                self.host_limits[kid] = action.host_limit
+            elif isinstance(action, Spill):
+                kernel = self.core.kernels[kid]
+                assert kid in self.alive and kid not in self.spilling, action
+                assert kernel.host_bytes and kernel.state in SPILLABLE_STATES, kernel
+                assert kid not in self.leases and action.reason.strip(), action
+                self.spilling.add(kid)
             elif isinstance(action, LeaseEnded):
                 grant = self.leases.pop(kid, None)
                 assert grant is not None and grant.request_id == action.request_id, action
@@ -1354,7 +1370,10 @@ class BrokerMachine(RuleBasedStateMachine):
         left = min(kernel.gpu_bytes, residual)
         moved = kernel.gpu_bytes - left
         assert self.saved.get(kid, 0) == 0
-        host, disk = (0, moved) if to_disk else (moved, 0)
+        # The kernel keeps at most the host room it was given; the rest goes straight to disk.
+        room = self.host_limits.pop(kid)
+        host = 0 if to_disk else moved if room is None else min(moved, room)
+        disk = moved - host
         self.offloading.discard(kid)
         self.saved[kid] = moved
         self.call(
@@ -1367,9 +1386,18 @@ class BrokerMachine(RuleBasedStateMachine):
         if moved == 0 and left:
             assert kernel.refused, "an offload that freed nothing must not be asked again"
 
-    def offload_failed(self, kid: str) -> None:
+    def offload_failed(self, kid: str, host_full: bool) -> None:
         self.offloading.discard(kid)
-        self.call("offload_failed", kid, "a cell is capturing a CUDA graph", self.now)
+        room = self.host_limits.pop(kid)
+        if host_full:  # its state did not fit the room, and the disk could not take the rest
+            why = "cannot write spill file x.spill (0 bytes written): the disk is full"
+            self.call("offload_failed", kid, why, self.now, host_full=True)
+            refused = self.core.kernels[kid].refused
+            assert refused.endswith(f"is full and the spill directory cannot take the rest: {why}")
+            assert "host_memory_limit" in refused or "host_memory quota" in refused, refused
+            assert room is not None, "an offload without a host limit cannot run out of room"
+        else:
+            self.call("offload_failed", kid, "a cell is capturing a CUDA graph", self.now)
         assert self.core.kernels[kid].refused or kid in self.leases
 
     @precondition(lambda self: self.in_state(*IN_FLIGHT))
@@ -1386,7 +1414,9 @@ class BrokerMachine(RuleBasedStateMachine):
             self.release(kid, report.peak, report.gpu, report.with_peak)
         elif state == S.OFFLOADING:
             if report.failed:
-                self.offload_failed(kid)
+                self.offload_failed(
+                    kid, host_full=report.to_disk and self.host_limits[kid] is not None
+                )
             else:
                 self.offloaded(kid, report.residual, report.to_disk)
         elif report.failed:
@@ -1415,10 +1445,18 @@ class BrokerMachine(RuleBasedStateMachine):
             self.offload(index, any_state)
 
     @precondition(lambda self: self.alive)
-    @rule(kind=st.sampled_from(["pin", "unpin", "quotas"]), index=picks, config=quota_configs)
+    @rule(
+        kind=st.sampled_from(["pin", "unpin", "quotas", "host quota"]),
+        index=picks,
+        config=quota_configs,
+    )
     def admin(self, kind: str, index: int, config: dict | None) -> None:
         if kind == "quotas":
             self.set_quotas(config)
+        elif kind == "host quota":
+            # Below what a user's host copies hold now (queued or not): some must go to disk.
+            held = max(kernel.host_bytes for kernel in self.core.kernels.values())
+            self.set_quotas({"default": {"host_memory": held // 2}})
         else:
             self.pin(index, kind == "pin")
 
@@ -1449,13 +1487,23 @@ class BrokerMachine(RuleBasedStateMachine):
             if not holders:
                 return
             kid = holders[index % len(holders)]
-            held = booking_of(self.core.kernels[kid])
             self.call("revoke", kid, self.now, "stalled")
             kernel = self.core.kernels[kid]
             assert kid not in self.leases and kernel.state == S.OFFLOADED and kernel.device is None
-            self.saved[kid] = self.saved.get(kid, 0) + held
 
-    def spill(self, kid: str, fraction: float) -> None:
+    def spill(self, index: int, fraction: float) -> None:
+        """A spill the core asked for finishes (all, part, or none of the copy moved: a full
+        disk); without one in flight, a kernel reports a spill of its own accord."""
+        if self.spilling:
+            kid = sorted(self.spilling)[index % len(self.spilling)]
+            self.spilling.discard(kid)
+            if fraction == 0.0:
+                self.call("spill_failed", kid, "the disk is full", self.now)
+                return
+        elif self.in_state(S.OFFLOADED):
+            kid = self.pick(index, (S.OFFLOADED,))
+        else:
+            return
         kernel = self.core.kernels[kid]
         part = int(kernel.host_bytes * fraction)
         self.call(
@@ -1549,9 +1597,10 @@ class BrokerMachine(RuleBasedStateMachine):
         assert kid not in self.core.kernels
         if kid in self.leases:
             assert not self.leases[kid].hold  # a restore without a cell: nothing to charge
-        for table in (self.pending, self.leases, self.saved):
+        for table in (self.pending, self.leases, self.saved, self.host_limits):
             table.pop(kid, None)
         self.offloading.discard(kid)
+        self.spilling.discard(kid)
 
     @rule(
         seconds=st.sampled_from([0.5, 7, 60, 121, 3600, 5 * 3600, "midnight"]),
@@ -1570,8 +1619,8 @@ class BrokerMachine(RuleBasedStateMachine):
         self.tick()
         if report is not None and self.in_state(*IN_FLIGHT):
             self.kernel_report(report)
-        if spill is not None and self.in_state(S.OFFLOADED):
-            self.spill(self.pick(spill[0], (S.OFFLOADED,)), spill[1])
+        if spill is not None:
+            self.spill(*spill)
 
     def tick(self) -> None:
         day = int(self.now // DAY)
@@ -1643,6 +1692,34 @@ class BrokerMachine(RuleBasedStateMachine):
                 assert kernel.device is not None, kernel
             if kernel.state == S.QUEUED:
                 assert kernel.request is not None, kernel
+
+    @invariant()
+    def host_memory_within_budget(self) -> None:
+        """Host copies and the room reserved for offloads in flight never exceed the pool's
+        host_memory_limit; a user over their host_memory quota (lowered, say) has every copy that
+        can move on its way to disk."""
+        if not hasattr(self, "core"):
+            return
+        kernels = self.core.kernels.values()
+        reserved = {k: self.host_limits[k] or 0 for k in self.offloading}
+        held = sum(k.host_bytes for k in kernels) + sum(reserved.values())
+        assert held == self.core.host_held, (held, self.core.host_held)
+        if self.policy.host_memory_limit:
+            assert held <= self.policy.host_memory_limit, self.core.snapshot(self.now)
+        for user in set(self.alive.values()):
+            quota = self.core.limits(user, USERS[user]).host_memory
+            mine = [k for k in kernels if k.user == user]
+            staying = [k for k in mine if k.host_bytes and k.kernel_id not in self.spilling]
+            kept = sum(k.host_bytes for k in staying) + sum(
+                reserved.get(k.kernel_id, 0) for k in mine
+            )
+            if quota is not None and kept > quota:
+                movable = [
+                    k
+                    for k in staying
+                    if k.state in SPILLABLE_STATES and k.lease is None and not k.spill_refused
+                ]
+                assert not movable, (user, quota, kept, movable)
 
     @invariant()
     def every_waiting_request_is_served(self) -> None:

@@ -24,6 +24,7 @@ torch = pytest.importorskip("torch")
 from jupyter_singularity.kernel import offload  # noqa: E402
 from jupyter_singularity.kernel.lost import LostTensorError, is_lost  # noqa: E402
 from jupyter_singularity.kernel.offload import (  # noqa: E402
+    HostFullError,
     OffloadError,
     StateDamaged,
     TensorEngine,
@@ -769,6 +770,42 @@ def test_cuda_offload_frees_the_gpu_and_restores(
     cuda_engine.offload()
     cuda_engine.restore()
     assert len(calls) == allocations  # the pinned pool is reused
+
+
+@needs_cuda
+def test_cuda_offload_beyond_its_host_limit_goes_to_disk_through_a_bounded_buffer(
+    cuda_engine: TensorEngine, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    state = [torch.randn(n * MIB // 4, device="cuda", generator=generator) for n in (96, 48, 13)]
+    state.append(torch.randint(0, 256, (100_003,), dtype=torch.uint8, device="cuda"))  # odd size
+    before = [raw(t.cpu()) for t in state]
+    calls = count_allocations(monkeypatch)
+    limit = 40 * MIB + 12_345  # inside a storage: it is split between pinned memory and disk
+
+    cuda_engine.offload(host_limit=limit, directory=tmp_path)
+
+    assert 0 < cuda_engine.host_bytes <= limit and cuda_engine.disk_bytes >= 117 * MIB
+    assert all(t.untyped_storage().nbytes() == 0 for t in state)
+    # The pool for the host part, and one staging buffer for the rest: never the whole state.
+    assert sum(n for n, _ in calls) <= cuda_engine.pool_bytes + offload.STAGING
+    assert all(pinned for _, pinned in calls)
+    cuda_engine.restore()
+    assert [raw(t.cpu()) for t in state] == before and list(tmp_path.iterdir()) == []
+
+    # Without room the pool, unused now, is the staging buffer: nothing more is allocated.
+    calls.clear()
+    cuda_engine.offload(host_limit=0, directory=tmp_path)
+    assert cuda_engine.host_bytes == 0 and calls == []
+    cuda_engine.restore()
+    assert [raw(t.cpu()) for t in state] == before
+
+    # The disk cannot take the rest: nothing changes on the device.
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(HostFullError, match="cannot write spill file"):
+        cuda_engine.offload(host_limit=MIB, directory=tmp_path / "file" / "spill")
+    assert not cuda_engine.offloaded
+    assert [raw(t.cpu()) for t in state] == before
 
 
 def _pinned_bytes() -> int | None:

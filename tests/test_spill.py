@@ -154,7 +154,7 @@ def test_full_disk_leaves_no_partial_file(tmp_path: Path) -> None:
 
     message = str(raised.value)
     assert "cannot write spill file" in message and "big.spill" in message
-    assert "file size limit" in message and "host copy is kept" in message
+    assert "file size limit" in message and "(1048576 bytes written)" in message
     assert os.listdir(tmp_path) == []
 
 
@@ -162,8 +162,14 @@ def test_full_disk_leaves_no_partial_file(tmp_path: Path) -> None:
 
 torch = pytest.importorskip("torch")
 
+from jupyter_singularity.kernel import offload  # noqa: E402
 from jupyter_singularity.kernel.lost import is_lost  # noqa: E402
-from jupyter_singularity.kernel.offload import OffloadError, StateDamaged, TensorEngine  # noqa: E402
+from jupyter_singularity.kernel.offload import (  # noqa: E402
+    HostFullError,
+    OffloadError,
+    StateDamaged,
+    TensorEngine,
+)
 
 
 def raw(tensor: torch.Tensor) -> bytes:
@@ -283,6 +289,150 @@ def test_engine_restore_from_a_corrupted_spill_fails_clearly(
     engine.restore()
     lost = {storage._cdata for storage, _ in damage.storages}
     assert lost and lost == {t.untyped_storage()._cdata for t in tensors if is_lost(t)}
+
+
+# -- offloads bounded by the host budget ----------------------------------------------------
+
+
+def host_allocations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the size of every host buffer the engine allocates from now on."""
+    sizes: list[int] = []
+    real = offload._allocate_host
+
+    def allocate(nbytes: int, pinned: bool) -> torch.Tensor:
+        sizes.append(nbytes)
+        return real(nbytes, pinned)
+
+    monkeypatch.setattr(offload, "_allocate_host", allocate)
+    return sizes
+
+
+def test_an_offload_keeps_its_host_limit_and_writes_the_rest_straight_to_disk(
+    engine: TensorEngine,
+    tensors: list[torch.Tensor],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    before = [raw(t) for t in tensors]
+    limit = 5 * MIB + 12_345  # within a storage: it is split between memory and disk
+    allocated = host_allocations(monkeypatch)
+
+    engine.offload(host_limit=limit, directory=tmp_path)
+
+    assert 0 < engine.host_bytes <= limit and engine.disk_bytes > 0
+    assert engine.host_bytes + engine.disk_bytes >= 7 * MIB
+    assert sum(allocated) <= limit  # the disk part never passed through host memory
+    assert all(t.untyped_storage().nbytes() == 0 for t in tensors)
+    (file,) = tmp_path.iterdir()
+    assert file.stat().st_size == engine.disk_bytes and stat.S_IMODE(file.stat().st_mode) == 0o600
+    engine.restore()
+    assert [raw(t) for t in tensors] == before
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_partly_spilled_offload_can_spill_the_rest_and_come_back(
+    engine: TensorEngine, tensors: list[torch.Tensor], tmp_path: Path
+) -> None:
+    before = [raw(t) for t in tensors]
+    engine.offload(host_limit=3 * MIB, directory=tmp_path / "k")
+    disk = engine.disk_bytes
+
+    assert engine.spill(tmp_path / "k") == engine.disk_bytes - disk > 0  # the broker asks later
+    assert engine.host_bytes == 0 and len(list((tmp_path / "k").iterdir())) >= 2
+    engine.restore()
+    assert [raw(t) for t in tensors] == before
+    assert list((tmp_path / "k").iterdir()) == []
+
+
+def test_an_offload_without_host_room_goes_to_disk_whole(
+    engine: TensorEngine, tensors: list[torch.Tensor], tmp_path: Path
+) -> None:
+    before = [raw(t) for t in tensors]
+    engine.offload(host_limit=0, directory=tmp_path)
+    assert engine.host_bytes == 0 and engine.disk_bytes >= 7 * MIB
+    engine.restore()
+    assert [raw(t) for t in tensors] == before
+
+
+@pytest.mark.parametrize("host_limit", [0, 150_001])
+def test_storages_of_odd_sizes_go_to_disk_and_come_back(
+    engine: TensorEngine, tmp_path: Path, host_limit: int
+) -> None:
+    """Storages start at aligned places on the tape: the gaps between them are written too."""
+    generator = torch.Generator().manual_seed(5)
+    odd = [
+        torch.randint(0, 256, (n,), dtype=torch.uint8, generator=generator)
+        for n in (100_003, 70_001, 250_007)
+    ]
+    before = [raw(t) for t in odd]
+    engine.offload(host_limit=host_limit, directory=tmp_path)
+    assert engine.host_bytes <= host_limit and engine.disk_bytes > 0
+    engine.restore()
+    assert [raw(t) for t in odd] == before
+
+
+@pytest.mark.parametrize("where", ["full disk", "not a directory", "no directory"])
+def test_an_offload_the_disk_cannot_take_changes_nothing(
+    engine: TensorEngine, tensors: list[torch.Tensor], tmp_path: Path, where: str
+) -> None:
+    before = [raw(t) for t in tensors]
+    (tmp_path / "file").write_bytes(b"")
+    directory = {
+        "full disk": tmp_path / "spill",
+        "not a directory": tmp_path / "file" / "spill",
+        "no directory": None,
+    }[where]
+    expected = {
+        "full disk": r"cannot write spill file .*\.spill \(\d+ bytes written\): the file size limit",
+        "not a directory": r"cannot write spill file .*file/spill/",
+        "no directory": r"^no spill directory is configured \(spill_dir\)$",
+    }[where]
+
+    with file_size_limit(2 * MIB), pytest.raises(HostFullError, match=expected):
+        engine.offload(host_limit=MIB, directory=directory)
+
+    assert not engine.offloaded and engine.host_bytes == engine.disk_bytes == 0
+    assert [raw(t) for t in tensors] == before  # still on the device, intact
+    assert sorted(p.name for p in tmp_path.rglob("*")) in (["file"], ["file", "spill"])
+    assert not any((tmp_path / "spill").iterdir()) if (tmp_path / "spill").exists() else True
+    engine.offload(host_limit=None)  # the next offload, with room, works
+    engine.restore()
+    assert [raw(t) for t in tensors] == before
+
+
+BOUNDED_SCRIPT = """
+import resource, sys
+from pathlib import Path
+import torch
+from jupyter_singularity.kernel.offload import TensorEngine
+state = [torch.full((64 << 20,), i, dtype=torch.uint8) for i in range(4)]  # 256 MiB
+engine = TensorEngine(simulated=True, pinned_limit=0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+engine.offload(host_limit=int(sys.argv[2]), directory=Path(sys.argv[1]))
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+disk = engine.disk_bytes
+engine.restore()
+print(disk, grown * 1024, all(bool((t == i).all()) for i, t in enumerate(state)))
+"""
+
+
+@pytest.mark.parametrize("host_limit", [0, 64 * MIB])
+def test_the_memory_an_offload_uses_beyond_its_host_limit_stays_small(
+    tmp_path: Path, host_limit: int
+) -> None:
+    """In a process of its own, so that its peak resident memory is the offload's."""
+    result = subprocess.run(
+        [sys.executable, "-c", BOUNDED_SCRIPT, str(tmp_path), str(host_limit)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    disk, grown, intact = result.stdout.split()
+    assert intact == "True" and int(disk) >= 256 * MIB - host_limit
+    # A host copy of the 256 MiB state would grow it by 256 MiB; the spill file's write buffers
+    # and checksum take a few MiB.
+    assert int(grown) <= host_limit + 16 * MIB, result.stdout
 
 
 DISCARD_SCRIPT = """

@@ -202,10 +202,19 @@ class Placement:
                 f"GPU {d}: {format_size(self._reservation(kernel, request, self.devices[d], limits))}"
                 for d in candidates
             )
+            # Why kernels in the way refused to leave (a full host budget and disk, say).
+            refusals = sorted(
+                {
+                    f"; kernel {k.kernel_id[:8]} stays: {k.refused}"
+                    for d in candidates
+                    for k in self._by_device[d].values()
+                    if k.refused and k is not kernel
+                }
+            )
             return _Placement(
                 deny=f"no GPU can make room for this request ({sizes}) while pinned or "
                 "non-offloadable kernels hold their memory; unpin a kernel or ask for less with "
-                "%%singularity --memory SIZE"
+                "%%singularity --memory SIZE" + "".join(refusals)
             )
         (tier, *_), device, reservation, victims = best
         if anywhere and tier == 2:

@@ -543,7 +543,10 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
                 reservation_bytes=grant.reservation,
                 start=grant.start,
             )
-        if grant.restore or not grant.hold:
+        connection = self._connections.get(grant.kernel_id)
+        frozen = connection is not None and connection.checkpointed_uuid is not None
+        if grant.restore or not grant.hold or frozen:
+            # (a process the driver holds must be restored even when no tensor was moved)
             self._spawn(self._restore(grant))
         else:
             self._answer(grant)

@@ -39,10 +39,18 @@ class StateMoves:
     _spill_dir_of: Callable[[str], Path | None]
 
     async def _offload(self, action: Offload) -> None:
-        """Ask the kernel to move its GPU state off the device; it answers with what it moved."""
+        """Ask the kernel to move its GPU state off the device, keeping at most ``host_limit``
+        bytes in host memory and writing the rest to its spill directory; it answers with what
+        it moved where."""
+        directory = self._spill_dir_of(action.kernel_id)
+        body = {
+            "reason": action.reason,
+            "host_limit": action.host_limit,
+            "directory": None if directory is None else str(directory),
+        }
         try:
             reply = await self._rpc.request(
-                action.kernel_id, "offload", {"reason": action.reason}, timeout=self.offload_timeout
+                action.kernel_id, "offload", body, timeout=self.offload_timeout
             )
         except (TimeoutError, asyncio.TimeoutError, ConnectionError, RuntimeError) as err:
             reply = {
@@ -57,7 +65,14 @@ class StateMoves:
                 action.kernel_id,
                 reply["error"],
             )
-            self._apply(self.core.offload_failed(action.kernel_id, str(reply["error"]), now))
+            self._apply(
+                self.core.offload_failed(
+                    action.kernel_id,
+                    str(reply["error"]),
+                    now,
+                    host_full=reply.get("host_full") is True,
+                )
+            )
         else:
             self._stash_transfer(action.kernel_id, reply)
             gpu_bytes = int(reply.get("gpu_bytes", 0))

@@ -9,6 +9,10 @@ in. Host buffers come from a pool that is kept between offloads (pinned on CUDA:
 Pool chunks are powers of two: torch's pinned allocator rounds every request up to one, so any
 other size would pin up to twice the memory asked for, past the limit.
 
+An offload may keep only part of the state in host memory (the broker's host budget): the rest
+is written to a spill file straight from the device storages (on CUDA through one staging buffer
+of at most ``STAGING`` bytes), never first copied whole into host memory.
+
 With ``simulated=True`` (machines without GPUs) the "device" is the CPU: every torch CPU storage
 of at least ``min_bytes`` that torch owns is device state, moved through the same code.
 
@@ -78,6 +82,8 @@ Progress = Callable[[int, int], None]
 ALIGN = 4096
 #: The smallest pool chunk; the pool grows by powers of two of it.
 POOL_UNIT = 2 << 20
+#: Host memory one CUDA offload passes the state beyond its host room through, on its way to disk.
+STAGING = 64 << 20
 
 
 class OffloadError(Exception):
@@ -86,6 +92,11 @@ class OffloadError(Exception):
 
 class UnsafeStateError(OffloadError):
     """State the engine cannot move safely; the message says what, and the kernel stays resident."""
+
+
+class HostFullError(OffloadError):
+    """The state did not fit the host memory the offload may use and the rest could not be written
+    to disk (the message says why); nothing was changed, the kernel stays resident."""
 
 
 @dataclass(frozen=True)
@@ -292,8 +303,17 @@ class TensorEngine:
             movable = sum(storage.nbytes() for storage in self._find(torch, found))
             return movable + sum(sum(sizes) for sizes in found.problems.values())
 
-    def offload(self, progress: Progress | None = None) -> Transfer:
+    def offload(
+        self,
+        progress: Progress | None = None,
+        host_limit: int | None = None,
+        directory: Path | None = None,
+    ) -> Transfer:
         """Copy every device storage to host memory, then free it on the device.
+
+        At most ``host_limit`` bytes (None: no limit) stay in host memory; the rest is written to
+        a spill file in ``directory`` straight from the device storages, before any is freed. If
+        it cannot be (no directory, a full disk), nothing changes: HostFullError says why.
 
         Copies start while the scan still runs, into the pool kept from the last offload, so on
         CUDA the copy engines overlap the Python scan; what does not fit is copied after it.
@@ -307,7 +327,10 @@ class TensorEngine:
             if torch is None:
                 self._commit_offload(_Tape([]), [], [])
                 return Transfer(0, time.perf_counter() - started, 0)
+            room = None if host_limit is None else max(0, host_limit)
             tape = _Tape([_Buffer.of_pool(chunk) for chunk in self._pool])
+            if room is not None and tape.end > room:
+                tape.trim(room)
             slots: list[_Slot] = []
             new_chunks: list[torch.Tensor] = []
             idle: set[Any] = set()
@@ -320,9 +343,12 @@ class TensorEngine:
                         else:
                             later.append(storage)
                     found.raise_if_unsafe()
-                    new_chunks = self._grow(
-                        tape, _end(slots) + sum(_aligned(s.nbytes()) for s in later)
-                    )
+                    total = _end(slots) + sum(_aligned(s.nbytes()) for s in later)
+                    host_end = total if room is None else min(total, room)
+                    if host_end < total and directory is None:
+                        raise HostFullError("no spill directory is configured (spill_dir)")
+                    new_chunks = self._grow(tape, host_end)
+                    tape.trim(host_end)
                     done = sum(slot.nbytes for slot in slots)
                     moved = done + sum(storage.nbytes() for storage in later)
                     if progress is not None:
@@ -332,7 +358,11 @@ class TensorEngine:
                         done += storage.nbytes()
                         if progress is not None:
                             progress(done, moved)
-                    tape.trim(_end(slots))
+                    if _end(slots) > tape.end:
+                        assert directory is not None
+                        self._write_rest(torch, tape, slots, directory)
+                    else:
+                        tape.trim(_end(slots))
                     self._synchronize(torch, slots)
             except Exception as exc:
                 self._synchronize(torch, slots)  # the pool is reused: no copy may still land in it
@@ -535,9 +565,39 @@ class TensorEngine:
             idle.add(storage.device)
         slot = _Slot(storage, storage.nbytes(), _end(slots))
         slots.append(slot)
-        device_bytes = _bytes_of(torch, storage)
-        for host, start, length in tape.pieces(slot.offset, slot.nbytes):
-            _copy(host, device_bytes[start : start + length])
+        on_host = min(slot.nbytes, tape.end - slot.offset)  # the rest goes to disk
+        if on_host > 0:
+            device_bytes = _bytes_of(torch, storage)
+            for host, start, length in tape.pieces(slot.offset, on_host):
+                _copy(host, device_bytes[start : start + length])
+
+    def _write_rest(self, torch: Any, tape: _Tape, slots: list[_Slot], directory: Path) -> None:
+        """Write the tape's bytes past its host buffers to one spill file, read straight from the
+        device storages, and put the file on the tape (as a spilled buffer, which a restore reads
+        back). On failure no file is left and HostFullError says why."""
+        start, end = tape.end, _end(slots)
+        staging = None if self.simulated else self._staging(tape, end - start)
+        pieces = _tape_bytes(torch, slots, start, end, staging)
+        del staging  # the generator's, and freed with it
+        try:
+            spill = write_spill(directory, f"{self._name}-{len(tape.buffers)}.spill", pieces)
+        except SpillError as exc:
+            raise HostFullError(exc.strerror or str(exc)) from exc
+        finally:
+            pieces.close()
+            self._release_pinned()
+        tape.append(_Buffer(None, end - start, pooled=False, spill=spill))
+
+    def _staging(self, tape: _Tape, nbytes: int) -> torch.Tensor:
+        """Host memory to pass device bytes through on their way to disk: a pool chunk this
+        offload does not use (pinned already), else a new buffer of at most STAGING bytes."""
+        on_tape = {id(buffer.tensor) for buffer in tape.buffers}
+        spare = [chunk for chunk in self._pool if id(chunk) not in on_tape]
+        size = min(STAGING, nbytes)
+        if spare:
+            chunk = max(spare, key=lambda c: c.numel())
+            return chunk[: min(chunk.numel(), size)]
+        return _allocate_host(size, self._pin)
 
     def prepare(self, nbytes: int) -> int:
         """Grow the reusable host pool towards ``nbytes`` (at most ``pinned_limit``) ahead of the
@@ -589,10 +649,8 @@ class TensorEngine:
         try:
             for index, buffer in enumerate(tape.buffers):
                 if buffer.tensor is None and buffer.spill is not None:
-                    size = buffer.capacity if buffer.pooled else buffer.used
-                    buffer.tensor = _allocate_host(size, self._pin and buffer.pooled)
                     try:
-                        read_spill(buffer.spill, _memoryview(buffer.tensor, buffer.used))
+                        self._load(buffer)
                     except SpillDamaged as exc:
                         damaged[index] = exc
                         buffer.tensor = None
@@ -654,6 +712,14 @@ class TensorEngine:
                     if any(storage._cdata in keys for storage in parts):
                         mark_lost(tensor)
 
+    def _load(self, buffer: _Buffer) -> None:
+        """Read a spilled buffer back into host memory, verified (a pooled one whole, so that it
+        returns to the pool)."""
+        assert buffer.spill is not None
+        size = buffer.capacity if buffer.pooled else buffer.used
+        buffer.tensor = _allocate_host(size, self._pin and buffer.pooled)
+        read_spill(buffer.spill, _memoryview(buffer.tensor, buffer.used))
+
     def _finish_restore(self) -> None:
         """Only now, with every storage back, may the host and disk copies go."""
         assert self._tape is not None
@@ -676,15 +742,22 @@ class TensorEngine:
                 _resize(slot.storage, 0)
                 shrunk.append(slot)
         except Exception as exc:
+            spilled = [buffer for buffer in tape.buffers if buffer.spill is not None]
             try:
+                for buffer in spilled:  # what went straight to disk comes back through memory
+                    self._load(buffer)
                 self._bring_back(torch, shrunk, tape, None, 0)
             except Exception as again:
-                # Could not undo: those storages stay offloaded with their host copies.
+                # Could not undo: those storages stay offloaded with their host and disk copies.
+                for buffer in spilled:
+                    buffer.tensor = None
                 self._commit_offload(tape, shrunk, new_chunks)
                 raise OffloadError(
                     f"offload failed while freeing device memory ({exc}) and undoing it failed "
                     f"({again}); {len(shrunk)} storages stay offloaded, restore() brings them back"
                 ) from exc
+            for buffer in spilled:
+                remove_spill(buffer.spill)
             raise OffloadError(
                 f"offload failed while freeing device memory, nothing was changed: {exc}"
             ) from exc
@@ -807,7 +880,38 @@ def _bytes_of(torch: Any, storage: Any) -> Any:
 
 def _memoryview(tensor: Any, nbytes: int) -> memoryview:
     """The first ``nbytes`` of a contiguous host tensor as a writable memoryview (no numpy)."""
-    return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
+    return _memory_at(tensor.data_ptr(), nbytes)
+
+
+def _memory_at(address: int, nbytes: int) -> memoryview:
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(address)).cast("B")
+
+
+def _tape_bytes(
+    torch: Any, slots: list[_Slot], start: int, end: int, staging: Any
+) -> Iterator[memoryview]:
+    """The tape's bytes from ``start`` to ``end``, read from the device storages in tape order
+    (alignment gaps as zeros). Without ``staging`` (simulated devices: the storages are host
+    memory) each piece is the storage's own memory; on CUDA each is copied into ``staging``,
+    synchronously, and must be consumed before the next is asked for."""
+    at = start
+    for slot in slots:
+        low, high = max(slot.offset, start), min(slot.offset + slot.nbytes, end)
+        if low >= high:
+            continue
+        if low > at:
+            yield memoryview(bytes(low - at))
+        if staging is None:
+            yield _memory_at(slot.storage.data_ptr() + low - slot.offset, high - low)
+        else:
+            device_bytes = _bytes_of(torch, slot.storage)
+            for piece in range(low - slot.offset, high - slot.offset, staging.numel()):
+                length = min(staging.numel(), high - slot.offset - piece)
+                staging[:length].copy_(device_bytes[piece : piece + length])  # blocking
+                yield _memoryview(staging, length)
+        at = high
+    if end > at:
+        yield memoryview(bytes(end - at))
 
 
 def _multiprocessing_shared() -> set[int]:

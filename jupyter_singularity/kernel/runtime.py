@@ -540,7 +540,9 @@ class Runtime(BrokerPushes):
                 # The broker believes the state is off the device, but nothing of it is held here.
                 self._send("restored", {"gpu_bytes": self._device_bytes(force=True)})
                 return
-            source = "disk" if engine.disk_bytes and not engine.host_bytes else "host"
+            source = (
+                ("host and " if engine.host_bytes else "") + "disk" if engine.disk_bytes else "host"
+            )
             total = int(engine.host_bytes + engine.disk_bytes)
             waiting.restoring = total
             line.restoring(total, source)

@@ -24,6 +24,7 @@ import hashlib
 import io
 import os
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,45 +73,68 @@ class SpillFile:
         return dataclasses.replace(self, dropped=self.dropped | pieces)
 
 
+#: Bytes of each piece's blake2b digest: 128 bits tell corruption apart, no adversary is assumed.
+DIGEST_SIZE = 16
+
+
 def _digest(piece: memoryview) -> bytes:
-    return hashlib.blake2b(piece, digest_size=16).digest()
+    return hashlib.blake2b(piece, digest_size=DIGEST_SIZE).digest()
 
 
-def write_spill(directory: Path, name: str, data: memoryview) -> SpillFile:
-    """Write ``data`` to ``directory/name`` durably; on any failure no file is left behind."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+def write_spill(directory: Path, name: str, data: memoryview | Iterable[memoryview]) -> SpillFile:
+    """Write ``data`` (one buffer, or the pieces of one in order, each consumed before the next
+    is asked for) to ``directory/name`` durably; on any failure no file is left behind."""
     final = directory / name
     temp = directory / f".{name}.{uuid.uuid4().hex}.tmp"
-    view = data.cast("B")
-    digests = []
+    digests: list[bytes] = []
+    hasher = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    filled = 0  # bytes of the current CHUNK hashed so far: pieces need not align with CHUNK
     fd = -1
+    created = False
+    written = 0
     try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        created = True
         os.fchmod(fd, 0o600)  # the umask may only narrow the mode; make it exact
-        offset = 0
-        while offset < len(view):
-            chunk = view[offset : offset + CHUNK]
-            digests.append(_digest(chunk))
-            written = 0
-            while written < len(chunk):
-                written += os.write(fd, chunk[written:])
-            offset += len(chunk)
+        for piece in [data] if isinstance(data, memoryview) else data:
+            view = piece.cast("B")
+            offset = 0
+            while offset < len(view):
+                chunk = view[offset : offset + CHUNK - filled]
+                hasher.update(chunk)
+                filled += len(chunk)
+                if filled == CHUNK:
+                    digests.append(hasher.digest())
+                    hasher, filled = hashlib.blake2b(digest_size=DIGEST_SIZE), 0
+                done = 0
+                while done < len(chunk):
+                    sent = os.write(fd, chunk[done:])
+                    done += sent
+                    written += sent
+                offset += len(chunk)
+        if filled:
+            digests.append(hasher.digest())
         os.fsync(fd)
         os.close(fd)
         fd = -1
         os.replace(temp, final)
+        temp = final  # from here on, a failure removes the file under its final name
         _fsync_directory(directory)
-    except OSError as exc:
+    except BaseException as exc:
         if fd >= 0:
             os.close(fd)
-        temp.unlink(missing_ok=True)
+        if created:
+            temp.unlink(missing_ok=True)
+        if not isinstance(exc, OSError):
+            raise  # the data could not be produced (a failed device copy): the caller's error
         reason = _REASONS.get(exc.errno or 0, exc.strerror or str(exc))
+        if exc.filename is not None and str(exc.filename) not in (str(temp), str(final)):
+            reason += f": {exc.filename}"  # the directory, say
         raise SpillError(
-            exc.errno,
-            f"cannot write spill file {final} ({len(view)} bytes): {reason}; "
-            "nothing was written and the host copy is kept",
+            exc.errno, f"cannot write spill file {final} ({written} bytes written): {reason}"
         ) from exc
-    return SpillFile(path=final, nbytes=len(view), digests=tuple(digests))
+    return SpillFile(path=final, nbytes=written, digests=tuple(digests))
 
 
 def read_spill(spill: SpillFile, into: memoryview) -> None:

@@ -79,8 +79,9 @@ class SingularityApp(ExtensionApp):
     host_memory_limit = Union(
         [Unicode(), Int()],
         default_value="0",
-        help="""Host memory for GPU state offloaded from kernels (e.g. "64GiB"); beyond it the
-        coldest kernels' state spills to spill_dir. "0" means half of the machine's RAM.""",
+        help="""Host memory for GPU state offloaded from kernels (e.g. "64GiB"), held to at all
+        times: an offload keeps the room left and writes the rest straight to spill_dir. "0"
+        means half of the machine's RAM.""",
     ).tag(config=True)
 
     pinned_memory_limit = Union(
