@@ -1,4 +1,6 @@
-"""The broker's RPC server and the kernel's client, over real ZeroMQ sockets on 127.0.0.1."""
+"""The kernel channel: the broker's RPC server and the kernel's client over real ZeroMQ sockets (a
+Unix socket in a private directory), hostile peers and floods, sessions, the checks of numbers that
+kernels report, and the kernel's wait for a broker that disappears (through a real server)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from jupyter_singularity.protocol import (
     MAGIC,
     ORIGIN_BROKER,
     ORIGIN_KERNEL,
+    RENEW_SESSION,
     Message,
     Sequencer,
     Signer,
@@ -72,7 +75,8 @@ async def echo(msg: Message) -> dict:
 @pytest.fixture
 async def broker(keys: dict[str, bytes]) -> Broker:
     handlers = Handlers(routes={"echo": echo})
-    server = RPCServer(keys.get, handlers, logging.getLogger(BROKER_LOG))
+    # Every drop logged on its own line (no summing up), so tests can see each reason.
+    server = RPCServer(keys.get, handlers, logging.getLogger(BROKER_LOG), drop_log_interval=0)
     endpoint = await server.start()
     yield Broker(server, endpoint, handlers)
     await server.stop()
@@ -347,39 +351,48 @@ async def test_forged_messages_are_dropped_and_logged(
     kernel = Sequencer("k1", ORIGIN_KERNEL)
     signer = Signer(keys["k1"])
 
-    async def roundtrip(msg: Message) -> Message:
-        frames = encode(msg, signer)
-        await raw_dealer.send_multipart(frames)
-        reply = decode(await asyncio.wait_for(raw_dealer.recv_multipart(), 5), keys.get)
-        assert (reply.reply_to, reply.origin) == (msg.msg_id, ORIGIN_BROKER)
-        return reply
+    async def receive() -> Message:
+        return decode(await asyncio.wait_for(raw_dealer.recv_multipart(), 5), keys.get)
 
     captured = encode(kernel.make("echo", {"n": 1}), signer)
     await raw_dealer.send_multipart(captured)
-    await asyncio.wait_for(raw_dealer.recv_multipart(), 5)
+    await receive()
 
     tampered = encode(kernel.make("echo", {"n": 2}), signer)
-    tampered[3] = b'{"n":666}'
+    tampered[4] = b'{"n":666}'
     stale = kernel.make("echo", {})
     stale.time -= 3600
+    future = kernel.make("echo", {})
+    future.time += 3600
     reflected = Sequencer("k1", ORIGIN_BROKER).make("echo", {})
+    unsigned = encode(kernel.make("echo", {}), signer)
+    unsigned[2] = b""
+    oversized = encode(kernel.make("echo", {}), signer)
+    oversized[3] = b" " * 2000
     hostile = [
         captured,  # replayed verbatim
         encode(kernel.make("echo", {}), Signer(generate_key())),  # wrong key
-        [MAGIC, b"", *encode(kernel.make("echo", {}), signer)[2:]],  # unsigned
+        unsigned,
         tampered,
         encode(Sequencer("intruder", ORIGIN_KERNEL).make("echo", {}), signer),
         encode(stale, signer),
+        encode(future, signer),
         encode(reflected, signer),
+        oversized,
         [b"junk"],
-        [b"\xff" * 8] * 4,
-        [MAGIC, b"sig", b"{not json", b"{}"],
+        [b"\xff" * 8] * 5,
+        [MAGIC, b"k1", b"0" * 64, b"{not json", b"{}"],
     ]
     for frames in hostile:
         await raw_dealer.send_multipart(frames)
-    # Frames from one peer are handled in order, so this reply comes after all the drops.
-    reply = await roundtrip(kernel.make("echo", {"n": 3}))
-    assert reply.body == {"echo": {"n": 3}, "kernel": "k1"}
+    good = kernel.make("echo", {"n": 3})
+    await raw_dealer.send_multipart(encode(good, signer))
+    # Frames from one peer are handled in order: the replay's renewal notice, then the reply.
+    renewal, reply = await receive(), await receive()
+    assert (renewal.type, renewal.origin) == (RENEW_SESSION, ORIGIN_BROKER)
+    assert renewal.reply_to == decode(captured, keys.get).msg_id
+    assert "replayed message from 'k1'" in renewal.body["error"]
+    assert (reply.reply_to, reply.body) == (good.msg_id, {"echo": {"n": 3}, "kernel": "k1"})
     assert [m.body for m in broker.handlers.seen] == [{"n": 1}, {"n": 3}]
 
     logged = warnings_of(caplog, BROKER_LOG)
@@ -389,13 +402,14 @@ async def test_forged_messages_are_dropped_and_logged(
         "unsigned message",
         "unknown kernel 'intruder'",
         "stale message",
+        "in the future",
         "wrong direction",
-        "expected 4 frames, got 1",
+        "oversized header (2000 bytes)",
+        "expected 5 frames, got 1",
         "wrong magic",
-        "malformed JSON in header",
     ]:
         assert reason in logged
-    assert logged.count("bad signature") == 2  # wrong key and tampered body
+    assert logged.count("bad signature") == 3  # wrong key, tampered body, forged junk
 
 
 async def test_replies_never_reach_the_handler(
@@ -464,9 +478,13 @@ async def test_kernel_drops_forged_broker_messages(keys: dict[str, bytes], caplo
     finally:
         client.close()
         router.close()
-    logged = warnings_of(caplog, CLIENT_LOG)
-    for reason in ["replayed", "bad signature", "wrong direction", "unknown kernel 'k2'", "got 1"]:
-        assert reason in logged
+    # The first drop is logged with its reason, the others summed up in one line (at close).
+    first, summary = warnings_of(caplog, CLIENT_LOG).splitlines()
+    assert first.startswith("dropped message from the broker: replayed message from 'k1'")
+    assert summary.startswith("dropped messages from the broker: 4 in ")
+    for kind in ["1 bad signature", "1 wrong direction", "1 unknown kernel", "1 malformed"]:
+        assert kind in summary
+    assert summary.endswith("last: expected 5 frames, got 1")
 
 
 # -- fuzzing ---------------------------------------------------------------------------
@@ -488,10 +506,11 @@ def threaded_broker(keys: dict[str, bytes]) -> Iterator[str]:
 
 
 frame_lists = st.lists(st.binary(max_size=128), min_size=1, max_size=6) | st.builds(
-    lambda sig, header, body: [MAGIC, sig, header, body],
-    st.binary(max_size=70),
+    lambda kernel_id, sig, header, body: [MAGIC, kernel_id, sig, header, body],
+    st.sampled_from([b"k1", b"k2", b""]) | st.binary(max_size=140),
+    st.binary(min_size=64, max_size=64) | st.binary(max_size=70),
     st.dictionaries(
-        st.sampled_from(["type", "kernel_id", "msg_id", "seq", "time", "reply_to", "origin"]),
+        st.sampled_from(["type", "msg_id", "seq", "time", "reply_to", "origin", "session"]),
         st.none() | st.integers() | st.text(max_size=8) | st.sampled_from(["k1", "k2"]),
     ).map(lambda header: json.dumps(header).encode()),
     st.binary(max_size=64),

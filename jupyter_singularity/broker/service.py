@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from jupyter_core.paths import jupyter_runtime_dir
+
 from ..devices import DeviceInfo, DeviceInventory
 from ..protocol import (
     ENV_BROKER_URL,
@@ -157,7 +159,8 @@ class BrokerService(KernelRequests, StateMoves):
     # -------------------------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        self.endpoint = await self._rpc.start()
+        # The kernels' channel: a Unix socket in a private directory under Jupyter's runtime dir.
+        self.endpoint = await self._rpc.start(Path(jupyter_runtime_dir()))
         self._loop_task = asyncio.create_task(self._tick_loop())
         self.log.debug("jupyter-singularity broker listening on %s", self.endpoint)
 

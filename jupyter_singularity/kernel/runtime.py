@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..protocol import ENV_SIMULATED
-from .client import BrokerClient, BrokerError
+from .client import BrokerClient, BrokerError, Heartbeat
 from .gate import (
     CudaInitGate,
     GateInserter,
@@ -470,9 +470,11 @@ class Runtime(BrokerPushes):
         line: WaitLine,
         trap: InterruptTrap,
     ) -> tuple[dict, bool]:
-        """The broker's answer to the acquire; on an interrupt, cancel and take whatever comes."""
+        """The broker's answer to the acquire; on an interrupt, cancel and take whatever comes.
+        A broker that stops answering pings is a denial, so the cell fails instead of hanging."""
         notified = (0, "")
         on_main = threading.current_thread() is threading.main_thread()
+        heartbeat = Heartbeat(self.client)
         while True:
             try:
                 return _answer(future, WAIT_POLL), False
@@ -480,6 +482,10 @@ class Runtime(BrokerPushes):
                 pass
             if trap.fired:
                 break
+            if (lost := heartbeat.lost()) is not None:
+                self.client.abandon(future)
+                self._send("cancel", {"request_id": waiting.request_id})  # should it come back
+                return {"granted": False, "reason": lost}, False
             line.tick(waiting)
             if (waiting.position, waiting.reason) != notified:
                 notified = (waiting.position, waiting.reason)
