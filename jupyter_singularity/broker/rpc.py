@@ -210,41 +210,53 @@ class RPCServer:
             self.socket_dir = None
 
     async def _receive_loop(self) -> None:
-        assert self._socket is not None
+        socket = self._socket
+        assert socket is not None
         while True:
-            identity, *frames = await self._socket.recv_multipart()
-            msg = None
-            try:
-                msg = decode(frames, self._key_for)
-                self._guard.check(msg)
-            except ProtocolError as exc:
-                self._dropped(exc)
-                if isinstance(exc, SessionError) and msg is not None:
-                    # Authentic but refused for its session: the sender renews it and resends.
-                    renew = {"error": exc.reason}
-                    self._send(msg.kernel_id, identity, RENEW_SESSION, renew, reply_to=msg.msg_id)
-                continue
-            self._routes[msg.kernel_id] = identity
-            if msg.reply_to is not None:
-                self._resolve(msg)
-                continue
-            try:
-                result = self._handler(msg)
-            except Exception as exc:
-                self._log.exception("handler for %r from %s failed", msg.type, msg.kernel_id)
-                result = {"error": error_text(exc)}
-            if inspect.isawaitable(result):
-                # It waits (a lease, say) as its own task, so other kernels are served meanwhile.
-                task = asyncio.create_task(self._serve(identity, msg, result))
-                self._handlers.add(task)
-                task.add_done_callback(self._handlers.discard)
-            else:
-                self._reply(identity, msg, result)
+            identity, *frames = await socket.recv_multipart()
+            self._receive(identity, frames)
+            if socket.get(zmq.EVENTS) & zmq.POLLIN:
+                # A queued message would be returned without a pass through the event loop: let
+                # the server's other work (REST requests) in first, or a flood would starve it.
+                await asyncio.sleep(0)
+
+    def _receive(self, identity: bytes, frames: list[bytes]) -> None:
+        msg = None
+        try:
+            msg = decode(frames, self._key_for)
+            self._guard.check(msg)
+        except ProtocolError as exc:
+            self._dropped(exc)
+            if isinstance(exc, SessionError) and msg is not None:
+                # Authentic but refused for its session: the sender renews it and resends.
+                renew = {"error": exc.reason}
+                self._send(msg.kernel_id, identity, RENEW_SESSION, renew, reply_to=msg.msg_id)
+            return
+        self._routes[msg.kernel_id] = identity
+        if msg.reply_to is not None:
+            self._resolve(msg)
+            return
+        try:
+            result = self._handler(msg)
+        except Exception as exc:
+            self._log.exception("handler for %r from %s failed", msg.type, msg.kernel_id)
+            result = {"error": error_text(exc)}
+        if inspect.isawaitable(result):
+            # It waits (a lease, say) as its own task, so other kernels are served meanwhile.
+            task = asyncio.create_task(self._serve(identity, msg, result))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+        else:
+            self._reply(identity, msg, result)
 
     def _dropped(self, error: ProtocolError) -> None:
         """Count a dropped message; its log line comes once per interval at most."""
         wait = self._drops.note(error)
-        if wait is not None and self._drop_flush is None:
+        if wait is None:  # logged now, with what was counted before: no line is due any more
+            if self._drop_flush is not None:
+                self._drop_flush.cancel()
+                self._drop_flush = None
+        elif self._drop_flush is None:
             self._drop_flush = asyncio.get_running_loop().call_later(wait, self._flush_drops)
 
     def _flush_drops(self) -> None:
