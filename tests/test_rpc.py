@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import json
 import logging
 import os
@@ -36,7 +37,9 @@ from jupyter_singularity.broker.quotas import Quotas
 from jupyter_singularity.broker.rpc import MAX_MESSAGE_BYTES, RPCServer
 from jupyter_singularity.broker.service import BrokerService
 from jupyter_singularity.devices import DeviceInfo, DeviceInventory
+from jupyter_singularity.kernel import runtime as runtime_module
 from jupyter_singularity.kernel.client import MAX_RESENDS, BrokerClient, BrokerError, Heartbeat
+from jupyter_singularity.kernel.gate import LeaseDenied
 from jupyter_singularity.protocol import (
     ENV_BROKER_URL,
     ENV_KERNEL_ID,
@@ -793,6 +796,39 @@ async def test_heartbeat_notices_a_broker_that_stopped(broker: Broker, connect) 
     await broker.server.stop()
     lost = await asyncio.wait_for(beat(lambda: False), 30)
     assert lost == "the GPU pool's broker stopped answering (3 pings over 2 s went unanswered)"
+
+
+async def test_a_grant_after_the_cell_gave_up_is_given_back(
+    broker: Broker, connect, monkeypatch
+) -> None:
+    """A broker that stalls (pings unanswered) and grants later: the cell fails, the lease that
+    comes after it is released at once instead of being held by a kernel that never used it."""
+    monkeypatch.setattr(runtime_module, "Heartbeat", functools.partial(Heartbeat, interval=0.1))
+    grant, stalled = asyncio.Event(), asyncio.Event()
+
+    async def acquire(msg: Message) -> dict:
+        await grant.wait()
+        return {"granted": True, "device": {"index": 0}, "reservation": 0, "restore": False}
+
+    async def never(msg: Message) -> dict:
+        await stalled.wait()
+        return {}
+
+    async def notice(msg: Message) -> None:
+        return None
+
+    broker.handlers.routes.update(acquire=acquire, ping=never, cancel=notice, release=notice)
+    runtime = runtime_module.Runtime(connect(broker.endpoint), simulated=True)
+    with pytest.raises(LeaseDenied, match="the GPU pool's broker stopped answering"):
+        await asyncio.to_thread(runtime.acquire, None, top_of_cell=False)
+    assert runtime.lease is None
+    grant.set()
+    await wait_until(lambda: any(m.type == "release" for m in broker.handlers.seen))
+    (request,) = [m.body["request_id"] for m in broker.handlers.seen if m.type == "acquire"]
+    assert [m.body for m in broker.handlers.seen if m.type in ("cancel", "release")] == [
+        {"request_id": request},
+        {"request_id": request},
+    ]
 
 
 # -- numbers kernels report, through the broker service ---------------------------------

@@ -30,6 +30,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 from ..protocol import ENV_SIMULATED
@@ -483,8 +484,10 @@ class Runtime(BrokerPushes):
             if trap.fired:
                 break
             if (lost := heartbeat.lost()) is not None:
-                self.client.abandon(future)
-                self._send("cancel", {"request_id": waiting.request_id})  # should it come back
+                # Should the broker answer after all, it drops the request, or a grant made before
+                # it read the cancel is given back at once.
+                self._send("cancel", {"request_id": waiting.request_id})
+                future.add_done_callback(partial(_give_back, self.client, waiting.request_id))
                 return {"granted": False, "reason": lost}, False
             line.tick(waiting)
             if (waiting.position, waiting.reason) != notified:
@@ -734,6 +737,13 @@ def _answer(future: concurrent.futures.Future, timeout: float) -> dict:
             raise
         return {"granted": False, "reason": f"the GPU pool did not grant a lease: {err}"}
     return reply
+
+
+def _give_back(client: BrokerClient, request_id: str, future: concurrent.futures.Future) -> None:
+    """A grant that came after its cell stopped waiting: released, so no lease is left behind."""
+    with contextlib.suppress(Exception):  # no answer, or a denial: nothing to give back
+        if future.result().get("granted"):
+            client.send("release", {"request_id": request_id})
 
 
 def _needs_lease(raw_cell: str) -> bool:
