@@ -20,6 +20,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from jupyter_core.paths import jupyter_runtime_dir
+
 from ..devices import DeviceInfo, DeviceInventory
 from ..protocol import (
     ENV_BROKER_URL,
@@ -30,7 +32,7 @@ from ..protocol import (
 )
 from .checkpoint import DriverCapability, DriverCheckpointer, detect
 from .core import BrokerCore
-from .kernel_requests import KernelConnection, KernelRequests, _optional_int
+from .kernel_requests import KernelConnection, KernelRequests
 from .ledger import GONE, Ledger, LedgerError, day_start
 from .model import (
     Action,
@@ -172,7 +174,8 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
 
     async def start(self) -> None:
         await self._sweep_spill_dirs()
-        self.endpoint = await self._rpc.start()
+        # The kernels' channel: a Unix socket in a private directory under Jupyter's runtime dir.
+        self.endpoint = await self._rpc.start(Path(jupyter_runtime_dir()))
         self._loop_task = asyncio.create_task(self._tick_loop())
         self.log.debug("jupyter-singularity broker listening on %s", self.endpoint)
 
@@ -515,7 +518,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
             new=new or GONE,
             reason=action.reason,
             device_index=action.device,
-            nbytes=_optional_int(transfer.get("nbytes")) if transfer else None,
+            nbytes=transfer.get("nbytes") if transfer else None,
             duration=float(transfer["seconds"]) if transfer and "seconds" in transfer else None,
         )
         self.emit(
