@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import sqlite3
 import time
@@ -253,3 +254,41 @@ async def test_kill_9_of_the_server_with_kernels_offloaded_and_spilled_then_a_re
         kernel_id = api(server.url, "api/kernels", "POST", {"name": "python3"})["id"]
         status, out = await run_in_kernel(server.url, kernel_id, STATE.format(seed=9), 120)
         assert status == "ok", out
+
+
+# ------------------------------------------------------------------------- a full spill disk
+
+
+@pytest.mark.parametrize(
+    "singularity_config", [{"quotas": {"default": {"host_memory": 0}}}], indirect=True
+)
+async def test_a_full_spill_disk_keeps_the_kernel_resident_and_says_so(
+    start_kernel, wait_in_pool, run, get_pool, singularity_app
+):
+    """With no host memory for offloaded state, an evicted kernel's state goes straight to disk; a
+    disk that takes no more (the kernel's file size limit, EFBIG: what a full disk looks like to
+    the writer, and root cannot bypass it) refuses the offload: the kernel keeps its state, the
+    cell that needed the room says why, and once the disk takes data again all goes on."""
+    victim, other = await start_kernel(), await start_kernel()
+    await wait_in_pool([victim, other])
+    pid, digest = await _make_state(run, victim, seed=1)
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (1 << 20, hard))
+    try:
+        status, out, _ = await run(other, "%%singularity --memory 250MiB\nprint('ran')")
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
+
+    assert status == "error" and "ran" not in out, out
+    assert "the host_memory quota of" in out and "the file size limit was reached" in out, out
+    record = record_of(await get_pool(), victim)
+    assert record["state"] == "resident" and record["offload_refused"], record
+    assert not any((Path(singularity_app.spill_dir) / victim).glob("*"))  # no partial file
+    _no_booking_leaked(await get_pool())
+    status, out, _ = await run(victim, "print(digest())")
+    assert status == "ok" and out.strip().splitlines()[-1] == digest, out
+    # The disk takes data again: the next cell that needs the room gets it.
+    status, out, _ = await run(other, "%%singularity --memory 250MiB\nprint('ran')")
+    assert status == "ok" and "ran" in out, out
+    status, out, _ = await run(victim, "print(digest())")
+    assert status == "ok" and out.strip().splitlines()[-1] == digest, out

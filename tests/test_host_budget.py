@@ -99,6 +99,7 @@ async def test_host_memory_limit_holds_while_cells_wait(
     assert all(record_of(pool, k)["state"] != "error" for k in kernels), pool
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("singularity_config", [{"host_memory_limit": "40MiB"}], indirect=True)
 async def test_an_offload_that_fits_neither_host_memory_nor_disk_is_refused_with_the_reason(
     start_kernel, wait_in_pool, run, get_pool, singularity_app

@@ -367,6 +367,7 @@ async def raw_dealer(broker: Broker) -> zmq.asyncio.Socket:
     sock.close()
 
 
+@pytest.mark.faults
 async def test_forged_messages_are_dropped_and_logged(
     broker: Broker, raw_dealer: zmq.asyncio.Socket, keys: dict[str, bytes], caplog
 ) -> None:
@@ -448,6 +449,7 @@ async def test_replies_never_reach_the_handler(
     assert [m.type for m in broker.handlers.seen] == ["echo"]
 
 
+@pytest.mark.faults
 async def test_oversized_message_disconnects_only_its_sender(
     broker: Broker, raw_dealer: zmq.asyncio.Socket, connect
 ) -> None:
@@ -539,6 +541,7 @@ frame_lists = st.lists(st.binary(max_size=128), min_size=1, max_size=6) | st.bui
 )
 
 
+@pytest.mark.faults
 def test_server_survives_random_frames(threaded_broker: str, keys: dict[str, bytes]) -> None:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
@@ -641,6 +644,7 @@ def connect_as(uid: int, path: Path) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+@pytest.mark.faults
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
 async def test_another_user_cannot_connect(broker: Broker) -> None:
     path = socket_path(broker.endpoint)
@@ -667,6 +671,7 @@ async def test_tcp_only_where_ipc_is_unavailable(keys, connect, monkeypatch) -> 
 # -- floods and oversized frames -------------------------------------------------------
 
 
+@pytest.mark.faults
 async def test_forged_huge_header_is_dropped_unparsed(
     broker: Broker, raw_dealer: zmq.asyncio.Socket, keys: dict[str, bytes], monkeypatch, caplog
 ) -> None:
@@ -704,6 +709,7 @@ async def test_client_refuses_frames_the_broker_would_cut_off(broker: Broker, co
     }
 
 
+@pytest.mark.faults
 async def test_a_flood_of_junk_logs_a_bounded_number_of_lines(keys, caplog) -> None:
     caplog.set_level(logging.WARNING, BROKER_LOG)
     handlers = Handlers(routes={"echo": echo})
@@ -734,6 +740,7 @@ async def test_a_flood_of_junk_logs_a_bounded_number_of_lines(keys, caplog) -> N
 # -- sessions ----------------------------------------------------------------------------
 
 
+@pytest.mark.faults
 async def test_client_renews_a_poisoned_or_stolen_session(
     broker: Broker, connect, raw_dealer: zmq.asyncio.Socket, keys: dict[str, bytes]
 ) -> None:
@@ -917,6 +924,7 @@ async def test_release_books_the_drivers_figure_where_it_is_larger(service, pool
         ("acquire", {"request_id": "r2", "memory": -1}, "memory"),
     ],
 )
+@pytest.mark.faults
 async def test_bad_numbers_are_refused_and_change_nothing(
     service, pooled, type: str, body: dict, field_name: str
 ) -> None:
@@ -930,6 +938,7 @@ async def test_bad_numbers_are_refused_and_change_nothing(
     assert after["devices"] == before["devices"] and after["queue"] == before["queue"]
 
 
+@pytest.mark.faults
 async def test_bad_offload_reply_fails_the_offload(service, pooled, caplog) -> None:
     client = await pooled("k1")
     client.on("offload", lambda body: {"host_bytes": -GiB, "gpu_bytes": 0})
@@ -960,6 +969,7 @@ def metric_values(text: str) -> dict[str, float]:
 @pytest.mark.parametrize(
     "singularity_config", [{"quotas": {"default": {"gpu_memory": "3GiB"}}}], indirect=True
 )
+@pytest.mark.faults
 async def test_negative_release_is_refused_and_the_quota_holds(
     start_kernel, wait_in_pool, execute, get_pool, get_json, jp_fetch, state, wait_for
 ) -> None:
@@ -1018,6 +1028,7 @@ except TimeoutError:
 GPU_CELL = "%%singularity\nprint('ran on the GPU')"
 
 
+@pytest.mark.faults
 async def test_a_poisoned_sequence_counter_does_not_lock_the_kernel_out(
     start_kernel, wait_in_pool, run, singularity_app, state
 ) -> None:
@@ -1052,6 +1063,7 @@ async def test_a_poisoned_sequence_counter_does_not_lock_the_kernel_out(
         sock.close()
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("singularity_devices", ["simulated:1x16GiB"])
 async def test_a_waiting_cell_fails_when_the_broker_disappears(
     start_kernel, wait_in_pool, execute, run, singularity_app, state

@@ -678,6 +678,7 @@ async def spilled_kernel(start_kernel, wait_in_pool, run, state, singularity_app
     return k1, json.loads(value(out, "digests")), int(value(out, "pid")), files[0]
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("singularity_config", [SPILL_CONFIG], indirect=True)
 async def test_a_corrupt_spill_file_says_what_was_lost_and_discard_goes_on(
     spilled_kernel, run, get_pool, state
@@ -728,6 +729,7 @@ async def test_a_corrupt_spill_file_says_what_was_lost_and_discard_goes_on(
     assert not file.exists()  # the restore needs it no more
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("singularity_config", [SPILL_CONFIG], indirect=True)
 async def test_a_read_failure_that_passes_says_a_retry_may_work(
     spilled_kernel, jp_ws_fetch, run, get_pool, state
