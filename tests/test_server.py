@@ -412,11 +412,15 @@ class TestMeWithoutAdminPermission:
 
 
 def write_quota_file(path: Path, text: str) -> None:
-    """Write and move the mtime on, so that coarse file-system clocks still show a change."""
+    """Write a new file and rename it over, as editors do (the watcher reads in a thread of its
+    own, which could see a file being written in place half-written), moving the mtime on so that
+    coarse file-system clocks still show a change."""
     old = path.stat().st_mtime_ns if path.exists() else 0
-    path.write_text(text)
-    stamp = max(path.stat().st_mtime_ns, old + 1_000_000_000)
-    os.utime(path, ns=(stamp, stamp))
+    new = path.with_name(path.name + ".new")
+    new.write_text(text)
+    stamp = max(new.stat().st_mtime_ns, old + 1_000_000_000)
+    os.utime(new, ns=(stamp, stamp))
+    new.replace(path)
 
 
 class TestQuotaFile:
@@ -472,6 +476,7 @@ class TestQuotaFile:
     async def test_a_non_finite_quota_in_the_file_keeps_the_previous_quotas(
         self, jp_fetch, singularity_app, quota_path
     ):
+        await singularity_app.quota_watcher.stop()  # only the check below looks at the file
         write_quota_file(quota_path, "default:\n  priority: .inf\n")
         assert await singularity_app.quota_watcher.check() is False
         model = strict_json((await jp_fetch("singularity", "api", "quotas")).body)
@@ -517,6 +522,7 @@ class TestQuotaFile:
 
         monkeypatch.setattr(quota_file, "load_quota_file", hung_load)
         watcher = singularity_app.quota_watcher
+        await watcher.stop()  # only the checks below look at the file
         watcher.read_timeout = 0.2
         write_quota_file(quota_path, "default:\n  gpu_memory: 6GiB\n")
         try:
