@@ -26,6 +26,7 @@ from hypothesis.stateful import (
 from jupyter_singularity.broker.core import BrokerCore
 from jupyter_singularity.broker.model import (
     DAY,
+    SPILLABLE_STATES,
     BrokerError,
     Deny,
     Forget,
@@ -35,6 +36,7 @@ from jupyter_singularity.broker.model import (
     LeaseEnded,
     Offload,
     Policy,
+    Spill,
     StateChanged,
     Wait,
 )
@@ -713,6 +715,43 @@ def test_a_failed_restore_keeps_the_host_copy():
     assert one(core.acquire("k1", "r3", T0 + 6), Grant).restore
 
 
+def test_a_discard_of_damaged_state_leaves_error_with_what_is_left():
+    core = make(kernels={"k1": "alice", "k2": "bob"})
+    for kid in ("k1", "k2"):
+        run_cell(core, kid, f"{kid}-r1", T0, T0 + 1, peak=2 * GiB)
+        core.offload(kid, T0 + 2)
+        core.offloaded(kid, T0 + 3, host_bytes=0, disk_bytes=2 * GiB)
+        assert one(core.acquire(kid, f"{kid}-r2", T0 + 4), Grant).restore
+        core.restore_failed(kid, "checksum mismatch in spill file", T0 + 5)
+        assert core.kernels[kid].state == S.ERROR
+    # A running kernel, or one not offloaded, has nothing to discard: nothing changes.
+    run_cell(core, "k2", "k2-r3", T0 + 5, T0 + 5, peak=None)
+    assert core.discarded("k2", T0 + 5, host_bytes=0, disk_bytes=0) == []
+    assert core.kernels["k2"].state == S.RESIDENT
+
+    actions = core.discarded("k1", T0 + 6, host_bytes=0, disk_bytes=GiB)
+
+    change = one(actions, StateChanged)
+    assert (change.old, change.new, change.reason) == (
+        S.ERROR,
+        S.SPILLED,
+        "damaged state discarded",
+    )
+    assert (core.kernels["k1"].host_bytes, core.kernels["k1"].disk_bytes) == (0, GiB)
+    assert one(core.acquire("k1", "k1-r3", T0 + 7), Grant).restore  # the rest comes back
+    core.restored("k1", T0 + 8, gpu_bytes=GiB)
+    core.release("k1", "k1-r3", T0 + 9, peak_bytes=GiB, gpu_bytes=GiB)
+    core.offload("k1", T0 + 10)
+    core.offloaded("k1", T0 + 11, host_bytes=GiB)
+    assert one(core.acquire("k1", "k1-r4", T0 + 12), Grant).restore
+    core.restore_failed("k1", "checksum mismatch in spill file", T0 + 13)
+
+    # Nothing left: off the device with nothing to restore; the next cell just runs.
+    change = one(core.discarded("k1", T0 + 14, host_bytes=0, disk_bytes=0), StateChanged)
+    assert change.new == S.OFFLOADED and core.kernels["k1"].device is None
+    assert not one(core.acquire("k1", "k1-r5", T0 + 15), Grant).restore
+
+
 # ------------------------------------------------------------------------------------ migration
 
 
@@ -1010,6 +1049,7 @@ quota_entry = st.fixed_dictionaries(
         "gpu_seconds_per_day": st.sampled_from([10, 600, 7200]),
         "max_resident_kernels": st.integers(0, 3),
         "priority": st.sampled_from([0.5, 1, 2, 4]),
+        "host_memory": st.sampled_from(["0GiB", "1GiB", "6GiB"]),
     },
 )
 quota_configs = st.one_of(
@@ -1031,6 +1071,7 @@ policies = st.builds(
     migration=st.booleans(),
     pinned_per_kernel=st.sampled_from([0, 4 * GiB]),
     pinned_total=st.sampled_from([None, 6 * GiB]),
+    host_memory_limit=st.sampled_from([0, 3 * GiB, 10 * GiB]),
 )
 picks = st.integers(0, 1 << 16)
 fractions = st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0])
@@ -1104,6 +1145,8 @@ class BrokerMachine(RuleBasedStateMachine):
         self.pending: dict[str, str] = {}  # kernel -> request id it waits with ("restore-*")
         self.leases: dict[str, Grant] = {}  # outstanding grants
         self.offloading: set[str] = set()  # Offload emitted, no offloaded/offload_failed yet
+        self.host_limits: dict[str, int | None] = {}  # the host_limit of each offload in flight
+        self.spilling: set[str] = set()  # Spill emitted, no spilled/spill_failed yet
         self.asked: set[str] = set()  # offload asked while a cell ran: done when it ends
         self.saved: dict[str, int] = {}  # host + disk bytes the kernel must keep
         self.state_device: dict[str, int] = {}  # where the kernel's GPU state lives or lived
@@ -1173,9 +1216,21 @@ class BrokerMachine(RuleBasedStateMachine):
                 assert kid not in self.leases, f"{kid} offloaded while holding a lease"
                 if self.core.kernels[kid].pinned:
                     assert kid == call.explicit_offload, f"pinned {kid} chosen as victim"
+                if self.core.kernels[kid].stalled_since is not None:
+                    assert kid == call.explicit_offload, f"stalled {kid} chosen as victim"
                 assert action.device == call.devices_before[kid]
                 assert action.reason.strip()
+                if self.policy.host_memory_limit:
+                    assert action.host_limit is not None, action
+                assert action.host_limit is None or action.host_limit >= 0, action
                 self.offloading.add(kid)
+                self.host_limits[kid] = action.host_limit
+            elif isinstance(action, Spill):
+                kernel = self.core.kernels[kid]
+                assert kid in self.alive and kid not in self.spilling, action
+                assert kernel.host_bytes and kernel.state in SPILLABLE_STATES, kernel
+                assert kid not in self.leases and action.reason.strip(), action
+                self.spilling.add(kid)
             elif isinstance(action, LeaseEnded):
                 grant = self.leases.pop(kid, None)
                 assert grant is not None and grant.request_id == action.request_id, action
@@ -1203,6 +1258,7 @@ class BrokerMachine(RuleBasedStateMachine):
         assert kid not in self.leases, f"second grant {grant} before the first ended"
         assert kid not in self.offloading, f"{grant} while the kernel's offload is in flight"
         assert grant.start == self.now
+        assert grant.device not in self.core.unavailable, f"{grant} on an unavailable GPU"
         if grant.hold:
             limit = self.core.limits(self.alive[kid], USERS[self.alive[kid]]).gpu_seconds_per_day
             if limit is not None:
@@ -1314,7 +1370,10 @@ class BrokerMachine(RuleBasedStateMachine):
         left = min(kernel.gpu_bytes, residual)
         moved = kernel.gpu_bytes - left
         assert self.saved.get(kid, 0) == 0
-        host, disk = (0, moved) if to_disk else (moved, 0)
+        # The kernel keeps at most the host room it was given; the rest goes straight to disk.
+        room = self.host_limits.pop(kid)
+        host = 0 if to_disk else moved if room is None else min(moved, room)
+        disk = moved - host
         self.offloading.discard(kid)
         self.saved[kid] = moved
         self.call(
@@ -1327,9 +1386,18 @@ class BrokerMachine(RuleBasedStateMachine):
         if moved == 0 and left:
             assert kernel.refused, "an offload that freed nothing must not be asked again"
 
-    def offload_failed(self, kid: str) -> None:
+    def offload_failed(self, kid: str, host_full: bool) -> None:
         self.offloading.discard(kid)
-        self.call("offload_failed", kid, "a cell is capturing a CUDA graph", self.now)
+        room = self.host_limits.pop(kid)
+        if host_full:  # its state did not fit the room, and the disk could not take the rest
+            why = "cannot write spill file x.spill (0 bytes written): the disk is full"
+            self.call("offload_failed", kid, why, self.now, host_full=True)
+            refused = self.core.kernels[kid].refused
+            assert refused.endswith(f"is full and the spill directory cannot take the rest: {why}")
+            assert "host_memory_limit" in refused or "host_memory quota" in refused, refused
+            assert room is not None, "an offload without a host limit cannot run out of room"
+        else:
+            self.call("offload_failed", kid, "a cell is capturing a CUDA graph", self.now)
         assert self.core.kernels[kid].refused or kid in self.leases
 
     @precondition(lambda self: self.in_state(*IN_FLIGHT))
@@ -1346,38 +1414,96 @@ class BrokerMachine(RuleBasedStateMachine):
             self.release(kid, report.peak, report.gpu, report.with_peak)
         elif state == S.OFFLOADING:
             if report.failed:
-                self.offload_failed(kid)
+                self.offload_failed(
+                    kid, host_full=report.to_disk and self.host_limits[kid] is not None
+                )
             else:
                 self.offloaded(kid, report.residual, report.to_disk)
         elif report.failed:
             self.restore_failed(kid)
+            if report.to_disk and self.core.kernels[kid].state == S.ERROR:
+                self.discard_damaged(kid)  # the restore found damage; the user goes on
         else:
             self.restored(kid)
 
     @precondition(lambda self: self.alive)
     @rule(
-        kind=st.sampled_from(["interrupt", "offload", "restore"]),
+        kind=st.sampled_from(["interrupt", "offload", "restore", "discard"]),
         index=picks,
         any_state=st.booleans(),
     )
     def user_request(self, kind: str, index: int, any_state: bool) -> None:
-        """The user interrupts a waiting cell, or asks for an offload or a restore (magic, REST)."""
+        """The user interrupts a waiting cell, asks for an offload or a restore (magic, REST), or
+        discards the part of an offloaded state a damaged spill file lost."""
         if kind == "interrupt":
             self.cancel(index, wrong=any_state)
         elif kind == "restore":
             self.restore(index, any_state)
+        elif kind == "discard":
+            self.discard(index, any_state)
         else:
             self.offload(index, any_state)
 
     @precondition(lambda self: self.alive)
-    @rule(kind=st.sampled_from(["pin", "unpin", "quotas"]), index=picks, config=quota_configs)
+    @rule(
+        kind=st.sampled_from(["pin", "unpin", "quotas", "host quota"]),
+        index=picks,
+        config=quota_configs,
+    )
     def admin(self, kind: str, index: int, config: dict | None) -> None:
         if kind == "quotas":
             self.set_quotas(config)
+        elif kind == "host quota":
+            # Below what a user's host copies hold now (queued or not): some must go to disk.
+            held = max(kernel.host_bytes for kernel in self.core.kernels.values())
+            self.set_quotas({"default": {"host_memory": held // 2}})
         else:
             self.pin(index, kind == "pin")
 
-    def spill(self, kid: str, fraction: float) -> None:
+    @precondition(lambda self: self.alive)
+    @rule(kind=st.sampled_from(["stall", "answer", "block", "unblock", "revoke"]), index=picks)
+    def watchdog(self, kind: str, index: int) -> None:
+        """A kernel stops answering or answers again; a GPU is closed to new work or reopened; a
+        stalled kernel's lease is revoked (the driver tier checkpointed its process)."""
+        if kind in ("stall", "answer"):
+            kid = self.pick(index)
+            since = self.now - 10 if kind == "stall" else None
+            self.call("set_stalled", kid, since, self.now)
+            assert self.core.kernels[kid].stalled_since == since
+        elif kind in ("block", "unblock"):
+            device = sorted(self.devices)[index % len(self.devices)]
+            self.call(
+                "set_device_unavailable",
+                device,
+                "stalled lease" if kind == "block" else None,
+                self.now,
+            )
+        else:
+            holders = sorted(
+                k
+                for k, g in self.leases.items()
+                if g.hold and self.core.kernels[k].state == S.RUNNING
+            )
+            if not holders:
+                return
+            kid = holders[index % len(holders)]
+            self.call("revoke", kid, self.now, "stalled")
+            kernel = self.core.kernels[kid]
+            assert kid not in self.leases and kernel.state == S.OFFLOADED and kernel.device is None
+
+    def spill(self, index: int, fraction: float) -> None:
+        """A spill the core asked for finishes (all, part, or none of the copy moved: a full
+        disk); without one in flight, a kernel reports a spill of its own accord."""
+        if self.spilling:
+            kid = sorted(self.spilling)[index % len(self.spilling)]
+            self.spilling.discard(kid)
+            if fraction == 0.0:
+                self.call("spill_failed", kid, "the disk is full", self.now)
+                return
+        elif self.in_state(S.OFFLOADED):
+            kid = self.pick(index, (S.OFFLOADED,))
+        else:
+            return
         kernel = self.core.kernels[kid]
         part = int(kernel.host_bytes * fraction)
         self.call(
@@ -1411,6 +1537,23 @@ class BrokerMachine(RuleBasedStateMachine):
             assert state in ((S.RESTORING,) if kid in self.leases else (S.QUEUED, S.ERROR))
         else:
             assert state == S.ERROR and kid not in self.leases
+
+    def discard(self, index: int, any_state: bool) -> None:
+        self.discard_damaged((not any_state and self.pick(index, (S.ERROR,))) or self.pick(index))
+
+    def discard_damaged(self, kid: str) -> None:
+        """Half the kernel's saved bytes were lost (all when it had one): it keeps the rest."""
+        kernel = self.core.kernels[kid]
+        before = (kernel.state, kernel.host_bytes, kernel.disk_bytes)
+        left = self.saved.get(kid, 0) // 2
+        host = min(kernel.host_bytes, left)
+        actions = self.call("discarded", kid, self.now, host_bytes=host, disk_bytes=left - host)
+        if before[0] not in (S.ERROR, S.OFFLOADED, S.SPILLED) or kernel.lease is not None:
+            assert actions == [] and before == (kernel.state, kernel.host_bytes, kernel.disk_bytes)
+            return
+        self.saved[kid] = left
+        if kid not in self.leases:  # (a waiting cell may be granted at once)
+            assert kernel.state in (S.OFFLOADED, S.SPILLED, S.QUEUED), kernel
 
     def offload(self, index: int, any_state: bool) -> None:
         kid = (not any_state and self.pick(index, (S.RESIDENT,))) or self.pick(index)
@@ -1454,9 +1597,10 @@ class BrokerMachine(RuleBasedStateMachine):
         assert kid not in self.core.kernels
         if kid in self.leases:
             assert not self.leases[kid].hold  # a restore without a cell: nothing to charge
-        for table in (self.pending, self.leases, self.saved):
+        for table in (self.pending, self.leases, self.saved, self.host_limits):
             table.pop(kid, None)
         self.offloading.discard(kid)
+        self.spilling.discard(kid)
 
     @rule(
         seconds=st.sampled_from([0.5, 7, 60, 121, 3600, 5 * 3600, "midnight"]),
@@ -1475,8 +1619,8 @@ class BrokerMachine(RuleBasedStateMachine):
         self.tick()
         if report is not None and self.in_state(*IN_FLIGHT):
             self.kernel_report(report)
-        if spill is not None and self.in_state(S.OFFLOADED):
-            self.spill(self.pick(spill[0], (S.OFFLOADED,)), spill[1])
+        if spill is not None:
+            self.spill(*spill)
 
     def tick(self) -> None:
         day = int(self.now // DAY)
@@ -1490,6 +1634,7 @@ class BrokerMachine(RuleBasedStateMachine):
                 if (
                     kernel.state == S.RESIDENT
                     and not (kernel.pinned or kernel.refused)
+                    and kernel.stalled_since is None  # it would not answer
                     and self.now - kernel.last_activity >= self.policy.idle_timeout
                 ):
                     raise AssertionError(f"{kid} idle past the timeout but still resident")
@@ -1549,12 +1694,42 @@ class BrokerMachine(RuleBasedStateMachine):
                 assert kernel.request is not None, kernel
 
     @invariant()
+    def host_memory_within_budget(self) -> None:
+        """Host copies and the room reserved for offloads in flight never exceed the pool's
+        host_memory_limit; a user over their host_memory quota (lowered, say) has every copy that
+        can move on its way to disk."""
+        if not hasattr(self, "core"):
+            return
+        kernels = self.core.kernels.values()
+        reserved = {k: self.host_limits[k] or 0 for k in self.offloading}
+        held = sum(k.host_bytes for k in kernels) + sum(reserved.values())
+        assert held == self.core.host_held, (held, self.core.host_held)
+        if self.policy.host_memory_limit:
+            assert held <= self.policy.host_memory_limit, self.core.snapshot(self.now)
+        for user in set(self.alive.values()):
+            quota = self.core.limits(user, USERS[user]).host_memory
+            mine = [k for k in kernels if k.user == user]
+            staying = [k for k in mine if k.host_bytes and k.kernel_id not in self.spilling]
+            kept = sum(k.host_bytes for k in staying) + sum(
+                reserved.get(k.kernel_id, 0) for k in mine
+            )
+            if quota is not None and kept > quota:
+                movable = [
+                    k
+                    for k in staying
+                    if k.state in SPILLABLE_STATES and k.lease is None and not k.spill_refused
+                ]
+                assert not movable, (user, quota, kept, movable)
+
+    @invariant()
     def every_waiting_request_is_served(self) -> None:
         """Liveness: when nothing is running or moving, nobody is left waiting."""
         if not hasattr(self, "core"):
             return
         kernels = self.core.kernels.values()
         moving = (S.OFFLOADING, S.RESTORING)
+        if self.core.unavailable or any(k.stalled_since is not None for k in kernels):
+            return  # they may hold what a request waits for, until they answer again
         if not any(k.lease is not None or k.state in moving for k in kernels):
             assert self.core.queue() == [], self.core.snapshot(self.now)
 

@@ -357,6 +357,69 @@ def test_gpu_seconds_match_brute_force(
         assert got.get(user, 0.0) == pytest.approx(expected.get(user, 0.0), abs=1e-6)
 
 
+# ------------------------------------------------ records left open by a broker that died
+
+
+def _open_kernel(led: Ledger, kernel_id: str, state: str, at: float) -> None:
+    led.kernel_joined(kernel_id)
+    led.state_changed(time=at, kernel_id=kernel_id, user="ann", old=None, new="cold")
+    led.state_changed(time=at + 1, kernel_id=kernel_id, user="ann", old="cold", new=state)
+
+
+def _last_state(led: Ledger, kernel_id: str) -> str:
+    return led.events(kernel_id=kernel_id, limit=1)[0]["new_state"]
+
+
+def test_attach_closes_what_a_dead_broker_left_open_and_spares_a_live_one(db_path: Path) -> None:
+    """Two servers of one user share the default ledger: the second one's start must end only
+    the records of brokers whose process is gone, not the first one's running kernels."""
+    url = _url(db_path)
+    crashed = Ledger(url)
+    crashed.attach(at=T0, me={"host": "h", "pid": 1, "process_start": "a"}, alive=lambda r: True)
+    _open_kernel(crashed, "lost", "spilled", T0)
+    _start(crashed, "lost:1", "ann", T0 + 2, kernel="lost")
+    crashed.flush()  # then kill -9: nothing else is written
+
+    running = Ledger(url)
+    running.attach(at=T0, me={"host": "h", "pid": 2, "process_start": "b"}, alive=lambda r: True)
+    _open_kernel(running, "alive", "running", T0 + 3)
+    _start(running, "alive:1", "ann", T0 + 4, kernel="alive")
+    running.flush()
+
+    restarted = Ledger(url)
+    closed = restarted.attach(
+        at=T0 + 100,
+        me={"host": "h", "pid": 3, "process_start": "c"},
+        alive=lambda record: record["pid"] == 2,
+    )
+
+    assert closed == {"leases": 1, "kernels": ["lost"]}
+    assert _last_state(restarted, "lost") == "gone"
+    assert "stopped without ending it" in restarted.events(kernel_id="lost", limit=1)[0]["reason"]
+    assert _last_state(restarted, "alive") == "running"
+    open_leases = [
+        lease["lease_id"]
+        for lease in restarted.leases(since=T0, until=T0 + 200)
+        if lease["end"] is None
+    ]
+    assert open_leases == ["alive:1"]
+    # Nothing is closed twice.
+    again = Ledger(url)
+    assert again.attach(
+        at=T0 + 200, me={"host": "h", "pid": 4}, alive=lambda record: record["pid"] in (2, 3)
+    ) == {"leases": 0, "kernels": []}
+    for led in (crashed, running, restarted, again):
+        led.close()
+
+
+def test_attach_closes_records_written_before_brokers_were_recorded(ledger: Ledger) -> None:
+    ledger.state_changed(time=T0, kernel_id="old", user="ann", old=None, new="offloaded")
+    ledger.flush()
+    closed = ledger.attach(at=T0 + 5, me={"host": "h", "pid": 1}, alive=lambda r: True)
+    assert closed["kernels"] == ["old"]
+    assert _last_state(ledger, "old") == "gone"
+
+
 # ------------------------------------------------------------------------- file permissions
 
 

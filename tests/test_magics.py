@@ -44,7 +44,8 @@ async def test_text_subcommands_of_a_cold_kernel(kernel, run):
     assert "state changes (pool ledger):" in out and "registered" in out, out
 
     out = await magic(run, kernel, "help")
-    assert all(f"%singularity {name}" in out for name in ("status", "offload", "log", "pin"))
+    names = ("status", "offload", "discard", "log", "pin")
+    assert all(f"%singularity {name}" in out for name in names)
     assert "%%singularity --memory SIZE" in out
 
     out = await magic(run, kernel, "bogus")
@@ -53,6 +54,11 @@ async def test_text_subcommands_of_a_cold_kernel(kernel, run):
     # A cold kernel has nothing to offload or restore: the broker says why.
     assert "only an idle resident kernel can be offloaded" in await magic(run, kernel, "offload")
     assert "nothing to restore" in await magic(run, kernel, "restore")
+    # Nor anything damaged to discard.
+    out = await magic(run, kernel, "discard")
+    assert out.startswith(
+        "nothing to discard: no part of this kernel's state is known to be damaged"
+    )
 
 
 async def test_pin_and_unpin(kernel, run, get_pool):
@@ -90,6 +96,11 @@ async def test_offload_and_restore_from_the_notebook(kernel, run, get_pool, stat
     record = record_of(await state(kernel, "resident"), kernel)
     assert record["state"] == "resident" and record["gpu_bytes"] == 16 * MiB, record
     assert "nothing to restore" in await magic(run, kernel, "restore")
+    # Nor anything damaged to discard.
+    out = await magic(run, kernel, "discard")
+    assert out.startswith(
+        "nothing to discard: no part of this kernel's state is known to be damaged"
+    )
 
     status, out, _ = await run(kernel, "x[-1].item(), int(x.sum())")
     assert status == "ok" and "(4194303, 8796090925056)" in out, out

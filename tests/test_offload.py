@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import errno
 import gc
+import os
+import resource
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from jupyter_singularity.kernel import offload  # noqa: E402
+from jupyter_singularity.kernel.lost import LostTensorError, is_lost  # noqa: E402
 from jupyter_singularity.kernel.offload import (  # noqa: E402
+    HostFullError,
     OffloadError,
+    StateDamaged,
     TensorEngine,
     Transfer,
     UnsafeStateError,
@@ -485,6 +493,234 @@ def test_discard_frees_host_memory(engine: TensorEngine) -> None:
     assert tensor.untyped_storage().nbytes() == 4 * MIB
 
 
+# -- damaged spill files --------------------------------------------------------------------
+
+
+@pytest.fixture
+def spilling_engine() -> Iterator[TensorEngine]:
+    """A 4 MiB pool: three 3 MiB storages then lie over two spill files, the pool chunk (the first
+    storage and a third of the second) and a pageable buffer (the rest of the second, the third).
+    Only storages of 1 MiB or more move, so that nothing of pytest's own is in the files."""
+    gc.collect()  # tensors of earlier tests that only garbage cycles still hold would move too
+    engine = TensorEngine(simulated=True, pinned_limit=4 * MIB, min_bytes=MIB)
+    engine.prepare(4 * MIB)
+    yield engine
+    if engine.offloaded:  # a failed test must not leave this process's tensors empty
+        engine.discard_damaged()
+        engine.restore()
+    engine.discard()
+
+
+def three_tensors() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    return [torch.randn(768, 1024, generator=generator) for _ in range(3)]  # 3 MiB each
+
+
+def spill_files(directory: Path) -> list[Path]:
+    """The engine's spill files in tape order (their names end in ``-<buffer index>.spill``)."""
+    return sorted(directory.iterdir(), key=lambda f: int(f.stem.rsplit("-", 1)[1]))
+
+
+def flip_byte(path: Path, at: int = 1000) -> None:
+    with open(path, "r+b") as file:
+        file.seek(at)
+        byte = file.read(1)
+        file.seek(at)
+        file.write(bytes([byte[0] ^ 0xFF]))
+
+
+@contextmanager
+def no_new_file_descriptors() -> Iterator[None]:
+    """Every open() of this process fails with EMFILE meanwhile: a real failure that passes."""
+    probe = os.open(os.devnull, os.O_RDONLY)
+    os.close(probe)  # the lowest free descriptor: the limit makes it unusable
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def storage_key(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage()._cdata
+
+
+@pytest.mark.parametrize("damaged", [[0], [1], [0, 1]], ids=["pool-file", "other-file", "both"])
+def test_damage_maps_each_damaged_file_to_the_storages_with_bytes_in_it(
+    spilling_engine: TensorEngine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    damaged: list[int],
+) -> None:
+    engine = spilling_engine
+    tensors = three_tensors()
+    before = [raw(t) for t in tensors]
+    keys = [storage_key(t) for t in tensors]
+    engine.offload()
+    engine.spill(tmp_path)
+    files = spill_files(tmp_path)
+    assert [f.stat().st_size for f in files] == [4 * MIB, 5 * MIB]
+    for index in damaged:
+        flip_byte(files[index])
+
+    with pytest.raises(StateDamaged) as raised:
+        engine.restore()
+
+    damage = raised.value.damage
+    assert engine.damage is damage
+    # Every damaged file is named, not only the first one read.
+    assert len(damage.reasons) == len(damaged)
+    assert all("checksum mismatch in spill file" in reason for reason in damage.reasons)
+    lost = {storage._cdata for storage, _ in damage.storages}
+    assert lost <= set(keys)  # nothing but these tensors was offloaded
+    # The storage laid over both files is lost with either; the others with their own file only.
+    assert len(lost) == (3 if len(damaged) == 2 else 2)
+    assert damage.nbytes == len(lost) * 3 * MIB
+    assert damage.nbytes + damage.intact_bytes == 9 * MIB
+    assert f"{damage.nbytes / MIB:.1f} MiB had bytes there" in str(raised.value)
+    # Nothing changed: still spilled, no host memory kept, every storage still freed.
+    assert engine.offloaded and engine.host_bytes == 0 and engine.disk_bytes == 9 * MIB
+    assert all(t.untyped_storage().nbytes() == 0 for t in tensors)
+
+    # Known lost: a later restore says so again without reading anything.
+    reads: list[object] = []
+    monkeypatch.setattr(offload, "read_spill", lambda *args: reads.append(args))
+    with pytest.raises(StateDamaged):
+        engine.restore()
+    assert reads == []
+    monkeypatch.undo()
+
+    assert engine.discard_damaged() is damage
+    assert engine.damage is None and engine.discard_damaged() is None
+    engine.restore()
+
+    for tensor, key, data in zip(tensors, keys, before, strict=True):
+        if key in lost:
+            assert is_lost(tensor) and tensor.untyped_storage().nbytes() == 0
+            with pytest.raises(LostTensorError, match="data was lost"):
+                tensor.sum()
+        else:
+            assert not is_lost(tensor) and raw(tensor) == data
+    assert not engine.offloaded and list(tmp_path.iterdir()) == []
+
+
+def test_a_flipped_byte_loses_the_storages_of_its_piece_only(tmp_path: Path) -> None:
+    gc.collect()
+    engine = TensorEngine(simulated=True, pinned_limit=0, min_bytes=MIB)  # one 24 MiB file
+    generator = torch.Generator().manual_seed(6)
+    tensors = [torch.randn(1024, 1024, generator=generator) for _ in range(6)]  # 4 MiB each
+    before = [raw(t) for t in tensors]
+    engine.offload()
+    engine.spill(tmp_path)
+    [file] = tmp_path.iterdir()
+    flip_byte(file, at=9 * MIB)  # in the second 8 MiB piece: the storages at 8 and 12 MiB
+
+    with pytest.raises(StateDamaged, match=r"8388608 of its 25165824 bytes"):
+        engine.restore()
+
+    damage = engine.discard_damaged()
+    assert damage is not None and damage.nbytes == 8 * MIB and damage.intact_bytes == 16 * MIB
+    assert engine.disk_bytes == 24 * MIB  # the file stays: it holds the intact storages too
+    engine.restore()  # reads the file again, without checking the piece given up
+    assert [is_lost(t) for t in tensors].count(True) == 2
+    for tensor, data in zip(tensors, before, strict=True):
+        assert is_lost(tensor) or raw(tensor) == data
+    assert list(tmp_path.iterdir()) == []
+    engine.discard()
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated", "replaced"])
+def test_a_missing_truncated_or_replaced_file_is_damage(
+    spilling_engine: TensorEngine, tmp_path: Path, how: str
+) -> None:
+    engine = spilling_engine
+    tensors = three_tensors()
+    engine.offload()
+    engine.spill(tmp_path)
+    victim = spill_files(tmp_path)[1]
+    if how == "missing":
+        victim.unlink()
+    elif how == "truncated":
+        os.truncate(victim, 1000)
+    else:
+        victim.write_bytes(b"\0" * (5 * MIB))
+
+    with pytest.raises(
+        StateDamaged,
+        match={"missing": "is missing", "truncated": "truncated"}.get(how, "checksum mismatch"),
+    ):
+        engine.restore()
+
+    assert len(engine.discard_damaged().storages) == 2
+    engine.restore()
+    assert sum(is_lost(t) for t in tensors) == 2
+
+
+def test_a_read_failure_that_may_pass_is_not_damage(
+    spilling_engine: TensorEngine, tmp_path: Path
+) -> None:
+    engine = spilling_engine
+    tensors = three_tensors()
+    before = [raw(t) for t in tensors]
+    engine.offload()
+    engine.spill(tmp_path)
+
+    with no_new_file_descriptors(), pytest.raises(OffloadError) as raised:
+        engine.restore()
+
+    assert not isinstance(raised.value, StateDamaged)
+    assert "Too many open files" in str(raised.value)
+    cause = raised.value.__cause__
+    assert cause is not None and cause.errno == errno.EMFILE
+    assert engine.damage is None and engine.discard_damaged() is None
+    assert engine.offloaded and engine.host_bytes == 0 and engine.disk_bytes == 9 * MIB
+    engine.restore()  # the cause passed: the retry brings everything back
+    assert [raw(t) for t in tensors] == before
+
+
+def test_lost_parameters_stay_parameters_and_refuse_every_use(tmp_path: Path) -> None:
+    gc.collect()
+    engine = TensorEngine(simulated=True, pinned_limit=0, min_bytes=MIB)  # one file
+    model = torch.nn.Linear(1024, 1024)  # a 4 MiB weight; the 4 KiB bias never moves
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.ones(2, 1024)).sum().backward()
+    keys = {storage_key(model.weight), storage_key(model.weight.grad)}
+    engine.offload()
+    engine.spill(tmp_path)
+    [file] = tmp_path.iterdir()
+    flip_byte(file)
+    with pytest.raises(StateDamaged):
+        engine.restore()
+
+    damage = engine.discard_damaged()
+
+    assert {storage._cdata for storage, _ in damage.storages} == keys
+    assert damage.intact_bytes == 0 and not engine.offloaded  # nothing left to bring back
+    assert list(tmp_path.iterdir()) == []
+    weight = model.weight
+    assert isinstance(weight, torch.nn.Parameter) and is_lost(weight) and is_lost(weight.grad)
+    assert weight.shape == (1024, 1024) and weight.dtype == torch.float32  # metadata answers
+    uses: list[Callable[[], object]] = [
+        lambda: model(torch.ones(2, 1024)),
+        optimizer.step,
+        weight.sum,
+        lambda: repr(weight),
+        lambda: weight.grad + 1,
+        lambda: weight.tolist(),
+    ]
+    for use in uses:
+        with pytest.raises(LostTensorError):
+            use()
+    assert not is_lost(model.bias) and model.bias.untyped_storage().nbytes() == 4096
+    # A later offload passes the lost storages by (0 bytes); a new parameter replaces one.
+    engine.offload()
+    engine.restore()
+    model.weight = torch.nn.Parameter(torch.zeros(1024, 1024))
+    assert model(torch.ones(2, 1024)).shape == (2, 1024)
+    engine.discard()
+
+
 # -- the real device path: skipped without a CUDA GPU, run by the GPU check ---------------------
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -534,6 +770,42 @@ def test_cuda_offload_frees_the_gpu_and_restores(
     cuda_engine.offload()
     cuda_engine.restore()
     assert len(calls) == allocations  # the pinned pool is reused
+
+
+@needs_cuda
+def test_cuda_offload_beyond_its_host_limit_goes_to_disk_through_a_bounded_buffer(
+    cuda_engine: TensorEngine, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    state = [torch.randn(n * MIB // 4, device="cuda", generator=generator) for n in (96, 48, 13)]
+    state.append(torch.randint(0, 256, (100_003,), dtype=torch.uint8, device="cuda"))  # odd size
+    before = [raw(t.cpu()) for t in state]
+    calls = count_allocations(monkeypatch)
+    limit = 40 * MIB + 12_345  # inside a storage: it is split between pinned memory and disk
+
+    cuda_engine.offload(host_limit=limit, directory=tmp_path)
+
+    assert 0 < cuda_engine.host_bytes <= limit and cuda_engine.disk_bytes >= 117 * MIB
+    assert all(t.untyped_storage().nbytes() == 0 for t in state)
+    # The pool for the host part, and one staging buffer for the rest: never the whole state.
+    assert sum(n for n, _ in calls) <= cuda_engine.pool_bytes + offload.STAGING
+    assert all(pinned for _, pinned in calls)
+    cuda_engine.restore()
+    assert [raw(t.cpu()) for t in state] == before and list(tmp_path.iterdir()) == []
+
+    # Without room the pool, unused now, is the staging buffer: nothing more is allocated.
+    calls.clear()
+    cuda_engine.offload(host_limit=0, directory=tmp_path)
+    assert cuda_engine.host_bytes == 0 and calls == []
+    cuda_engine.restore()
+    assert [raw(t.cpu()) for t in state] == before
+
+    # The disk cannot take the rest: nothing changes on the device.
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(HostFullError, match="cannot write spill file"):
+        cuda_engine.offload(host_limit=MIB, directory=tmp_path / "file" / "spill")
+    assert not cuda_engine.offloaded
+    assert [raw(t.cpu()) for t in state] == before
 
 
 def _pinned_bytes() -> int | None:

@@ -1,34 +1,58 @@
-"""The broker's RPC server and the kernel's client, over real ZeroMQ sockets on 127.0.0.1."""
+"""The kernel channel: the broker's RPC server and the kernel's client over real ZeroMQ sockets (a
+Unix socket in a private directory), hostile peers and floods, sessions, the checks of numbers that
+kernels report, and the kernel's wait for a broker that disappears (through a real server)."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import json
 import logging
 import os
+import re
+import socket
+import stat
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import zmq
 import zmq.asyncio
+from cells import record_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from zmq.utils.monitor import parse_monitor_message
 
+from jupyter_singularity import protocol
+from jupyter_singularity.broker import rpc
+from jupyter_singularity.broker.checkpoint import DriverCapability, DriverCheckpointer
+from jupyter_singularity.broker.ledger import Ledger
+from jupyter_singularity.broker.model import Policy
+from jupyter_singularity.broker.quotas import Quotas
 from jupyter_singularity.broker.rpc import MAX_MESSAGE_BYTES, RPCServer
-from jupyter_singularity.kernel.client import BrokerClient, BrokerError
+from jupyter_singularity.broker.service import BrokerService
+from jupyter_singularity.devices import DeviceInfo, DeviceInventory
+from jupyter_singularity.kernel import runtime as runtime_module
+from jupyter_singularity.kernel.client import MAX_RESENDS, BrokerClient, BrokerError, Heartbeat
+from jupyter_singularity.kernel.gate import LeaseDenied
 from jupyter_singularity.protocol import (
     ENV_BROKER_URL,
     ENV_KERNEL_ID,
     ENV_KERNEL_KEY,
     MAGIC,
+    MAX_HEADER_BYTES,
+    MAX_KERNEL_FRAME_BYTES,
     ORIGIN_BROKER,
     ORIGIN_KERNEL,
+    RENEW_SESSION,
     Message,
     Sequencer,
+    SessionError,
     Signer,
     decode,
     encode,
@@ -39,6 +63,7 @@ pytestmark = pytest.mark.timeout(60)
 
 BROKER_LOG = "test.rpc.broker"
 CLIENT_LOG = "jupyter_singularity.kernel.client"
+GiB = 1 << 30
 
 
 @pytest.fixture
@@ -72,7 +97,8 @@ async def echo(msg: Message) -> dict:
 @pytest.fixture
 async def broker(keys: dict[str, bytes]) -> Broker:
     handlers = Handlers(routes={"echo": echo})
-    server = RPCServer(keys.get, handlers, logging.getLogger(BROKER_LOG))
+    # Every drop logged on its own line (no summing up), so tests can see each reason.
+    server = RPCServer(keys.get, handlers, logging.getLogger(BROKER_LOG), drop_log_interval=0)
     endpoint = await server.start()
     yield Broker(server, endpoint, handlers)
     await server.stop()
@@ -347,39 +373,48 @@ async def test_forged_messages_are_dropped_and_logged(
     kernel = Sequencer("k1", ORIGIN_KERNEL)
     signer = Signer(keys["k1"])
 
-    async def roundtrip(msg: Message) -> Message:
-        frames = encode(msg, signer)
-        await raw_dealer.send_multipart(frames)
-        reply = decode(await asyncio.wait_for(raw_dealer.recv_multipart(), 5), keys.get)
-        assert (reply.reply_to, reply.origin) == (msg.msg_id, ORIGIN_BROKER)
-        return reply
+    async def receive() -> Message:
+        return decode(await asyncio.wait_for(raw_dealer.recv_multipart(), 5), keys.get)
 
     captured = encode(kernel.make("echo", {"n": 1}), signer)
     await raw_dealer.send_multipart(captured)
-    await asyncio.wait_for(raw_dealer.recv_multipart(), 5)
+    await receive()
 
     tampered = encode(kernel.make("echo", {"n": 2}), signer)
-    tampered[3] = b'{"n":666}'
+    tampered[4] = b'{"n":666}'
     stale = kernel.make("echo", {})
     stale.time -= 3600
+    future = kernel.make("echo", {})
+    future.time += 3600
     reflected = Sequencer("k1", ORIGIN_BROKER).make("echo", {})
+    unsigned = encode(kernel.make("echo", {}), signer)
+    unsigned[2] = b""
+    oversized = encode(kernel.make("echo", {}), signer)
+    oversized[3] = b" " * 2000
     hostile = [
         captured,  # replayed verbatim
         encode(kernel.make("echo", {}), Signer(generate_key())),  # wrong key
-        [MAGIC, b"", *encode(kernel.make("echo", {}), signer)[2:]],  # unsigned
+        unsigned,
         tampered,
         encode(Sequencer("intruder", ORIGIN_KERNEL).make("echo", {}), signer),
         encode(stale, signer),
+        encode(future, signer),
         encode(reflected, signer),
+        oversized,
         [b"junk"],
-        [b"\xff" * 8] * 4,
-        [MAGIC, b"sig", b"{not json", b"{}"],
+        [b"\xff" * 8] * 5,
+        [MAGIC, b"k1", b"0" * 64, b"{not json", b"{}"],
     ]
     for frames in hostile:
         await raw_dealer.send_multipart(frames)
-    # Frames from one peer are handled in order, so this reply comes after all the drops.
-    reply = await roundtrip(kernel.make("echo", {"n": 3}))
-    assert reply.body == {"echo": {"n": 3}, "kernel": "k1"}
+    good = kernel.make("echo", {"n": 3})
+    await raw_dealer.send_multipart(encode(good, signer))
+    # Frames from one peer are handled in order: the replay's renewal notice, then the reply.
+    renewal, reply = await receive(), await receive()
+    assert (renewal.type, renewal.origin) == (RENEW_SESSION, ORIGIN_BROKER)
+    assert renewal.reply_to == decode(captured, keys.get).msg_id
+    assert "replayed message from 'k1'" in renewal.body["error"]
+    assert (reply.reply_to, reply.body) == (good.msg_id, {"echo": {"n": 3}, "kernel": "k1"})
     assert [m.body for m in broker.handlers.seen] == [{"n": 1}, {"n": 3}]
 
     logged = warnings_of(caplog, BROKER_LOG)
@@ -389,13 +424,14 @@ async def test_forged_messages_are_dropped_and_logged(
         "unsigned message",
         "unknown kernel 'intruder'",
         "stale message",
+        "in the future",
         "wrong direction",
-        "expected 4 frames, got 1",
+        "oversized header (2000 bytes)",
+        "expected 5 frames, got 1",
         "wrong magic",
-        "malformed JSON in header",
     ]:
         assert reason in logged
-    assert logged.count("bad signature") == 2  # wrong key and tampered body
+    assert logged.count("bad signature") == 3  # wrong key, tampered body, forged junk
 
 
 async def test_replies_never_reach_the_handler(
@@ -464,9 +500,13 @@ async def test_kernel_drops_forged_broker_messages(keys: dict[str, bytes], caplo
     finally:
         client.close()
         router.close()
-    logged = warnings_of(caplog, CLIENT_LOG)
-    for reason in ["replayed", "bad signature", "wrong direction", "unknown kernel 'k2'", "got 1"]:
-        assert reason in logged
+    # The first drop is logged with its reason, the others summed up in one line (at close).
+    first, summary = warnings_of(caplog, CLIENT_LOG).splitlines()
+    assert first.startswith("dropped message from the broker: replayed message from 'k1'")
+    assert summary.startswith("dropped messages from the broker: 4 in ")
+    for kind in ["1 bad signature", "1 wrong direction", "1 unknown kernel", "1 malformed"]:
+        assert kind in summary
+    assert summary.endswith("last: expected 5 frames, got 1")
 
 
 # -- fuzzing ---------------------------------------------------------------------------
@@ -488,10 +528,11 @@ def threaded_broker(keys: dict[str, bytes]) -> Iterator[str]:
 
 
 frame_lists = st.lists(st.binary(max_size=128), min_size=1, max_size=6) | st.builds(
-    lambda sig, header, body: [MAGIC, sig, header, body],
-    st.binary(max_size=70),
+    lambda kernel_id, sig, header, body: [MAGIC, kernel_id, sig, header, body],
+    st.sampled_from([b"k1", b"k2", b""]) | st.binary(max_size=140),
+    st.binary(min_size=64, max_size=64) | st.binary(max_size=70),
     st.dictionaries(
-        st.sampled_from(["type", "kernel_id", "msg_id", "seq", "time", "reply_to", "origin"]),
+        st.sampled_from(["type", "msg_id", "seq", "time", "reply_to", "origin", "session"]),
         st.none() | st.integers() | st.text(max_size=8) | st.sampled_from(["k1", "k2"]),
     ).map(lambda header: json.dumps(header).encode()),
     st.binary(max_size=64),
@@ -535,3 +576,497 @@ def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(RuntimeError, match="start"):
         client.request("echo", {})
     client.close()
+
+
+# -- where the channel listens ---------------------------------------------------------
+
+
+def socket_path(endpoint: str) -> Path:
+    assert endpoint.startswith("ipc://"), endpoint
+    return Path(endpoint[len("ipc://") :])
+
+
+def assert_private(directory: Path) -> None:
+    info = os.lstat(directory)
+    assert stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700
+    assert info.st_uid == os.getuid()
+
+
+async def test_channel_is_a_unix_socket_in_a_private_directory(keys, connect) -> None:
+    runtime_dir = Path(tempfile.mkdtemp(prefix="rt-"))  # short: the socket path fits under it
+    server = RPCServer(keys.get, echo, logging.getLogger(BROKER_LOG))
+    try:
+        path = socket_path(await server.start(runtime_dir))
+        assert path.parent.parent == runtime_dir and path.parent == server.socket_dir
+        assert_private(path.parent)
+        assert stat.S_ISSOCK(os.lstat(path).st_mode)
+        client = connect(f"ipc://{path}")
+        assert await call(client, "echo", {}) == {"echo": {}, "kernel": "k1"}
+    finally:
+        await server.stop()
+    assert not path.parent.exists()  # removed at stop, socket and all
+    runtime_dir.rmdir()
+
+
+async def test_socket_directory_falls_back_when_the_path_would_be_too_long(keys) -> None:
+    deep = Path(tempfile.mkdtemp(prefix="rt-")) / ("d" * 80)
+    server = RPCServer(keys.get, echo, logging.getLogger(BROKER_LOG))
+    try:
+        path = socket_path(await server.start(deep))
+        assert len(os.fsencode(path)) <= rpc.MAX_SOCKET_PATH
+        assert path.parent.parent == Path(tempfile.gettempdir())
+        assert_private(path.parent)
+        assert not deep.exists()  # nothing made where the socket could not go
+    finally:
+        await server.stop()
+        deep.parent.rmdir()
+
+
+def connect_as(uid: int, path: Path) -> int:
+    """Connect to the Unix socket at ``path`` from a child process running as ``uid``; returns the
+    child's errno (0: connected)."""
+    pid = os.fork()
+    if pid == 0:  # the child: no Python cleanup, no pytest, just the answer in the exit status
+        code = 0
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(str(path))
+        except OSError as err:
+            code = err.errno or 255
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+async def test_another_user_cannot_connect(broker: Broker) -> None:
+    path = socket_path(broker.endpoint)
+    nobody = 65534
+    assert connect_as(nobody, path) == errno.EACCES
+    # Control: with the directory opened up, the same child does connect; the directory is
+    # what keeps other users out.
+    os.chmod(path.parent, 0o711)
+    os.chmod(path, 0o777)
+    assert connect_as(nobody, path) == 0
+
+
+async def test_tcp_only_where_ipc_is_unavailable(keys, connect, monkeypatch) -> None:
+    monkeypatch.setattr(rpc, "ipc_supported", lambda: False)
+    server = RPCServer(keys.get, echo, logging.getLogger(BROKER_LOG))
+    try:
+        endpoint = await server.start(Path(tempfile.gettempdir()))
+        assert re.fullmatch(r"tcp://127\.0\.0\.1:\d+", endpoint) and server.socket_dir is None
+        assert await call(connect(endpoint), "echo", {}) == {"echo": {}, "kernel": "k1"}
+    finally:
+        await server.stop()
+
+
+# -- floods and oversized frames -------------------------------------------------------
+
+
+async def test_forged_huge_header_is_dropped_unparsed(
+    broker: Broker, raw_dealer: zmq.asyncio.Socket, keys: dict[str, bytes], monkeypatch, caplog
+) -> None:
+    parsed: list[bytes] = []
+    real = protocol._loads_object
+    monkeypatch.setattr(
+        protocol, "_loads_object", lambda data, what: parsed.append(data) or real(data, what)
+    )
+    kernel = Sequencer("k1", ORIGIN_KERNEL)
+    header = json.dumps({"type": "echo", "pad": "x" * (MAX_KERNEL_FRAME_BYTES - 100)}).encode()
+    small_header = encode(kernel.make("echo", {}), Signer(keys["k1"]))[3]
+    for forged_header in (header, small_header):  # over the header cap; under it, wrongly signed
+        await raw_dealer.send_multipart([MAGIC, b"k1", b"0" * 64, forged_header, b"{}"])
+    good = kernel.make("echo", {"n": 1})
+    await raw_dealer.send_multipart(encode(good, Signer(keys["k1"])))
+    reply = decode(await asyncio.wait_for(raw_dealer.recv_multipart(), 5), keys.get)
+    assert reply.reply_to == good.msg_id
+    logged = warnings_of(caplog, BROKER_LOG)
+    assert f"oversized header ({len(header)} bytes)" in logged and "bad signature" in logged
+    assert all(len(data) <= MAX_HEADER_BYTES for data in parsed) and small_header not in parsed
+    assert [m.body for m in broker.handlers.seen] == [{"n": 1}]
+
+
+async def test_client_refuses_frames_the_broker_would_cut_off(broker: Broker, connect) -> None:
+    client = connect(broker.endpoint)
+    client.on("offload", lambda body: {"listing": "x" * MAX_KERNEL_FRAME_BYTES})
+    with pytest.raises(ValueError, match="the channel takes at most 65536"):
+        await call(client, "echo", {"x": "x" * MAX_KERNEL_FRAME_BYTES})
+    await call(client, "echo", {})
+    reply = await broker.server.request("k1", "offload", {}, timeout=5)
+    assert reply["error"].startswith("unencodable reply: 'offload_reply' has a frame of")
+    assert await call(client, "echo", {"still": "served"}) == {
+        "echo": {"still": "served"},
+        "kernel": "k1",
+    }
+
+
+async def test_a_flood_of_junk_logs_a_bounded_number_of_lines(keys, caplog) -> None:
+    caplog.set_level(logging.WARNING, BROKER_LOG)
+    handlers = Handlers(routes={"echo": echo})
+    server = RPCServer(keys.get, handlers, logging.getLogger(BROKER_LOG))  # the default interval
+    endpoint = await server.start()
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(endpoint)
+    kernel = Sequencer("k1", ORIGIN_KERNEL)
+    forged = encode(kernel.make("echo", {}), Signer(generate_key()))
+    try:
+        for i in range(3000):
+            await sock.send_multipart([b"junk"] if i % 3 else forged)
+        good = kernel.make("echo", {"n": 1})
+        await sock.send_multipart(encode(good, Signer(keys["k1"])))
+        reply = decode(await asyncio.wait_for(sock.recv_multipart(), 30), keys.get)
+        assert reply.reply_to == good.msg_id  # served after the whole flood
+    finally:
+        sock.close()
+        await server.stop()  # logs what was still being summed up
+    lines = warnings_of(caplog, BROKER_LOG).splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0] == "dropped message on the kernel channel: bad signature from 'k1'"
+    assert lines[1].startswith("dropped messages on the kernel channel: 2999 in ")
+    assert "(2000 malformed, 999 bad signature); last: expected 5 frames, got 1" in lines[1]
+
+
+# -- sessions ----------------------------------------------------------------------------
+
+
+async def test_client_renews_a_poisoned_or_stolen_session(
+    broker: Broker, connect, raw_dealer: zmq.asyncio.Socket, keys: dict[str, bytes]
+) -> None:
+    signer = Signer(keys["k1"])
+    broker.handlers.routes["note"] = echo
+    client = connect(broker.endpoint)
+    assert await call(client, "echo", {"n": 1}) == {"echo": {"n": 1}, "kernel": "k1"}
+
+    # A process holding the key pushes the counter of the client's session far ahead...
+    poison = Sequencer("k1", ORIGIN_KERNEL).make("echo", {"poison": 1})
+    poison.session, poison.seq = client._sequencer.session, 2**62
+    await raw_dealer.send_multipart(encode(poison, signer))
+    await wait_until(lambda: len(broker.handlers.seen) == 2)
+    # ... the client's next request is refused for its session, sent again in a fresh one.
+    assert await call(client, "echo", {"n": 2}) == {"echo": {"n": 2}, "kernel": "k1"}
+
+    # Another takes the session over with a nonce of its own: a notification still arrives.
+    await raw_dealer.send_multipart(encode(Sequencer("k1", ORIGIN_KERNEL).make("note", {}), signer))
+    await wait_until(lambda: len(broker.handlers.seen) == 4)
+    client.send("note", {"n": 3})
+    await wait_until(lambda: len(broker.handlers.seen) == 5)
+    assert [m.body for m in broker.handlers.seen] == [
+        {"n": 1},
+        {"poison": 1},
+        {"n": 2},
+        {},
+        {"n": 3},
+    ]
+
+
+async def test_resending_in_fresh_sessions_is_bounded(broker: Broker, connect, monkeypatch) -> None:
+    refusals: list[str] = []
+
+    def refuse(msg: Message) -> None:
+        refusals.append(msg.session)
+        raise SessionError("refused for the test")
+
+    monkeypatch.setattr(broker.server._guard, "check", refuse)
+    client = connect(broker.endpoint)
+    with pytest.raises(BrokerError, match="keeps refusing the session: refused for the test"):
+        await call(client, "echo", {})
+    assert len(refusals) == MAX_RESENDS + 1 and len(set(refusals)) == MAX_RESENDS + 1
+    assert broker.handlers.seen == []
+
+
+async def test_heartbeat_notices_a_broker_that_stopped(broker: Broker, connect) -> None:
+    client = connect(broker.endpoint)
+    heartbeat = Heartbeat(client, interval=0.5, misses=3)
+
+    async def beat(until: Callable[[], bool]) -> str | None:
+        while not until():
+            if (lost := heartbeat.lost()) is not None:
+                return lost
+            await asyncio.sleep(0.01)
+        return None
+
+    broker.handlers.routes["ping"] = echo
+    assert await beat(lambda: sum(m.type == "ping" for m in broker.handlers.seen) >= 2) is None
+    assert heartbeat.missed == 0
+    await broker.server.stop()
+    lost = await asyncio.wait_for(beat(lambda: False), 30)
+    assert lost == "the GPU pool's broker stopped answering (3 pings over 2 s went unanswered)"
+
+
+async def test_a_grant_after_the_cell_gave_up_is_given_back(
+    broker: Broker, connect, monkeypatch
+) -> None:
+    """A broker that stalls (pings unanswered) and grants later: the cell fails, the lease that
+    comes after it is released at once instead of being held by a kernel that never used it."""
+    monkeypatch.setattr(runtime_module, "Heartbeat", functools.partial(Heartbeat, interval=0.1))
+    grant, stalled = asyncio.Event(), asyncio.Event()
+
+    async def acquire(msg: Message) -> dict:
+        await grant.wait()
+        return {"granted": True, "device": {"index": 0}, "reservation": 0, "restore": False}
+
+    async def never(msg: Message) -> dict:
+        await stalled.wait()
+        return {}
+
+    async def notice(msg: Message) -> None:
+        return None
+
+    broker.handlers.routes.update(acquire=acquire, ping=never, cancel=notice, release=notice)
+    runtime = runtime_module.Runtime(connect(broker.endpoint), simulated=True)
+    with pytest.raises(LeaseDenied, match="the GPU pool's broker stopped answering"):
+        await asyncio.to_thread(runtime.acquire, None, top_of_cell=False)
+    assert runtime.lease is None
+    grant.set()
+    await wait_until(lambda: any(m.type == "release" for m in broker.handlers.seen))
+    (request,) = [m.body["request_id"] for m in broker.handlers.seen if m.type == "acquire"]
+    assert [m.body for m in broker.handlers.seen if m.type in ("cancel", "release")] == [
+        {"request_id": request},
+        {"request_id": request},
+    ]
+
+
+# -- numbers kernels report, through the broker service ---------------------------------
+
+
+class OneGpu(DeviceInventory):
+    """One 16 GiB GPU whose driver reports memory per process, as NVML does."""
+
+    def __init__(self) -> None:
+        super().__init__(kind="nvml")
+        self.held: dict[int, int] = {}
+
+    def devices(self) -> list[DeviceInfo]:
+        return [DeviceInfo(0, "GPU-test", "Test GPU", "test", 16 * GiB)]
+
+    def process_memory(self, index: int) -> dict[int, int]:
+        return dict(self.held)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> BrokerService:
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    service = BrokerService(
+        OneGpu(),
+        ledger,
+        Quotas({}),
+        Policy(),
+        log=logging.getLogger(BROKER_LOG),
+        spill_dir=tmp_path / "spill",
+        driver=DriverCheckpointer(DriverCapability(False, False, None, "no driver here")),
+    )
+    await service.start()
+    yield service
+    await service.stop()
+    ledger.close()
+
+
+@pytest.fixture
+def pooled(service: BrokerService) -> Iterator[Callable[[str], Awaitable[BrokerClient]]]:
+    """``await pooled(kernel_id)``: a kernel's client registered with the service, said hello."""
+    made: list[BrokerClient] = []
+
+    async def make(kernel_id: str) -> BrokerClient:
+        env = service.register_kernel(kernel_id).env
+        client = BrokerClient(env[ENV_BROKER_URL], kernel_id, env[ENV_KERNEL_KEY].encode())
+        client.start()
+        made.append(client)
+        await call(client, "hello", {"pid": os.getpid()})
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+async def test_release_books_the_drivers_figure_where_it_is_larger(service, pooled) -> None:
+    client = await pooled("k1")
+    await call(client, "acquire", {"request_id": "r1", "memory": 2 * GiB})
+    service.inventory.held = {os.getpid(): 5 * GiB}  # the context and more than the kernel said
+    client.send("release", {"request_id": "r1", "peak_bytes": GiB, "gpu_bytes": GiB})
+    await wait_until(lambda: service.kernel("k1")["state"] == "resident")
+    assert service.kernel("k1")["gpu_bytes"] == 5 * GiB
+    await call(client, "acquire", {"request_id": "r2"})
+    service.inventory.held = {os.getpid(): GiB // 2, 1: 9 * GiB}  # another process's is not its
+    client.send("release", {"request_id": "r2", "peak_bytes": 3 * GiB, "gpu_bytes": 3 * GiB})
+    await wait_until(lambda: service.kernel("k1")["state"] == "resident")
+    assert service.kernel("k1")["gpu_bytes"] == 3 * GiB
+
+
+@pytest.mark.parametrize(
+    ("type", "body", "field_name"),
+    [
+        ("release", {"request_id": "r1", "gpu_bytes": -8 * GiB}, "gpu_bytes"),
+        ("release", {"request_id": "r1", "gpu_bytes": 16 * GiB + 1}, "gpu_bytes"),
+        ("release", {"request_id": "r1", "peak_bytes": True}, "peak_bytes"),
+        ("release", {"request_id": "r1", "gpu_bytes": 1.5}, "gpu_bytes"),
+        ("release", {"request_id": 7}, "request_id"),
+        ("restored", {"gpu_bytes": -1}, "gpu_bytes"),
+        ("restored", {"gpu_bytes": 1, "transfer": {"nbytes": 1, "seconds": -1}}, "seconds"),
+        ("hello", {"pid": 0}, "pid"),
+        ("hello", {"pid": True}, "pid"),
+        ("pin", {"pinned": "yes"}, "pinned"),
+        ("acquire", {"request_id": "r2", "memory": -1}, "memory"),
+    ],
+)
+async def test_bad_numbers_are_refused_and_change_nothing(
+    service, pooled, type: str, body: dict, field_name: str
+) -> None:
+    client = await pooled("k1")
+    await call(client, "acquire", {"request_id": "r1", "memory": 3 * GiB})
+    before = service.pool()
+    with pytest.raises(BrokerError, match=f"{type} refused: (transfer: )?field '{field_name}'"):
+        await call(client, type, body)
+    after = service.pool()
+    assert record_of(after, "k1") == record_of(before, "k1")
+    assert after["devices"] == before["devices"] and after["queue"] == before["queue"]
+
+
+async def test_bad_offload_reply_fails_the_offload(service, pooled, caplog) -> None:
+    client = await pooled("k1")
+    client.on("offload", lambda body: {"host_bytes": -GiB, "gpu_bytes": 0})
+    await call(client, "acquire", {"request_id": "r1", "memory": 2 * GiB})
+    client.send("release", {"request_id": "r1", "peak_bytes": 2 * GiB, "gpu_bytes": 2 * GiB})
+    await wait_until(lambda: service.kernel("k1")["state"] == "resident")
+    service.offload("k1")
+    await wait_until(lambda: service.core.kernels["k1"].refused)
+    record = service.kernel("k1")
+    assert (record["state"], record["gpu_bytes"], record["host_bytes"]) == ("resident", 2 * GiB, 0)
+    assert "bad offload reply: field 'host_bytes' must be an integer" in caplog.text
+
+
+# -- through a real server and real kernels ----------------------------------------------
+
+KERNEL_CLIENT = """
+from jupyter_singularity.kernel.runtime import Runtime
+from jupyter_singularity.kernel.client import BrokerError
+client = Runtime.current.client
+"""
+
+
+def metric_values(text: str) -> dict[str, float]:
+    samples = (line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    return {name: float(value) for name, value in samples}
+
+
+@pytest.mark.parametrize(
+    "singularity_config", [{"quotas": {"default": {"gpu_memory": "3GiB"}}}], indirect=True
+)
+async def test_negative_release_is_refused_and_the_quota_holds(
+    start_kernel, wait_in_pool, execute, get_pool, get_json, jp_fetch, state, wait_for
+) -> None:
+    """The issue's attack: a release with gpu_bytes = -8 GiB made bookings negative, bypassed a
+    3 GiB quota and let another kernel be granted memory still in use."""
+    a, b = await start_kernel(), await start_kernel()
+    await wait_in_pool([a, b])
+    status, out = await execute(
+        a,
+        KERNEL_CLIENT
+        + """
+print(client.request("acquire", {"request_id": "a1", "memory": 3 << 30})["granted"])
+try:
+    client.request("release", {"request_id": "a1", "gpu_bytes": -(8 << 30)}, timeout=10)
+    print("accepted")
+except BrokerError as err:
+    print("refused:", err)
+except TimeoutError:
+    print("no answer")
+""",
+    )
+    assert status == "ok", out
+    assert out.splitlines()[0] == "True"
+    assert "refused: release refused: field 'gpu_bytes' must be an integer from 0 to" in out, out
+
+    async def booked() -> int:
+        pool = await get_pool()
+        return sum(d["booked_bytes"] for d in pool["devices"])
+
+    assert record_of(await get_pool(), a)["state"] == "running"  # its lease is still held
+    assert await booked() == 3 * GiB
+    metrics = metric_values((await jp_fetch("singularity", "metrics")).body.decode())
+    assert min(metrics.values()) >= 0, metrics
+    # Another kernel of the same user waits: the quota is spent by the lease still held.
+    status, out = await execute(
+        b, KERNEL_CLIENT + 'b1 = client.submit("acquire", {"request_id": "b1", "memory": 1 << 30})'
+    )
+    assert status == "ok", out
+    await state(b, "queued")
+    assert await booked() == 3 * GiB
+    # A's proper release: B is granted once A's memory is offloaded, within the quota.
+    status, out = await execute(
+        a,
+        'client.send("release", {"request_id": "a1", "peak_bytes": 3 << 30, "gpu_bytes": 3 << 30})',
+    )
+    assert status == "ok", out
+    status, out = await execute(b, "print(b1.result(30)['granted'])")
+    assert (status, out.strip()) == ("ok", "True")
+    pool = await state(a, "offloaded")
+    assert record_of(pool, a)["gpu_bytes"] == 0
+    quota = await get_json("singularity", "api", "quota")
+    assert 0 <= quota["usage"]["gpu_bytes"] <= 3 * GiB
+    assert 0 <= await booked() <= 3 * GiB
+
+
+GPU_CELL = "%%singularity\nprint('ran on the GPU')"
+
+
+async def test_a_poisoned_sequence_counter_does_not_lock_the_kernel_out(
+    start_kernel, wait_in_pool, run, singularity_app, state
+) -> None:
+    kernel_id = await start_kernel()
+    await wait_in_pool(kernel_id)
+    status, text, _ = await run(kernel_id, GPU_CELL)
+    assert status == "ok" and "ran on the GPU" in text, text
+    service = singularity_app.service
+    key = service._connections[kernel_id].key  # what a process holding the key could send
+    window = service._rpc._guard._windows[kernel_id]
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(service.endpoint)
+    try:
+        poison = Sequencer(kernel_id, ORIGIN_KERNEL).make("status", {})
+        poison.session, poison.seq = window.session, 2**62
+        await sock.send_multipart(encode(poison, Signer(key)))
+        await wait_until(lambda: window.last_seq == 2**62)
+        status, text, _ = await run(kernel_id, GPU_CELL)
+        assert status == "ok" and "ran on the GPU" in text, text
+        await state(kernel_id, "resident")
+
+        # A session of its own, started with a hello at seq 2**62: the kernel is not locked out.
+        hello = Sequencer(kernel_id, ORIGIN_KERNEL).make("hello", {"pid": 1})
+        hello.seq = 2**62
+        await sock.send_multipart(encode(hello, Signer(key)))
+        await wait_until(lambda: window.session == hello.session)
+        status, text, _ = await run(kernel_id, GPU_CELL)
+        assert status == "ok" and "ran on the GPU" in text, text
+        assert window.session != hello.session
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("singularity_devices", ["simulated:1x16GiB"])
+async def test_a_waiting_cell_fails_when_the_broker_disappears(
+    start_kernel, wait_in_pool, execute, run, singularity_app, state
+) -> None:
+    holder, waiter = await start_kernel(), await start_kernel()
+    await wait_in_pool([holder, waiter])
+    status, out = await execute(
+        holder,
+        KERNEL_CLIENT + 'print(client.request("acquire", {"request_id": "h", "memory": 16 << 30}))',
+    )
+    assert status == "ok" and "'granted': True" in out, out
+    cell = asyncio.ensure_future(run(waiter, "%%singularity\nprint('CELL BODY RAN')", timeout=120))
+    await state(waiter, "queued")
+    await singularity_app.service._rpc.stop()  # the broker's channel is gone
+    status, text, _ = await cell
+    assert status == "error", text
+    assert "the GPU pool's broker stopped answering (3 pings over 6 s went unanswered)" in text
+    assert "CELL BODY RAN" not in text

@@ -585,6 +585,8 @@ async def _matches(fetch, predicate):
         ),
         ({"quota_file": "/no/such/quotas.yaml"}, "does not exist"),
         ({"idle_timeout": -5.0}, "SingularityApp.idle_timeout = -5.0"),
+        ({"offload_timeout": 0.0}, "SingularityApp.offload_timeout = 0.0: must be"),
+        ({"lease_stall_timeout": float("inf")}, "SingularityApp.lease_stall_timeout = inf"),
         (
             {"quotas": {"default": {"priority": math.inf}}},
             "SingularityApp.quotas: quota 'default': priority must be a number >= 0 and finite",

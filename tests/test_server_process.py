@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
-from cells import run_cell
-from tornado.httpclient import HTTPRequest
-from tornado.websocket import websocket_connect
+from servers import TOKEN, api, jupyter_server, run_in_kernel
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TOKEN = "singularity-test-token"
 GiB = 1 << 30
 
 LEASE_CELL = """
@@ -35,87 +22,10 @@ print(grant["granted"])
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def jupyter_server(tmp_path: Path, db: Path) -> Iterator[str]:
-    """A ``jupyter server`` subprocess with the pool on one simulated device; yields its URL."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    log = (tmp_path / f"server-{port}.log").open("w")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jupyter_server",
-            "--no-browser",
-            "--allow-root",
-            f"--port={port}",
-            f"--IdentityProvider.token={TOKEN}",
-            f"--ServerApp.root_dir={tmp_path}",
-            "--ServerApp.jpserver_extensions=jupyter_singularity=True",
-            "--SingularityApp.devices=simulated:1x16GiB",
-            f"--SingularityApp.db_url=sqlite:///{db}",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=tmp_path,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                api(url, "singularity/api/pool")
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(
-                        "server did not start:\n" + (tmp_path / f"server-{port}.log").read_text()
-                    )
-                time.sleep(0.2)
-        yield url
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
-
-
-def api(url: str, path: str, method: str = "GET", body: dict | None = None) -> dict:
-    request = urllib.request.Request(
-        url + path,
-        method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Authorization": f"token {TOKEN}"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)
-
-
-async def run_in_kernel(url: str, kernel_id: str, code: str) -> tuple[str, str]:
-    ws_url = url.replace("http", "ws", 1) + f"api/kernels/{kernel_id}/channels"
-    ws = await websocket_connect(HTTPRequest(ws_url, headers={"Authorization": f"token {TOKEN}"}))
-    try:
-        return await run_cell(ws, code)
-    finally:
-        ws.close()
-
-
 async def test_ledger_survives_restart_and_cli_shows_pool(tmp_path):
     db = tmp_path / "ledger.sqlite"
-    with jupyter_server(tmp_path, db) as url:
+    with jupyter_server(tmp_path, db) as server:
+        url = server.url
         kernel_id = api(url, "api/kernels", "POST", {"name": "python3"})["id"]
         status, out = await run_in_kernel(url, kernel_id, LEASE_CELL)
         assert (status, out.strip()) == ("ok", "True")
@@ -141,7 +51,8 @@ async def test_ledger_survives_restart_and_cli_shows_pool(tmp_path):
         before = api(url, "singularity/api/quota")["usage"]["gpu_seconds_today"]
         assert before >= 1.0
 
-    with jupyter_server(tmp_path, db) as url:
+    with jupyter_server(tmp_path, db) as server:
+        url = server.url
         # A fresh server: the kernel is gone, but the day's GPU time and the lease are remembered.
         assert api(url, "singularity/api/pool")["kernels"] == []
         quota = api(url, "singularity/api/quota")

@@ -16,9 +16,11 @@ import itertools
 from collections.abc import Iterable
 
 from ..devices import DeviceInfo
+from .host_budget import HostBudget
 from .model import (
     DAY,
     OFF_DEVICE_STATES,
+    SPILLABLE_STATES,
     Action,
     BrokerError,
     Deny,
@@ -31,7 +33,6 @@ from .model import (
     Offload,
     Policy,
     Request,
-    Spill,
     StateChanged,
     Wait,
     _midnight,
@@ -43,7 +44,7 @@ from .quotas import Limits, Quotas
 # ------------------------------------------------------------------------------------------- core
 
 
-class BrokerCore(Placement):
+class BrokerCore(HostBudget, Placement):
     """All decisions of the pool. Every public method takes ``now`` and returns the actions to carry out."""
 
     def __init__(
@@ -71,8 +72,12 @@ class BrokerCore(Placement):
         # walks all kernels.
         self._by_device: dict[int, dict[str, Kernel]] = {d: {} for d in self.devices}
         self._by_user: dict[str, dict[str, Kernel]] = {}
+        self.unavailable: dict[int, str] = {}
+        """Devices that take no new grant, and why (see :meth:`set_device_unavailable`)."""
         self.pool_allowances = 0
         """The sum of every kernel's ``pool_allowance``."""
+        self.host_held = 0
+        self._host_held_by_user: dict[str, int] = {}
 
     # ----------------------------------------------------------------------------- public events
 
@@ -103,6 +108,7 @@ class BrokerCore(Placement):
         kernel = self.kernels.pop(kernel_id, None)
         if kernel is None:
             return []
+        self._hold_host(kernel, 0, 0)
         del self._by_user[kernel.user][kernel_id]
         self.pool_allowances -= kernel.pool_allowance
         device = kernel.device
@@ -209,7 +215,8 @@ class BrokerCore(Placement):
             return []
         if gpu_bytes is not None:
             kernel.gpu_bytes = gpu_bytes
-        kernel.host_bytes = kernel.disk_bytes = 0
+        self._hold_host(kernel, host_bytes=0)
+        kernel.disk_bytes = 0
         kernel.spill_refused = ""
         kernel.last_activity = now
         if kernel.lease is not None and kernel.lease.hold:
@@ -233,6 +240,21 @@ class BrokerCore(Placement):
         self._schedule(now)
         return self._drain()
 
+    def discarded(
+        self, kernel_id: str, now: float, host_bytes: int, disk_bytes: int
+    ) -> list[Action]:
+        """The kernel dropped the part of its offloaded state a damaged spill file lost
+        (``%singularity discard``): out of ``error``, it waits with what is left, if anything."""
+        kernel = self._kernel(kernel_id)
+        if kernel.state not in (KernelState.ERROR, *OFF_DEVICE_STATES) or kernel.lease is not None:
+            return []
+        self._hold_host(kernel, host_bytes=host_bytes)
+        kernel.disk_bytes = disk_bytes
+        if kernel.request is None:
+            self._set_state(kernel, self._settled_state(kernel), "damaged state discarded", now)
+        self._schedule(now)
+        return self._drain()
+
     def offloaded(
         self, kernel_id: str, now: float, host_bytes: int, disk_bytes: int = 0, gpu_bytes: int = 0
     ) -> list[Action]:
@@ -240,7 +262,8 @@ class BrokerCore(Placement):
         kernel = self._kernel(kernel_id)
         if kernel.state != KernelState.OFFLOADING:
             return []
-        kernel.host_bytes, kernel.disk_bytes, kernel.gpu_bytes = host_bytes, disk_bytes, gpu_bytes
+        self._hold_host(kernel, host_bytes, reserved=0)
+        kernel.disk_bytes, kernel.gpu_bytes = disk_bytes, gpu_bytes
         if kernel.gpu_bytes == 0:
             self._move(kernel, None)
         elif not (host_bytes or disk_bytes):
@@ -250,23 +273,22 @@ class BrokerCore(Placement):
         new = KernelState.QUEUED if kernel.request is not None else self._settled_state(kernel)
         self._set_state(kernel, new, "offload finished", now)
         self._schedule(now)
-        self._enforce_host_budget(now)
         return self._drain()
 
     def spilled(self, kernel_id: str, now: float, host_bytes: int, disk_bytes: int) -> list[Action]:
         """The kernel's host copy moved (partly) to disk to respect the host-memory budget."""
         kernel = self._kernel(kernel_id)
         kernel.spilling = False
-        if kernel.state not in OFF_DEVICE_STATES and kernel.state != KernelState.QUEUED:
+        if kernel.state not in SPILLABLE_STATES:
             return self._drain()
-        kernel.host_bytes, kernel.disk_bytes = host_bytes, disk_bytes
+        self._hold_host(kernel, host_bytes)
+        kernel.disk_bytes = disk_bytes
         if host_bytes:
             # What stayed cannot leave memory now (pinned memory of a process the driver holds
             # checkpointed): asking again before the kernel next runs would move nothing.
             kernel.spill_refused = "part of the host copy stays in memory until the kernel runs"
         if kernel.request is None:
             self._set_state(kernel, self._settled_state(kernel), "spilled to disk", now)
-        self._enforce_host_budget(now)
         return self._drain()
 
     def spill_failed(self, kernel_id: str, reason: str, now: float) -> list[Action]:
@@ -274,15 +296,20 @@ class BrokerCore(Placement):
         kernel = self._kernel(kernel_id)
         kernel.spilling = False
         kernel.spill_refused = reason
-        self._enforce_host_budget(now)
         return self._drain()
 
-    def offload_failed(self, kernel_id: str, reason: str, now: float) -> list[Action]:
-        """The kernel could not be offloaded safely and stays resident (nothing was lost)."""
+    def offload_failed(
+        self, kernel_id: str, reason: str, now: float, host_full: bool = False
+    ) -> list[Action]:
+        """The kernel could not be offloaded safely and stays resident (nothing was lost).
+        ``host_full``: its state did not fit the host room it was given and ``reason`` is why the
+        rest could not go to disk."""
         kernel = self._kernel(kernel_id)
         if kernel.state != KernelState.OFFLOADING:
             return []
-        kernel.refused = reason
+        self._hold_host(kernel, reserved=0)
+        kernel.refused = self._host_full(kernel, reason) if host_full else reason
+        reason = kernel.refused
         self._set_state(kernel, KernelState.RESIDENT, f"offload refused: {reason}", now)
         self._schedule(now)
         return self._drain()
@@ -332,7 +359,47 @@ class BrokerCore(Placement):
         self.quotas = quotas
         self._limits_cache.clear()
         self._schedule(now)
-        self._enforce_host_budget(now)
+        return self._drain()
+
+    def set_stalled(self, kernel_id: str, since: float | None, now: float) -> list[Action]:
+        """The kernel stopped answering the broker (``since``: when it last answered), or answers
+        again (None). A stalled kernel is never asked to make room (it would not answer), and the
+        memory it holds or is giving back counts as taken until it answers again."""
+        kernel = self._kernel(kernel_id)
+        if kernel.stalled_since == since:
+            return []
+        kernel.stalled_since = since
+        # Its state does not change, but its history (and the browser) should show it.
+        note = "stopped answering the broker" if since is not None else "answers again"
+        self._emit_state(kernel, kernel.state, kernel.state, note, now)
+        self._schedule(now)
+        return self._drain()
+
+    def revoke(self, kernel_id: str, now: float, reason: str) -> list[Action]:
+        """The lease of a stalled kernel was taken back: the driver tier checkpointed its process
+        off the GPU, whose memory is free now. Its state waits with the driver (like a CUDA
+        context it checkpointed after an offload) until a restore brings it back."""
+        kernel = self._kernel(kernel_id)
+        if kernel.lease is None or kernel.device is None:
+            return []
+        # Its footprint (gpu_bytes) stays known: the restore books it again on a GPU.
+        kernel.gpu_bytes = kernel.booking()
+        self._end_lease(kernel, now, None)
+        self._move(kernel, None)
+        self._set_state(kernel, KernelState.OFFLOADED, f"lease revoked: {reason}", now)
+        self._schedule(now)
+        return self._drain()
+
+    def set_device_unavailable(self, device: int, reason: str | None, now: float) -> list[Action]:
+        """No new grant on ``device`` while ``reason`` holds (a stalled kernel's lease there may
+        still write to its memory), or usable again (None). Requests wait, saying why."""
+        if device not in self.devices:
+            raise BrokerError(f"no device {device} in the pool")
+        if reason is None:
+            self.unavailable.pop(device, None)
+        else:
+            self.unavailable[device] = reason
+        self._schedule(now)
         return self._drain()
 
     def tick(self, now: float) -> list[Action]:
@@ -381,7 +448,12 @@ class BrokerCore(Placement):
         booked = self._booked_by_device()
         return {
             "devices": [
-                {**d.to_dict(), "booked_bytes": booked[d.index]} for d in self.devices.values()
+                {
+                    **d.to_dict(),
+                    "booked_bytes": booked[d.index],
+                    "unavailable": self.unavailable.get(d.index),
+                }
+                for d in self.devices.values()
             ],
             "kernels": [k.to_dict() for k in self.kernels.values()],
             "queue": [
@@ -419,6 +491,8 @@ class BrokerCore(Placement):
             raise BrokerError(f"unknown kernel {kernel_id}") from None
 
     def _drain(self) -> list[Action]:
+        """The actions of this event, after any spill that host memory now calls for."""
+        self._enforce_host_budget()
         actions, self._actions = self._actions, []
         return actions
 
@@ -502,6 +576,7 @@ class BrokerCore(Placement):
             and not kernel.pinned
             and not kernel.refused
             and kernel.device is not None
+            and kernel.stalled_since is None
         )
 
     def _eviction_key(self, kernel: Kernel, now: float) -> tuple:
@@ -517,48 +592,11 @@ class BrokerCore(Placement):
     def _start_offload(self, kernel: Kernel, reason: str, now: float) -> None:
         assert kernel.device is not None
         self._set_state(kernel, KernelState.OFFLOADING, reason, now)
-        self._actions.append(Offload(kernel.kernel_id, kernel.device, reason))
+        room = self._host_room(kernel)
+        self._hold_host(kernel, reserved=room or 0)
+        self._actions.append(Offload(kernel.kernel_id, kernel.device, reason, room))
         if self._pass is not None:
             self._pass.changed(kernel.device)
-
-    def _enforce_host_budget(self, now: float) -> None:
-        """Spill the least recently used idle kernels' host copies while host memory is over the
-        pool's budget or a user's ``host_memory`` quota."""
-        idle = sorted(
-            (
-                k
-                for k in self.kernels.values()
-                if k.host_bytes
-                and k.state in OFF_DEVICE_STATES
-                and k.request is None
-                and not k.spilling
-                and not k.spill_refused
-            ),
-            key=lambda k: k.last_activity,
-        )
-        if not idle:
-            return
-        by_user: dict[str, int] = {}
-        for kernel in self.kernels.values():
-            if kernel.host_bytes and not kernel.spilling:
-                by_user[kernel.user] = by_user.get(kernel.user, 0) + kernel.host_bytes
-        total = sum(by_user.values())
-        limit = self.policy.host_memory_limit
-        for kernel in idle:
-            user_limit = self.limits(kernel.user, kernel.groups).host_memory
-            over_pool = bool(limit) and total > limit
-            over_user = user_limit is not None and by_user[kernel.user] > user_limit
-            if not (over_pool or over_user):
-                continue
-            kernel.spilling = True
-            total -= kernel.host_bytes
-            by_user[kernel.user] -= kernel.host_bytes
-            reason = (
-                "host memory of the pool is full"
-                if over_pool
-                else f"host memory quota of {kernel.user} reached"
-            )
-            self._actions.append(Spill(kernel.kernel_id, reason))
 
     def _relieve_overcommit(self, device: int | None, now: float) -> None:
         """A cell may end with a larger footprint than it reserved; evict idle kernels to fit again."""

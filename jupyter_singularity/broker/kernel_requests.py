@@ -1,6 +1,11 @@
 """The kernels' requests to the broker (hello, acquire, release, status...), answered for the
 service: each ``_on_<type>`` method takes one decoded, authenticated message of its kernel.
 
+Authenticated is not trusted: every number a kernel reports is checked here, at the edge, with the
+helpers of :mod:`..protocol` (GPU bytes up to the device's size, host and disk bytes up to
+``MAX_STORED_BYTES``, a pid positive, a flag a boolean). A bad field is answered with an error
+naming it, and the core is not told anything.
+
 A mixin of :class:`~.service.BrokerService`.
 """
 
@@ -11,7 +16,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..protocol import Message
+from ..protocol import (
+    MAX_PID,
+    MAX_STORED_BYTES,
+    REQUIRED,
+    FieldError,
+    Message,
+    count_field,
+    error_text,
+    flag_field,
+    text_field,
+    transfer_field,
+)
 from .model import BrokerError
 
 if TYPE_CHECKING:
@@ -42,6 +58,15 @@ class KernelConnection:
     stopping: str = ""
     """Why the kernel's process is about to exit (shut down, restarted), when the server said so."""
     waiters: dict[str, asyncio.Future] = field(default_factory=dict)
+    last_heard: float = 0.0
+    """When the kernel last sent anything (a request, a reply, a ping answer)."""
+    pinging: bool = False
+    stalled_since: float | None = None
+    """When it last answered, if it stopped answering (see :mod:`.watchdog`)."""
+    revoked: bool = False
+    """Its lease was revoked while it was stalled: the driver holds its process checkpointed."""
+    blocked_device: int | None = None
+    """The GPU that takes no new work because this stalled kernel holds a lease there."""
 
 
 class KernelRequests:
@@ -60,6 +85,7 @@ class KernelRequests:
     offload: Callable[[str], dict]
     restore: Callable[[str], dict]
     pin: Callable[..., dict]
+    _heard_from: Callable[[str, KernelConnection], None]
 
     def _key_for(self, kernel_id: str) -> bytes | None:
         connection = self._connections.get(kernel_id)
@@ -73,7 +99,7 @@ class KernelRequests:
         connection = self._connections.get(kernel_id)
         if connection is None or kernel_id not in self.core.kernels:
             return {"error": "this kernel is not registered with the pool"}
-        connection.missed_pings = 0
+        self._heard_from(kernel_id, connection)
         handler = getattr(self, f"_on_{msg.type}", None)
         if handler is None:
             return {"error": f"unknown request {msg.type!r}"}
@@ -81,6 +107,11 @@ class KernelRequests:
             return handler(kernel_id, connection, body, now)
         except BrokerError as err:
             return {"error": str(err)}
+        except FieldError as err:
+            self.log.warning(
+                "jupyter-singularity: refused %s from %s: %s", msg.type, kernel_id, err
+            )
+            return {"error": f"{msg.type} refused: {err}"}
         except (KeyError, TypeError, ValueError) as err:
             self.log.warning(
                 "jupyter-singularity: bad %s request from %s: %r", msg.type, kernel_id, err
@@ -90,10 +121,16 @@ class KernelRequests:
     def _on_hello(
         self, kernel_id: str, connection: KernelConnection, body: dict, now: float
     ) -> dict:
-        pid = int(body["pid"])
+        pid = count_field(body, "pid", MAX_PID, minimum=1)
         if connection.pid is None:
             connection.pid = pid
         return {"kernel": self.kernel(kernel_id), "simulated": self.inventory.simulated}
+
+    def _on_ping(
+        self, kernel_id: str, connection: KernelConnection, body: dict, now: float
+    ) -> dict:
+        """A waiting cell checks that the broker is still there."""
+        return {}
 
     def _on_status(
         self, kernel_id: str, connection: KernelConnection, body: dict, now: float
@@ -117,7 +154,7 @@ class KernelRequests:
         return {"kernel": record, "queue": queued[0] if queued else None}
 
     def _on_pin(self, kernel_id: str, connection: KernelConnection, body: dict, now: float) -> dict:
-        return {"kernel": self.pin(kernel_id, bool(body["pinned"]))}
+        return {"kernel": self.pin(kernel_id, flag_field(body, "pinned"))}
 
     def _on_devices(
         self, kernel_id: str, connection: KernelConnection, body: dict, now: float
@@ -142,18 +179,15 @@ class KernelRequests:
     def _on_acquire(
         self, kernel_id: str, connection: KernelConnection, body: dict, now: float
     ) -> dict | Awaitable[dict]:
-        request_id = str(body["request_id"])
-        memory = body.get("memory")
-        bound = body.get("bound_uuid")  # CUDA in the kernel already chose this GPU
-        device = None if bound is None else self._device_index(str(bound))
+        request_id = text_field(body, "request_id")
+        # A reservation larger than any device is refused by the core, with the sizes.
+        memory = count_field(body, "memory", MAX_STORED_BYTES, default=None)
+        bound = text_field(body, "bound_uuid", default=None)  # CUDA in the kernel chose this GPU
+        device = None if bound is None else self._device_index(bound)
         waiter = asyncio.get_running_loop().create_future()
         connection.waiters[request_id] = waiter
         try:
-            self._apply(
-                self.core.acquire(
-                    kernel_id, request_id, now, None if memory is None else int(memory), device
-                )
-            )
+            self._apply(self.core.acquire(kernel_id, request_id, now, memory, device))
         except BaseException:
             connection.waiters.pop(request_id, None)
             raise
@@ -179,7 +213,7 @@ class KernelRequests:
     def _on_cancel(
         self, kernel_id: str, connection: KernelConnection, body: dict, now: float
     ) -> None:
-        request_id = str(body["request_id"])
+        request_id = text_field(body, "request_id")
         self._apply(self.core.cancel(kernel_id, request_id, now))
         waiter = connection.waiters.get(request_id)
         if waiter is not None and not waiter.done():
@@ -188,29 +222,88 @@ class KernelRequests:
     def _on_release(
         self, kernel_id: str, connection: KernelConnection, body: dict, now: float
     ) -> None:
+        request_id = text_field(body, "request_id")
+        limit = self._gpu_limit(kernel_id)
+        peak_bytes = count_field(body, "peak_bytes", limit, default=None)
+        gpu_bytes = count_field(body, "gpu_bytes", limit, default=None)
         self._apply(
             self.core.release(
                 kernel_id,
-                str(body["request_id"]),
+                request_id,
                 now,
-                peak_bytes=_optional_int(body.get("peak_bytes")),
-                gpu_bytes=_optional_int(body.get("gpu_bytes")),
+                peak_bytes=peak_bytes,
+                gpu_bytes=self._held_bytes(kernel_id, connection, gpu_bytes),
             )
         )
 
     def _on_restored(
         self, kernel_id: str, connection: KernelConnection, body: dict, now: float
     ) -> None:
-        connection.transfer = body.get("transfer")
+        gpu_bytes = count_field(body, "gpu_bytes", self._gpu_limit(kernel_id), default=None)
+        connection.transfer = transfer_field(body)
         self._apply(
-            self.core.restored(kernel_id, now, gpu_bytes=_optional_int(body.get("gpu_bytes")))
+            self.core.restored(
+                kernel_id, now, gpu_bytes=self._held_bytes(kernel_id, connection, gpu_bytes)
+            )
         )
 
     def _on_restore_failed(
         self, kernel_id: str, connection: KernelConnection, body: dict, now: float
     ) -> None:
-        self._apply(self.core.restore_failed(kernel_id, str(body.get("reason", "unknown")), now))
+        reason = error_text(body.get("reason") or "unknown")
+        self._apply(self.core.restore_failed(kernel_id, reason, now))
 
+    # ------------------------------------------------------------------ numbers kernels report
 
-def _optional_int(value: Any) -> int | None:
-    return None if value is None else int(value)
+    def _gpu_limit(self, kernel_id: str) -> int:
+        """The most GPU bytes a kernel can report: its device's size (before it has one, the
+        largest device's)."""
+        device = self.core.kernels[kernel_id].device
+        if device is not None:
+            return self.core.devices[device].total_bytes
+        return max((info.total_bytes for info in self.core.devices.values()), default=0)
+
+    def _held_bytes(
+        self, kernel_id: str, connection: KernelConnection, reported: int | None
+    ) -> int | None:
+        """What a kernel holds on its device: its report, or the driver's figure for its process
+        (NVML, on real GPUs) where that is larger, so a kernel cannot book less than it holds."""
+        device = self.core.kernels[kernel_id].device
+        if reported is None or device is None or connection.pid is None:
+            return reported
+        return max(reported, self.inventory.process_memory(device).get(connection.pid, 0))
+
+    def _reported(
+        self,
+        kernel_id: str,
+        what: str,
+        reply: dict,
+        gpu: tuple[str, ...] = (),
+        stored: tuple[str, ...] = (),
+        default: Any = REQUIRED,
+    ) -> dict:
+        """A kernel's reply to an offload, spill or restore request with its numbers checked:
+        the ``gpu`` fields up to the device's size, the ``stored`` (host, disk) ones up to
+        MAX_STORED_BYTES, absent ones ``default`` (or an error when required), and its transfer
+        record. A bad field turns it into an error reply naming the field: the move failed."""
+        if "error" in reply:
+            return reply
+        limit = self._gpu_limit(kernel_id)
+        try:
+            checked = {name: count_field(reply, name, limit, default=default) for name in gpu}
+            for name in stored:
+                checked[name] = count_field(reply, name, MAX_STORED_BYTES, default=default)
+            checked["transfer"] = transfer_field(reply)
+        except FieldError as err:
+            self.log.warning("jupyter-singularity: bad %s reply from %s: %s", what, kernel_id, err)
+            return {"error": f"bad {what} reply: {err}"}
+        return checked
+
+    def _on_discarded(
+        self, kernel_id: str, connection: KernelConnection, body: dict, now: float
+    ) -> dict:
+        """``%singularity discard``: the kernel dropped its damaged state; what is left, where."""
+        host_bytes = count_field(body, "host_bytes", MAX_STORED_BYTES)
+        disk_bytes = count_field(body, "disk_bytes", MAX_STORED_BYTES)
+        self._apply(self.core.discarded(kernel_id, now, host_bytes, disk_bytes))
+        return {"kernel": self.kernel(kernel_id)}

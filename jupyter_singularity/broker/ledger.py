@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,31 @@ _state_changes = sa.Table(
     sa.Column("duration", sa.Double, nullable=True),
     sa.Index("ix_state_changes_kernel_time", "kernel_id", "time"),
 )
+
+# Every broker that wrote to the ledger, and which broker each kernel belonged to: several brokers
+# may share one ledger (two servers of one user on the default file), so a broker that starts ends
+# only the records of brokers whose process is gone, never those of one still running.
+_brokers = sa.Table(
+    "brokers",
+    _metadata,
+    sa.Column("broker_id", sa.Text, primary_key=True),
+    sa.Column("host", sa.Text, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    # Tells a reused pid apart (the process's start time, where the OS says it).
+    sa.Column("process_start", sa.Text, nullable=True),
+    sa.Column("started", sa.Double, nullable=False),
+    sa.Column("stopped", sa.Double, nullable=True),
+)
+
+_kernel_brokers = sa.Table(
+    "kernel_brokers",
+    _metadata,
+    sa.Column("kernel_id", sa.Text, primary_key=True),
+    sa.Column("broker_id", sa.Text, nullable=False),
+)
+
+#: The state a kernel's records end with once it left the pool.
+GONE = "gone"
 
 
 # Ends an open lease, charging ``end - start`` (nothing if the wall clock stepped back). Only an
@@ -122,6 +149,8 @@ class Ledger:
         self._new_leases: list[dict[str, Any]] = []
         self._new_changes: list[dict[str, Any]] = []
         self._ended_leases: list[dict[str, Any]] = []
+        self._new_kernels: list[str] = []
+        self.broker_id = ""
         shown = db_url
         try:
             url = sa.make_url(db_url)
@@ -183,13 +212,15 @@ class Ledger:
         """
         self._ended_leases.append({"lid": lease_id, "end_at": end, "peak": peak_bytes})
 
-    def close_dangling_leases(self, at: float) -> int:
-        """End leases left open by a crash; returns how many were ended.
+    def close_dangling_leases(self, at: float, keep: Iterable[str] = ()) -> int:
+        """End leases left open by a crash, but those of the kernels in ``keep`` (still running
+        under a live broker); returns how many were ended.
 
         How long they really ran is unknown, so each is charged only what was
         observed: it ends at the latest state change of its kernel after its
         start (or at its start if there is none), never after ``at``.
         """
+        kept = set(keep)
         self.flush()
         latest = (
             sa.select(sa.func.max(_state_changes.c.time))
@@ -200,11 +231,15 @@ class Ledger:
             .scalar_subquery()
         )
         with self._engine.begin() as conn:
-            dangling = conn.execute(
-                sa.select(_leases.c.lease_id, _leases.c.start, latest).where(
-                    _leases.c.end.is_(None)
+            dangling = [
+                (lease_id, start, seen)
+                for lease_id, kernel_id, start, seen in conn.execute(
+                    sa.select(
+                        _leases.c.lease_id, _leases.c.kernel_id, _leases.c.start, latest
+                    ).where(_leases.c.end.is_(None))
                 )
-            ).all()
+                if kernel_id not in kept
+            ]
             if dangling:
                 conn.execute(
                     _END_LEASE,
@@ -218,6 +253,86 @@ class Ledger:
                     ],
                 )
         return len(dangling)
+
+    def attach(self, *, at: float, me: dict[str, Any], alive: Callable[[dict], bool]) -> dict:
+        """Join the ledger as a broker described by ``me`` (host, pid, process_start) and end what
+        brokers that died left open: their leases (charged only the time observed) and their
+        kernels' records (a last state change to ``gone``). ``alive(broker_row)`` says whether
+        another broker's process still runs; kernels of live brokers are left alone.
+
+        Returns what was closed: ``{"leases": n, "kernels": [ids]}``.
+        """
+        self.flush()
+        with self._engine.begin() as conn:
+            running = conn.execute(sa.select(_brokers).where(_brokers.c.stopped.is_(None))).all()
+            live = {row.broker_id for row in running if alive(dict(row._mapping))}
+            dead = [row.broker_id for row in running if row.broker_id not in live]
+            if dead:
+                conn.execute(
+                    _brokers.update().where(_brokers.c.broker_id.in_(dead)).values(stopped=at)
+                )
+            live_kernels = {
+                row.kernel_id
+                for row in conn.execute(
+                    sa.select(_kernel_brokers.c.kernel_id).where(
+                        _kernel_brokers.c.broker_id.in_(live)
+                    )
+                )
+            }
+            last = (
+                sa.select(sa.func.max(_state_changes.c.id))
+                .group_by(_state_changes.c.kernel_id)
+                .scalar_subquery()
+            )
+            open_kernels = conn.execute(
+                sa.select(
+                    _state_changes.c.kernel_id,
+                    _state_changes.c.user,
+                    _state_changes.c.new_state,
+                    _state_changes.c.device_index,
+                ).where(_state_changes.c.id.in_(last), _state_changes.c.new_state != GONE)
+            ).all()
+            ended = [row for row in open_kernels if row.kernel_id not in live_kernels]
+            if ended:
+                conn.execute(
+                    _state_changes.insert(),
+                    [
+                        {
+                            "time": at,
+                            "kernel_id": row.kernel_id,
+                            "user": row.user,
+                            "old_state": row.new_state,
+                            "new_state": GONE,
+                            "reason": "its server or broker stopped without ending it "
+                            "(found at the next start)",
+                            "device_index": row.device_index,
+                            "nbytes": None,
+                            "duration": None,
+                        }
+                        for row in ended
+                    ],
+                )
+            self.broker_id = uuid.uuid4().hex
+            conn.execute(
+                _brokers.insert(),
+                {**me, "broker_id": self.broker_id, "started": at, "stopped": None},
+            )
+        leases = self.close_dangling_leases(at, keep=live_kernels)
+        return {"leases": leases, "kernels": [row.kernel_id for row in ended]}
+
+    def detach(self, at: float) -> None:
+        """This broker stops: records of its kernels are complete."""
+        if not self.broker_id:
+            return
+        self.flush()
+        with self._engine.begin() as conn:
+            conn.execute(
+                _brokers.update().where(_brokers.c.broker_id == self.broker_id).values(stopped=at)
+            )
+
+    def kernel_joined(self, kernel_id: str) -> None:
+        """Remember that ``kernel_id`` belongs to this broker (see :meth:`attach`)."""
+        self._new_kernels.append(kernel_id)
 
     def state_changed(
         self,
@@ -250,7 +365,9 @@ class Ledger:
     @property
     def pending(self) -> bool:
         """Whether records wait for :meth:`flush`."""
-        return bool(self._new_leases or self._new_changes or self._ended_leases)
+        return bool(
+            self._new_leases or self._new_changes or self._ended_leases or self._new_kernels
+        )
 
     def flush(self) -> None:
         """Write the buffered records in one transaction.
@@ -261,11 +378,21 @@ class Ledger:
         """
         if not self.pending:
             return
-        batches = (self._new_leases, self._new_changes, self._ended_leases)
-        self._new_leases, self._new_changes, self._ended_leases = [], [], []
-        leases, changes, ended = batches
+        batches = (self._new_leases, self._new_changes, self._ended_leases, self._new_kernels)
+        self._new_leases, self._new_changes, self._ended_leases, self._new_kernels = [], [], [], []
+        leases, changes, ended, kernels = batches
         try:
             with self._engine.begin() as conn:
+                if kernels:
+                    # A restarted kernel keeps its id: it now belongs to this broker.
+                    ids = sorted(set(kernels))
+                    conn.execute(
+                        _kernel_brokers.delete().where(_kernel_brokers.c.kernel_id.in_(ids))
+                    )
+                    conn.execute(
+                        _kernel_brokers.insert(),
+                        [{"kernel_id": k, "broker_id": self.broker_id} for k in ids],
+                    )
                 if leases:
                     conn.execute(_leases.insert(), leases)
                 if changes:
@@ -273,7 +400,12 @@ class Ledger:
                 if ended:
                     conn.execute(_END_LEASE, ended)
         except SQLAlchemyError as exc:
-            self._new_leases[:0], self._new_changes[:0], self._ended_leases[:0] = batches
+            (
+                self._new_leases[:0],
+                self._new_changes[:0],
+                self._ended_leases[:0],
+                self._new_kernels[:0],
+            ) = batches
             reason = getattr(exc, "orig", None) or exc
             raise LedgerError(f"cannot write the usage ledger: {reason}") from exc
 

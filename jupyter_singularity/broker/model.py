@@ -27,6 +27,8 @@ class KernelState(str, Enum):
 
 LEASE_STATES = (KernelState.RUNNING, KernelState.RESTORING)
 OFF_DEVICE_STATES = (KernelState.OFFLOADED, KernelState.SPILLED)
+SPILLABLE_STATES = (*OFF_DEVICE_STATES, KernelState.QUEUED)
+"""States in which a kernel's host copy lies idle, so it can move to disk (queued or not)."""
 
 
 class BrokerError(Exception):
@@ -50,8 +52,8 @@ class Policy:
     """A request is queued as if it arrived ``min(cap, rate * GPU-seconds used today / priority)``
     seconds later: heavy users yield to light ones, but never by more than ``cap``, so none starves."""
     host_memory_limit: int = 0
-    """Bytes of offloaded state kept in host memory; beyond it the least recently used kernels'
-    host copies spill to disk. 0 = no limit."""
+    """Bytes of offloaded state kept in host memory, offloads in flight included: an offload keeps
+    only the room left and writes the rest straight to disk. 0 = no limit."""
     pinned_per_kernel: int = 0
     """Pinned host memory one kernel may keep for its offloads (0: none, offloads use pageable
     memory)."""
@@ -98,6 +100,9 @@ class Offload:
     kernel_id: str
     device: int
     reason: str
+    host_limit: int | None = None
+    """Bytes of its state the kernel may keep in host memory (None: no limit); the rest goes
+    straight to its spill directory. Reserved in the host budget until the offload is reported."""
 
 
 @dataclass(frozen=True)
@@ -192,8 +197,12 @@ class Kernel:
     """Why someone asked to offload the kernel while a cell ran: done when the cell ends."""
     spill_refused: str = ""
     """Why the last spill failed; not retried until the kernel is restored."""
+    host_reserved: int = 0
+    """Host memory held for the kernel's offload in flight (its Offload's ``host_limit``)."""
     pool_allowance: int = 0
     """Pinned host memory the kernel may keep for its offloads (see Policy.pinned_total)."""
+    stalled_since: float | None = None
+    """When the kernel last answered the broker, if it stopped answering (stopped or hung)."""
 
     def booking(self) -> int:
         if self.device is None:
@@ -213,6 +222,7 @@ class Kernel:
             "gpu_bytes": self.gpu_bytes,
             "booked_bytes": self.booking(),
             "host_bytes": self.host_bytes,
+            "host_reserved": self.host_reserved,
             "disk_bytes": self.disk_bytes,
             "pinned": self.pinned,
             "last_activity": self.last_activity,
@@ -227,6 +237,7 @@ class Kernel:
             },
             "offload_refused": self.refused or None,
             "pool_allowance": self.pool_allowance,
+            "stalled_since": self.stalled_since,
         }
 
 

@@ -73,6 +73,15 @@ class Placement:
         candidates = self._candidates(kernel, request)
         if not candidates:
             return _Placement(deny="this pool has no GPU devices")
+        if self.unavailable:
+            usable = [d for d in candidates if d not in self.unavailable]
+            if not usable:
+                return _Placement(
+                    wait="; ".join(
+                        f"GPU {d} is unavailable: {self.unavailable[d]}" for d in candidates
+                    )
+                )
+            candidates = usable
         if (
             request.memory is not None
             and limits.gpu_memory is not None
@@ -152,11 +161,18 @@ class Placement:
                     kernel, request, info, limits
                 )
             if request.memory is None and not kernel.peaks:
-                # "The whole device" for a first cell means all that can be made free there.
+                # "The whole device" for a first cell means all that can be made free there: not
+                # what a kernel that stopped answering holds, unless little else would be left
+                # (then it waits for that kernel rather than run with next to nothing booked).
                 state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes
-                reservation = max(min(reservation, freeable), state)
+                room = freeable - view.stalled
+                if room < min(reservation, self.policy.margin_bytes):
+                    room = freeable
+                reservation = max(min(reservation, room), state)
             if freeable < reservation:
                 continue  # never fits here without someone unpinning
+            # Only fits once a kernel that stopped answering gives its memory back.
+            needs_stalled = freeable - view.stalled < reservation
             affinity = 0 if d in (kernel.device, kernel.home) else 1
             victims: list[Kernel] = []
             if free >= reservation:
@@ -173,6 +189,8 @@ class Placement:
                     pending += victim.booking()
                 if pending >= need:
                     key = (1, affinity, sum(v.booking() for v in victims), d)
+                elif needs_stalled:
+                    key = (3, affinity, view.stalled, d)
                 else:
                     key = (2, affinity, view.running, d)
             if best is None or key < best[0]:
@@ -184,10 +202,19 @@ class Placement:
                 f"GPU {d}: {format_size(self._reservation(kernel, request, self.devices[d], limits))}"
                 for d in candidates
             )
+            # Why kernels in the way refused to leave (a full host budget and disk, say).
+            refusals = sorted(
+                {
+                    f"; kernel {k.kernel_id[:8]} stays: {k.refused}"
+                    for d in candidates
+                    for k in self._by_device[d].values()
+                    if k.refused and k is not kernel
+                }
+            )
             return _Placement(
                 deny=f"no GPU can make room for this request ({sizes}) while pinned or "
                 "non-offloadable kernels hold their memory; unpin a kernel or ask for less with "
-                "%%singularity --memory SIZE"
+                "%%singularity --memory SIZE" + "".join(refusals)
             )
         (tier, *_), device, reservation, victims = best
         if anywhere and tier == 2:
@@ -203,6 +230,14 @@ class Placement:
                 device=device,
                 reservation=reservation,
                 wait=f"GPU {device} is busy with running cells",
+            )
+        if tier == 3:
+            stalled = ", ".join(k.kernel_id[:8] for k in self._pass.view(device).stalled_kernels)
+            return _Placement(
+                device=device,
+                reservation=reservation,
+                wait=f"GPU {device}: kernel {stalled} holds memory there and stopped answering; "
+                "waiting for it to answer or end",
             )
         if not victims and self._pass.view(device).offloading:
             return _Placement(
@@ -286,8 +321,9 @@ class Placement:
 
 def _unfreeable(kernel: Kernel) -> bool:
     """Memory no eviction can free: pinned, refused or failed kernels, and what an offload left
-    behind (e.g. a CUDA context), which stays until the kernel runs again."""
-    return (
+    behind (e.g. a CUDA context), which stays until the kernel runs again. (A kernel that stopped
+    answering holds its memory only until it answers again or ends: see ``_DeviceView.stalled``.)"""
+    return kernel.stalled_since is None and (
         kernel.pinned
         or bool(kernel.refused)
         or kernel.state == KernelState.ERROR
@@ -308,6 +344,9 @@ class _DeviceView:
     running: int
     evictable: list[Kernel]
     ordered: bool = False
+    stalled: int = 0
+    """Bytes booked by kernels that stopped answering: not free, but not lost for good either."""
+    stalled_kernels: list[Kernel] = field(default_factory=list)
 
 
 class _Pass:
@@ -351,9 +390,12 @@ class _Pass:
             for kernel in self.core._by_device[device].values():
                 booking = kernel.booking()
                 view.booked += booking
-                if _unfreeable(kernel):
+                if kernel.stalled_since is not None:
+                    view.stalled += booking
+                    view.stalled_kernels.append(kernel)
+                elif _unfreeable(kernel):
                     view.fixed += booking
-                if kernel.state == KernelState.OFFLOADING:
+                if kernel.state == KernelState.OFFLOADING and kernel.stalled_since is None:
                     view.offloading += kernel.gpu_bytes
                 if kernel.lease is not None:
                     view.running += booking

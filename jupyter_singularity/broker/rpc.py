@@ -1,8 +1,10 @@
 """The broker's end of the kernel channel: one ROUTER socket serving every kernel.
 
-Kernels connect with DEALER sockets. Every frame that arrives is untrusted until it
-decodes, verifies and passes the replay guard; anything else is logged and dropped so
-that no peer can take the server down or block other kernels.
+Kernels connect with DEALER sockets, over a Unix socket in a directory only the server's user can
+enter (TCP on 127.0.0.1 only where ZeroMQ has no ipc transport, as on Windows). Every frame that
+arrives is untrusted until it verifies and passes the replay guard; anything else is dropped,
+counted and summed up in the log once per interval, so that no peer can take the server down,
+fill its log or block other kernels.
 """
 
 from __future__ import annotations
@@ -10,30 +12,78 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
+import shutil
+import stat
+import tempfile
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import zmq
 import zmq.asyncio
 
 from ..protocol import (
+    DROP_LOG_INTERVAL,
+    MAX_KERNEL_FRAME_BYTES,
     ORIGIN_BROKER,
     ORIGIN_KERNEL,
+    RENEW_SESSION,
+    DropLog,
     Message,
     ProtocolError,
     ReplayGuard,
     Sequencer,
+    SessionError,
     Signer,
     decode,
     encode,
+    error_text,
 )
 
 Handler = Callable[[Message], dict | Awaitable[dict | None] | None]
 """Answers a kernel's message: at once (a dict, or None for a notification), or with an
 awaitable when the answer must wait."""
 
-#: Control messages are small; a peer sending more is cut off by ZeroMQ before the
-#: payload is buffered in the server's memory.
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: A peer sending a bigger frame is cut off by ZeroMQ before the frame is buffered.
+MAX_MESSAGE_BYTES = MAX_KERNEL_FRAME_BYTES
+#: Messages buffered per connected peer before ZeroMQ stops reading from it (back-pressure, no
+#: loss): kernels send a few messages per cell; a flooding peer holds at most this many.
+RECEIVE_QUEUE = 100
+SOCKET_NAME = "broker.sock"
+#: Longest socket path: sun_path holds 108 bytes on Linux, 104 on macOS, the final NUL included.
+MAX_SOCKET_PATH = 103
+_DIR_PREFIX = "singularity-"
+_DIR_SUFFIX_CHARS = 8  # what tempfile.mkdtemp adds to the prefix
+
+
+def ipc_supported() -> bool:
+    """Whether kernels can reach the broker over a Unix socket (not on Windows)."""
+    return os.name == "posix" and zmq.has("ipc")
+
+
+def private_socket_dir(parent: Path | None) -> Path:
+    """A fresh directory that only this user can enter, for the channel's socket.
+
+    Made under ``parent`` (the Jupyter runtime directory) when the socket's path fits in
+    MAX_SOCKET_PATH there, else under the system's temporary directory. ``mkdtemp`` creates it
+    atomically with mode 0700; it is checked all the same, since some file systems ignore modes.
+    """
+    for base in (parent, Path(tempfile.gettempdir())):
+        if base is None:
+            continue
+        length = len(os.fsencode(base)) + len(_DIR_PREFIX) + _DIR_SUFFIX_CHARS + 2
+        if length + len(SOCKET_NAME) > MAX_SOCKET_PATH:
+            continue
+        try:
+            base.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path = Path(tempfile.mkdtemp(prefix=_DIR_PREFIX, dir=base))
+        except OSError:
+            continue
+        info = os.lstat(path)
+        if info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) == 0o700:
+            return path
+        shutil.rmtree(path, ignore_errors=True)
+    raise OSError(f"no private directory for the kernel channel's socket under {parent}")
 
 
 class RPCServer:
@@ -44,12 +94,16 @@ class RPCServer:
         key_for: Callable[[str], bytes | None],
         handler: Handler,
         log: logging.Logger,
+        drop_log_interval: float = DROP_LOG_INTERVAL,
     ) -> None:
         self._key_for = key_for
         self._handler = handler
         self._log = log
         self._guard = ReplayGuard(ORIGIN_KERNEL)
+        self._drops = DropLog(log, "on the kernel channel", drop_log_interval)
+        self._drop_flush: asyncio.TimerHandle | None = None
         self._socket: zmq.asyncio.Socket | None = None
+        self.socket_dir: Path | None = None
         self._receiver: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         # kernel id -> ROUTER identity frame of its latest valid message
@@ -59,16 +113,31 @@ class RPCServer:
         # msg_id of a request() -> (kernel id it was sent to, future for the reply body)
         self._pending: dict[str, tuple[str, asyncio.Future[dict]]] = {}
 
-    async def start(self, address: str = "tcp://127.0.0.1:*") -> str:
-        """Bind and start serving; returns the concrete endpoint for the kernels."""
+    async def start(self, runtime_dir: Path | None = None) -> str:
+        """Bind and start serving; returns the concrete endpoint for the kernels.
+
+        The socket goes into a fresh private directory (see :func:`private_socket_dir`) under
+        ``runtime_dir``; where there is no ipc transport, onto a free TCP port of 127.0.0.1.
+        """
         if self._socket is not None:
             raise RuntimeError("RPCServer already started")
+        if ipc_supported():
+            self.socket_dir = private_socket_dir(runtime_dir)
+            address = f"ipc://{self.socket_dir / SOCKET_NAME}"
+        else:
+            address = "tcp://127.0.0.1:*"
         socket = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
         socket.linger = 0
         # Sending to a vanished peer raises (handled in _send) instead of vanishing silently.
         socket.router_mandatory = True
         socket.maxmsgsize = MAX_MESSAGE_BYTES
-        socket.bind(address)
+        socket.rcvhwm = RECEIVE_QUEUE
+        try:
+            socket.bind(address)
+        except zmq.ZMQError:
+            socket.close()
+            self._remove_socket_dir()
+            raise
         self._socket = socket
         self._receiver = asyncio.create_task(self._receive_loop(), name="singularity-rpc-recv")
         return socket.last_endpoint.decode()
@@ -129,33 +198,70 @@ class RPCServer:
             self._socket.close()
             self._socket = None
         self._receiver = None
+        self._remove_socket_dir()
+        if self._drop_flush is not None:
+            self._drop_flush.cancel()
+            self._drop_flush = None
+        self._drops.flush()
+
+    def _remove_socket_dir(self) -> None:
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+            self.socket_dir = None
 
     async def _receive_loop(self) -> None:
-        assert self._socket is not None
+        socket = self._socket
+        assert socket is not None
         while True:
-            identity, *frames = await self._socket.recv_multipart()
-            try:
-                msg = decode(frames, self._key_for)
-                self._guard.check(msg)
-            except ProtocolError as exc:
-                self._log.warning("dropped message on kernel channel: %s", exc.reason)
-                continue
-            self._routes[msg.kernel_id] = identity
-            if msg.reply_to is not None:
-                self._resolve(msg)
-                continue
-            try:
-                result = self._handler(msg)
-            except Exception as exc:
-                self._log.exception("handler for %r from %s failed", msg.type, msg.kernel_id)
-                result = {"error": str(exc) or type(exc).__name__}
-            if inspect.isawaitable(result):
-                # It waits (a lease, say) as its own task, so other kernels are served meanwhile.
-                task = asyncio.create_task(self._serve(identity, msg, result))
-                self._handlers.add(task)
-                task.add_done_callback(self._handlers.discard)
-            else:
-                self._reply(identity, msg, result)
+            identity, *frames = await socket.recv_multipart()
+            self._receive(identity, frames)
+            if socket.get(zmq.EVENTS) & zmq.POLLIN:
+                # A queued message would be returned without a pass through the event loop: let
+                # the server's other work (REST requests) in first, or a flood would starve it.
+                await asyncio.sleep(0)
+
+    def _receive(self, identity: bytes, frames: list[bytes]) -> None:
+        msg = None
+        try:
+            msg = decode(frames, self._key_for)
+            self._guard.check(msg)
+        except ProtocolError as exc:
+            self._dropped(exc)
+            if isinstance(exc, SessionError) and msg is not None:
+                # Authentic but refused for its session: the sender renews it and resends.
+                renew = {"error": exc.reason}
+                self._send(msg.kernel_id, identity, RENEW_SESSION, renew, reply_to=msg.msg_id)
+            return
+        self._routes[msg.kernel_id] = identity
+        if msg.reply_to is not None:
+            self._resolve(msg)
+            return
+        try:
+            result = self._handler(msg)
+        except Exception as exc:
+            self._log.exception("handler for %r from %s failed", msg.type, msg.kernel_id)
+            result = {"error": error_text(exc)}
+        if inspect.isawaitable(result):
+            # It waits (a lease, say) as its own task, so other kernels are served meanwhile.
+            task = asyncio.create_task(self._serve(identity, msg, result))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+        else:
+            self._reply(identity, msg, result)
+
+    def _dropped(self, error: ProtocolError) -> None:
+        """Count a dropped message; its log line comes once per interval at most."""
+        wait = self._drops.note(error)
+        if wait is None:  # logged now, with what was counted before: no line is due any more
+            if self._drop_flush is not None:
+                self._drop_flush.cancel()
+                self._drop_flush = None
+        elif self._drop_flush is None:
+            self._drop_flush = asyncio.get_running_loop().call_later(wait, self._flush_drops)
+
+    def _flush_drops(self) -> None:
+        self._drop_flush = None
+        self._drops.flush()
 
     def _resolve(self, msg: Message) -> None:
         """Hand a reply to its request(); replies never run the handler (no reply loops)."""
@@ -172,7 +278,7 @@ class RPCServer:
             body = await pending
         except Exception as exc:
             self._log.exception("handler for %r from %s failed", msg.type, msg.kernel_id)
-            body = {"error": str(exc) or type(exc).__name__}
+            body = {"error": error_text(exc)}
         self._reply(identity, msg, body)
 
     def _reply(self, identity: bytes, msg: Message, body: dict | None) -> None:

@@ -14,12 +14,13 @@ import getpass
 import grp
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from jupyter_core.paths import jupyter_runtime_dir
 
 from ..devices import DeviceInfo, DeviceInventory
 from ..protocol import (
@@ -31,8 +32,8 @@ from ..protocol import (
 )
 from .checkpoint import DriverCapability, DriverCheckpointer, detect
 from .core import BrokerCore
-from .kernel_requests import KernelConnection, KernelRequests, _optional_int
-from .ledger import Ledger, LedgerError, day_start
+from .kernel_requests import KernelConnection, KernelRequests
+from .ledger import GONE, Ledger, LedgerError, day_start
 from .model import (
     Action,
     Deny,
@@ -46,9 +47,12 @@ from .model import (
     StateChanged,
     Wait,
 )
+from .processes import alive, broker_alive, this_process
 from .quotas import Quotas
 from .rpc import RPCServer
+from .spill_dirs import KernelIdError, SpillDirs, check_kernel_id
 from .state_moves import StateMoves, _context_view
+from .watchdog import Watchdog
 
 Emit = Callable[[str, dict], None]
 """``emit(name, data)`` for the browser: name is ``kernel_state``, ``lease``, ``queue`` or ``pin``;
@@ -63,6 +67,9 @@ TRANSFER_STATES = (
     KernelState.OFFLOADED,
     KernelState.QUEUED,
 )
+
+#: How often spill folders left by kernels that died unseen (with a previous server) are looked for.
+SWEEP_INTERVAL = 600.0
 
 #: Ledger writes are buffered and flushed this many seconds after the first one, off the
 #: path of the cell that caused them.
@@ -88,7 +95,7 @@ class KernelLaunch:
     env: dict[str, str]
 
 
-class BrokerService(KernelRequests, StateMoves):
+class BrokerService(KernelRequests, StateMoves, Watchdog):
     """Carries out the core's decisions; the only object handlers and the provisioner talk to."""
 
     def __init__(
@@ -105,6 +112,7 @@ class BrokerService(KernelRequests, StateMoves):
         ping_interval: float = 5.0,
         ping_misses: int = 3,
         offload_timeout: float = 300.0,
+        lease_stall_timeout: float = 120.0,
         spill_dir: Path | None = None,
         driver: DriverCheckpointer | None = None,
     ) -> None:
@@ -119,10 +127,18 @@ class BrokerService(KernelRequests, StateMoves):
         self.ping_interval = ping_interval
         self.ping_misses = ping_misses
         self.offload_timeout = offload_timeout
-        self.spill_dir = spill_dir
+        self.lease_stall_timeout = lease_stall_timeout
+        self.spill_dirs = None if spill_dir is None else SpillDirs(spill_dir)
         self.owner, self.owner_groups = server_owner()
         now = clock()
-        ledger.close_dangling_leases(at=now)
+        closed = ledger.attach(at=now, me=this_process(), alive=broker_alive)
+        if closed["leases"] or closed["kernels"]:
+            log.warning(
+                "jupyter-singularity: the last run ended without closing its records: %d "
+                "lease(s) and %d kernel(s) closed in the ledger",
+                closed["leases"],
+                len(closed["kernels"]),
+            )
         real_gpus = bool(inventory.devices()) and not inventory.simulated
         if driver is None:
             driver = DriverCheckpointer(
@@ -157,7 +173,9 @@ class BrokerService(KernelRequests, StateMoves):
     # -------------------------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        self.endpoint = await self._rpc.start()
+        await self._sweep_spill_dirs()
+        # The kernels' channel: a Unix socket in a private directory under Jupyter's runtime dir.
+        self.endpoint = await self._rpc.start(Path(jupyter_runtime_dir()))
         self._loop_task = asyncio.create_task(self._tick_loop())
         self.log.debug("jupyter-singularity broker listening on %s", self.endpoint)
 
@@ -172,15 +190,40 @@ class BrokerService(KernelRequests, StateMoves):
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         self._flush_ledger()
+        try:
+            self.ledger.detach(self.clock())
+        except LedgerError as err:
+            self.log.error("jupyter-singularity: %s", err)
+
+    async def _sweep_spill_dirs(self, min_age: float = 0.0) -> None:
+        """Spill folders of kernels that no longer exist (their server was killed, say) go; at
+        start none of the kernels they belonged to can still be served. Later, a folder younger
+        than ``min_age`` seconds is left for the next sweep: its kernel may be registering."""
+        if self.spill_dirs is None:
+            return
+        removed = await asyncio.to_thread(
+            self.spill_dirs.sweep, set(self._connections), alive, min_age
+        )
+        if removed:
+            self.log.warning(
+                "jupyter-singularity: removed the spill files of %d kernel(s) that no longer "
+                "exist: %s",
+                len(removed),
+                ", ".join(removed),
+            )
 
     # ----------------------------------------------------------------- kernels (provisioner side)
 
     def register_kernel(self, kernel_id: str, notebook: str = "") -> KernelLaunch:
-        """Admit a kernel about to be launched; its environment carries the channel and key."""
+        """Admit a kernel about to be launched; its environment carries the channel and key.
+
+        Raises KernelIdError for an id that could name a path outside its spill directory."""
+        check_kernel_id(kernel_id)
         if kernel_id in self._connections:
             self.unregister_kernel(kernel_id, "restarted")
         key = generate_key()
         self._connections[kernel_id] = KernelConnection(key)
+        self.ledger.kernel_joined(kernel_id)
         self._apply(
             self.core.register(
                 kernel_id, self.owner, self.clock(), groups=self.owner_groups, notebook=notebook
@@ -203,7 +246,7 @@ class BrokerService(KernelRequests, StateMoves):
         return KernelLaunch(kernel_id, home, env)
 
     def _spill_dir_of(self, kernel_id: str) -> Path | None:
-        return None if self.spill_dir is None else self.spill_dir / kernel_id
+        return None if self.spill_dirs is None else self.spill_dirs.of(kernel_id)
 
     def kernel_started(self, kernel_id: str, pid: int | None) -> None:
         """The provisioner launched the process: watch its pid so a kill -9 is noticed."""
@@ -446,12 +489,11 @@ class BrokerService(KernelRequests, StateMoves):
 
     def _remove_spill_files(self, kernel_id: str) -> None:
         """A kernel that ended (even by kill -9) leaves no spill files behind."""
-        spill = self._spill_dir_of(kernel_id)
-        if spill is None or not spill.exists():
+        if self.spill_dirs is None:
             return
         try:
-            shutil.rmtree(spill)
-        except OSError as err:
+            self.spill_dirs.remove(kernel_id)
+        except (OSError, KernelIdError) as err:
             self.log.error(
                 "jupyter-singularity: cannot remove spill files of %s: %s", kernel_id, err
             )
@@ -461,17 +503,22 @@ class BrokerService(KernelRequests, StateMoves):
         new = None if action.new is None else action.new.value
         connection = self._connections.get(action.kernel_id)
         transfer = None
-        if connection is not None and connection.transfer and action.old in TRANSFER_STATES:
+        if (
+            connection is not None
+            and connection.transfer
+            and action.old in TRANSFER_STATES
+            and action.old != action.new
+        ):
             transfer, connection.transfer = connection.transfer, None
         self.ledger.state_changed(
             time=action.time,
             kernel_id=action.kernel_id,
             user=action.user,
             old=old,
-            new=new or "gone",
+            new=new or GONE,
             reason=action.reason,
             device_index=action.device,
-            nbytes=_optional_int(transfer.get("nbytes")) if transfer else None,
+            nbytes=transfer.get("nbytes") if transfer else None,
             duration=float(transfer["seconds"]) if transfer and "seconds" in transfer else None,
         )
         self.emit(
@@ -499,7 +546,10 @@ class BrokerService(KernelRequests, StateMoves):
                 reservation_bytes=grant.reservation,
                 start=grant.start,
             )
-        if grant.restore or not grant.hold:
+        connection = self._connections.get(grant.kernel_id)
+        frozen = connection is not None and connection.checkpointed_uuid is not None
+        if grant.restore or not grant.hold or frozen:
+            # (a process the driver holds must be restored even when no tensor was moved)
             self._spawn(self._restore(grant))
         else:
             self._answer(grant)
@@ -547,7 +597,7 @@ class BrokerService(KernelRequests, StateMoves):
     # ----------------------------------------------------------------------------- the clock
 
     async def _tick_loop(self) -> None:
-        last_ping = 0.0
+        last_ping = last_sweep = time.monotonic()
         while True:
             await asyncio.sleep(self.tick_interval)
             try:
@@ -555,47 +605,20 @@ class BrokerService(KernelRequests, StateMoves):
                 self._apply(self.core.tick(self.clock()))
                 if time.monotonic() - last_ping >= self.ping_interval:
                     last_ping = time.monotonic()
-                    for kernel_id in list(self._connections):
-                        self._spawn(self._ping(kernel_id))
+                    self._ping_all()
+                self._check_stalled_leases()
+                if time.monotonic() - last_sweep >= SWEEP_INTERVAL:
+                    last_sweep = time.monotonic()
+                    await self._sweep_spill_dirs(min_age=SWEEP_INTERVAL)
             except Exception:
                 self.log.exception("jupyter-singularity: broker tick failed")
 
     def _reap_dead_processes(self) -> None:
         for kernel_id, connection in list(self._connections.items()):
-            if connection.pid is not None and not _alive(connection.pid):
+            if connection.pid is not None and not alive(connection.pid):
                 self.unregister_kernel(
                     kernel_id, connection.stopping or f"process {connection.pid} died"
                 )
-
-    async def _ping(self, kernel_id: str) -> None:
-        """Heartbeat for kernels whose process we cannot watch (e.g. a remote kernel)."""
-        connection = self._connections.get(kernel_id)
-        if connection is None or connection.pid is not None:
-            return
-        try:
-            await self._rpc.request(kernel_id, "ping", {}, timeout=self.ping_interval)
-            connection.missed_pings = 0
-        except (TimeoutError, asyncio.TimeoutError, RuntimeError):
-            connection.missed_pings += 1
-            if connection.missed_pings >= self.ping_misses and kernel_id in self._connections:
-                self.unregister_kernel(
-                    kernel_id, f"heartbeat lost ({connection.missed_pings} pings unanswered)"
-                )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by its parent) is dead for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _lease_event(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .checkpoint import CheckpointError, DriverCapability, DriverCheckpointer
-from .kernel_requests import KernelConnection, _optional_int
+from .kernel_requests import KernelConnection
 from .model import Action, Grant, Offload, Spill
 
 if TYPE_CHECKING:
@@ -37,12 +37,21 @@ class StateMoves:
     _answer: Callable[[Grant], None]
     _resolve: Callable[[str, str, dict], None]
     _spill_dir_of: Callable[[str], Path | None]
+    _reported: Callable[..., dict]
 
     async def _offload(self, action: Offload) -> None:
-        """Ask the kernel to move its GPU state off the device; it answers with what it moved."""
+        """Ask the kernel to move its GPU state off the device, keeping at most ``host_limit``
+        bytes in host memory and writing the rest to its spill directory; it answers with what
+        it moved where."""
+        directory = self._spill_dir_of(action.kernel_id)
+        body = {
+            "reason": action.reason,
+            "host_limit": action.host_limit,
+            "directory": None if directory is None else str(directory),
+        }
         try:
             reply = await self._rpc.request(
-                action.kernel_id, "offload", {"reason": action.reason}, timeout=self.offload_timeout
+                action.kernel_id, "offload", body, timeout=self.offload_timeout
             )
         except (TimeoutError, asyncio.TimeoutError, ConnectionError, RuntimeError) as err:
             reply = {
@@ -51,24 +60,39 @@ class StateMoves:
         if action.kernel_id not in self.core.kernels:
             return
         now = self.clock()
+        reply = self._reported(
+            action.kernel_id,
+            "offload",
+            reply,
+            ("gpu_bytes",),
+            ("host_bytes", "disk_bytes"),
+            default=0,
+        )
         if "error" in reply:
             self.log.warning(
                 "jupyter-singularity: kernel %s kept its GPU state: %s",
                 action.kernel_id,
                 reply["error"],
             )
-            self._apply(self.core.offload_failed(action.kernel_id, str(reply["error"]), now))
+            self._apply(
+                self.core.offload_failed(
+                    action.kernel_id,
+                    str(reply["error"]),
+                    now,
+                    host_full=reply.get("host_full") is True,
+                )
+            )
         else:
             self._stash_transfer(action.kernel_id, reply)
-            gpu_bytes = int(reply.get("gpu_bytes", 0))
+            gpu_bytes = reply["gpu_bytes"]
             if gpu_bytes and await self._checkpoint_context(action):
                 gpu_bytes = 0
             self._apply(
                 self.core.offloaded(
                     action.kernel_id,
                     self.clock(),
-                    host_bytes=int(reply.get("host_bytes", 0)),
-                    disk_bytes=int(reply.get("disk_bytes", 0)),
+                    host_bytes=reply["host_bytes"],
+                    disk_bytes=reply["disk_bytes"],
                     gpu_bytes=gpu_bytes,
                 )
             )
@@ -97,6 +121,7 @@ class StateMoves:
             reply = {"error": f"spill request failed ({err or type(err).__name__})"}
         if action.kernel_id not in self.core.kernels:
             return
+        reply = self._reported(action.kernel_id, "spill", reply, (), ("host_bytes", "disk_bytes"))
         if "error" in reply:
             self.log.error(
                 "jupyter-singularity: %s keeps its state in host memory: %s",
@@ -110,8 +135,8 @@ class StateMoves:
                 self.core.spilled(
                     action.kernel_id,
                     self.clock(),
-                    host_bytes=int(reply["host_bytes"]),
-                    disk_bytes=int(reply["disk_bytes"]),
+                    host_bytes=reply["host_bytes"],
+                    disk_bytes=reply["disk_bytes"],
                 )
             )
 
@@ -195,15 +220,12 @@ class StateMoves:
         if grant.kernel_id not in self.core.kernels:
             return
         now = self.clock()
+        reply = self._reported(grant.kernel_id, "restore", reply, ("gpu_bytes",), default=None)
         if "error" in reply:
             self._apply(self.core.restore_failed(grant.kernel_id, str(reply["error"]), now))
         else:
             self._stash_transfer(grant.kernel_id, reply)
-            self._apply(
-                self.core.restored(
-                    grant.kernel_id, now, gpu_bytes=_optional_int(reply.get("gpu_bytes"))
-                )
-            )
+            self._apply(self.core.restored(grant.kernel_id, now, gpu_bytes=reply["gpu_bytes"]))
 
 
 def _context_view(connection: KernelConnection | None, capability: DriverCapability) -> dict:

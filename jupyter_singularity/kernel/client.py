@@ -4,6 +4,10 @@ User cells run on the kernel's main thread, which may block for a long time (wai
 for a GPU lease, or just computing). The broker must still get answers to its pings
 meanwhile, so a daemon thread owns the DEALER socket (ZeroMQ sockets are not
 thread-safe) and every other thread talks to it through a queue plus a wake-up socket.
+
+The client keeps its session with the broker alive by itself: when the broker refuses a message
+for its session (another process holding the key pushed the counter ahead, or took the session
+over), it starts a fresh session and sends the message again.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,8 +31,12 @@ from ..protocol import (
     ENV_BROKER_URL,
     ENV_KERNEL_ID,
     ENV_KERNEL_KEY,
+    MAX_BROKER_FRAME_BYTES,
+    MAX_KERNEL_FRAME_BYTES,
     ORIGIN_BROKER,
     ORIGIN_KERNEL,
+    RENEW_SESSION,
+    DropLog,
     Message,
     ProtocolError,
     ReplayGuard,
@@ -35,6 +44,7 @@ from ..protocol import (
     Signer,
     decode,
     encode,
+    error_text,
 )
 
 log = logging.getLogger(__name__)
@@ -43,10 +53,22 @@ PushCallback = Callable[[dict], dict | None]
 
 #: How long messages still queued at close() may take to reach the broker.
 CLOSE_LINGER_MS = 500
+#: Messages sent lately, kept to be sent again should the broker refuse their session.
+SENT_MEMORY = 256
+#: How often one message is sent again in a fresh session before the client gives up on it.
+MAX_RESENDS = 3
+#: While a caller waits on the broker, it is pinged this often; so many pings in a row without an
+#: answer mean it is gone.
+HEARTBEAT_INTERVAL = 2.0
+HEARTBEAT_MISSES = 3
 
 
 class BrokerError(Exception):
     """The broker answered a request with an error, or the client is closed."""
+
+
+class BrokerUnreachable(BrokerError):
+    """A message could not even be queued for the broker."""
 
 
 @dataclass
@@ -55,6 +77,10 @@ class _Outgoing:
     body: dict
     reply_to: str | None = None
     msg_id: str | None = None
+    session: str = ""
+    """The session it was last sent in."""
+    attempts: int = 0
+    """How often it was sent again in a fresh session."""
 
 
 class BrokerClient:
@@ -69,6 +95,8 @@ class BrokerClient:
         # broker's replay guard rejects any message that overtakes a later-numbered one.
         self._sequencer = Sequencer(kernel_id, ORIGIN_KERNEL)
         self._guard = ReplayGuard(ORIGIN_BROKER)
+        self._drops = DropLog(log, "from the broker")
+        self._sent: OrderedDict[str, _Outgoing] = OrderedDict()  # I/O thread only
         self._outbox: queue.SimpleQueue[_Outgoing] = queue.SimpleQueue()
         self._jobs: queue.SimpleQueue[tuple[PushCallback, Message] | None] = queue.SimpleQueue()
         self._callbacks: dict[str, PushCallback] = {}
@@ -97,6 +125,7 @@ class BrokerClient:
         # Created here, used only by the I/O thread from now on; starting the thread is
         # the memory barrier ZeroMQ asks for when a socket changes threads.
         sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.maxmsgsize = MAX_BROKER_FRAME_BYTES
         sock.connect(self.endpoint)
         self._threads = [
             threading.Thread(target=self._io_loop, args=(sock,), name="singularity-io"),
@@ -185,6 +214,7 @@ class BrokerClient:
             self._threads[0].join()
         self._wake_rx.close()
         self._wake_tx.close()
+        self._drops.flush()
 
     def _check_usable(self) -> None:
         if self._closing:
@@ -240,16 +270,20 @@ class BrokerClient:
             msg = decode(frames, self._key_for)
             self._guard.check(msg)
         except ProtocolError as exc:
-            log.warning("dropped message from the broker: %s", exc.reason)
+            self._drops.note(exc)
             return
-        if msg.reply_to is not None:
+        if msg.type == RENEW_SESSION:
+            self._send_again(msg.reply_to or "", str(msg.body.get("error")))
+        elif msg.reply_to is not None:
             # A reply never triggers a callback, so two peers cannot bounce replies forever.
             with self._lock:
                 future = self._pending.pop(msg.reply_to, None)
-            if future is None:
-                log.debug("late or unsolicited %r from the broker ignored", msg.type)
-            else:
+            if future is not None:
                 future.set_result(msg.body)
+            elif "error" in msg.body and (sent := self._sent.get(msg.reply_to)) is not None:
+                log.warning("the broker refused %r: %s", sent.type, msg.body["error"])
+            else:
+                log.debug("late or unsolicited %r from the broker ignored", msg.type)
         elif msg.type == "ping":
             body = {"pid": os.getpid(), "time": time.time()}
             self._outbox.put(_Outgoing("ping_reply", body, reply_to=msg.msg_id))
@@ -271,21 +305,50 @@ class BrokerClient:
         """Encode and send one message; failures go to whoever waits for it, or the log."""
         try:
             frames = self._encode(item)
-        except (TypeError, ValueError) as exc:  # the body is not JSON
+        except (TypeError, ValueError) as exc:  # not JSON, or too large for the channel
             if item.reply_to is None:
                 self._fail(item, exc)
                 return
             log.error("unencodable %r: %s", item.type, exc)
-            error = {"error": f"unencodable reply: {exc}"}
-            frames = self._encode(_Outgoing(item.type, error, reply_to=item.reply_to))
+            error = {"error": f"unencodable reply: {error_text(exc)}"}
+            item = _Outgoing(item.type, error, reply_to=item.reply_to)
+            frames = self._encode(item)
         try:
             sock.send_multipart(frames, zmq.DONTWAIT)
         except zmq.ZMQError as exc:  # Again: the broker is gone and the queue is full
-            self._fail(item, BrokerError(f"cannot reach the broker: {exc}"))
+            self._fail(item, BrokerUnreachable(f"cannot reach the broker: {exc}"))
+            return
+        self._sent[item.msg_id or ""] = item
+        if len(self._sent) > SENT_MEMORY:
+            self._sent.popitem(last=False)
 
     def _encode(self, item: _Outgoing) -> list[bytes]:
         msg = self._sequencer.make(item.type, item.body, item.reply_to, item.msg_id)
-        return encode(msg, self._signer)
+        frames = encode(msg, self._signer)
+        largest = max(len(frame) for frame in frames)
+        if largest > MAX_KERNEL_FRAME_BYTES:  # the broker would cut the connection off
+            raise ValueError(
+                f"{item.type!r} has a frame of {largest} bytes; the channel takes at most "
+                f"{MAX_KERNEL_FRAME_BYTES}"
+            )
+        item.msg_id, item.session = msg.msg_id, msg.session
+        return frames
+
+    def _send_again(self, msg_id: str, error: str) -> None:
+        """The broker refused a message for its session: renew the session (unless that was done
+        since the message went out) and send it again, a few times at most."""
+        item = self._sent.pop(msg_id, None)
+        if item is None:
+            log.debug("session renewal for an unknown message ignored")
+            return
+        if item.attempts >= MAX_RESENDS:
+            self._fail(item, BrokerError(f"the broker keeps refusing the session: {error}"))
+            return
+        if item.session == self._sequencer.session:
+            log.info("new session with the broker (%s)", error)
+            self._sequencer.renew()
+        item.attempts += 1
+        self._outbox.put(item)
 
     def _fail(self, item: _Outgoing, error: Exception) -> None:
         with self._lock:
@@ -304,5 +367,49 @@ class BrokerClient:
                 body = callback(msg.body) or {}
             except Exception as exc:
                 log.exception("callback for broker push %r failed", msg.type)
-                body = {"error": str(exc) or type(exc).__name__}
+                body = {"error": error_text(exc)}
             self._post(_Outgoing(f"{msg.type}_reply", body, reply_to=msg.msg_id))
+
+
+class Heartbeat:
+    """Tells a caller that waits on the broker (a cell waiting for its lease) when the broker is
+    gone: it pings every ``interval`` seconds and gives up after ``misses`` pings in a row went
+    unanswered. Without it, a cell would wait forever for a broker that has disappeared."""
+
+    def __init__(
+        self,
+        client: BrokerClient,
+        interval: float = HEARTBEAT_INTERVAL,
+        misses: int = HEARTBEAT_MISSES,
+    ) -> None:
+        self._client = client
+        self.interval = interval
+        self.misses = misses
+        self.missed = 0
+        self._ping: concurrent.futures.Future[dict] | None = None
+        self._sent_at = time.monotonic()
+
+    def lost(self) -> str | None:
+        """Call it often while waiting; it returns why the broker counts as gone, once it does."""
+        ping = self._ping
+        if ping is not None and ping.done():
+            # Any answer, an error included, shows the broker is there.
+            self.missed = self.missed + 1 if isinstance(ping.exception(), BrokerUnreachable) else 0
+            self._ping = None
+        if time.monotonic() - self._sent_at < self.interval:
+            return None
+        if self._ping is not None:  # no answer for a whole interval
+            self._client.abandon(self._ping)
+            self._ping = None
+            self.missed += 1
+        if self.missed >= self.misses:
+            return (
+                f"the GPU pool's broker stopped answering ({self.missed} pings over "
+                f"{self.missed * self.interval:.0f} s went unanswered)"
+            )
+        try:
+            self._ping = self._client.submit("ping", {})
+        except BrokerError:
+            self.missed += 1
+        self._sent_at = time.monotonic()
+        return None

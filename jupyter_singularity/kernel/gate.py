@@ -72,7 +72,8 @@ class LeaseCancelled(_OneParagraph, KeyboardInterrupt):
 
 
 class RestoreFailed(_OneParagraph, Exception):
-    """The kernel's GPU state could not be brought back; the host copy is kept, the cell did not run."""
+    """The kernel's GPU state could not be brought back and the cell did not run; the message says
+    whether a retry may work or, when part of the state was lost, what and how to go on."""
 
     headline = "This cell did not run: restoring the kernel's GPU state failed"
 

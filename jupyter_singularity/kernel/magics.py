@@ -1,7 +1,7 @@
 """``%singularity``: the kernel's view of the GPU pool, in the notebook.
 
 * ``%singularity`` — the live status widget;
-* ``%singularity status|offload|restore|pin|unpin|devices|quota|log|help`` — text;
+* ``%singularity status|offload|restore|discard|pin|unpin|devices|quota|log|help`` — text;
 * ``%%singularity [--memory SIZE]`` — run the cell with that GPU memory reservation.
 
 Cells made only of ``%singularity`` line magics are not gated (see :mod:`.gate`): asking where the
@@ -19,6 +19,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 
 from ..units import format_size
 from .client import BrokerError
+from .damage import discarded
 from .gate import parse_cell_options
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ SUBCOMMANDS = {
     "status": "where this kernel stands: state, device, memory, lease, queue",
     "offload": "move this kernel's GPU state to host memory now (frees the GPU)",
     "restore": "bring this kernel's GPU state back onto a GPU now",
+    "discard": "drop the part of this kernel's state a damaged spill file lost, keep the rest",
     "pin": "keep this kernel on its GPU: never offloaded to make room for others",
     "unpin": "allow this kernel to be offloaded again",
     "devices": "the GPUs of the pool and how much of each is booked",
@@ -192,7 +194,7 @@ class SingularityMagics(Magics):
 
     @line_cell_magic
     def singularity(self, line: str, cell: str | None = None) -> Any:
-        """%singularity [status|offload|restore|pin|unpin|devices|quota|log|help] — the GPU pool.
+        """%singularity [status|offload|restore|discard|pin|unpin|devices|quota|log|help]: the pool.
 
         Without a subcommand: a live status widget. As a cell magic,
         ``%%singularity --memory SIZE`` runs the cell with that GPU memory reservation.
@@ -273,10 +275,30 @@ class SingularityMagics(Magics):
         record = self.runtime.wait_for_transition(before, TRANSFER_WAIT)
         if record is None:
             print(f"{kind} requested; it is still in progress (see %singularity status)")
-        elif record.error:
-            print(f"{kind} failed, the kernel keeps its state where it was: {record.error}")
+        elif record.error and kind == "offload":
+            print(f"offload failed, the kernel keeps its state where it was: {record.error}")
+        elif record.error:  # the message says where the state is and what to do
+            print(f"restore failed: {record.error}")
         else:
             print(record.describe())
+
+    def _cmd_discard(self, args: list[str]) -> None:
+        """Drop what damaged spill files lost; the pool learns what is left, out of ``error``."""
+        runtime = self.runtime
+        engine = runtime.get_engine()
+        with runtime.lock:
+            damage = None if engine is None else engine.discard_damaged()
+        if damage is None:
+            print(
+                "nothing to discard: no part of this kernel's state is known to be damaged "
+                "(a restore that finds a damaged spill file says so)"
+            )
+            return
+        body = {"host_bytes": int(engine.host_bytes), "disk_bytes": int(engine.disk_bytes)}
+        kernel = runtime.request("discarded", body)["kernel"]
+        runtime.state = kernel["state"]
+        runtime.notify()
+        print(f"{discarded(damage, engine, self.shell)} This kernel is {kernel['state']} now.")
 
     # ------------------------------------------------------------------ the cell magic
 

@@ -9,6 +9,10 @@ in. Host buffers come from a pool that is kept between offloads (pinned on CUDA:
 Pool chunks are powers of two: torch's pinned allocator rounds every request up to one, so any
 other size would pin up to twice the memory asked for, past the limit.
 
+An offload may keep only part of the state in host memory (the broker's host budget): the rest
+is written to a spill file straight from the device storages (on CUDA through one staging buffer
+of at most ``STAGING`` bytes), never first copied whole into host memory.
+
 With ``simulated=True`` (machines without GPUs) the "device" is the CPU: every torch CPU storage
 of at least ``min_bytes`` that torch owns is device state, moved through the same code.
 
@@ -35,6 +39,12 @@ What the scan cannot see (tensors held only by C++, such as the saved activation
 graph not yet backpropagated, unless they share a storage with a visible tensor) stays on the
 device, as do storages below ``min_bytes``; on CUDA the bytes torch still has allocated after an
 offload are reported in ``Transfer.left_bytes``, for the driver tier to take.
+
+A spill file found damaged on the way back (:class:`~.spill.SpillDamaged`) loses the storages with
+bytes in its damaged pieces, for good: the restore raises :class:`StateDamaged`, which says which
+storages, and every later restore raises it again without reading. ``discard_damaged`` drops them
+(their tensors are marked lost, :mod:`.lost`) and keeps the rest offloaded. Any other failure to
+read a file may pass: the restore raises a plain :class:`OffloadError` and may be retried.
 """
 
 from __future__ import annotations
@@ -52,7 +62,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .spill import SpillError, SpillFile, read_spill, remove_spill, write_spill
+from .lost import mark_lost
+from .spill import (
+    Ranges,
+    SpillDamaged,
+    SpillError,
+    SpillFile,
+    read_spill,
+    remove_spill,
+    write_spill,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -63,6 +82,8 @@ Progress = Callable[[int, int], None]
 ALIGN = 4096
 #: The smallest pool chunk; the pool grows by powers of two of it.
 POOL_UNIT = 2 << 20
+#: Host memory one CUDA offload passes the state beyond its host room through, on its way to disk.
+STAGING = 64 << 20
 
 
 class OffloadError(Exception):
@@ -71,6 +92,42 @@ class OffloadError(Exception):
 
 class UnsafeStateError(OffloadError):
     """State the engine cannot move safely; the message says what, and the kernel stays resident."""
+
+
+class HostFullError(OffloadError):
+    """The state did not fit the host memory the offload may use and the rest could not be written
+    to disk (the message says why); nothing was changed, the kernel stays resident."""
+
+
+@dataclass(frozen=True)
+class Damage:
+    """What damaged spill files lost: every storage with bytes in one of them."""
+
+    storages: tuple[tuple[torch.UntypedStorage, int], ...]
+    """Each lost storage (freed, 0 bytes now) with its size before the offload."""
+    reasons: tuple[str, ...]
+    """Why each damaged file is unusable (checksum mismatch, truncated, missing...)."""
+    intact_bytes: int
+    """Bytes of the other offloaded storages, which can still be restored."""
+    ranges: dict[int, Ranges]
+    """The lost bytes of each damaged buffer's file, by the buffer's place on the tape."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(nbytes for _, nbytes in self.storages)
+
+
+class StateDamaged(OffloadError):
+    """Part of the offloaded state is lost for good (see ``damage``): retrying cannot bring it back;
+    ``TensorEngine.discard_damaged`` drops it and keeps the rest. Nothing else changed."""
+
+    def __init__(self, damage: Damage) -> None:
+        self.damage = damage
+        super().__init__(
+            f"part of the offloaded state is lost: {'; '.join(damage.reasons)}; "
+            f"{len(damage.storages)} storage(s) of {_mib(damage.nbytes)} had bytes there, "
+            f"{_mib(damage.intact_bytes)} is intact"
+        )
 
 
 @dataclass(frozen=True)
@@ -204,6 +261,7 @@ class TensorEngine:
         self._tape: _Tape | None = None
         self._slots: list[_Slot] = []
         self._offloaded = False
+        self._damage: Damage | None = None
         self._name = f"tensors-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         # The runtime offloads from a background thread; magics may ask for sizes meanwhile.
         self._lock = threading.RLock()
@@ -211,6 +269,11 @@ class TensorEngine:
     @property
     def offloaded(self) -> bool:
         return self._offloaded
+
+    @property
+    def damage(self) -> Damage | None:
+        """What damaged spill files lost, once a restore found it (until discard_damaged)."""
+        return self._damage
 
     @property
     def host_bytes(self) -> int:
@@ -240,8 +303,17 @@ class TensorEngine:
             movable = sum(storage.nbytes() for storage in self._find(torch, found))
             return movable + sum(sum(sizes) for sizes in found.problems.values())
 
-    def offload(self, progress: Progress | None = None) -> Transfer:
+    def offload(
+        self,
+        progress: Progress | None = None,
+        host_limit: int | None = None,
+        directory: Path | None = None,
+    ) -> Transfer:
         """Copy every device storage to host memory, then free it on the device.
+
+        At most ``host_limit`` bytes (None: no limit) stay in host memory; the rest is written to
+        a spill file in ``directory`` straight from the device storages, before any is freed. If
+        it cannot be (no directory, a full disk), nothing changes: HostFullError says why.
 
         Copies start while the scan still runs, into the pool kept from the last offload, so on
         CUDA the copy engines overlap the Python scan; what does not fit is copied after it.
@@ -255,7 +327,10 @@ class TensorEngine:
             if torch is None:
                 self._commit_offload(_Tape([]), [], [])
                 return Transfer(0, time.perf_counter() - started, 0)
+            room = None if host_limit is None else max(0, host_limit)
             tape = _Tape([_Buffer.of_pool(chunk) for chunk in self._pool])
+            if room is not None and tape.end > room:
+                tape.trim(room)
             slots: list[_Slot] = []
             new_chunks: list[torch.Tensor] = []
             idle: set[Any] = set()
@@ -268,9 +343,12 @@ class TensorEngine:
                         else:
                             later.append(storage)
                     found.raise_if_unsafe()
-                    new_chunks = self._grow(
-                        tape, _end(slots) + sum(_aligned(s.nbytes()) for s in later)
-                    )
+                    total = _end(slots) + sum(_aligned(s.nbytes()) for s in later)
+                    host_end = total if room is None else min(total, room)
+                    if host_end < total and directory is None:
+                        raise HostFullError("no spill directory is configured (spill_dir)")
+                    new_chunks = self._grow(tape, host_end)
+                    tape.trim(host_end)
                     done = sum(slot.nbytes for slot in slots)
                     moved = done + sum(storage.nbytes() for storage in later)
                     if progress is not None:
@@ -280,7 +358,11 @@ class TensorEngine:
                         done += storage.nbytes()
                         if progress is not None:
                             progress(done, moved)
-                    tape.trim(_end(slots))
+                    if _end(slots) > tape.end:
+                        assert directory is not None
+                        self._write_rest(torch, tape, slots, directory)
+                    else:
+                        tape.trim(_end(slots))
                     self._synchronize(torch, slots)
             except Exception as exc:
                 self._synchronize(torch, slots)  # the pool is reused: no copy may still land in it
@@ -301,6 +383,8 @@ class TensorEngine:
         with self._lock:
             if not self._offloaded:
                 return Transfer(0, 0.0, 0)
+            if self._damage is not None:
+                raise StateDamaged(self._damage)  # lost for good: reading again cannot help
             started = time.perf_counter()
             tape = self._tape
             assert tape is not None
@@ -310,7 +394,7 @@ class TensorEngine:
                 return Transfer(0, time.perf_counter() - started, 0)
             torch = self._torch()
             assert torch is not None  # storages were moved, so torch is imported
-            spilled = any(buffer.tensor is None for buffer in tape.buffers)
+            spilled = any(b.tensor is None and b.spill is not None for b in tape.buffers)
             total = moved + (self.disk_bytes if spilled else 0)
             if spilled:
                 self._read_back(tape, progress, total)
@@ -337,8 +421,8 @@ class TensorEngine:
             written: list[_Buffer] = []
             try:
                 for index, buffer in enumerate(tape.buffers):
-                    if buffer.spill is None and not (keep_pool and buffer.pooled):
-                        assert buffer.tensor is not None
+                    in_memory = buffer.tensor is not None  # not a buffer discard_damaged dropped
+                    if in_memory and buffer.spill is None and not (keep_pool and buffer.pooled):
                         view = _memoryview(buffer.tensor, buffer.used)
                         buffer.spill = write_spill(directory, f"{self._name}-{index}.spill", view)
                         written.append(buffer)
@@ -355,9 +439,34 @@ class TensorEngine:
                 self._release_pinned()
             return sum(b.used for b in written)
 
+    def discard_damaged(self) -> Damage | None:
+        """Drop what damaged spill files lost and keep the rest offloaded, for the next restore.
+
+        The lost storages stay freed and every tensor (and gradient) on them is marked lost: any
+        use raises, it never reads as zeros or crashes the process. A damaged file's bad pieces
+        are no longer checked; files and buffers that hold nothing else go. Returns what was
+        dropped, or None when nothing is damaged."""
+        with self._lock:
+            damage, tape = self._damage, self._tape
+            if damage is None or tape is None:
+                return None
+            lost = {storage._cdata for storage, _ in damage.storages}
+            self._mark_lost(self._torch(), lost)
+            self._slots = [slot for slot in self._slots if slot.storage._cdata not in lost]
+            self._damage = None
+            for index, ranges in damage.ranges.items():
+                spill = tape.buffers[index].spill
+                if spill is not None:  # its damaged pieces hold nothing needed now
+                    tape.buffers[index].spill = spill.dropping(ranges)
+            self._drop_unused(tape)
+            if not self._slots:
+                self._finish_restore()  # nothing is left to bring back
+            return damage
+
     def discard(self) -> None:
         """The kernel is ending: free host buffers and the pool, delete spill files."""
         with self._lock:
+            self._damage = None
             if self._tape is not None:
                 for buffer in self._tape.buffers:
                     if buffer.spill is not None:
@@ -456,9 +565,39 @@ class TensorEngine:
             idle.add(storage.device)
         slot = _Slot(storage, storage.nbytes(), _end(slots))
         slots.append(slot)
-        device_bytes = _bytes_of(torch, storage)
-        for host, start, length in tape.pieces(slot.offset, slot.nbytes):
-            _copy(host, device_bytes[start : start + length])
+        on_host = min(slot.nbytes, tape.end - slot.offset)  # the rest goes to disk
+        if on_host > 0:
+            device_bytes = _bytes_of(torch, storage)
+            for host, start, length in tape.pieces(slot.offset, on_host):
+                _copy(host, device_bytes[start : start + length])
+
+    def _write_rest(self, torch: Any, tape: _Tape, slots: list[_Slot], directory: Path) -> None:
+        """Write the tape's bytes past its host buffers to one spill file, read straight from the
+        device storages, and put the file on the tape (as a spilled buffer, which a restore reads
+        back). On failure no file is left and HostFullError says why."""
+        start, end = tape.end, _end(slots)
+        staging = None if self.simulated else self._staging(tape, end - start)
+        pieces = _tape_bytes(torch, slots, start, end, staging)
+        del staging  # the generator's, and freed with it
+        try:
+            spill = write_spill(directory, f"{self._name}-{len(tape.buffers)}.spill", pieces)
+        except SpillError as exc:
+            raise HostFullError(exc.strerror or str(exc)) from exc
+        finally:
+            pieces.close()
+            self._release_pinned()
+        tape.append(_Buffer(None, end - start, pooled=False, spill=spill))
+
+    def _staging(self, tape: _Tape, nbytes: int) -> torch.Tensor:
+        """Host memory to pass device bytes through on their way to disk: a pool chunk this
+        offload does not use (pinned already), else a new buffer of at most STAGING bytes."""
+        on_tape = {id(buffer.tensor) for buffer in tape.buffers}
+        spare = [chunk for chunk in self._pool if id(chunk) not in on_tape]
+        size = min(STAGING, nbytes)
+        if spare:
+            chunk = max(spare, key=lambda c: c.numel())
+            return chunk[: min(chunk.numel(), size)]
+        return _allocate_host(size, self._pin)
 
     def prepare(self, nbytes: int) -> int:
         """Grow the reusable host pool towards ``nbytes`` (at most ``pinned_limit``) ahead of the
@@ -501,25 +640,85 @@ class TensorEngine:
         self._offloaded = True
 
     def _read_back(self, tape: _Tape, progress: Progress | None, total: int) -> None:
-        """Reload spilled buffers from disk, verified; on failure stay spilled, memory freed again."""
+        """Reload spilled buffers from disk, verified; on failure stay spilled, memory freed again.
+
+        A damaged file does not stop the reading: the others are checked too, so that the
+        StateDamaged raised at the end names everything that was lost."""
         done = 0
+        damaged: dict[int, SpillDamaged] = {}
         try:
-            for buffer in tape.buffers:
-                if buffer.tensor is None:
-                    assert buffer.spill is not None
-                    size = buffer.capacity if buffer.pooled else buffer.used
-                    buffer.tensor = _allocate_host(size, self._pin and buffer.pooled)
-                    read_spill(buffer.spill, _memoryview(buffer.tensor, buffer.used))
+            for index, buffer in enumerate(tape.buffers):
+                if buffer.tensor is None and buffer.spill is not None:
+                    try:
+                        self._load(buffer)
+                    except SpillDamaged as exc:
+                        damaged[index] = exc
+                        buffer.tensor = None
                     done += buffer.used
                     if progress is not None:
                         progress(done, total)
+            if damaged:
+                self._damage = self._damage_of(tape, damaged)
+                raise StateDamaged(self._damage)
         except Exception as exc:
             for buffer in tape.buffers:
                 if buffer.spill is not None:
                     buffer.tensor = None
+            if isinstance(exc, StateDamaged):
+                raise
             raise OffloadError(f"restore failed reading the spilled state back: {exc}") from exc
         if not self._pool:  # the pool went to disk with the copies: it comes back with them
             self._pool = [b.tensor for b in tape.buffers if b.pooled and b.tensor is not None]
+
+    def _damage_of(self, tape: _Tape, damaged: dict[int, SpillDamaged]) -> Damage:
+        """The storages with bytes in the damaged ranges of the buffers' files."""
+        ranges = [
+            (tape.starts[index] + start, tape.starts[index] + end)
+            for index, exc in damaged.items()
+            for start, end in exc.ranges
+        ]
+        lost = [
+            slot
+            for slot in self._slots
+            if any(slot.offset < end and start < slot.offset + slot.nbytes for start, end in ranges)
+        ]
+        intact = sum(slot.nbytes for slot in self._slots) - sum(slot.nbytes for slot in lost)
+        return Damage(
+            tuple((slot.storage, slot.nbytes) for slot in lost),
+            tuple(str(exc) for exc in damaged.values()),
+            intact,
+            {index: exc.ranges for index, exc in damaged.items()},
+        )
+
+    def _drop_unused(self, tape: _Tape) -> None:
+        """Free the buffers, and delete the files, that hold no byte of a remaining storage."""
+        used = [False] * len(tape.buffers)
+        for slot in self._slots:
+            first = bisect.bisect_right(tape.starts, slot.offset) - 1
+            last = bisect.bisect_right(tape.starts, slot.offset + slot.nbytes - 1) - 1
+            used[first : last + 1] = [True] * (last + 1 - first)
+        for buffer, keep in zip(tape.buffers, used, strict=True):
+            if not keep:
+                if buffer.spill is not None:
+                    remove_spill(buffer.spill)
+                buffer.tensor = buffer.spill = None
+
+    def _mark_lost(self, torch: Any, keys: set[int]) -> None:
+        """Mark every tensor, and gradient, over the storages ``keys`` as lost (see .lost)."""
+        for obj in gc.get_objects():
+            if issubclass(type(obj), torch.Tensor):
+                for tensor in (obj, _grad_of(obj)):
+                    parts = [] if tensor is None else _parts_of(torch, tensor)
+                    if any(storage._cdata in keys for storage in parts):
+                        mark_lost(tensor)
+
+    def _load(self, buffer: _Buffer) -> None:
+        """Read a spilled buffer back into host memory, verified (a pooled one whole, so that it
+        returns to the pool)."""
+        assert buffer.spill is not None
+        size = buffer.capacity if buffer.pooled else buffer.used
+        buffer.tensor = _allocate_host(size, self._pin and buffer.pooled)
+        read_spill(buffer.spill, _memoryview(buffer.tensor, buffer.used))
 
     def _finish_restore(self) -> None:
         """Only now, with every storage back, may the host and disk copies go."""
@@ -543,15 +742,22 @@ class TensorEngine:
                 _resize(slot.storage, 0)
                 shrunk.append(slot)
         except Exception as exc:
+            spilled = [buffer for buffer in tape.buffers if buffer.spill is not None]
             try:
+                for buffer in spilled:  # what went straight to disk comes back through memory
+                    self._load(buffer)
                 self._bring_back(torch, shrunk, tape, None, 0)
             except Exception as again:
-                # Could not undo: those storages stay offloaded with their host copies.
+                # Could not undo: those storages stay offloaded with their host and disk copies.
+                for buffer in spilled:
+                    buffer.tensor = None
                 self._commit_offload(tape, shrunk, new_chunks)
                 raise OffloadError(
                     f"offload failed while freeing device memory ({exc}) and undoing it failed "
                     f"({again}); {len(shrunk)} storages stay offloaded, restore() brings them back"
                 ) from exc
+            for buffer in spilled:
+                remove_spill(buffer.spill)
             raise OffloadError(
                 f"offload failed while freeing device memory, nothing was changed: {exc}"
             ) from exc
@@ -621,30 +827,35 @@ class TensorEngine:
 
 def _storages_of(torch: Any, tensor: Any) -> list[Any]:
     """The storages behind a tensor (sparse ones have several) and behind its gradient."""
-    tensors = [tensor]
+    grad = _grad_of(tensor)
+    return _parts_of(torch, tensor) + ([] if grad is None else _parts_of(torch, grad))
+
+
+def _grad_of(tensor: Any) -> Any:
+    """The gradient a leaf (or a tensor that retains it) holds, if any."""
     try:
         if tensor.is_leaf or tensor.retains_grad:
-            grad = tensor.grad
-            if grad is not None:
-                tensors.append(grad)
+            return tensor.grad
     except Exception:
         pass  # tensor subclasses without a usable .grad: the scan must go on
-    storages = []
-    for t in tensors:
-        try:
-            layout = t.layout
-            if layout == torch.sparse_coo:
-                parts = [t._indices(), t._values()]
-            elif layout in (torch.sparse_csr, torch.sparse_bsr):
-                parts = [t.crow_indices(), t.col_indices(), t.values()]
-            elif layout in (torch.sparse_csc, torch.sparse_bsc):
-                parts = [t.ccol_indices(), t.row_indices(), t.values()]
-            else:
-                parts = [t]
-            storages += [part.untyped_storage() for part in parts]
-        except Exception:
-            continue  # no storage torch exposes (nested, functional, fake, wrapper subclasses)
-    return storages
+    return None
+
+
+def _parts_of(torch: Any, tensor: Any) -> list[Any]:
+    """The storages behind one tensor: sparse ones have several, some subclasses none."""
+    try:
+        layout = tensor.layout
+        if layout == torch.sparse_coo:
+            parts = [tensor._indices(), tensor._values()]
+        elif layout in (torch.sparse_csr, torch.sparse_bsr):
+            parts = [tensor.crow_indices(), tensor.col_indices(), tensor.values()]
+        elif layout in (torch.sparse_csc, torch.sparse_bsc):
+            parts = [tensor.ccol_indices(), tensor.row_indices(), tensor.values()]
+        else:
+            parts = [tensor]
+        return [part.untyped_storage() for part in parts]
+    except Exception:
+        return []  # no storage torch exposes (nested, functional, fake, wrapper subclasses)
 
 
 def _chunk_sizes(nbytes: int) -> list[int]:
@@ -669,7 +880,38 @@ def _bytes_of(torch: Any, storage: Any) -> Any:
 
 def _memoryview(tensor: Any, nbytes: int) -> memoryview:
     """The first ``nbytes`` of a contiguous host tensor as a writable memoryview (no numpy)."""
-    return memoryview((ctypes.c_ubyte * nbytes).from_address(tensor.data_ptr())).cast("B")
+    return _memory_at(tensor.data_ptr(), nbytes)
+
+
+def _memory_at(address: int, nbytes: int) -> memoryview:
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(address)).cast("B")
+
+
+def _tape_bytes(
+    torch: Any, slots: list[_Slot], start: int, end: int, staging: Any
+) -> Iterator[memoryview]:
+    """The tape's bytes from ``start`` to ``end``, read from the device storages in tape order
+    (alignment gaps as zeros). Without ``staging`` (simulated devices: the storages are host
+    memory) each piece is the storage's own memory; on CUDA each is copied into ``staging``,
+    synchronously, and must be consumed before the next is asked for."""
+    at = start
+    for slot in slots:
+        low, high = max(slot.offset, start), min(slot.offset + slot.nbytes, end)
+        if low >= high:
+            continue
+        if low > at:
+            yield memoryview(bytes(low - at))
+        if staging is None:
+            yield _memory_at(slot.storage.data_ptr() + low - slot.offset, high - low)
+        else:
+            device_bytes = _bytes_of(torch, slot.storage)
+            for piece in range(low - slot.offset, high - slot.offset, staging.numel()):
+                length = min(staging.numel(), high - slot.offset - piece)
+                staging[:length].copy_(device_bytes[piece : piece + length])  # blocking
+                yield _memoryview(staging, length)
+        at = high
+    if end > at:
+        yield memoryview(bytes(end - at))
 
 
 def _multiprocessing_shared() -> set[int]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..units import format_size
+from .damage import restore_failure
 from .process_probes import nvml_process_bytes
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ class TransferRecord:
     time: float = field(default_factory=time.time)
     reason: str = ""
     error: str = ""
+    disk_bytes: int = 0
+    """Of ``nbytes``, what an offload wrote straight to disk (beyond its host room)."""
 
     @property
     def gbps(self) -> float:
@@ -53,6 +56,7 @@ class TransferRecord:
             "time": self.time,
             "reason": self.reason,
             "error": self.error or None,
+            "disk_bytes": self.disk_bytes,
         }
 
     def describe(self) -> str:
@@ -62,6 +66,8 @@ class TransferRecord:
         if self.error:
             return f"{self.kind} failed: {self.error}"
         where = {"offload": " to host", "spill": " to disk"}.get(self.kind, "")
+        if self.disk_bytes:
+            where = f" ({format_size(self.disk_bytes)} of it straight to disk)"
         return (
             f"{verb} {format_size(self.nbytes)}{where} in {self.seconds:.3f} s"
             + (f" ({self.gbps:.1f} GB/s)" if self.nbytes else "")
@@ -73,6 +79,7 @@ class BrokerPushes:
     """Answers to the broker's pushes (see the module docstring)."""
 
     lock: threading.RLock
+    shell: Any
     lease: Lease | None
     waiting: Waiting | None
     device: dict | None
@@ -120,8 +127,12 @@ class BrokerPushes:
         return None
 
     def on_offload(self, body: dict) -> dict:
-        """Move the kernel's GPU state to host memory; refuse (stay resident) when unsafe."""
+        """Move the kernel's GPU state to host memory, at most ``host_limit`` bytes of it (null: no
+        limit), and the rest straight to files in ``directory``; refuse (stay resident) when
+        unsafe, or with ``host_full`` when the rest cannot be written."""
         reason = str(body.get("reason") or "")
+        host_limit = body.get("host_limit")
+        directory = body.get("directory")
         with self.lock:
             if self.lease is not None:
                 return {"error": "a cell of this kernel holds its GPU lease"}
@@ -135,8 +146,13 @@ class BrokerPushes:
             self.state = "offloading"
             started = time.perf_counter()
             try:
-                transfer = engine.offload()
+                transfer = engine.offload(
+                    host_limit=None if host_limit is None else int(host_limit),
+                    directory=None if directory is None else Path(str(directory)),
+                )
             except Exception as err:
+                from .offload import HostFullError  # (imported with the engine)
+
                 # The engine rolled back: nothing moved, nothing lost; the kernel stays resident.
                 message = str(err) or type(err).__name__
                 self.state = "resident"
@@ -145,11 +161,12 @@ class BrokerPushes:
                         "offload", 0, time.perf_counter() - started, reason=reason, error=message
                     )
                 )
-                return {"error": message}
+                return {"error": message, "host_full": isinstance(err, HostFullError)}
             record = self._record_transfer("offload", transfer, reason)
+            record.disk_bytes = int(engine.disk_bytes)
             self._device_cache = None
             gpu_bytes = self._residual_gpu_bytes(transfer)
-            self.state = "offloaded"
+            self.state = "spilled" if engine.disk_bytes and not engine.host_bytes else "offloaded"
             reply = {
                 "host_bytes": int(engine.host_bytes),
                 "disk_bytes": int(engine.disk_bytes),
@@ -174,12 +191,16 @@ class BrokerPushes:
             try:
                 transfer = engine.restore()
             except Exception as err:
-                message = str(err) or type(err).__name__
                 self.state = "error"
                 self._transitioned(
-                    TransferRecord("restore", 0, time.perf_counter() - started, error=message)
+                    TransferRecord(
+                        "restore",
+                        0,
+                        time.perf_counter() - started,
+                        error=restore_failure(err, engine, self.shell),
+                    )
                 )
-                return {"error": message}
+                return {"error": str(err) or type(err).__name__}
             record = self._record_transfer("restore", transfer, "requested")
             self._device_cache = None
             self.state = "resident"

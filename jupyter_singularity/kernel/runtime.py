@@ -30,10 +30,12 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 from ..protocol import ENV_SIMULATED
-from .client import BrokerClient, BrokerError
+from .client import BrokerClient, BrokerError, Heartbeat
+from .damage import restore_failure
 from .gate import (
     CudaInitGate,
     GateInserter,
@@ -470,9 +472,11 @@ class Runtime(BrokerPushes):
         line: WaitLine,
         trap: InterruptTrap,
     ) -> tuple[dict, bool]:
-        """The broker's answer to the acquire; on an interrupt, cancel and take whatever comes."""
+        """The broker's answer to the acquire; on an interrupt, cancel and take whatever comes.
+        A broker that stops answering pings is a denial, so the cell fails instead of hanging."""
         notified = (0, "")
         on_main = threading.current_thread() is threading.main_thread()
+        heartbeat = Heartbeat(self.client)
         while True:
             try:
                 return _answer(future, WAIT_POLL), False
@@ -480,6 +484,12 @@ class Runtime(BrokerPushes):
                 pass
             if trap.fired:
                 break
+            if (lost := heartbeat.lost()) is not None:
+                # Should the broker answer after all, it drops the request, or a grant made before
+                # it read the cancel is given back at once.
+                self._send("cancel", {"request_id": waiting.request_id})
+                future.add_done_callback(partial(_give_back, self.client, waiting.request_id))
+                return {"granted": False, "reason": lost}, False
             line.tick(waiting)
             if (waiting.position, waiting.reason) != notified:
                 notified = (waiting.position, waiting.reason)
@@ -539,7 +549,9 @@ class Runtime(BrokerPushes):
                 # The broker believes the state is off the device, but nothing of it is held here.
                 self._send("restored", {"gpu_bytes": self._device_bytes(force=True)})
                 return
-            source = "disk" if engine.disk_bytes and not engine.host_bytes else "host"
+            source = (
+                ("host and " if engine.host_bytes else "") + "disk" if engine.disk_bytes else "host"
+            )
             total = int(engine.host_bytes + engine.disk_bytes)
             waiting.restoring = total
             line.restoring(total, source)
@@ -552,13 +564,10 @@ class Runtime(BrokerPushes):
                 seconds = time.perf_counter() - started
                 self.lease = None
                 self.state = "error"
-                reason = str(err) or type(err).__name__
-                self._send("restore_failed", {"reason": reason})
-                self._transitioned(TransferRecord("restore", 0, seconds, error=reason))
-                raise RestoreFailed(
-                    f"{reason}. The kernel's state is still held in {source} memory; run the cell "
-                    "again to retry, or restart the kernel to drop it."
-                ) from err
+                self._send("restore_failed", {"reason": str(err) or type(err).__name__})
+                message = restore_failure(err, engine, self.shell)
+                self._transitioned(TransferRecord("restore", 0, seconds, error=message))
+                raise RestoreFailed(message) from err
             record = self._record_transfer("restore", transfer, "cell")
             self._device_cache = None
             self.state = "running"
@@ -728,6 +737,13 @@ def _answer(future: concurrent.futures.Future, timeout: float) -> dict:
             raise
         return {"granted": False, "reason": f"the GPU pool did not grant a lease: {err}"}
     return reply
+
+
+def _give_back(client: BrokerClient, request_id: str, future: concurrent.futures.Future) -> None:
+    """A grant that came after its cell stopped waiting: released, so no lease is left behind."""
+    with contextlib.suppress(Exception):  # no answer, or a denial: nothing to give back
+        if future.result().get("granted"):
+            client.send("release", {"request_id": request_id})
 
 
 def _needs_lease(raw_cell: str) -> bool:

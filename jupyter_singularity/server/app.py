@@ -88,9 +88,10 @@ class SingularityApp(ExtensionApp):
     host_memory_limit = Union(
         [Unicode(), Int()],
         default_value="0",
-        help="""Host memory for GPU state offloaded from kernels (e.g. "64GiB"), at least 1 MiB;
-        beyond it the coldest kernels' state spills to spill_dir. "0" means half of the memory this
-        server may use (the machine's RAM, or its container's limit when lower).""",
+        help="""Host memory for GPU state offloaded from kernels (e.g. "64GiB"), at least 1 MiB,
+        held to at all times: an offload keeps the room left and writes the rest straight to
+        spill_dir. "0" means half of the memory this server may use (the machine's RAM, or its
+        container's limit when lower).""",
     ).tag(config=True)
 
     pinned_memory_limit = Union(
@@ -129,6 +130,23 @@ class SingularityApp(ExtensionApp):
         True,
         help="""Whether an offloaded kernel may be restored onto another GPU of the same chip
         type (otherwise it waits for its own GPU).""",
+    ).tag(config=True)
+
+    offload_timeout = Float(
+        300.0,
+        help="""Seconds a kernel may take to answer a request to offload, spill or restore its GPU
+        state before the broker gives up (the kernel then stays where it is, nothing is lost).
+        Cells waiting for an unresponsive kernel do not wait this long where another GPU can take
+        them: a kernel that misses two heartbeats (5 s apart) counts as stalled at once.""",
+    ).tag(config=True)
+
+    lease_stall_timeout = Float(
+        120.0,
+        help="""Seconds a kernel that holds a GPU lease may stop answering (stopped with SIGSTOP,
+        hung) before its lease is revoked: where the CUDA driver's checkpoint API is available its
+        process is checkpointed off the GPU, which others may then use, and it comes back when it
+        answers again; otherwise its GPU takes no new work until it answers or ends, because it
+        may still write to its memory (the reason is logged and shown in the pool view).""",
     ).tag(config=True)
 
     @default("spill_dir")
@@ -208,6 +226,12 @@ class SingularityApp(ExtensionApp):
                 f"SingularityApp.idle_timeout = {self.idle_timeout!r}: must be a number of "
                 "seconds >= 0 (0 = offload only under memory pressure)"
             )
+        for name in ("offload_timeout", "lease_stall_timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(
+                    f"SingularityApp.{name} = {value!r}: must be a number of seconds > 0"
+                )
         self.host_memory_limit_bytes = self._host_memory_limit()
         pinned_limit = self._size_setting("pinned_memory_limit")
         pinned_total = self._size_setting("pinned_memory_total") or self.host_memory_limit_bytes
@@ -243,6 +267,8 @@ class SingularityApp(ExtensionApp):
             log=self.log,
             emit=self._emit,
             spill_dir=Path(self.spill_dir),
+            offload_timeout=self.offload_timeout,
+            lease_stall_timeout=self.lease_stall_timeout,
         )
         self.log.info(self._inventory_line())
         self.settings[SETTINGS_KEY] = self

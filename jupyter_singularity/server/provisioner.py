@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from jupyter_client.provisioning import LocalProvisioner
+from tornado import web
 
 from ..broker.service import BrokerService
+from ..broker.spill_dirs import KernelIdError, check_kernel_id
 
 RUNTIME_EXTENSION = "jupyter_singularity.kernel"
 
@@ -28,6 +30,13 @@ class SingularityProvisioner(LocalProvisioner):
     """The pool of this server, set by the extension when it starts (the embedded broker)."""
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        try:
+            # A client may choose the id (POST /api/kernels); it becomes file and folder names,
+            # the connection file's first (written by the local provisioner): refuse it before.
+            check_kernel_id(self.kernel_id)
+        except KernelIdError as err:
+            # Raised through the kernel manager to POST /api/kernels, which answers it as is.
+            raise web.HTTPError(400, str(err)) from None
         kwargs = await super().pre_launch(**kwargs)
         broker = type(self).broker
         if broker is None:
