@@ -6,8 +6,8 @@ The file holds the same mapping as ``SingularityApp.quotas`` (keys ``default``, 
 Watching is a stat() poll every two seconds rather than inotify (watchfiles): admins edit such
 files with editors that write a new file and rename it over the old one, configuration managers and
 Kubernetes ConfigMaps swap symlinks, and home or config directories are often on NFS, where inotify
-sees nothing. A poll of one stat() call notices all of these the same way, needs no thread, and a
-two-second delay is nothing for a quota change.
+sees nothing. A poll of one stat() call notices all of these the same way, and a two-second delay
+is nothing for a quota change.
 
 A file that turns invalid (a typo, a half-written save) keeps the previous quotas in force; the
 error is logged once and shown in ``GET /singularity/api/quotas`` until the file is fixed.
@@ -70,7 +70,7 @@ def load_quota_file(path: Path) -> Quotas:
     with os.fdopen(fd, "rb") as stream:
         mode = os.fstat(stream.fileno()).st_mode
         if not stat.S_ISREG(mode):
-            kind = _KINDS.get(stat.S_IFMT(mode), "not a file")
+            kind = _KINDS.get(stat.S_IFMT(mode), "an unknown kind of file")
             raise QuotaError(
                 f"quota file {str(path)!r} is {kind}, not a regular file: nothing is read from it"
             )
