@@ -1,7 +1,7 @@
 """``jupyter singularity``: the pool from the command line.
 
 ``status`` prints the pool of a running server; ``lab`` starts JupyterLab with the pool, on simulated
-devices when the machine has no NVIDIA GPU (and says so).
+devices sized from the machine's memory when it has no NVIDIA GPU (and says so).
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
-from .devices import open_inventory
+from .devices import default_simulated_spec, open_inventory, usable_memory
 from .units import format_size
-
-SIMULATED_FALLBACK = "simulated:2x16GiB"
 
 
 def _running_servers() -> list[dict]:
@@ -107,12 +105,13 @@ def lab(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if not any(arg.startswith("--SingularityApp.devices") for arg in extra):
         inventory = open_inventory("auto")
         if not inventory.devices():
+            spec, why = default_simulated_spec(usable_memory())
             print(
                 f"jupyter-singularity: no NVIDIA GPU found ({inventory.reason}); starting with "
-                f"simulated devices: --SingularityApp.devices={SIMULATED_FALLBACK}",
+                f"simulated devices: --SingularityApp.devices={spec} ({why})",
                 file=sys.stderr,
             )
-            argv.append(f"--SingularityApp.devices={SIMULATED_FALLBACK}")
+            argv.append(f"--SingularityApp.devices={spec}")
         inventory.close()
     os.execv(sys.executable, argv)
     return 0  # not reached

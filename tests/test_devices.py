@@ -2,11 +2,19 @@
 
 import dataclasses
 import json
+import os
 
 import pynvml
 import pytest
 
-from jupyter_singularity.devices import DeviceInfo, DeviceInventory, open_inventory
+from jupyter_singularity.devices import (
+    DeviceInfo,
+    DeviceInventory,
+    default_simulated_spec,
+    open_inventory,
+    usable_memory,
+)
+from jupyter_singularity.devices.simulated import SimulatedInventory
 from jupyter_singularity.units import parse_size
 
 GIB, MIB = 1024**3, 1024**2
@@ -202,3 +210,61 @@ def test_auto_with_gpus_reads_nvml() -> None:
     inventory.close()
     assert inventory.memory_used(0) is None
     assert inventory.process_memory(0) == {}
+
+
+# ------------------------------------------------------- sizes bounded by the machine's memory
+
+
+def test_a_simulated_device_larger_than_the_memory_is_refused() -> None:
+    """Its state lives in host memory: 2x16GiB was the default on a 24 GiB machine."""
+    with pytest.raises(ValueError) as caught:
+        SimulatedInventory([16 * GIB, 8 * GIB], memory=12 * GIB)
+    assert str(caught.value) == (
+        "a simulated device of 16.0 GiB is larger than this machine's memory (12.0 GiB): "
+        "a simulated device keeps its state in host memory"
+    )
+    assert SimulatedInventory([12 * GIB], memory=12 * GIB).devices()[0].total_bytes == 12 * GIB
+
+
+def test_the_devices_setting_is_checked_against_this_machine() -> None:
+    memory = usable_memory()
+    assert memory is not None  # Linux: sysconf answers
+    with pytest.raises(ValueError, match=r"larger than this machine's memory"):
+        open_inventory("simulated:1x99999999TiB")
+    with pytest.raises(ValueError, match=r"larger than this machine's memory"):
+        open_inventory(f"simulated:1GiB,{memory + 1}")
+    assert open_inventory(f"simulated:1x{memory}").devices()[0].total_bytes == memory
+
+
+@pytest.mark.parametrize(
+    ("memory", "spec"),
+    [
+        (24 * GIB, "simulated:2x3GiB"),  # the machine of the report: 6 GiB of 24 in devices
+        (int(23.5 * GIB), "simulated:2x2GiB"),  # rounded down to a whole GiB
+        (64 * GIB, "simulated:2x8GiB"),
+        (128 * GIB, "simulated:2x16GiB"),
+        (2048 * GIB, "simulated:2x16GiB"),  # at most 16 GiB
+        (int(7.6 * GIB), "simulated:2x768MiB"),  # below 1 GiB: 256 MiB steps
+        (2 * GIB, "simulated:2x256MiB"),
+        (1 * GIB, "simulated:2x256MiB"),  # at least 256 MiB
+    ],
+)
+def test_default_simulated_devices_take_a_quarter_of_the_memory(memory: int, spec: str) -> None:
+    chosen, why = default_simulated_spec(memory)
+    assert chosen == spec
+    assert why.startswith("each an eighth of the ") and "at most 16.0 GiB" in why
+    sizes = [d.total_bytes for d in open_inventory(chosen).devices()]
+    assert len(sizes) == 2 and (sum(sizes) <= memory // 4 or sizes == [256 * MIB] * 2)
+
+
+def test_default_simulated_devices_when_the_memory_is_unknown() -> None:
+    assert default_simulated_spec(None) == (
+        "simulated:2x1GiB",
+        "the machine's memory cannot be read",
+    )
+
+
+def test_usable_memory_is_at_most_the_ram() -> None:
+    memory = usable_memory()
+    assert memory is not None
+    assert 0 < memory <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -418,3 +418,45 @@ def test_attach_closes_records_written_before_brokers_were_recorded(ledger: Ledg
     closed = ledger.attach(at=T0 + 5, me={"host": "h", "pid": 1}, alive=lambda r: True)
     assert closed["kernels"] == ["old"]
     assert _last_state(ledger, "old") == "gone"
+
+
+# ------------------------------------------------------------------------- file permissions
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_a_new_ledger_file_and_its_wal_and_shm_are_private(db_path: Path):
+    """The ledger names every user's kernels and usage: readable by the server's user only,
+    whatever the umask (0644 before)."""
+    led = Ledger(_url(db_path))
+    try:
+        _start(led, "l1", "ann", T0)
+        led.flush()
+        files = [db_path, db_path.with_name("ledger.db-wal"), db_path.with_name("ledger.db-shm")]
+        assert all(f.exists() for f in files)
+        assert {f.name: _mode(f) for f in files} == {f.name: 0o600 for f in files}
+    finally:
+        led.close()
+
+
+def test_an_existing_readable_ledger_is_made_private_and_kept(db_path: Path):
+    db_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db_path)  # another tool's database, open, so its -wal and -shm exist
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE other (x)")
+        conn.execute("INSERT INTO other VALUES (42)")
+        conn.commit()
+        files = [db_path, db_path.with_name("ledger.db-wal"), db_path.with_name("ledger.db-shm")]
+        for f in files:
+            f.chmod(0o644)
+        led = Ledger(_url(db_path))
+        try:
+            assert {f.name: _mode(f) for f in files} == {f.name: 0o600 for f in files}
+            assert conn.execute("SELECT x FROM other").fetchall() == [(42,)]
+        finally:
+            led.close()
+    finally:
+        conn.close()

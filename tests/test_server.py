@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -17,8 +20,11 @@ from jupyter_server.auth import Authorizer, IdentityProvider, User
 from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import HTTPClientError
 
+from jupyter_singularity.broker.quotas import Quotas
+from jupyter_singularity.devices import default_simulated_spec, usable_memory
 from jupyter_singularity.devices.nvml import NvmlInventory
-from jupyter_singularity.server.app import PROVISIONER_NAME, ConfigError
+from jupyter_singularity.server import quota_file
+from jupyter_singularity.server.app import PROVISIONER_NAME, ConfigError, SingularityApp
 from jupyter_singularity.server.events import KERNEL_STATE_SCHEMA
 from jupyter_singularity.server.handlers import default_handlers
 
@@ -62,6 +68,15 @@ async def fetch_error(jp_fetch, *parts, **kwargs) -> tuple[int, dict]:
     return info.value.code, json.loads(body) if body else {}
 
 
+def strict_json(body: bytes) -> Any:
+    """JSON as a browser's JSON.parse reads it: ``NaN`` and ``Infinity`` are not JSON."""
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(body, parse_constant=refuse)
+
+
 def fake_kernel(app, kernel_id: str = "fake-kernel") -> str:
     """A kernel registered in the pool without a process (what the provisioner does first)."""
     app.service.register_kernel(kernel_id)
@@ -92,17 +107,15 @@ async def test_inventory_line(singularity_app):
         line = singularity_app._inventory_line()
     finally:
         singularity_app.inventory = real
+    spec, _ = default_simulated_spec(usable_memory())
     assert line == (
         "jupyter-singularity: no NVIDIA GPU found (no NVIDIA driver found); the pool is empty. "
-        "Try simulated devices: jupyter lab --SingularityApp.devices=simulated:2x16GiB"
+        f"Try simulated devices: jupyter lab --SingularityApp.devices={spec}"
     )
 
 
 async def test_settings_are_parsed(singularity_app, tmp_path):
-    assert (
-        singularity_app.host_memory_limit_bytes
-        == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    )
+    assert singularity_app.host_memory_limit_bytes == usable_memory() // 2
     assert Path(singularity_app.spill_dir).is_dir()
     policy = singularity_app.service.core.policy
     assert policy.migration is True
@@ -275,6 +288,60 @@ async def test_invalid_quotas_are_400(jp_fetch, get_json, body, message):
     assert (await get_json("singularity", "api", "quotas"))["quotas"] == {}
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"default": {"priority": 1e999}}',
+        '{"default": {"gpu_seconds_per_day": 1e999}}',
+        '{"default": {"gpu_hours_per_day": 1e306}}',  # finite in hours, not in seconds
+        '{"user:ann": {"priority": -1e999}}',
+        '{"group:x": {"priority": 1' + "0" * 400 + "}}",  # an integer too large for a float
+    ],
+)
+async def test_non_finite_quotas_are_400_and_answers_stay_json(jp_fetch, body):
+    code, error = await fetch_error(
+        jp_fetch, "singularity", "api", "quotas", method="PUT", body=body
+    )
+    assert code == 400
+    assert "must be a number >= 0 and finite (leave it out for no limit)" in error["message"]
+    mine = strict_json((await jp_fetch("singularity", "api", "quota")).body)
+    assert mine["limits"]["priority"] == 1.0
+    assert strict_json((await jp_fetch("singularity", "api", "quotas")).body)["quotas"] == {}
+
+
+@pytest.mark.parametrize("literal", ["Infinity", "-Infinity", "NaN"])
+async def test_nan_and_infinity_in_a_body_are_400(jp_fetch, literal):
+    body = '{"default": {"priority": ' + literal + "}}"
+    code, error = await fetch_error(
+        jp_fetch, "singularity", "api", "quotas", method="PUT", body=body
+    )
+    assert code == 400
+    assert error["message"] == f"the body is not valid JSON: {literal} is not a JSON number"
+
+
+async def test_a_non_finite_number_never_reaches_a_json_answer(jp_fetch, singularity_app):
+    """Should one get past validation, the answer is an error, never ``Infinity``."""
+    singularity_app.service.set_quotas(Quotas({"default": {"priority": math.inf}}))  # unchecked
+    code, _ = await fetch_error(jp_fetch, "singularity", "api", "quotas")
+    assert code == 500
+
+
+@pytest.mark.parametrize(
+    ("method", "parts"), [(method, parts) for method, parts in ENDPOINTS if method != "GET"]
+)
+async def test_a_body_that_is_not_utf8_is_400_never_500(jp_fetch, singularity_app, method, parts):
+    fake_kernel(singularity_app, "some-kernel")
+    body = '{"pinned": true, "default": {"x": "é"}}'.encode("latin-1")
+    response = await jp_fetch(*parts, method=method, body=body, raise_error=False)
+    if parts[-1] in ("pin", "quotas"):  # the endpoints that read a body
+        assert response.code == 400
+        assert json.loads(response.body)["message"] == (
+            f"the body must be JSON in UTF-8: byte {body.index('é'.encode('latin-1'))} is not UTF-8"
+        )
+    else:
+        assert response.code != 500, response.body
+
+
 class TestWithoutAdminPermission:
     @pytest.fixture
     def jp_server_config(self, jp_server_config):
@@ -345,11 +412,15 @@ class TestMeWithoutAdminPermission:
 
 
 def write_quota_file(path: Path, text: str) -> None:
-    """Write and move the mtime on, so that coarse file-system clocks still show a change."""
+    """Write a new file and rename it over, as editors do (the watcher reads in a thread of its
+    own, which could see a file being written in place half-written), moving the mtime on so that
+    coarse file-system clocks still show a change."""
     old = path.stat().st_mtime_ns if path.exists() else 0
-    path.write_text(text)
-    stamp = max(path.stat().st_mtime_ns, old + 1_000_000_000)
-    os.utime(path, ns=(stamp, stamp))
+    new = path.with_name(path.name + ".new")
+    new.write_text(text)
+    stamp = max(new.stat().st_mtime_ns, old + 1_000_000_000)
+    os.utime(new, ns=(stamp, stamp))
+    new.replace(path)
 
 
 class TestQuotaFile:
@@ -402,6 +473,79 @@ class TestQuotaFile:
         model = await wait_for(lambda: _matches(quotas, lambda m: m["error"] is None), timeout=10)
         assert model["quotas"] == {"user:ann": {"max_resident_kernels": 1}}
 
+    async def test_a_non_finite_quota_in_the_file_keeps_the_previous_quotas(
+        self, jp_fetch, singularity_app, quota_path
+    ):
+        await singularity_app.quota_watcher.stop()  # only the check below looks at the file
+        write_quota_file(quota_path, "default:\n  priority: .inf\n")
+        assert await singularity_app.quota_watcher.check() is False
+        model = strict_json((await jp_fetch("singularity", "api", "quotas")).body)
+        assert "priority must be a number >= 0 and finite" in model["error"]
+        assert model["quotas"] == {"default": {"gpu_memory": 4 * GiB}}
+
+    @pytest.mark.timeout(90)  # before the fix, the first request after the FIFO never returned
+    async def test_a_fifo_at_the_path_is_refused_and_the_server_keeps_answering(
+        self, jp_fetch, singularity_app, quota_path, wait_for
+    ):
+        watcher = singularity_app.quota_watcher
+        await watcher.stop()
+        watcher.interval = 0.05
+        quota_path.unlink()
+        os.mkfifo(quota_path)  # opening it for reading waits for a writer, forever
+        watcher.start()
+
+        async def quotas() -> dict:
+            return strict_json((await jp_fetch("singularity", "api", "quotas")).body)
+
+        model = await wait_for(lambda: _matches(quotas, lambda m: m["error"]), timeout=30)
+        assert model["error"] == (
+            f"quota file {str(quota_path)!r} is a FIFO, not a regular file: nothing is read from it"
+        )
+        assert model["quotas"] == {"default": {"gpu_memory": 4 * GiB}}
+        for _ in range(20):  # polls go on meanwhile; every request is answered
+            response = await jp_fetch("singularity", "api", "pool", request_timeout=30)
+            assert response.code == 200
+            await asyncio.sleep(0.05)
+
+    async def test_a_hung_read_reports_and_keeps_the_previous_quotas(
+        self, jp_fetch, singularity_app, quota_path, monkeypatch
+    ):
+        """A read that never returns (a hung NFS mount, which cannot be made here: the loader is
+        held instead) is given up after read_timeout; no second read starts meanwhile."""
+        release, started = threading.Event(), []
+        real_load = quota_file.load_quota_file
+
+        def hung_load(path):
+            started.append(path)
+            release.wait(60)
+            return real_load(path)
+
+        monkeypatch.setattr(quota_file, "load_quota_file", hung_load)
+        watcher = singularity_app.quota_watcher
+        await watcher.stop()  # only the checks below look at the file
+        watcher.read_timeout = 0.2
+        write_quota_file(quota_path, "default:\n  gpu_memory: 6GiB\n")
+        try:
+            for _ in range(2):
+                assert await watcher.check() is False
+                model = strict_json((await jp_fetch("singularity", "api", "quotas")).body)
+                assert model["error"] == (
+                    f"reading quota file {str(quota_path)!r} did not finish within 0.2 s "
+                    "(a hung file system?)"
+                )
+                assert model["quotas"] == {"default": {"gpu_memory": 4 * GiB}}
+            assert len(started) == 1
+        finally:
+            release.set()
+        watcher.read_timeout = 10
+        assert await watcher.check() is True
+        model = strict_json((await jp_fetch("singularity", "api", "quotas")).body)
+        assert model == {
+            "quotas": {"default": {"gpu_memory": 6 * GiB}},
+            "source": f"file:{quota_path}",
+            "error": None,
+        }
+
     async def test_put_writes_the_file(self, get_json, quota_path):
         body = {"default": {"gpu_memory": "2GiB"}}
         model = await get_json("singularity", "api", "quotas", method="PUT", body=json.dumps(body))
@@ -444,6 +588,21 @@ async def _matches(fetch, predicate):
         ({"offload_timeout": 0.0}, "SingularityApp.offload_timeout = 0.0: must be"),
         ({"lease_stall_timeout": float("inf")}, "SingularityApp.lease_stall_timeout = inf"),
         (
+            {"quotas": {"default": {"priority": math.inf}}},
+            "SingularityApp.quotas: quota 'default': priority must be a number >= 0 and finite",
+        ),
+        (
+            {"devices": "simulated:1x99999999TiB"},
+            "SingularityApp.devices = 'simulated:1x99999999TiB': a simulated device of "
+            "99999999.0 TiB is larger than this machine's memory",
+        ),
+        (
+            {"host_memory_limit": 1},
+            "SingularityApp.host_memory_limit = 1: at least 1.0 MiB (the kernels move GPU "
+            "state in pieces of 1 MiB and more; a bare number is bytes",
+        ),
+        ({"host_memory_limit": "1023KiB"}, "SingularityApp.host_memory_limit = '1023KiB': at"),
+        (
             {"broker_url": "tcp://node:5555"},
             "a standalone broker is not available yet; leave broker_url empty",
         ),
@@ -458,17 +617,59 @@ async def test_bad_config_fails_at_start(
     assert message in str(info.value)
 
 
-def test_jupyter_server_exits_with_a_readable_message(tmp_path):
-    """The real command line: the server stops at start and says which setting is wrong."""
+@pytest.mark.parametrize("name", sorted(SingularityApp.class_own_traits(config=True)))
+async def test_a_setting_of_the_wrong_type_is_named(
+    jp_configurable_serverapp, jp_server_config, name
+):
+    """As a config file sets it; before, traitlets' error stopped loading half-way and the
+    extension went on to fail on another setting (``spill_dir = ''``)."""
+    jp_server_config.SingularityApp[name] = [1]  # no setting of the pool is a list
+    with pytest.raises(ConfigError) as info:
+        jp_configurable_serverapp(config=jp_server_config)
+    assert str(info.value).startswith(f"SingularityApp.{name} = [1]: expected ")
+
+
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [
+        (
+            "--SingularityApp.idle_timeout=abc",
+            "SingularityApp.idle_timeout = 'abc': expected a float",
+        ),
+        (
+            "--SingularityApp.migration=maybe",
+            "SingularityApp.migration = 'maybe': expected a boolean",
+        ),
+        ("--SingularityApp.quotas=x", "SingularityApp.quotas = 'x': expected a dict"),
+    ],
+)
+async def test_a_command_line_setting_of_the_wrong_type_is_named(
+    jp_configurable_serverapp, jp_server_config, argument, message
+):
+    with pytest.raises(ConfigError) as info:
+        jp_configurable_serverapp(config=jp_server_config, argv=[argument])
+    assert str(info.value) == message
+
+
+def run_jupyter_server(
+    tmp_path: Path, *arguments: str, config: str = ""
+) -> subprocess.CompletedProcess:
+    """``jupyter server`` with the extension on simulated devices, as a person starts it; with
+    ``config``, a jupyter_server_config.py of that text in its config dir."""
     env = {
         **os.environ,
         "HOME": str(tmp_path),
-        "JUPYTER_NO_CONFIG": "1",
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
         "JUPYTER_DATA_DIR": str(tmp_path / "data"),
         "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
     }
-    result = subprocess.run(
+    if config:
+        (tmp_path / "config").mkdir()
+        (tmp_path / "config" / "jupyter_server_config.py").write_text(config)
+    else:
+        env["JUPYTER_NO_CONFIG"] = "1"
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -478,7 +679,7 @@ def test_jupyter_server_exits_with_a_readable_message(tmp_path):
             "--port=0",
             "--ServerApp.jpserver_extensions={'jupyter_singularity': True}",
             "--SingularityApp.devices=simulated:2x16GiB",
-            "--SingularityApp.host_memory_limit=lots",
+            *arguments,
         ],
         env=env,
         cwd=tmp_path,
@@ -486,11 +687,31 @@ def test_jupyter_server_exits_with_a_readable_message(tmp_path):
         text=True,
         timeout=60,
     )
+
+
+def test_jupyter_server_exits_with_a_readable_message(tmp_path):
+    """The real command line: the server stops at start and says which setting is wrong."""
+    result = run_jupyter_server(tmp_path, "--SingularityApp.host_memory_limit=lots")
     assert result.returncode == 1, result.stderr
     assert (
         "jupyter-singularity cannot start: SingularityApp.host_memory_limit = 'lots': "
         "invalid size 'lots'" in result.stderr
     )
+    assert "is running at" not in result.stderr
+
+
+def test_a_wrong_type_in_a_config_file_stops_the_server_naming_that_setting(tmp_path):
+    config = (
+        f"c.SingularityApp.spill_dir = {str(tmp_path / 'spill')!r}\n"
+        "c.SingularityApp.idle_timeout = 'abc'\n"
+    )
+    result = run_jupyter_server(tmp_path, config=config)
+    assert result.returncode == 1, result.stderr
+    assert (
+        "jupyter-singularity cannot start: SingularityApp.idle_timeout = 'abc': expected a float"
+        in result.stderr
+    )
+    assert "spill_dir" not in result.stderr
     assert "is running at" not in result.stderr
 
 

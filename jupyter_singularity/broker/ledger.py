@@ -7,6 +7,9 @@ see the same history across restarts. It uses SQLAlchemy Core so that
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -120,6 +123,19 @@ def _sqlite_file(url: URL) -> Path | None:
     return Path(database)
 
 
+def _make_private(path: Path) -> None:
+    """Create the ledger's file readable by its owner only, or make an existing one (and its
+    -wal and -shm files) so: it names every user's kernels, notebooks and usage. SQLite gives the
+    -wal and -shm files it creates the database file's permissions."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            mode = stat.S_IMODE(file.stat().st_mode)
+            if mode & 0o077:
+                file.chmod(mode & 0o700)
+
+
 class Ledger:
     """Records leases and kernel state changes; answers usage questions.
 
@@ -145,6 +161,7 @@ class Ledger:
                 connect_args["check_same_thread"] = False
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
+                _make_private(path)
             self._engine: Engine = sa.create_engine(url, connect_args=connect_args)
             if path is not None:
                 # WAL with synchronous=NORMAL never corrupts the file and skips the fsync per

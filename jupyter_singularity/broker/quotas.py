@@ -8,6 +8,8 @@ reported with the key and resource it concerns instead of surfacing later as a s
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -43,10 +45,19 @@ class Limits:
 RESOURCES = (*(f.name for f in fields(Limits)), "gpu_hours_per_day")
 
 
-def _positive_number(key: str, resource: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:  # NaN too
-        raise QuotaError(f"quota {key!r}: {resource} must be a number >= 0, not {value!r}")
-    return float(value)
+def _positive_number(key: str, resource: str, value: Any, scale: float = 1.0) -> float:
+    """``value * scale`` as a float, finite and >= 0: an infinite limit would reach the REST
+    answers as ``Infinity``, which is not JSON (leave a resource out for no limit)."""
+    number = math.nan
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        with contextlib.suppress(OverflowError):  # an int too large for a float
+            number = float(value) * scale
+    if not (math.isfinite(number) and number >= 0):
+        raise QuotaError(
+            f"quota {key!r}: {resource} must be a number >= 0 and finite (leave it out for no "
+            f"limit), not {value!r}"
+        )
+    return number
 
 
 def _parse_entry(key: str, entry: Any) -> dict[str, Any]:
@@ -65,7 +76,7 @@ def _parse_entry(key: str, entry: Any) -> dict[str, Any]:
             except (ValueError, TypeError) as err:  # TypeError: a float or bool, not a size
                 raise QuotaError(f"quota {key!r}: {resource}: {err}") from None
         elif resource == "gpu_hours_per_day":
-            parsed["gpu_seconds_per_day"] = _positive_number(key, resource, value) * HOUR
+            parsed["gpu_seconds_per_day"] = _positive_number(key, resource, value, HOUR)
         elif resource == "gpu_seconds_per_day":
             parsed[resource] = _positive_number(key, resource, value)
         elif resource == "max_resident_kernels":

@@ -4,10 +4,17 @@ import re
 
 from ..units import parse_size
 from .base import DeviceInfo, DeviceInventory
+from .host_memory import usable_memory
 from .nvml import NvmlInventory
-from .simulated import MAX_SIMULATED_DEVICES, SimulatedInventory
+from .simulated import MAX_SIMULATED_DEVICES, SimulatedInventory, default_simulated_spec
 
-__all__ = ["DeviceInfo", "DeviceInventory", "open_inventory"]
+__all__ = [
+    "DeviceInfo",
+    "DeviceInventory",
+    "default_simulated_spec",
+    "open_inventory",
+    "usable_memory",
+]
 
 _SIMULATED_PREFIX = "simulated:"
 _COUNT_TIMES_SIZE = re.compile(r"^\s*(\d+)\s*x\s*(.+)$", re.IGNORECASE)
@@ -23,7 +30,8 @@ def open_inventory(spec: str) -> DeviceInventory:
     if normalized.lower() == "auto":
         return NvmlInventory.open()
     if normalized.lower().startswith(_SIMULATED_PREFIX):
-        return SimulatedInventory(_simulated_sizes(spec, normalized[len(_SIMULATED_PREFIX) :]))
+        sizes = _simulated_sizes(spec, normalized[len(_SIMULATED_PREFIX) :])
+        return SimulatedInventory(sizes, memory=usable_memory())
     raise _unknown(spec)
 
 

@@ -8,8 +8,11 @@ settings than the admin wrote would be worse than no server.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import os
+from collections.abc import Iterator
 from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
@@ -18,13 +21,14 @@ from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_core.paths import jupyter_data_dir, jupyter_runtime_dir
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import ApiPath, to_os_path
-from traitlets import Bool, Dict, Float, Int, Unicode, Union, default
+from traitlets import Bool, Dict, Float, Int, TraitError, Unicode, Union, default
+from traitlets.config import Config, DeferredConfig, LazyConfigValue
 
 from ..broker.ledger import Ledger, LedgerError
 from ..broker.model import Policy
 from ..broker.quotas import QuotaError, Quotas
 from ..broker.service import BrokerService
-from ..devices import DeviceInventory, open_inventory
+from ..devices import DeviceInventory, default_simulated_spec, open_inventory, usable_memory
 from ..units import format_size, parse_size
 from .events import register_schemas, schema_id
 from .handlers import SETTINGS_KEY, default_handlers
@@ -32,6 +36,11 @@ from .quota_file import QuotaFile
 
 PROVISIONER_NAME = "singularity-provisioner"
 PROVISIONER_REF = "jupyter_singularity.server.provisioner:SingularityProvisioner"
+
+MIN_HOST_MEMORY_LIMIT = 1 << 20
+"""The smallest host_memory_limit: the kernel runtime moves GPU state in storages of 1 MiB and more,
+so a smaller budget holds none of it, and since a bare number is bytes, a limit such as 1 or 512 is
+a forgotten unit."""
 
 
 class ConfigError(ValueError):
@@ -79,9 +88,10 @@ class SingularityApp(ExtensionApp):
     host_memory_limit = Union(
         [Unicode(), Int()],
         default_value="0",
-        help="""Host memory for GPU state offloaded from kernels (e.g. "64GiB"), held to at all
-        times: an offload keeps the room left and writes the rest straight to spill_dir. "0"
-        means half of the machine's RAM.""",
+        help="""Host memory for GPU state offloaded from kernels (e.g. "64GiB"), at least 1 MiB,
+        held to at all times: an offload keeps the room left and writes the rest straight to
+        spill_dir. "0" means half of the memory this server may use (the machine's RAM, or its
+        container's limit when lower).""",
     ).tag(config=True)
 
     pinned_memory_limit = Union(
@@ -158,15 +168,51 @@ class SingularityApp(ExtensionApp):
 
     # ------------------------------------------------------------------------ configuration
 
-    def initialize_settings(self) -> None:
+    @contextlib.contextmanager
+    def _stop_on_config_error(self) -> Iterator[None]:
+        """A ConfigError stops the server with its one line (the extension manager would log a
+        traceback and serve on without the pool, or with half of its settings)."""
         try:
-            self._configure()
+            yield
         except ConfigError as err:
             if self.serverapp is not None and self.serverapp.reraise_server_extension_failures:
                 raise
             self.log.critical("jupyter-singularity cannot start: %s", err)
-            # The extension manager would log a load failure and serve on without the pool.
             raise SystemExit(1) from err
+
+    def _link_jupyter_server_extension(self, serverapp: Any) -> None:
+        with self._stop_on_config_error():
+            super()._link_jupyter_server_extension(serverapp)
+
+    def _load_config(
+        self,
+        cfg: Config,
+        section_names: list[str] | None = None,
+        traits: dict[str, Any] | None = None,
+    ) -> None:
+        """traitlets' loading, after checking each value's type on its own: traitlets stops at the
+        first wrong one with some traits set and others not, and the extension manager then went
+        on with that half-set app, which failed on another, unrelated setting."""
+        checked = self.traits(config=True) if traits is None else traits
+        for name, value in self._find_my_config(cfg).items():
+            if name not in checked:
+                continue
+            trait = checked[name]
+            if isinstance(value, LazyConfigValue):
+                value = value.get_value(copy.deepcopy(getattr(self, name)))
+            elif isinstance(value, DeferredConfig):  # from the command line or the environment
+                value = value.get_value(trait)
+            try:
+                trait._validate(self, value)
+            except TraitError:
+                raise ConfigError(
+                    f"{type(self).__name__}.{name} = {value!r}: expected {trait.info()}"
+                ) from None
+        super()._load_config(cfg, section_names, traits)
+
+    def initialize_settings(self) -> None:
+        with self._stop_on_config_error():
+            self._configure()
 
     def _configure(self) -> None:
         assert self.serverapp is not None
@@ -236,15 +282,21 @@ class SingularityApp(ExtensionApp):
 
     def _host_memory_limit(self) -> int:
         limit = self._size_setting("host_memory_limit")
+        if 0 < limit < MIN_HOST_MEMORY_LIMIT:
+            raise ConfigError(
+                f"SingularityApp.host_memory_limit = {self.host_memory_limit!r}: at least "
+                f"{format_size(MIN_HOST_MEMORY_LIMIT)} (the kernels move GPU state in pieces of "
+                "1 MiB and more; a bare number is bytes: did you mean a unit, as in '16GiB'?)"
+            )
         if limit:
             return limit
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-        except (ValueError, OSError, AttributeError):
+        memory = usable_memory()
+        if memory is None:
             raise ConfigError(
                 "SingularityApp.host_memory_limit = '0': the machine's RAM cannot be read here; "
                 "set a size such as '32GiB'"
-            ) from None
+            )
+        return memory // 2
 
     def _initial_quotas(self) -> Quotas:
         if self.quota_file:
@@ -282,10 +334,10 @@ class SingularityApp(ExtensionApp):
         inventory = self.inventory
         devices = inventory.devices()
         if not devices:
+            spec, _ = default_simulated_spec(usable_memory())
             return (
                 f"jupyter-singularity: no NVIDIA GPU found ({inventory.reason or 'no reason given'});"
-                " the pool is empty. Try simulated devices: "
-                "jupyter lab --SingularityApp.devices=simulated:2x16GiB"
+                f" the pool is empty. Try simulated devices: jupyter lab --SingularityApp.devices={spec}"
             )
         if inventory.simulated:
             sizes = [format_size(d.total_bytes) for d in devices]
@@ -313,13 +365,13 @@ class SingularityApp(ExtensionApp):
     def quota_error(self) -> str | None:
         return None if self.quota_watcher is None else self.quota_watcher.error
 
-    def replace_quotas(self, config: dict[str, Any]) -> None:
+    async def replace_quotas(self, config: dict[str, Any]) -> None:
         """PUT /quotas: validate, then write the quota file if there is one, else keep in memory.
 
         Raises QuotaError (invalid, nothing changed) or OSError (the file cannot be written).
         """
         if self.quota_watcher is not None:
-            self.quota_watcher.write(config)
+            await self.quota_watcher.write(config)
         else:
             self._apply_quotas(Quotas.parse(config))
 

@@ -99,8 +99,27 @@ class SingularityHandler(APIHandler):
         except KeyError:
             self.fail(404, f"no kernel {kernel_id} in the GPU pool")
 
+    def get_json_body(self) -> Any:
+        """The request's JSON body (None when empty); 400 with the reason for a body that is not
+        UTF-8 JSON, or that uses NaN or Infinity (which JSON does not have)."""
+        if not self.request.body:
+            return None
+        try:
+            text = self.request.body.decode("utf-8")
+        except UnicodeDecodeError as err:
+            self.fail(400, f"the body must be JSON in UTF-8: byte {err.start} is not UTF-8")
+        try:
+            return json.loads(text, parse_constant=_not_json)
+        except ValueError as err:  # JSONDecodeError, and _not_json's
+            self.fail(400, f"the body is not valid JSON: {err}")
+
     def write_json(self, data: Any) -> None:
-        self.finish(json.dumps(data, default=str))
+        # allow_nan=False: a non-finite number fails here, not in the client that parses the answer.
+        self.finish(json.dumps(data, default=str, allow_nan=False))
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON number")
 
 
 class PoolHandler(SingularityHandler):
@@ -202,7 +221,7 @@ class QuotasHandler(SingularityHandler):
                 "the body must be a JSON object of quotas keyed 'default', 'user:NAME' or 'group:NAME'",
             )
         try:
-            self.extension.replace_quotas(body)
+            await self.extension.replace_quotas(body)
         except QuotaError as err:
             self.fail(400, str(err))
         except OSError as err:
