@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import importlib.metadata
@@ -287,6 +288,8 @@ def install_checkout(prefix: Path) -> dict[str, str]:
             (prefix / target).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO_ROOT / source, prefix / target)
     make_world_readable(prefix)
+    # Bytecode now: the users' processes (servers, kernels) cannot write it there.
+    subprocess.run([SYSTEM_PYTHON, "-m", "compileall", "-q", site], check=True, umask=0o022)
     return {
         "PYTHONPATH": str(site),
         "JUPYTER_CONFIG_PATH": str(prefix / "etc/jupyter"),
@@ -327,13 +330,16 @@ SERVER_ENV = {server_env!r}
 
 def spawn_options(spawner, options):
     # A test's settings for one spawn, the body of its spawn request (user_options):
-    # {{"env": {{NAME: VALUE}}, "args": [ARG, ...]}}, on top of this session's. Every spawn sends
-    # both (the hub would reuse the previous spawn's options for an empty body).
+    # {{"env": {{NAME: VALUE}}, "args": ["--Class.trait=value", ...]}}, on top of this session's;
+    # an argument naming a trait of the session's replaces it (traitlets refuses a trait given
+    # twice). Every spawn sends both (the hub reuses the last options for an empty body).
     env, args = options.get("env", {{}}), options.get("args", [])
     if not (isinstance(env, dict) and isinstance(args, list)):
         raise ValueError(f"user_options: env must be an object and args a list, not {{options}}")
+    args = [str(arg) for arg in args]
+    replaced = {{arg.split("=", 1)[0] for arg in args}}
     spawner.environment = {{**SERVER_ENV, **{{str(k): str(v) for k, v in env.items()}}}}
-    spawner.args = [*SERVER_ARGS, *map(str, args)]
+    spawner.args = [arg for arg in SERVER_ARGS if arg.split("=", 1)[0] not in replaced] + args
 
 
 c.Spawner.apply_user_options = spawn_options
@@ -374,6 +380,8 @@ class Hub:
     log_path: Path
     process: subprocess.Popen
     shared_dir: Path
+    venv: Path  # the users' interpreter
+    server_env: dict[str, str]  # what every user's server gets (PATH, this checkout's package)
 
     def log(self, tail: int = 8000) -> str:
         return self.log_path.read_text(errors="replace")[-tail:]
@@ -424,6 +432,24 @@ class Hub:
             if time.monotonic() > deadline:
                 pytest.fail(f"the server of {name} did not stop:\n{self.log()}")
             await asyncio.sleep(0.2)
+
+    def run_python(
+        self, user: UnixUser, code: str, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess:
+        """Run ``code`` in the users' interpreter as ``user`` (not through the hub), with the
+        environment their servers get: a process of theirs that is not a kernel, say."""
+        return subprocess.run(
+            [self.venv / "bin/python", "-c", code],
+            user=user.uid,
+            group=user.gid,
+            extra_groups=os.getgrouplist(user.name, user.gid),
+            cwd=user.home,
+            env={**self.server_env, "HOME": str(user.home), "USER": user.name},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
 
 @dataclass
@@ -505,6 +531,7 @@ def running_hub(
     servers start in ``shared_dir``, which they may read. ``extra_config`` is appended to the
     hub's config file (services of a test, say)."""
     port, hub_port, proxy_port = free_port(), free_port(), free_port()
+    server_env = {"PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin", **server_env}
     admin_token, password = secrets.token_hex(32), secrets.token_hex(8)
     config = workdir / "jupyterhub_config.py"
     config.write_text(
@@ -524,7 +551,7 @@ def running_hub(
             singleuser=str(venv / "bin/jupyterhub-singleuser"),
             start_timeout=int(SERVER_START_TIMEOUT),
             server_args=DEFAULT_SERVER_ARGS,
-            server_env={"PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin", **server_env},
+            server_env=server_env,
         )
         + extra_config
     )
@@ -540,9 +567,18 @@ def running_hub(
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=terminate_with_parent,
         )
     hub = Hub(
-        f"http://127.0.0.1:{port}/", admin_token, password, users, log_path, process, shared_dir
+        f"http://127.0.0.1:{port}/",
+        admin_token,
+        password,
+        users,
+        log_path,
+        process,
+        shared_dir,
+        venv,
+        server_env,
     )
     try:
         wait_until_up(hub)
@@ -550,6 +586,13 @@ def running_hub(
         yield hub
     finally:
         stop_hub(hub, workdir / "proxy.pid")
+
+
+def terminate_with_parent() -> None:
+    """In the hub's process: SIGTERM when the test process dies (killed, say), on which the hub
+    stops the users' servers and its proxy, as at the end of a session."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def wait_until_up(hub: Hub, timeout: float = 60.0) -> None:
