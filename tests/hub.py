@@ -40,7 +40,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +65,7 @@ USER_COMMENT = "jupyter-singularity test user of pid"
 ROLES = ("alice", "bob", "carol")
 ADMIN_SERVICE = "sgtest-admin"
 # The servers' own pool in embedded mode; a test adds or overrides settings per spawn.
-DEFAULT_SERVER_ARGS = ["--SingularityApp.devices=simulated:1x4GiB"]
+DEFAULT_SERVER_ARGS = ("--SingularityApp.devices=simulated:1x4GiB",)
 SERVER_START_TIMEOUT = 180.0
 
 
@@ -524,12 +524,15 @@ def running_hub(
     venv: Path,
     users: dict[str, UnixUser],
     server_env: dict[str, str],
+    server_args: Sequence[str] = DEFAULT_SERVER_ARGS,
     extra_config: str = "",
 ) -> Iterator[Hub]:
     """Start JupyterHub (as root, from this interpreter) and its proxy; stop both at the end,
     the users' servers with them. ``workdir`` is root's (database, secrets, logs); the users'
-    servers start in ``shared_dir``, which they may read. ``extra_config`` is appended to the
-    hub's config file (services of a test, say)."""
+    servers start in ``shared_dir``, which they may read, with ``server_env`` (see
+    :func:`install_checkout`) and ``server_args``. ``extra_config`` is Python appended to the
+    hub's config file: a service (``c.JupyterHub.services.append(...)``), more settings for every
+    server (``SERVER_ENV[...] = ...``, ``SERVER_ARGS.append(...)``)..."""
     port, hub_port, proxy_port = free_port(), free_port(), free_port()
     server_env = {"PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin", **server_env}
     admin_token, password = secrets.token_hex(32), secrets.token_hex(8)
@@ -550,7 +553,7 @@ def running_hub(
             admin_token=admin_token,
             singleuser=str(venv / "bin/jupyterhub-singleuser"),
             start_timeout=int(SERVER_START_TIMEOUT),
-            server_args=DEFAULT_SERVER_ARGS,
+            server_args=list(server_args),
             server_env=server_env,
         )
         + extra_config
@@ -665,12 +668,17 @@ def hub_shared_dir() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def hub(hub_users, hub_venv, hub_shared_dir, tmp_path_factory) -> Iterator[Hub]:
+def hub_install(hub_shared_dir: Path) -> dict[str, str]:
+    """This checkout's package where the test users can import it; the servers' environment."""
+    return install_checkout(hub_shared_dir / "install")
+
+
+@pytest.fixture(scope="session")
+def hub(hub_users, hub_venv, hub_shared_dir, hub_install, tmp_path_factory) -> Iterator[Hub]:
     """JupyterHub with this checkout's extension in every user's server (embedded pool on
     ``simulated:1x4GiB`` unless a spawn says otherwise)."""
-    server_env = install_checkout(hub_shared_dir / "install")
     workdir = tmp_path_factory.mktemp("hub")
-    with running_hub(workdir, hub_shared_dir, hub_venv, hub_users, server_env) as running:
+    with running_hub(workdir, hub_shared_dir, hub_venv, hub_users, hub_install) as running:
         yield running
 
 
