@@ -9,8 +9,10 @@ wheel installs it, so the servers load the extension and kernels join its pool.
 Fixtures (registered for the whole suite by ``pytest_plugins`` in conftest.py):
 
 - ``hub`` (session): the running :class:`Hub`, its test users ``alice``, ``bob`` and ``carol``.
-- ``alice``, ``bob``, ``carol``: that user's :class:`HubClient` (a token of their own); servers
-  they started are stopped after the test.
+- ``alice``, ``bob``, ``carol``: that user's :class:`HubClient` (a token of their own); their
+  server, if one runs, is stopped after the test.
+- ``hub_users``, ``hub_venv``, ``hub_install`` (session): the parts of the hub, for a module that
+  starts a hub of its own with :func:`running_hub` (a broker as a hub service, say).
 - ``hub_shared_dir`` (session): a world-readable directory of the session (a broker's socket...).
 
 Without root (or useradd, /usr/bin/python3, jupyterhub, configurable-http-proxy) the tests are
@@ -38,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
@@ -469,7 +470,9 @@ class HubClient:
         """The URL of ``path`` on a user's server (this user's unless ``server`` names another)."""
         return f"{self.hub.url}user/{quote(server or self.name)}/{path}"
 
-    async def start_server(self, env: dict[str, str] | None = None, args: list[str] | None = None):
+    async def start_server(
+        self, env: dict[str, str] | None = None, args: list[str] | None = None
+    ) -> None:
         """Start this user's server through the hub (see :meth:`Hub.start_server`)."""
         await self.hub.start_server(self.name, env, args)
 
@@ -607,7 +610,7 @@ def wait_until_up(hub: Hub, timeout: float = 60.0) -> None:
         try:
             with urllib.request.urlopen(f"{hub.url}hub/api/", timeout=5):
                 return
-        except (urllib.error.URLError, ConnectionError):
+        except OSError:  # refused, or the proxy's 404 before the hub's route is in
             if time.monotonic() > deadline:
                 pytest.fail(f"JupyterHub did not answer within {timeout} s:\n{hub.log()}")
             time.sleep(0.25)
@@ -670,6 +673,7 @@ def hub_shared_dir() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def hub_install(hub_shared_dir: Path) -> dict[str, str]:
     """This checkout's package where the test users can import it; the servers' environment."""
+    require_hub()
     return install_checkout(hub_shared_dir / "install")
 
 
