@@ -86,7 +86,9 @@ def missing_prerequisites() -> list[str]:
     if importlib.util.find_spec("jupyterhub") is None:
         missing.append("jupyterhub (pip install -e '.[test]')")
     if not shutil.which("configurable-http-proxy"):
-        missing.append("configurable-http-proxy on PATH (npm install -g configurable-http-proxy@5)")
+        missing.append(
+            "configurable-http-proxy on PATH (npm install -g configurable-http-proxy@5.2)"
+        )
     return missing
 
 
