@@ -169,14 +169,21 @@ def remove_user(name: str) -> None:
         raise RuntimeError(f"userdel left the test user {name}")
 
 
-def remove_stale_users() -> None:
-    """Remove the test users of sessions that died before removing them (their pid is gone)."""
+def is_dead(pid: str) -> bool:
+    return pid.isdigit() and not Path(f"/proc/{pid}").exists()
+
+
+def remove_stale_sessions() -> None:
+    """Remove the test users and shared directories of sessions that died before removing them
+    (killed: the process named in a user's comment or a directory's name is gone)."""
     for entry in pwd.getpwall():
         if not (entry.pw_name.startswith(USER_PREFIX) and entry.pw_gecos.startswith(USER_COMMENT)):
             continue
-        pid = entry.pw_gecos.rsplit(" ", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+        if is_dead(entry.pw_gecos.rsplit(" ", 1)[-1]):
             remove_user(entry.pw_name)
+    for path in Path(tempfile.gettempdir()).glob(f"{USER_PREFIX}*-*"):
+        if is_dead(path.name.removeprefix(USER_PREFIX).split("-", 1)[0]):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ the users' venv
@@ -642,7 +649,7 @@ def hub_users() -> Iterator[dict[str, UnixUser]]:
     """The session's Unix users, keyed by role (``alice``, ``bob``, ``carol``); removed, their
     processes killed, at the end."""
     require_hub()
-    remove_stale_users()
+    remove_stale_sessions()
     users: dict[str, UnixUser] = {}
     try:
         for role in ROLES:
@@ -664,7 +671,7 @@ def hub_venv() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def hub_shared_dir() -> Iterator[Path]:
     """A directory of the session that every test user may read and enter."""
-    path = Path(tempfile.mkdtemp(prefix=USER_PREFIX))
+    path = Path(tempfile.mkdtemp(prefix=f"{USER_PREFIX}{os.getpid()}-"))
     path.chmod(0o755)
     try:
         yield path
