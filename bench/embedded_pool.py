@@ -9,11 +9,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from jupyter_singularity.broker.frontend import PoolFrontend
 from jupyter_singularity.broker.ledger import Ledger
 from jupyter_singularity.broker.model import Policy
+from jupyter_singularity.broker.quota_source import QuotaSource
 from jupyter_singularity.broker.quotas import Quotas
 from jupyter_singularity.broker.service import BrokerService
+from jupyter_singularity.broker.settings import OpenPool
 from jupyter_singularity.devices import open_inventory
+from jupyter_singularity.server.pool import EmbeddedPool
 from jupyter_singularity.server.provisioner import SingularityProvisioner
 
 
@@ -22,14 +26,17 @@ async def embedded_pool(devices: str = "simulated:1x16GiB") -> AsyncIterator[Bro
     """A running broker that kernels started with ``singularity-provisioner`` join."""
     with tempfile.TemporaryDirectory() as tmp:
         ledger = Ledger(f"sqlite:///{Path(tmp) / 'ledger.sqlite'}")
+        inventory, quotas = open_inventory(devices), QuotaSource(Quotas({}))
         service = BrokerService(
-            open_inventory(devices), ledger, Quotas({}), Policy(), log=logging.getLogger("bench")
+            inventory, ledger, quotas.quotas, Policy(), log=logging.getLogger("bench")
         )
-        await service.start()
-        SingularityProvisioner.broker = service
+        pool = EmbeddedPool(
+            OpenPool(inventory, ledger, quotas, service, PoolFrontend(service, quotas))
+        )
+        await pool.start()
+        SingularityProvisioner.pool = pool
         try:
             yield service
         finally:
-            SingularityProvisioner.broker = None
-            await service.stop()
-            ledger.close()
+            SingularityProvisioner.pool = None
+            await pool.stop()

@@ -124,9 +124,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     status_parser.add_argument("--url", help="server URL (default: every running server)")
     status_parser.add_argument("--token", help="token for --url when it is not a listed server")
     commands.add_parser("lab", help="start JupyterLab with the pool (simulated without a GPU)")
+    commands.add_parser(
+        "broker",
+        help="run the node broker that every user's server of this machine joins "
+        "(options: --SingularityBroker.<setting>=...; --help-all lists them)",
+        add_help=False,
+    )
     args, extra = parser.parse_known_args(argv)
     if args.command == "lab":
         return lab(args, extra)
+    if args.command == "broker":
+        from .broker.app import main as broker
+
+        broker(list(extra))
+        return 0
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return status(args)
