@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -40,6 +42,55 @@ Resolve = Callable[[PeerCredentials | None, str | None], Awaitable[Identity]]
 
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False, default=str).encode()
+
+
+def request_frames(op: str, args: dict, token: str | None = None) -> tuple[str, list[bytes]]:
+    """A request's id and frames (the client's side of the protocol)."""
+    request_id = uuid.uuid4().hex
+    header: dict[str, Any] = {"id": request_id, "op": op}
+    if token:
+        header["token"] = token
+    return request_id, [MAGIC, _dumps(header), _dumps(args)]
+
+
+def parse_frames(frames: list[bytes]) -> tuple[dict, Any] | None:
+    """A reply's or event's header and body, or None for anything else."""
+    if len(frames) != 3 or frames[0] != MAGIC:
+        return None
+    try:
+        header, body = json.loads(frames[1]), json.loads(frames[2])
+    except ValueError:
+        return None
+    return (header, body) if isinstance(header, dict) else None
+
+
+def result_of(body: Any) -> Any:
+    """A reply's result; PoolError with the broker's status and message for a refusal."""
+    if isinstance(body, dict) and "error" in body:
+        error = body["error"] if isinstance(body["error"], dict) else {"message": body["error"]}
+        raise PoolError(int(error.get("status", 500)), str(error.get("message", error)))
+    return body.get("result") if isinstance(body, dict) else None
+
+
+def ask(socket_path: str, op: str, args: dict | None = None, timeout: float = 10.0) -> Any:
+    """One request from a plain (not asyncio) program, such as the CLI."""
+    context = zmq.Context.instance()
+    dealer = context.socket(zmq.DEALER)
+    dealer.linger = 0
+    try:
+        dealer.connect(f"ipc://{socket_path}")
+        request_id, frames = request_frames(op, args or {}, os.environ.get("JUPYTERHUB_API_TOKEN"))
+        dealer.send_multipart(frames)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not dealer.poll(int(left * 1000)):
+                break
+            parsed = parse_frames(dealer.recv_multipart())
+            if parsed is not None and parsed[0].get("reply_to") == request_id:
+                return result_of(parsed[1])
+        raise PoolError(503, f"the broker at {socket_path} did not answer within {timeout:g} s")
+    finally:
+        dealer.close()
 
 
 class ControlServer:

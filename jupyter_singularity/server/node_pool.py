@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -25,7 +23,7 @@ from urllib.parse import urlparse
 import zmq
 import zmq.asyncio
 
-from ..broker.control import MAGIC
+from ..broker.control import parse_frames, request_frames, result_of
 from ..broker.frontend import PoolError
 from ..broker.identity import Identity, server_owner
 from ..broker.settings import ConfigError
@@ -162,16 +160,11 @@ class NodePool(Pool):
     async def _ask(self, op: str, args: dict, timeout: float = REQUEST_TIMEOUT) -> Any:
         if self._dealer is None:
             raise PoolError(503, "this server has not joined the node's GPU pool")
-        request_id = uuid.uuid4().hex
-        header: dict[str, Any] = {"id": request_id, "op": op}
-        if self.token:
-            header["token"] = self.token
+        request_id, frames = request_frames(op, args, self.token)
         future: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            await self._dealer.send_multipart(
-                [MAGIC, json.dumps(header).encode(), json.dumps(args, default=str).encode()]
-            )
+            await self._dealer.send_multipart(frames)
             done, _ = await asyncio.wait({future}, timeout=timeout)
         finally:
             self._pending.pop(request_id, None)
@@ -180,23 +173,15 @@ class NodePool(Pool):
                 503,
                 f"the node's GPU pool broker at {self.socket} did not answer within {timeout:g} s",
             )
-        reply = future.result()
-        if "error" in reply:
-            error = reply["error"]
-            raise PoolError(int(error.get("status", 500)), str(error.get("message", error)))
-        return reply.get("result")
+        return result_of(future.result())
 
     async def _receive_loop(self) -> None:
         assert self._dealer is not None
         while True:
-            frames = await self._dealer.recv_multipart()
-            try:
-                magic, header_raw, body_raw = frames
-                header, body = json.loads(header_raw), json.loads(body_raw)
-            except ValueError:
+            parsed = parse_frames(await self._dealer.recv_multipart())
+            if parsed is None:
                 continue
-            if magic != MAGIC:
-                continue
+            header, body = parsed
             if "event" in header:
                 self.emit(str(header["event"]), body)
                 continue
