@@ -229,6 +229,17 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
         key = key or generate_key()
         self._connections[kernel_id] = KernelConnection(key, owner_uid=owner.uid)
         self.ledger.kernel_joined(kernel_id)
+        if self.node and owner.uid is not None and self.spill_dirs is not None:
+            try:
+                self.spill_dirs.make_for(kernel_id, owner.uid)
+            except OSError as err:  # it then spills nowhere: its offloads keep state in memory
+                self.log.error(
+                    "jupyter-singularity: cannot make the spill folder of kernel %s for uid %d: "
+                    "%s",
+                    kernel_id,
+                    owner.uid,
+                    err,
+                )
         self._apply(
             self.core.register(
                 kernel_id, owner.user, self.clock(), groups=owner.groups, notebook=notebook
