@@ -15,15 +15,15 @@ import time
 
 from jupyter_singularity.broker.core import BrokerCore
 from jupyter_singularity.broker.model import KernelState
-from jupyter_singularity.devices import open_inventory
+from jupyter_singularity.devices.simulated import SimulatedInventory
 
 GiB = 1 << 30
 
 
 def run(kernels: int, devices: int, rounds: int, seed: int) -> dict:
     rng = random.Random(seed)
-    inventory = open_inventory(f"simulated:{devices}x80GiB")
-    core = BrokerCore(inventory.devices())
+    # Bookkeeping only: devices larger than this machine's memory are fine for the core.
+    core = BrokerCore(SimulatedInventory([80 * GiB] * devices).devices())
     now = 0.0
     ids = [f"k{i:04d}" for i in range(kernels)]
     for i, kernel_id in enumerate(ids):
@@ -68,7 +68,9 @@ def run(kernels: int, devices: int, rounds: int, seed: int) -> dict:
                     core.offloaded(action.kernel_id, now, host_bytes=victim.gpu_bytes)
     every = acquire_times + release_times
 
-    def pct(values: list[float], q: float) -> float:
+    def pct(values: list[float], q: float) -> float | None:
+        if len(values) < 2:
+            return None  # (none of the decisions was of this kind)
         return statistics.quantiles(values, n=1000)[int(q * 10) - 1] * 1e3
 
     return {
@@ -83,9 +85,7 @@ def run(kernels: int, devices: int, rounds: int, seed: int) -> dict:
         "all_p99_ms": pct(every, 99),
         "decisions_with_queue_deeper_than_devices": len(by_depth[True]),
         "p99_ms_queue_within_devices": pct(by_depth[False], 99),
-        "p99_ms_queue_deeper_than_devices": pct(by_depth[True], 99)
-        if len(by_depth[True]) > 1
-        else None,
+        "p99_ms_queue_deeper_than_devices": pct(by_depth[True], 99),
         "queue_length_end": len(core.queue()),
         "goal_p99_ms": 1.0,
     }

@@ -1,8 +1,11 @@
 """Lease round trip from a real kernel process: acquire + release, as a GPU cell would do them.
 
-Starts the broker service (simulated devices) and a real IPython kernel through jupyter_client with
-the pool's provisioner, then times, inside the kernel, N acquire+release pairs over the signed RPC
-channel. Goal (issue: foundation): p50 <= 1 ms. Run: ``python bench/lease_roundtrip.py``.
+Starts a pool (simulated devices) and a real IPython kernel through jupyter_client with the pool's
+provisioner, then times, inside the kernel, N acquire+release pairs over the signed RPC channel.
+Twice in one run: with the broker embedded in this process, and with the node broker (``jupyter
+singularity broker`` as its own process, joined the way a server joins it). Goals: p50 <= 1 ms
+(issue: foundation); through the node broker p50 <= 1 ms and <= 1.2x embedded (issue: node broker).
+Run: ``python bench/lease_roundtrip.py``.
 """
 
 from __future__ import annotations
@@ -10,8 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager as AsyncContextManager
+from typing import Any
 
-from embedded_pool import embedded_pool
+from embedded_pool import embedded_pool, node_pool
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 
@@ -31,8 +37,9 @@ print(json.dumps({{"p50_ms": cuts[49] * 1e3, "p99_ms": cuts[98] * 1e3, "n": len(
 """
 
 
-async def run(n: int) -> dict:
-    async with embedded_pool():
+async def run(n: int, pool: Callable[[], AsyncContextManager[Any]]) -> dict:
+    _OUTPUT.clear()
+    async with pool():
         KernelProvisionerFactory.instance().default_provisioner_name = "singularity-provisioner"
         manager = AsyncKernelManager(kernel_name="python3")
         await manager.start_kernel()
@@ -47,9 +54,7 @@ async def run(n: int) -> dict:
         finally:
             client.stop_channels()
             await manager.shutdown_kernel(now=True)
-    result = json.loads(_OUTPUT[-1])
-    result["goal_p50_ms"] = 1.0
-    return result
+    return json.loads(_OUTPUT[-1])
 
 
 _OUTPUT: list[str] = []
@@ -64,7 +69,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-n", type=int, default=2000, help="round trips")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.n)), indent=2))
+    embedded = asyncio.run(run(args.n, embedded_pool))
+    node = asyncio.run(run(args.n, node_pool))
+    ratio = node["p50_ms"] / embedded["p50_ms"]
+    print(
+        json.dumps(
+            {
+                "embedded": {**embedded, "goal_p50_ms": 1.0},
+                "node_broker": {**node, "goal_p50_ms": 1.0},
+                "node_over_embedded_p50": round(ratio, 3),
+                "goal_node_over_embedded_p50": 1.2,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """``jupyter singularity``: the pool from the command line.
 
-``status`` prints the pool of a running server; ``lab`` starts JupyterLab with the pool, on simulated
-devices sized from the machine's memory when it has no NVIDIA GPU (and says so).
+``status`` prints the pool: the node's, from its broker, where one serves this machine, else that of
+each running server; ``lab`` starts JupyterLab with the pool, on simulated devices sized from the
+machine's memory when it has no NVIDIA GPU (and says so); ``broker`` runs the node broker.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ def _running_servers() -> list[dict]:
     from jupyter_server.serverapp import list_running_servers
 
     return list(list_running_servers())
+
+
+def _node_socket() -> str | None:
+    """The node broker's socket at its usual place, if a broker serves this machine."""
+    from .broker.app import SingularityBroker
+
+    default = SingularityBroker.socket.default_value
+    return default if os.path.exists(default) else None
 
 
 def fetch_pool(server: dict, timeout: float = 10.0) -> dict:
@@ -67,7 +76,26 @@ def format_pool(pool: dict) -> str:
     return "\n".join(lines)
 
 
+def node_status(socket: str) -> int:
+    """The whole node's pool, from its broker (kernels of other users without notebook paths,
+    unless you are an admin)."""
+    from .broker.control import ask
+    from .broker.frontend import PoolError
+
+    try:
+        pool = ask(socket, "pool")
+    except PoolError as err:
+        print(f"{socket}: {err.message}", file=sys.stderr)
+        return 1
+    print(f"node broker at {socket}")
+    print(format_pool(pool))
+    return 0
+
+
 def status(args: argparse.Namespace) -> int:
+    socket = args.socket or (None if args.url else _node_socket())
+    if socket:
+        return node_status(socket)
     servers = _running_servers()
     if args.url:
         servers = [s for s in servers if s["url"].rstrip("/") == args.url.rstrip("/")] or [
@@ -123,10 +151,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     status_parser = commands.add_parser("status", help="print the pool of a running server")
     status_parser.add_argument("--url", help="server URL (default: every running server)")
     status_parser.add_argument("--token", help="token for --url when it is not a listed server")
+    status_parser.add_argument(
+        "--socket",
+        help="the node broker's socket (default: /run/jupyter-singularity/broker.sock when it "
+        "exists; else the running servers' pools)",
+    )
     commands.add_parser("lab", help="start JupyterLab with the pool (simulated without a GPU)")
+    commands.add_parser(
+        "broker",
+        help="run the node broker that every user's server of this machine joins "
+        "(options: --SingularityBroker.<setting>=...; --help-all lists them)",
+        add_help=False,
+    )
     args, extra = parser.parse_known_args(argv)
     if args.command == "lab":
         return lab(args, extra)
+    if args.command == "broker":
+        from .broker.app import main as broker
+
+        broker(list(extra))
+        return 0
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return status(args)

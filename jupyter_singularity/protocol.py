@@ -48,6 +48,9 @@ ENV_KERNEL_ID = "SINGULARITY_KERNEL_ID"
 ENV_KERNEL_KEY = "SINGULARITY_KERNEL_KEY"
 #: ... and whether its devices are simulated.
 ENV_SIMULATED = "SINGULARITY_SIMULATED"
+#: ... and whether its broker is the node's (a service that may restart while the kernel runs: then
+#: the kernel waits for it and joins it again, rather than giving up on it).
+ENV_NODE_BROKER = "SINGULARITY_NODE_BROKER"
 
 #: Who produced a message. Both directions are signed with the kernel's key, so the
 #: origin is part of the signed header: otherwise a captured broker->kernel message
@@ -75,6 +78,9 @@ class Message:
     origin: str = ORIGIN_KERNEL
     session: str = ""
     """The sender's session nonce: its sequence numbers count within it (see ReplayGuard)."""
+    peer: Any = None
+    """What the OS says of the sending process (broker.identity.PeerCredentials), where the
+    receiver's transport tells; never part of the message itself."""
 
 
 class ProtocolError(Exception):

@@ -1,5 +1,5 @@
-"""``jupyter server`` as a user runs it: a separate process on a free port, for the tests that
-restart or kill the server (shared by test_server_process.py and test_faults.py)."""
+"""``jupyter server`` and ``jupyter singularity broker`` as users and admins run them: separate
+processes, for the tests that restart or kill them, or join a server to the node's broker."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -114,3 +115,66 @@ async def run_in_kernel(
         return await run_cell(ws, code, timeout)
     finally:
         ws.close()
+
+
+@dataclass
+class NodeBroker:
+    socket: Path
+    process: subprocess.Popen
+    log: Path
+    metrics_port: int
+
+    @property
+    def url(self) -> str:
+        """What a server's SingularityApp.broker_url is set to."""
+        return f"unix://{self.socket}"
+
+
+@contextmanager
+def node_broker(
+    tmp_path: Path, *settings: str, devices: str = "simulated:1x256MiB", run_dir: Path | None = None
+) -> Iterator[NodeBroker]:
+    """``jupyter singularity broker`` as a system service runs it, on ``devices``; its sockets in
+    ``run_dir`` (a short path: Unix socket paths are limited to about 100 bytes)."""
+    run_dir = run_dir or Path(tempfile.mkdtemp(prefix="sgb-"))
+    socket_path = run_dir / "broker.sock"
+    port = free_port()
+    log_path = tmp_path / f"broker-{port}.log"
+    log = log_path.open("w")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jupyter_singularity.cli",
+            "broker",
+            f"--socket={socket_path}",
+            f"--devices={devices}",
+            f"--SingularityBroker.spill_dir={tmp_path / 'broker-spill'}",
+            f"--SingularityBroker.db_url=sqlite:///{tmp_path / 'broker-ledger.sqlite'}",
+            f"--SingularityBroker.metrics_address=127.0.0.1:{port}",
+            *settings,
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "jupyter-singularity broker:" not in log_path.read_text():
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("the broker did not start:\n" + log_path.read_text())
+            time.sleep(0.1)
+        yield NodeBroker(socket_path, process, log_path, port)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        log.close()

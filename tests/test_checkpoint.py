@@ -40,6 +40,7 @@ from jupyter_singularity.broker.checkpoint import (
     gpu_uuid_to_cuuuid,
     restore_args_layout,
 )
+from jupyter_singularity.broker.identity import server_owner
 from jupyter_singularity.broker.ledger import Ledger
 from jupyter_singularity.broker.model import Policy
 from jupyter_singularity.broker.quotas import Quotas
@@ -822,7 +823,7 @@ async def test_service_checkpoints_the_context_after_the_tensors_and_restores_it
         return {"host_bytes": 8 * GiB, "disk_bytes": 4 * GiB}
 
     def kernel(kernel_id: str) -> BrokerClient:
-        env = service.register_kernel(kernel_id).env
+        env = service.register_kernel(kernel_id, server_owner()).env
         client = BrokerClient(env[ENV_BROKER_URL], kernel_id, env[ENV_KERNEL_KEY].encode())
         # The kernel's tensor tier: 12 GiB to host memory, its CUDA context (600 MiB) stays.
         client.on("offload", lambda body: {"host_bytes": 12 * GiB, "gpu_bytes": 600 << 20})

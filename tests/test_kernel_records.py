@@ -66,7 +66,7 @@ async def test_pin_and_unpin_through_rest_emit_an_event_and_show_in_the_record(
     kernel, get_json, singularity_app, heard
 ):
     pins = heard(PIN_SCHEMA)
-    owner = singularity_app.service.owner
+    owner = singularity_app.pool.owner.user
     url = ("singularity", "api", "kernels", kernel, "pin")
 
     record = await get_json(*url, method="POST", body=json.dumps({"pinned": True}))
@@ -134,7 +134,7 @@ async def test_pin_from_the_notebook_emits_an_event_and_shows_in_the_log(
     kernel, run, get_json, singularity_app, heard
 ):
     pins = heard(PIN_SCHEMA)
-    owner = singularity_app.service.owner
+    owner = singularity_app.pool.owner.user
     status, out, _ = await run(kernel, "%singularity pin")
     assert status == "ok" and "kernel pinned" in out, out
     await _until(lambda: pins)

@@ -11,15 +11,15 @@ import ctypes
 import errno
 import gc
 import os
-import resource
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
+
+from test_spill import no_new_file_descriptors  # noqa: E402
 
 from jupyter_singularity.kernel import offload  # noqa: E402
 from jupyter_singularity.kernel.lost import LostTensorError, is_lost  # noqa: E402
@@ -527,19 +527,6 @@ def flip_byte(path: Path, at: int = 1000) -> None:
         byte = file.read(1)
         file.seek(at)
         file.write(bytes([byte[0] ^ 0xFF]))
-
-
-@contextmanager
-def no_new_file_descriptors() -> Iterator[None]:
-    """Every open() of this process fails with EMFILE meanwhile: a real failure that passes."""
-    probe = os.open(os.devnull, os.O_RDONLY)
-    os.close(probe)  # the lowest free descriptor: the limit makes it unusable
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def storage_key(tensor: torch.Tensor) -> int:

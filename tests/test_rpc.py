@@ -31,6 +31,7 @@ from zmq.utils.monitor import parse_monitor_message
 from jupyter_singularity import protocol
 from jupyter_singularity.broker import rpc
 from jupyter_singularity.broker.checkpoint import DriverCapability, DriverCheckpointer
+from jupyter_singularity.broker.identity import server_owner
 from jupyter_singularity.broker.ledger import Ledger
 from jupyter_singularity.broker.model import Policy
 from jupyter_singularity.broker.quotas import Quotas
@@ -882,7 +883,7 @@ def pooled(service: BrokerService) -> Iterator[Callable[[str], Awaitable[BrokerC
     made: list[BrokerClient] = []
 
     async def make(kernel_id: str) -> BrokerClient:
-        env = service.register_kernel(kernel_id).env
+        env = service.register_kernel(kernel_id, server_owner()).env
         client = BrokerClient(env[ENV_BROKER_URL], kernel_id, env[ENV_KERNEL_KEY].encode())
         client.start()
         made.append(client)

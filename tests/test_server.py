@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -20,10 +21,11 @@ from jupyter_server.auth import Authorizer, IdentityProvider, User
 from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import HTTPClientError
 
+from jupyter_singularity.broker import quota_file
 from jupyter_singularity.broker.quotas import Quotas
+from jupyter_singularity.broker.settings import inventory_line
 from jupyter_singularity.devices import default_simulated_spec, usable_memory
 from jupyter_singularity.devices.nvml import NvmlInventory
-from jupyter_singularity.server import quota_file
 from jupyter_singularity.server.app import PROVISIONER_NAME, ConfigError, SingularityApp
 from jupyter_singularity.server.events import KERNEL_STATE_SCHEMA
 from jupyter_singularity.server.handlers import default_handlers
@@ -79,7 +81,7 @@ def strict_json(body: bytes) -> Any:
 
 def fake_kernel(app, kernel_id: str = "fake-kernel") -> str:
     """A kernel registered in the pool without a process (what the provisioner does first)."""
-    app.service.register_kernel(kernel_id)
+    app.service.register_kernel(kernel_id, app.pool.owner)
     return kernel_id
 
 
@@ -98,15 +100,11 @@ async def test_pool_shows_two_simulated_devices(get_pool):
 
 
 async def test_inventory_line(singularity_app):
-    assert singularity_app._inventory_line() == (
+    option = "jupyter lab --SingularityApp.devices"
+    assert inventory_line(singularity_app.pool.opened.inventory, option) == (
         "jupyter-singularity: using 2 simulated devices (16.0 GiB each); no real GPU is used"
     )
-    real = singularity_app.inventory
-    singularity_app.inventory = NvmlInventory([], {}, reason="no NVIDIA driver found")
-    try:
-        line = singularity_app._inventory_line()
-    finally:
-        singularity_app.inventory = real
+    line = inventory_line(NvmlInventory([], {}, reason="no NVIDIA driver found"), option)
     spec, _ = default_simulated_spec(usable_memory())
     assert line == (
         "jupyter-singularity: no NVIDIA GPU found (no NVIDIA driver found); the pool is empty. "
@@ -139,7 +137,7 @@ async def test_me_says_who_asks_and_that_the_default_authorizer_makes_an_admin(
 ):
     me = await get_json("singularity", "api", "me")
     # A token-only server knows no user names: who asks is its owner.
-    owner = singularity_app.service.owner
+    owner = singularity_app.pool.owner.user
     assert me == {"user": owner, "username": owner, "admin": True}
     # "Mine" in the client: the kernels whose record carries this user.
     kernel_id = fake_kernel(singularity_app)
@@ -198,7 +196,7 @@ async def test_kernel_record_and_actions(jp_fetch, get_json, singularity_app):
     kernel_id = fake_kernel(singularity_app)
     record = await get_json("singularity", "api", "kernels", kernel_id)
     assert record["state"] == "cold"
-    assert record["user"] == singularity_app.service.owner
+    assert record["user"] == singularity_app.pool.owner.user
     assert record["events"][0]["new_state"] == "cold"
 
     pinned = await get_json(
@@ -230,7 +228,7 @@ async def test_kernel_record_and_actions(jp_fetch, get_json, singularity_app):
 
 async def test_my_quota(get_json, singularity_app):
     quota = await get_json("singularity", "api", "quota")
-    assert quota["user"] == singularity_app.service.owner
+    assert quota["user"] == singularity_app.pool.owner.user
     assert quota["limits"]["gpu_memory"] is None
     assert quota["usage"]["gpu_seconds_today"] == 0
 
@@ -371,7 +369,9 @@ class TestWithoutAdminPermission:
             method="POST",
             body='{"pinned": true}',
         )
-        singularity_app.service.owner = "someone-else"
+        singularity_app.pool.owner = dataclasses.replace(
+            singularity_app.pool.owner, user="someone-else"
+        )
         code, body = await fetch_error(
             jp_fetch,
             "singularity",
@@ -387,7 +387,7 @@ class TestWithoutAdminPermission:
         assert (await get_json("singularity", "api", "kernels", kernel_id))["pinned"] is True
 
     async def test_reads_own_usage_only(self, jp_fetch, get_json, singularity_app):
-        owner = singularity_app.service.owner
+        owner = singularity_app.pool.owner.user
         await get_json("singularity", "api", "usage", params={"user": owner})
         await get_json("singularity", "api", "usage")
         code, _ = await fetch_error(
@@ -405,7 +405,7 @@ class TestMeWithoutAdminPermission:
 
     async def test_me_is_not_an_admin(self, get_json, singularity_app):
         me = await get_json("singularity", "api", "me")
-        assert me == {"user": singularity_app.service.owner, "username": "grace", "admin": False}
+        assert me == {"user": singularity_app.pool.owner.user, "username": "grace", "admin": False}
 
 
 # -------------------------------------------------------------------------------- quota file
@@ -604,7 +604,8 @@ async def _matches(fetch, predicate):
         ({"host_memory_limit": "1023KiB"}, "SingularityApp.host_memory_limit = '1023KiB': at"),
         (
             {"broker_url": "tcp://node:5555"},
-            "a standalone broker is not available yet; leave broker_url empty",
+            "SingularityApp.broker_url = 'tcp://node:5555': use the node broker's socket as "
+            "unix:///path/to/broker.sock",
         ),
     ],
 )

@@ -337,15 +337,16 @@ class BrokerCore(HostBudget, Placement):
         self._schedule(now)
         return self._drain()
 
-    def notebook_moved(self, old: str, new: str) -> list[str]:
-        """The file or folder ``old`` was renamed or moved to ``new``: kernels whose notebook is that
-        file, or lies under that folder, show the new path. Returns their ids (nothing else changes,
-        so there are no actions)."""
+    def notebook_moved(self, old: str, new: str, user: str | None = None) -> list[str]:
+        """The file or folder ``old`` was renamed or moved to ``new``: kernels (``user``'s, if
+        given) whose notebook is that file, or lies under that folder, show the new path. Returns
+        their ids (nothing else changes, so there are no actions)."""
         if not old or old == new:
             return []
         folder = old.rstrip("/") + "/"
         moved = []
-        for kernel in self.kernels.values():
+        kernels = self.kernels.values() if user is None else self._by_user.get(user, {}).values()
+        for kernel in kernels:
             if kernel.notebook == old:
                 kernel.notebook = new
             elif kernel.notebook.startswith(folder):

@@ -44,6 +44,10 @@ class KernelConnection:
     driver tier's doing, and the cells waiting for an answer."""
 
     key: bytes
+    owner_uid: int | None = None
+    """The uid of the kernel's owner (None: not known, or not a local user)."""
+    peer_pid: int | None = None
+    """The pid of the process that sent the kernel's last message, as the OS says it."""
     pid: int | None = None
     missed_pings: int = 0
     checkpointed_uuid: str | None = None
@@ -75,8 +79,7 @@ class KernelRequests:
     core: BrokerCore
     inventory: DeviceInventory
     log: logging.Logger
-    owner: str
-    owner_groups: tuple[str, ...]
+    verify_peers: bool
     _connections: dict[str, KernelConnection]
     _apply: Callable[[list[Action]], None]
     kernel: Callable[[str], dict]
@@ -99,6 +102,19 @@ class KernelRequests:
         connection = self._connections.get(kernel_id)
         if connection is None or kernel_id not in self.core.kernels:
             return {"error": "this kernel is not registered with the pool"}
+        peer = msg.peer
+        if self.verify_peers and (peer is None or peer.uid != connection.owner_uid):
+            # The key was right, the process is not its owner's: refuse, and say nothing more.
+            self.log.warning(
+                "jupyter-singularity: refused %s for kernel %s from a process of uid %s (its "
+                "owner's uid is %s)",
+                msg.type,
+                kernel_id,
+                None if peer is None else peer.uid,
+                connection.owner_uid,
+            )
+            return {"error": "refused: this process may not speak for this kernel"}
+        connection.peer_pid = None if peer is None or peer.pid <= 0 else peer.pid
         self._heard_from(kernel_id, connection)
         handler = getattr(self, f"_on_{msg.type}", None)
         if handler is None:
@@ -122,7 +138,11 @@ class KernelRequests:
         self, kernel_id: str, connection: KernelConnection, body: dict, now: float
     ) -> dict:
         pid = count_field(body, "pid", MAX_PID, minimum=1)
-        if connection.pid is None:
+        if connection.peer_pid is not None:
+            # The OS says which process speaks: the kernel itself, also where the provisioner
+            # started a wrapper (a shell, conda run) whose pid it saw.
+            connection.pid = connection.peer_pid
+        elif connection.pid is None:
             connection.pid = pid
         return {"kernel": self.kernel(kernel_id), "simulated": self.inventory.simulated}
 
@@ -135,9 +155,10 @@ class KernelRequests:
     def _on_status(
         self, kernel_id: str, connection: KernelConnection, body: dict, now: float
     ) -> dict:
+        kernel = self.core.kernels[kernel_id]
         return {
             "kernel": self.kernel(kernel_id),
-            "quota": self.quota(self.owner, self.owner_groups),
+            "quota": self.quota(kernel.user, kernel.groups),
             "queue": self.pool()["queue"],
         }
 

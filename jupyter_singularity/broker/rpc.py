@@ -39,6 +39,7 @@ from ..protocol import (
     encode,
     error_text,
 )
+from .identity import PeerCredentials, peer_credentials
 
 Handler = Callable[[Message], dict | Awaitable[dict | None] | None]
 """Answers a kernel's message: at once (a dict, or None for a notification), or with an
@@ -54,6 +55,14 @@ SOCKET_NAME = "broker.sock"
 MAX_SOCKET_PATH = 103
 _DIR_PREFIX = "singularity-"
 _DIR_SUFFIX_CHARS = 8  # what tempfile.mkdtemp adds to the prefix
+
+
+def _peer_of(frame: zmq.Frame) -> PeerCredentials | None:
+    """The sending process as the OS reports it (ipc transport only)."""
+    try:
+        return peer_credentials(frame.get("Peer-Address"))
+    except zmq.ZMQError:
+        return None
 
 
 def ipc_supported() -> bool:
@@ -126,6 +135,21 @@ class RPCServer:
             address = f"ipc://{self.socket_dir / SOCKET_NAME}"
         else:
             address = "tcp://127.0.0.1:*"
+        try:
+            return self._bind(address)
+        except zmq.ZMQError:
+            self._remove_socket_dir()
+            raise
+
+    async def start_shared(self, path: Path) -> str:
+        """Bind on ``path``, a socket every user's kernels reach (a node broker's): who sends is
+        then told by the OS with each message (``Message.peer``), and checked by the service."""
+        if self._socket is not None:
+            raise RuntimeError("RPCServer already started")
+        path.unlink(missing_ok=True)  # left by a broker that was killed
+        return self._bind(f"ipc://{path}")
+
+    def _bind(self, address: str) -> str:
         socket = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
         socket.linger = 0
         # Sending to a vanished peer raises (handled in _send) instead of vanishing silently.
@@ -136,7 +160,6 @@ class RPCServer:
             socket.bind(address)
         except zmq.ZMQError:
             socket.close()
-            self._remove_socket_dir()
             raise
         self._socket = socket
         self._receiver = asyncio.create_task(self._receive_loop(), name="singularity-rpc-recv")
@@ -213,18 +236,21 @@ class RPCServer:
         socket = self._socket
         assert socket is not None
         while True:
-            identity, *frames = await socket.recv_multipart()
-            self._receive(identity, frames)
+            identity, *frames = await socket.recv_multipart(copy=False)
+            self._receive(identity.bytes, [frame.bytes for frame in frames], _peer_of(identity))
             if socket.get(zmq.EVENTS) & zmq.POLLIN:
                 # A queued message would be returned without a pass through the event loop: let
                 # the server's other work (REST requests) in first, or a flood would starve it.
                 await asyncio.sleep(0)
 
-    def _receive(self, identity: bytes, frames: list[bytes]) -> None:
+    def _receive(
+        self, identity: bytes, frames: list[bytes], peer: PeerCredentials | None = None
+    ) -> None:
         msg = None
         try:
             msg = decode(frames, self._key_for)
             self._guard.check(msg)
+            msg.peer = peer
         except ProtocolError as exc:
             self._dropped(exc)
             if isinstance(exc, SessionError) and msg is not None:

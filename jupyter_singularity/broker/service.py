@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import getpass
-import grp
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -27,11 +24,13 @@ from ..protocol import (
     ENV_BROKER_URL,
     ENV_KERNEL_ID,
     ENV_KERNEL_KEY,
+    ENV_NODE_BROKER,
     ENV_SIMULATED,
     generate_key,
 )
 from .checkpoint import DriverCapability, DriverCheckpointer, detect
 from .core import BrokerCore
+from .identity import Identity
 from .kernel_requests import KernelConnection, KernelRequests
 from .ledger import GONE, Ledger, LedgerError, day_start
 from .model import (
@@ -74,16 +73,6 @@ SWEEP_INTERVAL = 600.0
 #: Ledger writes are buffered and flushed this many seconds after the first one, off the
 #: path of the cell that caused them.
 LEDGER_FLUSH_DELAY = 0.05
-
-
-def server_owner() -> tuple[str, tuple[str, ...]]:
-    """Who the kernels of this server belong to: the JupyterHub user, else the OS user."""
-    user = os.environ.get("JUPYTERHUB_USER") or getpass.getuser()
-    try:
-        groups = tuple(sorted({grp.getgrgid(g).gr_name for g in os.getgroups()}))
-    except (KeyError, OSError):
-        groups = ()
-    return user, groups
 
 
 @dataclass
@@ -129,7 +118,11 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
         self.offload_timeout = offload_timeout
         self.lease_stall_timeout = lease_stall_timeout
         self.spill_dirs = None if spill_dir is None else SpillDirs(spill_dir)
-        self.owner, self.owner_groups = server_owner()
+        self.node = False
+        """Whether this is a node broker (a system service every user's server joins)."""
+        self.verify_peers = False
+        """Whether the kernel channel's peers must be their kernel's owner (the OS says who they
+        are): a node broker serving many users sets it; a server's own pool needs not."""
         now = clock()
         closed = ledger.attach(at=now, me=this_process(), alive=broker_alive)
         if closed["leases"] or closed["kernels"]:
@@ -172,10 +165,14 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
 
     # -------------------------------------------------------------------------------- lifecycle
 
-    async def start(self) -> None:
+    async def start(self, socket: Path | None = None) -> None:
+        """Start serving kernels: on ``socket`` (a node broker's, shared by every user's kernels),
+        else on a Unix socket in a private directory under Jupyter's runtime dir."""
         await self._sweep_spill_dirs()
-        # The kernels' channel: a Unix socket in a private directory under Jupyter's runtime dir.
-        self.endpoint = await self._rpc.start(Path(jupyter_runtime_dir()))
+        if socket is None:
+            self.endpoint = await self._rpc.start(Path(jupyter_runtime_dir()))
+        else:
+            self.endpoint = await self._rpc.start_shared(socket)
         self._loop_task = asyncio.create_task(self._tick_loop())
         self.log.debug("jupyter-singularity broker listening on %s", self.endpoint)
 
@@ -214,19 +211,38 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
 
     # ----------------------------------------------------------------- kernels (provisioner side)
 
-    def register_kernel(self, kernel_id: str, notebook: str = "") -> KernelLaunch:
-        """Admit a kernel about to be launched; its environment carries the channel and key.
+    def register_kernel(
+        self, kernel_id: str, owner: Identity, notebook: str = "", key: bytes | None = None
+    ) -> KernelLaunch:
+        """Admit ``owner``'s kernel about to be launched; its environment carries the channel and
+        key. Where the broker checks peers (a node broker in unix mode), only processes of the
+        owner's uid may then speak for the kernel.
+
+        ``key``: the kernel's signing key where its server chose it (a node broker's servers do,
+        so that a kernel started while the broker was away, or before it restarted, can join it
+        later); else a fresh one.
 
         Raises KernelIdError for an id that could name a path outside its spill directory."""
         check_kernel_id(kernel_id)
         if kernel_id in self._connections:
             self.unregister_kernel(kernel_id, "restarted")
-        key = generate_key()
-        self._connections[kernel_id] = KernelConnection(key)
+        key = key or generate_key()
+        self._connections[kernel_id] = KernelConnection(key, owner_uid=owner.uid)
         self.ledger.kernel_joined(kernel_id)
+        if self.node and owner.uid is not None and self.spill_dirs is not None:
+            try:
+                self.spill_dirs.make_for(kernel_id, owner.uid)
+            except OSError as err:  # it then spills nowhere: its offloads keep state in memory
+                self.log.error(
+                    "jupyter-singularity: cannot make the spill folder of kernel %s for uid %d: "
+                    "%s",
+                    kernel_id,
+                    owner.uid,
+                    err,
+                )
         self._apply(
             self.core.register(
-                kernel_id, self.owner, self.clock(), groups=self.owner_groups, notebook=notebook
+                kernel_id, owner.user, self.clock(), groups=owner.groups, notebook=notebook
             )
         )
         home_index = self.core.kernels[kernel_id].home
@@ -243,6 +259,8 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
             env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
         if self.inventory.simulated:
             env[ENV_SIMULATED] = "1"
+        if self.node:
+            env[ENV_NODE_BROKER] = "1"
         return KernelLaunch(kernel_id, home, env)
 
     def _spill_dir_of(self, kernel_id: str) -> Path | None:
@@ -359,12 +377,12 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
         self._apply(self.core.set_pinned(kernel_id, pinned, now))
         return self.kernel(kernel_id)
 
-    def notebook_renamed(self, old: str, new: str) -> list[str]:
+    def notebook_renamed(self, old: str, new: str, user: str | None = None) -> list[str]:
         """A notebook, or a folder of notebooks, was renamed or moved from ``old`` to ``new`` (paths
-        in the form the kernels' notebooks were recorded in): their kernels show the new path.
-        Returns the ids of the kernels whose notebook moved. The ledger keeps no notebook paths, so
-        only the pool's view changes."""
-        moved = self.core.notebook_moved(old, new)
+        in the form the kernels' notebooks were recorded in): their kernels (``user``'s only, if
+        given) show the new path. Returns the ids of the kernels whose notebook moved. The ledger
+        keeps no notebook paths, so only the pool's view changes."""
+        moved = self.core.notebook_moved(old, new, user)
         for kernel_id in moved:
             self.log.info(
                 "jupyter-singularity: kernel %s now belongs to %s",

@@ -55,6 +55,16 @@ class SpillDirs:
             raise KernelIdError(f"spill directory of kernel {kernel_id!r} leaves {self.root}")
         return path
 
+    def make_for(self, kernel_id: str, uid: int) -> Path:
+        """A fresh spill folder of ``kernel_id``, owned by ``uid`` (mode 0700): a node broker's
+        root is shared by every user's kernels, each writes only in its own folder."""
+        self.remove(kernel_id)
+        path = self.of(kernel_id)
+        path.mkdir(mode=0o700)
+        if os.stat(path).st_uid != uid:
+            os.chown(path, uid, -1)
+        return path
+
     def remove(self, kernel_id: str) -> None:
         """Delete a kernel's spill directory (if any) and its files; raises OSError."""
         path = self.of(kernel_id)

@@ -1,10 +1,11 @@
-"""REST handlers of the pool: thin translations between HTTP and the broker service.
+"""REST handlers of the pool: thin translations between HTTP and the pool (see .pool).
 
 Every method is authenticated and authorized on the resource ``singularity`` (read for GET, write
-for POST and PUT). Actions an admin must do, namely changing quotas, acting on another user's kernel
-and reading another user's usage, additionally need ``write`` on ``singularity-admin``; the default
-authorizer of a single-user server allows it, a custom authorizer (JupyterHub's, for example)
-decides.
+for POST and PUT). The pool decides the rest. Actions an admin must do, namely changing quotas,
+acting on another user's kernel and reading another user's usage, need an admin: with the pool
+inside this server, one with ``write`` on ``singularity-admin`` (the default authorizer of a
+single-user server allows it, a custom authorizer, JupyterHub's for example, decides); with a node
+broker, one the broker's configuration names.
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
+from ..broker import metrics
+from ..broker.frontend import PoolError
 from ..broker.ledger import day_start
-from ..broker.model import BrokerError
-from ..broker.quotas import QuotaError
-from . import metrics
+from .pool import Pool, Requester
 
 if TYPE_CHECKING:
-    from ..broker.service import BrokerService
     from .app import SingularityApp
 
 AUTH_RESOURCE = "singularity"
@@ -55,8 +55,8 @@ class SingularityHandler(APIHandler):
         return self.settings[SETTINGS_KEY]
 
     @property
-    def service(self) -> BrokerService:
-        return self.extension.service
+    def pool(self) -> Pool:
+        return self.extension.pool
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc_info = kwargs.get("exc_info")
@@ -86,18 +86,16 @@ class SingularityHandler(APIHandler):
         if not username or (
             _ANONYMOUS_ID.fullmatch(username) and getattr(user, "name", "").startswith("Anonymous ")
         ):
-            return self.service.owner
+            return self.pool.owner.user
         return username
 
-    async def require_admin(self, what: str) -> None:
-        if not await self.is_admin():
-            self.fail(403, f"only an admin may {what} (permission 'write' on '{ADMIN_RESOURCE}')")
-
-    def kernel_record(self, kernel_id: str) -> dict:
+    async def pool_call(self, op: str, **args: Any) -> Any:
+        """Ask the pool; a refusal becomes this request's JSON error with the pool's status."""
+        requester = Requester(admin=await self.is_admin(), actor=self.actor())
         try:
-            return self.service.kernel(kernel_id)
-        except KeyError:
-            self.fail(404, f"no kernel {kernel_id} in the GPU pool")
+            return await self.pool.call(op, requester, **args)
+        except PoolError as err:
+            self.fail(err.status, err.message)
 
     def get_json_body(self) -> Any:
         """The request's JSON body (None when empty); 400 with the reason for a body that is not
@@ -125,9 +123,9 @@ def _not_json(constant: str) -> Any:
 class PoolHandler(SingularityHandler):
     @web.authenticated
     @authorized
-    def get(self) -> None:
+    async def get(self) -> None:
         """Devices, kernels, queue and where the devices come from."""
-        self.write_json(self.service.pool())
+        self.write_json(await self.pool_call("pool"))
 
 
 class MeHandler(SingularityHandler):
@@ -139,24 +137,19 @@ class MeHandler(SingularityHandler):
         ``user`` is the name the pool's kernel records and quota carry for this server's kernels
         (the server's owner), the one actions are checked against; ``username`` names who asks as
         the pool's records do (:meth:`actor`: the signed-in user under JupyterHub, else the owner);
-        ``admin`` says whether the request's identity has ``write`` on ``singularity-admin``, so
-        the client offers admin actions only to an admin.
+        ``admin`` says whether the pool counts the request as an admin's, so the client offers
+        admin actions only to an admin.
         """
-        self.write_json(
-            {
-                "user": self.service.owner,
-                "username": self.actor(),
-                "admin": await self.is_admin(),
-            }
-        )
+        me = await self.pool_call("me")
+        self.write_json({"user": me["user"], "username": self.actor(), "admin": me["admin"]})
 
 
 class KernelHandler(SingularityHandler):
     @web.authenticated
     @authorized
-    def get(self, kernel_id: str) -> None:
+    async def get(self, kernel_id: str) -> None:
         """One kernel's record with its recent state changes."""
-        self.write_json(self.kernel_record(kernel_id))
+        self.write_json(await self.pool_call("kernel", kernel_id=kernel_id))
 
 
 class KernelActionHandler(SingularityHandler):
@@ -165,68 +158,44 @@ class KernelActionHandler(SingularityHandler):
     @web.authenticated
     @authorized
     async def post(self, kernel_id: str, action: str) -> None:
-        record = self.kernel_record(kernel_id)
-        if record.get("user") != self.service.owner:
-            await self.require_admin(f"{action} another user's kernel")
-        try:
-            if action == "offload":
-                result = self.service.offload(kernel_id)
-            elif action == "restore":
-                result = self.service.restore(kernel_id)
-            else:
-                body = self.get_json_body()
-                if not isinstance(body, dict) or not isinstance(body.get("pinned"), bool):
-                    self.fail(400, 'the body must be {"pinned": true} or {"pinned": false}')
-                result = self.service.pin(kernel_id, body["pinned"], by=self.actor())
-        except KeyError:
-            self.fail(404, f"no kernel {kernel_id} in the GPU pool")
-        except BrokerError as err:
-            self.fail(409, str(err))
-        self.write_json(result)
+        pinned = None
+        if action == "pin":
+            body = self.get_json_body()
+            pinned = body.get("pinned") if isinstance(body, dict) else None
+            if not isinstance(pinned, bool):
+                self.fail(400, 'the body must be {"pinned": true} or {"pinned": false}')
+        self.write_json(
+            await self.pool_call("act", kernel_id=kernel_id, action=action, pinned=pinned)
+        )
 
 
 class QuotaHandler(SingularityHandler):
     @web.authenticated
     @authorized
-    def get(self) -> None:
+    async def get(self) -> None:
         """The server owner's limits and usage."""
-        self.write_json(self.service.quota(self.service.owner, self.service.owner_groups))
+        self.write_json(await self.pool_call("quota"))
 
 
 class QuotasHandler(SingularityHandler):
-    def model(self) -> dict:
-        return {
-            "quotas": self.service.quotas().to_dict(),
-            "source": self.extension.quota_source,
-            "error": self.extension.quota_error,
-        }
-
     @web.authenticated
     @authorized
     async def get(self) -> None:
         """The quota configuration in force, where it comes from, and the quota file's error
         (admin: it names every user's limits; anyone reads their own at ``/quota``)."""
-        await self.require_admin("read every user's quotas")
-        self.write_json(self.model())
+        self.write_json(await self.pool_call("quotas"))
 
     @web.authenticated
     @authorized
     async def put(self) -> None:
         """Replace the quotas (admin): written to the quota file if one is configured."""
-        await self.require_admin("change quotas")
         body = self.get_json_body()
         if not isinstance(body, dict):
             self.fail(
                 400,
                 "the body must be a JSON object of quotas keyed 'default', 'user:NAME' or 'group:NAME'",
             )
-        try:
-            await self.extension.replace_quotas(body)
-        except QuotaError as err:
-            self.fail(400, str(err))
-        except OSError as err:
-            self.fail(500, f"cannot write the quota file: {err}")
-        self.write_json(self.model())
+        self.write_json(await self.pool_call("set_quotas", config=body))
 
 
 class UsageHandler(SingularityHandler):
@@ -255,24 +224,15 @@ class UsageHandler(SingularityHandler):
         if since > until:
             self.fail(400, f"since ({since}) is after until ({until})")
         user = self.get_query_argument("user", None) or None
-        if user is None:
-            if not await self.is_admin():
-                user = self.service.owner
-        elif user != self.service.owner:
-            await self.require_admin("read another user's usage")
-        self.write_json(self.service.usage(since, until, user))
+        self.write_json(await self.pool_call("usage", since=since, until=until, user=user))
 
 
 class MetricsHandler(SingularityHandler):
     @web.authenticated
     @authorized
-    def get(self) -> None:
+    async def get(self) -> None:
         """Prometheus text exposition of the pool."""
-        pool = self.service.pool()
-        now = pool.get("time") or time.time()
-        users = self.service.usage(day_start(now), now)["users"]
-        body = metrics.render(pool, {u["user"]: u["gpu_seconds"] for u in users})
-        self.finish(body, set_content_type=metrics.CONTENT_TYPE)
+        self.finish(await self.pool_call("metrics"), set_content_type=metrics.CONTENT_TYPE)
 
 
 _KERNEL = r"(?P<kernel_id>[^/]+)"

@@ -13,8 +13,9 @@ from typing import Any, ClassVar
 from jupyter_client.provisioning import LocalProvisioner
 from tornado import web
 
-from ..broker.service import BrokerService
+from ..broker.frontend import PoolError
 from ..broker.spill_dirs import KernelIdError, check_kernel_id
+from .pool import Pool
 
 RUNTIME_EXTENSION = "jupyter_singularity.kernel"
 
@@ -26,8 +27,8 @@ def _is_ipykernel(cmd: list[str]) -> bool:
 class SingularityProvisioner(LocalProvisioner):
     """Starts local kernels inside the GPU pool of this server."""
 
-    broker: ClassVar[BrokerService | None] = None
-    """The pool of this server, set by the extension when it starts (the embedded broker)."""
+    pool: ClassVar[Pool | None] = None
+    """The pool this server's kernels join, set by the extension when it starts."""
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         try:
@@ -38,8 +39,8 @@ class SingularityProvisioner(LocalProvisioner):
             # Raised through the kernel manager to POST /api/kernels, which answers it as is.
             raise web.HTTPError(400, str(err)) from None
         kwargs = await super().pre_launch(**kwargs)
-        broker = type(self).broker
-        if broker is None:
+        pool = type(self).pool
+        if pool is None:
             self.log.warning(
                 "jupyter-singularity: kernel %s starts outside the GPU pool: the server "
                 "extension is not running",
@@ -47,8 +48,15 @@ class SingularityProvisioner(LocalProvisioner):
             )
             return kwargs
         env = kwargs["env"]
-        launch = broker.register_kernel(self.kernel_id, notebook=env.get("JPY_SESSION_NAME", ""))
-        env.update(launch.env)
+        try:
+            launch = await pool.call(
+                "register_kernel",
+                kernel_id=self.kernel_id,
+                notebook=env.get("JPY_SESSION_NAME", ""),
+            )
+        except PoolError as err:
+            raise web.HTTPError(err.status, err.message) from None
+        env.update(launch["env"])
         cmd = list(kwargs["cmd"])
         if _is_ipykernel(cmd):
             cmd.append(f"--IPKernelApp.extra_extensions={RUNTIME_EXTENSION}")
@@ -57,15 +65,13 @@ class SingularityProvisioner(LocalProvisioner):
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any):  # type: ignore[override]
         info = await super().launch_kernel(cmd, **kwargs)
-        if type(self).broker is not None:
-            type(self).broker.kernel_started(self.kernel_id, self.pid)
+        await self._tell("kernel_started", pid=self.pid)
         return info
 
     async def shutdown_requested(self, restart: bool = False) -> None:
         await super().shutdown_requested(restart=restart)
-        broker = type(self).broker
         reason = "restarted" if restart else "shut down"
-        if broker is not None and broker.kernel_stopping(self.kernel_id, reason):
+        if await self._tell("kernel_stopping", reason=reason):
             self.log.info(
                 "jupyter-singularity: kernel %s is checkpointed by the CUDA driver and cannot "
                 "exit cleanly; ending it now",
@@ -75,7 +81,15 @@ class SingularityProvisioner(LocalProvisioner):
 
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart=restart)
-        if type(self).broker is not None:
-            type(self).broker.unregister_kernel(
-                self.kernel_id, "restarted" if restart else "shut down"
-            )
+        await self._tell("unregister_kernel", reason="restarted" if restart else "shut down")
+
+    async def _tell(self, op: str, **args: Any) -> Any:
+        """Tell the pool about this kernel; a refusal is logged (the kernel's life goes on)."""
+        pool = type(self).pool
+        if pool is None:
+            return None
+        try:
+            return await pool.call(op, kernel_id=self.kernel_id, **args)
+        except PoolError as err:
+            self.log.warning("jupyter-singularity: %s of kernel %s: %s", op, self.kernel_id, err)
+            return None

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..broker.model import KernelState
+from .model import KernelState
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 PREFIX = "singularity"
