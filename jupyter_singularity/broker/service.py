@@ -234,8 +234,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
                 self.spill_dirs.make_for(kernel_id, owner.uid)
             except OSError as err:  # it then spills nowhere: its offloads keep state in memory
                 self.log.error(
-                    "jupyter-singularity: cannot make the spill folder of kernel %s for uid %d: "
-                    "%s",
+                    "jupyter-singularity: cannot make the spill folder of kernel %s for uid %d: %s",
                     kernel_id,
                     owner.uid,
                     err,
