@@ -132,11 +132,22 @@ class NodeBroker:
 
 @contextmanager
 def node_broker(
-    tmp_path: Path, *settings: str, devices: str = "simulated:1x256MiB", run_dir: Path | None = None
+    tmp_path: Path,
+    *settings: str,
+    devices: str = "simulated:1x256MiB",
+    run_dir: Path | None = None,
+    state_dir: Path | None = None,
+    config: str = "",
 ) -> Iterator[NodeBroker]:
     """``jupyter singularity broker`` as a system service runs it, on ``devices``; its sockets in
-    ``run_dir`` (a short path: Unix socket paths are limited to about 100 bytes)."""
+    ``run_dir`` (a short path: Unix socket paths are limited to about 100 bytes), its spill folder
+    and ledger in ``state_dir`` (default ``tmp_path``; other users' kernels must be able to
+    enter it), ``config`` the Python text of its configuration file, if any."""
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="sgb-"))
+    state_dir = state_dir or tmp_path
+    if config:
+        (tmp_path / "broker_config.py").write_text(config)
+        settings = (f"--config={tmp_path / 'broker_config.py'}", *settings)
     socket_path = run_dir / "broker.sock"
     port = free_port()
     log_path = tmp_path / f"broker-{port}.log"
@@ -153,8 +164,8 @@ def node_broker(
             "broker",
             f"--socket={socket_path}",
             f"--devices={devices}",
-            f"--SingularityBroker.spill_dir={tmp_path / 'broker-spill'}",
-            f"--SingularityBroker.db_url=sqlite:///{tmp_path / 'broker-ledger.sqlite'}",
+            f"--SingularityBroker.spill_dir={state_dir / 'broker-spill'}",
+            f"--SingularityBroker.db_url=sqlite:///{state_dir / 'broker-ledger.sqlite'}",
             f"--SingularityBroker.metrics_address=127.0.0.1:{port}",
             *settings,
         ],

@@ -1,0 +1,224 @@
+"""One pool per machine under a real JupyterHub: the node broker shared by real Unix users (the node
+broker issue's "Tested for real").
+
+JupyterHub with configurable-http-proxy, LocalProcessSpawner, users alice, bob and carol (an admin of
+the pool) created by the test session (tests/hub.py); the node broker, `jupyter singularity broker`,
+as its own process (run as root, like a system service) on one simulated GPU. Driven as users drive
+it: each user's own API token, the hub's REST API, kernel websockets through the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from cells import record_of
+from servers import node_broker
+
+pytestmark = [pytest.mark.hub, pytest.mark.timeout(900)]  # a first run builds the users' venv
+
+MiB = 1 << 20
+
+# A model with Adam state and a ballast tensor: ~300 MiB of "GPU" state; two do not fit the 512 MiB
+# GPU. ``step()`` trains one step; the losses are exact, so a run evicted and restored between steps
+# gives the same numbers as one that was never interrupted.
+TRAINING = """
+import ctypes, hashlib, json, torch
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 1024))
+opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+data = torch.randn(64, 1024)
+ballast = torch.arange(40 * 2**20, dtype=torch.float32)
+
+def step():
+    opt.zero_grad()
+    loss = model(data).pow(2).mean()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+def digest():
+    h = hashlib.sha256()
+    for t in [*model.parameters(), *(v for s in opt.state.values() for v in s.values()), ballast]:
+        c = t.detach().contiguous()
+        h.update(ctypes.string_at(c.data_ptr(), c.numel() * c.element_size()))
+    return h.hexdigest()
+"""
+
+
+def broker_config(hub) -> str:
+    alice, carol = hub.users["alice"].name, hub.users["carol"].name
+    return textwrap.dedent(
+        f"""
+        c.SingularityBroker.admin_users = [{carol!r}]
+        c.SingularityBroker.quotas = {{"user:{alice}": {{"gpu_seconds_per_day": 20}}}}
+        """
+    )
+
+
+@pytest.fixture
+async def node(hub, tmp_path):
+    """The node broker, its sockets and state where every test user may reach them."""
+    shared = hub.shared_dir / f"node-{tmp_path.name}"
+    shared.mkdir(mode=0o755)
+    run_dir = shared / "run"
+    with node_broker(
+        tmp_path,
+        devices="simulated:1x512MiB",
+        run_dir=run_dir,
+        state_dir=shared,
+        config=broker_config(hub),
+    ) as broker:
+        yield broker
+
+
+async def join(client, broker) -> None:
+    await client.start_server(env={"JUPYTER_SINGULARITY_BROKER_URL": broker.url})
+
+
+async def state(client, kernel_id: str, *states: str, timeout: float = 60.0) -> dict:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        pool = await client.pool()
+        record = record_of(pool, kernel_id)
+        if record is not None and record["state"] in states:
+            return pool
+        assert loop.time() < deadline, f"{kernel_id} not {states} after {timeout} s: {record}"
+        await asyncio.sleep(0.2)
+
+
+def losses(output: str) -> list[float]:
+    return json.loads(next(line for line in output.splitlines() if line.startswith("[")))
+
+
+async def session_kernel(client, path: str) -> str:
+    """A kernel started for a notebook (a session), as JupyterLab opens one."""
+    response = await client.request(
+        "POST",
+        "api/sessions",
+        {"path": path, "name": path, "type": "notebook", "kernel": {"name": "python3"}},
+    )
+    assert response.code == 201, response.body
+    return json.loads(response.body)["kernel"]["id"]
+
+
+async def test_users_share_one_pool_evict_each_other_and_lose_nothing(hub, node, alice, bob):
+    await asyncio.gather(join(alice, node), join(bob, node))
+    bob_kernel, alice_kernel = await asyncio.gather(bob.start_kernel(), alice.start_kernel())
+
+    status, out = await bob.run_cell(
+        bob_kernel, TRAINING + "print(json.dumps([step(), step(), step()]))", timeout=180
+    )
+    assert status == "ok", out
+    first = losses(out)
+    status, out = await bob.run_cell(bob_kernel, "print('digest', digest())", timeout=60)
+    before = out.split()[-1]
+
+    # alice's cell needs the GPU bob's idle kernel holds: the node broker evicts it.
+    status, out = await alice.run_cell(alice_kernel, TRAINING + "print('ok', step())", timeout=180)
+    assert status == "ok", out
+    pool = await state(bob, bob_kernel, "offloaded", "spilled")
+    users = {k["kernel_id"]: k["user"] for k in pool["kernels"]}
+    assert users == {bob_kernel: bob.name, alice_kernel: alice.name}  # one pool, both users
+    assert (await alice.pool())["devices"] == pool["devices"]
+
+    # bob's next cell restores his state bit-identically, and his training goes on as if nothing
+    # had happened: the losses equal those of a run that was never interrupted.
+    status, out = await bob.run_cell(
+        bob_kernel, "print('digest', digest())\nprint(json.dumps([step(), step(), step()]))", 120
+    )
+    assert status == "ok", out
+    assert out.splitlines()[0].split()[-1] == before
+    resumed = losses(out)
+    reference = await bob.start_kernel()
+    status, out = await bob.run_cell(
+        reference, TRAINING + "print(json.dumps([step() for _ in range(6)]))", timeout=180
+    )
+    assert status == "ok", out
+    assert first + resumed == losses(out)
+
+
+async def test_quotas_and_rights_hold_across_users(hub, node, alice, bob, carol):
+    await asyncio.gather(join(alice, node), join(bob, node), join(carol, node))
+    alice_kernel = await session_kernel(alice, "secret-project.ipynb")
+    bob_kernel = await bob.start_kernel()
+    status, out = await alice.run_cell(alice_kernel, "import torch\nx = torch.ones(2**20)", 120)
+    assert status == "ok", out
+    await state(alice, alice_kernel, "resident")
+
+    # bob sees alice's kernel, her name and its state, not its notebook path.
+    pool = await bob.pool()
+    seen = record_of(pool, alice_kernel)
+    assert (seen["user"], seen["state"], seen["notebook"]) == (alice.name, "resident", "")
+    assert record_of(await alice.pool(), alice_kernel)["notebook"].endswith("secret-project.ipynb")
+    # bob may not offload alice's kernel, nor change the quotas; carol, an admin, may offload it.
+    action = f"singularity/api/kernels/{alice_kernel}/offload"
+    refused = await bob.request("POST", action, {})
+    assert refused.code == 403, refused.body
+    assert "only an admin may offload another user's kernel" in json.loads(refused.body)["message"]
+    refused = await bob.request(
+        "PUT", "singularity/api/quotas", {"default": {"gpu_memory": "1TiB"}}
+    )
+    assert refused.code == 403, refused.body
+    assert json.loads((await carol.request("GET", "singularity/api/me")).body)["admin"] is True
+    done = await carol.request("POST", action, {})
+    assert done.code == 200, done.body
+    await state(alice, alice_kernel, "offloaded", "spilled")
+
+    # alice's daily GPU time (20 s) runs out; her next cell is refused in one line, bob's runs.
+    status, out = await alice.run_cell(alice_kernel, "import time\ntime.sleep(21)", timeout=180)
+    assert status == "ok", out
+    status, out = await alice.run_cell(alice_kernel, "print('ran')", timeout=60)
+    assert status == "error" and "ran" not in out, out
+    assert f"GPU-time quota reached: {alice.name} used" in out, out
+    status, out = await bob.run_cell(
+        bob_kernel, "import torch\nprint('ran', torch.ones(4).sum())", 120
+    )
+    assert status == "ok" and "ran" in out, out
+    quota = json.loads((await bob.request("GET", "singularity/api/quota")).body)
+    assert quota["user"] == bob.name and quota["limits"]["gpu_seconds_per_day"] is None
+
+
+async def test_a_forged_hello_from_a_users_other_process_gets_nothing(hub, node, alice, bob):
+    await asyncio.gather(join(alice, node), join(bob, node))
+    alice_kernel = await alice.start_kernel()
+    status, out = await alice.run_cell(alice_kernel, "import torch\nx = torch.ones(2**20)", 120)
+    assert status == "ok", out
+    before = record_of(await alice.pool(), alice_kernel)
+
+    # A process of bob's, not a kernel: it sends hello and acquire for alice's kernel (it has no
+    # key: a made-up one), and asks the broker to offload alice's kernel.
+    forged = f"""
+import json, os, time, zmq
+from jupyter_singularity.protocol import Sequencer, Signer, encode, ORIGIN_KERNEL
+from jupyter_singularity.broker.control import ask
+from jupyter_singularity.broker.frontend import PoolError
+dealer = zmq.Context.instance().socket(zmq.DEALER)
+dealer.connect("ipc://{node.socket.parent / "kernels.sock"}")
+seq = Sequencer({alice_kernel!r}, ORIGIN_KERNEL)
+for kind, body in (("hello", {{"pid": os.getpid()}}), ("acquire", {{"request_id": "x"}})):
+    dealer.send_multipart(encode(seq.make(kind, body), Signer(os.urandom(32).hex().encode())))
+answered = dealer.poll(3000)
+try:
+    ask({str(node.socket)!r}, "act", {{"kernel_id": {alice_kernel!r}, "action": "offload"}})
+    refusal = "none"
+except PoolError as err:
+    refusal = f"{{err.status}} {{err.message}}"
+print(json.dumps({{"answered": bool(answered), "refusal": refusal}}))
+"""
+    done = hub.run_python(bob.user, forged, timeout=60)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["answered"] is False  # not even an error: it learns nothing
+    assert result["refusal"].startswith("403 only an admin may offload another user's kernel")
+    after = record_of(await alice.pool(), alice_kernel)
+    assert (after["state"], after["lease"], after["booked_bytes"]) == (
+        before["state"],
+        None,
+        before["booked_bytes"],
+    )
+    assert "dropped message on the kernel channel" in Path(node.log).read_text()
