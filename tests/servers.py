@@ -138,11 +138,13 @@ def node_broker(
     run_dir: Path | None = None,
     state_dir: Path | None = None,
     config: str = "",
+    env: dict[str, str] | None = None,
 ) -> Iterator[NodeBroker]:
     """``jupyter singularity broker`` as a system service runs it, on ``devices``; its sockets in
     ``run_dir`` (a short path: Unix socket paths are limited to about 100 bytes), its spill folder
     and ledger in ``state_dir`` (default ``tmp_path``; other users' kernels must be able to
-    enter it), ``config`` the Python text of its configuration file, if any."""
+    enter it), ``config`` the Python text of its configuration file, if any; ``env`` more
+    environment (a hub service's token, say)."""
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="sgb-"))
     state_dir = state_dir or tmp_path
     if config:
@@ -155,6 +157,7 @@ def node_broker(
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        **(env or {}),
     }
     process = subprocess.Popen(
         [

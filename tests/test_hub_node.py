@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import textwrap
 from pathlib import Path
 
@@ -222,3 +223,90 @@ print(json.dumps({{"answered": bool(answered), "refusal": refusal}}))
         before["booked_bytes"],
     )
     assert "dropped message on the kernel channel" in Path(node.log).read_text()
+
+
+# ------------------------------------------------------------------- jupyterhub (token) mode
+
+BROKER_SERVICE = "jupyter-singularity"
+
+
+async def test_token_mode_tells_users_apart_by_their_servers_hub_tokens(
+    hub_users, hub_venv, hub_shared_dir, hub_install, tmp_path
+):
+    """Where uids do not tell users apart (containers), the broker, a hub service, asks the hub
+    whose each server's token is. The same eviction and rights as in unix mode."""
+    from hub import HubClient, running_hub  # the session hub's helpers, for a hub of its own
+
+    token = secrets.token_hex(32)
+    service = textwrap.dedent(
+        f"""
+        c.JupyterHub.services.append({{"name": {BROKER_SERVICE!r}, "api_token": {token!r}}})
+        c.JupyterHub.load_roles.append(
+            {{"name": "singularity", "services": [{BROKER_SERVICE!r}], "scopes": ["read:users"]}}
+        )
+        """
+    )
+    workdir = tmp_path / "token-hub"
+    workdir.mkdir()
+    with running_hub(
+        workdir, hub_shared_dir, hub_venv, hub_users, hub_install, extra_config=service
+    ) as hub:
+        shared = hub_shared_dir / f"node-{tmp_path.name}"
+        shared.mkdir(mode=0o755)
+        hub_env = {"JUPYTERHUB_API_URL": f"{hub.url}hub/api", "JUPYTERHUB_API_TOKEN": token}
+        with node_broker(
+            tmp_path,
+            "--SingularityBroker.identity=jupyterhub",
+            devices="simulated:1x512MiB",
+            run_dir=shared / "run",
+            state_dir=shared,
+            env=hub_env,
+        ) as broker:
+            alice, bob = [
+                HubClient(hub, user, await hub.new_token(user.name))
+                for user in (hub_users["alice"], hub_users["bob"])
+            ]
+            await asyncio.gather(join(alice, broker), join(bob, broker))
+            bob_kernel, alice_kernel = await asyncio.gather(
+                bob.start_kernel(), alice.start_kernel()
+            )
+            status, out = await bob.run_cell(
+                bob_kernel, TRAINING + "print('digest', digest())", 180
+            )
+            assert status == "ok", out
+            before = out.split()[-1]
+            status, out = await alice.run_cell(alice_kernel, TRAINING + "print(step())", 180)
+            assert status == "ok", out
+            pool = await state(bob, bob_kernel, "offloaded", "spilled")
+            users = {k["kernel_id"]: k["user"] for k in pool["kernels"]}
+            assert users == {bob_kernel: bob.name, alice_kernel: alice.name}
+            status, out = await bob.run_cell(bob_kernel, "print('digest', digest())", 120)
+            assert status == "ok" and out.split()[-1] == before, out
+
+            refused = await bob.request(
+                "POST", f"singularity/api/kernels/{alice_kernel}/offload", {}
+            )
+            assert refused.code == 403, refused.body
+            # Without a hub token, or with one the hub does not know, the broker serves nobody.
+            probe = f"""
+import os
+from jupyter_singularity.broker.control import ask
+from jupyter_singularity.broker.frontend import PoolError
+for token in (None, "not-a-token"):
+    os.environ.pop("JUPYTERHUB_API_TOKEN", None)
+    if token:
+        os.environ["JUPYTERHUB_API_TOKEN"] = token
+    try:
+        ask({str(broker.socket)!r}, "pool")
+        print("served")
+    except PoolError as err:
+        print(err.status, err.message)
+"""
+            done = hub.run_python(hub_users["bob"], probe, timeout=60)
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.splitlines() == [
+                "403 this broker tells users apart by their server's hub token: none came",
+                "403 the hub does not know this server's token",
+            ], done.stdout
+            for client in (alice, bob):
+                await client.stop_server()
