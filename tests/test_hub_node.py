@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
 from cells import record_of
+from hub import REQUIRE_ENV
 from servers import node_broker
 
 pytestmark = [pytest.mark.hub, pytest.mark.timeout(900)]  # a first run builds the users' venv
@@ -310,3 +313,41 @@ for token in (None, "not-a-token"):
             ], done.stdout
             for client in (alice, bob):
                 await client.stop_server()
+
+
+# --------------------------------------------------------------------------------- browser
+
+UI_TESTS = Path(__file__).resolve().parent.parent / "labextension" / "ui-tests"
+
+
+async def test_in_the_browser_a_user_sees_another_users_kernel_in_the_panel(hub, node, alice, bob):
+    """Galata/Playwright in Debian's Chromium, logged into the hub as alice (see
+    labextension/ui-tests/tests/hub-panel.spec.ts)."""
+    playwright = UI_TESTS / "node_modules" / ".bin" / "playwright"
+    if not playwright.exists():
+        if os.environ.get(REQUIRE_ENV):
+            pytest.fail(f"the browser tests' packages are not installed ({UI_TESTS}: jlpm install)")
+        pytest.skip(f"the browser tests' packages are not installed ({UI_TESTS}: jlpm install)")
+    await asyncio.gather(join(alice, node), join(bob, node))
+    bob_kernel = await bob.start_kernel()
+    status, out = await bob.run_cell(bob_kernel, "import torch\nx = torch.ones(2**20)", 120)
+    assert status == "ok", out
+    await state(bob, bob_kernel, "resident")
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [str(playwright), "test", "-c", "playwright.hub.config.js"],
+        cwd=UI_TESTS,
+        env={
+            **os.environ,
+            "PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD": "1",
+            "HUB_URL": hub.url,
+            "HUB_USER": alice.name,
+            "HUB_PASSWORD": hub.password,
+            "OTHER_USER": bob.name,
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "1 passed" in result.stdout, result.stdout[-2000:]
