@@ -187,6 +187,7 @@ async def test_quotas_and_rights_hold_across_users(hub, node, alice, bob, carol)
     assert quota["user"] == bob.name and quota["limits"]["gpu_seconds_per_day"] is None
 
 
+@pytest.mark.faults
 async def test_a_forged_hello_from_a_users_other_process_gets_nothing(hub, node, alice, bob):
     await asyncio.gather(join(alice, node), join(bob, node))
     alice_kernel = await alice.start_kernel()

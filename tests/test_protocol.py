@@ -202,6 +202,7 @@ def test_decode_validates_signed_content() -> None:
             decode(signed({**good, name: value}), KEYS.get)
 
 
+@pytest.mark.faults
 def test_replay_guard_rejects_repeats_per_sender() -> None:
     guard = ReplayGuard(ORIGIN_KERNEL)
     first, second = make(seq=5), make(seq=6)
@@ -216,6 +217,7 @@ def test_replay_guard_rejects_repeats_per_sender() -> None:
     guard.check(first)
 
 
+@pytest.mark.faults
 def test_replay_guard_checks_direction_age_and_future() -> None:
     guard = ReplayGuard(ORIGIN_KERNEL, max_age=60, max_skew=5)
     with pytest.raises(ProtocolError, match="wrong direction"):
