@@ -44,26 +44,26 @@ def _trace(source: str, leases: list[dict], events: list[dict]) -> Trace:
     by_kernel: dict[str, list[dict]] = defaultdict(list)
     for event in sorted(events, key=lambda e: (e["time"], e["id"])):
         by_kernel[event["kernel_id"]].append(event)
+    times = {kernel: [e["time"] for e in history] for kernel, history in by_kernel.items()}
     rows = []
-    ended = sorted((x for x in leases if x["end"] is not None), key=lambda x: x["start"])
+    last_row: dict[str, dict] = {}
     previous_end: dict[str, float] = {}
     # Seconds each kernel's cells so far waited: the trace is as if they had not (the replay
     # decides the waits), so its later rows move earlier by them and think times stay.
     waited: dict[str, float] = defaultdict(float)
-    for lease in ended:
+    for lease in sorted((x for x in leases if x["end"] is not None), key=lambda x: x["start"]):
         kernel = lease["kernel_id"]
-        history = by_kernel.get(kernel, [])
-        times = [e["time"] for e in history]
-        since = bisect.bisect_left(times, previous_end.get(kernel, -float("inf")))
+        history, moments = by_kernel.get(kernel, []), times.get(kernel, [])
+        since = bisect.bisect_left(moments, previous_end.get(kernel, -float("inf")))
         asked = started = lease["start"]
-        for event in history[since : bisect.bisect_right(times, lease["end"])]:
+        for event in history[since : bisect.bisect_right(moments, lease["end"])]:
             if event["new_state"] == "queued" and event["time"] <= lease["start"]:
                 asked = event["time"]
             elif event["old_state"] == "restoring" and event["new_state"] == "running":
                 started = max(started, event["time"])
         previous_end[kernel] = lease["end"]
         peak = lease["peak_bytes"]
-        row = {
+        row = last_row[kernel] = {
             "user": lease["user"],
             "kernel": kernel,
             "start": asked - waited[kernel],
@@ -71,9 +71,12 @@ def _trace(source: str, leases: list[dict], events: list[dict]) -> Trace:
             "memory": lease["reservation_bytes"] if peak is None else peak,
         }
         waited[kernel] += started - asked
-        if history and history[-1]["new_state"] == "gone":
-            row["kernel_end"] = max(history[-1]["time"], lease["end"]) - waited[kernel]
         rows.append((f"lease {lease['lease_id']}", row))
+    for kernel, row in last_row.items():
+        history = by_kernel.get(kernel, [])
+        if history and history[-1]["new_state"] == "gone":
+            end = history[-1]["time"] - waited[kernel]
+            row["kernel_end"] = max(end, row["start"] + row["duration"])
     if not rows:
         raise TraceError(f"--ledger {source}: no ended leases in the ledger")
     return build_trace(rows, source=f"ledger {source}")

@@ -143,6 +143,8 @@ def read_trace(path: str | Path) -> Trace:
         raise TraceError(f"{path}: cannot read the trace ({err.strerror or err})") from None
     except UnicodeDecodeError as err:
         raise TraceError(f"{path}: not UTF-8 text ({err.reason})") from None
+    if not rows:
+        raise TraceError(f"{path.name}: no cells in the trace")
     return build_trace(rows, source=str(path))
 
 
@@ -243,14 +245,15 @@ def _text(where: str, row: dict[str, Any], name: str) -> str:
 
 
 def _number(where: str, name: str, value: Any) -> float:
+    number = value
     if isinstance(value, str):
         try:
-            value = float(value)
+            number = float(value)
         except ValueError:
-            value = None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            number = None
+    if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
         raise TraceError(f"{where}: {name}: expected a number of seconds, not {value!r}")
-    return float(value)
+    return float(number)
 
 
 def _seconds(where: str, row: dict[str, Any], name: str) -> float:
