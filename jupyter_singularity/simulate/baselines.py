@@ -84,11 +84,9 @@ class SharedGpus:
     def run(self) -> Outcome:
         for session in self.trace.sessions:
             self._at(session.cells[0].start, self._request, _Kernel(session))
-        now = start = self.trace.span[0]
         while self._events:
             now, _, handler, args = heapq.heappop(self._events)
             handler(now, *args)
-        self.outcome.span = now - start
         for kernel in self.waiting:
             self.outcome.failed(kernel.session.user, "never granted")
         return self.outcome
@@ -161,12 +159,17 @@ class SharedGpus:
         if kernel.index < len(session.cells):
             self._at(session.resume(kernel.index, now), self._request, kernel)
         else:
-            self._at(max(session.end, now), self._leave, kernel)
+            self._at(max(session.end, now), self._end, kernel)
 
     def _cull(self, now: float, kernel: _Kernel, idle_since: float) -> None:
         if kernel.idle_since == idle_since and kernel.device is not None:
             kernel.lost = True
             self._leave(now, kernel)
+
+    def _end(self, now: float, kernel: _Kernel) -> None:
+        """The kernel shuts down (its replay ends here: the span runs to the last of these)."""
+        self.outcome.span = max(self.outcome.span, now - self.trace.span[0])
+        self._leave(now, kernel)
 
     def _leave(self, now: float, kernel: _Kernel) -> None:
         device = kernel.device

@@ -49,7 +49,7 @@ class Outcome:
     busy: dict[int, list[tuple[float, float]]] = field(default_factory=lambda: defaultdict(list))
     """Per GPU, when cells held it (start, end): several at once where they share it."""
     span: float = 0.0
-    """Seconds from the first cell's request to the last event."""
+    """Seconds from the first cell's request until the last kernel ended."""
     moved: Counter[str] = field(default_factory=Counter)
     """Bytes offloaded, restored and spilled."""
     evictions: int = 0

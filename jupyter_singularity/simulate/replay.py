@@ -85,11 +85,9 @@ class Replay:
     def run(self) -> Outcome:
         for kernel in self.kernels.values():
             self._at(kernel.session.cells[0].start, self._register, kernel)
-        now = self._start
         while self._events:
             now, _, handler, args = heapq.heappop(self._events)
             handler(now, *args)
-        self.outcome.span = now - self._start
         for kernel in self.kernels.values():
             if kernel.request_id:  # still waiting when nothing was left to happen
                 self.outcome.failed(kernel.session.user, "never granted")
@@ -140,6 +138,7 @@ class Replay:
             self._at(max(session.end, now), self._unregister, kernel)
 
     def _unregister(self, now: float, kernel: _Kernel) -> None:
+        self.outcome.span = max(self.outcome.span, now - self._start)
         self._apply(now, self.core.unregister(kernel.session.kernel, now, "shut down"))
 
     def _tick(self, now: float) -> None:

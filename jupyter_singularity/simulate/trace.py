@@ -124,7 +124,8 @@ def merge_traces(traces: list[Trace]) -> Trace:
     sessions = sorted(
         (s for trace in traces for s in trace.sessions), key=lambda s: (s.cells[0].start, s.kernel)
     )
-    return Trace(tuple(sessions), " + ".join(t.source for t in traces))
+    more = f" and {len(traces) - 1} more"
+    return Trace(tuple(sessions), traces[0].source + more)
 
 
 # ------------------------------------------------------------------------------------ reading
