@@ -281,6 +281,9 @@ def test_a_bad_config_file_names_the_setting(tmp_path: Path) -> None:
         load_site(str(config))
     with pytest.raises(ConfigError, match=r"--config .*nope\.py: no such file"):
         load_site(str(tmp_path / "nope.py"))
+    config.write_text("c = get_config(\n")  # not Python: not read as if it were empty
+    with pytest.raises(ConfigError, match=r"--config .*broker_config\.py: cannot read it \("):
+        load_site(str(config))
 
 
 def test_the_config_file_sets_the_cores_policy(tmp_path: Path) -> None:
@@ -518,6 +521,21 @@ def test_the_command_refuses_bad_input_in_one_line(args: tuple, message: str) ->
     assert done.stdout == ""
     assert done.stderr.startswith(f"jupyter singularity simulate: {message}"), done.stderr
     assert done.stderr.count("\n") == 1
+
+
+def test_the_command_says_a_bad_quota_file_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "quotas.yaml").write_text("user:alice: [1\n")
+    config = tmp_path / "broker_config.py"
+    config.write_text(
+        f"c = get_config()\nc.SingularityBroker.quota_file = '{tmp_path}/quotas.yaml'\n"
+    )
+    done = cli("--generate", "lab", "--config", str(config))
+    assert done.returncode == 2
+    assert done.stderr.startswith(
+        f"jupyter singularity simulate: SingularityBroker.quota_file = '{tmp_path}/quotas.yaml':"
+        " quota file"
+    ), done.stderr
+    assert "not valid YAML" in done.stderr and done.stderr.count("\n") == 1
 
 
 def test_the_command_names_the_bad_line_of_a_trace(tmp_path: Path) -> None:

@@ -136,5 +136,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fail(message: str) -> int:
-    print(f"jupyter singularity simulate: {message}", file=sys.stderr)
+    """One line on stderr (a YAML error quoted in a quota error spans several)."""
+    print(f"jupyter singularity simulate: {' '.join(message.split())}", file=sys.stderr)
     return 2
