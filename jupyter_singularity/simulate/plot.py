@@ -1,5 +1,5 @@
 """``--plot out.html``: the waits against pool size, for the pool and the baselines, as a Vega-Lite
-chart (altair) in one HTML file that loads Vega from its CDN at pinned versions."""
+chart (altair) in one HTML file that loads Vega from jsDelivr at the versions altair names."""
 
 from __future__ import annotations
 
