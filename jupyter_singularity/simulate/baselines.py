@@ -71,6 +71,7 @@ class SharedGpus:
         self, trace: Trace, pool: Pool, baseline: Baseline, progress: Progress | None = None
     ) -> None:
         self.trace, self.baseline, self.progress = trace, baseline, progress
+        self.start = trace.span[0]
         self.size = {d.index: d.total_bytes for d in pool.devices}
         self.used = dict.fromkeys(self.size, 0)
         self.owner: dict[int, str] = {}
@@ -168,7 +169,7 @@ class SharedGpus:
 
     def _end(self, now: float, kernel: _Kernel) -> None:
         """The kernel shuts down (its replay ends here: the span runs to the last of these)."""
-        self.outcome.span = max(self.outcome.span, now - self.trace.span[0])
+        self.outcome.span = max(self.outcome.span, now - self.start)
         self._leave(now, kernel)
 
     def _leave(self, now: float, kernel: _Kernel) -> None:

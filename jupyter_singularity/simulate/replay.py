@@ -67,8 +67,6 @@ class Replay:
         transfers: Transfers | None = None,
         progress: Progress | None = None,
     ) -> None:
-        self.trace = trace
-        self.pool = pool
         self.transfers = transfers or Transfers()
         self.policy = policy
         self.progress = progress
