@@ -2,7 +2,8 @@
 
 ``status`` prints the pool: the node's, from its broker, where one serves this machine, else that of
 each running server; ``lab`` starts JupyterLab with the pool, on simulated devices sized from the
-machine's memory when it has no NVIDIA GPU (and says so); ``broker`` runs the node broker.
+machine's memory when it has no NVIDIA GPU (and says so); ``broker`` runs the node broker;
+``simulate`` replays notebook activity on pools of several sizes (how many users a GPU serves).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import urllib.request
 from collections.abc import Sequence
 
 from .devices import default_simulated_spec, open_inventory, usable_memory
+from .simulate import command as simulate_command
 from .units import format_size
 
 
@@ -163,6 +165,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(options: --SingularityBroker.<setting>=...; --help-all lists them)",
         add_help=False,
     )
+    simulate_command.add_arguments(
+        commands.add_parser(
+            "simulate",
+            help="replay notebook activity on pools of several sizes: how many users a GPU "
+            "serves, and how long they wait (docs/simulate.md)",
+        )
+    )
     args, extra = parser.parse_known_args(argv)
     if args.command == "lab":
         return lab(args, extra)
@@ -173,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "simulate":
+        return simulate_command.run(args)
     return status(args)
 
 

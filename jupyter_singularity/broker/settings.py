@@ -184,11 +184,6 @@ class PoolSettings(Configurable):
 
         ``shared``: the pool serves other users' kernels too (a node broker): its spill folders
         are made for them to write into. Raises ConfigError naming the first bad setting."""
-        if not (math.isfinite(self.idle_timeout) and self.idle_timeout >= 0):
-            raise ConfigError(
-                f"{self._name('idle_timeout')} = {self.idle_timeout!r}: must be a number of "
-                "seconds >= 0 (0 = offload only under memory pressure)"
-            )
         for name in ("offload_timeout", "lease_stall_timeout"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -196,9 +191,8 @@ class PoolSettings(Configurable):
                     f"{self._name(name)} = {value!r}: must be a number of seconds > 0"
                 )
         self.host_memory_limit_bytes = self._host_memory_limit()
-        pinned_limit = self._size_setting("pinned_memory_limit")
-        pinned_total = self._size_setting("pinned_memory_total") or self.host_memory_limit_bytes
-        quotas = self._quota_source(log)
+        policy = self.core_policy(self.host_memory_limit_bytes)
+        quotas = self.quota_source(log)
         self._make_spill_dir(shared)
 
         # Devices and database are opened only once the other settings passed.
@@ -215,13 +209,7 @@ class PoolSettings(Configurable):
             inventory,
             ledger,
             quotas.quotas,
-            Policy(
-                idle_timeout=self.idle_timeout,
-                migration=self.migration,
-                host_memory_limit=self.host_memory_limit_bytes,
-                pinned_per_kernel=pinned_limit,
-                pinned_total=pinned_total,
-            ),
+            policy,
             log=log,
             emit=emit,
             spill_dir=Path(self.spill_dir),
@@ -232,6 +220,35 @@ class PoolSettings(Configurable):
         log.info(inventory_line(inventory, f"{self.try_command} --{self._name('devices')}"))
         return OpenPool(inventory, ledger, quotas, service, PoolFrontend(service, quotas))
 
+    def core_policy(self, host_memory_limit: int) -> Policy:
+        """The decision core's policy from these settings, for a host-memory budget of
+        ``host_memory_limit`` bytes (this machine's, or the one ``jupyter singularity simulate``
+        models). Raises ConfigError naming a bad setting."""
+        if not (math.isfinite(self.idle_timeout) and self.idle_timeout >= 0):
+            raise ConfigError(
+                f"{self._name('idle_timeout')} = {self.idle_timeout!r}: must be a number of "
+                "seconds >= 0 (0 = offload only under memory pressure)"
+            )
+        return Policy(
+            idle_timeout=self.idle_timeout,
+            migration=self.migration,
+            host_memory_limit=host_memory_limit,
+            pinned_per_kernel=self._size_setting("pinned_memory_limit"),
+            pinned_total=self._size_setting("pinned_memory_total") or host_memory_limit,
+        )
+
+    def configured_host_memory_limit(self) -> int:
+        """``host_memory_limit`` in bytes as configured (checked); 0 where it is "0", which
+        means half of the memory of the machine the pool runs on."""
+        limit = self._size_setting("host_memory_limit")
+        if 0 < limit < MIN_HOST_MEMORY_LIMIT:
+            raise ConfigError(
+                f"{self._name('host_memory_limit')} = {self.host_memory_limit!r}: at least "
+                f"{format_size(MIN_HOST_MEMORY_LIMIT)} (the kernels move GPU state in pieces of "
+                "1 MiB and more; a bare number is bytes: did you mean a unit, as in '16GiB'?)"
+            )
+        return limit
+
     def _size_setting(self, name: str) -> int:
         value = getattr(self, name)
         try:
@@ -240,13 +257,7 @@ class PoolSettings(Configurable):
             raise ConfigError(f"{self._name(name)} = {value!r}: {err}") from None
 
     def _host_memory_limit(self) -> int:
-        limit = self._size_setting("host_memory_limit")
-        if 0 < limit < MIN_HOST_MEMORY_LIMIT:
-            raise ConfigError(
-                f"{self._name('host_memory_limit')} = {self.host_memory_limit!r}: at least "
-                f"{format_size(MIN_HOST_MEMORY_LIMIT)} (the kernels move GPU state in pieces of "
-                "1 MiB and more; a bare number is bytes: did you mean a unit, as in '16GiB'?)"
-            )
+        limit = self.configured_host_memory_limit()
         if limit:
             return limit
         memory = usable_memory()
@@ -257,7 +268,9 @@ class PoolSettings(Configurable):
             )
         return memory // 2
 
-    def _quota_source(self, log: Any) -> QuotaSource:
+    def quota_source(self, log: Any) -> QuotaSource:
+        """The quotas of ``quota_file``, else of ``quotas``; raises ConfigError naming the bad
+        one."""
         if self.quota_file:
             try:
                 file = QuotaFile(self.quota_file, on_change=lambda quotas: None, log=log)
