@@ -143,6 +143,8 @@ def api_pool_over_socket(socket: Path) -> dict:
         ),
         ("--SingularityBroker.idle_timeout=-1", "SingularityBroker.idle_timeout = -1.0"),
         ("--SingularityBroker.identity=ldap", "SingularityBroker.identity = 'ldap': expected"),
+        ("--config=/no/such/broker_config.py", "/no/such/broker_config.py does not exist"),
+        ("--config={tmp}/broken.py", "the configuration file {tmp}/broken.py: SyntaxError"),
     ],
 )
 def test_a_bad_setting_stops_the_broker_with_one_line(
@@ -158,11 +160,11 @@ def test_a_bad_setting_stops_the_broker_with_one_line(
             f"--SingularityBroker.spill_dir={tmp_path / 'spill'}",
             f"--SingularityBroker.db_url=sqlite:///{tmp_path / 'l.sqlite'}",
             "--SingularityBroker.metrics_address=",
-            setting,
+            setting.format(tmp=tmp_path),
         ],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode != 0
-    assert message in result.stderr, result.stderr
+    assert message.format(tmp=tmp_path) in result.stderr, result.stderr

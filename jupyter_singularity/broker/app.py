@@ -41,6 +41,8 @@ class SingularityBroker(PoolSettings, Application):
         "The node broker: one GPU pool per machine, which every user's Jupyter server joins."
     )
     try_command = "jupyter singularity broker"
+    # A configuration file with an error stops the broker: running on defaults would be worse.
+    raise_config_file_errors = True
 
     config_file = Unicode(
         "",
@@ -110,10 +112,25 @@ class SingularityBroker(PoolSettings, Application):
         super().initialize(argv)
         if self.config_file:
             path = Path(self.config_file)
+            if not path.is_file():
+                self.log.critical(
+                    "jupyter-singularity broker cannot start: the configuration file %s does not "
+                    "exist",
+                    path,
+                )
+                self.exit(1)
             try:
                 self.load_config_file(path.name, path=str(path.parent))
-            except (OSError, ConfigError) as err:
+            except ConfigError as err:
                 self.log.critical("jupyter-singularity broker cannot start: %s", err)
+                self.exit(1)
+            except Exception as err:  # any error of the file's own Python, or reading it
+                self.log.critical(
+                    "jupyter-singularity broker cannot start: the configuration file %s: %s: %s",
+                    path,
+                    type(err).__name__,
+                    err,
+                )
                 self.exit(1)
             self.update_config(self.cli_config)  # the command line wins
 
