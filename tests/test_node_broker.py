@@ -150,6 +150,7 @@ def api_pool_over_socket(socket: Path) -> dict:
 def test_a_bad_setting_stops_the_broker_with_one_line(
     tmp_path: Path, setting: str, message: str
 ) -> None:
+    (tmp_path / "broken.py").write_text('c.SingularityBroker.devices = "simulated:1x1GiB"\noops(\n')
     result = subprocess.run(
         [
             sys.executable,
