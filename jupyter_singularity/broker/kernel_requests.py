@@ -52,6 +52,11 @@ class KernelConnection:
     missed_pings: int = 0
     checkpointed_uuid: str | None = None
     """UUID of the GPU the driver tier checkpointed this kernel's process off, if it did."""
+    driver_bytes: int = 0
+    """GPU memory of the process the driver tier keeps in host memory while it holds it."""
+    unusable: str = ""
+    """Why the process cannot use CUDA any more (a failed driver checkpoint left it so): its GPU
+    cells are refused with this until the kernel is restarted."""
     context_note: str = ""
     """Why the kernel's CUDA context stayed on the GPU after an offload, if it did."""
     context_seconds: dict[str, float] = field(default_factory=dict)
@@ -201,6 +206,8 @@ class KernelRequests:
         self, kernel_id: str, connection: KernelConnection, body: dict, now: float
     ) -> dict | Awaitable[dict]:
         request_id = text_field(body, "request_id")
+        if connection.unusable:
+            return {"granted": False, "reason": connection.unusable}
         # A reservation larger than any device is refused by the core, with the sizes.
         memory = count_field(body, "memory", MAX_STORED_BYTES, default=None)
         bound = text_field(body, "bound_uuid", default=None)  # CUDA in the kernel chose this GPU
