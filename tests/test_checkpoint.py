@@ -45,12 +45,14 @@ from jupyter_singularity.broker.checkpoint import (
 from jupyter_singularity.broker.identity import server_owner
 from jupyter_singularity.broker.ledger import Ledger
 from jupyter_singularity.broker.model import Policy
+from jupyter_singularity.broker.processes import kernel_pid
 from jupyter_singularity.broker.quotas import Quotas
 from jupyter_singularity.broker.service import BrokerService
 from jupyter_singularity.devices import DeviceInfo, DeviceInventory
 from jupyter_singularity.kernel.client import BrokerClient
 from jupyter_singularity.protocol import ENV_BROKER_URL, ENV_KERNEL_KEY
 
+REPO = Path(__file__).resolve().parent.parent
 GPU_A = "GPU-6f1c2a3b-4d5e-6f70-8192-a3b4c5d6e7f8"
 GPU_B = "GPU-00112233-4455-6677-8899-aabbccddeeff"
 
@@ -873,12 +875,17 @@ class TwoGpusOfOneChip(DeviceInventory):
 
     def __init__(self) -> None:
         super().__init__(kind="nvml")
+        #: What NVML says each pid holds, on every device.
+        self.held: dict[int, int] = {}
 
     def devices(self) -> list[DeviceInfo]:
         return [
             DeviceInfo(i, uuid, "NVIDIA H100", "H100", 16 << 30)
             for i, uuid in enumerate((GPU_A, GPU_B))
         ]
+
+    def process_memory(self, index: int) -> dict[int, int]:
+        return dict(self.held) if index == 0 else {}
 
     def close(self) -> None:
         pass
@@ -1127,3 +1134,131 @@ async def test_a_stalled_lease_holder_left_unusable_by_its_checkpoint_is_reporte
         assert service.core.host_held == 0  # no room kept for a copy the driver never took
         denied = await pool.ask(client, "acquire", {"request_id": "r2"})
         assert denied["granted"] is False and "restart the kernel" in denied["reason"]
+
+
+# --- which process: the kernel's own, verified with the OS ------------------------------------
+
+
+@pytest.fixture
+def wrapper() -> Iterator[subprocess.Popen]:
+    """A live process that is not the kernel: what a provisioner sees when it starts the kernel
+    through a wrapper (conda run, a shell script)."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+@needs_cc
+async def test_the_driver_tier_and_nvml_use_the_kernels_own_pid_not_the_launched_one(
+    fake: Fake, tmp_path: Path, wrapper: subprocess.Popen
+) -> None:
+    """The provisioner's pid may reach the broker after the kernel's hello: it must not replace
+    the kernel's own, which the OS confirmed."""
+    async with fake_driver_pool(fake, tmp_path, Policy(host_memory_limit=64 * GiB)) as pool:
+        service = pool.service
+        service.inventory.held = {os.getpid(): 5 * GiB, wrapper.pid: 7 * GiB}
+        client = await pool.kernel("k1")  # says hello from this process, the fake's one
+        service.kernel_started("k1", wrapper.pid)
+        await pool.run_cell(client, "k1", "r1")
+        kernel = next(k for k in service.pool()["kernels"] if k["kernel_id"] == "k1")
+        assert kernel["process_gpu_bytes"] == 5 * GiB  # NVML asked about the kernel itself
+        service.offload("k1")
+        record = await _until(lambda: (r := service.kernel("k1"))["state"] == "offloaded" and r)
+        assert record["context"]["checkpointed"] is True, record["context"]
+        # The wrapper's end is not the kernel's: the kernel's own pid is the one watched.
+        wrapper.kill()
+        wrapper.wait()
+        service._reap_dead_processes()
+        assert "k1" in service.core.kernels
+
+
+def _nspid(pid: int) -> list[int]:
+    """The pids of a process, outermost namespace first, as /proc/<pid>/status lists them."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return [int(part) for part in line.split()[1:]]
+    raise AssertionError("no NSpid line")
+
+
+def _in_own_pid_namespace(code: str) -> subprocess.Popen[str]:
+    """``python -c code`` as pid 1 of a new pid namespace, under ``unshare``."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux)")
+    probe = subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a pid namespace here: {probe.stderr.decode().strip()}")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.Popen(
+        ["unshare", "--pid", "--fork", sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def test_a_kernel_in_its_own_pid_namespace_is_found_by_its_nspid() -> None:
+    """Without peer credentials, the kernel's claim (pid 1 there) is looked for below the
+    process the provisioner started, by the pid each one has in its own namespace."""
+    inner = _in_own_pid_namespace(
+        "import os, sys; print(os.getpid(), flush=True); sys.stdin.read()"
+    )
+    try:
+        assert inner.stdout is not None
+        assert inner.stdout.readline().strip() == "1"
+        found = kernel_pid(1, None, inner.pid)
+        assert found is not None and found != inner.pid  # unshare's child, the kernel itself
+        assert _nspid(found) == [found, 1]
+        # Told by the OS which process speaks, its own view of its pid must be the claim.
+        assert kernel_pid(1, found, None) == found
+        with pytest.raises(ValueError, match=rf"is pid {os.getpid()} in its own namespace, not 1"):
+            kernel_pid(1, os.getpid(), None)
+        assert kernel_pid(2, None, inner.pid) is None  # no such process below the launched one
+        assert kernel_pid(1, None, None) is None  # nothing to look below: not confirmed
+    finally:
+        inner.kill()
+        inner.wait()
+
+
+async def test_the_broker_keeps_the_pid_of_a_kernel_in_its_own_pid_namespace(
+    tmp_path: Path,
+) -> None:
+    """Through the kernel channel: the OS gives the broker the kernel's pid as the broker sees it
+    (not the 1 the kernel knows itself by), confirmed by its NSpid."""
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    service = BrokerService(
+        TwoGpusOfOneChip(),
+        ledger,
+        Quotas({}),
+        Policy(),
+        log=logging.getLogger("test"),
+        driver=DriverCheckpointer(DriverCapability(False, False, None, "not needed here")),
+    )
+    await service.start()
+    env = service.register_kernel("kn", server_owner()).env
+    hello = (
+        "import os, sys\n"
+        "from jupyter_singularity.kernel.client import BrokerClient\n"
+        f"c = BrokerClient({env[ENV_BROKER_URL]!r}, 'kn', {env[ENV_KERNEL_KEY]!r}.encode())\n"
+        "c.start()\n"
+        "c.request('hello', {'pid': os.getpid()}, 10)\n"
+        "print(os.getpid(), flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    inner = _in_own_pid_namespace(hello)
+    try:
+        assert inner.stdout is not None
+        line = await asyncio.to_thread(inner.stdout.readline)
+        assert line.strip() == "1"
+        pid = service._connections["kn"].pid
+        assert pid is not None and pid not in (1, inner.pid)
+        assert _nspid(pid) == [pid, 1]
+    finally:
+        inner.kill()
+        inner.wait()
+        await service.stop()
+        ledger.close()

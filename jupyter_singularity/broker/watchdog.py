@@ -99,7 +99,8 @@ class Watchdog:
 
     def _missed_ping(self, kernel_id: str, connection: KernelConnection) -> None:
         connection.missed_pings += 1
-        if connection.pid is None and connection.missed_pings >= self.ping_misses:
+        watched = connection.pid or connection.launched_pid
+        if watched is None and connection.missed_pings >= self.ping_misses:
             # A kernel whose process the broker cannot watch: silence is its only sign of death.
             self.unregister_kernel(
                 kernel_id, f"heartbeat lost ({connection.missed_pings} pings unanswered)"
