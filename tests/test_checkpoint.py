@@ -22,6 +22,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -1262,3 +1263,32 @@ async def test_the_broker_keeps_the_pid_of_a_kernel_in_its_own_pid_namespace(
         inner.wait()
         await service.stop()
         ledger.close()
+
+
+# --- migration: after the driver moved a kernel, it names its new GPU ---------------------------
+
+
+def test_after_a_move_the_kernel_and_what_it_starts_name_its_new_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CUDA in the kernel runs on the new GPU once the driver restored it there with a UUID
+    remap; CUDA_VISIBLE_DEVICES must say so for its child processes and NVML lookups."""
+    from jupyter_singularity.kernel.runtime import Runtime
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", GPU_A)
+    cuda = SimpleNamespace(is_initialized=lambda: True)  # CUDA started on GPU A long ago
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
+    runtime = Runtime(None, simulated=False)
+
+    def child_sees() -> str:
+        code = "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"
+        return subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    runtime._granted("r1", {"device": {"index": 1, "uuid": GPU_B}, "reservation": GiB})
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == GPU_B and child_sees() == GPU_B
+    # An explicit restore (no cell) that moved it is heard the same way.
+    runtime.lease = None
+    runtime.on_restore({"device": {"index": 0, "uuid": GPU_A}})
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == GPU_A and child_sees() == GPU_A
