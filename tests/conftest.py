@@ -20,7 +20,7 @@ from cells import cell_messages, record_of, run_cell
 from cells import cell_text as cell_text_of
 from traitlets.config import Config
 
-pytest_plugins = ["pytest_jupyter.jupyter_server"]
+pytest_plugins = ["pytest_jupyter.jupyter_server", "gpu_gate"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

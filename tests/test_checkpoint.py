@@ -1,10 +1,11 @@
-"""Driver-tier checkpoint: detection, ABI layouts, and the call sequence, without and with a GPU.
+"""Driver-tier checkpoint: detection, ABI layouts, the call sequence and the broker's use of it.
 
 Without a GPU the real driver cannot run, so most tests load a small fake libcuda compiled here
 from C. It declares the checkpoint structs the way the CUDA headers do, so the C compiler (not
 our ctypes code) decides where each field lies, and it enforces the documented contract: the
 lock/checkpoint/restore/unlock state machine and "reserved fields must be zero". The tests at the
-end need a real driver and GPU (driver >= 570, torch with CUDA) and are skipped elsewhere.
+end drive the broker's service with the fake standing in for the GPU; the same calls on a real
+driver and GPU are in test_gpu_driver.py.
 """
 
 from __future__ import annotations
@@ -770,102 +771,6 @@ def test_pid_that_does_not_exist(fake: Fake) -> None:
     for bad in (0, -1):
         with pytest.raises(ValueError, match="pid must be a positive integer"):
             checkpointer.state(bad)
-
-
-# --- real driver and GPU ------------------------------------------------------------------------
-
-_CAPABILITY = detect()
-
-# A kernel stand-in: holds a CUDA context and a tensor, says which GPU, then answers whether the
-# tensor still holds what it held at the start each time it reads a line.
-_CUDA_CHILD = r"""
-import sys, torch
-x = torch.arange(1 << 22, device="cuda", dtype=torch.float64)
-expected = float(x.sum())
-gpu = str(torch.cuda.get_device_properties(0).uuid)
-print(gpu if gpu.startswith("GPU-") else "GPU-" + gpu, flush=True)
-for _ in sys.stdin:
-    print("intact" if float(x.sum()) == expected else "changed", flush=True)
-"""
-
-needs_gpu = pytest.mark.skipif(
-    not _CAPABILITY.available, reason=f"needs the driver checkpoint API: {_CAPABILITY.reason}"
-)
-
-
-@pytest.fixture
-def cuda_child() -> Iterator[tuple[subprocess.Popen[str], str]]:
-    pytest.importorskip("torch")
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CUDA_CHILD],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdout is not None
-    gpu = child.stdout.readline().strip()
-    assert gpu.startswith("GPU-"), "the child could not start CUDA"
-    yield child, gpu
-    child.kill()
-    child.wait()
-
-
-def _ask(child: subprocess.Popen[str]) -> str:
-    assert child.stdin is not None and child.stdout is not None
-    child.stdin.write("check\n")
-    child.stdin.flush()
-    return child.stdout.readline().strip()
-
-
-def _gpu_pids() -> set[int]:
-    import pynvml
-
-    pynvml.nvmlInit()
-    try:
-        return {
-            process.pid
-            for index in range(pynvml.nvmlDeviceGetCount())
-            for process in pynvml.nvmlDeviceGetComputeRunningProcesses(
-                pynvml.nvmlDeviceGetHandleByIndex(index)
-            )
-        }
-    finally:
-        pynvml.nvmlShutdown()
-
-
-@needs_gpu
-def test_gpu_checkpoint_and_restore_of_a_torch_process(
-    cuda_child: tuple[subprocess.Popen[str], str],
-) -> None:
-    child, _ = cuda_child
-    checkpointer = DriverCheckpointer(_CAPABILITY)
-    assert checkpointer.state(child.pid) == "running"
-    assert child.pid in _gpu_pids(), "NVML does not list the child (another pid namespace?)"
-    checkpointer.lock(child.pid)
-    assert checkpointer.state(child.pid) == "locked"
-    checkpointer.unlock(child.pid)
-    assert checkpointer.state(child.pid) == "running"
-
-    assert checkpointer.checkpoint(child.pid) > 0
-    assert checkpointer.state(child.pid) == "checkpointed"
-    assert child.pid not in _gpu_pids()  # the whole context left the GPU
-
-    assert checkpointer.restore(child.pid) > 0
-    assert checkpointer.state(child.pid) == "running"
-    assert _ask(child) == "intact"
-
-
-@pytest.mark.skipif(not _CAPABILITY.migration, reason="the driver has no GPU UUID remap")
-@needs_gpu
-def test_gpu_restore_with_identity_uuid_remap(
-    cuda_child: tuple[subprocess.Popen[str], str],
-) -> None:
-    child, gpu = cuda_child
-    checkpointer = DriverCheckpointer(_CAPABILITY)
-    checkpointer.checkpoint(child.pid)
-    checkpointer.restore(child.pid, [(gpu, gpu)])
-    assert checkpointer.state(child.pid) == "running"
-    assert _ask(child) == "intact"
 
 
 # --- the broker service drives the tier (the fake driver stands in for the GPU) --------------

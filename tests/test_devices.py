@@ -185,18 +185,17 @@ def test_auto_without_driver_is_empty_with_reason() -> None:
     again.close()
 
 
-@pytest.mark.skipif(_gpu_count() == 0, reason="needs an NVIDIA GPU")
+@pytest.mark.gpu
 def test_auto_with_gpus_reads_nvml() -> None:
     inventory = open_inventory("auto")
     try:
         devices = inventory.devices()
         assert inventory.kind == "nvml"
-        assert len(devices) == _gpu_count()
+        assert devices  # every GPU (or MIG instance) this server was given
         assert [d.index for d in devices] == list(range(len(devices)))
         for device in devices:
             assert isinstance(device.uuid, str)
             assert device.uuid.startswith(("GPU-", "MIG-"))
-            assert device.chip == device.name
             assert device.total_bytes > 0
             used = inventory.memory_used(device.index)
             assert used is not None

@@ -1038,13 +1038,18 @@ def _allocator_segments(torch: Any) -> list[tuple[int, int]] | None:
 def _capture_in_progress(torch: Any, streams: list[Any]) -> bool:
     """Whether a CUDA graph is being captured on ``streams`` (the live torch.cuda.Stream objects)
     or on this thread's current stream. A capture is a property of its stream; torch only asks
-    about the current one, so each stream is made current here (in this thread) in turn."""
-    if torch.cuda.is_current_stream_capturing():
+    about the current one, so each stream is made current here (in this thread) in turn. A query
+    the driver refuses (cudaErrorStreamCaptureImplicit: the legacy stream asked while another
+    stream captures) counts as a capture."""
+    try:
+        if torch.cuda.is_current_stream_capturing():
+            return True
+        for stream in streams:
+            with torch.cuda.stream(stream):
+                if torch.cuda.is_current_stream_capturing():
+                    return True
+    except RuntimeError:
         return True
-    for stream in streams:
-        with torch.cuda.stream(stream):
-            if torch.cuda.is_current_stream_capturing():
-                return True
     return False
 
 
