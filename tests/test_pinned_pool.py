@@ -8,6 +8,7 @@ does, with a RuntimeError.
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,17 +23,21 @@ from test_offload import MIB, MIN_BYTES, raw  # noqa: E402
 from jupyter_singularity.kernel import offload  # noqa: E402
 from jupyter_singularity.kernel.offload import TensorEngine  # noqa: E402
 
+#: The most the stand-in host allocator pins at a time.
+PIN_AT_MOST = [4 * MIB]
+
 
 @pytest.fixture
 def pinning_engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[TensorEngine, list]]:
-    """An engine that wants its pool pinned, over a host allocator that pins at most 4 MiB at a
-    time; and the allocations it was asked for, (bytes, pinned)."""
+    """An engine that wants its pool pinned, over a host allocator that pins at most
+    PIN_AT_MOST at a time; and the allocations it was asked for, (bytes, pinned)."""
     calls: list[tuple[int, bool]] = []
     real = offload._allocate_host
+    PIN_AT_MOST[0] = 4 * MIB
 
     def allocate(nbytes: int, pinned: bool) -> torch.Tensor:
         calls.append((nbytes, pinned))
-        if pinned and nbytes > 4 * MIB:
+        if pinned and nbytes > PIN_AT_MOST[0]:
             raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
         return real(nbytes, False)
 
@@ -81,6 +86,24 @@ def test_preparing_a_pool_the_system_will_not_pin_keeps_what_it_got(
     assert engine.prepare(48 * MIB) == 6 * MIB  # the 32 MiB chunk is refused: no exception
     assert calls[2] == (32 * MIB, True) and len(calls) == 3
     assert engine.pin_refused.startswith("pinning 32.0 MiB failed")
+
+
+def test_a_pool_chunk_the_system_will_not_pin_again_comes_back_pageable(
+    pinning_engine: tuple[TensorEngine, list], tmp_path
+) -> None:
+    """Spilled with the copies, the pool comes back from disk; where it cannot be pinned again,
+    its bytes come back in pageable memory, which does not rejoin the pool."""
+    engine, _ = pinning_engine
+    gc.collect()
+    tensor = torch.randn(768, 1024)  # 3 MiB
+    before = raw(tensor)
+    engine.offload()
+    assert engine.pool_bytes >= 4 * MIB
+    engine.spill(tmp_path)
+    PIN_AT_MOST[0] = 0  # meanwhile the system stopped pinning
+    engine.restore()
+    assert raw(tensor) == before
+    assert engine.pool_bytes == 0 and engine.pin_refused.startswith("pinning 4.0 MiB failed")
 
 
 def test_a_lower_allowance_gives_the_pool_back(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -637,7 +637,7 @@ class TensorEngine:
         if spare:
             chunk = max(spare, key=lambda c: c.numel())
             return chunk[: min(chunk.numel(), size)]
-        return self._pinned_or_pageable(size)[0]
+        return self._pool_memory(size)[0]
 
     def prepare(self, nbytes: int) -> int:
         """Grow the reusable host pool towards ``nbytes`` (at most ``pinned_limit``) ahead of the
@@ -679,10 +679,10 @@ class TensorEngine:
             )
             return None
 
-    def _pinned_or_pageable(self, nbytes: int) -> tuple[torch.Tensor, bool]:
-        """Host memory, pinned where the pool is and the system grants it, else pageable; and
-        whether it is pinned."""
-        chunk = self._pin_chunk(nbytes) if self._pin else None
+    def _pool_memory(self, nbytes: int) -> tuple[torch.Tensor, bool]:
+        """Host memory of the pool's kind (pinned where the pool is) where the system grants
+        it, else pageable; and whether it is of the pool's kind."""
+        chunk = self._pin_chunk(nbytes)
         if chunk is not None:
             return chunk, True
         return _allocate_host(nbytes, False), False
@@ -808,7 +808,7 @@ class TensorEngine:
         returns to the pool)."""
         assert buffer.spill is not None
         if buffer.pooled:
-            buffer.tensor, buffer.pooled = self._pinned_or_pageable(buffer.capacity)
+            buffer.tensor, buffer.pooled = self._pool_memory(buffer.capacity)
         else:
             buffer.tensor = _allocate_host(buffer.used, False)
         read_spill(buffer.spill, _memoryview(buffer.tensor, buffer.used))
