@@ -20,8 +20,8 @@ from cells import cell_messages, record_of, run_cell
 from cells import cell_text as cell_text_of
 from traitlets.config import Config
 
-# hub: a real JupyterHub with real Unix users (tests/hub.py).
-pytest_plugins = ["pytest_jupyter.jupyter_server", "hub"]
+# hub: a real JupyterHub with real Unix users (tests/hub.py); gpu_gate: the rules of GPU runs.
+pytest_plugins = ["pytest_jupyter.jupyter_server", "hub", "gpu_gate"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,15 +1,17 @@
-"""Driver-tier checkpoint: detection, ABI layouts, and the call sequence, without and with a GPU.
+"""Driver-tier checkpoint: detection, ABI layouts, the call sequence and the broker's use of it.
 
 Without a GPU the real driver cannot run, so most tests load a small fake libcuda compiled here
 from C. It declares the checkpoint structs the way the CUDA headers do, so the C compiler (not
 our ctypes code) decides where each field lies, and it enforces the documented contract: the
 lock/checkpoint/restore/unlock state machine and "reserved fields must be zero". The tests at the
-end need a real driver and GPU (driver >= 570, torch with CUDA) and are skipped elsewhere.
+end drive the broker's service with the fake standing in for the GPU; the same calls on a real
+driver and GPU are in test_gpu_driver.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -19,8 +21,10 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -43,12 +47,14 @@ from jupyter_singularity.broker.checkpoint import (
 from jupyter_singularity.broker.identity import server_owner
 from jupyter_singularity.broker.ledger import Ledger
 from jupyter_singularity.broker.model import Policy
+from jupyter_singularity.broker.processes import kernel_pid
 from jupyter_singularity.broker.quotas import Quotas
 from jupyter_singularity.broker.service import BrokerService
 from jupyter_singularity.devices import DeviceInfo, DeviceInventory
 from jupyter_singularity.kernel.client import BrokerClient
 from jupyter_singularity.protocol import ENV_BROKER_URL, ENV_KERNEL_KEY
 
+REPO = Path(__file__).resolve().parent.parent
 GPU_A = "GPU-6f1c2a3b-4d5e-6f70-8192-a3b4c5d6e7f8"
 GPU_B = "GPU-00112233-4455-6677-8899-aabbccddeeff"
 
@@ -98,6 +104,10 @@ int fake_init_rc = 0;
 int fake_checkpoint_rc = 0;
 int fake_restore_rc = 0;
 int fake_unlock_rc = 0;
+int fake_lock_rc = 0;
+int fake_state_rc = 0;      /* cuCheckpointProcessGetState fails with this */
+int fake_error_state = -1;  /* the state a failing lock or checkpoint leaves (-1: unchanged) */
+int fake_unlock_failures = 0;  /* the next unlocks that fail with CUDA_ERROR_TIMEOUT */
 int fake_pid = 0;          /* the one pid this driver knows as a CUDA process */
 int fake_state = 0;        /* CUprocessState of fake_pid */
 unsigned int fake_lock_timeout = 0;
@@ -145,6 +155,7 @@ static int zero(const void *p, size_t n) {
 CUresult cuCheckpointProcessGetState(int pid, int *state) {
     note("state");
     if (pid != fake_pid) return 1;
+    if (fake_state_rc) return fake_state_rc;
     *state = fake_state;
     return 0;
 }
@@ -154,6 +165,10 @@ CUresult cuCheckpointProcessLock(int pid, Lock *args) {
     if (pid != fake_pid || !args || args->reserved0 || !zero(args->reserved1, sizeof args->reserved1))
         return 1;
     if (fake_state != 0) return 401;
+    if (fake_lock_rc) {
+        if (fake_error_state >= 0) fake_state = fake_error_state;
+        return fake_lock_rc;
+    }
     fake_lock_timeout = args->timeoutMs;
     fake_state = 1;
     return 0;
@@ -163,7 +178,10 @@ CUresult cuCheckpointProcessCheckpoint(int pid, Reserved64 *args) {
     note("checkpoint");
     if (pid != fake_pid || !args || !zero(args, sizeof *args)) return 1;
     if (fake_state != 1) return 401;
-    if (fake_checkpoint_rc) return fake_checkpoint_rc;
+    if (fake_checkpoint_rc) {
+        if (fake_error_state >= 0) fake_state = fake_error_state;
+        return fake_checkpoint_rc;
+    }
     fake_state = 2;
     return 0;
 }
@@ -205,6 +223,10 @@ CUresult cuCheckpointProcessUnlock(int pid, Reserved64 *args) {
     if (pid != fake_pid || !args || !zero(args, sizeof *args)) return 1;
     if (fake_state != 1) return 401;
     if (fake_unlock_rc) return fake_unlock_rc;
+    if (fake_unlock_failures > 0) {
+        fake_unlock_failures--;
+        return 909;
+    }
     fake_state = 0;
     return 0;
 }
@@ -274,6 +296,10 @@ def fake(fake_libraries: dict[str, Path]) -> Iterator[Fake]:
         checkpoint_rc=0,
         restore_rc=0,
         unlock_rc=0,
+        lock_rc=0,
+        state_rc=0,
+        error_state=-1,
+        unlock_failures=0,
         pid=os.getpid(),
         state=0,
     )
@@ -598,9 +624,11 @@ def test_failed_checkpoint_unlocks_again(fake: Fake) -> None:
         f"cuCheckpointProcessCheckpoint for pid {pid} failed with CUDA_ERROR_NOT_SUPPORTED "
         "(operation not supported): the driver cannot checkpoint this process"
     )
-    assert message.endswith("the process was unlocked again and keeps its GPU state")
+    assert message.endswith(f"; pid {pid} runs on and keeps its GPU state")
     assert (raised.value.call, raised.value.code) == ("cuCheckpointProcessCheckpoint", 801)
-    assert fake.calls() == ["lock", "checkpoint", "unlock"]
+    assert raised.value.state == "running"
+    # Asked where the process is after the failure, unlocked, and asked again.
+    assert fake.calls() == ["lock", "checkpoint", "state", "unlock", "state"]
     assert checkpointer.state(pid) == "running"
 
 
@@ -610,10 +638,79 @@ def test_failed_checkpoint_and_unlock_says_the_kernel_stays_blocked(fake: Fake) 
     fake.set(checkpoint_rc=801, unlock_rc=909)
     with pytest.raises(
         CheckpointError,
-        match=r"unlocking again failed too .*CUDA_ERROR_TIMEOUT.*"
-        r"stay blocked; pid \d+ is now 'locked'",
-    ):
+        match=r"CUDA_ERROR_NOT_SUPPORTED.*; pid \d+ is left 'locked': its CUDA calls cannot "
+        r"work until it is restarted$",
+    ) as raised:
         checkpointer.checkpoint(os.getpid())
+    assert raised.value.state == "locked"
+
+
+# (what the failing call returns, the state it leaves, GetState's result, unlocks that fail)
+# -> the state the checkpointer leaves the process in, and the driver calls made.
+FAILURES = {
+    "lock times out, process untouched": (
+        dict(lock_rc=909),
+        "running",
+        ["lock", "state"],
+    ),
+    "lock fails, leaves it locked": (
+        dict(lock_rc=909, error_state=1),
+        "running",
+        ["lock", "state", "unlock", "state"],
+    ),
+    "lock fails, leaves it failed": (
+        dict(lock_rc=909, error_state=3),
+        "failed",
+        ["lock", "state"],
+    ),
+    "lock refused, state unreadable": (
+        dict(lock_rc=1, state_rc=1),
+        "running",
+        ["lock", "state"],
+    ),
+    "checkpoint fails, leaves it failed": (
+        dict(checkpoint_rc=801, error_state=3),
+        "failed",
+        ["lock", "checkpoint", "state"],
+    ),
+    "checkpoint reports an error, yet checkpointed": (
+        dict(checkpoint_rc=801, error_state=2),
+        "running",
+        ["lock", "checkpoint", "state", "restore", "state", "unlock", "state"],
+    ),
+    "checkpoint fails, unlock fails once": (
+        dict(checkpoint_rc=801, unlock_failures=1),
+        "locked",
+        ["lock", "checkpoint", "state", "unlock", "state"],
+    ),
+    "checkpoint fails, state unreadable": (
+        dict(checkpoint_rc=801, state_rc=1),
+        "unknown",
+        ["lock", "checkpoint", "state"],
+    ),
+}
+
+
+@needs_cc
+@pytest.mark.parametrize("case", list(FAILURES))
+def test_a_failed_checkpoint_asks_where_the_process_is_and_brings_it_back(
+    fake: Fake, case: str
+) -> None:
+    """NVIDIA does not promise a good state after an error: every failure is followed by the
+    process's state, and a process that can be brought back is."""
+    settings, left, calls = FAILURES[case]
+    checkpointer = _checkpointer(fake)
+    pid = os.getpid()
+    fake.set(**settings)
+    with pytest.raises(CheckpointError) as raised:
+        checkpointer.checkpoint(pid)
+    assert (raised.value.state or "").split(":")[0] == left
+    assert fake.calls() == calls
+    if left == "running":
+        assert str(raised.value).endswith(f"pid {pid} runs on and keeps its GPU state")
+        assert fake.state == 0
+    else:
+        assert f"pid {pid} is left '{left}" in str(raised.value)
 
 
 @needs_cc
@@ -637,8 +734,9 @@ def test_lock_of_a_checkpointed_process_is_an_illegal_state(fake: Fake) -> None:
     checkpointer.checkpoint(pid)
     with pytest.raises(CheckpointError, match="CUDA_ERROR_ILLEGAL_STATE") as raised:
         checkpointer.checkpoint(pid)
-    assert fake.calls()[-1] == "lock"  # nothing to unlock: the lock itself failed
-    assert raised.value.code == 401
+    # Nothing to undo: the lock itself failed, and the process stays as the first one left it.
+    assert fake.calls()[-2:] == ["lock", "state"]
+    assert (raised.value.code, raised.value.state) == (401, "checkpointed")
 
 
 @needs_cc
@@ -675,102 +773,6 @@ def test_pid_that_does_not_exist(fake: Fake) -> None:
             checkpointer.state(bad)
 
 
-# --- real driver and GPU ------------------------------------------------------------------------
-
-_CAPABILITY = detect()
-
-# A kernel stand-in: holds a CUDA context and a tensor, says which GPU, then answers whether the
-# tensor still holds what it held at the start each time it reads a line.
-_CUDA_CHILD = r"""
-import sys, torch
-x = torch.arange(1 << 22, device="cuda", dtype=torch.float64)
-expected = float(x.sum())
-gpu = str(torch.cuda.get_device_properties(0).uuid)
-print(gpu if gpu.startswith("GPU-") else "GPU-" + gpu, flush=True)
-for _ in sys.stdin:
-    print("intact" if float(x.sum()) == expected else "changed", flush=True)
-"""
-
-needs_gpu = pytest.mark.skipif(
-    not _CAPABILITY.available, reason=f"needs the driver checkpoint API: {_CAPABILITY.reason}"
-)
-
-
-@pytest.fixture
-def cuda_child() -> Iterator[tuple[subprocess.Popen[str], str]]:
-    pytest.importorskip("torch")
-    child = subprocess.Popen(
-        [sys.executable, "-c", _CUDA_CHILD],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdout is not None
-    gpu = child.stdout.readline().strip()
-    assert gpu.startswith("GPU-"), "the child could not start CUDA"
-    yield child, gpu
-    child.kill()
-    child.wait()
-
-
-def _ask(child: subprocess.Popen[str]) -> str:
-    assert child.stdin is not None and child.stdout is not None
-    child.stdin.write("check\n")
-    child.stdin.flush()
-    return child.stdout.readline().strip()
-
-
-def _gpu_pids() -> set[int]:
-    import pynvml
-
-    pynvml.nvmlInit()
-    try:
-        return {
-            process.pid
-            for index in range(pynvml.nvmlDeviceGetCount())
-            for process in pynvml.nvmlDeviceGetComputeRunningProcesses(
-                pynvml.nvmlDeviceGetHandleByIndex(index)
-            )
-        }
-    finally:
-        pynvml.nvmlShutdown()
-
-
-@needs_gpu
-def test_gpu_checkpoint_and_restore_of_a_torch_process(
-    cuda_child: tuple[subprocess.Popen[str], str],
-) -> None:
-    child, _ = cuda_child
-    checkpointer = DriverCheckpointer(_CAPABILITY)
-    assert checkpointer.state(child.pid) == "running"
-    assert child.pid in _gpu_pids(), "NVML does not list the child (another pid namespace?)"
-    checkpointer.lock(child.pid)
-    assert checkpointer.state(child.pid) == "locked"
-    checkpointer.unlock(child.pid)
-    assert checkpointer.state(child.pid) == "running"
-
-    assert checkpointer.checkpoint(child.pid) > 0
-    assert checkpointer.state(child.pid) == "checkpointed"
-    assert child.pid not in _gpu_pids()  # the whole context left the GPU
-
-    assert checkpointer.restore(child.pid) > 0
-    assert checkpointer.state(child.pid) == "running"
-    assert _ask(child) == "intact"
-
-
-@pytest.mark.skipif(not _CAPABILITY.migration, reason="the driver has no GPU UUID remap")
-@needs_gpu
-def test_gpu_restore_with_identity_uuid_remap(
-    cuda_child: tuple[subprocess.Popen[str], str],
-) -> None:
-    child, gpu = cuda_child
-    checkpointer = DriverCheckpointer(_CAPABILITY)
-    checkpointer.checkpoint(child.pid)
-    checkpointer.restore(child.pid, [(gpu, gpu)])
-    assert checkpointer.state(child.pid) == "running"
-    assert _ask(child) == "intact"
-
-
 # --- the broker service drives the tier (the fake driver stands in for the GPU) --------------
 
 
@@ -779,12 +781,17 @@ class TwoGpusOfOneChip(DeviceInventory):
 
     def __init__(self) -> None:
         super().__init__(kind="nvml")
+        #: What NVML says each pid holds, on every device.
+        self.held: dict[int, int] = {}
 
     def devices(self) -> list[DeviceInfo]:
         return [
             DeviceInfo(i, uuid, "NVIDIA H100", "H100", 16 << 30)
             for i, uuid in enumerate((GPU_A, GPU_B))
         ]
+
+    def process_memory(self, index: int) -> dict[int, int]:
+        return dict(self.held) if index == 0 else {}
 
     def close(self) -> None:
         pass
@@ -798,23 +805,73 @@ async def _until(predicate, timeout: float = 10.0):
     return value
 
 
-@needs_cc
-async def test_service_checkpoints_the_context_after_the_tensors_and_restores_it_first(
-    fake: Fake, tmp_path: Path
-) -> None:
-    GiB = 1 << 30
+GiB = 1 << 30
+#: What the fake kernels' tensor tier moves to host memory, and leaves on the GPU (its context).
+STATE, CONTEXT = 12 * GiB, 600 << 20
+
+
+class Pool:
+    """A broker service over two GPUs of one chip whose driver is the fake one, and kernels
+    (clients in this process, so the fake knows their pid) answering as the tensor tier would."""
+
+    def __init__(self, service: BrokerService) -> None:
+        self.service = service
+        self.clients: list[BrokerClient] = []
+
+    async def kernel(self, kernel_id: str, **handlers: Any) -> BrokerClient:
+        """A registered kernel that said hello; its tensor tier moves STATE, leaves CONTEXT."""
+        env = self.service.register_kernel(kernel_id, server_owner()).env
+        client = BrokerClient(env[ENV_BROKER_URL], kernel_id, env[ENV_KERNEL_KEY].encode())
+        client.on("offload", lambda body: {"host_bytes": STATE, "gpu_bytes": CONTEXT})
+        for type, handler in handlers.items():
+            client.on(type, handler)
+        client.start()
+        self.clients.append(client)
+        await self.ask(client, "hello", {"pid": os.getpid()})  # the one process the fake knows
+        return client
+
+    @staticmethod
+    async def ask(client: BrokerClient, type: str, body: dict) -> dict:
+        return await asyncio.to_thread(client.request, type, body, 10)
+
+    async def run_cell(self, client: BrokerClient, kernel_id: str, request_id: str) -> dict:
+        """A cell of STATE bytes on the GPU; returns its grant once the lease is back."""
+        grant = await self.ask(client, "acquire", {"request_id": request_id, "memory": STATE})
+        client.send("release", {"request_id": request_id, "peak_bytes": STATE, "gpu_bytes": STATE})
+        await _until(lambda: self.service.kernel(kernel_id)["state"] == "resident")
+        return grant
+
+
+@contextlib.asynccontextmanager
+async def fake_driver_pool(
+    fake: Fake, tmp_path: Path, policy: Policy, **settings: Any
+) -> AsyncIterator[Pool]:
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
     service = BrokerService(
         TwoGpusOfOneChip(),
         ledger,
         Quotas({}),
-        Policy(host_memory_limit=10 * GiB, pinned_per_kernel=8 * GiB, pinned_total=10 * GiB),
+        policy,
         log=logging.getLogger("test"),
         spill_dir=tmp_path / "spill",
         driver=_checkpointer(fake),
+        **settings,
     )
     await service.start()
-    clients: list[BrokerClient] = []
+    pool = Pool(service)
+    try:
+        yield pool
+    finally:
+        for client in pool.clients:
+            client.close()
+        await service.stop()
+        ledger.close()
+
+
+@needs_cc
+async def test_service_checkpoints_the_context_after_the_tensors_and_restores_it_first(
+    fake: Fake, tmp_path: Path
+) -> None:
     spills: list[dict] = []
 
     def spill(body: dict) -> dict:
@@ -822,38 +879,29 @@ async def test_service_checkpoints_the_context_after_the_tensors_and_restores_it
         spills.append(body)
         return {"host_bytes": 8 * GiB, "disk_bytes": 4 * GiB}
 
-    def kernel(kernel_id: str) -> BrokerClient:
-        env = service.register_kernel(kernel_id, server_owner()).env
-        client = BrokerClient(env[ENV_BROKER_URL], kernel_id, env[ENV_KERNEL_KEY].encode())
-        # The kernel's tensor tier: 12 GiB to host memory, its CUDA context (600 MiB) stays.
-        client.on("offload", lambda body: {"host_bytes": 12 * GiB, "gpu_bytes": 600 << 20})
-        client.on("spill", spill)
-        client.start()
-        clients.append(client)
-        return client
-
-    async def ask(client: BrokerClient, type: str, body: dict) -> dict:
-        return await asyncio.to_thread(client.request, type, body, 10)
-
-    try:
-        one, two = kernel("k1"), kernel("k2")
-        for client in (one, two):
-            await ask(client, "hello", {"pid": os.getpid()})  # the one process the fake knows
-        grant = await ask(one, "acquire", {"request_id": "r1", "memory": 12 * GiB})
+    policy = Policy(host_memory_limit=13 * GiB, pinned_per_kernel=8 * GiB, pinned_total=10 * GiB)
+    async with fake_driver_pool(fake, tmp_path, policy) as pool:
+        service, ask = pool.service, pool.ask
+        one, two = await pool.kernel("k1", spill=spill), await pool.kernel("k2", spill=spill)
+        grant = await pool.run_cell(one, "k1", "r1")
         assert grant["device"]["uuid"] == GPU_A
         assert grant["pool_allowance"] == 8 * GiB  # the pinned pool it may keep: its own bound
-        one.send("release", {"request_id": "r1", "peak_bytes": 12 * GiB, "gpu_bytes": 12 * GiB})
-        await _until(lambda: service.kernel("k1")["state"] == "resident")
-
         # Offloaded: the tensor tier first, then the driver takes the context; 0 bytes left.
+        # The driver keeps the context in host memory: it counts with the kernel's host copy.
         service.offload("k1")
         record = await _until(lambda: (r := service.kernel("k1"))["state"] == "offloaded" and r)
         assert record["gpu_bytes"] == 0 and record["device"] is None, record
+        assert record["host_bytes"] == 12 * GiB + (600 << 20)
+        assert service.core.host_held == 12 * GiB + (600 << 20)
         assert record["context"]["checkpointed"] is True, record["context"]
         assert fake.calls() == ["lock", "checkpoint"] and fake.state == 2
-        # Over the host budget: the frozen process is asked to spill without CUDA calls, once.
+        # Over the user's host quota: the frozen process is asked to spill without CUDA calls,
+        # once; the driver's copy stays in memory with the pinned pool it keeps.
+        service.set_quotas(Quotas.parse({"default": {"host_memory": "10GiB"}}))
         await _until(lambda: spills)
         assert spills[0]["cuda_frozen"] is True
+        record = await _until(lambda: (r := service.kernel("k1"))["disk_bytes"] and r)
+        assert record["host_bytes"] == 8 * GiB + (600 << 20)
 
         # GPU A is taken; kernel 1's next cell migrates to GPU B: the driver restores its
         # context there (UUID remap) before the cell hears its grant.
@@ -878,12 +926,274 @@ async def test_service_checkpoints_the_context_after_the_tensors_and_restores_it
         # Shutting down: a kernel the driver holds checkpointed must be ended at once.
         one.send("release", {"request_id": "r3", "peak_bytes": 12 * GiB, "gpu_bytes": 12 * GiB})
         await _until(lambda: service.kernel("k1")["state"] == "resident")
+        service.set_quotas(Quotas.parse({}))  # room for the driver's copy again
         service.offload("k1")
         await _until(lambda: service.kernel("k1")["context"]["checkpointed"])
         assert service.kernel_stopping("k1", "shut down") is True
         assert service.kernel_stopping("k2", "shut down") is False
+
+
+def _states(service: BrokerService, kernel_id: str) -> list[str]:
+    """The states a kernel's history went through, oldest first."""
+    return [e["new_state"] for e in reversed(service.kernel(kernel_id)["events"])]
+
+
+@needs_cc
+async def test_a_failed_checkpoint_that_leaves_the_process_running_keeps_the_context(
+    fake: Fake, tmp_path: Path
+) -> None:
+    async with fake_driver_pool(fake, tmp_path, Policy(host_memory_limit=64 * GiB)) as pool:
+        client = await pool.kernel("k1")
+        await pool.run_cell(client, "k1", "r1")
+        fake.set(checkpoint_rc=801)  # not supported; the process is unlocked again
+        pool.service.offload("k1")
+        record = await _until(
+            lambda: (r := pool.service.kernel("k1"))["state"] == "offloaded" and r
+        )
+        assert (record["gpu_bytes"], record["host_bytes"], record["device"]) == (CONTEXT, STATE, 0)
+        assert record["context"]["checkpointed"] is False
+        assert record["context"]["note"].endswith("runs on and keeps its GPU state")
+        assert fake.state == 0
+        assert pool.service.core.host_held == STATE  # no room held for a copy the driver lacks
+        grant = await pool.ask(client, "acquire", {"request_id": "r2"})
+        assert grant["granted"] is True
+
+
+@needs_cc
+@pytest.mark.parametrize(
+    ("settings", "left"),
+    [
+        (dict(checkpoint_rc=801, error_state=3), "failed"),
+        (dict(checkpoint_rc=801, unlock_rc=909), "locked"),
+        (dict(checkpoint_rc=801, state_rc=1), "unknown"),
+    ],
+    ids=["failed", "still-locked", "state-unknown"],
+)
+async def test_a_failed_checkpoint_that_leaves_the_process_unusable_is_reported_not_offloaded(
+    fake: Fake, tmp_path: Path, settings: dict, left: str
+) -> None:
+    async with fake_driver_pool(fake, tmp_path, Policy(host_memory_limit=64 * GiB)) as pool:
+        service = pool.service
+        client = await pool.kernel("k1")
+        await pool.run_cell(client, "k1", "r1")
+        fake.set(**settings)
+        service.offload("k1")
+        record = await _until(lambda: (r := service.kernel("k1"))["state"] == "error" and r)
+        assert "offloaded" not in _states(service, "k1")
+        why = record["events"][0]["reason"]
+        assert why.startswith(
+            f"the CUDA driver left this kernel's process '{left}' after a failed checkpoint, "
+            "so its GPU state cannot come back: restart the kernel"
+        )
+        # It keeps what it holds where it is: its context booked on the GPU, its host copy.
+        assert (record["device"], record["gpu_bytes"], record["host_bytes"]) == (0, CONTEXT, STATE)
+        # Its user is told why at the next GPU cell, which does not run.
+        denied = await pool.ask(client, "acquire", {"request_id": "r2"})
+        assert (denied["granted"], denied["reason"]) == (False, why)
+
+
+@needs_cc
+async def test_without_host_room_for_the_drivers_copy_the_context_stays_on_the_gpu(
+    fake: Fake, tmp_path: Path
+) -> None:
+    """host_memory_limit holds at all times: the driver's copy of the context is host memory."""
+    policy = Policy(host_memory_limit=STATE + (100 << 20))
+    async with fake_driver_pool(fake, tmp_path, policy) as pool:
+        client = await pool.kernel("k1")
+        await pool.run_cell(client, "k1", "r1")
+        pool.service.offload("k1")
+        record = await _until(
+            lambda: (r := pool.service.kernel("k1"))["state"] == "offloaded" and r
+        )
+        assert fake.calls() == []
+        assert (record["gpu_bytes"], record["host_bytes"]) == (CONTEXT, STATE)
+        assert record["context"]["note"].startswith(
+            "host memory has no room for the driver's copy of the CUDA context (600.0 MiB)"
+        )
+        assert pool.service.core.host_held == STATE
+
+
+@needs_cc
+@pytest.mark.parametrize("settings", [dict(checkpoint_rc=801, error_state=3), dict()])
+async def test_a_stalled_lease_holder_left_unusable_by_its_checkpoint_is_reported(
+    fake: Fake, tmp_path: Path, settings: dict
+) -> None:
+    """The watchdog checkpoints stalled lease holders: the same rule for a failed checkpoint."""
+    policy = Policy(host_memory_limit=64 * GiB)
+    async with fake_driver_pool(fake, tmp_path, policy, ping_interval=3600.0) as pool:
+        service = pool.service
+        client = await pool.kernel("k1")
+        grant = await pool.ask(client, "acquire", {"request_id": "r1", "memory": STATE})
+        assert grant["granted"] is True
+        service._connections["k1"].stalled_since = service.clock() - 2 * service.lease_stall_timeout
+        fake.set(**settings)
+        service._check_stalled_leases()
+        if not settings:  # the checkpoint worked: the lease is revoked, the state kept
+            record = await _until(lambda: (r := service.kernel("k1"))["state"] == "offloaded" and r)
+            assert record["context"]["checkpointed"] is True and fake.state == 2
+            assert service.core.host_held == STATE  # room for the driver's copy of it
+            return
+        record = await _until(lambda: (r := service.kernel("k1"))["state"] == "error" and r)
+        assert "'failed' after a failed checkpoint" in record["events"][0]["reason"]
+        assert record["lease"] is None
+        assert 0 in service.core.unavailable  # what it may still write stays its own
+        assert service.core.host_held == 0  # no room kept for a copy the driver never took
+        denied = await pool.ask(client, "acquire", {"request_id": "r2"})
+        assert denied["granted"] is False and "restart the kernel" in denied["reason"]
+
+
+# --- which process: the kernel's own, verified with the OS ------------------------------------
+
+
+@pytest.fixture
+def wrapper() -> Iterator[subprocess.Popen]:
+    """A live process that is not the kernel: what a provisioner sees when it starts the kernel
+    through a wrapper (conda run, a shell script)."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+@needs_cc
+async def test_the_driver_tier_and_nvml_use_the_kernels_own_pid_not_the_launched_one(
+    fake: Fake, tmp_path: Path, wrapper: subprocess.Popen
+) -> None:
+    """The provisioner's pid may reach the broker after the kernel's hello: it must not replace
+    the kernel's own, which the OS confirmed."""
+    async with fake_driver_pool(fake, tmp_path, Policy(host_memory_limit=64 * GiB)) as pool:
+        service = pool.service
+        service.inventory.held = {os.getpid(): 5 * GiB, wrapper.pid: 7 * GiB}
+        client = await pool.kernel("k1")  # says hello from this process, the fake's one
+        service.kernel_started("k1", wrapper.pid)
+        await pool.run_cell(client, "k1", "r1")
+        kernel = next(k for k in service.pool()["kernels"] if k["kernel_id"] == "k1")
+        assert kernel["process_gpu_bytes"] == 5 * GiB  # NVML asked about the kernel itself
+        service.offload("k1")
+        record = await _until(lambda: (r := service.kernel("k1"))["state"] == "offloaded" and r)
+        assert record["context"]["checkpointed"] is True, record["context"]
+        # The wrapper's end is not the kernel's: the kernel's own pid is the one watched.
+        wrapper.kill()
+        wrapper.wait()
+        service._reap_dead_processes()
+        assert "k1" in service.core.kernels
+
+
+def _nspid(pid: int) -> list[int]:
+    """The pids of a process, outermost namespace first, as /proc/<pid>/status lists them."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return [int(part) for part in line.split()[1:]]
+    raise AssertionError("no NSpid line")
+
+
+def _in_own_pid_namespace(code: str) -> subprocess.Popen[str]:
+    """``python -c code`` as pid 1 of a new pid namespace, under ``unshare``."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux)")
+    probe = subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a pid namespace here: {probe.stderr.decode().strip()}")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.Popen(
+        ["unshare", "--pid", "--fork", sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def test_a_kernel_in_its_own_pid_namespace_is_found_by_its_nspid() -> None:
+    """Without peer credentials, the kernel's claim (pid 1 there) is looked for below the
+    process the provisioner started, by the pid each one has in its own namespace."""
+    inner = _in_own_pid_namespace(
+        "import os, sys; print(os.getpid(), flush=True); sys.stdin.read()"
+    )
+    try:
+        assert inner.stdout is not None
+        assert inner.stdout.readline().strip() == "1"
+        found = kernel_pid(1, None, inner.pid)
+        assert found is not None and found != inner.pid  # unshare's child, the kernel itself
+        assert _nspid(found) == [found, 1]
+        # Told by the OS which process speaks, its own view of its pid must be the claim.
+        assert kernel_pid(1, found, None) == found
+        with pytest.raises(ValueError, match=rf"is pid {os.getpid()} in its own namespace, not 1"):
+            kernel_pid(1, os.getpid(), None)
+        assert kernel_pid(2, None, inner.pid) is None  # no such process below the launched one
+        assert kernel_pid(1, None, None) is None  # nothing to look below: not confirmed
     finally:
-        for client in clients:
-            client.close()
+        inner.kill()
+        inner.wait()
+
+
+async def test_the_broker_keeps_the_pid_of_a_kernel_in_its_own_pid_namespace(
+    tmp_path: Path,
+) -> None:
+    """Through the kernel channel: the OS gives the broker the kernel's pid as the broker sees it
+    (not the 1 the kernel knows itself by), confirmed by its NSpid."""
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    service = BrokerService(
+        TwoGpusOfOneChip(),
+        ledger,
+        Quotas({}),
+        Policy(),
+        log=logging.getLogger("test"),
+        driver=DriverCheckpointer(DriverCapability(False, False, None, "not needed here")),
+    )
+    await service.start()
+    env = service.register_kernel("kn", server_owner()).env
+    hello = (
+        "import os, sys\n"
+        "from jupyter_singularity.kernel.client import BrokerClient\n"
+        f"c = BrokerClient({env[ENV_BROKER_URL]!r}, 'kn', {env[ENV_KERNEL_KEY]!r}.encode())\n"
+        "c.start()\n"
+        "c.request('hello', {'pid': os.getpid()}, 10)\n"
+        "print(os.getpid(), flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    inner = _in_own_pid_namespace(hello)
+    try:
+        assert inner.stdout is not None
+        line = await asyncio.to_thread(inner.stdout.readline)
+        assert line.strip() == "1"
+        pid = service._connections["kn"].pid
+        assert pid is not None and pid not in (1, inner.pid)
+        assert _nspid(pid) == [pid, 1]
+    finally:
+        inner.kill()
+        inner.wait()
         await service.stop()
         ledger.close()
+
+
+# --- migration: after the driver moved a kernel, it names its new GPU ---------------------------
+
+
+def test_after_a_move_the_kernel_and_what_it_starts_name_its_new_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CUDA in the kernel runs on the new GPU once the driver restored it there with a UUID
+    remap; CUDA_VISIBLE_DEVICES must say so for its child processes and NVML lookups."""
+    from jupyter_singularity.kernel.runtime import Runtime
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", GPU_A)
+    cuda = SimpleNamespace(is_initialized=lambda: True)  # CUDA started on GPU A long ago
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
+    runtime = Runtime(None, simulated=False)
+
+    def child_sees() -> str:
+        code = "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"
+        return subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    runtime._granted("r1", {"device": {"index": 1, "uuid": GPU_B}, "reservation": GiB})
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == GPU_B and child_sees() == GPU_B
+    # An explicit restore (no cell) that moved it is heard the same way.
+    runtime.lease = None
+    runtime.on_restore({"device": {"index": 0, "uuid": GPU_A}})
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == GPU_A and child_sees() == GPU_A

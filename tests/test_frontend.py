@@ -167,8 +167,12 @@ async def test_the_kernel_channel_refuses_another_users_process(pool) -> None:
     client = BrokerClient(launch.env[ENV_BROKER_URL], "kb", launch.env[ENV_KERNEL_KEY].encode())
     client.start()
     try:
-        # A pid the message names is not believed: the OS says which process it is.
-        await asyncio.to_thread(client.request, "hello", {"pid": 1}, 5)
+        # A pid the message names is not believed: one that is not the sending process's own
+        # (as /proc says it) is refused, and the pid kept is the one the OS gives.
+        with pytest.raises(Exception, match=r"hello refused: pid: .* not 1$"):
+            await asyncio.to_thread(client.request, "hello", {"pid": 1}, 5)
+        assert service._connections["kb"].pid is None
+        await asyncio.to_thread(client.request, "hello", {"pid": os.getpid()}, 5)
         assert service._connections["kb"].pid == os.getpid()
     finally:
         client.close()

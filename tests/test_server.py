@@ -116,7 +116,7 @@ async def test_settings_are_parsed(singularity_app, tmp_path):
     assert singularity_app.host_memory_limit_bytes == usable_memory() // 2
     assert Path(singularity_app.spill_dir).is_dir()
     policy = singularity_app.service.core.policy
-    assert policy.migration is True
+    assert policy.migration is False  # off until a run on two real GPUs has checked it
     # Pinned pools: none on simulated devices; all of them within host_memory_limit by default.
     assert policy.pinned_per_kernel == 0
     assert policy.pinned_total == singularity_app.host_memory_limit_bytes

@@ -22,6 +22,7 @@ ABI sources (all structs are 64 bytes on 64-bit Linux, the only platform the API
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -44,6 +45,9 @@ _CHECKPOINT_SYMBOLS = (
     "cuCheckpointProcessRestore",
     "cuCheckpointProcessUnlock",
 )
+
+#: States the driver passes through on its own: asked again until they settle.
+_TRANSIENT_STATES = ("checkpointing", "restoring")
 
 # CUprocessState. 0-3 are in every header since CUDA 12.8; 4 and 5 (transient) are listed by the
 # newer cuda-python bindings (cuda.bindings driver ProcessState), so a newer driver may report them.
@@ -223,12 +227,19 @@ def _format_version(driver_version: int) -> str:
 
 
 class CheckpointError(Exception):
-    """A driver-tier step failed; the message names the call, the CUresult and what it means."""
+    """A driver-tier step failed; the message names the call, the CUresult and what it means.
 
-    def __init__(self, message: str, *, call: str = "", code: int | None = None) -> None:
+    ``state`` is where a failed checkpoint left the process once the checkpointer tried to bring
+    it back (see :meth:`DriverCheckpointer.checkpoint`): "running" when it runs on with its GPU
+    state, anything else when it cannot use CUDA; None where nothing was asked of the driver."""
+
+    def __init__(
+        self, message: str, *, call: str = "", code: int | None = None, state: str | None = None
+    ) -> None:
         super().__init__(message)
         self.call = call
         self.code = code
+        self.state = state
 
 
 class _Libcuda:
@@ -401,31 +412,61 @@ class DriverCheckpointer:
     def checkpoint(self, pid: int, lock_timeout_ms: int = 10_000) -> float:
         """Lock, then move all of the process's GPU state to host memory; returns seconds taken.
 
-        If the checkpoint step fails the process is unlocked again, so it keeps its GPU state and
-        runs on: nothing is lost.
+        NVIDIA does not promise that a process is left in a good state after an error, so after
+        any failure its state is asked and it is brought back where the driver allows
+        (:meth:`recover`). The CheckpointError then says where it was left: its ``state`` is
+        "running" when it runs on and keeps its GPU state (nothing is lost), anything else when
+        its CUDA calls cannot work.
         """
         lock_args = _lock_args(lock_timeout_ms)
         lib = self._driver(pid)
         started = time.perf_counter()
-        lib._call("cuCheckpointProcessLock", pid, ctypes.byref(lock_args))
         try:
+            lib._call("cuCheckpointProcessLock", pid, ctypes.byref(lock_args))
             lib._call("cuCheckpointProcessCheckpoint", pid, ctypes.byref(CheckpointArgs()))
         except CheckpointError as exc:
-            try:
-                lib._call("cuCheckpointProcessUnlock", pid, ctypes.byref(UnlockArgs()))
-            except CheckpointError as unlock_exc:
-                raise CheckpointError(
-                    f"{exc}; unlocking again failed too ({unlock_exc}), so the kernel's CUDA "
-                    f"calls stay blocked{self._state_note(pid)}",
-                    call=exc.call,
-                    code=exc.code,
-                ) from exc
+            state = self.recover(pid, locked=exc.call != "cuCheckpointProcessLock")
             raise CheckpointError(
-                f"{exc}; the process was unlocked again and keeps its GPU state",
-                call=exc.call,
-                code=exc.code,
+                f"{exc}; {_left_in(pid, state)}", call=exc.call, code=exc.code, state=state
             ) from exc
         return time.perf_counter() - started
+
+    def recover(self, pid: int, locked: bool = True, settle_seconds: float = 10.0) -> str:
+        """After a failed step: ask the driver where the process is, bring it back to running
+        where it can (a locked one unlocked; a checkpointed one restored onto its own GPU and
+        unlocked, when this step had locked it), and return the state it is left in: "running",
+        or "locked", "checkpointed", "failed" when its CUDA calls cannot work.
+
+        Transient states are waited out for up to ``settle_seconds``. Where the driver cannot
+        report the state, ``locked`` (whether the failed step came after a successful lock)
+        decides: a process whose lock was refused was not touched ("running"); one that was
+        locked is taken as lost ("unknown: ...").
+        """
+        state = self._settled_state(pid, locked, settle_seconds)
+        lib = self._lib
+        assert lib is not None  # _driver() of the failed step checked it
+        if state == "checkpointed" and locked:  # (before a refused lock it was so already)
+            args = restore_args_layout(self.capability.driver_version or 0)()
+            with contextlib.suppress(CheckpointError):
+                lib._call("cuCheckpointProcessRestore", pid, ctypes.byref(args))
+            state = self._settled_state(pid, locked, settle_seconds)
+        if state == "locked":
+            with contextlib.suppress(CheckpointError):
+                lib._call("cuCheckpointProcessUnlock", pid, ctypes.byref(UnlockArgs()))
+            state = self._settled_state(pid, locked, settle_seconds)
+        return state
+
+    def _settled_state(self, pid: int, locked: bool, settle_seconds: float) -> str:
+        """The process's state once out of checkpointing/restoring (see :meth:`recover`)."""
+        deadline = time.monotonic() + settle_seconds
+        while True:
+            try:
+                state = self.state(pid)
+            except (CheckpointError, ValueError) as exc:
+                return f"unknown: {exc}" if locked else "running"
+            if state not in _TRANSIENT_STATES or time.monotonic() > deadline:
+                return state
+            time.sleep(0.05)
 
     def restore(self, pid: int, gpu_pairs: Sequence[tuple[str, str]] = ()) -> float:
         """Bring a checkpointed process back onto a GPU and unlock it; returns seconds taken.
@@ -475,3 +516,10 @@ class DriverCheckpointer:
             return f"; pid {pid} is now {self.state(pid)!r}"
         except (CheckpointError, ValueError):
             return ""
+
+
+def _left_in(pid: int, state: str) -> str:
+    """What a failed checkpoint means for the kernel, by the state it left the process in."""
+    if state == "running":
+        return f"pid {pid} runs on and keeps its GPU state"
+    return f"pid {pid} is left {state!r}: its CUDA calls cannot work until it is restarted"

@@ -240,6 +240,29 @@ class BrokerCore(HostBudget, Placement):
         self._schedule(now)
         return self._drain()
 
+    def process_unusable(
+        self,
+        kernel_id: str,
+        reason: str,
+        now: float,
+        host_bytes: int,
+        disk_bytes: int = 0,
+        gpu_bytes: int | None = None,
+    ) -> list[Action]:
+        """A failed driver checkpoint left the kernel's process unable to use CUDA: never handed
+        on as offloaded, it keeps what it holds where it is (its GPU memory booked, its host
+        copy counted) until it is restarted, and its record says why."""
+        kernel = self._kernel(kernel_id)
+        if kernel.lease is not None:
+            self._end_lease(kernel, now, None)
+        self._hold_host(kernel, host_bytes, reserved=0)
+        kernel.disk_bytes = disk_bytes
+        if gpu_bytes is not None:
+            kernel.gpu_bytes = gpu_bytes
+        self._set_state(kernel, KernelState.ERROR, reason, now)
+        self._schedule(now)
+        return self._drain()
+
     def discarded(
         self, kernel_id: str, now: float, host_bytes: int, disk_bytes: int
     ) -> list[Action]:

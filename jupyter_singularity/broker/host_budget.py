@@ -2,7 +2,8 @@
 
 A mixin of :class:`~.core.BrokerCore`. Every byte of offloaded state in host memory counts,
 whatever its kernel's queue state, and so does the room given to each offload in flight, reserved
-until the offload is reported. An offload is only ever given the room left (within the pool's
+until the offload is reported, and the host memory the driver tier keeps a checkpointed process's
+GPU memory in (reserved before the checkpoint, counted with the kernel's host copy). An offload is only ever given the room left (within the pool's
 ``host_memory_limit`` and its user's ``host_memory`` quota) and writes the rest of its state
 straight to disk, so host memory holds to the budget while cells wait. Spills move the coldest
 host copies to disk when the budget is exceeded all the same: a quota lowered, or a kernel that
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..units import format_size
-from .model import SPILLABLE_STATES, Action, Kernel, Policy, Spill
+from .model import SPILLABLE_STATES, Action, Kernel, KernelState, Policy, Spill
 from .quotas import Limits
 
 
@@ -62,6 +63,32 @@ class HostBudget:
             return None
         room = max(0, min(rooms))
         return min(room, kernel.gpu_bytes) if kernel.gpu_bytes else room
+
+    def reserve_driver_copy(self, kernel_id: str, nbytes: int) -> bool:
+        """Before the driver tier checkpoints a kernel's process, whose GPU memory the driver then
+        keeps in host memory: hold room for the kernel's host memory with that copy, ``nbytes``
+        in all (in place of the room an offload in flight was given). False, holding nothing
+        more, where the pool's host_memory_limit or the user's quota has no such room: the
+        driver tier is then not used."""
+        kernel = self.kernels.get(kernel_id)
+        if kernel is None:
+            return False
+        change = nbytes - kernel.host_bytes - kernel.host_reserved
+        limit = self.policy.host_memory_limit
+        if limit and self.host_held + change > limit:
+            return False
+        quota = self.limits(kernel.user, kernel.groups).host_memory
+        if quota is not None and self._host_held_by_user.get(kernel.user, 0) + change > quota:
+            return False
+        self._hold_host(kernel, reserved=max(0, nbytes - kernel.host_bytes))
+        return True
+
+    def release_driver_copy(self, kernel_id: str) -> None:
+        """The driver gave the process its GPU memory back (restored), or never took it (a
+        failed checkpoint of a stalled kernel): its room goes back to the pool."""
+        kernel = self.kernels.get(kernel_id)
+        if kernel is not None and kernel.state != KernelState.OFFLOADING:
+            self._hold_host(kernel, reserved=0)
 
     def _host_full(self, kernel: Kernel, why: str) -> str:
         """Why an offload that fit neither its host room nor the disk was refused: one line that

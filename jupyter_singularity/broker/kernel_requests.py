@@ -29,6 +29,7 @@ from ..protocol import (
     transfer_field,
 )
 from .model import BrokerError
+from .processes import kernel_pid
 
 if TYPE_CHECKING:
     import logging
@@ -48,10 +49,20 @@ class KernelConnection:
     """The uid of the kernel's owner (None: not known, or not a local user)."""
     peer_pid: int | None = None
     """The pid of the process that sent the kernel's last message, as the OS says it."""
+    launched_pid: int | None = None
+    """The process the provisioner started (maybe a wrapper: a shell, ``conda run``), watched
+    for its death until the kernel says hello."""
     pid: int | None = None
+    """The kernel's own process, verified with the OS at hello (see ``processes.kernel_pid``):
+    the one the driver tier checkpoints and NVML is asked about. None: not verified (yet)."""
     missed_pings: int = 0
     checkpointed_uuid: str | None = None
     """UUID of the GPU the driver tier checkpointed this kernel's process off, if it did."""
+    driver_bytes: int = 0
+    """GPU memory of the process the driver tier keeps in host memory while it holds it."""
+    unusable: str = ""
+    """Why the process cannot use CUDA any more (a failed driver checkpoint left it so): its GPU
+    cells are refused with this until the kernel is restarted."""
     context_note: str = ""
     """Why the kernel's CUDA context stayed on the GPU after an offload, if it did."""
     context_seconds: dict[str, float] = field(default_factory=dict)
@@ -137,13 +148,21 @@ class KernelRequests:
     def _on_hello(
         self, kernel_id: str, connection: KernelConnection, body: dict, now: float
     ) -> dict:
-        pid = count_field(body, "pid", MAX_PID, minimum=1)
-        if connection.peer_pid is not None:
-            # The OS says which process speaks: the kernel itself, also where the provisioner
-            # started a wrapper (a shell, conda run) whose pid it saw.
-            connection.pid = connection.peer_pid
-        elif connection.pid is None:
-            connection.pid = pid
+        claimed = count_field(body, "pid", MAX_PID, minimum=1)
+        # The OS says which process speaks: the kernel itself, also where the provisioner started
+        # a wrapper (a shell, conda run) or the kernel runs in its own pid namespace.
+        try:
+            pid = kernel_pid(claimed, connection.peer_pid, connection.launched_pid)
+        except ValueError as err:
+            raise FieldError(f"pid: {err}") from None
+        if pid is None:
+            self.log.warning(
+                "jupyter-singularity: kernel %s says it is pid %d, which this broker cannot "
+                "confirm (another pid namespace?): no driver tier or NVML figures for it",
+                kernel_id,
+                claimed,
+            )
+        connection.pid = pid
         return {"kernel": self.kernel(kernel_id), "simulated": self.inventory.simulated}
 
     def _on_ping(
@@ -201,6 +220,8 @@ class KernelRequests:
         self, kernel_id: str, connection: KernelConnection, body: dict, now: float
     ) -> dict | Awaitable[dict]:
         request_id = text_field(body, "request_id")
+        if connection.unusable:
+            return {"granted": False, "reason": connection.unusable}
         # A reservation larger than any device is refused by the core, with the sizes.
         memory = count_field(body, "memory", MAX_STORED_BYTES, default=None)
         bound = text_field(body, "bound_uuid", default=None)  # CUDA in the kernel chose this GPU

@@ -2,6 +2,9 @@
 
 A pid alone is not an identity: after a crash and a reboot, or simply much later, another process may
 have the pid a broker or a kernel had. Its start time (``/proc/<pid>/stat``, Linux) tells them apart.
+Nor is a pid the same number everywhere: a process in its own pid namespace (a container, apptainer
+``--pid``) knows itself by another number than the broker does (``NSpid`` in ``/proc/<pid>/status``
+lists both); the driver tier and NVML need the broker's.
 """
 
 from __future__ import annotations
@@ -54,3 +57,63 @@ def _stat_fields(pid: int) -> list[str]:
     """The fields of ``/proc/<pid>/stat`` after the command name (field 3, the state, first)."""
     with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
         return stat.read().rsplit(")", 1)[1].split()
+
+
+def kernel_pid(claimed: int, peer: int | None, launched: int | None) -> int | None:
+    """The pid, in this process's pid namespace, of the kernel that says its pid is ``claimed``
+    (its own view: ``os.getpid()`` there); None where the OS cannot confirm one.
+
+    ``peer`` is the process that sent the claim, as the OS reports it (SO_PEERCRED): it is the
+    kernel, unless its own view of its pid differs from the claim, which raises ValueError (not
+    the kernel's runtime speaking). Without a peer (TCP, or a peer in a pid namespace this process
+    cannot see), the claim is looked for among ``launched`` (the process the provisioner started,
+    maybe a wrapper such as ``conda run`` or a shell) and its descendants."""
+    if peer is not None:
+        own = _own_pid(peer)
+        if own is not None and own != claimed:
+            raise ValueError(
+                f"the sending process (pid {peer} here) is pid {own} in its own namespace, "
+                f"not {claimed}"
+            )
+        return peer
+    if launched is None:
+        return None
+    for pid in (launched, *_descendants(launched)):
+        if _own_pid(pid) == claimed:
+            return pid
+    return None
+
+
+def _own_pid(pid: int) -> int | None:
+    """The pid ``pid`` has in its own (innermost) pid namespace: the last of ``NSpid``; None
+    where /proc does not say (not Linux, before Linux 4.1, or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _descendants(root: int) -> list[int]:
+    """The processes below ``root`` in the process tree, nearest first (empty without /proc)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            parent = int(_stat_fields(int(entry))[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, frontier = [], [root]
+    while frontier:
+        frontier = [child for pid in frontier for child in sorted(children.get(pid, []))]
+        found += frontier
+    return found

@@ -266,10 +266,11 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
         return None if self.spill_dirs is None else self.spill_dirs.of(kernel_id)
 
     def kernel_started(self, kernel_id: str, pid: int | None) -> None:
-        """The provisioner launched the process: watch its pid so a kill -9 is noticed."""
+        """The provisioner launched the process: watch its pid so a kill -9 is noticed (until
+        the kernel's own, verified at its hello, is known)."""
         connection = self._connections.get(kernel_id)
         if connection is not None and pid:
-            connection.pid = pid
+            connection.launched_pid = pid
 
     def kernel_stopping(self, kernel_id: str, reason: str) -> bool:
         """The server is stopping the kernel: its process exit is expected, not a death.
@@ -632,10 +633,9 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
 
     def _reap_dead_processes(self) -> None:
         for kernel_id, connection in list(self._connections.items()):
-            if connection.pid is not None and not alive(connection.pid):
-                self.unregister_kernel(
-                    kernel_id, connection.stopping or f"process {connection.pid} died"
-                )
+            pid = connection.pid or connection.launched_pid
+            if pid is not None and not alive(pid):
+                self.unregister_kernel(kernel_id, connection.stopping or f"process {pid} died")
 
 
 def _lease_event(

@@ -121,9 +121,11 @@ class PoolSettings(Configurable):
     ).tag(config=True)
 
     migration = Bool(
-        True,
+        False,
         help="""Whether an offloaded kernel may be restored onto another GPU of the same chip
-        type (otherwise it waits for its own GPU).""",
+        type (otherwise it waits for its own GPU). Off by default until a run on two real GPUs
+        has checked it (bench/gpu_check.py runs one on a machine with two or more); on real
+        GPUs it also needs the driver's UUID remap (driver >= 580).""",
     ).tag(config=True)
 
     offload_timeout = Float(
@@ -333,4 +335,5 @@ def inventory_line(inventory: DeviceInventory, devices_option: str) -> str:
         )
     listed = "; ".join(f"{d.index}: {d.name} ({format_size(d.total_bytes)})" for d in devices)
     plural = "s" if len(devices) != 1 else ""
-    return f"jupyter-singularity: pooling {len(devices)} NVIDIA GPU{plural}: {listed}"
+    left_out = f" ({inventory.reason})" if inventory.reason else ""
+    return f"jupyter-singularity: pooling {len(devices)} NVIDIA GPU{plural}: {listed}{left_out}"

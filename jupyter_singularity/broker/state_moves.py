@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..units import format_size
 from .checkpoint import CheckpointError, DriverCapability, DriverCheckpointer
 from .kernel_requests import KernelConnection
 from .model import Action, Grant, Offload, Spill
@@ -84,14 +85,28 @@ class StateMoves:
             )
         else:
             self._stash_transfer(action.kernel_id, reply)
-            gpu_bytes = reply["gpu_bytes"]
-            if gpu_bytes and await self._checkpoint_context(action):
-                gpu_bytes = 0
+            host_bytes, gpu_bytes = reply["host_bytes"], reply["gpu_bytes"]
+            if gpu_bytes and await self._checkpoint_context(action, host_bytes, gpu_bytes):
+                # What was left on the GPU is now in host memory, the driver's copy of it.
+                host_bytes, gpu_bytes = host_bytes + gpu_bytes, 0
+            connection = self._connections.get(action.kernel_id)
+            if connection is not None and connection.unusable:
+                self._apply(
+                    self.core.process_unusable(
+                        action.kernel_id,
+                        connection.unusable,
+                        self.clock(),
+                        host_bytes=host_bytes,
+                        disk_bytes=reply["disk_bytes"],
+                        gpu_bytes=gpu_bytes,
+                    )
+                )
+                return
             self._apply(
                 self.core.offloaded(
                     action.kernel_id,
                     self.clock(),
-                    host_bytes=reply["host_bytes"],
+                    host_bytes=host_bytes,
                     disk_bytes=reply["disk_bytes"],
                     gpu_bytes=gpu_bytes,
                 )
@@ -122,6 +137,8 @@ class StateMoves:
         if action.kernel_id not in self.core.kernels:
             return
         reply = self._reported(action.kernel_id, "spill", reply, (), ("host_bytes", "disk_bytes"))
+        if "error" not in reply and frozen and connection is not None:
+            reply["host_bytes"] += connection.driver_bytes  # the driver's copy stays in memory
         if "error" in reply:
             self.log.error(
                 "jupyter-singularity: %s keeps its state in host memory: %s",
@@ -140,24 +157,38 @@ class StateMoves:
                 )
             )
 
-    async def _checkpoint_context(self, action: Offload) -> bool:
-        """Driver tier: checkpoint what the tensor tier left (the CUDA context) off the GPU."""
+    async def _checkpoint_context(
+        self, action: Offload, host_bytes: int, context_bytes: int
+    ) -> bool:
+        """Driver tier: checkpoint what the tensor tier left (``context_bytes``: the CUDA context)
+        off the GPU, into host memory beside the kernel's ``host_bytes``, if the host budget has
+        room for it. A failure that leaves the process unable to use CUDA marks its connection
+        ``unusable`` (see :meth:`_left_unusable`)."""
         connection = self._connections.get(action.kernel_id)
         if connection is None or connection.pid is None or not self.driver_capability.available:
             if connection is not None:
                 connection.context_note = self.driver_capability.reason or "process unknown"
             return False
+        if not self.core.reserve_driver_copy(action.kernel_id, host_bytes + context_bytes):
+            connection.context_note = (
+                f"host memory has no room for the driver's copy of the CUDA context "
+                f"({format_size(context_bytes)}) within host_memory_limit or the user's "
+                "host_memory quota"
+            )
+            return False
         try:
             seconds = await asyncio.to_thread(self._driver.checkpoint, connection.pid)
         except (CheckpointError, ValueError) as err:
             connection.context_note = str(err)
-            self.log.warning(
-                "jupyter-singularity: %s keeps its CUDA context on the GPU: %s",
-                action.kernel_id,
-                err,
-            )
+            if not self._left_unusable(action.kernel_id, connection, err):
+                self.log.warning(
+                    "jupyter-singularity: %s keeps its CUDA context on the GPU: %s",
+                    action.kernel_id,
+                    err,
+                )
             return False
         connection.checkpointed_uuid = self.core.devices[action.device].uuid
+        connection.driver_bytes = context_bytes
         connection.context_note = ""
         connection.context_seconds["checkpoint"] = seconds
         self.log.info(
@@ -166,6 +197,22 @@ class StateMoves:
             action.device,
             seconds,
         )
+        return True
+
+    def _left_unusable(self, kernel_id: str, connection: KernelConnection, err: Exception) -> bool:
+        """After a failed driver checkpoint: whether the driver left the process unable to use
+        CUDA (its ``state`` not "running": failed, still locked, or unknown). Such a kernel is
+        reported, and its GPU cells are refused with the reason (``connection.unusable``) until
+        it is restarted; one that runs on keeps its GPU state and is used as before."""
+        state = getattr(err, "state", None)
+        if state is None or state == "running":
+            return False
+        connection.unusable = (
+            f"the CUDA driver left this kernel's process {state.split(':')[0]!r} after a failed "
+            f"checkpoint, so its GPU state cannot come back: restart the kernel (its variables "
+            f"in host memory are intact until then). The driver said: {err}"
+        )
+        self.log.error("jupyter-singularity: kernel %s: %s", kernel_id, connection.unusable)
         return True
 
     async def _restore_context(self, grant: Grant) -> None:
@@ -181,6 +228,8 @@ class StateMoves:
         )
         seconds = await asyncio.to_thread(self._driver.restore, connection.pid, pairs)
         connection.checkpointed_uuid = None
+        connection.driver_bytes = 0
+        self.core.release_driver_copy(grant.kernel_id)
         connection.context_seconds["restore"] = seconds
         self.log.info(
             "jupyter-singularity: %s restored onto GPU %d in %.2f s%s",

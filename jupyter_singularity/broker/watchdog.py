@@ -24,6 +24,7 @@ from .kernel_requests import KernelConnection
 from .model import Action
 
 if TYPE_CHECKING:
+    from ..devices import DeviceInventory
     from .core import BrokerCore
     from .rpc import RPCServer
 
@@ -46,6 +47,8 @@ class Watchdog:
     _connections: dict[str, KernelConnection]
     _apply: Callable[[list[Action]], None]
     _spawn: Callable[[Any], None]
+    _left_unusable: Callable[[str, KernelConnection, Exception], bool]
+    inventory: DeviceInventory
     unregister_kernel: Callable[..., None]
 
     def _ping_all(self) -> None:
@@ -96,7 +99,8 @@ class Watchdog:
 
     def _missed_ping(self, kernel_id: str, connection: KernelConnection) -> None:
         connection.missed_pings += 1
-        if connection.pid is None and connection.missed_pings >= self.ping_misses:
+        watched = connection.pid or connection.launched_pid
+        if watched is None and connection.missed_pings >= self.ping_misses:
             # A kernel whose process the broker cannot watch: silence is its only sign of death.
             self.unregister_kernel(
                 kernel_id, f"heartbeat lost ({connection.missed_pings} pings unanswered)"
@@ -133,31 +137,51 @@ class Watchdog:
                 f"and has not answered for {now - connection.stalled_since:.0f} s "
                 f"(lease_stall_timeout = {self.lease_stall_timeout:g} s)"
             )
-            if self.driver_capability.available and connection.pid is not None:
+            held = self._process_bytes(kernel_id)
+            if (
+                self.driver_capability.available
+                and connection.pid is not None
+                and self.core.reserve_driver_copy(kernel_id, held)
+            ):
                 connection.revoked = True
-                self._spawn(self._revoke_by_checkpoint(kernel_id, connection, reason))
+                self._spawn(self._revoke_by_checkpoint(kernel_id, connection, reason, held))
             else:
                 self._block_device(kernel_id, connection, kernel.lease.device, reason)
 
     async def _revoke_by_checkpoint(
-        self, kernel_id: str, connection: KernelConnection, reason: str
+        self, kernel_id: str, connection: KernelConnection, reason: str, held: int
     ) -> None:
+        """Checkpoint the stalled kernel's process, whose ``held`` bytes of GPU memory the
+        driver then keeps in host memory (room reserved for them already)."""
         device = self.core.kernels[kernel_id].device
         assert device is not None and connection.pid is not None
         try:
             seconds = await asyncio.to_thread(self._driver.checkpoint, connection.pid)
         except (CheckpointError, ValueError) as err:
             connection.revoked = False
+            self.core.release_driver_copy(kernel_id)
             self.log.error(
                 "jupyter-singularity: cannot checkpoint stalled kernel %s off its GPU: %s",
                 kernel_id,
                 err,
             )
             self._block_device(kernel_id, connection, device, reason)
+            if self._left_unusable(kernel_id, connection, err) and kernel_id in self.core.kernels:
+                kernel = self.core.kernels[kernel_id]
+                self._apply(
+                    self.core.process_unusable(
+                        kernel_id,
+                        connection.unusable,
+                        self.clock(),
+                        host_bytes=kernel.host_bytes,
+                        disk_bytes=kernel.disk_bytes,
+                    )
+                )
             return
         if self._connections.get(kernel_id) is not connection:
             return
         connection.checkpointed_uuid = self.core.devices[device].uuid
+        connection.driver_bytes = held
         connection.context_seconds["checkpoint"] = seconds
         self.log.error(
             "jupyter-singularity: lease revoked: %s; its process was checkpointed off the GPU "
@@ -166,6 +190,16 @@ class Watchdog:
             seconds,
         )
         self._apply(self.core.revoke(kernel_id, self.clock(), reason))
+
+    def _process_bytes(self, kernel_id: str) -> int:
+        """GPU memory a kernel's process holds: NVML's figure where it has one, else its booking
+        (what the driver tier would move into host memory)."""
+        kernel = self.core.kernels[kernel_id]
+        connection = self._connections.get(kernel_id)
+        measured = None
+        if kernel.device is not None and connection is not None and connection.pid is not None:
+            measured = self.inventory.process_memory(kernel.device).get(connection.pid)
+        return measured if measured is not None else kernel.booking()
 
     def _block_device(
         self, kernel_id: str, connection: KernelConnection, device: int, reason: str

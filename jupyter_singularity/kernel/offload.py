@@ -5,7 +5,10 @@ storage is copied to a host buffer and then resized to zero bytes, so every tens
 ``.detach()`` alias, parameter, gradient and optimizer state entry stays the same Python object
 and keeps sharing memory with the others; restore resizes the storages back and copies the bytes
 in. Host buffers come from a pool that is kept between offloads (pinned on CUDA: pinning costs
-0.42 s/GiB, so it is paid once), up to ``pinned_limit``; what does not fit goes to pageable memory.
+0.42 s/GiB, so it is paid once), up to ``pinned_limit``; what does not fit goes to pageable memory,
+and so does what the system refuses to pin (a failed ``cudaHostAlloc``: locked-memory limits,
+fragmentation), with no later try to pin more. A lower ``pinned_limit`` (the broker's allowance
+shrank) gives the excess back, at once or when the offloaded state is restored.
 Pool chunks are powers of two: torch's pinned allocator rounds every request up to one, so any
 other size would pin up to twice the memory asked for, past the limit.
 
@@ -25,7 +28,9 @@ resident:
 
 - CUDA graphs: a stream capturing now, or any live ``torch.cuda.CUDAGraph`` (also those kept by
   ``torch.compile(mode="reduce-overhead")``): graphs replay raw device addresses that a move
-  changes.
+  changes. A capture runs on the stream current in the thread that began it, not the one an
+  offload runs on, so every live ``torch.cuda.Stream`` is asked; and this is found before any
+  CUDA call of the offload, which could break a capture in progress.
 - Storages shared with another process: found in torch.multiprocessing's sharing cache (storages
   sent or received through it: CUDA IPC and CPU shared memory) and, on CPU, ``is_shared()``. Moving
   one would split the processes' views of the data. Storages shared by calling ``_share_cuda_()``
@@ -52,6 +57,8 @@ from __future__ import annotations
 import bisect
 import ctypes
 import gc
+import inspect
+import logging
 import os
 import sys
 import threading
@@ -77,6 +84,8 @@ if TYPE_CHECKING:
     import torch
 
 Progress = Callable[[int, int], None]
+
+log = logging.getLogger(__name__)
 
 #: Each host copy starts at a multiple of this, so copies run on page-aligned addresses.
 ALIGN = 4096
@@ -254,9 +263,11 @@ class TensorEngine:
 
     def __init__(self, *, simulated: bool, pinned_limit: int, min_bytes: int = 1 << 20) -> None:
         self.simulated = simulated
-        self.pinned_limit = pinned_limit
+        self._pinned_limit = pinned_limit
         self.min_bytes = min_bytes
         self._pin = not simulated
+        #: Why the system refused to pin more host memory, once it did (the pool grows no more).
+        self.pin_refused = ""
         self._pool: list[torch.Tensor] = []
         self._tape: _Tape | None = None
         self._slots: list[_Slot] = []
@@ -269,6 +280,22 @@ class TensorEngine:
     @property
     def offloaded(self) -> bool:
         return self._offloaded
+
+    @property
+    def pinned_limit(self) -> int:
+        """Host memory the pool may keep (the broker's allowance for this kernel)."""
+        return self._pinned_limit
+
+    @pinned_limit.setter
+    def pinned_limit(self, nbytes: int) -> None:
+        """A lower limit gives the pool's excess back: now if no move is under way and nothing is
+        offloaded (the pool then holds the offloaded state), else once it is restored."""
+        self._pinned_limit = nbytes
+        if self._lock.acquire(blocking=False):
+            try:
+                self._trim_pool()
+            finally:
+                self._lock.release()
 
     @property
     def damage(self) -> Damage | None:
@@ -337,7 +364,7 @@ class TensorEngine:
             try:
                 with torch.no_grad():
                     found, later = _Scan(), []
-                    for storage in self._find(torch, found):
+                    for storage in self._find(torch, found, stop_if_unsafe=True):
                         if tape.end - _end(slots) >= storage.nbytes():
                             self._copy_out(torch, tape, slots, storage, idle)
                         else:
@@ -489,27 +516,47 @@ class TensorEngine:
             return None  # never initialised CUDA: no CUDA storage can exist
         return torch
 
-    def _find(self, torch: Any, found: _Scan) -> Iterator[torch.UntypedStorage]:
-        """Yield each live, movable device storage once; record in ``found`` what is unsafe."""
+    def _find(
+        self, torch: Any, found: _Scan, stop_if_unsafe: bool = False
+    ) -> Iterator[torch.UntypedStorage]:
+        """Yield each live, movable device storage once; record in ``found`` what is unsafe.
+
+        CUDA graphs and captures are looked for first, before any CUDA call the caller makes for
+        a storage yielded; with ``stop_if_unsafe`` nothing is yielded once one is found."""
         device_type = "cpu" if self.simulated else "cuda"
         smallest = max(self.min_bytes, 1)
         seen = self._own_storages()
         shared = _multiprocessing_shared()
-        segments = None if self.simulated else _allocator_segments(torch)
+        holders = (torch.Tensor, torch.UntypedStorage, torch.TypedStorage)
         graph_type = None if self.simulated else torch.cuda.CUDAGraph
-        graphs = 0
+        stream_type = None if self.simulated else torch.cuda.Stream
+        candidates, streams, graphs = [], [], 0
         for obj in gc.get_objects():
             kind = type(obj)  # never isinstance: it reads __class__, which proxies may fake
+            if issubclass(kind, holders):
+                candidates.append(obj)
+            elif graph_type is not None and issubclass(kind, graph_type):
+                graphs += 1
+            elif stream_type is not None and issubclass(kind, stream_type):
+                streams.append(obj)
+        if graphs:
+            found.refuse(
+                f"{graphs} live CUDA graph(s) (torch.cuda.CUDAGraph, also kept by torch.compile "
+                "mode='reduce-overhead'): they replay fixed device addresses; delete them first"
+            )
+        if not self.simulated and _capture_in_progress(torch, streams):
+            found.refuse("a CUDA graph capture is in progress")
+        if stop_if_unsafe and found.problems:
+            return
+        segments = None if self.simulated else _allocator_segments(torch)
+        for obj in candidates:
+            kind = type(obj)
             if issubclass(kind, torch.Tensor):
                 storages = _storages_of(torch, obj)
             elif issubclass(kind, torch.UntypedStorage):
                 storages = [obj]
-            elif issubclass(kind, torch.TypedStorage):
-                storages = [obj._untyped_storage]
             else:
-                if graph_type is not None and issubclass(kind, graph_type):
-                    graphs += 1
-                continue
+                storages = [obj._untyped_storage]
             for storage in storages:
                 key = storage._cdata
                 if key in seen or storage.device.type != device_type:
@@ -535,13 +582,6 @@ class TensorEngine:
                     )
                 else:
                     yield storage
-        if graphs:
-            found.refuse(
-                f"{graphs} live CUDA graph(s) (torch.cuda.CUDAGraph, also kept by torch.compile "
-                "mode='reduce-overhead'): they replay fixed device addresses; delete them first"
-            )
-        if not self.simulated and torch.cuda.is_current_stream_capturing():
-            found.refuse("a CUDA graph capture is in progress")
 
     def _own_storages(self) -> set[int]:
         """The pool and tape buffers: CPU storages too, which a simulated scan must not move."""
@@ -597,30 +637,81 @@ class TensorEngine:
         if spare:
             chunk = max(spare, key=lambda c: c.numel())
             return chunk[: min(chunk.numel(), size)]
-        return _allocate_host(size, self._pin)
+        return self._pool_memory(size)[0]
 
     def prepare(self, nbytes: int) -> int:
         """Grow the reusable host pool towards ``nbytes`` (at most ``pinned_limit``) ahead of the
         first offload: pinned allocation costs about 0.42 s/GiB, paid here while the kernel idles
         rather than inside an eviction another cell waits for. Returns the pool's size."""
-        if not self._offloaded:
-            growth = self._pool_growth(nbytes - self.pool_bytes)
-            self._pool += [_allocate_host(size, self._pin) for size in growth]
-        return self.pool_bytes
+        with self._lock:
+            if not self._offloaded:
+                for size in self._pool_growth(nbytes - self.pool_bytes):
+                    chunk = self._pin_chunk(size)
+                    if chunk is None:
+                        break
+                    self._pool.append(chunk)
+                self._trim_pool()  # the limit may have been lowered meanwhile
+            return self.pool_bytes
 
     def _pool_growth(self, nbytes: int) -> list[int]:
-        """Sizes of the chunks that grow the pool by ``nbytes``, as far as pinned_limit allows."""
+        """Sizes of the chunks that grow the pool by ``nbytes``, as far as pinned_limit allows
+        (none once the system refused to pin more)."""
+        if self.pin_refused:
+            return []
         room = (self.pinned_limit - self.pool_bytes) // POOL_UNIT * POOL_UNIT
         return _chunk_sizes(max(0, min(-(-nbytes // POOL_UNIT) * POOL_UNIT, room)))
 
+    def _pin_chunk(self, nbytes: int) -> torch.Tensor | None:
+        """A new pool chunk (pinned where the pool is); None when the system will not pin it,
+        or refused before: ``pin_refused`` says why, once, and later offloads do not try again."""
+        if not self._pin:
+            return _allocate_host(nbytes, False)
+        if self.pin_refused:
+            return None
+        try:
+            return _allocate_host(nbytes, True)
+        except (RuntimeError, MemoryError) as exc:  # cudaHostAlloc failed
+            self.pin_refused = f"pinning {_mib(nbytes)} failed: {exc}"
+            log.warning(
+                "jupyter-singularity: %s; offloads use pageable memory beyond the %s pinned",
+                self.pin_refused,
+                _mib(self.pool_bytes),
+            )
+            return None
+
+    def _pool_memory(self, nbytes: int) -> tuple[torch.Tensor, bool]:
+        """Host memory of the pool's kind (pinned where the pool is) where the system grants
+        it, else pageable; and whether it is of the pool's kind."""
+        chunk = self._pin_chunk(nbytes)
+        if chunk is not None:
+            return chunk, True
+        return _allocate_host(nbytes, False), False
+
+    def _trim_pool(self) -> None:
+        """Keep no more pool than ``pinned_limit`` allows, the largest chunks that fit, while
+        nothing is offloaded (the pool holds the offloaded state then)."""
+        if self._offloaded or self.pool_bytes <= self.pinned_limit:
+            return
+        kept, total = [], 0
+        for chunk in sorted(self._pool, key=lambda c: c.numel(), reverse=True):
+            if total + chunk.numel() <= self.pinned_limit:
+                kept.append(chunk)
+                total += chunk.numel()
+        self._pool = kept
+        self._release_pinned()
+
     def _grow(self, tape: _Tape, total: int) -> list[torch.Tensor]:
         """Make the tape hold ``total`` bytes: the pool grows up to pinned_limit, then pageable
-        memory takes the rest. Returns the new pool chunks, kept only if the offload succeeds."""
+        memory takes the rest (also what the system refuses to pin). Returns the new pool chunks,
+        kept only if the offload succeeds."""
         new_chunks: list[torch.Tensor] = []
         try:
             for size in self._pool_growth(total - tape.end):
-                new_chunks.append(_allocate_host(size, self._pin))
-                tape.append(_Buffer.of_pool(new_chunks[-1]))
+                chunk = self._pin_chunk(size)
+                if chunk is None:
+                    break
+                new_chunks.append(chunk)
+                tape.append(_Buffer.of_pool(chunk))
             if tape.end < total:
                 extra = total - tape.end
                 tape.append(_Buffer(_allocate_host(extra, False), extra, pooled=False))
@@ -716,8 +807,10 @@ class TensorEngine:
         """Read a spilled buffer back into host memory, verified (a pooled one whole, so that it
         returns to the pool)."""
         assert buffer.spill is not None
-        size = buffer.capacity if buffer.pooled else buffer.used
-        buffer.tensor = _allocate_host(size, self._pin and buffer.pooled)
+        if buffer.pooled:
+            buffer.tensor, buffer.pooled = self._pool_memory(buffer.capacity)
+        else:
+            buffer.tensor = _allocate_host(buffer.used, False)
         read_spill(buffer.spill, _memoryview(buffer.tensor, buffer.used))
 
     def _finish_restore(self) -> None:
@@ -729,6 +822,7 @@ class TensorEngine:
         self._tape = None
         self._slots = []
         self._offloaded = False
+        self._trim_pool()
 
     # -- device side ------------------------------------------------------------------------
 
@@ -923,13 +1017,40 @@ def _multiprocessing_shared() -> set[int]:
 
 
 def _allocator_segments(torch: Any) -> list[tuple[int, int]] | None:
-    """Address ranges of the native caching allocator's segments; None where it cannot say."""
+    """Address ranges of the native caching allocator's segments; None where it cannot say.
+
+    The snapshot is taken without the allocation history's stack traces where torch can leave
+    them out (``include_traces``, torch 2.10 and later): with history recording on, collecting
+    them costs far more than the offload itself."""
     if torch.cuda.get_allocator_backend() != "native":
         return None
+    snapshot = torch.cuda.memory_snapshot
+    try:
+        lean = "include_traces" in inspect.signature(snapshot).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: the plain call
+        lean = False
+    segments = snapshot(include_traces=False) if lean else snapshot()
     return sorted(
-        (segment["address"], segment["address"] + segment["total_size"])
-        for segment in torch.cuda.memory_snapshot()
+        (segment["address"], segment["address"] + segment["total_size"]) for segment in segments
     )
+
+
+def _capture_in_progress(torch: Any, streams: list[Any]) -> bool:
+    """Whether a CUDA graph is being captured on ``streams`` (the live torch.cuda.Stream objects)
+    or on this thread's current stream. A capture is a property of its stream; torch only asks
+    about the current one, so each stream is made current here (in this thread) in turn. A query
+    the driver refuses (cudaErrorStreamCaptureImplicit: the legacy stream asked while another
+    stream captures) counts as a capture."""
+    try:
+        if torch.cuda.is_current_stream_capturing():
+            return True
+        for stream in streams:
+            with torch.cuda.stream(stream):
+                if torch.cuda.is_current_stream_capturing():
+                    return True
+    except RuntimeError:
+        return True
+    return False
 
 
 def _inside(segments: list[tuple[int, int]], address: int) -> bool:

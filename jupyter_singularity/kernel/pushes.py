@@ -89,6 +89,7 @@ class BrokerPushes:
     _device_cache: int | None
     get_engine: Callable[[], Any]
     _device_bytes: Callable[..., int]
+    _select_device: Callable[[dict], None]
     _cuda_torch: Callable[[], Any]
     _transitioned: Callable[[TransferRecord], None]
 
@@ -182,6 +183,7 @@ class BrokerPushes:
         with self.lock:
             if isinstance(device, dict):
                 self.device = device
+                self._select_device(device)  # moved by the driver tier: name the new GPU
             engine = self.get_engine()
             if engine is None or not engine.offloaded:
                 self.state = "resident"

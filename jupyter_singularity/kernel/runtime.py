@@ -525,16 +525,15 @@ class Runtime(BrokerPushes):
         return lease
 
     def _select_device(self, device: dict) -> None:
-        """A grant on another GPU than the launch one, before CUDA is initialised: use that one.
+        """Name the granted GPU in CUDA_VISIBLE_DEVICES (by UUID: each kernel sees exactly one).
 
-        Each kernel sees exactly one GPU, named by UUID in CUDA_VISIBLE_DEVICES; CUDA reads it once,
-        at initialisation, so this works only while nothing initialised CUDA in the process.
+        CUDA reads it once, at initialisation: before that, a grant on another GPU than the launch
+        one makes CUDA use the granted one. After it, the broker grants another GPU only once the
+        driver tier restored the process there (a migration): CUDA runs there already, and the
+        processes the kernel starts and its NVML lookups must name the new GPU too.
         """
         uuid_ = device.get("uuid")
         if self.simulated or not uuid_ or os.environ.get("CUDA_VISIBLE_DEVICES") == uuid_:
-            return
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_initialized():
             return
         os.environ["CUDA_VISIBLE_DEVICES"] = uuid_
 

@@ -1,0 +1,204 @@
+"""The tensor tier's host pool: a refused pin, a lowered allowance, and the allocator queries that
+run before an offload, on torch CPU tensors (simulated devices) and a stand-in for torch.cuda.
+
+The pool is pinned on CUDA; here the engine is told to want pinned memory, and ``_allocate_host``
+plays the CUDA host allocator: it refuses large pinned requests the way a failed cudaHostAlloc
+does, with a RuntimeError.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from test_offload import MIB, MIN_BYTES, raw  # noqa: E402
+
+from jupyter_singularity.kernel import offload  # noqa: E402
+from jupyter_singularity.kernel.offload import TensorEngine  # noqa: E402
+
+#: The most the stand-in host allocator pins at a time.
+PIN_AT_MOST = [4 * MIB]
+
+
+@pytest.fixture
+def pinning_engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[TensorEngine, list]]:
+    """An engine that wants its pool pinned, over a host allocator that pins at most
+    PIN_AT_MOST at a time; and the allocations it was asked for, (bytes, pinned)."""
+    calls: list[tuple[int, bool]] = []
+    real = offload._allocate_host
+    PIN_AT_MOST[0] = 4 * MIB
+
+    def allocate(nbytes: int, pinned: bool) -> torch.Tensor:
+        calls.append((nbytes, pinned))
+        if pinned and nbytes > PIN_AT_MOST[0]:
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+        return real(nbytes, False)
+
+    monkeypatch.setattr(offload, "_allocate_host", allocate)
+    engine = TensorEngine(simulated=True, pinned_limit=64 * MIB, min_bytes=MIN_BYTES)
+    engine._pin = True
+    yield engine, calls
+    if engine.offloaded:
+        engine.restore()
+    engine.discard()
+
+
+def test_a_refused_pin_falls_back_to_pageable_memory_for_the_rest(
+    pinning_engine: tuple[TensorEngine, list],
+) -> None:
+    engine, calls = pinning_engine
+    tensors = [torch.randn(1024, 1024) for _ in range(3)]
+    before = [raw(t) for t in tensors]
+
+    engine.offload()  # 12 MiB: the 8 MiB chunk is refused, so pageable memory takes all of it
+
+    assert engine.offloaded and all(t.untyped_storage().nbytes() == 0 for t in tensors)
+    assert calls[0] == (8 * MIB, True)
+    assert [pinned for _, pinned in calls[1:]] == [False] and calls[1][0] >= 12 * MIB
+    assert engine.pin_refused.startswith("pinning 8.0 MiB failed: CUDA error: out of memory")
+    engine.restore()
+    assert [raw(t) for t in tensors] == before
+    # The refusal is remembered: later offloads do not try to pin again.
+    calls.clear()
+    engine.offload()
+    engine.restore()
+    assert calls and not any(pinned for _, pinned in calls)
+    assert engine.pool_bytes == 0
+    assert [raw(t) for t in tensors] == before
+
+
+def test_preparing_a_pool_the_system_will_not_pin_keeps_what_it_got(
+    pinning_engine: tuple[TensorEngine, list],
+) -> None:
+    engine, calls = pinning_engine
+    engine.pinned_limit = 6 * MIB
+    assert engine.prepare(6 * MIB) == 6 * MIB
+    assert calls == [(4 * MIB, True), (2 * MIB, True)]  # both granted (at most 4 MiB each)
+    assert engine.pin_refused == ""
+    engine.pinned_limit = 64 * MIB
+    assert engine.prepare(48 * MIB) == 6 * MIB  # the 32 MiB chunk is refused: no exception
+    assert calls[2] == (32 * MIB, True) and len(calls) == 3
+    assert engine.pin_refused.startswith("pinning 32.0 MiB failed")
+
+
+def test_a_pool_chunk_the_system_will_not_pin_again_comes_back_pageable(
+    pinning_engine: tuple[TensorEngine, list], tmp_path
+) -> None:
+    """Spilled with the copies, the pool comes back from disk; where it cannot be pinned again,
+    its bytes come back in pageable memory, which does not rejoin the pool."""
+    engine, _ = pinning_engine
+    gc.collect()
+    tensor = torch.randn(768, 1024)  # 3 MiB
+    before = raw(tensor)
+    engine.offload()
+    assert engine.pool_bytes >= 4 * MIB
+    engine.spill(tmp_path)
+    PIN_AT_MOST[0] = 0  # meanwhile the system stopped pinning
+    engine.restore()
+    assert raw(tensor) == before
+    assert engine.pool_bytes == 0 and engine.pin_refused.startswith("pinning 4.0 MiB failed")
+
+
+def test_a_lower_allowance_gives_the_pool_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    released: list[bool] = []
+    engine = TensorEngine(simulated=True, pinned_limit=12 * MIB, min_bytes=MIN_BYTES)
+    monkeypatch.setattr(engine, "_release_pinned", lambda: released.append(True))
+    tensors = [torch.randn(1024, 1024) for _ in range(3)]
+    before = [raw(t) for t in tensors]
+    try:
+        engine.offload()
+        engine.restore()
+        assert engine.pool_bytes == 12 * MIB  # 8 + 4 MiB chunks
+        engine.pinned_limit = 5 * MIB  # a later grant allows less: the 4 MiB chunk stays
+        assert engine.pool_bytes == 4 * MIB and released == [True]
+        # While offloaded the pool holds the state: it shrinks once that is restored.
+        engine.offload()
+        engine.pinned_limit = 0
+        assert engine.pool_bytes == 4 * MIB
+        engine.restore()
+        assert engine.pool_bytes == 0
+        assert [raw(t) for t in tensors] == before
+    finally:
+        engine.discard()
+
+
+# --- what an offload asks torch.cuda before it moves anything ---------------------------------
+
+
+def test_the_allocator_snapshot_leaves_the_stack_traces_out() -> None:
+    """With memory history recorded, a snapshot with its traces costs far more than an offload."""
+    asked: list[dict] = []
+
+    def memory_snapshot(mempool_id: object = None, include_traces: bool = True) -> list[dict]:
+        asked.append({"include_traces": include_traces})
+        return [{"address": 4096, "total_size": 2048}, {"address": 0, "total_size": 1024}]
+
+    cuda = SimpleNamespace(get_allocator_backend=lambda: "native", memory_snapshot=memory_snapshot)
+    assert offload._allocator_segments(SimpleNamespace(cuda=cuda)) == [(0, 1024), (4096, 6144)]
+    assert asked == [{"include_traces": False}]
+
+    def older_snapshot(mempool_id: object = None) -> list[dict]:  # torch before include_traces
+        return [{"address": 0, "total_size": 1024}]
+
+    cuda.memory_snapshot = older_snapshot
+    assert offload._allocator_segments(SimpleNamespace(cuda=cuda)) == [(0, 1024)]
+    cuda.get_allocator_backend = lambda: "cudaMallocAsync"
+    assert offload._allocator_segments(SimpleNamespace(cuda=cuda)) is None
+
+
+class FakeCuda:
+    """torch.cuda's current stream (per thread) and stream captures, as torch keeps them."""
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+        self.capturing: set[object] = set()
+
+    def current(self) -> object:
+        return getattr(self.local, "stream", "default")
+
+    @contextmanager
+    def stream(self, stream: object) -> Iterator[None]:
+        before = self.current()
+        self.local.stream = stream
+        try:
+            yield
+        finally:
+            self.local.stream = before
+
+    def is_current_stream_capturing(self) -> bool:
+        return self.current() in self.capturing
+
+
+def test_a_capture_on_another_threads_stream_is_found() -> None:
+    """Offloads run on the runtime's thread; the cell's thread may be capturing on its stream."""
+    cuda = FakeCuda()
+    fake_torch = SimpleNamespace(cuda=cuda)
+    side, other = object(), object()
+    found: dict[str, bool] = {}
+
+    with cuda.stream(side):  # the main thread began a capture on its current (side) stream
+        cuda.capturing.add(side)
+
+        def offload_thread() -> None:
+            found["own stream only"] = cuda.is_current_stream_capturing()
+            found["every live stream"] = offload._capture_in_progress(fake_torch, [other, side])
+            found["without that stream"] = offload._capture_in_progress(fake_torch, [other])
+            found["left current"] = cuda.current() == "default"
+
+        thread = threading.Thread(target=offload_thread)
+        thread.start()
+        thread.join()
+
+    assert found == {
+        "own stream only": False,  # what asking this thread's current stream alone sees
+        "every live stream": True,
+        "without that stream": False,
+        "left current": True,
+    }
