@@ -57,12 +57,16 @@ def test_a_refused_pin_falls_back_to_pageable_memory_for_the_rest(
     tensors = [torch.randn(1024, 1024) for _ in range(3)]
     before = [raw(t) for t in tensors]
 
-    engine.offload()  # 12 MiB: the 8 MiB chunk is refused, so pageable memory takes all of it
+    # 12 MiB or more (tensors other tests left alive are offloaded too): the first chunk, larger
+    # than the allocator pins, is refused, so pageable memory takes all of it.
+    engine.offload()
 
     assert engine.offloaded and all(t.untyped_storage().nbytes() == 0 for t in tensors)
-    assert calls[0] == (8 * MIB, True)
+    refused, pinned = calls[0]
+    assert pinned and refused >= 8 * MIB
     assert [pinned for _, pinned in calls[1:]] == [False] and calls[1][0] >= 12 * MIB
-    assert engine.pin_refused.startswith("pinning 8.0 MiB failed: CUDA error: out of memory")
+    expected = f"pinning {refused / MIB:.1f} MiB failed: CUDA error: out of memory"
+    assert engine.pin_refused.startswith(expected)
     engine.restore()
     assert [raw(t) for t in tensors] == before
     # The refusal is remembered: later offloads do not try to pin again.

@@ -88,8 +88,9 @@ def load_site(config: str | None, host_memory_limit: int | None = None) -> Site:
     ConfigError naming the file or the setting."""
     from ..broker.app import SingularityBroker
 
-    # A config file that does not run stops here: traitlets would log it and go on without it.
-    settings = SingularityBroker(raise_config_file_errors=True)
+    # A config file that does not run stops here (SingularityBroker.raise_config_file_errors):
+    # traitlets would log it and go on without it.
+    settings = SingularityBroker()
     if config:
         path = Path(config)
         if not path.is_file():
