@@ -40,10 +40,15 @@ class Server:
 
 @contextmanager
 def jupyter_server(
-    tmp_path: Path, db: Path, *settings: str, devices: str = "simulated:1x16GiB"
+    tmp_path: Path,
+    db: Path,
+    *settings: str,
+    devices: str = "simulated:1x16GiB",
+    ready: str = "singularity/api/pool",
 ) -> Iterator[Server]:
     """A ``jupyter server`` subprocess with the pool; ``settings`` are more command-line options.
-    It is stopped with SIGINT at the end unless the test killed it already."""
+    It counts as started once ``ready`` answers, and is stopped with SIGINT at the end unless the
+    test killed it already."""
     port = free_port()
     env = {
         **os.environ,
@@ -77,7 +82,7 @@ def jupyter_server(
         deadline = time.monotonic() + 60
         while True:
             try:
-                api(url, "singularity/api/pool")
+                api(url, ready)
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:

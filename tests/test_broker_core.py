@@ -1032,6 +1032,8 @@ def test_a_memory_hint_does_not_slip_a_kernel_past_a_lowered_memory_quota():
 
 
 KIDS_MAX = 5
+#: The window a restarted broker gives kernels of its previous run to rejoin.
+REJOIN_WINDOW = 30.0
 USERS = {"alice": ("ml",), "bob": ("ml", "ops"), "carol": ()}
 SHAPES = {
     "1x16GiB": lambda: sim("1x16GiB"),
@@ -1123,6 +1125,10 @@ class Call:
     devices_before: dict[str, int | None] = field(default_factory=dict)
     reported: dict[str, int | None] = field(default_factory=dict)
     """Where a report (offloaded) leaves the reporting kernel's GPU state, before any decision."""
+    fact: bool = False
+    """A kernel reports what it holds after a broker restart: a fact that may over-commit a
+    device or the host budget (memory given away while the kernel was not known), which the core's
+    own decisions then never make worse."""
 
 
 class BrokerMachine(RuleBasedStateMachine):
@@ -1153,6 +1159,15 @@ class BrokerMachine(RuleBasedStateMachine):
         self.cancelled: set[str] = set()
         self.usage: dict[str, float] = {}
         self.day = int(self.now // DAY)
+        # After a broker restart: what each kernel not yet rejoined will report, the cells to
+        # send again once it did, the cells of the previous run still running, and where a report
+        # over-committed (see broker.rejoin).
+        self.unjoined: dict[str, dict] = {}
+        self.resend: dict[str, tuple[str, int | None]] = {}
+        self.stale: dict[str, str] = {}
+        self.excess: set[int] = set()
+        self.excess_at_crash: set[int] = set()
+        self.host_over = False
         for user in users:  # (rules that need kernels are then enabled from the first step)
             self.register(user)
 
@@ -1173,7 +1188,19 @@ class BrokerMachine(RuleBasedStateMachine):
         call.devices_before.update(call.reported)
         actions = getattr(self.core, method)(*args, **kwargs)
         self.check_actions(actions, call)
+        self.check_overcommit(call.fact)
         return actions
+
+    def check_overcommit(self, fact: bool) -> None:
+        """Only facts over-commit (see Call.fact); a decision never adds to it."""
+        booked = self.core.device_bookings()
+        over = {d for d, b in booked.items() if b > self.devices[d].total_bytes}
+        limit = self.policy.host_memory_limit
+        host_over = bool(limit) and self.core.host_held > limit
+        if not fact:
+            assert over <= self.excess, (over, self.excess, self.core.snapshot(self.now))
+            assert self.host_over or not host_over, self.core.snapshot(self.now)
+        self.excess, self.host_over = over, host_over
 
     def used_seconds(self, user: str) -> float:
         running = sum(
@@ -1258,7 +1285,7 @@ class BrokerMachine(RuleBasedStateMachine):
         assert kid not in self.leases, f"second grant {grant} before the first ended"
         assert kid not in self.offloading, f"{grant} while the kernel's offload is in flight"
         assert grant.start == self.now
-        assert grant.device not in self.core.unavailable, f"{grant} on an unavailable GPU"
+        assert grant.device not in self.core.closed_devices(), f"{grant} on a closed GPU"
         if grant.hold:
             limit = self.core.limits(self.alive[kid], USERS[self.alive[kid]]).gpu_seconds_per_day
             if limit is not None:
@@ -1321,6 +1348,8 @@ class BrokerMachine(RuleBasedStateMachine):
     def acquire(self, index: int, memory: int | None, any_kernel: bool) -> None:
         idle = sorted(k for k in self.alive if k not in self.pending and k not in self.leases)
         kid = idle[index % len(idle)] if idle and not any_kernel else self.pick(index)
+        if kid in self.unjoined or kid in self.stale:
+            return  # it has not said hello to this broker run yet, or a cell of it runs
         rid = f"r{self.next_id}"
         self.next_id += 1
         # A cell during an explicit restore is not refused: it takes the queued restore's place,
@@ -1410,7 +1439,9 @@ class BrokerMachine(RuleBasedStateMachine):
         offload or restore it was asked for completes or fails."""
         kid = self.pick(report.index, IN_FLIGHT)
         state = self.core.kernels[kid].state
-        if state == S.RUNNING:
+        if kid in self.stale:
+            self.stale_release(kid, report.gpu)
+        elif state == S.RUNNING:
             self.release(kid, report.peak, report.gpu, report.with_peak)
         elif state == S.OFFLOADING:
             if report.failed:
@@ -1597,10 +1628,128 @@ class BrokerMachine(RuleBasedStateMachine):
         assert kid not in self.core.kernels
         if kid in self.leases:
             assert not self.leases[kid].hold  # a restore without a cell: nothing to charge
-        for table in (self.pending, self.leases, self.saved, self.host_limits):
+        for table in (
+            self.pending, self.leases, self.saved, self.host_limits, self.unjoined, self.resend,
+            self.stale,
+        ):  # fmt: skip
             table.pop(kid, None)
         self.offloading.discard(kid)
         self.spilling.discard(kid)
+
+    @precondition(lambda self: self.alive)
+    @rule(
+        order=st.permutations(range(KIDS_MAX)),
+        at_once=st.integers(0, KIDS_MAX),
+        finish=st.booleans(),
+    )
+    def broker_restart(self, order: list[int], at_once: int, finish: bool) -> None:
+        """kill -9 of a node broker and its restart: the kernels live on (a running cell runs on,
+        a restore or an offload under way completes or not), a new core hears from the ledger
+        which of them held GPU memory, their servers register them all again, and each rejoins
+        with what it holds, some at once, the others later (``after_restart``); a cell that was
+        waiting sends its request again once its kernel rejoined."""
+        old = self.core
+        expected: dict[str, int] = {}
+        self.resend = {k: request for k, request in self.resend.items() if k in self.unjoined}
+        for kid in sorted(self.alive):
+            kernel = old.kernels[kid]
+            if kid in self.unjoined:  # it never rejoined the run that ended: the ledger has it cold
+                continue
+            if kernel.device is not None:
+                expected[kid] = kernel.device
+            device, gpu = kernel.device, kernel.gpu_bytes
+            host, disk = kernel.host_bytes, kernel.disk_bytes
+            if kernel.state == S.RESTORING:  # the restore completes in the kernel
+                gpu, host, disk = gpu + self.saved.get(kid, 0), 0, 0
+                self.saved[kid] = 0
+            elif kernel.state == S.OFFLOADING and finish:  # so does its offload
+                room = self.host_limits.get(kid)
+                host = gpu if room is None else min(gpu, room)
+                device, gpu, disk = None, 0, gpu - host
+                self.saved[kid] = host + disk
+            if kernel.lease is not None and kernel.lease.hold:
+                self.stale[kid] = kernel.lease.request_id
+            running = kid in self.stale  # (or it ran across the restart before)
+            if kernel.request is not None and kernel.request.hold:
+                self.resend[kid] = (kernel.request.request_id, kernel.request.memory)
+            self.unjoined[kid] = {
+                "device": device if device is not None else self.state_device.get(kid),
+                "gpu_bytes": gpu if device is not None else 0,
+                "host_bytes": host,
+                "disk_bytes": disk,
+                "peak_bytes": max(kernel.peaks) if kernel.peaks else None,
+                "running": running,
+            }
+        # The ledger charged the running leases; the new run starts without any.
+        usage = {user: self.used_seconds(user) for user in {*self.usage, *self.alive.values()}}
+        self.core = BrokerCore(
+            self.devices.values(), old.quotas, self.policy, usage_today=usage, now=self.now
+        )
+        self.usage = usage
+        self.pending, self.leases, self.host_limits, self.asked = {}, {}, {}, set()
+        self.offloading, self.spilling = set(), set()
+        self.excess_at_crash, self.excess, self.host_over = self.excess, set(), False
+        self.call("expect_rejoins", expected, self.now, self.now + REJOIN_WINDOW)
+        kids = sorted(self.alive)
+        for kid in kids:
+            actions = self.call(
+                "register", kid, self.alive[kid], self.now, groups=USERS[self.alive[kid]]
+            )
+            assert [type(a) for a in actions] == [StateChanged]
+        for i in [i for i in order if i < len(kids)][:at_once]:
+            self.rejoin(kids[i])
+
+    @precondition(lambda self: self.unjoined or self.stale)
+    @rule(kind=st.sampled_from(["rejoin", "cell ends"]), index=picks, gpu=fractions)
+    def after_restart(self, kind: str, index: int, gpu: float) -> None:
+        """A kernel rejoins late (maybe after the window: onto memory given away meanwhile), or
+        the cell a kernel ran across the restart ends."""
+        if kind == "rejoin" and self.unjoined:
+            kids = sorted(self.unjoined)
+            self.rejoin(kids[index % len(kids)])
+        elif self.stale:
+            kids = sorted(self.stale)
+            self.stale_release(kids[index % len(kids)], gpu)
+
+    def rejoin(self, kid: str) -> None:
+        holds = self.unjoined.pop(kid)
+        expected, excess = kid in self.core.expected, set(self.excess)
+        device = holds["device"]
+        if (
+            device is not None
+            and not holds["gpu_bytes"]
+            and (holds["host_bytes"] or holds["disk_bytes"])
+        ):
+            device = None  # offloaded, nothing left on the GPU it last ran on
+        self.call("rejoin", kid, self.now, **holds, call=Call(reported={kid: device}, fact=True))
+        kernel = self.core.kernels[kid]
+        assert (kernel.host_bytes, kernel.disk_bytes) == (holds["host_bytes"], holds["disk_bytes"])
+        if device is not None:
+            assert kernel.device == device and kernel.gpu_bytes == holds["gpu_bytes"], kernel
+            if expected and device not in excess | self.excess_at_crash:
+                assert device not in self.excess, "memory of a kernel expected back was given away"
+            if holds["running"]:
+                assert kernel.state == S.RUNNING and kernel.lease is None, kernel
+        if kid in self.resend:  # the waiting cell asks again
+            rid, memory = self.resend.pop(kid)
+            self.pending[kid] = rid
+            self.call("acquire", kid, rid, self.now, memory=memory)
+
+    def stale_release(self, kid: str, gpu: float) -> None:
+        """The cell that ran across the restart ends; its release names a lease of the previous
+        run (before the kernel rejoined, it is refused and the hello then says it is idle)."""
+        rid = self.stale.pop(kid)
+        if kid in self.unjoined:
+            self.unjoined[kid]["running"] = False
+            return
+        device = self.core.kernels[kid].device
+        gpu_bytes = int(self.devices[device].total_bytes * gpu) if device is not None else None
+        self.call(
+            "release", kid, rid, self.now, peak_bytes=gpu_bytes, gpu_bytes=gpu_bytes,
+            call=Call(fact=True),
+        )  # fmt: skip
+        kernel = self.core.kernels[kid]
+        assert kernel.lease is None and kernel.state != S.RUNNING, kernel
 
     @rule(
         seconds=st.sampled_from([0.5, 7, 60, 121, 3600, 5 * 3600, "midnight"]),
@@ -1656,7 +1805,7 @@ class BrokerMachine(RuleBasedStateMachine):
             if kernel.device is not None:
                 booked[kernel.device] += booking_of(kernel)
         for index, info in self.devices.items():
-            assert booked[index] <= info.total_bytes, (index, booked, self.core.kernels)
+            assert booked[index] <= info.total_bytes or index in self.excess, (index, booked)
         assert booked == self.core.device_bookings()
 
     @invariant()
@@ -1687,7 +1836,8 @@ class BrokerMachine(RuleBasedStateMachine):
             if kernel.request is not None:
                 assert kernel.request.request_id == self.pending[kid]
             assert (kernel.state == S.OFFLOADING) == (kid in self.offloading), kernel
-            assert kernel.host_bytes + kernel.disk_bytes == self.saved.get(kid, 0), kernel
+            if kid not in self.unjoined:  # (the core knows nothing of it yet)
+                assert kernel.host_bytes + kernel.disk_bytes == self.saved.get(kid, 0), kernel
             if kernel.state in (S.RUNNING, S.RESIDENT, S.OFFLOADING, S.RESTORING):
                 assert kernel.device is not None, kernel
             if kernel.state == S.QUEUED:
@@ -1704,7 +1854,7 @@ class BrokerMachine(RuleBasedStateMachine):
         reserved = {k: self.host_limits[k] or 0 for k in self.offloading}
         held = sum(k.host_bytes for k in kernels) + sum(reserved.values())
         assert held == self.core.host_held, (held, self.core.host_held)
-        if self.policy.host_memory_limit:
+        if self.policy.host_memory_limit and not self.host_over:
             assert held <= self.policy.host_memory_limit, self.core.snapshot(self.now)
         for user in set(self.alive.values()):
             quota = self.core.limits(user, USERS[user]).host_memory
@@ -1728,9 +1878,10 @@ class BrokerMachine(RuleBasedStateMachine):
             return
         kernels = self.core.kernels.values()
         moving = (S.OFFLOADING, S.RESTORING)
-        if self.core.unavailable or any(k.stalled_since is not None for k in kernels):
+        if self.core.closed_devices() or any(k.stalled_since is not None for k in kernels):
             return  # they may hold what a request waits for, until they answer again
-        if not any(k.lease is not None or k.state in moving for k in kernels):
+        # (a cell of the broker's previous run runs without a lease: see broker.rejoin)
+        if not any(k.lease is not None or k.state in (S.RUNNING, *moving) for k in kernels):
             assert self.core.queue() == [], self.core.snapshot(self.now)
 
 

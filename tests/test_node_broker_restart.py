@@ -1,0 +1,307 @@
+"""The node broker goes away and comes back: kill -9 and a restart, or not there when a server
+starts. Real processes: ``jupyter singularity broker``, a ``jupyter server`` joining it, ipykernel
+kernels with known tensors on one small simulated GPU.
+
+Kernels of a node broker never give up on it: their state stays in their own memory and spill
+files, a cell that needs the GPU waits (saying why) while the broker is away, and when it is back
+each kernel rejoins it with what it holds; the broker rebuilds its bookings from that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from cells import cell_messages, cell_text, record_of
+from servers import REPO_ROOT, TOKEN, api, jupyter_server
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
+
+MiB = 1 << 20
+AWAY = "the GPU pool's broker is not answering"
+
+# 48 MiB of "GPU" state in 12 storages, and a digest of every byte of it.
+STATE = """
+import ctypes, hashlib, os, time, torch
+torch.manual_seed({seed})
+xs = [torch.randn(2**20) for _ in range(12)]
+
+def digest():
+    h = hashlib.sha256()
+    for x in xs:
+        h.update(ctypes.string_at(x.data_ptr(), x.numel() * x.element_size()))
+    return h.hexdigest()
+
+print("digest", digest())
+"""
+
+
+class NodeBroker:
+    """``jupyter singularity broker`` as a system service runs it, started again on the same
+    socket, ledger and spill directory after a kill."""
+
+    def __init__(self, tmp_path: Path, devices: str, *settings: str) -> None:
+        self.socket = tmp_path / "run" / "broker.sock"
+        self.spill = tmp_path / "spill"
+        self.ledger = tmp_path / "ledger.sqlite"
+        self.args = [
+            sys.executable,
+            "-m",
+            "jupyter_singularity.cli",
+            "broker",
+            f"--socket={self.socket}",
+            f"--devices={devices}",
+            f"--SingularityBroker.spill_dir={self.spill}",
+            f"--SingularityBroker.db_url=sqlite:///{self.ledger}",
+            "--SingularityBroker.metrics_address=",
+            *settings,
+        ]
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])
+            ),
+        }
+        self.tmp_path = tmp_path
+        self.process: subprocess.Popen | None = None
+        self.runs = 0
+
+    def start(self) -> None:
+        self.runs += 1
+        self.log = self.tmp_path / f"broker-{self.runs}.log"
+        with self.log.open("w") as out:
+            self.process = subprocess.Popen(
+                self.args, env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 60
+        while "jupyter-singularity broker:" not in self.log.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("the broker did not start:\n" + self.log.read_text())
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+@contextmanager
+def node_broker(
+    tmp_path: Path, devices: str, *settings: str, start: bool = True
+) -> Iterator[NodeBroker]:
+    broker = NodeBroker(tmp_path, devices, *settings)
+    if start:
+        broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+async def wait_for(probe, timeout: float = 120.0, interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout} s (last result: {result!r})")
+        await asyncio.sleep(interval)
+
+
+class Kernels:
+    """Kernels of one server, cells run over their websockets as JupyterLab runs them."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def start(self) -> str:
+        return api(self.url, "api/kernels", "POST", {"name": "python3"})["id"]
+
+    async def cell(self, kernel_id: str, code: str, seen: list | None = None, timeout=240.0):
+        ws_url = self.url.replace("http", "ws", 1) + f"api/kernels/{kernel_id}/channels"
+        ws = await websocket_connect(
+            HTTPRequest(ws_url, headers={"Authorization": f"token {TOKEN}"})
+        )
+        try:
+            status, messages = await cell_messages(ws, code, timeout, messages=seen)
+        finally:
+            ws.close()
+        return status, cell_text(messages)
+
+    def pool(self) -> dict:
+        return api(self.url, "singularity/api/pool")
+
+    async def state(self, kernel_id: str, *states: str) -> dict:
+        async def probe():
+            pool = self.pool()
+            record = record_of(pool, kernel_id)
+            return pool if record is not None and record["state"] in states else None
+
+        return await wait_for(probe)
+
+
+def digest_of(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.startswith("digest ")]
+    assert lines, text
+    return lines[-1].split()[1]
+
+
+def check_bookings(pool: dict) -> None:
+    """The devices' bookings are their kernels' and fit the device."""
+    for device in pool["devices"]:
+        mine = [k for k in pool["kernels"] if k["device"] == device["index"]]
+        assert device["booked_bytes"] == sum(k["booked_bytes"] for k in mine), pool
+        assert device["booked_bytes"] <= device["total_bytes"], pool
+
+
+async def test_kill_9_of_the_node_broker_loses_nothing_and_waiting_cells_run(tmp_path: Path):
+    """Three kernels on a 64 MiB GPU (one spilled, one offloaded to host memory, one running a
+    long cell) and a cell waiting for the GPU: kill -9 of the broker, a cell started while it is
+    away, a restart. Every kernel's state is intact, the pool shows them again as they are, both
+    waiting cells run, and the ledger closed the dead run's records."""
+    with (
+        node_broker(
+            tmp_path, "simulated:1x64MiB", "--SingularityBroker.host_memory_limit=48MiB"
+        ) as broker,
+        jupyter_server(
+            tmp_path,
+            tmp_path / "server-ledger.sqlite",
+            f"--SingularityApp.broker_url=unix://{broker.socket}",
+        ) as server,
+    ):
+        kernels = Kernels(server.url)
+        in_host, on_disk, runner = (kernels.start() for _ in range(3))
+        digests = {}
+        for seed, kernel_id in enumerate((in_host, on_disk, runner)):
+            status, text = await kernels.cell(kernel_id, STATE.format(seed=seed))
+            assert status == "ok", text
+            digests[kernel_id] = digest_of(text)
+        # Each cell evicted the kernel before it: the first went to host memory, which its state
+        # fills, so the second went to disk.
+        await kernels.state(in_host, "offloaded")
+        await kernels.state(on_disk, "spilled")
+        spill_files = sorted(p.name for p in (broker.spill / on_disk).iterdir())
+        assert spill_files, "the spilled kernel has no spill files"
+
+        long_cell = asyncio.ensure_future(
+            kernels.cell(runner, "time.sleep(25)\nprint('runner', digest())")
+        )
+        await kernels.state(runner, "running")
+        waited: list[dict] = []
+        waiting_cell = asyncio.ensure_future(
+            kernels.cell(in_host, "print('waited', digest())", seen=waited)
+        )
+        await kernels.state(in_host, "queued")
+
+        broker.kill()
+        started = time.monotonic()
+        # The state lives in the kernels: their spill files stay.
+        assert sorted(p.name for p in (broker.spill / on_disk).iterdir()) == spill_files
+        away: list[dict] = []
+        away_cell = asyncio.ensure_future(
+            kernels.cell(on_disk, "print('while away', digest())", seen=away)
+        )
+        await wait_for(lambda: asyncio.sleep(0, result=AWAY in cell_text(away)), timeout=60)
+        assert "interrupt the kernel to stop waiting" in cell_text(away)
+        assert not (waiting_cell.done() or away_cell.done() or long_cell.done())
+
+        broker.start()
+        pool = await wait_for(
+            lambda: asyncio.sleep(0, result=len(kernels.pool()["kernels"]) == 3 and kernels.pool())
+        )
+        assert time.monotonic() - started < 25, "the long cell ended before the restart"
+        status, text = await long_cell
+        assert status == "ok" and f"runner {digests[runner]}" in text, text
+        status, text = await waiting_cell
+        assert status == "ok" and f"waited {digests[in_host]}" in text, text
+        status, text = await away_cell
+        assert status == "ok" and f"while away {digests[on_disk]}" in text, text
+        # No cell saw a failure.
+        assert "stopped answering" not in cell_text(waited) + cell_text(away)
+
+        pool = kernels.pool()
+        check_bookings(pool)
+        states = {k["kernel_id"]: k["state"] for k in pool["kernels"]}
+        assert set(states) == {in_host, on_disk, runner}, states
+        # The last of them to run is on the GPU; the others wait off it.
+        assert sorted(states.values()).count("resident") == 1, states
+        for kernel_id in (in_host, on_disk, runner):
+            status, text = await kernels.cell(kernel_id, "print('again', digest())")
+            assert status == "ok" and f"again {digests[kernel_id]}" in text, text
+        check_bookings(kernels.pool())
+        elapsed = time.monotonic() - started
+
+    # The ledger: the dead run's kernels were closed at the restart, then joined the new run.
+    with sqlite3.connect(broker.ledger) as db:
+        reasons = [
+            row[0]
+            for row in db.execute(
+                "SELECT reason FROM state_changes WHERE kernel_id = ? ORDER BY id", (runner,)
+            )
+        ]
+        leases = db.execute("SELECT start, end, gpu_seconds FROM leases").fetchall()
+    assert any("stopped without ending it" in r for r in reasons), reasons
+    assert "rejoined after a broker restart" in reasons, reasons
+    assert leases and all(end is not None and secs >= 0 for _, end, secs in leases), leases
+    # GPU time since the kill: no more than the cells held the GPU for (each ran in turn).
+    since_kill = sum(secs for start, _, secs in leases if start >= time.time() - elapsed - 60)
+    assert since_kill <= elapsed, leases
+
+
+async def test_a_server_started_while_the_node_broker_is_down_waits_for_it(tmp_path: Path):
+    """The broker is not there when the server starts: the server starts and says why in one
+    line, a kernel starts, its GPU cell waits with a clear line, and runs once the broker is
+    started."""
+    with (
+        node_broker(tmp_path, "simulated:1x64MiB", start=False) as broker,
+        jupyter_server(
+            tmp_path,
+            tmp_path / "server-ledger.sqlite",
+            f"--SingularityApp.broker_url=unix://{broker.socket}",
+            ready="api/status",
+        ) as server,
+    ):
+
+        async def said_why():
+            lines = [line for line in server.log.read_text().splitlines() if "reached" in line]
+            return lines or None
+
+        lines = await wait_for(said_why, timeout=60)
+        assert len(lines) == 1 and "cannot be reached" in lines[0], lines
+        assert "GPU cells wait for it" in lines[0], lines
+        kernels = Kernels(server.url)
+        kernel_id = kernels.start()
+        seen: list[dict] = []
+        cell = asyncio.ensure_future(kernels.cell(kernel_id, STATE.format(seed=7), seen=seen))
+        await wait_for(lambda: asyncio.sleep(0, result=AWAY in cell_text(seen)), timeout=90)
+        assert not cell.done(), cell_text(seen)
+
+        broker.start()
+        status, text = await cell
+        assert status == "ok", text
+        digest = digest_of(text)
+        pool = await kernels.state(kernel_id, "resident")
+        check_bookings(pool)
+        assert record_of(pool, kernel_id)["gpu_bytes"] >= 48 * MiB, pool
+        status, text = await kernels.cell(kernel_id, "print('digest', digest())")
+        assert status == "ok" and digest_of(text) == digest, text
