@@ -856,6 +856,106 @@ def test_fair_share_delay_is_capped_so_heavy_users_do_not_starve():
     assert ids(core.unregister("busy", T0 + 1000), Grant) == ["h"]
 
 
+# ------------------------------------------------------------------------- after a broker restart
+
+
+def restarted(expected: dict[str, int], kernels: dict[str, str], now: float = T0 + 100):
+    """A node broker started again: it expects ``expected`` (from the ledger) to rejoin within 30 s,
+    and their servers registered ``kernels`` ({id: user}) again."""
+    core = make(sim("1x16GiB"))
+    core.expect_rejoins(expected, now, now + 30)
+    for kid, user in kernels.items():
+        core.register(kid, user, now)
+    return core
+
+
+def test_a_gpu_where_kernels_held_memory_waits_for_them_to_rejoin():
+    """The ledger says k1 was resident on GPU 0: a new kernel's first cell (which reserves the
+    whole device) waits until k1 has said what it holds, then evicts it; nothing over-commits."""
+    now = T0 + 100
+    core = restarted({"k1": 0}, {"k1": "alice", "new": "bob"}, now)
+    wait = one(core.acquire("new", "r1", now), Wait)
+    assert "waiting for 1 kernel(s) that held memory there to rejoin" in wait.reason
+    assert core.snapshot(now)["devices"][0]["unavailable"] == wait.reason.split(": ", 1)[1]
+
+    actions = core.rejoin("k1", now + 1, device=0, gpu_bytes=6 * GiB, peak_bytes=7 * GiB)
+    kernel = core.kernels["k1"]
+    assert (kernel.device, kernel.gpu_bytes, kernel.peaks) == (0, 6 * GiB, [7 * GiB])
+    changes = [(c.new, c.reason) for c in of(actions, StateChanged) if c.kernel_id == "k1"]
+    assert changes[0] == (S.RESIDENT, "rejoined after a broker restart")
+    # The waiting cell needs the whole device: the rejoined kernel makes room.
+    assert ids(actions, Offload) == ["k1"] and kernel.state == S.OFFLOADING
+    assert core.closed_devices() == {}
+
+
+def test_the_window_closes_for_kernels_that_never_rejoin():
+    core = restarted({"gone": 0}, {"new": "bob"})
+    assert isinstance(core.acquire("new", "r1", T0 + 110)[-1], Wait)
+    actions = core.tick(T0 + 130)
+    assert one(actions, Grant).request_id == "r1"
+
+
+def test_rejoined_kernels_are_offloaded_and_spilled_as_they_report():
+    core = restarted({}, {"host": "alice", "disk": "bob", "cold": "bob"})
+    core.rejoin("host", T0 + 101, device=0, host_bytes=3 * GiB)
+    core.rejoin("disk", T0 + 101, device=0, disk_bytes=2 * GiB)
+    core.rejoin("cold", T0 + 101)
+    states = {k: (v.state, v.device, v.home) for k, v in core.kernels.items()}
+    assert states == {
+        "host": (S.OFFLOADED, None, 0),
+        "disk": (S.SPILLED, None, 0),
+        "cold": (S.COLD, None, core.kernels["cold"].home),  # (its home: where it registered)
+    }
+    assert core.host_held == 3 * GiB
+    # Its next cell restores it.
+    grant = one(core.acquire("host", "r1", T0 + 102), Grant)
+    assert grant.restore and core.kernels["host"].state == S.RESTORING
+
+
+def test_a_report_changes_nothing_for_a_kernel_this_run_knows():
+    core = make(sim("1x16GiB"), kernels={"k1": "alice"})
+    run_cell(core, "k1", "r1", T0 + 1, T0 + 2, peak=2 * GiB)
+    before = core.kernels["k1"].to_dict()
+    assert not of(core.rejoin("k1", T0 + 3, device=0, gpu_bytes=9 * GiB), StateChanged)
+    assert core.kernels["k1"].to_dict() == before
+
+
+def test_a_cell_running_across_the_restart_is_waited_for_and_its_release_ends_it():
+    """k1's cell ran when the broker died: it rejoins running (no lease here), is no victim, a
+    cell that needs its memory waits (not denied), and its release (of the old run's lease)
+    makes it idle and lets the waiting cell in."""
+    now = T0 + 100
+    core = restarted({"k1": 0}, {"k1": "alice", "k2": "bob"}, now)
+    core.rejoin("k1", now, device=0, gpu_bytes=10 * GiB, running=True)
+    kernel = core.kernels["k1"]
+    assert (kernel.state, kernel.lease, kernel.booking()) == (S.RUNNING, None, 10 * GiB)
+    with pytest.raises(BrokerError, match="running"):
+        core.offload("k1", now)
+    wait = one(core.acquire("k2", "r2", now + 1, memory=8 * GiB), Wait)
+    assert "busy with running cells" in wait.reason
+    actions = core.release("k1", "old-run-lease", now + 5, peak_bytes=11 * GiB, gpu_bytes=9 * GiB)
+    assert not of(actions, LeaseEnded)  # nothing of this run to charge
+    assert (kernel.gpu_bytes, kernel.peaks) == (9 * GiB, [11 * GiB])
+    assert [c.new for c in of(actions, StateChanged)] == [S.RESIDENT, S.OFFLOADING]
+    assert ids(actions, Offload) == ["k1"]  # idle now: it makes room for the waiting cell
+
+
+def test_a_late_report_onto_memory_given_away_is_booked_and_relieved():
+    """After the window: the GPU went to another kernel meanwhile. The late kernel's state is
+    there all the same, so it is booked; idle kernels are offloaded until it fits, and no grant
+    lands on the GPU before."""
+    now = T0 + 100
+    core = restarted({}, {"late": "alice", "other": "bob", "third": "carol"}, now)
+    run_cell(core, "other", "r1", now, now + 1, peak=12 * GiB)
+    actions = core.rejoin("late", now + 2, device=0, gpu_bytes=8 * GiB)
+    assert core.device_bookings()[0] == 20 * GiB  # over-committed: a fact, not a decision
+    assert ids(actions, Offload) == ["other"]
+    assert isinstance(core.acquire("third", "r3", now + 3, memory=GiB)[-1], Wait)
+    actions = core.offloaded("other", now + 4, host_bytes=12 * GiB)
+    assert one(actions, Grant).request_id == "r3"
+    assert core.device_bookings()[0] <= 16 * GiB
+
+
 # ---------------------------------------------------------------------------- quota configuration
 
 

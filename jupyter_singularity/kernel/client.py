@@ -291,7 +291,11 @@ class BrokerClient:
                 future = self._pending.pop(msg.reply_to, None)
             if future is not None:
                 future.set_result(msg.body)
-            elif "error" in msg.body and (sent := self._sent.get(msg.reply_to)) is not None:
+            elif (
+                "error" in msg.body
+                and not msg.body.get("rejoin")  # (on_rejoin took care of it)
+                and (sent := self._sent.get(msg.reply_to)) is not None
+            ):
                 log.warning("the broker refused %r: %s", sent.type, msg.body["error"])
             else:
                 log.debug("late or unsolicited %r from the broker ignored", msg.type)
