@@ -61,7 +61,7 @@ class Broker:
             f"--SingularityBroker.spill_dir={tmp / 'spill'}",
             f"--SingularityBroker.db_url=sqlite:///{tmp / 'ledger.sqlite'}",
             "--SingularityBroker.metrics_address=",
-            "--log-level=WARNING",
+            "--log-level=WARN",
         ]
         self.log = tmp / "broker.log"
         self.process: subprocess.Popen | None = None
@@ -168,6 +168,8 @@ async def run(kind: str, count: int, devices: str) -> dict:
         kernels: list = []
         try:
             while await pool_of(node) is None:
+                if broker.process.poll() is not None:
+                    raise RuntimeError("the broker did not start:\n" + broker.log.read_text())
                 await asyncio.sleep(0.1)
             if kind == "light":
                 kernels = await light_kernels(node, count)
