@@ -41,10 +41,15 @@ class Server:
 
 @contextmanager
 def jupyter_server(
-    tmp_path: Path, db: Path, *settings: str, devices: str = "simulated:1x16GiB"
+    tmp_path: Path,
+    db: Path,
+    *settings: str,
+    devices: str = "simulated:1x16GiB",
+    ready: str = "singularity/api/pool",
 ) -> Iterator[Server]:
     """A ``jupyter server`` subprocess with the pool; ``settings`` are more command-line options.
-    It is stopped with SIGINT at the end unless the test killed it already."""
+    It counts as started once ``ready`` answers, and is stopped with SIGINT at the end unless the
+    test killed it already."""
     port = free_port()
     env = {
         **os.environ,
@@ -78,7 +83,7 @@ def jupyter_server(
         deadline = time.monotonic() + 60
         while True:
             try:
-                api(url, "singularity/api/pool")
+                api(url, ready)
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
@@ -117,17 +122,67 @@ async def run_in_kernel(
         ws.close()
 
 
-@dataclass
 class NodeBroker:
-    socket: Path
-    process: subprocess.Popen
-    log: Path
-    metrics_port: int
+    """``jupyter singularity broker`` as a system service runs it; ``kill`` and ``start`` again
+    on the same sockets, ledger and spill directory, as its service manager would."""
+
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        socket: Path,
+        state_dir: Path,
+        log_dir: Path,
+        metrics_port: int,
+    ) -> None:
+        self.args, self.env, self.socket, self.log_dir = args, env, socket, log_dir
+        self.spill = state_dir / "broker-spill"
+        self.ledger = state_dir / "broker-ledger.sqlite"
+        self.metrics_port = metrics_port
+        self.process: subprocess.Popen | None = None
+        self.log = log_dir / "broker-0.log"
+        self.runs = 0
 
     @property
     def url(self) -> str:
         """What a server's SingularityApp.broker_url is set to."""
         return f"unix://{self.socket}"
+
+    def start(self) -> None:
+        """Start a run of it; returns once it says it serves (its one start line)."""
+        self.runs += 1
+        self.log = self.log_dir / f"broker-{self.metrics_port}-{self.runs}.log"
+        with self.log.open("w") as out:
+            self.process = subprocess.Popen(
+                [
+                    *self.args,
+                    f"--SingularityBroker.spill_dir={self.spill}",
+                    f"--SingularityBroker.db_url=sqlite:///{self.ledger}",
+                ],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.log_dir,
+            )
+        deadline = time.monotonic() + 60
+        while "jupyter-singularity broker:" not in self.log.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("the broker did not start:\n" + self.log.read_text())
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        """kill -9: no clean-up of any kind."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
 
 
 @contextmanager
@@ -139,56 +194,44 @@ def node_broker(
     state_dir: Path | None = None,
     config: str = "",
     env: dict[str, str] | None = None,
+    start: bool = True,
 ) -> Iterator[NodeBroker]:
-    """``jupyter singularity broker`` as a system service runs it, on ``devices``; its sockets in
-    ``run_dir`` (a short path: Unix socket paths are limited to about 100 bytes), its spill folder
-    and ledger in ``state_dir`` (default ``tmp_path``; other users' kernels must be able to
-    enter it), ``config`` the Python text of its configuration file, if any; ``env`` more
+    """``jupyter singularity broker`` on ``devices``, started unless ``start`` is false; its
+    sockets in ``run_dir`` (a short path: Unix socket paths are limited to about 100 bytes), its
+    spill folder and ledger in ``state_dir`` (default ``tmp_path``; other users' kernels must be
+    able to enter it), ``config`` the Python text of its configuration file, if any; ``env`` more
     environment (a hub service's token, say)."""
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="sgb-"))
-    state_dir = state_dir or tmp_path
     if config:
         (tmp_path / "broker_config.py").write_text(config)
         settings = (f"--config={tmp_path / 'broker_config.py'}", *settings)
-    socket_path = run_dir / "broker.sock"
     port = free_port()
-    log_path = tmp_path / f"broker-{port}.log"
-    log = log_path.open("w")
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-        **(env or {}),
-    }
-    process = subprocess.Popen(
+    broker = NodeBroker(
         [
             sys.executable,
             "-m",
             "jupyter_singularity.cli",
             "broker",
-            f"--socket={socket_path}",
+            f"--socket={run_dir / 'broker.sock'}",
             f"--devices={devices}",
-            f"--SingularityBroker.spill_dir={state_dir / 'broker-spill'}",
-            f"--SingularityBroker.db_url=sqlite:///{state_dir / 'broker-ledger.sqlite'}",
             f"--SingularityBroker.metrics_address=127.0.0.1:{port}",
             *settings,
         ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=tmp_path,
+        {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])
+            ),
+            **(env or {}),
+        },
+        run_dir / "broker.sock",
+        state_dir or tmp_path,
+        tmp_path,
+        port,
     )
     try:
-        deadline = time.monotonic() + 60
-        while "jupyter-singularity broker:" not in log_path.read_text():
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("the broker did not start:\n" + log_path.read_text())
-            time.sleep(0.1)
-        yield NodeBroker(socket_path, process, log_path, port)
+        if start:
+            broker.start()
+        yield broker
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        log.close()
+        broker.stop()

@@ -856,6 +856,106 @@ def test_fair_share_delay_is_capped_so_heavy_users_do_not_starve():
     assert ids(core.unregister("busy", T0 + 1000), Grant) == ["h"]
 
 
+# ------------------------------------------------------------------------- after a broker restart
+
+
+def restarted(expected: dict[str, int], kernels: dict[str, str], now: float = T0 + 100):
+    """A node broker started again: it expects ``expected`` (from the ledger) to rejoin within 30 s,
+    and their servers registered ``kernels`` ({id: user}) again."""
+    core = make(sim("1x16GiB"))
+    core.expect_rejoins(expected, now, now + 30)
+    for kid, user in kernels.items():
+        core.register(kid, user, now)
+    return core
+
+
+def test_a_gpu_where_kernels_held_memory_waits_for_them_to_rejoin():
+    """The ledger says k1 was resident on GPU 0: a new kernel's first cell (which reserves the
+    whole device) waits until k1 has said what it holds, then evicts it; nothing over-commits."""
+    now = T0 + 100
+    core = restarted({"k1": 0}, {"k1": "alice", "new": "bob"}, now)
+    wait = one(core.acquire("new", "r1", now), Wait)
+    assert "waiting for 1 kernel(s) that held memory there to rejoin" in wait.reason
+    assert core.snapshot(now)["devices"][0]["unavailable"] == wait.reason.split(": ", 1)[1]
+
+    actions = core.rejoin("k1", now + 1, device=0, gpu_bytes=6 * GiB, peak_bytes=7 * GiB)
+    kernel = core.kernels["k1"]
+    assert (kernel.device, kernel.gpu_bytes, kernel.peaks) == (0, 6 * GiB, [7 * GiB])
+    changes = [(c.new, c.reason) for c in of(actions, StateChanged) if c.kernel_id == "k1"]
+    assert changes[0] == (S.RESIDENT, "rejoined after a broker restart")
+    # The waiting cell needs the whole device: the rejoined kernel makes room.
+    assert ids(actions, Offload) == ["k1"] and kernel.state == S.OFFLOADING
+    assert core.closed_devices() == {}
+
+
+def test_the_window_closes_for_kernels_that_never_rejoin():
+    core = restarted({"gone": 0}, {"new": "bob"})
+    assert isinstance(core.acquire("new", "r1", T0 + 110)[-1], Wait)
+    actions = core.tick(T0 + 130)
+    assert one(actions, Grant).request_id == "r1"
+
+
+def test_rejoined_kernels_are_offloaded_and_spilled_as_they_report():
+    core = restarted({}, {"host": "alice", "disk": "bob", "cold": "bob"})
+    core.rejoin("host", T0 + 101, device=0, host_bytes=3 * GiB)
+    core.rejoin("disk", T0 + 101, device=0, disk_bytes=2 * GiB)
+    core.rejoin("cold", T0 + 101)
+    states = {k: (v.state, v.device, v.home) for k, v in core.kernels.items()}
+    assert states == {
+        "host": (S.OFFLOADED, None, 0),
+        "disk": (S.SPILLED, None, 0),
+        "cold": (S.COLD, None, core.kernels["cold"].home),  # (its home: where it registered)
+    }
+    assert core.host_held == 3 * GiB
+    # Its next cell restores it.
+    grant = one(core.acquire("host", "r1", T0 + 102), Grant)
+    assert grant.restore and core.kernels["host"].state == S.RESTORING
+
+
+def test_a_report_changes_nothing_for_a_kernel_this_run_knows():
+    core = make(sim("1x16GiB"), kernels={"k1": "alice"})
+    run_cell(core, "k1", "r1", T0 + 1, T0 + 2, peak=2 * GiB)
+    before = core.kernels["k1"].to_dict()
+    assert not of(core.rejoin("k1", T0 + 3, device=0, gpu_bytes=9 * GiB), StateChanged)
+    assert core.kernels["k1"].to_dict() == before
+
+
+def test_a_cell_running_across_the_restart_is_waited_for_and_its_release_ends_it():
+    """k1's cell ran when the broker died: it rejoins running (no lease here), is no victim, a
+    cell that needs its memory waits (not denied), and its release (of the old run's lease)
+    makes it idle and lets the waiting cell in."""
+    now = T0 + 100
+    core = restarted({"k1": 0}, {"k1": "alice", "k2": "bob"}, now)
+    core.rejoin("k1", now, device=0, gpu_bytes=10 * GiB, running=True)
+    kernel = core.kernels["k1"]
+    assert (kernel.state, kernel.lease, kernel.booking()) == (S.RUNNING, None, 10 * GiB)
+    with pytest.raises(BrokerError, match="running"):
+        core.offload("k1", now)
+    wait = one(core.acquire("k2", "r2", now + 1, memory=8 * GiB), Wait)
+    assert "busy with running cells" in wait.reason
+    actions = core.release("k1", "old-run-lease", now + 5, peak_bytes=11 * GiB, gpu_bytes=9 * GiB)
+    assert not of(actions, LeaseEnded)  # nothing of this run to charge
+    assert (kernel.gpu_bytes, kernel.peaks) == (9 * GiB, [11 * GiB])
+    assert [c.new for c in of(actions, StateChanged)] == [S.RESIDENT, S.OFFLOADING]
+    assert ids(actions, Offload) == ["k1"]  # idle now: it makes room for the waiting cell
+
+
+def test_a_late_report_onto_memory_given_away_is_booked_and_relieved():
+    """After the window: the GPU went to another kernel meanwhile. The late kernel's state is
+    there all the same, so it is booked; idle kernels are offloaded until it fits, and no grant
+    lands on the GPU before."""
+    now = T0 + 100
+    core = restarted({}, {"late": "alice", "other": "bob", "third": "carol"}, now)
+    run_cell(core, "other", "r1", now, now + 1, peak=12 * GiB)
+    actions = core.rejoin("late", now + 2, device=0, gpu_bytes=8 * GiB)
+    assert core.device_bookings()[0] == 20 * GiB  # over-committed: a fact, not a decision
+    assert ids(actions, Offload) == ["other"]
+    assert isinstance(core.acquire("third", "r3", now + 3, memory=GiB)[-1], Wait)
+    actions = core.offloaded("other", now + 4, host_bytes=12 * GiB)
+    assert one(actions, Grant).request_id == "r3"
+    assert core.device_bookings()[0] <= 16 * GiB
+
+
 # ---------------------------------------------------------------------------- quota configuration
 
 
@@ -1032,6 +1132,8 @@ def test_a_memory_hint_does_not_slip_a_kernel_past_a_lowered_memory_quota():
 
 
 KIDS_MAX = 5
+#: The window a restarted broker gives kernels of its previous run to rejoin.
+REJOIN_WINDOW = 30.0
 USERS = {"alice": ("ml",), "bob": ("ml", "ops"), "carol": ()}
 SHAPES = {
     "1x16GiB": lambda: sim("1x16GiB"),
@@ -1123,6 +1225,10 @@ class Call:
     devices_before: dict[str, int | None] = field(default_factory=dict)
     reported: dict[str, int | None] = field(default_factory=dict)
     """Where a report (offloaded) leaves the reporting kernel's GPU state, before any decision."""
+    fact: bool = False
+    """A kernel reports what it holds after a broker restart: a fact that may over-commit a
+    device or the host budget (memory given away while the kernel was not known), which the core's
+    own decisions then never make worse."""
 
 
 class BrokerMachine(RuleBasedStateMachine):
@@ -1153,6 +1259,15 @@ class BrokerMachine(RuleBasedStateMachine):
         self.cancelled: set[str] = set()
         self.usage: dict[str, float] = {}
         self.day = int(self.now // DAY)
+        # After a broker restart: what each kernel not yet rejoined will report, the cells to
+        # send again once it did, the cells of the previous run still running, and where a report
+        # over-committed (see broker.rejoin).
+        self.unjoined: dict[str, dict] = {}
+        self.resend: dict[str, tuple[str, int | None]] = {}
+        self.stale: dict[str, str] = {}
+        self.excess: set[int] = set()
+        self.excess_at_crash: set[int] = set()
+        self.host_over = False
         for user in users:  # (rules that need kernels are then enabled from the first step)
             self.register(user)
 
@@ -1173,7 +1288,19 @@ class BrokerMachine(RuleBasedStateMachine):
         call.devices_before.update(call.reported)
         actions = getattr(self.core, method)(*args, **kwargs)
         self.check_actions(actions, call)
+        self.check_overcommit(call.fact)
         return actions
+
+    def check_overcommit(self, fact: bool) -> None:
+        """Only facts over-commit (see Call.fact); a decision never adds to it."""
+        booked = self.core.device_bookings()
+        over = {d for d, b in booked.items() if b > self.devices[d].total_bytes}
+        limit = self.policy.host_memory_limit
+        host_over = bool(limit) and self.core.host_held > limit
+        if not fact:
+            assert over <= self.excess, (over, self.excess, self.core.snapshot(self.now))
+            assert self.host_over or not host_over, self.core.snapshot(self.now)
+        self.excess, self.host_over = over, host_over
 
     def used_seconds(self, user: str) -> float:
         running = sum(
@@ -1258,7 +1385,7 @@ class BrokerMachine(RuleBasedStateMachine):
         assert kid not in self.leases, f"second grant {grant} before the first ended"
         assert kid not in self.offloading, f"{grant} while the kernel's offload is in flight"
         assert grant.start == self.now
-        assert grant.device not in self.core.unavailable, f"{grant} on an unavailable GPU"
+        assert grant.device not in self.core.closed_devices(), f"{grant} on a closed GPU"
         if grant.hold:
             limit = self.core.limits(self.alive[kid], USERS[self.alive[kid]]).gpu_seconds_per_day
             if limit is not None:
@@ -1321,6 +1448,8 @@ class BrokerMachine(RuleBasedStateMachine):
     def acquire(self, index: int, memory: int | None, any_kernel: bool) -> None:
         idle = sorted(k for k in self.alive if k not in self.pending and k not in self.leases)
         kid = idle[index % len(idle)] if idle and not any_kernel else self.pick(index)
+        if kid in self.unjoined or kid in self.stale:
+            return  # it has not said hello to this broker run yet, or a cell of it runs
         rid = f"r{self.next_id}"
         self.next_id += 1
         # A cell during an explicit restore is not refused: it takes the queued restore's place,
@@ -1410,7 +1539,9 @@ class BrokerMachine(RuleBasedStateMachine):
         offload or restore it was asked for completes or fails."""
         kid = self.pick(report.index, IN_FLIGHT)
         state = self.core.kernels[kid].state
-        if state == S.RUNNING:
+        if kid in self.stale:
+            self.stale_release(kid, report.gpu)
+        elif state == S.RUNNING:
             self.release(kid, report.peak, report.gpu, report.with_peak)
         elif state == S.OFFLOADING:
             if report.failed:
@@ -1597,10 +1728,128 @@ class BrokerMachine(RuleBasedStateMachine):
         assert kid not in self.core.kernels
         if kid in self.leases:
             assert not self.leases[kid].hold  # a restore without a cell: nothing to charge
-        for table in (self.pending, self.leases, self.saved, self.host_limits):
+        for table in (
+            self.pending, self.leases, self.saved, self.host_limits, self.unjoined, self.resend,
+            self.stale,
+        ):  # fmt: skip
             table.pop(kid, None)
         self.offloading.discard(kid)
         self.spilling.discard(kid)
+
+    @precondition(lambda self: self.alive)
+    @rule(
+        order=st.permutations(range(KIDS_MAX)),
+        at_once=st.integers(0, KIDS_MAX),
+        finish=st.booleans(),
+    )
+    def broker_restart(self, order: list[int], at_once: int, finish: bool) -> None:
+        """kill -9 of a node broker and its restart: the kernels live on (a running cell runs on,
+        a restore or an offload under way completes or not), a new core hears from the ledger
+        which of them held GPU memory, their servers register them all again, and each rejoins
+        with what it holds, some at once, the others later (``after_restart``); a cell that was
+        waiting sends its request again once its kernel rejoined."""
+        old = self.core
+        expected: dict[str, int] = {}
+        self.resend = {k: request for k, request in self.resend.items() if k in self.unjoined}
+        for kid in sorted(self.alive):
+            kernel = old.kernels[kid]
+            if kid in self.unjoined:  # it never rejoined the run that ended: the ledger has it cold
+                continue
+            if kernel.device is not None:
+                expected[kid] = kernel.device
+            device, gpu = kernel.device, kernel.gpu_bytes
+            host, disk = kernel.host_bytes, kernel.disk_bytes
+            if kernel.state == S.RESTORING:  # the restore completes in the kernel
+                gpu, host, disk = gpu + self.saved.get(kid, 0), 0, 0
+                self.saved[kid] = 0
+            elif kernel.state == S.OFFLOADING and finish:  # so does its offload
+                room = self.host_limits.get(kid)
+                host = gpu if room is None else min(gpu, room)
+                device, gpu, disk = None, 0, gpu - host
+                self.saved[kid] = host + disk
+            if kernel.lease is not None and kernel.lease.hold:
+                self.stale[kid] = kernel.lease.request_id
+            running = kid in self.stale  # (or it ran across the restart before)
+            if kernel.request is not None and kernel.request.hold:
+                self.resend[kid] = (kernel.request.request_id, kernel.request.memory)
+            self.unjoined[kid] = {
+                "device": device if device is not None else self.state_device.get(kid),
+                "gpu_bytes": gpu if device is not None else 0,
+                "host_bytes": host,
+                "disk_bytes": disk,
+                "peak_bytes": max(kernel.peaks) if kernel.peaks else None,
+                "running": running,
+            }
+        # The ledger charged the running leases; the new run starts without any.
+        usage = {user: self.used_seconds(user) for user in {*self.usage, *self.alive.values()}}
+        self.core = BrokerCore(
+            self.devices.values(), old.quotas, self.policy, usage_today=usage, now=self.now
+        )
+        self.usage = usage
+        self.pending, self.leases, self.host_limits, self.asked = {}, {}, {}, set()
+        self.offloading, self.spilling = set(), set()
+        self.excess_at_crash, self.excess, self.host_over = self.excess, set(), False
+        self.call("expect_rejoins", expected, self.now, self.now + REJOIN_WINDOW)
+        kids = sorted(self.alive)
+        for kid in kids:
+            actions = self.call(
+                "register", kid, self.alive[kid], self.now, groups=USERS[self.alive[kid]]
+            )
+            assert [type(a) for a in actions] == [StateChanged]
+        for i in [i for i in order if i < len(kids)][:at_once]:
+            self.rejoin(kids[i])
+
+    @precondition(lambda self: self.unjoined or self.stale)
+    @rule(kind=st.sampled_from(["rejoin", "cell ends"]), index=picks, gpu=fractions)
+    def after_restart(self, kind: str, index: int, gpu: float) -> None:
+        """A kernel rejoins late (maybe after the window: onto memory given away meanwhile), or
+        the cell a kernel ran across the restart ends."""
+        if kind == "rejoin" and self.unjoined:
+            kids = sorted(self.unjoined)
+            self.rejoin(kids[index % len(kids)])
+        elif self.stale:
+            kids = sorted(self.stale)
+            self.stale_release(kids[index % len(kids)], gpu)
+
+    def rejoin(self, kid: str) -> None:
+        holds = self.unjoined.pop(kid)
+        expected, excess = kid in self.core.expected, set(self.excess)
+        device = holds["device"]
+        if (
+            device is not None
+            and not holds["gpu_bytes"]
+            and (holds["host_bytes"] or holds["disk_bytes"])
+        ):
+            device = None  # offloaded, nothing left on the GPU it last ran on
+        self.call("rejoin", kid, self.now, **holds, call=Call(reported={kid: device}, fact=True))
+        kernel = self.core.kernels[kid]
+        assert (kernel.host_bytes, kernel.disk_bytes) == (holds["host_bytes"], holds["disk_bytes"])
+        if device is not None:
+            assert kernel.device == device and kernel.gpu_bytes == holds["gpu_bytes"], kernel
+            if expected and device not in excess | self.excess_at_crash:
+                assert device not in self.excess, "memory of a kernel expected back was given away"
+            if holds["running"]:
+                assert kernel.state == S.RUNNING and kernel.lease is None, kernel
+        if kid in self.resend:  # the waiting cell asks again
+            rid, memory = self.resend.pop(kid)
+            self.pending[kid] = rid
+            self.call("acquire", kid, rid, self.now, memory=memory)
+
+    def stale_release(self, kid: str, gpu: float) -> None:
+        """The cell that ran across the restart ends; its release names a lease of the previous
+        run (before the kernel rejoined, it is refused and the hello then says it is idle)."""
+        rid = self.stale.pop(kid)
+        if kid in self.unjoined:
+            self.unjoined[kid]["running"] = False
+            return
+        device = self.core.kernels[kid].device
+        gpu_bytes = int(self.devices[device].total_bytes * gpu) if device is not None else None
+        self.call(
+            "release", kid, rid, self.now, peak_bytes=gpu_bytes, gpu_bytes=gpu_bytes,
+            call=Call(fact=True),
+        )  # fmt: skip
+        kernel = self.core.kernels[kid]
+        assert kernel.lease is None and kernel.state != S.RUNNING, kernel
 
     @rule(
         seconds=st.sampled_from([0.5, 7, 60, 121, 3600, 5 * 3600, "midnight"]),
@@ -1656,7 +1905,7 @@ class BrokerMachine(RuleBasedStateMachine):
             if kernel.device is not None:
                 booked[kernel.device] += booking_of(kernel)
         for index, info in self.devices.items():
-            assert booked[index] <= info.total_bytes, (index, booked, self.core.kernels)
+            assert booked[index] <= info.total_bytes or index in self.excess, (index, booked)
         assert booked == self.core.device_bookings()
 
     @invariant()
@@ -1687,7 +1936,8 @@ class BrokerMachine(RuleBasedStateMachine):
             if kernel.request is not None:
                 assert kernel.request.request_id == self.pending[kid]
             assert (kernel.state == S.OFFLOADING) == (kid in self.offloading), kernel
-            assert kernel.host_bytes + kernel.disk_bytes == self.saved.get(kid, 0), kernel
+            if kid not in self.unjoined:  # (the core knows nothing of it yet)
+                assert kernel.host_bytes + kernel.disk_bytes == self.saved.get(kid, 0), kernel
             if kernel.state in (S.RUNNING, S.RESIDENT, S.OFFLOADING, S.RESTORING):
                 assert kernel.device is not None, kernel
             if kernel.state == S.QUEUED:
@@ -1704,7 +1954,7 @@ class BrokerMachine(RuleBasedStateMachine):
         reserved = {k: self.host_limits[k] or 0 for k in self.offloading}
         held = sum(k.host_bytes for k in kernels) + sum(reserved.values())
         assert held == self.core.host_held, (held, self.core.host_held)
-        if self.policy.host_memory_limit:
+        if self.policy.host_memory_limit and not self.host_over:
             assert held <= self.policy.host_memory_limit, self.core.snapshot(self.now)
         for user in set(self.alive.values()):
             quota = self.core.limits(user, USERS[user]).host_memory
@@ -1728,9 +1978,10 @@ class BrokerMachine(RuleBasedStateMachine):
             return
         kernels = self.core.kernels.values()
         moving = (S.OFFLOADING, S.RESTORING)
-        if self.core.unavailable or any(k.stalled_since is not None for k in kernels):
+        if self.core.closed_devices() or any(k.stalled_since is not None for k in kernels):
             return  # they may hold what a request waits for, until they answer again
-        if not any(k.lease is not None or k.state in moving for k in kernels):
+        # (a cell of the broker's previous run runs without a lease: see broker.rejoin)
+        if not any(k.lease is not None or k.state in (S.RUNNING, *moving) for k in kernels):
             assert self.core.queue() == [], self.core.snapshot(self.now)
 
 

@@ -229,6 +229,43 @@ print(json.dumps({{"answered": bool(answered), "refusal": refusal}}))
     assert "dropped message on the kernel channel" in Path(node.log).read_text()
 
 
+@pytest.mark.faults
+async def test_kill_9_of_the_node_broker_loses_no_users_state(hub, node, alice, bob):
+    """kill -9 of the broker mid-run and a restart: bob's evicted state and alice's resident one
+    stay intact, bob's cell started while the broker is away waits and then runs, and both
+    users' training goes on."""
+    await asyncio.gather(join(alice, node), join(bob, node))
+    bob_kernel, alice_kernel = await asyncio.gather(bob.start_kernel(), alice.start_kernel())
+    digests = {}
+    for client, kernel_id in ((bob, bob_kernel), (alice, alice_kernel)):
+        status, out = await client.run_cell(
+            kernel_id, TRAINING + "step()\nprint('digest', digest())", timeout=180
+        )
+        assert status == "ok", out
+        digests[kernel_id] = out.split()[-1]
+    await state(bob, bob_kernel, "offloaded", "spilled")  # alice's cell evicted it
+
+    node.kill()
+    waiting = asyncio.ensure_future(
+        bob.run_cell(bob_kernel, "print('digest', digest())", timeout=300)
+    )
+    await asyncio.sleep(5)
+    assert not waiting.done(), "bob's GPU cell ran while the broker was away"
+    node.start()
+
+    status, out = await waiting
+    assert status == "ok" and out.split()[-1] == digests[bob_kernel], out
+    status, out = await alice.run_cell(alice_kernel, "print('digest', digest())", timeout=120)
+    assert status == "ok" and out.split()[-1] == digests[alice_kernel], out
+    pool = await alice.pool()
+    users = {k["kernel_id"]: k["user"] for k in pool["kernels"]}
+    assert users == {bob_kernel: bob.name, alice_kernel: alice.name}
+    assert sum(1 for k in pool["kernels"] if k["state"] == "resident") == 1, pool
+    for client, kernel_id in ((bob, bob_kernel), (alice, alice_kernel)):
+        status, out = await client.run_cell(kernel_id, "print('loss', step())", timeout=120)
+        assert status == "ok" and "loss" in out, out
+
+
 # ------------------------------------------------------------------- jupyterhub (token) mode
 
 BROKER_SERVICE = "jupyter-singularity"

@@ -360,10 +360,14 @@ def test_gpu_seconds_match_brute_force(
 # ------------------------------------------------ records left open by a broker that died
 
 
-def _open_kernel(led: Ledger, kernel_id: str, state: str, at: float) -> None:
+def _open_kernel(
+    led: Ledger, kernel_id: str, state: str, at: float, device: int | None = None
+) -> None:
     led.kernel_joined(kernel_id)
     led.state_changed(time=at, kernel_id=kernel_id, user="ann", old=None, new="cold")
-    led.state_changed(time=at + 1, kernel_id=kernel_id, user="ann", old="cold", new=state)
+    led.state_changed(
+        time=at + 1, kernel_id=kernel_id, user="ann", old="cold", new=state, device_index=device
+    )
 
 
 def _last_state(led: Ledger, kernel_id: str) -> str:
@@ -377,6 +381,7 @@ def test_attach_closes_what_a_dead_broker_left_open_and_spares_a_live_one(db_pat
     crashed = Ledger(url)
     crashed.attach(at=T0, me={"host": "h", "pid": 1, "process_start": "a"}, alive=lambda r: True)
     _open_kernel(crashed, "lost", "spilled", T0)
+    _open_kernel(crashed, "held", "resident", T0, device=1)
     _start(crashed, "lost:1", "ann", T0 + 2, kernel="lost")
     crashed.flush()  # then kill -9: nothing else is written
 
@@ -393,7 +398,9 @@ def test_attach_closes_what_a_dead_broker_left_open_and_spares_a_live_one(db_pat
         alive=lambda record: record["pid"] == 2,
     )
 
-    assert closed == {"leases": 1, "kernels": ["lost"]}
+    # (a node broker's kernels rejoin the next run: it learns which GPUs held their memory)
+    assert closed["leases"] == 1 and sorted(closed["kernels"]) == ["held", "lost"]
+    assert closed["devices"] == {"held": 1}
     assert _last_state(restarted, "lost") == "gone"
     assert "stopped without ending it" in restarted.events(kernel_id="lost", limit=1)[0]["reason"]
     assert _last_state(restarted, "alive") == "running"
@@ -407,7 +414,7 @@ def test_attach_closes_what_a_dead_broker_left_open_and_spares_a_live_one(db_pat
     again = Ledger(url)
     assert again.attach(
         at=T0 + 200, me={"host": "h", "pid": 4}, alive=lambda record: record["pid"] in (2, 3)
-    ) == {"leases": 0, "kernels": []}
+    ) == {"leases": 0, "kernels": [], "devices": {}}
     for led in (crashed, running, restarted, again):
         led.close()
 

@@ -38,6 +38,7 @@ from jupyter_singularity.broker.quotas import Quotas
 from jupyter_singularity.broker.rpc import MAX_MESSAGE_BYTES, RPCServer
 from jupyter_singularity.broker.service import BrokerService
 from jupyter_singularity.devices import DeviceInfo, DeviceInventory
+from jupyter_singularity.kernel import membership
 from jupyter_singularity.kernel import runtime as runtime_module
 from jupyter_singularity.kernel.client import MAX_RESENDS, BrokerClient, BrokerError, Heartbeat
 from jupyter_singularity.kernel.gate import LeaseDenied
@@ -811,7 +812,7 @@ async def test_a_grant_after_the_cell_gave_up_is_given_back(
 ) -> None:
     """A broker that stalls (pings unanswered) and grants later: the cell fails, the lease that
     comes after it is released at once instead of being held by a kernel that never used it."""
-    monkeypatch.setattr(runtime_module, "Heartbeat", functools.partial(Heartbeat, interval=0.1))
+    monkeypatch.setattr(membership, "Heartbeat", functools.partial(Heartbeat, interval=0.1))
     grant, stalled = asyncio.Event(), asyncio.Event()
 
     async def acquire(msg: Message) -> dict:

@@ -67,6 +67,37 @@ def test_remove_does_not_follow_a_link_out_of_the_spill_root(tmp_path: Path) -> 
     assert (elsewhere / "data").read_text() == "keep me"
 
 
+def test_a_kernel_registered_again_keeps_its_spill_folder(tmp_path: Path) -> None:
+    """A kernel rejoining a restarted node broker: its spilled state is in the folder."""
+    folder = SpillDirs(tmp_path).make_for("k1", os.getuid())
+    assert folder.stat().st_mode & 0o777 == 0o700
+    (folder / "tensors-1-a-0.spill").write_bytes(b"state")
+    folder.chmod(0o755)
+    assert SpillDirs(tmp_path).make_for("k1", os.getuid()) == folder
+    assert (folder / "tensors-1-a-0.spill").read_bytes() == b"state"
+    assert folder.stat().st_mode & 0o777 == 0o700
+
+
+def test_another_users_spill_folder_is_refused_and_left_alone(tmp_path: Path) -> None:
+    """Registering a kernel id that names another user's kernel (its broker restarted, its
+    server not back yet) neither deletes nor takes that kernel's spilled state."""
+    folder = tmp_path / "k1"
+    folder.mkdir()
+    (folder / "tensors-1-a-0.spill").write_bytes(b"state")
+    with pytest.raises(KernelIdError, match="belongs to another user"):
+        SpillDirs(tmp_path).make_for("k1", os.getuid() + 1)
+    assert (folder / "tensors-1-a-0.spill").read_bytes() == b"state"
+
+
+def test_a_link_in_place_of_a_spill_folder_is_replaced_not_followed(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "precious"
+    elsewhere.mkdir()
+    (tmp_path / "spill").mkdir()
+    (tmp_path / "spill" / "k1").symlink_to(elsewhere)
+    folder = SpillDirs(tmp_path / "spill").make_for("k1", os.getuid())
+    assert folder.is_dir() and not folder.is_symlink() and elsewhere.is_dir()
+
+
 def _spill_folder(root: Path, kernel_id: str, writer_pid: int) -> Path:
     folder = root / kernel_id
     folder.mkdir(parents=True)

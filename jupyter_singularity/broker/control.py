@@ -100,7 +100,7 @@ class ControlServer:
         self.frontend = frontend
         self.resolve = resolve
         self.log = log
-        self.instance = uuid.uuid4().hex
+        self.instance = frontend.service.instance  # the run kernels hear of too
         self._socket: zmq.asyncio.Socket | None = None
         self._receiver: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()

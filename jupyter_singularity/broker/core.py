@@ -40,11 +40,12 @@ from .model import (
 )
 from .placement import Placement, _Pass, _Placement
 from .quotas import Limits, Quotas
+from .rejoin import Rejoin
 
 # ------------------------------------------------------------------------------------------- core
 
 
-class BrokerCore(HostBudget, Placement):
+class BrokerCore(HostBudget, Placement, Rejoin):
     """All decisions of the pool. Every public method takes ``now`` and returns the actions to carry out."""
 
     def __init__(
@@ -78,6 +79,8 @@ class BrokerCore(HostBudget, Placement):
         """The sum of every kernel's ``pool_allowance``."""
         self.host_held = 0
         self._host_held_by_user: dict[str, int] = {}
+        self.expected: dict[str, int] = {}
+        self.expected_until = now
 
     # ----------------------------------------------------------------------------- public events
 
@@ -108,6 +111,7 @@ class BrokerCore(HostBudget, Placement):
         kernel = self.kernels.pop(kernel_id, None)
         if kernel is None:
             return []
+        self._forget_expected(kernel_id)
         self._hold_host(kernel, 0, 0)
         del self._by_user[kernel.user][kernel_id]
         self.pool_allowances -= kernel.pool_allowance
@@ -192,13 +196,8 @@ class BrokerCore(HostBudget, Placement):
         """The cell ended. Its peak teaches the core the kernel's footprint for the next reservation."""
         kernel = self._kernel(kernel_id)
         if kernel.lease is None or kernel.lease.request_id != request_id:
-            return []
-        if peak_bytes is not None:
-            kernel.peaks = [*kernel.peaks, peak_bytes][-self.policy.peak_history :]
-        if gpu_bytes is not None:
-            kernel.gpu_bytes = gpu_bytes
-        kernel.refused = ""
-        kernel.last_activity = now
+            return self._last_run_cell_ended(kernel, now, peak_bytes, gpu_bytes)
+        self._set_footprint(kernel, peak_bytes, gpu_bytes, now)
         self._end_lease(kernel, now, peak_bytes)
         self._set_state(kernel, KernelState.RESIDENT, "cell finished", now)
         if kernel.offload_asked and kernel.request is None:
@@ -207,6 +206,17 @@ class BrokerCore(HostBudget, Placement):
         self._relieve_overcommit(kernel.device, now)
         self._schedule(now)
         return self._drain()
+
+    def _set_footprint(
+        self, kernel: Kernel, peak_bytes: int | None, gpu_bytes: int | None, now: float
+    ) -> None:
+        """A cell ended with this peak and this much left on the device; the kernel is idle."""
+        if peak_bytes is not None:
+            kernel.peaks = [*kernel.peaks, peak_bytes][-self.policy.peak_history :]
+        if gpu_bytes is not None:
+            kernel.gpu_bytes = gpu_bytes
+        kernel.refused = ""
+        kernel.last_activity = now
 
     def restored(self, kernel_id: str, now: float, gpu_bytes: int | None = None) -> list[Action]:
         """The kernel's state is back on its device."""
@@ -414,21 +424,10 @@ class BrokerCore(HostBudget, Placement):
         self._schedule(now)
         return self._drain()
 
-    def set_device_unavailable(self, device: int, reason: str | None, now: float) -> list[Action]:
-        """No new grant on ``device`` while ``reason`` holds (a stalled kernel's lease there may
-        still write to its memory), or usable again (None). Requests wait, saying why."""
-        if device not in self.devices:
-            raise BrokerError(f"no device {device} in the pool")
-        if reason is None:
-            self.unavailable.pop(device, None)
-        else:
-            self.unavailable[device] = reason
-        self._schedule(now)
-        return self._drain()
-
     def tick(self, now: float) -> list[Action]:
         """Time passed: start a new accounting day, offload kernels idle longer than the timeout."""
         self._roll_day(now)
+        self._expire_rejoins(now)
         timeout = self.policy.idle_timeout
         if timeout > 0:
             for kernel in list(self.kernels.values()):
@@ -469,13 +468,13 @@ class BrokerCore(HostBudget, Placement):
         return self._booked_by_device()
 
     def snapshot(self, now: float) -> dict:
-        booked = self._booked_by_device()
+        booked, closed = self._booked_by_device(), self.closed_devices()
         return {
             "devices": [
                 {
                     **d.to_dict(),
                     "booked_bytes": booked[d.index],
-                    "unavailable": self.unavailable.get(d.index),
+                    "unavailable": closed.get(d.index),
                 }
                 for d in self.devices.values()
             ],

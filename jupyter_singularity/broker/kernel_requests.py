@@ -31,6 +31,9 @@ from ..protocol import (
 from .model import BrokerError
 from .processes import kernel_pid
 
+#: The answer to a kernel that speaks to a restarted node broker before saying hello to it.
+REJOIN_FIRST = "the GPU pool's broker restarted: this kernel must say hello to it again"
+
 if TYPE_CHECKING:
     import logging
 
@@ -82,6 +85,8 @@ class KernelConnection:
     """Its lease was revoked while it was stalled: the driver holds its process checkpointed."""
     blocked_device: int | None = None
     """The GPU that takes no new work because this stalled kernel holds a lease there."""
+    said_hello: bool = False
+    """Whether the kernel said hello to this run of the broker (see :meth:`_handle`)."""
 
 
 class KernelRequests:
@@ -91,6 +96,8 @@ class KernelRequests:
     inventory: DeviceInventory
     log: logging.Logger
     verify_peers: bool
+    node: bool
+    instance: str
     _connections: dict[str, KernelConnection]
     _apply: Callable[[list[Action]], None]
     kernel: Callable[[str], dict]
@@ -127,6 +134,10 @@ class KernelRequests:
             return {"error": "refused: this process may not speak for this kernel"}
         connection.peer_pid = None if peer is None or peer.pid <= 0 else peer.pid
         self._heard_from(kernel_id, connection)
+        if self.node and not connection.said_hello and msg.type != "hello":
+            # A kernel of the previous run (this broker restarted): until its hello says what it
+            # holds, nothing it asks can be decided; ``rejoin`` tells it to say hello again.
+            return {"error": REJOIN_FIRST, "rejoin": True, "instance": self.instance}
         handler = getattr(self, f"_on_{msg.type}", None)
         if handler is None:
             return {"error": f"unknown request {msg.type!r}"}
@@ -148,7 +159,10 @@ class KernelRequests:
     def _on_hello(
         self, kernel_id: str, connection: KernelConnection, body: dict, now: float
     ) -> dict:
+        """A kernel joins this run of the broker: at its start, or again after a restart, when
+        ``holds`` says where its GPU state is (see :meth:`_holdings`)."""
         claimed = count_field(body, "pid", MAX_PID, minimum=1)
+        holds = self._holdings(kernel_id, body.get("holds"))
         # The OS says which process speaks: the kernel itself, also where the provisioner started
         # a wrapper (a shell, conda run) or the kernel runs in its own pid namespace.
         try:
@@ -163,13 +177,55 @@ class KernelRequests:
                 claimed,
             )
         connection.pid = pid
-        return {"kernel": self.kernel(kernel_id), "simulated": self.inventory.simulated}
+        connection.said_hello = True
+        if holds is not None:
+            self._apply(self.core.rejoin(kernel_id, now, **holds))
+        return {
+            "kernel": self.kernel(kernel_id),
+            "simulated": self.inventory.simulated,
+            "instance": self.instance,
+        }
+
+    def _holdings(self, kernel_id: str, holds: Any) -> dict | None:
+        """A hello's ``holds``, checked: ``device`` (the UUID of the GPU the kernel last ran on,
+        or null), ``gpu_bytes`` there, ``host_bytes``, ``disk_bytes``, ``peak_bytes`` (null or
+        absent: unknown) and ``running``. A GPU no longer in the pool is logged and left out."""
+        if holds is None:
+            return None
+        if not isinstance(holds, dict):
+            raise FieldError(f"field 'holds' must be an object, not {holds!r:.60}")
+        uuid = text_field(holds, "device", default=None)
+        device = None
+        if uuid is not None:
+            try:
+                device = self._device_index(uuid)
+            except BrokerError:
+                self.log.warning(
+                    "jupyter-singularity: kernel %s rejoined with state on GPU %s, which is not in "
+                    "this pool: only its host and disk state is booked",
+                    kernel_id,
+                    uuid,
+                )
+        limit = (
+            self._gpu_limit(kernel_id) if device is None else self.core.devices[device].total_bytes
+        )
+        try:
+            return {
+                "device": device,
+                "gpu_bytes": count_field(holds, "gpu_bytes", limit) if device is not None else 0,
+                "host_bytes": count_field(holds, "host_bytes", MAX_STORED_BYTES),
+                "disk_bytes": count_field(holds, "disk_bytes", MAX_STORED_BYTES),
+                "peak_bytes": count_field(holds, "peak_bytes", limit, default=None),
+                "running": flag_field(holds, "running"),
+            }
+        except FieldError as err:
+            raise FieldError(f"holds: {err}") from None
 
     def _on_ping(
         self, kernel_id: str, connection: KernelConnection, body: dict, now: float
     ) -> dict:
-        """A waiting cell checks that the broker is still there."""
-        return {}
+        """A kernel checks that the broker is still there, and still the run it joined."""
+        return {"instance": self.instance}
 
     def _on_status(
         self, kernel_id: str, connection: KernelConnection, body: dict, now: float

@@ -260,7 +260,9 @@ class Ledger:
         kernels' records (a last state change to ``gone``). ``alive(broker_row)`` says whether
         another broker's process still runs; kernels of live brokers are left alone.
 
-        Returns what was closed: ``{"leases": n, "kernels": [ids]}``.
+        Returns what was closed: ``{"leases": n, "kernels": [ids], "devices": {id: GPU}}``,
+        ``devices`` naming the GPU of each closed kernel last recorded on one (a node broker's
+        kernels outlive it: they rejoin the next run with what they hold there).
         """
         self.flush()
         with self._engine.begin() as conn:
@@ -318,7 +320,13 @@ class Ledger:
                 {**me, "broker_id": self.broker_id, "started": at, "stopped": None},
             )
         leases = self.close_dangling_leases(at, keep=live_kernels)
-        return {"leases": leases, "kernels": [row.kernel_id for row in ended]}
+        return {
+            "leases": leases,
+            "kernels": [row.kernel_id for row in ended],
+            "devices": {
+                row.kernel_id: row.device_index for row in ended if row.device_index is not None
+            },
+        }
 
     def detach(self, at: float) -> None:
         """This broker stops: records of its kernels are complete."""

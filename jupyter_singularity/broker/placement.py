@@ -73,13 +73,12 @@ class Placement:
         candidates = self._candidates(kernel, request)
         if not candidates:
             return _Placement(deny="this pool has no GPU devices")
-        if self.unavailable:
-            usable = [d for d in candidates if d not in self.unavailable]
+        closed = self.closed_devices()
+        if closed:
+            usable = [d for d in candidates if d not in closed]
             if not usable:
                 return _Placement(
-                    wait="; ".join(
-                        f"GPU {d} is unavailable: {self.unavailable[d]}" for d in candidates
-                    )
+                    wait="; ".join(f"GPU {d} is unavailable: {closed[d]}" for d in candidates)
                 )
             candidates = usable
         if (
@@ -329,7 +328,7 @@ def _unfreeable(kernel: Kernel) -> bool:
         or kernel.state == KernelState.ERROR
         or (
             kernel.lease is None
-            and kernel.state not in (KernelState.RESIDENT, KernelState.OFFLOADING)
+            and kernel.state not in (KernelState.RESIDENT, KernelState.OFFLOADING, *LEASE_STATES)
         )
     )
 
@@ -397,8 +396,8 @@ class _Pass:
                     view.fixed += booking
                 if kernel.state == KernelState.OFFLOADING and kernel.stalled_since is None:
                     view.offloading += kernel.gpu_bytes
-                if kernel.lease is not None:
-                    view.running += booking
+                if kernel.lease is not None or kernel.state == KernelState.RUNNING:
+                    view.running += booking  # (running without a lease: see broker.rejoin)
                 elif self.core._evictable(kernel):
                     view.evictable.append(kernel)
         return view

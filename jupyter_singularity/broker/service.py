@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -70,6 +71,10 @@ TRANSFER_STATES = (
 #: How often spill folders left by kernels that died unseen (with a previous server) are looked for.
 SWEEP_INTERVAL = 600.0
 
+#: How long, after a node broker starts, the GPUs where kernels of its previous run held memory
+#: wait for them to rejoin before taking new grants (see broker.rejoin).
+REJOIN_WINDOW = 30.0
+
 #: Ledger writes are buffered and flushed this many seconds after the first one, off the
 #: path of the cell that caused them.
 LEDGER_FLUSH_DELAY = 0.05
@@ -123,8 +128,12 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
         self.verify_peers = False
         """Whether the kernel channel's peers must be their kernel's owner (the OS says who they
         are): a node broker serving many users sets it; a server's own pool needs not."""
+        self.instance = uuid.uuid4().hex
+        """This run of the broker, in its replies to servers and kernels: a new one tells them
+        that it restarted and that they must join it again."""
         now = clock()
         closed = ledger.attach(at=now, me=this_process(), alive=broker_alive)
+        self._left_on_devices: dict[str, int] = closed["devices"]
         if closed["leases"] or closed["kernels"]:
             log.warning(
                 "jupyter-singularity: the last run ended without closing its records: %d "
@@ -173,6 +182,9 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
             self.endpoint = await self._rpc.start(Path(jupyter_runtime_dir()))
         else:
             self.endpoint = await self._rpc.start_shared(socket)
+        if self.node and self._left_on_devices:
+            now = self.clock()
+            self._apply(self.core.expect_rejoins(self._left_on_devices, now, now + REJOIN_WINDOW))
         self._loop_task = asyncio.create_task(self._tick_loop())
         self.log.debug("jupyter-singularity broker listening on %s", self.endpoint)
 
@@ -222,28 +234,27 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
         so that a kernel started while the broker was away, or before it restarted, can join it
         later); else a fresh one.
 
-        Raises KernelIdError for an id that could name a path outside its spill directory."""
+        The same kernel registered again with the same key (its server joining this broker once
+        more) stays as it is; with another key it is a new kernel of that id (restarted).
+
+        Raises KernelIdError for an id that could name a path outside its spill directory, or
+        whose spill folder is another user's."""
         check_kernel_id(kernel_id)
-        if kernel_id in self._connections:
-            self.unregister_kernel(kernel_id, "restarted")
-        key = key or generate_key()
-        self._connections[kernel_id] = KernelConnection(key, owner_uid=owner.uid)
-        self.ledger.kernel_joined(kernel_id)
-        if self.node and owner.uid is not None and self.spill_dirs is not None:
-            try:
-                self.spill_dirs.make_for(kernel_id, owner.uid)
-            except OSError as err:  # it then spills nowhere: its offloads keep state in memory
-                self.log.error(
-                    "jupyter-singularity: cannot make the spill folder of kernel %s for uid %d: %s",
-                    kernel_id,
-                    owner.uid,
-                    err,
+        known = self._connections.get(kernel_id)
+        if known is None or known.key != key:
+            if known is not None:
+                self.unregister_kernel(kernel_id, "restarted")
+            if self.node and owner.uid is not None and self.spill_dirs is not None:
+                self._make_spill_dir(kernel_id, owner.uid)
+            key = key or generate_key()
+            self._connections[kernel_id] = KernelConnection(key, owner_uid=owner.uid)
+            self.ledger.kernel_joined(kernel_id)
+            self._apply(
+                self.core.register(
+                    kernel_id, owner.user, self.clock(), groups=owner.groups, notebook=notebook
                 )
-        self._apply(
-            self.core.register(
-                kernel_id, owner.user, self.clock(), groups=owner.groups, notebook=notebook
             )
-        )
+        key = self._connections[kernel_id].key
         home_index = self.core.kernels[kernel_id].home
         home = None if home_index is None else self.core.devices[home_index]
         env = {
@@ -261,6 +272,18 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
         if self.node:
             env[ENV_NODE_BROKER] = "1"
         return KernelLaunch(kernel_id, home, env)
+
+    def _make_spill_dir(self, kernel_id: str, uid: int) -> None:
+        """Raises KernelIdError where the folder is another user's."""
+        try:
+            self.spill_dirs.make_for(kernel_id, uid)
+        except OSError as err:  # it then spills nowhere: its offloads keep state in memory
+            self.log.error(
+                "jupyter-singularity: cannot make the spill folder of kernel %s for uid %d: %s",
+                kernel_id,
+                uid,
+                err,
+            )
 
     def _spill_dir_of(self, kernel_id: str) -> Path | None:
         return None if self.spill_dirs is None else self.spill_dirs.of(kernel_id)

@@ -56,11 +56,25 @@ class SpillDirs:
         return path
 
     def make_for(self, kernel_id: str, uid: int) -> Path:
-        """A fresh spill folder of ``kernel_id``, owned by ``uid`` (mode 0700): a node broker's
-        root is shared by every user's kernels, each writes only in its own folder."""
-        self.remove(kernel_id)
+        """The spill folder of ``kernel_id``, owned by ``uid`` (mode 0700): a node broker's root
+        is shared by every user's kernels, each writes only in its own folder.
+
+        A folder already there and owned by ``uid`` is kept as it is: it holds the spilled state
+        of a kernel rejoining a restarted broker. One of another user is never touched: raises
+        KernelIdError (somebody registering a kernel id that is not theirs); OSError where the
+        folder cannot be made."""
         path = self.of(kernel_id)
-        path.mkdir(mode=0o700)
+        if path.is_symlink():
+            path.unlink()  # never follow a link into somebody else's files
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            if path.lstat().st_uid != uid:
+                raise KernelIdError(
+                    f"kernel id {kernel_id}: its spill folder belongs to another user"
+                ) from None
+            path.chmod(0o700)
+            return path
         if os.stat(path).st_uid != uid:
             os.chown(path, uid, -1)
         return path

@@ -71,6 +71,11 @@ class BrokerUnreachable(BrokerError):
     """A message could not even be queued for the broker."""
 
 
+class BrokerRestarted(BrokerError):
+    """The broker refused a message of a kernel that did not say hello to it: it is a new run of
+    the broker (a node broker restarted), which must hear the kernel's hello first."""
+
+
 @dataclass
 class _Outgoing:
     type: str
@@ -107,6 +112,9 @@ class BrokerClient:
         self._wake_rx.setblocking(False)
         self._wake_tx.setblocking(False)
         self._threads: list[threading.Thread] = []
+        self.on_rejoin: Callable[[], None] | None = None
+        """Called (on the I/O thread) when the broker refuses a message with ``rejoin``, before
+        whoever waits for the reply hears of it."""
 
     @classmethod
     def from_env(cls) -> BrokerClient | None:
@@ -151,7 +159,8 @@ class BrokerClient:
             if error is not None:
                 answer.set_exception(error)
             elif "error" in (reply := done.result()):
-                answer.set_exception(BrokerError(str(reply["error"])))
+                refused = BrokerRestarted if reply.get("rejoin") is True else BrokerError
+                answer.set_exception(refused(str(reply["error"])))
             else:
                 answer.set_result(reply)
 
@@ -276,11 +285,17 @@ class BrokerClient:
             self._send_again(msg.reply_to or "", str(msg.body.get("error")))
         elif msg.reply_to is not None:
             # A reply never triggers a callback, so two peers cannot bounce replies forever.
+            if msg.body.get("rejoin") is True and self.on_rejoin is not None:
+                self.on_rejoin()
             with self._lock:
                 future = self._pending.pop(msg.reply_to, None)
             if future is not None:
                 future.set_result(msg.body)
-            elif "error" in msg.body and (sent := self._sent.get(msg.reply_to)) is not None:
+            elif (
+                "error" in msg.body
+                and not msg.body.get("rejoin")  # (on_rejoin took care of it)
+                and (sent := self._sent.get(msg.reply_to)) is not None
+            ):
                 log.warning("the broker refused %r: %s", sent.type, msg.body["error"])
             else:
                 log.debug("late or unsolicited %r from the broker ignored", msg.type)

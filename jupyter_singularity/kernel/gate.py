@@ -271,16 +271,27 @@ class WaitLine:
         self._last_shown = 0.0
         self._restore: tuple[int, str] | None = None
         self._progress = 0.0
+        self._away: float | None = None
 
     @property
     def shown(self) -> bool:
         return self._handle is not None
+
+    def away(self, seconds: float | None) -> None:
+        """For how long the pool's broker has not answered (a node broker restarting, which the
+        cell waits for), or None while it answers."""
+        self._away = seconds
 
     def text(self, waiting: Waiting | None) -> str:
         if self._restore is not None:
             total, source = self._restore
             percent = f" {self._progress:.0%}" if self._progress else ""
             return f"⏳ restoring {format_size(total)} from {source}…{percent}"
+        if self._away is not None:
+            return (
+                f"⏳ the GPU pool's broker is not answering ({self._away:.0f} s); {self.what} "
+                "waits for it (interrupt the kernel to stop waiting)"
+            )
         elapsed = time.monotonic() - self.started
         if waiting is not None and waiting.position:
             where = f"{ordinal(waiting.position)} in the GPU queue"
@@ -294,7 +305,7 @@ class WaitLine:
     def tick(self, waiting: Waiting | None, force: bool = False) -> None:
         """Show or refresh the line if it is due; cheap when nothing changed."""
         now = time.monotonic()
-        queued = waiting is not None and bool(waiting.position)
+        queued = (waiting is not None and bool(waiting.position)) or self._away is not None
         if self._handle is None and not force and not queued and now - self.started < LINE_DELAY:
             return
         if self._handle is not None and not force and now - self._last_shown < LINE_REFRESH:

@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,8 @@ class BrokerPushes:
 
     lock: threading.RLock
     shell: Any
+    gpu_used: bool
+    peaks: deque[int]
     lease: Lease | None
     waiting: Waiting | None
     device: dict | None
@@ -116,6 +119,27 @@ class BrokerPushes:
             int(getattr(transfer, "storages", 0)),
             reason=reason,
         )
+
+    def holdings(self) -> dict:
+        """Where this kernel's GPU state is, for a broker it joins (after a restart, it knows
+        nothing of it): ``device`` (UUID of the GPU the kernel last ran on, or None),
+        ``gpu_bytes`` there, ``host_bytes`` and ``disk_bytes`` offloaded, ``peak_bytes`` of its
+        recent cells, and whether a cell ``running`` holds a lease of the broker's previous run."""
+        with self.lock:  # not in the middle of an offload, restore or spill
+            engine = self.engine
+            offloaded = engine is not None and engine.offloaded
+            if offloaded:
+                gpu_bytes = self._residual_gpu_bytes(None)
+            else:
+                gpu_bytes = self._device_bytes(force=True) if self.gpu_used else 0
+            return {
+                "device": None if self.device is None else self.device.get("uuid"),
+                "gpu_bytes": gpu_bytes,
+                "host_bytes": int(engine.host_bytes) if offloaded else 0,
+                "disk_bytes": int(engine.disk_bytes) if offloaded else 0,
+                "peak_bytes": max(self.peaks, default=None),
+                "running": self.lease is not None,
+            }
 
     # --------------------------------------------------------- broker pushes (push-worker thread)
 

@@ -29,12 +29,11 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..protocol import ENV_SIMULATED
-from .client import BrokerClient, BrokerError, Heartbeat
+from ..protocol import ENV_NODE_BROKER, ENV_SIMULATED
+from .client import BrokerClient, BrokerError
 from .damage import restore_failure
 from .gate import (
     CudaInitGate,
@@ -49,21 +48,22 @@ from .gate import (
     parse_cell_options,
     uninstall_gate,
 )
+from .membership import CANCEL_TIMEOUT, Membership, answer_of
 from .process_probes import cuda_driver_initialised, heap_probe
 from .pushes import BrokerPushes, TransferRecord
+from .relay import MainThreadRelay
 
 log = logging.getLogger(__name__)
 
-#: How long the kernel waits for the broker to acknowledge it at start-up.
-HELLO_TIMEOUT = 10.0
+#: How long the kernel waits for the broker to acknowledge it at start-up (a node broker's kernel
+#: then goes on without the answer, and joins it when it answers: see .membership).
+HELLO_TIMEOUT, NODE_HELLO_TIMEOUT = 10.0, 2.0
 #: Timeout of the small requests made for magics and the widget.
 STATUS_TIMEOUT = 10.0
 #: How often a waiting cell checks for an interrupt and refreshes its line and widgets.
 WAIT_POLL = 0.05
-#: After an interrupt, how long to wait for the broker to confirm the request left the queue.
-CANCEL_TIMEOUT = 10.0
-#: Transfers kept for the widget and ``%singularity log``.
-TRANSFER_HISTORY = 20
+#: Transfers kept for the widget and ``%singularity log``; cells' peaks kept for a rejoin.
+TRANSFER_HISTORY, PEAK_HISTORY = 20, 5
 
 
 @dataclass
@@ -88,49 +88,10 @@ class Waiting:
     position: int = 0
     reason: str = ""
     restoring: int = 0
-
-
-class MainThreadRelay:
-    """Runs callables on the kernel's main thread: widget updates must not come from other threads.
-
-    Updates posted from background threads are coalesced by key and run by the kernel's event loop
-    when it is idle, or by a waiting cell (whose loop polls :meth:`run_pending`) while it waits.
-    Outside ipykernel (no event loop) they run at once.
-    """
-
-    def __init__(self, shell: Any) -> None:
-        self._shell = shell
-        self._lock = threading.Lock()
-        self._pending: dict[str, Callable[[], None]] = {}
-        self._scheduled = False
-
-    def post(self, key: str, fn: Callable[[], None]) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._run(fn)
-            return
-        loop = getattr(getattr(self._shell, "kernel", None), "io_loop", None)
-        if loop is None:
-            self._run(fn)
-            return
-        with self._lock:
-            self._pending[key] = fn
-            schedule, self._scheduled = not self._scheduled, True
-        if schedule:
-            loop.add_callback(self.run_pending)
-
-    def run_pending(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, {}
-            self._scheduled = False
-        for fn in pending.values():
-            self._run(fn)
-
-    @staticmethod
-    def _run(fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except Exception:
-            log.exception("jupyter-singularity: UI update failed")
+    body: dict = field(default_factory=dict)
+    """The acquire, as sent (and sent again to a broker that restarted)."""
+    generation: int = 0
+    """The broker run it was sent in (``Membership.generation``)."""
 
 
 class Runtime(BrokerPushes):
@@ -145,8 +106,12 @@ class Runtime(BrokerPushes):
         *,
         simulated: bool = False,
         min_bytes: int = 1 << 20,
+        membership: Membership | None = None,
     ) -> None:
         self.client = client
+        self.membership = membership or Membership(client, node=False)
+        self.membership.holdings = self.holdings
+        self.membership.on_join = self._joined
         self.shell = shell
         self.simulated = simulated
         #: Pinned host memory the pool lets this kernel keep: each grant says how much.
@@ -164,6 +129,7 @@ class Runtime(BrokerPushes):
         self.device: dict | None = None
         self.state = "cold"
         self.transfers: deque[TransferRecord] = deque(maxlen=TRANSFER_HISTORY)
+        self.peaks: deque[int] = deque(maxlen=PEAK_HISTORY)
         self.transitions = 0
         self._transition_cv = threading.Condition()
         self._listeners: list[Callable[[], None]] = []
@@ -192,21 +158,31 @@ class Runtime(BrokerPushes):
             log.info("jupyter-singularity: not started by a pooled server; runtime inactive")
             return None
         client.start()
-        try:
-            reply = client.request("hello", {"pid": os.getpid()}, timeout=HELLO_TIMEOUT)
-        except (BrokerError, TimeoutError) as err:
-            log.error(
-                "jupyter-singularity: the GPU pool did not answer (%s); runtime inactive", err
+        membership = Membership(client, node=os.environ.get(ENV_NODE_BROKER) == "1")
+        runtime = cls(
+            client,
+            ipython,
+            simulated=os.environ.get(ENV_SIMULATED) == "1",
+            membership=membership,
+        )
+        if membership.hello(NODE_HELLO_TIMEOUT if membership.node else HELLO_TIMEOUT) is None:
+            if not membership.node:
+                log.error("jupyter-singularity: the GPU pool did not answer; runtime inactive")
+                client.close()
+                return None
+            log.warning(
+                "jupyter-singularity: the GPU pool's broker does not answer; GPU cells wait for it"
             )
-            client.close()
-            return None
-        simulated = bool(reply.get("simulated")) or os.environ.get(ENV_SIMULATED) == "1"
-        runtime = cls(client, ipython, simulated=simulated)
-        record = reply.get("kernel") or {}
-        runtime.state = record.get("state", "cold")
+        membership.start()
         runtime.install(ipython)
         cls.current = runtime
         return runtime
+
+    def _joined(self, reply: dict) -> None:
+        """The kernel joined a broker run (at start, or after a restart): what the pool says."""
+        self.simulated = self.simulated or bool(reply.get("simulated"))
+        self.state = (reply.get("kernel") or {}).get("state", self.state)
+        self.notify()
 
     @classmethod
     def detach(cls, ipython: Any) -> None:
@@ -252,6 +228,7 @@ class Runtime(BrokerPushes):
             self._import_hook.uninstall()
         self._cuda_gate.uninstall()
         atexit.unregister(self._at_exit)
+        self.membership.close()
         self.client.close()
 
     def _at_exit(self) -> None:
@@ -369,15 +346,19 @@ class Runtime(BrokerPushes):
                 line.close()
                 self.notify()
 
-    def _send_acquire(self, memory: int | None) -> tuple[Waiting, concurrent.futures.Future]:
-        """Send an acquire; the future gets the broker's answer (grant or denial)."""
+    def _send_acquire(self, memory: int | None) -> tuple[Waiting, concurrent.futures.Future | None]:
+        """Send an acquire; the future gets the broker's answer (grant or denial). None: the
+        broker is away, the request goes once the kernel joined it (see .membership)."""
         waiting = Waiting(uuid.uuid4().hex, memory, time.monotonic())
-        self.waiting = waiting  # before sending: the broker's ``queued`` push may come at once
-        body: dict[str, Any] = {"request_id": waiting.request_id, "memory": memory}
+        waiting.body = {"request_id": waiting.request_id, "memory": memory}
         bound = self._bound_gpu()
         if bound is not None:
-            body["bound_uuid"] = bound
-        return waiting, self.client.submit("acquire", body)
+            waiting.body["bound_uuid"] = bound
+        self.waiting = waiting  # before sending: the broker's ``queued`` push may come at once
+        if self.membership.node and not self.membership.joined.is_set():
+            return waiting, None
+        waiting.generation = self.membership.generation
+        return waiting, self.client.submit("acquire", waiting.body)
 
     def _bound_gpu(self) -> str | None:
         """Before the first grant: the launch GPU, if something in the process (a library other
@@ -399,6 +380,8 @@ class Runtime(BrokerPushes):
         """
         if self.lease is not None or self._early is not None or not self.gpu_used:
             return
+        if self.membership.node and not self.membership.joined.is_set():
+            return  # the gate waits for the broker, saying so
         engine = self.engine
         if self.state in ("offloaded", "spilled", "offloading", "error") or (
             engine is not None and engine.offloaded
@@ -451,9 +434,11 @@ class Runtime(BrokerPushes):
         waiting, future = early
         if self.waiting is waiting:
             self.waiting = None
+        if future is None:
+            return
         self._send("cancel", {"request_id": waiting.request_id})
         try:
-            reply = _answer(future, CANCEL_TIMEOUT)
+            reply = answer_of(future, CANCEL_TIMEOUT)
         except concurrent.futures.TimeoutError:
             return
         if not reply.get("granted"):
@@ -467,43 +452,33 @@ class Runtime(BrokerPushes):
 
     def _await_grant(
         self,
-        future: concurrent.futures.Future,
+        future: concurrent.futures.Future | None,
         waiting: Waiting,
         line: WaitLine,
         trap: InterruptTrap,
     ) -> tuple[dict, bool]:
-        """The broker's answer to the acquire; on an interrupt, cancel and take whatever comes.
-        A broker that stops answering pings is a denial, so the cell fails instead of hanging."""
+        """The broker's answer to the acquire, and whether the cell was interrupted (it then
+        left the queue). A server's own broker that stops answering pings is a denial, so the
+        cell fails instead of hanging; a node broker is waited for (see .membership)."""
         notified = (0, "")
         on_main = threading.current_thread() is threading.main_thread()
-        heartbeat = Heartbeat(self.client)
+        wait = self.membership.lease_wait(waiting, future)
         while True:
             try:
-                return _answer(future, WAIT_POLL), False
+                return wait.answer(WAIT_POLL), False
             except concurrent.futures.TimeoutError:
                 pass
             if trap.fired:
-                break
-            if (lost := heartbeat.lost()) is not None:
-                # Should the broker answer after all, it drops the request, or a grant made before
-                # it read the cancel is given back at once.
-                self._send("cancel", {"request_id": waiting.request_id})
-                future.add_done_callback(partial(_give_back, self.client, waiting.request_id))
+                return wait.cancel(), True
+            if (lost := wait.lost()) is not None:
                 return {"granted": False, "reason": lost}, False
+            line.away(wait.away_for())
             line.tick(waiting)
             if (waiting.position, waiting.reason) != notified:
                 notified = (waiting.position, waiting.reason)
                 self.notify()
             if on_main:
                 self.relay.run_pending()
-        # Interrupted: leave the queue. The grant may cross the cancel on the wire; then it is
-        # taken (and released by the end of the cell), so no lease is ever left behind unknown.
-        with contextlib.suppress(BrokerError):
-            self.client.send("cancel", {"request_id": waiting.request_id})
-        try:
-            return _answer(future, CANCEL_TIMEOUT), True
-        except concurrent.futures.TimeoutError:
-            return {"granted": False, "reason": "cancelled"}, True
 
     def _granted(self, request_id: str, reply: dict) -> Lease:
         device = reply.get("device") or {}
@@ -591,12 +566,14 @@ class Runtime(BrokerPushes):
         if torch is not None:
             with contextlib.suppress(Exception):
                 peak = max(peak, int(torch.cuda.max_memory_allocated()))
-        self.lease = None
-        self.state = "resident"
-        self._send(
-            "release",
-            {"request_id": lease.request_id, "peak_bytes": peak, "gpu_bytes": gpu_bytes},
-        )
+        with self.membership.report_lock:
+            self.lease = None
+            self.state = "resident"
+            self.peaks.append(peak)
+            self._send(
+                "release",
+                {"request_id": lease.request_id, "peak_bytes": peak, "gpu_bytes": gpu_bytes},
+            )
         if self._listeners:
             self.notify()
         if (
@@ -625,7 +602,10 @@ class Runtime(BrokerPushes):
     # ---------------------------------------------------------------- first GPU use (hooks)
 
     def _before_torch_import(self) -> None:
-        """Simulated devices: the kernel's first ``import torch`` is its first GPU use."""
+        """Simulated devices: the kernel's first ``import torch`` is its first GPU use. Whether
+        the devices are simulated, the broker says: a cell waits for it to answer first."""
+        if self._depth > 0 and self.membership.generation == 0:
+            self.membership.wait_joined("import torch in this cell")
         if not self.simulated:
             return
         self.first_use("import torch")
@@ -725,24 +705,6 @@ class Runtime(BrokerPushes):
                 self._device_cache = int(engine.device_bytes())
             self._heap_mark = self._heap() if self._heap is not None else 0
         return self._device_cache
-
-
-def _answer(future: concurrent.futures.Future, timeout: float) -> dict:
-    """The acquire reply; a broker error (or a closed channel) is a denial with its reason."""
-    try:
-        reply = future.result(timeout=timeout)
-    except (BrokerError, TimeoutError) as err:
-        if isinstance(err, concurrent.futures.TimeoutError) and not future.done():
-            raise
-        return {"granted": False, "reason": f"the GPU pool did not grant a lease: {err}"}
-    return reply
-
-
-def _give_back(client: BrokerClient, request_id: str, future: concurrent.futures.Future) -> None:
-    """A grant that came after its cell stopped waiting: released, so no lease is left behind."""
-    with contextlib.suppress(Exception):  # no answer, or a denial: nothing to give back
-        if future.result().get("granted"):
-            client.send("release", {"request_id": request_id})
 
 
 def _needs_lease(raw_cell: str) -> bool:

@@ -7,7 +7,7 @@ is not thread-safe against the main thread handling the frontend's messages for 
 
 * a background thread ("singularity-widget") asks the broker for ``status`` about once a second,
   while at least one widget is open, and immediately when the runtime reports a change;
-* it never touches a widget: it hands the new state to :class:`~.runtime.MainThreadRelay`, which runs
+* it never touches a widget: it hands the new state to :class:`~.relay.MainThreadRelay`, which runs
   the update on the kernel's main thread — from the kernel's event loop while the kernel is idle, or
   from the loop of a cell waiting for its lease (the event loop is blocked then) — coalescing updates
   that pile up while a cell runs.

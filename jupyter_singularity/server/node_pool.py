@@ -119,12 +119,13 @@ class NodePool(Pool):
         """Ask the broker; the requester's claims are not sent: the broker knows who asks."""
         if op == "register_kernel":
             return await self._register(**args)
-        result = await self._ask(op, args)
+        # What this server knows of its kernels changes whether or not the broker hears of it
+        # now: a broker that is away hears it when this server joins it again.
         if op == "kernel_started" and args["kernel_id"] in self.kernels:
             self.kernels[args["kernel_id"]]["pid"] = args.get("pid")
         elif op == "unregister_kernel":
             self.kernels.pop(args["kernel_id"], None)
-        return result
+        return await self._ask(op, args)
 
     async def _register(self, kernel_id: str, notebook: str = "") -> dict:
         """Register a kernel about to start, with a key chosen here (see the module docstring)."""
