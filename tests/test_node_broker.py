@@ -7,6 +7,8 @@ user; the tests with real JupyterHub users and their own uids are in test_hub.py
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -15,7 +17,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from servers import api, jupyter_server, node_broker, run_in_kernel
+from servers import TOKEN, api, jupyter_server, node_broker, run_in_kernel
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+from jupyter_singularity.server.events import schema_id
 
 MiB = 1 << 20
 
@@ -50,6 +56,25 @@ def wait_for_state(url: str, kernel_id: str, *states: str, timeout: float = 60) 
         time.sleep(0.2)
 
 
+async def event_stream(url: str) -> WebSocketClientConnection:
+    """The server's event stream, as JupyterLab subscribes to it."""
+    ws_url = url.replace("http", "ws", 1) + "api/events/subscribe"
+    return await websocket_connect(HTTPRequest(ws_url, headers={"Authorization": f"token {TOKEN}"}))
+
+
+async def state_changes(ws: WebSocketClientConnection, *wanted: tuple[str, str]) -> list[tuple]:
+    """(kernel_id, new state) of the stream's kernel_state events, until every one of ``wanted``
+    was among them."""
+    seen: list[tuple] = []
+    while not set(wanted) <= set(seen):
+        message = await asyncio.wait_for(ws.read_message(), 60)
+        assert message is not None, f"the event stream closed; it had {seen}"
+        event = json.loads(message)
+        if event.get("schema_id") == schema_id("kernel_state"):
+            seen.append((event["kernel_id"], event["new"]))
+    return seen
+
+
 async def test_two_servers_share_one_pool_through_the_node_broker(tmp_path: Path) -> None:
     with node_broker(tmp_path) as broker:
         joined = f"--SingularityApp.broker_url={broker.url}"
@@ -65,11 +90,16 @@ async def test_two_servers_share_one_pool_through_the_node_broker(tmp_path: Path
             status, out = await run_in_kernel(one.url, k1, STATE.format(seed=1), 120)
             assert status == "ok", out
             digest1 = value(out, "digest")
+            events = await event_stream(one.url)
 
             # Server two's kernel needs the GPU kernel one holds: the node broker evicts it.
             status, out = await run_in_kernel(two.url, k2, STATE.format(seed=2), 120)
             assert status == "ok", out
             digest2 = value(out, "digest")
+            # Server one's browser hears of both: the node's state changes reach every server.
+            seen = await state_changes(events, (k1, "offloading"), (k2, "running"))
+            assert seen.index((k1, "offloading")) < seen.index((k2, "running")), seen
+            events.close()
             for url in (one.url, two.url):  # both servers see the whole node's pool
                 pool = wait_for_state(url, k1, "offloaded", "spilled")
                 assert {k["kernel_id"] for k in pool["kernels"]} == {k1, k2}

@@ -9,8 +9,10 @@ mode each request carries the server's own hub token, which the hub resolves. Me
 - request, server to broker: header ``{"id", "op"[, "token"]}``, body the operation's arguments;
 - reply: header ``{"reply_to", "instance"}``, body ``{"result": ...}`` or ``{"error": {"status",
   "message"}}``; ``instance`` is this broker's run, so a server notices a restart and joins again;
-- event, broker to the servers that asked for them (``subscribe``): header ``{"event": name}``,
-  body the event's data.
+- events, broker to the servers that asked for them (``subscribe``): header ``{"events": n}``,
+  body a list of ``n`` ``[name, data]`` pairs in the order they happened. State changes are sent
+  once per turn of the event loop, after the replies of that turn: a decision often makes several,
+  and the kernel waiting for its grant should not wait for them too.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ class ControlServer:
         self._receiver: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscribers: set[bytes] = set()
+        self._events: list[tuple[str, dict]] = []
 
     def start(self, address: str) -> None:
         socket = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
@@ -125,9 +128,18 @@ class ControlServer:
             self._socket = None
 
     def emit(self, name: str, data: dict) -> None:
-        """Send a state change to every server that subscribed (none of them may block it)."""
+        """Send a state change to every server that subscribed (none of them may block it), with
+        the others of this turn of the event loop."""
+        if not self._subscribers:
+            return
+        if not self._events:
+            asyncio.get_running_loop().call_soon(self._send_events)
+        self._events.append((name, data))
+
+    def _send_events(self) -> None:
+        events, self._events = self._events, []
         for route in list(self._subscribers):
-            if not self._send(route, {"event": name}, data):
+            if not self._send(route, {"events": len(events)}, events):
                 self._subscribers.discard(route)
 
     async def _receive_loop(self) -> None:

@@ -183,8 +183,10 @@ class NodePool(Pool):
             if parsed is None:
                 continue
             header, body = parsed
-            if "event" in header:
-                self.emit(str(header["event"]), body)
+            if "events" in header:
+                for event in body if isinstance(body, list) else ():
+                    if isinstance(event, list) and len(event) == 2:
+                        self.emit(str(event[0]), event[1])
                 continue
             self._heard = header.get("instance") or self._heard
             future = self._pending.get(header.get("reply_to", ""))
