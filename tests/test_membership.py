@@ -241,7 +241,9 @@ async def test_a_hello_with_bad_holds_is_refused_naming_the_field(runs, holds, f
     client.start()
     try:
         with pytest.raises(Exception, match=field):
-            await asyncio.to_thread(client.request, "hello", {"pid": os.getpid(), "holds": holds}, 5)
+            await asyncio.to_thread(
+                client.request, "hello", {"pid": os.getpid(), "holds": holds}, 5
+            )
         assert state_of(runs, "k1") == "cold"
     finally:
         client.close()
