@@ -9,6 +9,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from jupyter_singularity.broker.identity import server_owner
+from jupyter_singularity.broker.metrics import PoolMeter
+from jupyter_singularity.broker.model import Grant, KernelState, StateChanged
 
 MiB = 1 << 20
 HOLD = "import torch\nx = torch.ones({mib} * 2**20 // 4)\nprint('held')"
@@ -65,3 +67,37 @@ async def test_metrics_count_waits_and_transfers_and_name_the_node(
     for group in owner.groups:
         assert value(found, "singularity_user_group_info", user=owner.user, group=group) == 1
     assert value(found, "singularity_gpu_seconds_today", user=owner.user) > 0
+
+
+def test_the_meter_counts_each_grant_once_and_forgets_a_denied_wait() -> None:
+    meter = PoolMeter()
+    queued = KernelState.QUEUED
+
+    def change(kernel: str, old: KernelState | None, new: KernelState | None, at: float):
+        return StateChanged(kernel, "ann", old, new, 0, "", at)
+
+    meter.state_changed(change("k1", KernelState.OFFLOADED, queued, 100.0), None)
+    meter.state_changed(change("k2", KernelState.COLD, queued, 100.0), None)
+    # The core emits a grant before the state change that leaves the queue.
+    meter.granted(Grant("k1", "r1", 0, 1 << 30, True, 102.5), "ann", ("lab", "ml"))
+    meter.state_changed(
+        change("k1", queued, KernelState.RESTORING, 102.5), {"nbytes": 5, "seconds": 0.3}
+    )
+    meter.state_changed(
+        change("k1", KernelState.RESTORING, KernelState.RUNNING, 103.0),
+        {"nbytes": 1 << 30, "seconds": 0.5},
+    )
+    meter.state_changed(change("k2", queued, KernelState.COLD, 104.0), None)  # denied
+    meter.granted(Grant("k2", "r2", 0, 1 << 30, False, 110.0, hold=True), "bob", ())
+    meter.granted(Grant("k3", "r3", 0, 1 << 30, False, 111.0, hold=False), "bob", ())
+
+    # Cells: k1 waited 2.5 s, k2's next cell none (its denied wait is not carried over); k3's
+    # explicit restore is no cell.
+    assert meter.queue_wait.total == 2.5
+    assert dict(meter.queue_wait.buckets())["2.5"] == 2  # le: a wait on a bound counts there
+    assert dict(meter.queue_wait.buckets())["1.0"] == 1
+    assert dict(meter.queue_wait.buckets())["+Inf"] == 2
+    # A spill reported as a queued kernel leaves the queue counts as a spill.
+    assert meter.transfer_bytes == {"offload": 0, "restore": 1 << 30, "spill": 5}
+    assert dict(meter.transfer_seconds["restore"].buckets())["0.5"] == 1
+    assert meter.groups == {"ann": ("lab", "ml"), "bob": ()}

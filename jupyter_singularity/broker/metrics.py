@@ -85,7 +85,7 @@ class PoolMeter:
         """A kernel changed state; ``transfer`` is the kernel's report of the move that ended
         (bytes, seconds), if one did."""
         if change.new == KernelState.QUEUED:
-            self._queued_since.setdefault(change.kernel_id, change.time)
+            self._queued_since[change.kernel_id] = change.time
         elif change.old == KernelState.QUEUED or change.new is None:
             self._queued_since.pop(change.kernel_id, None)  # denied, or gone, without a grant
         direction = None if change.old is None else TRANSFER_DIRECTIONS.get(change.old)
