@@ -4,8 +4,9 @@ bill or report.
 It reads the node broker's ledger (``db_url`` of its configuration file, or ``--db-url``), never
 the broker itself: it works while the broker is down, and over a database several node brokers
 share. A lease counts for its seconds inside the window; one still running counts up to now.
-Groups come from the system's group database (the broker's ``unix`` identity): a user in several
-groups counts in each, so the groups' hours may add up to more than the total.
+Groups come from the system's group database (the broker's ``unix`` identity; the hub's groups of
+``jupyterhub`` identity are not there): a user in several groups counts in each, so the groups'
+hours may add up to more than the total.
 """
 
 from __future__ import annotations
