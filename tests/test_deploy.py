@@ -24,6 +24,7 @@ from servers import node_broker
 from jupyter_singularity.broker.app import SingularityBroker
 from jupyter_singularity.broker.quotas import Quotas
 from jupyter_singularity.server.app import BROKER_URL_ENV
+from jupyter_singularity.usage import DEFAULT_CONFIG
 
 REPO = Path(__file__).resolve().parent.parent
 KUBERNETES = REPO / "deploy" / "kubernetes"
@@ -93,6 +94,8 @@ def broker_settings(tmp_path: Path) -> SingularityBroker:
     args = [expanded(arg) for arg in broker["args"]]
     (config_arg,) = [a for a in args if a.startswith("--config=")]
     config_path = Path(config_arg.split("=", 1)[1])
+    # Where `jupyter singularity usage` looks for the ledger's URL (kubectl exec into a broker).
+    assert str(config_path) == DEFAULT_CONFIG
     volume = mount_of(pod_spec()["volumes"], broker["volumeMounts"], str(config_path.parent))
     assert volume["configMap"]["name"] == config_map["metadata"]["name"]
     local = tmp_path / config_path.name
