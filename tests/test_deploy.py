@@ -141,6 +141,15 @@ def test_values_validate_against_the_charts_schema() -> None:
 # ----------------------------------------------------------------------------------- wiring
 
 
+def test_every_setting_of_the_config_and_args_is_one_of_the_broker() -> None:
+    """traitlets only warns about an unknown setting: a renamed one would be ignored silently."""
+    settings = set(SingularityBroker.class_trait_names(config=True))
+    text = manifests()["ConfigMap"]["data"]["broker_config.py"]
+    text += "\n".join(container()["args"])
+    named = set(re.findall(r"SingularityBroker\.(\w+)", text))
+    assert named and named <= settings, sorted(named - settings)
+
+
 def test_the_socket_is_where_the_broker_makes_it_and_the_servers_look(broker_settings) -> None:
     socket_dir = str(Path(broker_settings.socket).parent)
     host = mount_of(pod_spec()["volumes"], container()["volumeMounts"], socket_dir)["hostPath"]
