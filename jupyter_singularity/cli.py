@@ -3,7 +3,8 @@
 ``status`` prints the pool: the node's, from its broker, where one serves this machine, else that of
 each running server; ``lab`` starts JupyterLab with the pool, on simulated devices sized from the
 machine's memory when it has no NVIDIA GPU (and says so); ``broker`` runs the node broker;
-``simulate`` replays notebook activity on pools of several sizes (how many users a GPU serves).
+``simulate`` replays notebook activity on pools of several sizes (how many users a GPU serves);
+``usage`` prints the ledger's GPU-hours per user, group or node.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
+from . import usage as usage_command
 from .devices import default_simulated_spec, open_inventory, usable_memory
 from .simulate import command as simulate_command
 from .units import format_size
@@ -172,6 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "serves, and how long they wait (docs/simulate.md)",
         )
     )
+    usage_command.add_arguments(
+        commands.add_parser(
+            "usage",
+            help="GPU-hours from the node broker's ledger, per user, group or node (a table or CSV)",
+        )
+    )
     args, extra = parser.parse_known_args(argv)
     if args.command == "lab":
         return lab(args, extra)
@@ -184,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "simulate":
         return simulate_command.run(args)
+    if args.command == "usage":
+        return usage_command.run(args)
     return status(args)
 
 

@@ -15,6 +15,7 @@ import grp
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +80,20 @@ class SingularityBroker(PoolSettings, Application):
 
     metrics_address = Unicode(
         "127.0.0.1:9767",
-        help="""host:port where the broker serves the node's Prometheus metrics at /metrics;
-        empty: none. Localhost by default: the metrics name every user's usage.""",
+        help="""host:port where the broker serves the node's Prometheus metrics at /metrics
+        (and /health, for probes); empty: none. Localhost by default: the metrics name every
+        user's usage.""",
     ).tag(config=True)
+
+    node_name = Unicode(
+        help="""The node's name in the ``node`` label of every metric, so that a Prometheus
+        scraping every GPU node tells them apart. Default: the machine's hostname (in a
+        container, set it to the node's name: the pod's hostname is the pod's).""",
+    ).tag(config=True)
+
+    @default("node_name")
+    def _default_node_name(self) -> str:
+        return socket.gethostname()
 
     @default("log_level")
     def _default_log_level(self) -> int:
@@ -174,6 +186,7 @@ class SingularityBroker(PoolSettings, Application):
             else "admins are named in the broker's admin_users or by the hub"
         )
         self.pool.frontend.admin_hint = hint
+        self.pool.frontend.node_name = self.node_name
         self.control = ControlServer(self.pool.frontend, self._resolve, self.log)
         service.emit = self.control.emit
         await service.start(directory / KERNEL_SOCKET)
@@ -262,7 +275,16 @@ class SingularityBroker(PoolSettings, Application):
                 self.set_header("Content-Type", CONTENT_TYPE)
                 self.finish(frontend.metrics(METRICS_READER))
 
-        server = httpserver.HTTPServer(web.Application([(r"/metrics", MetricsHandler)]))
+        class HealthHandler(web.RequestHandler):
+            """For liveness and readiness probes: served from the broker's event loop once its
+            sockets are bound, so an answer means it serves; cheaper than a scrape (no ledger)."""
+
+            def get(self) -> None:
+                self.finish({"status": "ok", "devices": len(frontend.service.core.devices)})
+
+        server = httpserver.HTTPServer(
+            web.Application([(r"/metrics", MetricsHandler), (r"/health", HealthHandler)])
+        )
         try:
             server.listen(number, host or "127.0.0.1")
         except OSError as err:

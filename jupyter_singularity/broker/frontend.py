@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import socket
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,8 @@ class PoolFrontend:
         self.quota_source = quotas
         self.admin_hint = admin_hint
         """Who the admins are, said with a refusal (where they are named differs by mode)."""
+        self.node_name = socket.gethostname()
+        """The node's name in the metrics' ``node`` label (a node broker's ``node_name``)."""
 
     # ------------------------------------------------------------ kernels (a server's provisioner)
 
@@ -123,8 +126,8 @@ class PoolFrontend:
         """The pool in Prometheus' text format (kernels by user: no notebook paths in it)."""
         pool = self.service.pool()
         now = pool.get("time") or time.time()
-        users = self.service.usage(day_start(now), now)["users"]
-        return metrics.render(pool, {u["user"]: u["gpu_seconds"] for u in users})
+        gpu_seconds = self.service.ledger.gpu_seconds_by_user(day_start(now), now)
+        return metrics.render(pool, gpu_seconds, self.service.meter, self.node_name)
 
     # ------------------------------------------------------------------------------ actions
 

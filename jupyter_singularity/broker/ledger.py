@@ -442,16 +442,36 @@ class Ledger:
         Each lease is clipped to ``[since, until]`` and an open lease counts up
         to ``until``. Users without leases in the window are absent. Sorted by user.
         """
+        return self._usage_by(_leases.c.user.label("user"), _leases, since, until, user)
+
+    def usage_by_node(self, *, since: float, until: float) -> list[dict]:
+        """As :meth:`usage`, per node: the host of the broker each lease's kernel belonged to
+        (several node brokers may share one database). Sorted by node."""
+        leases_and_brokers = _leases.outerjoin(
+            _kernel_brokers, _kernel_brokers.c.kernel_id == _leases.c.kernel_id
+        ).outerjoin(_brokers, _brokers.c.broker_id == _kernel_brokers.c.broker_id)
+        node = sa.func.coalesce(_brokers.c.host, "").label("node")
+        return self._usage_by(node, leases_and_brokers, since, until)
+
+    def _usage_by(
+        self,
+        key: sa.Label,
+        source: sa.FromClause,
+        since: float,
+        until: float,
+        user: str | None = None,
+    ) -> list[dict]:
         stmt = (
             sa.select(
-                _leases.c.user,
+                key,
                 sa.func.sum(self._clipped_seconds(since, until)).label("gpu_seconds"),
                 sa.func.count().label("leases"),
                 sa.func.count(sa.distinct(_leases.c.kernel_id)).label("kernels"),
             )
+            .select_from(source)
             .where(self._overlapping(since, until))
-            .group_by(_leases.c.user)
-            .order_by(_leases.c.user)
+            .group_by(key)
+            .order_by(key)
         )
         if user is not None:
             stmt = stmt.where(_leases.c.user == user)
@@ -459,7 +479,7 @@ class Ledger:
         with self._engine.connect() as conn:
             return [
                 {
-                    "user": row.user,
+                    key.name: row[0],
                     "gpu_seconds": float(row.gpu_seconds),
                     "leases": row.leases,
                     "kernels": row.kernels,

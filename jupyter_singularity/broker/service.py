@@ -34,6 +34,7 @@ from .core import BrokerCore
 from .identity import Identity
 from .kernel_requests import KernelConnection, KernelRequests
 from .ledger import GONE, Ledger, LedgerError, day_start
+from .metrics import TRANSFER_DIRECTIONS, PoolMeter
 from .model import (
     Action,
     Deny,
@@ -61,12 +62,7 @@ KERNEL_STATE_SCHEMA, LEASE_SCHEMA, QUEUE_SCHEMA = "kernel_state", "lease", "queu
 PIN_SCHEMA = "pin"
 
 #: States whose end is a data transfer the kernel measured (offload, restore, spill).
-TRANSFER_STATES = (
-    KernelState.OFFLOADING,
-    KernelState.RESTORING,
-    KernelState.OFFLOADED,
-    KernelState.QUEUED,
-)
+TRANSFER_STATES = tuple(TRANSFER_DIRECTIONS)
 
 #: How often spill folders left by kernels that died unseen (with a previous server) are looked for.
 SWEEP_INTERVAL = 600.0
@@ -128,6 +124,8 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
         self.verify_peers = False
         """Whether the kernel channel's peers must be their kernel's owner (the OS says who they
         are): a node broker serving many users sets it; a server's own pool needs not."""
+        self.meter = PoolMeter()
+        """What happened between two scrapes of the metrics (queue waits, transfers)."""
         self.instance = uuid.uuid4().hex
         """This run of the broker, in its replies to servers and kernels: a new one tells them
         that it restarted and that they must join it again."""
@@ -551,6 +549,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
             and action.old != action.new
         ):
             transfer, connection.transfer = connection.transfer, None
+        self.meter.state_changed(action, transfer)
         self.ledger.state_changed(
             time=action.time,
             kernel_id=action.kernel_id,
@@ -577,6 +576,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
     def _granted(self, grant: Grant) -> None:
         kernel = self.core.kernels[grant.kernel_id]
         device = self.core.devices[grant.device]
+        self.meter.granted(grant, kernel.user, kernel.groups)
         if grant.hold:
             self.ledger.lease_started(
                 lease_id=f"{grant.kernel_id}:{grant.request_id}",
