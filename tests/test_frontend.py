@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -196,3 +199,34 @@ def test_unix_identities_name_admins_by_user_and_group() -> None:
     assert named.admin is True
     with pytest.raises(KeyError):
         UnixIdentities().of_uid(2_000_000_000)
+
+
+async def test_a_server_in_a_container_reports_its_kernel_in_its_own_pid_namespace(
+    pool: OpenPool,
+) -> None:
+    """A server in a container (its own pid namespace: Kubernetes, Docker) reports the pid it
+    started as the container sees it; the broker watches that process under its own pid here, not
+    whatever process has the container's number on the host."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.fail("this test needs util-linux's unshare and root (a new pid namespace)")
+    # The "server": unshare, whose child is pid 1 of a new namespace and starts the "kernel".
+    server = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", "sh", "-c", "sleep 300 & echo $!; wait"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        claimed = int(server.stdout.readline())
+        assert claimed == 2  # the kernel's pid in the container: some other process's here
+        await call(pool.frontend, ALICE, "register_kernel", {"kernel_id": "kc"})
+        who = replace(ALICE, pid=server.pid)
+        await call(pool.frontend, who, "kernel_started", {"kernel_id": "kc", "pid": claimed})
+        watched = pool.service._connections["kc"].launched_pid
+        assert watched != claimed
+        assert Path(f"/proc/{watched}/cmdline").read_bytes().split(b"\0")[:2] == [b"sleep", b"300"]
+        # A pid the server never started is not taken (the kernel's hello will say which it is).
+        await call(pool.frontend, who, "kernel_started", {"kernel_id": "kc", "pid": 4242})
+        assert pool.service._connections["kc"].launched_pid == watched
+    finally:
+        server.kill()
+        server.wait()

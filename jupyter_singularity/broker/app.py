@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,10 @@ class SingularityBroker(PoolSettings, Application):
         self.log.info("jupyter-singularity broker: stopped")
 
     async def _resolve(self, peer: PeerCredentials | None, token: str | None) -> Identity:
+        who = await self._user_of(peer, token)
+        return who if peer is None or peer.pid <= 0 else replace(who, pid=peer.pid)
+
+    async def _user_of(self, peer: PeerCredentials | None, token: str | None) -> Identity:
         if self.identity == "jupyterhub":
             return await self._resolver.of_token(token)
         if peer is None:

@@ -21,6 +21,7 @@ from . import metrics
 from .identity import Identity
 from .ledger import day_start
 from .model import BrokerError
+from .processes import launched_pid
 from .quotas import QuotaError
 from .spill_dirs import KernelIdError
 
@@ -73,7 +74,11 @@ class PoolFrontend:
         return {"env": launch.env, "home": None if launch.home is None else launch.home.index}
 
     def kernel_started(self, who: Identity, kernel_id: str, pid: int | None) -> None:
+        """``pid`` is the server's view of the process it started: in a container, a pid of the
+        container's namespace, found here among the server's own descendants."""
         self._own(who, kernel_id, "report on")
+        if pid is not None and who.pid is not None:
+            pid = launched_pid(pid, who.pid)
         self.service.kernel_started(kernel_id, pid)
 
     def kernel_stopping(self, who: Identity, kernel_id: str, reason: str) -> bool:

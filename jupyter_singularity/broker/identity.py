@@ -25,12 +25,15 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Identity:
-    """A user of the pool: name, groups, whether an admin, and (unix mode) the uid."""
+    """A user of the pool: name, groups, whether an admin, (unix mode) the uid, and the pid of
+    the process asking, in the broker's pid namespace, where the OS reports it (a node broker's
+    Unix socket)."""
 
     user: str
     groups: tuple[str, ...] = ()
     admin: bool = False
     uid: int | None = None
+    pid: int | None = None
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,16 @@ def kernel_pid(claimed: int, peer: int | None, launched: int | None) -> int | No
     return None
 
 
+def launched_pid(claimed: int, server: int) -> int | None:
+    """The pid, in this process's pid namespace, of the process that the server ``server`` (a
+    pid here) started and knows as ``claimed`` (in the server's own namespace, which differs from
+    this one in a container); None where no descendant of the server is that process."""
+    for pid in _descendants(server):
+        if _own_pid(pid) == claimed:
+            return pid
+    return None
+
+
 def _own_pid(pid: int) -> int | None:
     """The pid ``pid`` has in its own (innermost) pid namespace: the last of ``NSpid``; None
     where /proc does not say (not Linux, before Linux 4.1, or the process is gone)."""
