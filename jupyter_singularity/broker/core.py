@@ -34,18 +34,18 @@ from .model import (
     Policy,
     Request,
     StateChanged,
-    Wait,
     _midnight,
     _seconds_since,
 )
 from .placement import Placement, _Pass, _Placement
 from .quotas import Limits, Quotas
 from .rejoin import Rejoin
+from .scheduling import Scheduling
 
 # ------------------------------------------------------------------------------------------- core
 
 
-class BrokerCore(HostBudget, Placement, Rejoin):
+class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
     """All decisions of the pool. Every public method takes ``now`` and returns the actions to carry out."""
 
     def __init__(
@@ -79,6 +79,9 @@ class BrokerCore(HostBudget, Placement, Rejoin):
         """The sum of every kernel's ``pool_allowance``."""
         self.host_held = 0
         self._host_held_by_user: dict[str, int] = {}
+        self._host_recheck: set[str] = set()
+        self._host_over: set[str] = set()
+        self._queue: list[Request] = []
         self.expected: dict[str, int] = {}
         self.expected_until = now
 
@@ -103,6 +106,7 @@ class BrokerCore(HostBudget, Placement, Rejoin):
         kernel = Kernel(kernel_id, user, tuple(groups), notebook, home, now)
         self.kernels[kernel_id] = kernel
         self._by_user.setdefault(user, {})[kernel_id] = kernel
+        self._host_quota_changed(user)
         self._emit_state(kernel, None, KernelState.COLD, "registered", now)
         return self._drain()
 
@@ -114,6 +118,7 @@ class BrokerCore(HostBudget, Placement, Rejoin):
         self._forget_expected(kernel_id)
         self._hold_host(kernel, 0, 0)
         del self._by_user[kernel.user][kernel_id]
+        self._host_quota_changed(kernel.user)
         self.pool_allowances -= kernel.pool_allowance
         device = kernel.device
         self._move(kernel, None)
@@ -392,6 +397,7 @@ class BrokerCore(HostBudget, Placement, Rejoin):
     def set_quotas(self, quotas: Quotas, now: float) -> list[Action]:
         self.quotas = quotas
         self._limits_cache.clear()
+        self._host_quota_changed()
         self._schedule(now)
         return self._drain()
 
@@ -457,12 +463,6 @@ class BrokerCore(HostBudget, Placement, Rejoin):
             if k.user == user and k.lease is not None and k.lease.hold
         )
         return self._ended_today(user, now) + running
-
-    def queue(self) -> list[Request]:
-        return sorted(
-            (k.request for k in self.kernels.values() if k.request is not None),
-            key=lambda r: r.order,
-        )
 
     def device_bookings(self) -> dict[int, int]:
         return self._booked_by_device()
@@ -562,18 +562,6 @@ class BrokerCore(HostBudget, Placement, Rejoin):
                 booked[kernel.device] += kernel.booking()
         return booked
 
-    def _enqueue(
-        self, kernel: Kernel, request_id: str, memory: int | None, hold: bool, now: float
-    ) -> None:
-        limits = self.limits(kernel.user, kernel.groups)
-        used = self._ended_today(kernel.user, now)
-        delay = min(
-            self.policy.fair_share_cap, self.policy.fair_share_rate * used / limits.priority
-        )
-        kernel.request = Request(
-            request_id, kernel.kernel_id, memory, (now + delay, next(self._seq)), hold
-        )
-
     def _end_lease(self, kernel: Kernel, now: float, peak: int | None) -> None:
         lease = kernel.lease
         assert lease is not None
@@ -635,65 +623,6 @@ class BrokerCore(HostBudget, Placement, Rejoin):
                 return
             self._start_offload(victim, "device over-committed", now)
             booked -= victim.booking()
-
-    def _schedule(self, now: float) -> None:
-        """One pass over the queue in fair-share order.
-
-        A request that cannot run yet *claims* the device it will run on; no later request is granted
-        there until it has run. This costs some packing but guarantees that every waiting request runs
-        once the leases ahead of it end.
-        """
-        queue = self.queue()
-        if not queue:
-            return
-        self._pass = _Pass(self, now)
-        try:
-            claimed: set[int] = set()
-            position = 0
-            for request in queue:
-                kernel = self.kernels[request.kernel_id]
-                if kernel.lease is not None:
-                    # Its explicit restore is under way; the cell is granted once it is back.
-                    position += 1
-                    self._tell_position(request, position, "waiting for its restore to finish")
-                    continue
-                if len(claimed) == len(self.devices):
-                    # Every device is claimed by a request ahead: only a denial can be decided.
-                    placement = _Placement(
-                        deny=self._time_quota_denial(kernel, request, now),
-                        wait="queued behind earlier requests for the same GPU",
-                    )
-                else:
-                    placement = self._place(kernel, request, claimed, now)
-                if placement.deny:
-                    kernel.request = None
-                    self._actions.append(Deny(kernel.kernel_id, request.request_id, placement.deny))
-                    if kernel.state == KernelState.QUEUED:
-                        self._set_state(kernel, self._settled_state(kernel), "request denied", now)
-                    continue
-                if placement.device is not None and not placement.victims and not placement.wait:
-                    self._grant(kernel, request, placement, now)
-                    continue
-                position += 1
-                if placement.device is not None:
-                    request.claimed = placement.device
-                    claimed.add(placement.device)
-                for victim in placement.victims:
-                    if victim.state == KernelState.RESIDENT:
-                        self._start_offload(
-                            victim, f"making room for kernel {kernel.kernel_id[:8]}", now
-                        )
-                reason = placement.wait or "waiting for idle kernels to be offloaded"
-                if kernel.state in (*OFF_DEVICE_STATES, KernelState.COLD, KernelState.ERROR):
-                    self._set_state(kernel, KernelState.QUEUED, reason, now)
-                self._tell_position(request, position, reason)
-        finally:
-            self._pass = None
-
-    def _tell_position(self, request: Request, position: int, reason: str) -> None:
-        if (position, reason) != (request.position, request.reason):
-            request.position, request.reason = position, reason
-            self._actions.append(Wait(request.kernel_id, request.request_id, position, reason))
 
     def _grant(
         self,
