@@ -72,6 +72,7 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         # Indexes kept in step with every kernel's device and user, so a scheduling pass never
         # walks all kernels.
         self._by_device: dict[int, dict[str, Kernel]] = {d: {} for d in self.devices}
+        self._homed = dict.fromkeys(self.devices, 0)
         self._by_user: dict[str, dict[str, Kernel]] = {}
         self.unavailable: dict[int, str] = {}
         """Devices that take no new grant, and why (see :meth:`set_device_unavailable`)."""
@@ -95,15 +96,12 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
             raise BrokerError(f"kernel {kernel_id} is already registered")
         home = None
         if self.devices:
-            booked = self._booked_by_device()
-            homed = dict.fromkeys(self.devices, 0)
-            for other in self.kernels.values():
-                if other.home is not None:
-                    homed[other.home] += 1
+            booked, homed = self._booked_by_device(), self._homed
             home = max(
                 self.devices, key=lambda d: (self.devices[d].total_bytes - booked[d], -homed[d], -d)
             )
-        kernel = Kernel(kernel_id, user, tuple(groups), notebook, home, now)
+        kernel = Kernel(kernel_id, user, tuple(groups), notebook, None, now)
+        self._set_home(kernel, home)
         self.kernels[kernel_id] = kernel
         self._by_user.setdefault(user, {})[kernel_id] = kernel
         self._host_quota_changed(user)
@@ -118,6 +116,8 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         self._forget_expected(kernel_id)
         self._hold_host(kernel, 0, 0)
         del self._by_user[kernel.user][kernel_id]
+        if kernel.home is not None:
+            self._homed[kernel.home] -= 1
         self._host_quota_changed(kernel.user)
         self.pool_allowances -= kernel.pool_allowance
         device = kernel.device
@@ -456,13 +456,16 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         a lease that started the day before)."""
         if self._pass is not None and self._pass.now == now:
             return self._ended_today(user, now) + self._pass.running_seconds(user)
+        return self._ended_today(user, now) + self._running_seconds(user, now)
+
+    def _running_seconds(self, user: str, now: float) -> float:
+        """Seconds the user's running leases held a device today (since midnight)."""
         midnight = _midnight(now)
-        running = sum(
+        return sum(
             _seconds_since(k.lease.start, midnight, now)
-            for k in self.kernels.values()
-            if k.user == user and k.lease is not None and k.lease.hold
+            for k in self._by_user.get(user, {}).values()
+            if k.lease is not None and k.lease.hold
         )
-        return self._ended_today(user, now) + running
 
     def device_bookings(self) -> dict[int, int]:
         return self._booked_by_device()
@@ -555,12 +558,16 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
             if self._pass is not None:
                 self._pass.changed(device)
 
+    def _set_home(self, kernel: Kernel, home: int | None) -> None:
+        """Set the device the kernel returns to, keeping the count of kernels at home in step."""
+        if kernel.home is not None:
+            self._homed[kernel.home] -= 1
+        kernel.home = home
+        if home is not None:
+            self._homed[home] += 1
+
     def _booked_by_device(self) -> dict[int, int]:
-        booked = dict.fromkeys(self.devices, 0)
-        for kernel in self.kernels.values():
-            if kernel.device is not None:
-                booked[kernel.device] += kernel.booking()
-        return booked
+        return {d: sum(k.booking() for k in on.values()) for d, on in self._by_device.items()}
 
     def _end_lease(self, kernel: Kernel, now: float, peak: int | None) -> None:
         lease = kernel.lease
@@ -636,7 +643,7 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         restore = bool(kernel.host_bytes or kernel.disk_bytes)
         kernel.request = None
         self._move(kernel, device)
-        kernel.home = device
+        self._set_home(kernel, device)
         kernel.used_gpu = True
         kernel.lease = Lease(request.request_id, device, placement.reservation, now, request.hold)
         if self._pass is not None:
