@@ -34,18 +34,18 @@ from .model import (
     Policy,
     Request,
     StateChanged,
-    Wait,
     _midnight,
     _seconds_since,
 )
 from .placement import Placement, _Pass, _Placement
 from .quotas import Limits, Quotas
 from .rejoin import Rejoin
+from .scheduling import Scheduling
 
 # ------------------------------------------------------------------------------------------- core
 
 
-class BrokerCore(HostBudget, Placement, Rejoin):
+class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
     """All decisions of the pool. Every public method takes ``now`` and returns the actions to carry out."""
 
     def __init__(
@@ -72,6 +72,7 @@ class BrokerCore(HostBudget, Placement, Rejoin):
         # Indexes kept in step with every kernel's device and user, so a scheduling pass never
         # walks all kernels.
         self._by_device: dict[int, dict[str, Kernel]] = {d: {} for d in self.devices}
+        self._homed = dict.fromkeys(self.devices, 0)
         self._by_user: dict[str, dict[str, Kernel]] = {}
         self.unavailable: dict[int, str] = {}
         """Devices that take no new grant, and why (see :meth:`set_device_unavailable`)."""
@@ -79,6 +80,9 @@ class BrokerCore(HostBudget, Placement, Rejoin):
         """The sum of every kernel's ``pool_allowance``."""
         self.host_held = 0
         self._host_held_by_user: dict[str, int] = {}
+        self._host_recheck: set[str] = set()
+        self._host_over: set[str] = set()
+        self._queue: list[Request] = []
         self.expected: dict[str, int] = {}
         self.expected_until = now
 
@@ -92,17 +96,15 @@ class BrokerCore(HostBudget, Placement, Rejoin):
             raise BrokerError(f"kernel {kernel_id} is already registered")
         home = None
         if self.devices:
-            booked = self._booked_by_device()
-            homed = dict.fromkeys(self.devices, 0)
-            for other in self.kernels.values():
-                if other.home is not None:
-                    homed[other.home] += 1
+            booked, homed = self._booked_by_device(), self._homed
             home = max(
                 self.devices, key=lambda d: (self.devices[d].total_bytes - booked[d], -homed[d], -d)
             )
-        kernel = Kernel(kernel_id, user, tuple(groups), notebook, home, now)
+        kernel = Kernel(kernel_id, user, tuple(groups), notebook, None, now)
+        self._set_home(kernel, home)
         self.kernels[kernel_id] = kernel
         self._by_user.setdefault(user, {})[kernel_id] = kernel
+        self._host_quota_changed(user)
         self._emit_state(kernel, None, KernelState.COLD, "registered", now)
         return self._drain()
 
@@ -114,6 +116,9 @@ class BrokerCore(HostBudget, Placement, Rejoin):
         self._forget_expected(kernel_id)
         self._hold_host(kernel, 0, 0)
         del self._by_user[kernel.user][kernel_id]
+        if kernel.home is not None:
+            self._homed[kernel.home] -= 1
+        self._host_quota_changed(kernel.user)
         self.pool_allowances -= kernel.pool_allowance
         device = kernel.device
         self._move(kernel, None)
@@ -392,6 +397,7 @@ class BrokerCore(HostBudget, Placement, Rejoin):
     def set_quotas(self, quotas: Quotas, now: float) -> list[Action]:
         self.quotas = quotas
         self._limits_cache.clear()
+        self._host_quota_changed()
         self._schedule(now)
         return self._drain()
 
@@ -450,18 +456,15 @@ class BrokerCore(HostBudget, Placement, Rejoin):
         a lease that started the day before)."""
         if self._pass is not None and self._pass.now == now:
             return self._ended_today(user, now) + self._pass.running_seconds(user)
-        midnight = _midnight(now)
-        running = sum(
-            _seconds_since(k.lease.start, midnight, now)
-            for k in self.kernels.values()
-            if k.user == user and k.lease is not None and k.lease.hold
-        )
-        return self._ended_today(user, now) + running
+        return self._ended_today(user, now) + self._running_seconds(user, now)
 
-    def queue(self) -> list[Request]:
-        return sorted(
-            (k.request for k in self.kernels.values() if k.request is not None),
-            key=lambda r: r.order,
+    def _running_seconds(self, user: str, now: float) -> float:
+        """Seconds the user's running leases held a device today (since midnight)."""
+        midnight = _midnight(now)
+        return sum(
+            _seconds_since(k.lease.start, midnight, now)
+            for k in self._by_user.get(user, {}).values()
+            if k.lease is not None and k.lease.hold
         )
 
     def device_bookings(self) -> dict[int, int]:
@@ -555,24 +558,16 @@ class BrokerCore(HostBudget, Placement, Rejoin):
             if self._pass is not None:
                 self._pass.changed(device)
 
-    def _booked_by_device(self) -> dict[int, int]:
-        booked = dict.fromkeys(self.devices, 0)
-        for kernel in self.kernels.values():
-            if kernel.device is not None:
-                booked[kernel.device] += kernel.booking()
-        return booked
+    def _set_home(self, kernel: Kernel, home: int | None) -> None:
+        """Set the device the kernel returns to, keeping the count of kernels at home in step."""
+        if kernel.home is not None:
+            self._homed[kernel.home] -= 1
+        kernel.home = home
+        if home is not None:
+            self._homed[home] += 1
 
-    def _enqueue(
-        self, kernel: Kernel, request_id: str, memory: int | None, hold: bool, now: float
-    ) -> None:
-        limits = self.limits(kernel.user, kernel.groups)
-        used = self._ended_today(kernel.user, now)
-        delay = min(
-            self.policy.fair_share_cap, self.policy.fair_share_rate * used / limits.priority
-        )
-        kernel.request = Request(
-            request_id, kernel.kernel_id, memory, (now + delay, next(self._seq)), hold
-        )
+    def _booked_by_device(self) -> dict[int, int]:
+        return {d: sum(k.booking() for k in on.values()) for d, on in self._by_device.items()}
 
     def _end_lease(self, kernel: Kernel, now: float, peak: int | None) -> None:
         lease = kernel.lease
@@ -636,65 +631,6 @@ class BrokerCore(HostBudget, Placement, Rejoin):
             self._start_offload(victim, "device over-committed", now)
             booked -= victim.booking()
 
-    def _schedule(self, now: float) -> None:
-        """One pass over the queue in fair-share order.
-
-        A request that cannot run yet *claims* the device it will run on; no later request is granted
-        there until it has run. This costs some packing but guarantees that every waiting request runs
-        once the leases ahead of it end.
-        """
-        queue = self.queue()
-        if not queue:
-            return
-        self._pass = _Pass(self, now)
-        try:
-            claimed: set[int] = set()
-            position = 0
-            for request in queue:
-                kernel = self.kernels[request.kernel_id]
-                if kernel.lease is not None:
-                    # Its explicit restore is under way; the cell is granted once it is back.
-                    position += 1
-                    self._tell_position(request, position, "waiting for its restore to finish")
-                    continue
-                if len(claimed) == len(self.devices):
-                    # Every device is claimed by a request ahead: only a denial can be decided.
-                    placement = _Placement(
-                        deny=self._time_quota_denial(kernel, request, now),
-                        wait="queued behind earlier requests for the same GPU",
-                    )
-                else:
-                    placement = self._place(kernel, request, claimed, now)
-                if placement.deny:
-                    kernel.request = None
-                    self._actions.append(Deny(kernel.kernel_id, request.request_id, placement.deny))
-                    if kernel.state == KernelState.QUEUED:
-                        self._set_state(kernel, self._settled_state(kernel), "request denied", now)
-                    continue
-                if placement.device is not None and not placement.victims and not placement.wait:
-                    self._grant(kernel, request, placement, now)
-                    continue
-                position += 1
-                if placement.device is not None:
-                    request.claimed = placement.device
-                    claimed.add(placement.device)
-                for victim in placement.victims:
-                    if victim.state == KernelState.RESIDENT:
-                        self._start_offload(
-                            victim, f"making room for kernel {kernel.kernel_id[:8]}", now
-                        )
-                reason = placement.wait or "waiting for idle kernels to be offloaded"
-                if kernel.state in (*OFF_DEVICE_STATES, KernelState.COLD, KernelState.ERROR):
-                    self._set_state(kernel, KernelState.QUEUED, reason, now)
-                self._tell_position(request, position, reason)
-        finally:
-            self._pass = None
-
-    def _tell_position(self, request: Request, position: int, reason: str) -> None:
-        if (position, reason) != (request.position, request.reason):
-            request.position, request.reason = position, reason
-            self._actions.append(Wait(request.kernel_id, request.request_id, position, reason))
-
     def _grant(
         self,
         kernel: Kernel,
@@ -707,7 +643,7 @@ class BrokerCore(HostBudget, Placement, Rejoin):
         restore = bool(kernel.host_bytes or kernel.disk_bytes)
         kernel.request = None
         self._move(kernel, device)
-        kernel.home = device
+        self._set_home(kernel, device)
         kernel.used_gpu = True
         kernel.lease = Lease(request.request_id, device, placement.reservation, now, request.hold)
         if self._pass is not None:

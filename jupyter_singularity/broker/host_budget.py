@@ -30,6 +30,10 @@ class HostBudget:
     host_held: int
     """Bytes of host memory held for offloaded state: host copies plus offloads' reserved room."""
     _host_held_by_user: dict[str, int]
+    _host_recheck: set[str]
+    """Users whose held host memory or host_memory quota may have changed since the last check."""
+    _host_over: set[str]
+    """Users holding more host memory than their quota, as of the last check."""
 
     def _hold_host(
         self, kernel: Kernel, host_bytes: int | None = None, reserved: int | None = None
@@ -42,6 +46,7 @@ class HostBudget:
             kernel.host_reserved = reserved
         change = kernel.host_bytes + kernel.host_reserved - before
         if change:
+            self._host_recheck.add(kernel.user)
             self.host_held += change
             held = self._host_held_by_user.get(kernel.user, 0) + change
             if held:
@@ -108,12 +113,15 @@ class HostBudget:
         kernels' first, then queued ones', the least recently used first. Copies already on their
         way to disk count as gone."""
         limit = self.policy.host_memory_limit
-        over_users = [
-            user
-            for user, held in self._host_held_by_user.items()
-            if (quota := self._quota_of(user)) is not None and held > quota
-        ]
-        if not (limit and self.host_held > limit) and not over_users:
+        for user in self._host_recheck:
+            held = self._host_held_by_user.get(user)
+            quota = None if held is None else self._quota_of(user)
+            if quota is not None and held > quota:
+                self._host_over.add(user)
+            else:
+                self._host_over.discard(user)
+        self._host_recheck.clear()
+        if not (limit and self.host_held > limit) and not self._host_over:
             return
         leaving = [k for k in self.kernels.values() if k.spilling]
         total = self.host_held - sum(k.host_bytes for k in leaving)
@@ -147,6 +155,11 @@ class HostBudget:
                 else f"host memory quota of {kernel.user} reached"
             )
             self._actions.append(Spill(kernel.kernel_id, reason))
+
+    def _host_quota_changed(self, user: str | None = None) -> None:
+        """The host_memory quota of ``user`` (of everyone: None) may be another now: quotas
+        changed, or the kernel whose groups make it came or went."""
+        self._host_recheck.update(self._host_held_by_user if user is None else (user,))
 
     def _quota_of(self, user: str) -> int | None:
         """The user's host_memory quota, as the groups of (any of) their kernels make it."""

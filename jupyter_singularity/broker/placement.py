@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..devices import DeviceInfo
 from ..units import format_size
-from .model import LEASE_STATES, Kernel, KernelState, Request, _midnight, _seconds_since
+from .model import LEASE_STATES, Kernel, KernelState, Request
 from .quotas import Limits
 
 if TYPE_CHECKING:
@@ -354,7 +354,7 @@ class _Pass:
     def __init__(self, core: BrokerCore, now: float) -> None:
         self.core = core
         self.now = now
-        self._running_seconds: dict[str, float] | None = None
+        self._running_seconds: dict[str, float] = {}
         self._views: dict[int, _DeviceView] = {}
         self.busy_floor: int | None = None
         """The smallest reservation that found every unclaimed device busy in this pass."""
@@ -368,16 +368,10 @@ class _Pass:
 
     def running_seconds(self, user: str) -> float:
         """Seconds the user's running leases held a device today (since midnight)."""
-        if self._running_seconds is None:
-            self._running_seconds = {}
-            midnight = _midnight(self.now)
-            for kernels in self.core._by_device.values():
-                for kernel in kernels.values():
-                    if kernel.lease is not None and kernel.lease.hold:
-                        self._running_seconds[kernel.user] = self._running_seconds.get(
-                            kernel.user, 0.0
-                        ) + _seconds_since(kernel.lease.start, midnight, self.now)
-        return self._running_seconds.get(user, 0.0)
+        seconds = self._running_seconds.get(user)
+        if seconds is None:
+            seconds = self._running_seconds[user] = self.core._running_seconds(user, self.now)
+        return seconds
 
     def of_user(self, user: str) -> list[Kernel]:
         return list(self.core._by_user.get(user, {}).values())

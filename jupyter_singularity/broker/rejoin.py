@@ -42,6 +42,7 @@ class Rejoin:
     unavailable: dict[int, str]
     _kernel: Callable[[str], Kernel]
     _move: Callable[[Kernel, int | None], None]
+    _set_home: Callable[[Kernel, int | None], None]
     _hold_host: Callable[..., None]
     _set_state: Callable[[Kernel, KernelState, str, float], None]
     _settled_state: Callable[[Kernel], KernelState]
@@ -99,7 +100,7 @@ class Rejoin:
         self._hold_host(kernel, host_bytes)
         kernel.disk_bytes = disk_bytes
         if device is not None:
-            kernel.home = device
+            self._set_home(kernel, device)
             if gpu_bytes or not (host_bytes or disk_bytes):  # (offloaded: a context may stay)
                 self._move(kernel, device)
                 kernel.gpu_bytes = gpu_bytes
