@@ -79,11 +79,10 @@ Name=shard Count={shards}
 
 def missing_prerequisites() -> list[str]:
     """What this machine lacks to run the cluster (empty: nothing)."""
-    return [
-        f"{tool} on PATH (apt-get install slurmd slurmctld munge)"
-        for tool in (*DAEMONS, *COMMANDS)
-        if not shutil.which(tool)
-    ]
+    absent = [tool for tool in (*DAEMONS, *COMMANDS) if not shutil.which(tool)]
+    return (
+        [f"{', '.join(absent)} on PATH (apt-get install slurmctld slurmd munge)"] if absent else []
+    )
 
 
 @dataclass

@@ -62,7 +62,7 @@ print(json.dumps({"user": pwd.getpwuid(os.getuid()).pw_name, **seen}))
 def slurm(hub_shared_dir) -> SlurmCluster:
     """The one-node cluster, its files where the test users may read them."""
     runuser = [] if shutil.which("runuser") else ["runuser on PATH (util-linux)"]
-    require_hub([*missing_slurm(), *runuser], "the Slurm test")
+    require_hub([*missing_slurm(), *runuser], "the Slurm tests")
     with slurm_cluster(hub_shared_dir / "slurm") as cluster:
         yield cluster
 
