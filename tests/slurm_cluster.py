@@ -2,14 +2,14 @@
 run by the test as root, on a configuration generated in a directory of its own.
 
 The node is this machine as ``slurmd -C`` reads it (its real CPUs and memory) with one GPU
-(``gpu:1``, a device node made for it) cut into :data:`SHARDS` ``shard``\\ s, as a GPU node whose
+(``gpu:1``, a device node made for it) cut into :data:`SHARDS` shards, as a GPU node whose
 notebook jobs share their GPU is configured (docs/deploy/slurm.md). The partition lets jobs share
 CPUs, so that this test's notebook servers all run on a small machine. Users' commands (``sbatch``,
 ``squeue``) find the cluster through ``SLURM_CONF`` (:attr:`SlurmCluster.env`); munge's socket and
 the configuration are readable by every user, its key only by root.
 
-Without Slurm's daemons and commands the test is skipped, unless ``SINGULARITY_REQUIRE_HUB_TESTS=1``
-(CI): then it fails (see :func:`hub.require_hub`).
+Without Slurm's daemons and commands the tests are skipped, unless
+``SINGULARITY_REQUIRE_HUB_TESTS=1`` (CI): then they fail (see :func:`hub.require_hub`).
 """
 
 from __future__ import annotations
@@ -79,10 +79,21 @@ Name=shard Count={shards}
 
 def missing_prerequisites() -> list[str]:
     """What this machine lacks to run the cluster (empty: nothing)."""
-    absent = [tool for tool in (*DAEMONS, *COMMANDS) if not shutil.which(tool)]
-    return (
-        [f"{', '.join(absent)} on PATH (apt-get install slurmctld slurmd munge)"] if absent else []
-    )
+    missing = []
+    if absent := [tool for tool in (*DAEMONS, *COMMANDS) if not shutil.which(tool)]:
+        missing.append(f"{', '.join(absent)} on PATH (apt-get install slurmctld slurmd munge)")
+    try:
+        socket.gethostbyname(node_name())
+    except OSError:
+        missing.append(
+            f"a resolvable host name ({node_name()!r}: the hub reaches a job at its node)"
+        )
+    return missing
+
+
+def node_name() -> str:
+    """The node's name in Slurm: this machine's short host name."""
+    return socket.gethostname().split(".")[0]
 
 
 @dataclass
@@ -113,9 +124,9 @@ class SlurmCluster:
         return [dict(zip(fields, line.split(), strict=True)) for line in lines]
 
     def log(self, tail: int = 3000) -> str:
-        """The end of each daemon's log, for a test's failure message."""
+        """The end of each daemon's log and error output, for a test's failure message."""
         parts = []
-        for name in ("munged.log", "slurmctld.log", "slurmd.log"):
+        for name in (*(f"{d}.log" for d in DAEMONS), *(f"{d}.err" for d in DAEMONS)):
             path = self.root / name
             text = path.read_text(errors="replace")[-tail:] if path.exists() else "(none)"
             parts.append(f"--- {name}\n{text}")
@@ -136,7 +147,7 @@ def slurm_cluster(root: Path) -> Iterator[SlurmCluster]:
     key.chmod(0o400)
     gpu_device = root / "nvidia0"
     os.mknod(gpu_device, stat.S_IFCHR | 0o600, GPU_DEVICE)
-    node = socket.gethostname().split(".")[0]
+    node = node_name()
     hardware = subprocess.run(
         ["slurmd", "-C"], capture_output=True, text=True, check=True
     ).stdout.splitlines()[0]
@@ -161,11 +172,12 @@ def slurm_cluster(root: Path) -> Iterator[SlurmCluster]:
                  f"--pid-file={secret / 'munged.pid'}", f"--seed-file={secret / 'munged.seed'}",
                  f"--log-file={root / 'munged.log'}"],
                 env,
+                root,
             )
         )  # fmt: skip
         wait_for(lambda: (root / "munge.socket").exists(), "munged's socket", cluster)
-        daemons.append(daemon(["slurmctld", "-D", "-i"], env))
-        daemons.append(daemon(["slurmd", "-D", "-N", node], env))
+        daemons.append(daemon(["slurmctld", "-D", "-i"], env, root))
+        daemons.append(daemon(["slurmd", "-D", "-N", node], env, root))
         wait_for(lambda: node_state(cluster) == "idle", f"node {node} idle", cluster)
         yield cluster
     finally:
@@ -178,17 +190,19 @@ def slurm_cluster(root: Path) -> Iterator[SlurmCluster]:
                 stop(process)
 
 
-def daemon(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    """A daemon in the foreground, ended with the test process if that dies first."""
-    return subprocess.Popen(
-        args,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        preexec_fn=terminate_with_parent,
-    )
+def daemon(args: list[str], env: dict[str, str], root: Path) -> subprocess.Popen:
+    """A daemon in the foreground, ended with the test process if that dies first; what it says
+    before its log file is open goes to ``<root>/<name>.err``."""
+    with (root / f"{args[0]}.err").open("wb") as err:
+        return subprocess.Popen(
+            args,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=terminate_with_parent,
+        )
 
 
 def node_state(cluster: SlurmCluster) -> str:

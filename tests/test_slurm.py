@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from collections.abc import Iterator
 
 import pytest
 from hub import join, require_hub, running_hub
@@ -59,7 +60,7 @@ print(json.dumps({"user": pwd.getpwuid(os.getuid()).pw_name, **seen}))
 
 
 @pytest.fixture(scope="module")
-def slurm(hub_shared_dir) -> SlurmCluster:
+def slurm(hub_shared_dir) -> Iterator[SlurmCluster]:
     """The one-node cluster, its files where the test users may read them."""
     runuser = [] if shutil.which("runuser") else ["runuser on PATH (util-linux)"]
     require_hub([*missing_slurm(), *runuser], "the Slurm tests")
