@@ -14,9 +14,13 @@ Fixtures (registered for the whole suite by ``pytest_plugins`` in conftest.py):
 - ``hub_users``, ``hub_venv``, ``hub_install`` (session): the parts of the hub, for a module that
   starts a hub of its own with :func:`running_hub` (a broker as a hub service, say).
 - ``hub_shared_dir`` (session): a world-readable directory of the session (a broker's socket...).
+- ``node``: the node broker (``jupyter singularity broker``, run as root like a system service) on
+  one simulated 512 MiB GPU, where the hub's users reach it: carol is an admin of its pool, alice
+  has 20 s of GPU time a day. :func:`join` starts a user's server joined to it.
 
-Without root (or useradd, /usr/bin/python3, jupyterhub, configurable-http-proxy) the tests are
-skipped, unless ``SINGULARITY_REQUIRE_HUB_TESTS=1`` (CI): then they fail, never skipped silently.
+Without root (or useradd, /usr/bin/python3, jupyterhub, batchspawner, configurable-http-proxy)
+the tests are skipped, unless ``SINGULARITY_REQUIRE_HUB_TESTS=1`` (CI): then they fail, never
+skipped silently.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -50,7 +55,7 @@ from urllib.parse import quote
 
 import pytest
 from cells import cell_messages, run_cell
-from servers import free_port
+from servers import NodeBroker, free_port, node_broker
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
@@ -83,8 +88,11 @@ def missing_prerequisites() -> list[str]:
     missing += [f"{tool} on PATH" for tool in ("useradd", "userdel") if not shutil.which(tool)]
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         missing.append(f"{SYSTEM_PYTHON} (the users' interpreter)")
-    if importlib.util.find_spec("jupyterhub") is None:
-        missing.append("jupyterhub (pip install -e '.[test]')")
+    missing += [
+        f"{package} (pip install -e '.[test]')"
+        for package in ("jupyterhub", "batchspawner")
+        if importlib.util.find_spec(package) is None
+    ]
     if not shutil.which("configurable-http-proxy"):
         missing.append(
             "configurable-http-proxy on PATH (npm install -g configurable-http-proxy@5.2)"
@@ -92,12 +100,13 @@ def missing_prerequisites() -> list[str]:
     return missing
 
 
-def require_hub() -> None:
-    """Skip the test for want of a prerequisite; fail instead where CI requires the hub tests."""
-    missing = missing_prerequisites()
+def require_hub(also: Sequence[str] = (), tests: str = "the JupyterHub tests") -> None:
+    """Skip the test for want of a prerequisite (``also``: more that ``tests`` need, a Slurm
+    cluster's, say); fail instead where CI requires the hub tests."""
+    missing = [*missing_prerequisites(), *also]
     if not missing:
         return
-    reason = "the JupyterHub tests need " + ", ".join(missing)
+    reason = f"{tests} need " + ", ".join(missing)
     if os.environ.get(REQUIRE_ENV) == "1":
         pytest.fail(f"{reason}; {REQUIRE_ENV}=1 forbids skipping them", pytrace=False)
     pytest.skip(reason)
@@ -198,13 +207,17 @@ def pyproject() -> dict[str, Any]:
 
 def venv_requirements() -> list[str]:
     """What a user's server needs: the package's dependencies and its ``lab`` extra, the hub's
-    own jupyterhub (for ``jupyterhub-singleuser``) and the test interpreter's torch (the CPU
-    build this machine keeps)."""
+    own jupyterhub (for ``jupyterhub-singleuser``) and batchspawner (``batchspawner-singleuser``,
+    for a server started as a batch job), and the test interpreter's torch (the CPU build this
+    machine keeps)."""
     project = pyproject()["project"]
     return [
         *project["dependencies"],
         *project["optional-dependencies"]["lab"],
-        f"jupyterhub=={importlib.metadata.version('jupyterhub')}",
+        *(
+            f"{package}=={importlib.metadata.version(package)}"
+            for package in ("jupyterhub", "batchspawner")
+        ),
         f"torch=={importlib.metadata.version('torch')}",
     ]
 
@@ -693,6 +706,33 @@ def hub(hub_users, hub_venv, hub_shared_dir, hub_install, tmp_path_factory) -> I
     workdir = tmp_path_factory.mktemp("hub")
     with running_hub(workdir, hub_shared_dir, hub_venv, hub_users, hub_install) as running:
         yield running
+
+
+@pytest.fixture
+async def node(hub: Hub, tmp_path: Path) -> AsyncIterator[NodeBroker]:
+    """The node broker, its sockets and state where every test user may reach them."""
+    alice, carol = hub.users["alice"].name, hub.users["carol"].name
+    config = textwrap.dedent(
+        f"""
+        c.SingularityBroker.admin_users = [{carol!r}]
+        c.SingularityBroker.quotas = {{"user:{alice}": {{"gpu_seconds_per_day": 20}}}}
+        """
+    )
+    shared = hub.shared_dir / f"node-{tmp_path.name}"
+    shared.mkdir(mode=0o755)
+    with node_broker(
+        tmp_path,
+        devices="simulated:1x512MiB",
+        run_dir=shared / "run",
+        state_dir=shared,
+        config=config,
+    ) as broker:
+        yield broker
+
+
+async def join(client: HubClient, broker: NodeBroker) -> None:
+    """Start the user's server joined to the node broker."""
+    await client.start_server(env={"JUPYTER_SINGULARITY_BROKER_URL": broker.url})
 
 
 def _user_fixture(role: str):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from cells import record_of
-from hub import REQUIRE_ENV
+from hub import REQUIRE_ENV, join
 from servers import node_broker
 
 pytestmark = [pytest.mark.hub, pytest.mark.timeout(900)]  # a first run builds the users' venv
@@ -51,36 +51,6 @@ def digest():
         h.update(ctypes.string_at(c.data_ptr(), c.numel() * c.element_size()))
     return h.hexdigest()
 """
-
-
-def broker_config(hub) -> str:
-    alice, carol = hub.users["alice"].name, hub.users["carol"].name
-    return textwrap.dedent(
-        f"""
-        c.SingularityBroker.admin_users = [{carol!r}]
-        c.SingularityBroker.quotas = {{"user:{alice}": {{"gpu_seconds_per_day": 20}}}}
-        """
-    )
-
-
-@pytest.fixture
-async def node(hub, tmp_path):
-    """The node broker, its sockets and state where every test user may reach them."""
-    shared = hub.shared_dir / f"node-{tmp_path.name}"
-    shared.mkdir(mode=0o755)
-    run_dir = shared / "run"
-    with node_broker(
-        tmp_path,
-        devices="simulated:1x512MiB",
-        run_dir=run_dir,
-        state_dir=shared,
-        config=broker_config(hub),
-    ) as broker:
-        yield broker
-
-
-async def join(client, broker) -> None:
-    await client.start_server(env={"JUPYTER_SINGULARITY_BROKER_URL": broker.url})
 
 
 async def state(client, kernel_id: str, *states: str, timeout: float = 60.0) -> dict:
