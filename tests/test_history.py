@@ -106,6 +106,11 @@ async def test_the_timeline_after_two_notebooks_took_turns_on_the_gpu(
     )
     assert (empty["since"], empty["until"]) == (1000, 2000)
     assert empty["leases"] == [] and empty["changes"] == [] and empty["kernels"] == {}
+    # JupyterLab's requests end with a bare number, its cache buster: not a parameter.
+    again = await get_json(
+        "singularity", "api", "timeline", params={"since": "1000", "until": "2000", "1795": ""}
+    )
+    assert {**again, "now": None} == {**empty, "now": None}
 
     # My GPU time: today's bar holds the three leases, and nothing is left out of the week.
     mine = await get_json("singularity", "api", "gpu-time")
@@ -141,6 +146,7 @@ async def test_the_timeline_after_two_notebooks_took_turns_on_the_gpu(
         ("gpu-time", {"days": "32"}, "days must be a whole number from 1 to 31, not 32"),
         ("gpu-time", {"days": "99999"}, "days must be a whole number of days, not '99999'"),
         ("gpu-time", {"user": "bob"}, "unknown query parameter 'user': use days"),
+        ("gpu-time", {"1795": "7"}, "unknown query parameter '1795': use days"),
     ],
 )
 async def test_bad_parameters_are_400_with_one_line(jp_fetch, path, params, message):

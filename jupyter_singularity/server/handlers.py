@@ -128,9 +128,10 @@ class SingularityHandler(APIHandler):
         return value
 
     def only_parameters(self, *names: str) -> None:
-        """400 for a query parameter other than ``names``: a misspelt one would be ignored."""
-        for name in self.request.query_arguments:
-            if name not in names:
+        """400 for a query parameter other than ``names``: a misspelt one would be ignored. A bare
+        number without a value is JupyterLab's cache buster (``...&1795999227483``): let it be."""
+        for name, values in self.request.query_arguments.items():
+            if name not in names and not (name.isdigit() and values == [b""]):
                 self.fail(400, f"unknown query parameter {name!r}: use {', '.join(names)}")
 
     def write_json(self, data: Any) -> None:
