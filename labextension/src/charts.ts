@@ -207,9 +207,11 @@ function transferRecord(kernelId: string, user: string): IKernelRecord {
   };
 }
 
-const MARK_SHAPES = {
-  domain: ['offload', 'restore', 'migration'],
-  range: ['triangle-down', 'triangle-up', 'diamond']
+/** The shape of each kind of transfer's mark. */
+export const MARK_SHAPES: Record<IActivity['kind'], string> = {
+  offload: 'triangle-down',
+  restore: 'triangle-up',
+  migration: 'diamond'
 };
 
 /** Common looks: transparent background (the panel's shows through), small type. */
@@ -227,6 +229,9 @@ const CONFIG = {
  * (◆ migrations) where they ended; drag or scroll on it to zoom the time axis.
  */
 export function timelineSpec(rows: ITimelineRows): VegaLiteSpec {
+  const kinds = (Object.keys(MARK_SHAPES) as IActivity['kind'][]).filter(kind =>
+    rows.marks.some(m => m.kind === kind)
+  );
   const started = { field: 'start', type: 'temporal', title: 'started', format: '%H:%M:%S' };
   return {
     $schema: SCHEMA,
@@ -260,7 +265,12 @@ export function timelineSpec(rows: ITimelineRows): VegaLiteSpec {
             type: 'temporal',
             title: null,
             scale: { domain: rows.domain },
-            axis: { format: '%H:%M', labelOverlap: true, tickCount: 4 }
+            axis: {
+              format: timeFormat(rows.domain),
+              labelOverlap: true,
+              labelFlush: true,
+              tickCount: 3
+            }
           },
           x2: { field: 'end' },
           color: {
@@ -297,7 +307,8 @@ export function timelineSpec(rows: ITimelineRows): VegaLiteSpec {
             field: 'kind',
             type: 'nominal',
             title: null,
-            scale: MARK_SHAPES,
+            // Only the kinds drawn, so the legend stays short in a narrow sidebar.
+            scale: { domain: kinds, range: kinds.map(kind => MARK_SHAPES[kind]) },
             legend: { orient: 'bottom', direction: 'horizontal' }
           },
           tooltip: [
@@ -315,20 +326,32 @@ export function timelineSpec(rows: ITimelineRows): VegaLiteSpec {
   };
 }
 
-/** A UTC day (its midnight in epoch seconds) as a bar's label: "today", else "Mon 30". */
+/** The time axis' labels: with seconds when it spans 10 minutes or less, else hours and minutes. */
+export function timeFormat(domain: [number, number]): string {
+  return domain[1] - domain[0] <= 10 * 60 * 1000 ? '%H:%M:%S' : '%H:%M';
+}
+
+/** A UTC day (its midnight in epoch seconds) as a bar's label: "today", else "Mon". */
 export function dayLabel(day: number, today: number): string {
   if (day === today) {
     return 'today';
   }
+  return new Date(day * 1000).toLocaleDateString('en-GB', { weekday: 'short', timeZone: 'UTC' });
+}
+
+/** A UTC day in full, for the tooltip: "Mon 30 Nov". */
+export function dayName(day: number): string {
   return new Date(day * 1000).toLocaleDateString('en-GB', {
     weekday: 'short',
     day: 'numeric',
+    month: 'short',
     timeZone: 'UTC'
   });
 }
 
 export interface IDayBar {
   label: string;
+  date: string;
   hours: number;
   /** "2.10 h", for the tooltip. */
   used: string;
@@ -341,6 +364,7 @@ export function dayBars(answer: IGpuTime): IDayBar[] {
   const limit = answer.gpu_seconds_per_day;
   return answer.days.map(d => ({
     label: dayLabel(d.day, today),
+    date: dayName(d.day),
     hours: d.gpu_seconds / 3600,
     used: formatHours(d.gpu_seconds),
     over: limit !== null && d.gpu_seconds > limit
@@ -369,7 +393,7 @@ export function gpuTimeSpec(answer: IGpuTime): VegaLiteSpec {
           value: '#4c78a8'
         },
         tooltip: [
-          { field: 'label', title: 'day (UTC)' },
+          { field: 'date', title: 'day (UTC)' },
           { field: 'used', title: 'GPU time' }
         ]
       }
@@ -379,11 +403,21 @@ export function gpuTimeSpec(answer: IGpuTime): VegaLiteSpec {
     const hours = limit / 3600;
     layer.push(
       {
+        data: { values: [{}] },
         mark: { type: 'rule', color: '#d62728', strokeDash: [4, 3] },
         encoding: { y: { datum: hours } }
       },
       {
-        mark: { type: 'text', align: 'right', dy: -6, x: 'width', color: '#d62728', fontSize: 10 },
+        data: { values: [{}] },
+        mark: {
+          type: 'text',
+          align: 'right',
+          dx: -2,
+          dy: -6,
+          x: 'width',
+          color: '#d62728',
+          fontSize: 10
+        },
         encoding: { y: { datum: hours }, text: { value: `limit ${formatHours(limit)}` } }
       }
     );

@@ -6,12 +6,14 @@
 import {
   dayBars,
   dayLabel,
+  dayName,
   gpuTimeSpec,
   IViewer,
   MAX_TOTALS,
   notebookLabel,
   timelineRows,
   timelineSpec,
+  timeFormat,
   totalRows,
   totalsSpec,
   transferMarks
@@ -254,6 +256,8 @@ describe('timelineSpec', () => {
     expect(bars.encoding.color.field).toBe('user');
     expect(bars.encoding.x.scale.domain).toEqual(rows.domain);
     expect(bars.encoding.x2.field).toBe('end');
+    expect(bars.encoding.x.axis.format).toBe('%H:%M:%S'); // five minutes: seconds matter
+    expect(timeFormat([0, 3600_000])).toBe('%H:%M');
     const titles = (layer: any) => layer.encoding.tooltip.map((t: any) => t.title);
     expect(titles(bars)).toEqual(expect.arrayContaining(['notebook', 'user', 'duration', 'bytes']));
     // Every tooltip field is a field of the rows.
@@ -262,7 +266,11 @@ describe('timelineSpec', () => {
     }
     expect(marks.data.values).toBe(rows.marks);
     expect(marks.encoding.shape.field).toBe('kind');
-    expect(marks.encoding.shape.scale.range).toEqual(['triangle-down', 'triangle-up', 'diamond']);
+    // Shapes for the kinds drawn only: here offloads and restores, no migration.
+    expect(marks.encoding.shape.scale).toEqual({
+      domain: ['offload', 'restore'],
+      range: ['triangle-down', 'triangle-up']
+    });
     expect(titles(marks)).toEqual(expect.arrayContaining(['notebook', 'user', 'duration', 'bytes']));
     for (const t of marks.encoding.tooltip) {
       expect(Object.keys(rows.marks[0])).toContain(t.field);
@@ -287,12 +295,14 @@ describe('My GPU time', () => {
   it('labels the days by their UTC date, today last', () => {
     const today = 1_700_006_400;
     expect(dayLabel(today, today)).toBe('today');
-    expect(dayLabel(today - 86400, today)).toBe('Tue 14');
+    expect(dayLabel(today - 86400, today)).toBe('Tue');
+    expect(dayName(today - 86400)).toBe('Tue 14 Nov');
   });
 
   it('has a bar per day in hours, those over the daily limit marked', () => {
     const bars = dayBars(gpuTime(2 * 3600, [0, 3600, 9000, 0, 0, 0, 1800]));
-    expect(bars.map(b => b.label)).toEqual(['Thu 9', 'Fri 10', 'Sat 11', 'Sun 12', 'Mon 13', 'Tue 14', 'today']);
+    expect(bars.map(b => b.label)).toEqual(['Thu', 'Fri', 'Sat', 'Sun', 'Mon', 'Tue', 'today']);
+    expect(bars[0].date).toBe('Thu 9 Nov');
     expect(bars.map(b => b.hours)).toEqual([0, 1, 2.5, 0, 0, 0, 0.5]);
     expect(bars.map(b => b.over)).toEqual([false, false, true, false, false, false, false]);
     expect(bars[2].used).toBe('2.50 h');
@@ -303,6 +313,7 @@ describe('My GPU time', () => {
     expect(limited.layer).toHaveLength(3);
     expect(limited.layer[1].mark.type).toBe('rule');
     expect(limited.layer[1].encoding.y.datum).toBe(2);
+    expect(limited.layer[1].data).toEqual({ values: [{}] }); // one rule, drawn without bar data
     expect(limited.layer[2].encoding.text.value).toBe('limit 2.00 h');
     const unlimited = gpuTimeSpec(gpuTime(null, [0, 3600])) as any;
     expect(unlimited.layer).toHaveLength(1);

@@ -104,8 +104,8 @@ test('the timeline after two notebooks took turns on the GPU', async ({ page, tm
   await expect(tooltip).toContainText('turn-a.ipynb');
   const me = await (await page.request.get('/singularity/api/me')).json();
   await expect(tooltip).toContainText(me.user);
-  await expect(tooltip).toContainText(/duration\s*[\d.]+ (s|min)/);
-  await expect(tooltip).toContainText(/bytes\s*[\d.]+ (GiB|MiB) (peak|reserved)/);
+  await expect(tooltip).toContainText(/duration:?\s*[\d.]+ (s|min)/);
+  await expect(tooltip).toContainText(/bytes:?\s*[\d.]+ (GiB|MiB) (peak|reserved)/);
   await shot(page, testInfo, 'timeline-hover');
 
   // My GPU time: a bar per day of the week; the admin's GPU time per user.
@@ -124,4 +124,6 @@ test('the timeline after two notebooks took turns on the GPU', async ({ page, tm
   fs.mkdirSync(path.dirname(DOCS_IMAGE), { recursive: true });
   fs.copyFileSync(file, DOCS_IMAGE);
   await shot(page, testInfo, 'panel-with-pictures');
+  await shot(myTime, testInfo, 'my-gpu-time');
+  await shot(totals, testInfo, 'gpu-time-by-user');
 });
