@@ -17,8 +17,8 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from . import metrics
-from .identity import Identity
+from . import history, metrics
+from .identity import Identity, groups_of
 from .ledger import day_start
 from .model import BrokerError
 from .processes import launched_pid
@@ -127,6 +127,47 @@ class PoolFrontend:
             self._admin(who, "read another user's usage")
         return self.service.usage(since, until, user)
 
+    def timeline(self, who: Identity, since: float, until: float) -> dict:
+        """Leases and transfers of every kernel between ``since`` and ``until`` (at most a week):
+        everyone sees who used which device when; only owners and admins see notebooks."""
+        error = history.window_error(since, until)
+        if error:
+            raise PoolError(400, error)
+        answer = history.timeline(
+            self.service.ledger,
+            since=since,
+            until=until,
+            now=self.service.clock(),
+            devices=self.service.core.devices.values(),
+            kernels=self.service.core.kernels,
+        )
+        for kernel in answer["kernels"].values():
+            self._redact(who, kernel)
+        return answer
+
+    def gpu_time(self, who: Identity, days: int) -> dict:
+        """``who``'s GPU-seconds on each of the last ``days`` days against their daily limit; for
+        an admin also every user's, and every group's the quotas name, today and over the days."""
+        error = history.days_error(days)
+        if error:
+            raise PoolError(400, error)
+        limits = self.service.quota(who.user, who.groups)["limits"]
+        groups = [
+            key.split(":", 1)[1]
+            for key in self.service.quotas().entries
+            if key.startswith("group:")
+        ]
+        return history.gpu_time(
+            self.service.ledger,
+            user=who.user,
+            days=days,
+            now=self.service.clock(),
+            limit=limits["gpu_seconds_per_day"],
+            everyone=who.admin,
+            groups=groups,
+            groups_of=self._groups_of,
+        )
+
     def metrics(self, who: Identity) -> str:
         """The pool in Prometheus' text format (kernels by user: no notebook paths in it)."""
         pool = self.service.pool()
@@ -206,6 +247,14 @@ class PoolFrontend:
             hint = f" ({self.admin_hint})" if self.admin_hint else ""
             raise PoolError(403, f"only an admin may {what}{hint}")
 
+    def _groups_of(self, user: str) -> tuple[str, ...]:
+        """A user's groups as their kernels in the pool were admitted with (what the OS or
+        JupyterHub vouched for), else as the system's group database says."""
+        for kernel in self.service.core.kernels.values():
+            if kernel.user == user:
+                return kernel.groups
+        return groups_of(user)
+
     @staticmethod
     def _redact(who: Identity, record: dict) -> dict:
         """Another user's kernel, seen by a user who is no admin: without its notebook path."""
@@ -229,6 +278,8 @@ OPERATIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "me": {},
     "quota": {},
     "usage": {"since": (int, float), "until": (int, float), "user": (str, type(None))},
+    "timeline": {"since": (int, float), "until": (int, float)},
+    "gpu_time": {"days": int},
     "metrics": {},
     "act": {"kernel_id": str, "action": str, "pinned": (bool, type(None)), "by": (str, type(None))},
     "quotas": {},

@@ -520,6 +520,33 @@ class Ledger:
         with self._engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(stmt)]
 
+    def state_changes(
+        self,
+        *,
+        since: float,
+        until: float,
+        states: Iterable[str] | None = None,
+        limit: int = 1000,
+    ) -> list[dict]:
+        """State changes in ``[since, until]`` as dicts, newest first; with ``states``, only those
+        leaving or entering one of them (the transfers a timeline marks, say)."""
+        stmt = (
+            sa.select(_state_changes)
+            .where(_state_changes.c.time >= since, _state_changes.c.time <= until)
+            .order_by(_state_changes.c.time.desc(), _state_changes.c.id.desc())
+            .limit(limit)
+        )
+        if states is not None:
+            wanted = sorted(set(states))
+            stmt = stmt.where(
+                sa.or_(
+                    _state_changes.c.old_state.in_(wanted), _state_changes.c.new_state.in_(wanted)
+                )
+            )
+        self.flush()
+        with self._engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(stmt)]
+
     def close(self) -> None:
         """Write what is buffered, then release pooled connections (and SQLite file handles)."""
         try:

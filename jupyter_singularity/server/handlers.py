@@ -34,6 +34,9 @@ _ANONYMOUS_ID = re.compile(r"[0-9a-f]{32}")
 """The username jupyter_server gives an anonymous user (a uuid4 hex)."""
 ADMIN_RESOURCE = "singularity-admin"
 SETTINGS_KEY = "singularity_app"
+TIMELINE_HOURS = 6
+"""The timeline's window when a request names none."""
+_DAYS = re.compile(r"[0-9]{1,4}")
 
 
 class ApiError(web.HTTPError):
@@ -110,6 +113,26 @@ class SingularityHandler(APIHandler):
             return json.loads(text, parse_constant=_not_json)
         except ValueError as err:  # JSONDecodeError, and _not_json's
             self.fail(400, f"the body is not valid JSON: {err}")
+
+    def number(self, name: str, default: float) -> float:
+        """Query parameter ``name`` as epoch seconds (``default`` when absent); 400 otherwise."""
+        raw = self.get_query_argument(name, None)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            self.fail(400, f"{name} must be epoch seconds (a number), not {raw!r}")
+        return value
+
+    def only_parameters(self, *names: str) -> None:
+        """400 for a query parameter other than ``names``: a misspelt one would be ignored. A bare
+        number without a value is JupyterLab's cache buster (``...&1795999227483``): let it be."""
+        for name, values in self.request.query_arguments.items():
+            if name not in names and not (name.isdigit() and values == [b""]):
+                self.fail(400, f"unknown query parameter {name!r}: use {', '.join(names)}")
 
     def write_json(self, data: Any) -> None:
         # allow_nan=False: a non-finite number fails here, not in the client that parses the answer.
@@ -199,18 +222,6 @@ class QuotasHandler(SingularityHandler):
 
 
 class UsageHandler(SingularityHandler):
-    def number(self, name: str, default: float) -> float:
-        raw = self.get_query_argument(name, None)
-        if raw is None or raw == "":
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value):
-            self.fail(400, f"{name} must be epoch seconds (a number), not {raw!r}")
-        return value
-
     @web.authenticated
     @authorized
     async def get(self) -> None:
@@ -225,6 +236,34 @@ class UsageHandler(SingularityHandler):
             self.fail(400, f"since ({since}) is after until ({until})")
         user = self.get_query_argument("user", None) or None
         self.write_json(await self.pool_call("usage", since=since, until=until, user=user))
+
+
+class TimelineHandler(SingularityHandler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        """Leases and transfers of the pool between ``since`` and ``until`` (epoch seconds;
+        default: the last 6 hours; at most 7 days), for the panel's timeline."""
+        self.only_parameters("since", "until")
+        until = self.number("until", time.time())
+        since = self.number("since", until - TIMELINE_HOURS * 3600)
+        self.write_json(await self.pool_call("timeline", since=since, until=until))
+
+
+class GpuTimeHandler(SingularityHandler):
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        """GPU-seconds per day over the last ``days`` days (default 7): mine against my daily
+        limit, and an admin's view of every user and group."""
+        self.only_parameters("days")
+        raw = self.get_query_argument("days", None)
+        days = 7
+        if raw:
+            if not _DAYS.fullmatch(raw):
+                self.fail(400, f"days must be a whole number of days, not {raw!r}")
+            days = int(raw)
+        self.write_json(await self.pool_call("gpu_time", days=days))
 
 
 class MetricsHandler(SingularityHandler):
@@ -245,5 +284,7 @@ default_handlers: list[tuple[str, type[SingularityHandler]]] = [
     (r"/singularity/api/quota", QuotaHandler),
     (r"/singularity/api/quotas", QuotasHandler),
     (r"/singularity/api/usage", UsageHandler),
+    (r"/singularity/api/timeline", TimelineHandler),
+    (r"/singularity/api/gpu-time", GpuTimeHandler),
     (r"/singularity/metrics", MetricsHandler),
 ]

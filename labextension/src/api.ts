@@ -5,7 +5,15 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
-import type { IKernelDetail, IMe, IPool, IQuota, IQuotas } from './types';
+import type {
+  IGpuTime,
+  IKernelDetail,
+  IMe,
+  IPool,
+  IQuota,
+  IQuotas,
+  ITimeline
+} from './types';
 
 /** What the pool model needs from the server; the tests give it a fake. */
 export interface IPoolAPI {
@@ -18,6 +26,14 @@ export interface IPoolAPI {
   pin(kernelId: string, pinned: boolean): Promise<IKernelDetail>;
   quotas(): Promise<IQuotas>;
   setQuotas(quotas: Record<string, unknown>): Promise<IQuotas>;
+}
+
+/** What the pool's pictures need from the server (the ledger's history); the tests give a fake. */
+export interface IHistoryAPI {
+  /** Leases and transfers between `since` and `until` (epoch seconds; at most 7 days). */
+  timeline(since: number, until: number): Promise<ITimeline>;
+  /** GPU time per day over the last `days` days (1 to 31). */
+  gpuTime(days: number): Promise<IGpuTime>;
 }
 
 /**
@@ -85,7 +101,7 @@ export async function requestAPI<T>(
 }
 
 /** The real client. */
-export class PoolAPI implements IPoolAPI {
+export class PoolAPI implements IPoolAPI, IHistoryAPI {
   constructor(
     readonly settings: ServerConnection.ISettings = ServerConnection.makeSettings()
   ) {}
@@ -130,6 +146,15 @@ export class PoolAPI implements IPoolAPI {
       method: 'PUT',
       body: JSON.stringify(quotas)
     });
+  }
+
+  timeline(since: number, until: number): Promise<ITimeline> {
+    const query = URLExt.objectToQueryString({ since, until });
+    return requestAPI<ITimeline>(`timeline${query}`, this.settings);
+  }
+
+  gpuTime(days: number): Promise<IGpuTime> {
+    return requestAPI<IGpuTime>(`gpu-time${URLExt.objectToQueryString({ days })}`, this.settings);
   }
 
   private action(

@@ -12,16 +12,19 @@ import {
 } from '@jupyterlab/application';
 import { ICommandPalette } from '@jupyterlab/apputils';
 import { INotebookTracker } from '@jupyterlab/notebook';
+import { IRenderMimeRegistry } from '@jupyterlab/rendermime';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
 
 import { PoolAPI } from './api';
+import { HistoryModel } from './history';
 import { PoolModel } from './model';
 import { PANEL_ID, PoolPanel } from './panel';
 import { PoolStatusItem } from './statusbar';
 import type { IServerEvent } from './types';
 
-export { PoolAPI, PoolModel, PoolPanel, PoolStatusItem };
+export { HistoryModel, PoolAPI, PoolModel, PoolPanel, PoolStatusItem };
+export * from './charts';
 export * from './format';
 export * from './types';
 
@@ -45,7 +48,14 @@ const plugin: JupyterFrontEndPlugin<void> = {
   description: 'GPU pool status bar item and sidebar panel for jupyter-singularity.',
   autoStart: true,
   requires: [INotebookTracker],
-  optional: [IStatusBar, ISettingRegistry, ILayoutRestorer, ICommandPalette, ILabShell],
+  optional: [
+    IStatusBar,
+    ISettingRegistry,
+    ILayoutRestorer,
+    ICommandPalette,
+    ILabShell,
+    IRenderMimeRegistry
+  ],
   activate: async (
     app: JupyterFrontEnd,
     tracker: INotebookTracker,
@@ -53,7 +63,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
     settingRegistry: ISettingRegistry | null,
     restorer: ILayoutRestorer | null,
     palette: ICommandPalette | null,
-    labShell: ILabShell | null
+    labShell: ILabShell | null,
+    rendermime: IRenderMimeRegistry | null
   ) => {
     let settings: ISettings = { ...DEFAULTS };
     let loaded: ISettingRegistry.ISettings | null = null;
@@ -75,14 +86,14 @@ const plugin: JupyterFrontEndPlugin<void> = {
       }
       return null;
     };
-    const model = new PoolModel(new PoolAPI(app.serviceManager.serverSettings), {
-      notebookPath
-    });
+    const api = new PoolAPI(app.serviceManager.serverSettings);
+    const model = new PoolModel(api, { notebookPath });
+    const history = new HistoryModel(api);
     sessions.runningChanged.connect(() => model.touch());
     const activeKernelId = () =>
       tracker.currentWidget?.sessionContext.session?.kernel?.id ?? null;
 
-    const panel = new PoolPanel({ model, activeKernelId });
+    const panel = new PoolPanel({ model, activeKernelId, history, rendermime });
     app.shell.add(panel, settings.panelArea, { rank: 650, type: 'GPU pool' });
     restorer?.add(panel, 'jupyter-singularity:pool');
     const followActive = () => panel.refreshActive();

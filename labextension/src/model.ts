@@ -18,6 +18,7 @@ import {
   OFF_DEVICE_STATES,
   transferRate
 } from './format';
+import { coalesce } from './refresh';
 import {
   EVENTS_URI,
   IActivity,
@@ -286,21 +287,7 @@ export class PoolModel implements IDisposable {
    * into one more run after it.
    */
   refresh(): Promise<void> {
-    if (this._refreshing) {
-      this._again = true;
-      return this._refreshing;
-    }
-    this._refreshing = (async () => {
-      try {
-        do {
-          this._again = false;
-          await this._fetch();
-        } while (this._again && !this._disposed);
-      } finally {
-        this._refreshing = null;
-      }
-    })();
-    return this._refreshing;
+    return this._refresh();
   }
 
   /**
@@ -480,8 +467,10 @@ export class PoolModel implements IDisposable {
   private _enteredAt = new Map<string, number>();
   private _error: string | null = null;
   private _actionError: IActionError | null = null;
-  private _refreshing: Promise<void> | null = null;
-  private _again = false;
+  private _refresh = coalesce(
+    () => this._fetch(),
+    () => this._disposed
+  );
   private _timer: ReturnType<typeof setTimeout> | null = null;
   private _disposed = false;
   private _debounce: number;

@@ -6,6 +6,7 @@
  * would accept them (my own kernels, or anyone's for an admin), and so does the quota editor.
  */
 
+import type { IRenderMimeRegistry } from '@jupyterlab/rendermime';
 import { ReactWidget } from '@jupyterlab/ui-components';
 import React, { useEffect, useState } from 'react';
 
@@ -20,6 +21,8 @@ import {
   stateLabel,
   TRANSITIONAL_STATES
 } from './format';
+import { HistoryCharts } from './charts-view';
+import type { HistoryModel } from './history';
 import { gpuIcon } from './icons';
 import { canOffload, canRestore, IGauge, PoolModel } from './model';
 import { Progress } from './statusbar';
@@ -32,6 +35,10 @@ export namespace PoolPanel {
     model: PoolModel;
     /** The active notebook's kernel id, to mark it in the panel. */
     activeKernelId?: () => string | null;
+    /** The ledger's history for the pictures (timeline, GPU time); none without it. */
+    history?: HistoryModel;
+    /** What draws the pictures: JupyterLab's renderers (Vega-Lite among them). */
+    rendermime?: IRenderMimeRegistry | null;
   }
 }
 
@@ -40,6 +47,8 @@ export class PoolPanel extends ReactWidget {
     super();
     this._model = options.model;
     this._activeKernelId = options.activeKernelId ?? (() => null);
+    this._history = options.history ?? null;
+    this._rendermime = options.rendermime ?? null;
     this.id = PANEL_ID;
     this.title.icon = gpuIcon;
     this.title.caption = 'GPU pool';
@@ -47,6 +56,7 @@ export class PoolPanel extends ReactWidget {
     this.node.setAttribute('role', 'region');
     this.node.setAttribute('aria-label', 'GPU pool');
     this._model.changed.connect(this._onChange, this);
+    this._history?.changed.connect(this._onChange, this);
   }
 
   get model(): PoolModel {
@@ -58,6 +68,7 @@ export class PoolPanel extends ReactWidget {
       return;
     }
     this._model.changed.disconnect(this._onChange, this);
+    this._history?.changed.disconnect(this._onChange, this);
     super.dispose();
   }
 
@@ -68,25 +79,45 @@ export class PoolPanel extends ReactWidget {
 
   protected onAfterShow(): void {
     void this._model.refresh();
+    void this._history?.refresh();
     this.update();
   }
 
   protected render(): JSX.Element {
-    return <PoolView model={this._model} activeKernelId={this._activeKernelId()} />;
+    return (
+      <PoolView
+        model={this._model}
+        activeKernelId={this._activeKernelId()}
+        history={this._history}
+        rendermime={this._rendermime}
+      />
+    );
   }
 
-  private _onChange(): void {
-    if (this.isVisible) {
-      this.update();
+  private _onChange(sender: unknown): void {
+    if (!this.isVisible) {
+      return;
     }
+    // The pool changed (a lease, a transfer): the history has news too.
+    if (sender === this._model) {
+      this._history?.refreshSoon();
+    }
+    this.update();
   }
 
   private _model: PoolModel;
   private _activeKernelId: () => string | null;
+  private _history: HistoryModel | null;
+  private _rendermime: IRenderMimeRegistry | null;
 }
 
-function PoolView(props: { model: PoolModel; activeKernelId: string | null }): JSX.Element {
-  const { model, activeKernelId } = props;
+function PoolView(props: {
+  model: PoolModel;
+  activeKernelId: string | null;
+  history: HistoryModel | null;
+  rendermime: IRenderMimeRegistry | null;
+}): JSX.Element {
+  const { model, activeKernelId, history } = props;
   const pool = model.pool;
   const inventory = pool?.inventory;
   return (
@@ -157,6 +188,17 @@ function PoolView(props: { model: PoolModel; activeKernelId: string | null }): J
           <OffDevice model={model} activeKernelId={activeKernelId} />
           <Queue model={model} />
           <Quota model={model} />
+          {history && (
+            <HistoryCharts
+              history={history}
+              rendermime={props.rendermime}
+              viewer={{
+                me: model.user,
+                admin: model.isAdmin,
+                notebookPath: kernelId => model.notebook({ kernel_id: kernelId, notebook: '' })
+              }}
+            />
+          )}
           <Activity model={model} />
           {model.isAdmin && <QuotaEditor model={model} />}
         </>

@@ -151,3 +151,54 @@ export const EVENTS_URI = 'https://events.jupyter.org/jupyter_singularity/';
 export const KERNEL_STATE_SCHEMA = `${EVENTS_URI}kernel_state/v1`;
 export const LEASE_SCHEMA = `${EVENTS_URI}lease/v1`;
 export const QUEUE_SCHEMA = `${EVENTS_URI}queue/v1`;
+
+/** A lease in `GET /singularity/api/timeline`: one GPU cell's hold on a device. */
+export interface ITimelineLease {
+  lease_id: string;
+  kernel_id: string;
+  user: string;
+  device: number;
+  /** Epoch seconds. */
+  start: number;
+  /** Epoch seconds, or null while the cell still runs. */
+  end: number | null;
+  peak_bytes: number | null;
+  reservation_bytes: number;
+}
+
+/**
+ * `GET /singularity/api/timeline?since=&until=`: the leases overlapping the window and the state
+ * changes that start or end an offload or a restore in it, oldest first. A kernel's notebook is
+ * empty when it left the pool, or when it is another user's and I am no admin.
+ */
+export interface ITimeline {
+  since: number;
+  until: number;
+  now: number;
+  devices: { index: number; name: string }[];
+  leases: ITimelineLease[];
+  changes: IStateEvent[];
+  kernels: Record<string, { user: string; notebook: string }>;
+  /** Whether older records were left out (more than the server answers at once). */
+  truncated: boolean;
+}
+
+/** GPU time of one user or group, today and over the days asked for. */
+export interface IGpuTimeTotal {
+  gpu_seconds_today: number;
+  gpu_seconds: number;
+}
+
+/**
+ * `GET /singularity/api/gpu-time?days=`: my GPU-seconds on each UTC day (oldest first, today
+ * last) against my daily limit; for an admin also every user's and every group's the quotas name.
+ */
+export interface IGpuTime {
+  user: string;
+  now: number;
+  gpu_seconds_per_day: number | null;
+  /** `day` is the UTC midnight that starts it, in epoch seconds. */
+  days: { day: number; gpu_seconds: number }[];
+  users?: (IGpuTimeTotal & { user: string })[];
+  groups?: (IGpuTimeTotal & { group: string; members: string[] })[];
+}

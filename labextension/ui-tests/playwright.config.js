@@ -1,8 +1,8 @@
 /**
  * Playwright configuration: Galata's defaults, Debian's Chromium (no browser download), and two
  * JupyterLab servers started by `webServer`: the tests' own (one simulated 2 GiB GPU) for
- * `gpu-pool.spec.ts`, and the Binder setup (`binder/start`: one simulated 512 MiB GPU) for
- * `binder-demos.spec.ts`.
+ * `gpu-pool.spec.ts` and `gpu-timeline.spec.ts`, and the Binder setup (`binder/start`: one
+ * simulated 512 MiB GPU) for `binder-demos.spec.ts`.
  */
 const baseConfig = require('@jupyterlab/galata/lib/playwright-config');
 
@@ -39,7 +39,11 @@ module.exports = {
     }
   },
   projects: [
-    { name: 'chromium', testMatch: 'gpu-pool.spec.ts', use: { browserName: 'chromium' } },
+    {
+      name: 'chromium',
+      testMatch: ['gpu-pool.spec.ts', 'gpu-timeline.spec.ts'],
+      use: { browserName: 'chromium' }
+    },
     {
       name: 'binder',
       testMatch: 'binder-demos.spec.ts',

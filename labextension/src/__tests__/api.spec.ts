@@ -67,6 +67,14 @@ describe('PoolAPI', () => {
     expect(seen[3].method).toBe('PUT');
   });
 
+  it('GETs the history with its window and days as query parameters', async () => {
+    const { api, seen } = server(200, '{}');
+    await api.timeline(1000, 4600);
+    expect(seen[0].url).toMatch(/\/base\/singularity\/api\/timeline\?since=1000&until=4600(&\d+)?$/);
+    await api.gpuTime(7);
+    expect(seen[1].url).toMatch(/\/base\/singularity\/api\/gpu-time\?days=7(&\d+)?$/);
+  });
+
   it('throws the server\'s JSON message when it refuses', async () => {
     const { api } = server(
       409,
