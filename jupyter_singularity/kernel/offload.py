@@ -64,7 +64,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -320,14 +320,17 @@ class TensorEngine:
         """Host memory kept for reuse by the next offload, also while resident (≤ pinned_limit)."""
         return sum(chunk.numel() for chunk in self._pool)
 
-    def device_bytes(self) -> int:
-        """Bytes of live device storages now, each storage counted once (unsafe ones included)."""
+    def device_bytes(self, objects: Iterable[Any] | None = None) -> int:
+        """Bytes of live device storages now, each storage counted once (unsafe ones included).
+
+        ``objects``: the tensors and storages to look at (default: every object the garbage
+        collector tracks, a walk of the whole heap)."""
         with self._lock:
             torch = self._torch()
             if torch is None:
                 return 0
             found = _Scan()
-            movable = sum(storage.nbytes() for storage in self._find(torch, found))
+            movable = sum(storage.nbytes() for storage in self._find(torch, found, objects=objects))
             return movable + sum(sum(sizes) for sizes in found.problems.values())
 
     def offload(
@@ -507,6 +510,12 @@ class TensorEngine:
 
     # -- scanning ---------------------------------------------------------------------------
 
+    def holder_types(self) -> tuple[type, ...] | None:
+        """The types of the objects that hold storages (what ``device_bytes`` looks at), or None
+        while this process can hold no device storage (torch not imported, or still importing)."""
+        torch = self._torch()
+        return None if torch is None else _holder_types(torch)
+
     def _torch(self) -> Any:
         """torch if this process could hold device storages now, else None (nothing to do)."""
         torch = sys.modules.get("torch")
@@ -517,21 +526,26 @@ class TensorEngine:
         return torch
 
     def _find(
-        self, torch: Any, found: _Scan, stop_if_unsafe: bool = False
+        self,
+        torch: Any,
+        found: _Scan,
+        stop_if_unsafe: bool = False,
+        objects: Iterable[Any] | None = None,
     ) -> Iterator[torch.UntypedStorage]:
         """Yield each live, movable device storage once; record in ``found`` what is unsafe.
 
         CUDA graphs and captures are looked for first, before any CUDA call the caller makes for
-        a storage yielded; with ``stop_if_unsafe`` nothing is yielded once one is found."""
+        a storage yielded; with ``stop_if_unsafe`` nothing is yielded once one is found. The
+        storages are those of ``objects`` (default: every object the garbage collector tracks)."""
         device_type = "cpu" if self.simulated else "cuda"
         smallest = max(self.min_bytes, 1)
         seen = self._own_storages()
         shared = _multiprocessing_shared()
-        holders = (torch.Tensor, torch.UntypedStorage, torch.TypedStorage)
+        holders = _holder_types(torch)
         graph_type = None if self.simulated else torch.cuda.CUDAGraph
         stream_type = None if self.simulated else torch.cuda.Stream
         candidates, streams, graphs = [], [], 0
-        for obj in gc.get_objects():
+        for obj in gc.get_objects() if objects is None else objects:
             kind = type(obj)  # never isinstance: it reads __class__, which proxies may fake
             if issubclass(kind, holders):
                 candidates.append(obj)
@@ -917,6 +931,10 @@ class TensorEngine:
             return 0
         devices = {slot.storage.device for slot in slots} or {torch.device("cuda")}
         return sum(torch.cuda.memory_allocated(device) for device in devices)
+
+
+def _holder_types(torch: Any) -> tuple[type, ...]:
+    return (torch.Tensor, torch.UntypedStorage, torch.TypedStorage)
 
 
 def _storages_of(torch: Any, tensor: Any) -> list[Any]:

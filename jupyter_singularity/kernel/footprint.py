@@ -1,0 +1,145 @@
+"""The kernel's footprint on its device, read at the end of every cell at a cost that does not grow
+with the size of the user's Python heap.
+
+On CUDA the footprint is what torch's caching allocator holds (``torch.cuda.memory_reserved``): the
+allocator measures it, nothing is scanned. On simulated devices the "device" state is the torch CPU
+storages of at least ``min_bytes``, which no allocator counts apart from the rest of the heap, and
+walking every live object to find them costs tens of milliseconds per 100k objects. So:
+
+* a cell whose malloc'ed total (:func:`~.process_probes.heap_probe`) moved by less than
+  ``min_bytes`` cannot have changed the footprint: the last figure holds;
+* otherwise the footprint is summed over the tensors and storages that :class:`LiveTensors` knows,
+  which it learns without walking the heap (see there);
+* after a restore the footprint is what the restore brought back: the engine's transfer says it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+import sys
+import weakref
+from typing import Any
+
+from .process_probes import heap_probe
+
+#: CPython up to 3.13 keeps three generations and promotes a young object to the oldest one only
+#: in a collection of generation 1 or 2: an object is seen if generations 0 and 1 are looked at
+#: when such a collection starts. From 3.14 (incremental collector) a young collection already
+#: moves its survivors to the old space: generation 0 is looked at when any collection starts.
+if sys.version_info < (3, 14):
+    WATCHED_FROM, YOUNG = 1, (0, 1)
+else:  # pragma: no cover - not the interpreter of the tests
+    WATCHED_FROM, YOUNG = 0, (0,)
+
+
+class LiveTensors:
+    """Every torch tensor and storage object the garbage collector tracks, found without walking
+    the heap.
+
+    Every object the collector tracks is born in its youngest generation and reaches the oldest
+    one only through a collection, which calls ``gc.callbacks`` first. So one walk of the whole
+    heap when watching starts, then a look at the young generations at the start of each
+    collection that promotes to the oldest (and at each :meth:`objects`), sees every holder once
+    it exists: the cost follows what the user's code allocates, not the size of the heap. Holders
+    are kept by weak reference and dropped once dead. Objects ``gc.freeze()`` moved out of the
+    collector's sight are not seen (neither does ``gc.get_objects()`` see them).
+    """
+
+    def __init__(self, holders: tuple[type, ...]) -> None:
+        self._holders = holders
+        self._kinds: dict[type, bool] = {}
+        self._refs: dict[int, weakref.ref] = {}
+        self._watching = False
+
+    def start(self) -> None:
+        """Take what exists (the one walk of the whole heap) and watch collections from now on."""
+        if self._watching:
+            return
+        self._watching = True
+        gc.callbacks.append(self._on_collection)
+        self._take(gc.get_objects())
+
+    def stop(self) -> None:
+        self._watching = False
+        if self._on_collection in gc.callbacks:
+            gc.callbacks.remove(self._on_collection)
+        self._refs.clear()
+
+    def objects(self) -> list[Any]:
+        """The holders alive now."""
+        self._take_young()
+        alive = []
+        for key, ref in self._refs.copy().items():  # a collection may add to it meanwhile
+            obj = ref()
+            if obj is not None:
+                alive.append(obj)
+            elif self._refs.get(key) is ref:
+                del self._refs[key]
+        return alive
+
+    def _on_collection(self, phase: str, info: dict) -> None:
+        if phase == "start" and info.get("generation", 0) >= WATCHED_FROM:
+            self._take_young()
+
+    def _take_young(self) -> None:
+        for generation in YOUNG:
+            self._take(gc.get_objects(generation=generation))
+
+    def _take(self, objects: list[Any]) -> None:
+        """Keep the holders among ``objects``; the filtering runs in C, one pass per kind seen."""
+        kinds = {kind for kind in set(map(type, objects)) if self._is_holder(kind)}
+        if not kinds:
+            return
+        refs = self._refs
+        for obj in itertools.compress(objects, map(kinds.__contains__, map(type, objects))):
+            with contextlib.suppress(TypeError):  # a holder without weak references: not kept
+                refs[id(obj)] = weakref.ref(obj)
+
+    def _is_holder(self, kind: type) -> bool:
+        known = self._kinds.get(kind)
+        if known is None:
+            # never isinstance on the objects: it reads __class__, which proxies may fake
+            known = self._kinds[kind] = issubclass(kind, self._holders)
+        return known
+
+
+class Footprint:
+    """The simulated device footprint of the kernel (see the module docstring)."""
+
+    def __init__(self, min_bytes: int) -> None:
+        self.min_bytes = min_bytes
+        self._heap = heap_probe()
+        self._mark = 0
+        self._bytes: int | None = None
+        self._tensors: LiveTensors | None = None
+
+    def measure(self, engine: Any, force: bool = False) -> int:
+        """Bytes of the engine's device storages now; summed again only when the heap moved by
+        ``min_bytes`` since the last figure (or ``force``)."""
+        holders = engine.holder_types()
+        if holders is None:
+            return 0
+        mark = self._heap() if self._heap is not None else None
+        if force or mark is None or self._bytes is None or abs(mark - self._mark) >= self.min_bytes:
+            if self._tensors is None:
+                self._tensors = LiveTensors(holders)
+                self._tensors.start()
+            self._bytes = int(engine.device_bytes(self._tensors.objects()))
+            self._mark = self._heap() if self._heap is not None else 0
+        return self._bytes
+
+    def known(self, nbytes: int) -> None:
+        """The footprint is ``nbytes`` now (what a restore just brought back): no need to sum."""
+        self._bytes = int(nbytes)
+        self._mark = self._heap() if self._heap is not None else 0
+
+    def forget(self) -> None:
+        """The state moved off the device: the next figure is summed again."""
+        self._bytes = None
+
+    def close(self) -> None:
+        if self._tensors is not None:
+            self._tensors.stop()
+            self._tensors = None

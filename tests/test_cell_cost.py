@@ -1,0 +1,89 @@
+"""What a cell costs a kernel of the pool: no walk of the user's whole Python heap on the cell path.
+
+Through a real jupyter_server and a real kernel on a simulated device, where the kernel's "device"
+state is its large CPU tensors. A walk of every live object (``gc.get_objects()`` without a
+generation) costs tens of milliseconds per 100k objects; the kernel counts them here.
+"""
+
+from __future__ import annotations
+
+import gc
+
+from cells import record_of
+
+MiB = 1 << 20
+
+# Every walk of the whole heap, by thread: the kernel's own code looks up gc.get_objects on the
+# gc module at each call, so it is counted too.
+COUNT_WALKS = """
+import gc, threading
+_get_objects = gc.get_objects
+walks = []
+def _counted(generation=None):
+    if generation is None:
+        walks.append(threading.current_thread().name)
+        return _get_objects()
+    return _get_objects(generation)
+gc.get_objects = _counted
+"""
+
+
+async def test_cells_that_change_the_footprint_and_restored_cells_walk_no_heap(
+    start_kernel, wait_in_pool, execute, get_pool, state, jp_fetch
+):
+    kernel = await start_kernel()
+    await wait_in_pool(kernel)
+    status, out = await execute(kernel, "import torch\nx = torch.ones(MiB := 1 << 20)\nheap = []")
+    assert status == "ok", out
+    status, out = await execute(kernel, COUNT_WALKS)
+    assert status == "ok", out
+
+    # Cells whose allocations move the kernel's footprint by megabytes, in a heap that grows.
+    for size in (1, 2, 1, 2):
+        code = f"y = torch.ones({size} * MiB)\nheap += [[i] for i in range(50_000)]"
+        status, out = await execute(kernel, code)
+        assert status == "ok", out
+    status, out = await execute(kernel, "big = torch.ones(16 * MiB)")
+    assert status == "ok", out
+    expected = (1 + 2 + 16) * 4 * MiB  # x, y and big, float32
+
+    async def footprint(kernel_id: str) -> dict:
+        return await state(kernel_id, "resident")
+
+    pool = await footprint(kernel)
+    assert record_of(pool, kernel)["gpu_bytes"] == expected, record_of(pool, kernel)
+    status, out = await execute(kernel, "print(walks)")
+    assert status == "ok" and out.strip() == "[]", out
+
+    # Offloaded by the broker (the offload looks for every tensor, on the push worker), then a
+    # cell restores the state: neither the restore nor the cell's end walks the heap.
+    await jp_fetch("singularity", "api", "kernels", kernel, "offload", method="POST", body="{}")
+    await state(kernel, "offloaded")
+    status, out = await execute(kernel, "z = torch.ones(MiB)\nprint(float(big.sum()))")
+    assert status == "ok" and out.strip() == str(float(16 * MiB)), out
+    pool = await footprint(kernel)
+    assert record_of(pool, kernel)["gpu_bytes"] == expected + 4 * MiB, record_of(pool, kernel)
+    status, out = await execute(kernel, "print(walks.count('MainThread'), len(walks))")
+    assert status == "ok", out
+    on_cells, walks = map(int, out.split())
+    assert on_cells == 0 and walks >= 1, out
+
+
+def test_live_tensors_sees_tensors_created_after_it_started_and_forgets_dead_ones():
+    import torch
+
+    from jupyter_singularity.kernel.footprint import LiveTensors
+
+    live = LiveTensors((torch.Tensor, torch.UntypedStorage))
+    before = torch.zeros(3)
+    live.start()
+    try:
+        promoted = torch.ones(5)
+        gc.collect()  # a full collection: everything young is promoted to the oldest generation
+        young = [torch.ones(7) for _ in range(3)]
+        found = {id(obj) for obj in live.objects()}
+        assert {id(before), id(promoted), *map(id, young)} <= found
+        gone = id(young.pop())
+        assert gone not in {id(obj) for obj in live.objects()}
+    finally:
+        live.stop()
