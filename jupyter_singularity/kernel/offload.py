@@ -59,6 +59,7 @@ import ctypes
 import gc
 import inspect
 import logging
+import mmap
 import os
 import sys
 import threading
@@ -155,10 +156,36 @@ class Transfer:
 
 
 def _allocate_host(nbytes: int, pinned: bool) -> torch.Tensor:
-    """One host buffer; the single place host memory is allocated (tests count the calls)."""
+    """One host buffer; the single place host memory is allocated (tests count the calls).
+
+    A pageable one is a private anonymous mapping of its own, so that a restore can give it back
+    off the cell's path (:func:`_unmap_later`): freeing a torch allocation holds the GIL through
+    the whole munmap (about 50 ms/GiB), ``mmap.close`` releases it."""
     import torch
 
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    if pinned or nbytes == 0:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    tensor = torch.frombuffer(mapping, dtype=torch.uint8)
+    tensor._singularity_mapping = mapping  # type: ignore[attr-defined]
+    return tensor
+
+
+def _unmap_later(tensors: list[torch.Tensor]) -> None:
+    """Give the memory of host buffers that nothing uses any more back to the system, on a thread
+    of its own: the cell waiting for the restore starts meanwhile. Their tensors must not be read
+    again (pinned ones, not mappings of their own, go when their last reference does)."""
+    mappings = [getattr(tensor, "_singularity_mapping", None) for tensor in tensors]
+    mappings = [mapping for mapping in mappings if mapping is not None]
+    if mappings:
+        threading.Thread(
+            target=_unmap, args=(mappings,), name="singularity-unmap", daemon=True
+        ).start()
+
+
+def _unmap(mappings: list[mmap.mmap]) -> None:
+    for mapping in mappings:
+        mapping.close()
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -828,11 +855,16 @@ class TensorEngine:
         read_spill(buffer.spill, _memoryview(buffer.tensor, buffer.used))
 
     def _finish_restore(self) -> None:
-        """Only now, with every storage back, may the host and disk copies go."""
+        """Only now, with every storage back, may the host and disk copies go (the pool stays)."""
         assert self._tape is not None
+        done: list[torch.Tensor] = []
         for buffer in self._tape.buffers:
             if buffer.spill is not None:
                 remove_spill(buffer.spill)
+            if buffer.tensor is not None and not buffer.pooled:
+                done.append(buffer.tensor)
+            buffer.tensor = None
+        _unmap_later(done)
         self._tape = None
         self._slots = []
         self._offloaded = False
