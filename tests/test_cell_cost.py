@@ -87,3 +87,30 @@ def test_live_tensors_sees_tensors_created_after_it_started_and_forgets_dead_one
         assert gone not in {id(obj) for obj in live.objects()}
     finally:
         live.stop()
+
+
+def test_a_request_handed_over_leaves_before_the_caller_goes_on_with_the_gil():
+    """An acquire sent as ipykernel starts preparing a cell must leave at once: the client's I/O
+    thread needs the GIL to send it, and the preparing thread does not give it up by itself."""
+    import secrets
+    import sys
+
+    import zmq
+
+    from jupyter_singularity.kernel.client import BrokerClient
+
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    client = BrokerClient(f"tcp://127.0.0.1:{port}", "k1", secrets.token_bytes(32))
+    client.start()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(30.0)  # the I/O thread gets the GIL only when this thread blocks
+    try:
+        answer = client.submit("acquire", {"request_id": "r1"}, handed_within=10.0)
+        sent = answer.msg_id in client._sent  # no blocking call in between: the GIL stays here
+    finally:
+        sys.setswitchinterval(interval)
+        client.close()
+        router.close()
+    assert sent

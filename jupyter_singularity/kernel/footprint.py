@@ -6,8 +6,9 @@ allocator measures it, nothing is scanned. On simulated devices the "device" sta
 storages of at least ``min_bytes``, which no allocator counts apart from the rest of the heap, and
 walking every live object to find them costs tens of milliseconds per 100k objects. So:
 
-* a cell whose malloc'ed total (:func:`~.process_probes.heap_probe`) moved by less than
-  ``min_bytes`` cannot have changed the footprint: the last figure holds;
+* a cell that moved neither the process's mapped nor its resident bytes
+  (:func:`~.process_probes.memory_probe`) by ``min_bytes`` has not changed the footprint: the last
+  figure holds;
 * otherwise the footprint is summed over the tensors and storages that :class:`LiveTensors` knows,
   which it learns without walking the heap (see there);
 * after a restore the footprint is what the restore brought back: the engine's transfer says it.
@@ -22,7 +23,7 @@ import sys
 import weakref
 from typing import Any
 
-from .process_probes import heap_probe
+from .process_probes import memory_probe
 
 #: CPython up to 3.13 keeps three generations and promotes a young object to the oldest one only
 #: in a collection of generation 1 or 2: an object is seen if generations 0 and 1 are looked at
@@ -110,34 +111,39 @@ class Footprint:
 
     def __init__(self, min_bytes: int) -> None:
         self.min_bytes = min_bytes
-        self._heap = heap_probe()
-        self._mark = 0
+        self._probe = memory_probe()
+        self._mark: tuple[int, int] | None = None
         self._bytes: int | None = None
         self._tensors: LiveTensors | None = None
 
     def measure(self, engine: Any, force: bool = False) -> int:
-        """Bytes of the engine's device storages now; summed again only when the heap moved by
-        ``min_bytes`` since the last figure (or ``force``)."""
+        """Bytes of the engine's device storages now; summed again only when the process's memory
+        moved by ``min_bytes`` since the last figure (or ``force``)."""
         holders = engine.holder_types()
         if holders is None:
             return 0
-        mark = self._heap() if self._heap is not None else None
-        if force or mark is None or self._bytes is None or abs(mark - self._mark) >= self.min_bytes:
+        if force or self._bytes is None or self._moved():
             if self._tensors is None:
                 self._tensors = LiveTensors(holders)
                 self._tensors.start()
             self._bytes = int(engine.device_bytes(self._tensors.objects()))
-            self._mark = self._heap() if self._heap is not None else 0
+            self._mark = self._probe() if self._probe is not None else None
         return self._bytes
 
     def known(self, nbytes: int) -> None:
         """The footprint is ``nbytes`` now (what a restore just brought back): no need to sum."""
         self._bytes = int(nbytes)
-        self._mark = self._heap() if self._heap is not None else 0
+        self._mark = self._probe() if self._probe is not None else None
 
     def forget(self) -> None:
         """The state moved off the device: the next figure is summed again."""
         self._bytes = None
+
+    def _moved(self) -> bool:
+        if self._probe is None or self._mark is None:
+            return True
+        now = self._probe()
+        return any(abs(a - b) >= self.min_bytes for a, b in zip(now, self._mark, strict=True))
 
     def close(self) -> None:
         if self._tensors is not None:
