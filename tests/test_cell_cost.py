@@ -74,10 +74,11 @@ def test_live_tensors_sees_tensors_created_after_it_started_and_forgets_dead_one
 
     from jupyter_singularity.kernel.footprint import LiveTensors
 
-    live = LiveTensors((torch.Tensor, torch.UntypedStorage))
+    live = LiveTensors((torch.Tensor, torch.UntypedStorage), lambda obj: obj.numel() >= 1000)
     before = torch.zeros(3)
     live.start()
     try:
+        live.take_changed()
         promoted = torch.ones(5)
         gc.collect()  # a full collection: everything young is promoted to the oldest generation
         young = [torch.ones(7) for _ in range(3)]
@@ -85,8 +86,34 @@ def test_live_tensors_sees_tensors_created_after_it_started_and_forgets_dead_one
         assert {id(before), id(promoted), *map(id, young)} <= found
         gone = id(young.pop())
         assert gone not in {id(obj) for obj in live.objects()}
+        assert not live.take_changed()  # only small tensors came and went
+        large = torch.ones(1000)
+        assert live.take_changed() and not live.take_changed()
+        del large
+        assert live.take_changed()
     finally:
         live.stop()
+
+
+def test_the_footprint_follows_tensors_where_the_process_memory_does_not_move(monkeypatch):
+    """malloc hands a freed tensor's memory to the next one without the process's mapped or
+    resident bytes moving: the footprint must follow the tensors all the same."""
+    import torch
+
+    from jupyter_singularity.kernel import footprint
+    from jupyter_singularity.kernel.offload import TensorEngine
+
+    monkeypatch.setattr(footprint, "memory_probe", lambda: lambda: (1 << 30, 1 << 29))
+    engine = TensorEngine(simulated=True, pinned_limit=0, min_bytes=MiB)
+    measured = footprint.Footprint(MiB)
+    base = measured.measure(engine)
+    y = torch.ones(MiB)  # 4 MiB
+    assert measured.measure(engine) == base + 4 * MiB
+    y = torch.ones(2 * MiB)
+    assert measured.measure(engine) == base + 8 * MiB
+    del y
+    assert measured.measure(engine) == base
+    measured.close()
 
 
 def test_a_request_handed_over_leaves_before_the_caller_goes_on_with_the_gil():

@@ -6,11 +6,12 @@ allocator measures it, nothing is scanned. On simulated devices the "device" sta
 storages of at least ``min_bytes``, which no allocator counts apart from the rest of the heap, and
 walking every live object to find them costs tens of milliseconds per 100k objects. So:
 
-* a cell that moved neither the process's mapped nor its resident bytes
-  (:func:`~.process_probes.memory_probe`) by ``min_bytes`` has not changed the footprint: the last
-  figure holds;
-* otherwise the footprint is summed over the tensors and storages that :class:`LiveTensors` knows,
-  which it learns without walking the heap (see there);
+* :class:`LiveTensors` follows the tensors and storages without walking the heap (see there),
+  and says when one holding ``min_bytes`` or more appeared or died;
+* a cell that did neither, and moved neither the process's mapped nor its resident bytes
+  (:func:`~.process_probes.memory_probe`, which sees a storage resized in place) by ``min_bytes``,
+  has not changed the footprint: the last figure holds;
+* otherwise the footprint is summed over the holders ``LiveTensors`` knows;
 * after a restore the footprint is what the restore brought back: the engine's transfer says it.
 """
 
@@ -21,6 +22,7 @@ import gc
 import itertools
 import sys
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from .process_probes import memory_probe
@@ -46,13 +48,18 @@ class LiveTensors:
     it exists: the cost follows what the user's code allocates, not the size of the heap. Holders
     are kept by weak reference and dropped once dead. Objects ``gc.freeze()`` moved out of the
     collector's sight are not seen (neither does ``gc.get_objects()`` see them).
+
+    ``large(holder)`` says whether a holder holds device state; :meth:`take_changed` tells whether
+    such a holder appeared or died since it was last asked.
     """
 
-    def __init__(self, holders: tuple[type, ...]) -> None:
+    def __init__(self, holders: tuple[type, ...], large: Callable[[Any], bool]) -> None:
         self._holders = holders
+        self._large = large
         self._kinds: dict[type, bool] = {}
         self._refs: dict[int, weakref.ref] = {}
         self._watching = False
+        self._changed = False
 
     def start(self) -> None:
         """Take what exists (the one walk of the whole heap) and watch collections from now on."""
@@ -80,6 +87,15 @@ class LiveTensors:
                 del self._refs[key]
         return alive
 
+    def take_changed(self) -> bool:
+        """Whether a holder of device state appeared or died since the last call."""
+        self._take_young()
+        changed, self._changed = self._changed, False
+        return changed
+
+    def _died(self, ref: weakref.ref) -> None:
+        self._changed = True
+
     def _on_collection(self, phase: str, info: dict) -> None:
         if phase == "start" and info.get("generation", 0) >= WATCHED_FROM:
             self._take_young()
@@ -95,8 +111,13 @@ class LiveTensors:
             return
         refs = self._refs
         for obj in itertools.compress(objects, map(kinds.__contains__, map(type, objects))):
+            known = refs.get(id(obj))
+            if known is not None and known() is obj:
+                continue
+            large = self._large(obj)
             with contextlib.suppress(TypeError):  # a holder without weak references: not kept
-                refs[id(obj)] = weakref.ref(obj)
+                refs[id(obj)] = weakref.ref(obj, self._died) if large else weakref.ref(obj)
+            self._changed = self._changed or large
 
     def _is_holder(self, kind: type) -> bool:
         known = self._kinds.get(kind)
@@ -117,15 +138,17 @@ class Footprint:
         self._tensors: LiveTensors | None = None
 
     def measure(self, engine: Any, force: bool = False) -> int:
-        """Bytes of the engine's device storages now; summed again only when the process's memory
-        moved by ``min_bytes`` since the last figure (or ``force``)."""
+        """Bytes of the engine's device storages now; summed again only when a holder of them
+        appeared or died, or the process's memory moved by ``min_bytes``, since the last figure
+        (or ``force``)."""
         holders = engine.holder_types()
         if holders is None:
             return 0
-        if force or self._bytes is None or self._moved():
-            if self._tensors is None:
-                self._tensors = LiveTensors(holders)
-                self._tensors.start()
+        if self._tensors is None:
+            self._tensors = LiveTensors(holders, engine.holds_device_state)
+            self._tensors.start()
+        changed = self._tensors.take_changed()
+        if changed or force or self._bytes is None or self._moved():
             self._bytes = int(engine.device_bytes(self._tensors.objects()))
             self._mark = self._probe() if self._probe is not None else None
         return self._bytes

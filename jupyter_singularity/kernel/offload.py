@@ -543,6 +543,17 @@ class TensorEngine:
         torch = self._torch()
         return None if torch is None else _holder_types(torch)
 
+    def holds_device_state(self, obj: Any) -> bool:
+        """Whether ``obj`` (a tensor or storage) holds a device storage of ``min_bytes`` or more."""
+        torch = self._torch()
+        if torch is None:
+            return False
+        device_type = "cpu" if self.simulated else "cuda"
+        return any(
+            storage.device.type == device_type and storage.nbytes() >= max(self.min_bytes, 1)
+            for storage in _storages_held(torch, obj)
+        )
+
     def _torch(self) -> Any:
         """torch if this process could hold device storages now, else None (nothing to do)."""
         torch = sys.modules.get("torch")
@@ -591,14 +602,7 @@ class TensorEngine:
             return
         segments = None if self.simulated else _allocator_segments(torch)
         for obj in candidates:
-            kind = type(obj)
-            if issubclass(kind, torch.Tensor):
-                storages = _storages_of(torch, obj)
-            elif issubclass(kind, torch.UntypedStorage):
-                storages = [obj]
-            else:
-                storages = [obj._untyped_storage]
-            for storage in storages:
+            for storage in _storages_held(torch, obj):
                 key = storage._cdata
                 if key in seen or storage.device.type != device_type:
                     continue
@@ -967,6 +971,16 @@ class TensorEngine:
 
 def _holder_types(torch: Any) -> tuple[type, ...]:
     return (torch.Tensor, torch.UntypedStorage, torch.TypedStorage)
+
+
+def _storages_held(torch: Any, holder: Any) -> list[Any]:
+    """The storages behind a tensor, an untyped or a typed storage."""
+    kind = type(holder)
+    if issubclass(kind, torch.Tensor):
+        return _storages_of(torch, holder)
+    if issubclass(kind, torch.UntypedStorage):
+        return [holder]
+    return [holder._untyped_storage]
 
 
 def _storages_of(torch: Any, tensor: Any) -> list[Any]:
