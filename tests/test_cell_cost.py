@@ -82,11 +82,12 @@ def test_live_tensors_sees_tensors_created_after_it_started_and_forgets_dead_one
         promoted = torch.ones(5)
         gc.collect()  # a full collection: everything young is promoted to the oldest generation
         young = [torch.ones(7) for _ in range(3)]
+        assert not live.take_changed()  # only small tensors came
         found = {id(obj) for obj in live.objects()}
         assert {id(before), id(promoted), *map(id, young)} <= found
         gone = id(young.pop())
+        assert not live.take_changed()  # and went
         assert gone not in {id(obj) for obj in live.objects()}
-        assert not live.take_changed()  # only small tensors came and went
         large = torch.ones(1000)
         assert live.take_changed() and not live.take_changed()
         del large

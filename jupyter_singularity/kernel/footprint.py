@@ -20,32 +20,24 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
-import sys
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 from .process_probes import memory_probe
 
-#: CPython up to 3.13 keeps three generations and promotes a young object to the oldest one only
-#: in a collection of generation 1 or 2: an object is seen if generations 0 and 1 are looked at
-#: when such a collection starts. From 3.14 (incremental collector) a young collection already
-#: moves its survivors to the old space: generation 0 is looked at when any collection starts.
-if sys.version_info < (3, 14):
-    WATCHED_FROM, YOUNG = 1, (0, 1)
-else:  # pragma: no cover - not the interpreter of the tests
-    WATCHED_FROM, YOUNG = 0, (0,)
-
 
 class LiveTensors:
     """Every torch tensor and storage object the garbage collector tracks, found without walking
     the heap.
 
-    Every object the collector tracks is born in its youngest generation and reaches the oldest
-    one only through a collection, which calls ``gc.callbacks`` first. So one walk of the whole
-    heap when watching starts, then a look at the young generations at the start of each
-    collection that promotes to the oldest (and at each :meth:`objects`), sees every holder once
-    it exists: the cost follows what the user's code allocates, not the size of the heap. Holders
+    Every object the collector tracks is born in its youngest generation and leaves it only
+    through a collection, which calls ``gc.callbacks`` first. So one walk of the whole heap when
+    watching starts, then a look at the youngest generation at the start of each collection (and
+    at each :meth:`take_changed`), sees every holder once it exists: the cost follows what the
+    user's code allocates (the youngest generation holds a few hundred objects), not the size of
+    the heap. (This holds for CPython's generational collector up to 3.13 as for the incremental
+    one of 3.14, whose young collections also start from generation 0.) Holders
     are kept by weak reference and dropped once dead. Objects ``gc.freeze()`` moved out of the
     collector's sight are not seen (neither does ``gc.get_objects()`` see them).
 
@@ -76,8 +68,7 @@ class LiveTensors:
         self._refs.clear()
 
     def objects(self) -> list[Any]:
-        """The holders alive now."""
-        self._take_young()
+        """The holders alive now (as of the last :meth:`take_changed`)."""
         alive = []
         for key, ref in self._refs.copy().items():  # a collection may add to it meanwhile
             obj = ref()
@@ -89,7 +80,7 @@ class LiveTensors:
 
     def take_changed(self) -> bool:
         """Whether a holder of device state appeared or died since the last call."""
-        self._take_young()
+        self._take(gc.get_objects(generation=0))
         changed, self._changed = self._changed, False
         return changed
 
@@ -97,12 +88,8 @@ class LiveTensors:
         self._changed = True
 
     def _on_collection(self, phase: str, info: dict) -> None:
-        if phase == "start" and info.get("generation", 0) >= WATCHED_FROM:
-            self._take_young()
-
-    def _take_young(self) -> None:
-        for generation in YOUNG:
-            self._take(gc.get_objects(generation=generation))
+        if phase == "start":
+            self._take(gc.get_objects(generation=0))
 
     def _take(self, objects: list[Any]) -> None:
         """Keep the holders among ``objects``; the filtering runs in C, one pass per kind seen."""
@@ -151,6 +138,11 @@ class Footprint:
         if changed or force or self._bytes is None or self._moved():
             self._bytes = int(engine.device_bytes(self._tensors.objects()))
             self._mark = self._probe() if self._probe is not None else None
+        return self._bytes
+
+    @property
+    def last(self) -> int | None:
+        """The last figure, or None before the first (or after an offload)."""
         return self._bytes
 
     def known(self, nbytes: int) -> None:

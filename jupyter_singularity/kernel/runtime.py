@@ -558,7 +558,7 @@ class Runtime(BrokerPushes):
         if torch is not None:
             with contextlib.suppress(Exception):
                 torch.cuda.reset_peak_memory_stats()
-        lease.start_bytes = self._device_bytes()
+        lease.start_bytes = self._device_bytes(cached=True)
 
     def release(self, lease: Lease) -> None:
         """The cell ended: give the lease back with its peak and the bytes now on the device."""
@@ -679,9 +679,10 @@ class Runtime(BrokerPushes):
                     log.error("jupyter-singularity: %s", self.engine_error)
         return self.engine
 
-    def _device_bytes(self, force: bool = False) -> int:
+    def _device_bytes(self, force: bool = False, cached: bool = False) -> int:
         """Bytes of this kernel's state on its device now: what torch's caching allocator holds on
-        CUDA, the engine's large CPU storages on simulated devices (see .footprint)."""
+        CUDA, the engine's large CPU storages on simulated devices (see .footprint; ``cached``:
+        the last figure, as at the start of a cell, when no cell ran since it was taken)."""
         torch = self._cuda_torch()
         if torch is not None:
             try:
@@ -691,6 +692,8 @@ class Runtime(BrokerPushes):
         engine = self.get_engine() if self.simulated else None
         if engine is None or engine.offloaded:
             return 0
+        if cached and self.footprint.last is not None:
+            return self.footprint.last
         with self.lock:
             return self.footprint.measure(engine, force)
 
