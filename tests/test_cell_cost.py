@@ -74,7 +74,11 @@ def test_live_tensors_sees_tensors_created_after_it_started_and_forgets_dead_one
 
     from jupyter_singularity.kernel.footprint import LiveTensors
 
-    live = LiveTensors((torch.Tensor, torch.UntypedStorage), lambda obj: obj.numel() >= 1000)
+    def large(holder) -> list[int]:
+        storage = holder if isinstance(holder, torch.UntypedStorage) else holder.untyped_storage()
+        return [storage._cdata] if storage.nbytes() >= 4000 else []
+
+    live = LiveTensors((torch.Tensor, torch.UntypedStorage), large)
     before = torch.zeros(3)
     live.start()
     try:
@@ -90,6 +94,10 @@ def test_live_tensors_sees_tensors_created_after_it_started_and_forgets_dead_one
         assert gone not in {id(obj) for obj in live.objects()}
         large = torch.ones(1000)
         assert live.take_changed() and not live.take_changed()
+        view = large[10:]  # another holder of the same storage: no change, nor when it goes
+        assert not live.take_changed()
+        del view
+        assert not live.take_changed()
         del large
         assert live.take_changed()
     finally:

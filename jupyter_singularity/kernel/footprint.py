@@ -17,7 +17,6 @@ walking every live object to find them costs tens of milliseconds per 100k objec
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import itertools
 import weakref
@@ -41,15 +40,19 @@ class LiveTensors:
     are kept by weak reference and dropped once dead. Objects ``gc.freeze()`` moved out of the
     collector's sight are not seen (neither does ``gc.get_objects()`` see them).
 
-    ``large(holder)`` says whether a holder holds device state; :meth:`take_changed` tells whether
-    such a holder appeared or died since it was last asked.
+    ``device_storages(holder)`` names the device storages a holder holds (by key);
+    :meth:`take_changed` tells whether a storage came to be held or stopped being held by any
+    holder since it was last asked (a holder of one already held, as the storage objects made to
+    look at a tensor, changes nothing).
     """
 
-    def __init__(self, holders: tuple[type, ...], large: Callable[[Any], bool]) -> None:
+    def __init__(self, holders: tuple[type, ...], device_storages: Callable[[Any], list]) -> None:
         self._holders = holders
-        self._large = large
+        self._device_storages = device_storages
         self._kinds: dict[type, bool] = {}
         self._refs: dict[int, weakref.ref] = {}
+        self._held: dict[int, tuple] = {}  # id of a holder's weak reference -> its storages
+        self._holders_of: dict[Any, int] = {}  # storage -> how many holders hold it
         self._watching = False
         self._changed = False
 
@@ -66,6 +69,8 @@ class LiveTensors:
         if self._on_collection in gc.callbacks:
             gc.callbacks.remove(self._on_collection)
         self._refs.clear()
+        self._held.clear()
+        self._holders_of.clear()
 
     def objects(self) -> list[Any]:
         """The holders alive now (as of the last :meth:`take_changed`)."""
@@ -85,7 +90,12 @@ class LiveTensors:
         return changed
 
     def _died(self, ref: weakref.ref) -> None:
-        self._changed = True
+        for storage in self._held.pop(id(ref), ()):
+            count = self._holders_of.pop(storage, 1) - 1
+            if count > 0:
+                self._holders_of[storage] = count
+            else:
+                self._changed = True
 
     def _on_collection(self, phase: str, info: dict) -> None:
         if phase == "start":
@@ -101,10 +111,21 @@ class LiveTensors:
             known = refs.get(id(obj))
             if known is not None and known() is obj:
                 continue
-            large = self._large(obj)
-            with contextlib.suppress(TypeError):  # a holder without weak references: not kept
-                refs[id(obj)] = weakref.ref(obj, self._died) if large else weakref.ref(obj)
-            self._changed = self._changed or large
+            try:
+                storages = tuple(self._device_storages(obj))
+            except Exception:  # (called from collections: never raise) a change, to be safe
+                storages, self._changed = (), True
+            try:
+                ref = weakref.ref(obj, self._died) if storages else weakref.ref(obj)
+            except TypeError:  # a holder without weak references: not kept
+                continue
+            refs[id(obj)] = ref
+            if storages:
+                self._held[id(ref)] = storages
+                for storage in storages:
+                    count = self._holders_of.get(storage, 0)
+                    self._changed = self._changed or count == 0
+                    self._holders_of[storage] = count + 1
 
     def _is_holder(self, kind: type) -> bool:
         known = self._kinds.get(kind)
@@ -132,7 +153,7 @@ class Footprint:
         if holders is None:
             return 0
         if self._tensors is None:
-            self._tensors = LiveTensors(holders, engine.holds_device_state)
+            self._tensors = LiveTensors(holders, engine.device_storage_keys)
             self._tensors.start()
         changed = self._tensors.take_changed()
         if changed or force or self._bytes is None or self._moved():

@@ -543,16 +543,18 @@ class TensorEngine:
         torch = self._torch()
         return None if torch is None else _holder_types(torch)
 
-    def holds_device_state(self, obj: Any) -> bool:
-        """Whether ``obj`` (a tensor or storage) holds a device storage of ``min_bytes`` or more."""
+    def device_storage_keys(self, obj: Any) -> list[int]:
+        """The device storages of ``min_bytes`` or more that ``obj`` (a tensor or a storage)
+        holds, by key (the same for every storage object over the same memory)."""
         torch = self._torch()
         if torch is None:
-            return False
+            return []
         device_type = "cpu" if self.simulated else "cuda"
-        return any(
-            storage.device.type == device_type and storage.nbytes() >= max(self.min_bytes, 1)
+        return [
+            storage._cdata
             for storage in _storages_held(torch, obj)
-        )
+            if storage.device.type == device_type and storage.nbytes() >= max(self.min_bytes, 1)
+        ]
 
     def _torch(self) -> Any:
         """torch if this process could hold device storages now, else None (nothing to do)."""
