@@ -86,6 +86,8 @@ class _Outgoing:
     """The session it was last sent in."""
     attempts: int = 0
     """How often it was sent again in a fresh session."""
+    handed: threading.Event | None = None
+    """Set once the I/O thread handed it to the socket, or failed it."""
 
 
 class BrokerClient:
@@ -143,11 +145,18 @@ class BrokerClient:
             thread.daemon = True
             thread.start()
 
-    def submit(self, type: str, body: dict) -> concurrent.futures.Future[dict]:
-        """Send a request without waiting; the future resolves to the broker's reply.
+    def submit(
+        self, type: str, body: dict, handed_within: float = 0.0
+    ) -> concurrent.futures.Future[dict]:
+        """Send a request without waiting for its reply; the future resolves to the reply.
 
         A reply carrying an "error" resolves it with BrokerError instead. The caller that gives
         up waiting calls :meth:`abandon` so the pending entry does not linger.
+
+        ``handed_within``: wait up to so long for the I/O thread to hand the request to the socket.
+        The I/O thread needs the GIL for that, which a caller going on with other Python work
+        (ipykernel preparing the cell whose lease this asks for) holds until it first blocks: the
+        request would leave only then, and its round trip would overlap nothing.
         """
         msg_id = uuid.uuid4().hex
         pending: concurrent.futures.Future[dict] = concurrent.futures.Future()
@@ -168,7 +177,12 @@ class BrokerClient:
         with self._lock:
             self._check_usable()
             self._pending[msg_id] = pending
-        self._post(_Outgoing(type, body, msg_id=msg_id))
+        item = _Outgoing(type, body, msg_id=msg_id)
+        if handed_within > 0:
+            item.handed = threading.Event()
+        self._post(item)
+        if item.handed is not None:
+            item.handed.wait(handed_within)
         return answer
 
     def abandon(self, answer: concurrent.futures.Future[dict]) -> None:
@@ -315,6 +329,8 @@ class BrokerClient:
             except queue.Empty:
                 return
             self._transmit(sock, item)
+            if item.handed is not None:
+                item.handed.set()
 
     def _transmit(self, sock: zmq.Socket, item: _Outgoing) -> None:
         """Encode and send one message; failures go to whoever waits for it, or the log."""

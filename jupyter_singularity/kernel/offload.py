@@ -59,12 +59,13 @@ import ctypes
 import gc
 import inspect
 import logging
+import mmap
 import os
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,10 +156,36 @@ class Transfer:
 
 
 def _allocate_host(nbytes: int, pinned: bool) -> torch.Tensor:
-    """One host buffer; the single place host memory is allocated (tests count the calls)."""
+    """One host buffer; the single place host memory is allocated (tests count the calls).
+
+    A pageable one is a private anonymous mapping of its own, so that a restore can give it back
+    off the cell's path (:func:`_unmap_later`): freeing a torch allocation holds the GIL through
+    the whole munmap (about 50 ms/GiB), ``mmap.close`` releases it."""
     import torch
 
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    if pinned or nbytes == 0:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    tensor = torch.frombuffer(mapping, dtype=torch.uint8)
+    tensor._singularity_mapping = mapping  # type: ignore[attr-defined]
+    return tensor
+
+
+def _unmap_later(tensors: list[torch.Tensor]) -> None:
+    """Give the memory of host buffers that nothing uses any more back to the system, on a thread
+    of its own: the cell waiting for the restore starts meanwhile. Their tensors must not be read
+    again (pinned ones, not mappings of their own, go when their last reference does)."""
+    mappings = [getattr(tensor, "_singularity_mapping", None) for tensor in tensors]
+    mappings = [mapping for mapping in mappings if mapping is not None]
+    if mappings:
+        threading.Thread(
+            target=_unmap, args=(mappings,), name="singularity-unmap", daemon=True
+        ).start()
+
+
+def _unmap(mappings: list[mmap.mmap]) -> None:
+    for mapping in mappings:
+        mapping.close()
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -320,14 +347,17 @@ class TensorEngine:
         """Host memory kept for reuse by the next offload, also while resident (≤ pinned_limit)."""
         return sum(chunk.numel() for chunk in self._pool)
 
-    def device_bytes(self) -> int:
-        """Bytes of live device storages now, each storage counted once (unsafe ones included)."""
+    def device_bytes(self, objects: Iterable[Any] | None = None) -> int:
+        """Bytes of live device storages now, each storage counted once (unsafe ones included).
+
+        ``objects``: the tensors and storages to look at (default: every object the garbage
+        collector tracks, a walk of the whole heap)."""
         with self._lock:
             torch = self._torch()
             if torch is None:
                 return 0
             found = _Scan()
-            movable = sum(storage.nbytes() for storage in self._find(torch, found))
+            movable = sum(storage.nbytes() for storage in self._find(torch, found, objects=objects))
             return movable + sum(sum(sizes) for sizes in found.problems.values())
 
     def offload(
@@ -507,6 +537,25 @@ class TensorEngine:
 
     # -- scanning ---------------------------------------------------------------------------
 
+    def holder_types(self) -> tuple[type, ...] | None:
+        """The types of the objects that hold storages (what ``device_bytes`` looks at), or None
+        while this process can hold no device storage (torch not imported, or still importing)."""
+        torch = self._torch()
+        return None if torch is None else _holder_types(torch)
+
+    def device_storage_keys(self, obj: Any) -> list[int]:
+        """The device storages of ``min_bytes`` or more that ``obj`` (a tensor or a storage)
+        holds, by key (the same for every storage object over the same memory)."""
+        torch = self._torch()
+        if torch is None:
+            return []
+        device_type = "cpu" if self.simulated else "cuda"
+        return [
+            storage._cdata
+            for storage in _storages_held(torch, obj)
+            if storage.device.type == device_type and storage.nbytes() >= max(self.min_bytes, 1)
+        ]
+
     def _torch(self) -> Any:
         """torch if this process could hold device storages now, else None (nothing to do)."""
         torch = sys.modules.get("torch")
@@ -517,21 +566,26 @@ class TensorEngine:
         return torch
 
     def _find(
-        self, torch: Any, found: _Scan, stop_if_unsafe: bool = False
+        self,
+        torch: Any,
+        found: _Scan,
+        stop_if_unsafe: bool = False,
+        objects: Iterable[Any] | None = None,
     ) -> Iterator[torch.UntypedStorage]:
         """Yield each live, movable device storage once; record in ``found`` what is unsafe.
 
         CUDA graphs and captures are looked for first, before any CUDA call the caller makes for
-        a storage yielded; with ``stop_if_unsafe`` nothing is yielded once one is found."""
+        a storage yielded; with ``stop_if_unsafe`` nothing is yielded once one is found. The
+        storages are those of ``objects`` (default: every object the garbage collector tracks)."""
         device_type = "cpu" if self.simulated else "cuda"
         smallest = max(self.min_bytes, 1)
         seen = self._own_storages()
         shared = _multiprocessing_shared()
-        holders = (torch.Tensor, torch.UntypedStorage, torch.TypedStorage)
+        holders = _holder_types(torch)
         graph_type = None if self.simulated else torch.cuda.CUDAGraph
         stream_type = None if self.simulated else torch.cuda.Stream
         candidates, streams, graphs = [], [], 0
-        for obj in gc.get_objects():
+        for obj in gc.get_objects() if objects is None else objects:
             kind = type(obj)  # never isinstance: it reads __class__, which proxies may fake
             if issubclass(kind, holders):
                 candidates.append(obj)
@@ -550,14 +604,7 @@ class TensorEngine:
             return
         segments = None if self.simulated else _allocator_segments(torch)
         for obj in candidates:
-            kind = type(obj)
-            if issubclass(kind, torch.Tensor):
-                storages = _storages_of(torch, obj)
-            elif issubclass(kind, torch.UntypedStorage):
-                storages = [obj]
-            else:
-                storages = [obj._untyped_storage]
-            for storage in storages:
+            for storage in _storages_held(torch, obj):
                 key = storage._cdata
                 if key in seen or storage.device.type != device_type:
                     continue
@@ -814,11 +861,16 @@ class TensorEngine:
         read_spill(buffer.spill, _memoryview(buffer.tensor, buffer.used))
 
     def _finish_restore(self) -> None:
-        """Only now, with every storage back, may the host and disk copies go."""
+        """Only now, with every storage back, may the host and disk copies go (the pool stays)."""
         assert self._tape is not None
+        done: list[torch.Tensor] = []
         for buffer in self._tape.buffers:
             if buffer.spill is not None:
                 remove_spill(buffer.spill)
+            if buffer.tensor is not None and not buffer.pooled:
+                done.append(buffer.tensor)
+            buffer.tensor = None
+        _unmap_later(done)
         self._tape = None
         self._slots = []
         self._offloaded = False
@@ -917,6 +969,20 @@ class TensorEngine:
             return 0
         devices = {slot.storage.device for slot in slots} or {torch.device("cuda")}
         return sum(torch.cuda.memory_allocated(device) for device in devices)
+
+
+def _holder_types(torch: Any) -> tuple[type, ...]:
+    return (torch.Tensor, torch.UntypedStorage, torch.TypedStorage)
+
+
+def _storages_held(torch: Any, holder: Any) -> list[Any]:
+    """The storages behind a tensor, an untyped or a typed storage."""
+    kind = type(holder)
+    if issubclass(kind, torch.Tensor):
+        return _storages_of(torch, holder)
+    if issubclass(kind, torch.UntypedStorage):
+        return [holder]
+    return [holder._untyped_storage]
 
 
 def _storages_of(torch: Any, tensor: Any) -> list[Any]:

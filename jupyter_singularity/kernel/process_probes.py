@@ -1,5 +1,5 @@
-"""What the kernel process can learn about itself cheaply: malloc'ed bytes, whether CUDA's driver
-is initialised, and NVML's figure for its GPU memory."""
+"""What the kernel process can learn about itself cheaply: its mapped and resident bytes, whether
+CUDA's driver is initialised, and NVML's figure for its GPU memory."""
 
 from __future__ import annotations
 
@@ -7,24 +7,6 @@ import contextlib
 import ctypes
 import os
 from collections.abc import Callable
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
 
 
 def cuda_driver_initialised() -> bool:
@@ -37,23 +19,25 @@ def cuda_driver_initialised() -> bool:
     return libcuda.cuDeviceGetCount(ctypes.byref(count)) == 0  # else CUDA_ERROR_NOT_INITIALIZED
 
 
-def heap_probe() -> Callable[[], int] | None:
-    """Bytes malloc'ed by the process right now (glibc ``mallinfo2``, about 1 µs), or None.
+def memory_probe() -> Callable[[], tuple[int, int]] | None:
+    """The process's mapped and resident bytes now (``/proc/self/statm``: a few µs whatever the
+    size or state of its heap), or None where the system does not say.
 
-    On simulated devices the "device" state is large CPU tensors, and finding them takes a scan of all
-    live objects (tens of ms): too slow for every cell. Their data is malloc'ed, so a cell that did not
-    change the malloc'ed total by at least the engine's minimum storage size cannot have changed the
-    device footprint, and the previous scan still holds.
+    On simulated devices the "device" state is large CPU tensors: their memory is mapped when
+    allocated and resident once written, so a cell that moved neither figure by the engine's
+    minimum storage size has not changed the device footprint. (glibc's ``mallinfo2`` would tell
+    the malloc'ed total, but walks every free chunk: milliseconds in a fragmented heap.)
     """
     try:
-        mallinfo2 = ctypes.CDLL(None).mallinfo2
-    except (OSError, AttributeError):
+        fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        page = os.sysconf("SC_PAGE_SIZE")
+        os.pread(fd, 128, 0)
+    except (OSError, ValueError, AttributeError):
         return None
-    mallinfo2.restype = _MallInfo2
 
-    def probe() -> int:
-        info = mallinfo2()
-        return int(info.uordblks + info.hblkhd)
+    def probe() -> tuple[int, int]:
+        size, resident = os.pread(fd, 128, 0).split()[:2]
+        return int(size) * page, int(resident) * page
 
     return probe
 

@@ -22,6 +22,7 @@ from .damage import restore_failure
 from .process_probes import nvml_process_bytes
 
 if TYPE_CHECKING:
+    from .footprint import Footprint
     from .runtime import Lease, Waiting
 
 #: A bare CUDA context of a torch process (DESIGN §5: 612 MiB on an H100), counted as still on the
@@ -89,7 +90,7 @@ class BrokerPushes:
     state: str
     engine: Any
     engine_error: str
-    _device_cache: int | None
+    footprint: Footprint
     get_engine: Callable[[], Any]
     _device_bytes: Callable[..., int]
     _select_device: Callable[[dict], None]
@@ -189,7 +190,7 @@ class BrokerPushes:
                 return {"error": message, "host_full": isinstance(err, HostFullError)}
             record = self._record_transfer("offload", transfer, reason)
             record.disk_bytes = int(engine.disk_bytes)
-            self._device_cache = None
+            self.footprint.forget()
             gpu_bytes = self._residual_gpu_bytes(transfer)
             self.state = "spilled" if engine.disk_bytes and not engine.host_bytes else "offloaded"
             reply = {
@@ -228,9 +229,9 @@ class BrokerPushes:
                 )
                 return {"error": str(err) or type(err).__name__}
             record = self._record_transfer("restore", transfer, "requested")
-            self._device_cache = None
+            self.footprint.known(transfer.nbytes)
             self.state = "resident"
-            reply = {"gpu_bytes": self._device_bytes(force=True), "transfer": record.to_dict()}
+            reply = {"gpu_bytes": self._device_bytes(), "transfer": record.to_dict()}
         self._transitioned(record)
         return reply
 

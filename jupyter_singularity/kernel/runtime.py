@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 from ..protocol import ENV_NODE_BROKER, ENV_SIMULATED
 from .client import BrokerClient, BrokerError
 from .damage import restore_failure
+from .footprint import Footprint
 from .gate import (
     CudaInitGate,
     GateInserter,
@@ -49,7 +50,7 @@ from .gate import (
     uninstall_gate,
 )
 from .membership import CANCEL_TIMEOUT, Membership, answer_of
-from .process_probes import cuda_driver_initialised, heap_probe
+from .process_probes import cuda_driver_initialised
 from .pushes import BrokerPushes, TransferRecord
 from .relay import MainThreadRelay
 
@@ -62,6 +63,8 @@ HELLO_TIMEOUT, NODE_HELLO_TIMEOUT = 10.0, 2.0
 STATUS_TIMEOUT = 10.0
 #: How often a waiting cell checks for an interrupt and refreshes its line and widgets.
 WAIT_POLL = 0.05
+#: How long an acquire waits for the client's I/O thread to send it (see BrokerClient.submit).
+HAND_OVER = 0.002
 #: Transfers kept for the widget and ``%singularity log``; cells' peaks kept for a rejoin.
 TRANSFER_HISTORY, PEAK_HISTORY = 20, 5
 
@@ -135,9 +138,7 @@ class Runtime(BrokerPushes):
         self._listeners: list[Callable[[], None]] = []
         self.relay = MainThreadRelay(shell)
         self._depth = 0
-        self._heap = heap_probe()
-        self._device_cache: int | None = None
-        self._heap_mark = 0
+        self.footprint = Footprint(min_bytes)
         self._launch_device = os.environ.get("CUDA_VISIBLE_DEVICES")
         self._inserter: GateInserter | None = None
         self._import_hook: TorchImportHook | None = None
@@ -228,6 +229,7 @@ class Runtime(BrokerPushes):
             self._import_hook.uninstall()
         self._cuda_gate.uninstall()
         atexit.unregister(self._at_exit)
+        self.footprint.close()
         self.membership.close()
         self.client.close()
 
@@ -358,7 +360,7 @@ class Runtime(BrokerPushes):
         if self.membership.node and not self.membership.joined.is_set():
             return waiting, None
         waiting.generation = self.membership.generation
-        return waiting, self.client.submit("acquire", waiting.body)
+        return waiting, self.client.submit("acquire", waiting.body, handed_within=HAND_OVER)
 
     def _bound_gpu(self) -> str | None:
         """Before the first grant: the launch GPU, if something in the process (a library other
@@ -543,11 +545,11 @@ class Runtime(BrokerPushes):
                 self._transitioned(TransferRecord("restore", 0, seconds, error=message))
                 raise RestoreFailed(message) from err
             record = self._record_transfer("restore", transfer, "cell")
-            self._device_cache = None
+            self.footprint.known(transfer.nbytes)
             self.state = "running"
             self._send(
                 "restored",
-                {"gpu_bytes": self._device_bytes(force=True), "transfer": record.to_dict()},
+                {"gpu_bytes": self._device_bytes(), "transfer": record.to_dict()},
             )
             self._transitioned(record)
 
@@ -556,7 +558,7 @@ class Runtime(BrokerPushes):
         if torch is not None:
             with contextlib.suppress(Exception):
                 torch.cuda.reset_peak_memory_stats()
-        lease.start_bytes = self._device_bytes()
+        lease.start_bytes = self._device_bytes(cached=True)
 
     def release(self, lease: Lease) -> None:
         """The cell ended: give the lease back with its peak and the bytes now on the device."""
@@ -677,34 +679,23 @@ class Runtime(BrokerPushes):
                     log.error("jupyter-singularity: %s", self.engine_error)
         return self.engine
 
-    def _device_bytes(self, force: bool = False) -> int:
-        """Bytes of this kernel's state on its device now.
-
-        CUDA: what torch's caching allocator holds. Simulated: the engine's count of large CPU
-        storages, rescanned only when the malloc'ed total moved by the engine's minimum storage size.
-        """
+    def _device_bytes(self, force: bool = False, cached: bool = False) -> int:
+        """Bytes of this kernel's state on its device now: what torch's caching allocator holds on
+        CUDA, the engine's large CPU storages on simulated devices (see .footprint; ``cached``:
+        the last figure, as at the start of a cell, when no cell ran since it was taken)."""
         torch = self._cuda_torch()
         if torch is not None:
             try:
                 return int(torch.cuda.memory_reserved())
             except Exception:
                 return 0
-        if not self.simulated:
-            return 0
-        engine = self.get_engine()
+        engine = self.get_engine() if self.simulated else None
         if engine is None or engine.offloaded:
             return 0
-        mark = self._heap() if self._heap is not None else None
-        if (
-            force
-            or mark is None
-            or self._device_cache is None
-            or abs(mark - self._heap_mark) >= self.min_bytes
-        ):
-            with self.lock:
-                self._device_cache = int(engine.device_bytes())
-            self._heap_mark = self._heap() if self._heap is not None else 0
-        return self._device_cache
+        if cached and self.footprint.last is not None:
+            return self.footprint.last
+        with self.lock:
+            return self.footprint.measure(engine, force)
 
 
 def _needs_lease(raw_cell: str) -> bool:
