@@ -1294,7 +1294,7 @@ class BrokerMachine(RuleBasedStateMachine):
         self.resend: dict[str, tuple[str, int | None]] = {}
         self.stale: dict[str, str] = {}
         self.excess: set[int] = set()
-        self.excess_at_crash: set[int] = set()
+        self.held_by_facts: dict[int, int] = {}  # (see held_when_the_broker_died)
         self.host_over = False
         self.recorded: dict[str, int | None] = {}  # the GPU of each kernel's last state change
         for user in users:  # (rules that need kernels are then enabled from the first step)
@@ -1781,7 +1781,7 @@ class BrokerMachine(RuleBasedStateMachine):
         waiting sends its request again once its kernel rejoined."""
         old = self.core
         expected: dict[str, int] = {}
-        self.excess_at_crash = self.over_committed_at_crash()
+        self.held_by_facts = self.held_when_the_broker_died()
         self.resend = {k: request for k, request in self.resend.items() if k in self.unjoined}
         for kid in sorted(self.alive):
             kernel = old.kernels[kid]
@@ -1835,15 +1835,19 @@ class BrokerMachine(RuleBasedStateMachine):
         for i in [i for i in order if i < len(kids)][:at_once]:
             self.rejoin(kids[i])
 
-    def over_committed_at_crash(self) -> set[int]:
-        """The GPUs that hold more than they have when the broker dies: what the run that ends
-        booked, and what kernels that never rejoined it hold there (an earlier run's reports may
-        have over-committed a GPU; that run knew nothing of those kernels)."""
+    def held_when_the_broker_died(self) -> dict[int, int]:
+        """What each GPU holds when the broker dies: what the run that ends booked, and what
+        kernels that never rejoined it hold there (an earlier run's reports may have
+        over-committed a GPU; that run knew nothing of those kernels). Cells that ran across the
+        restart add what they grew by (see stale_release): no run decided that either."""
         held = self.core.device_bookings()
         for holds in self.unjoined.values():
             if holds["gpu_bytes"]:
                 held[holds["device"]] += holds["gpu_bytes"]
-        return {d for d, b in held.items() if b > self.devices[d].total_bytes}
+        return held
+
+    def over_committed_by_facts(self) -> set[int]:
+        return {d for d, b in self.held_by_facts.items() if b > self.devices[d].total_bytes}
 
     @precondition(lambda self: self.unjoined or self.stale)
     @rule(kind=st.sampled_from(["rejoin", "cell ends"]), index=picks, gpu=fractions)
@@ -1872,7 +1876,7 @@ class BrokerMachine(RuleBasedStateMachine):
         assert (kernel.host_bytes, kernel.disk_bytes) == (holds["host_bytes"], holds["disk_bytes"])
         if device is not None:
             assert kernel.device == device and kernel.gpu_bytes == holds["gpu_bytes"], kernel
-            if expected and device not in excess | self.excess_at_crash:
+            if expected and device not in excess | self.over_committed_by_facts():
                 assert device not in self.excess, "memory of a kernel expected back was given away"
             if holds["running"]:
                 assert kernel.state == S.RUNNING and kernel.lease is None, kernel
@@ -1890,10 +1894,13 @@ class BrokerMachine(RuleBasedStateMachine):
             return
         device = self.core.kernels[kid].device
         gpu_bytes = int(self.devices[device].total_bytes * gpu) if device is not None else None
+        known = booking_of(self.core.kernels[kid])
         self.call(
             "release", kid, rid, self.now, peak_bytes=gpu_bytes, gpu_bytes=gpu_bytes,
             call=Call(fact=True),
         )  # fmt: skip
+        if device is not None and gpu_bytes > known:  # (a cell without a lease has no bound)
+            self.held_by_facts[device] += gpu_bytes - known
         kernel = self.core.kernels[kid]
         assert kernel.lease is None and kernel.state != S.RUNNING, kernel
 
