@@ -956,6 +956,34 @@ def test_a_late_report_onto_memory_given_away_is_booked_and_relieved():
     assert core.device_bookings()[0] <= 16 * GiB
 
 
+def test_a_kernel_not_yet_back_when_the_broker_restarts_again_is_expected_by_the_next_run():
+    """Two restarts in a row: k2 (8 GiB on GPU 0) was registered again by the first new run but
+    had not rejoined it yet when that run died too. Its registration, the ledger's last record of
+    it, names the GPU it is expected on, so the second new run waits for it as well: no new cell
+    is given the memory it still holds."""
+    now = T0 + 100
+    recorded: dict[str, int | None] = {}  # each kernel's last recorded GPU, as the ledger keeps it
+
+    def record(actions: list) -> None:
+        recorded.update((c.kernel_id, c.device) for c in of(actions, StateChanged))
+
+    first = make(sim("1x16GiB"))
+    first.expect_rejoins({"k1": 0, "k2": 0}, now, now + 30)
+    record(first.register("k1", "alice", now))
+    record(first.register("k2", "bob", now))
+    record(first.rejoin("k1", now + 1, device=0, gpu_bytes=4 * GiB))
+    held = {kid: device for kid, device in recorded.items() if device is not None}
+    assert held == {"k1": 0, "k2": 0}
+
+    second = restarted(held, {"k1": "alice", "k2": "bob", "new": "carol"}, now + 5)
+    second.rejoin("k1", now + 6, device=0, gpu_bytes=4 * GiB)
+    wait = one(second.acquire("new", "r1", now + 7, memory=2 * GiB), Wait)
+    assert "waiting for 1 kernel(s) that held memory there to rejoin" in wait.reason
+    actions = second.rejoin("k2", now + 8, device=0, gpu_bytes=8 * GiB)
+    assert one(actions, Grant).request_id == "r1"
+    assert second.device_bookings()[0] <= 16 * GiB
+
+
 # ---------------------------------------------------------------------------- quota configuration
 
 
@@ -1266,8 +1294,9 @@ class BrokerMachine(RuleBasedStateMachine):
         self.resend: dict[str, tuple[str, int | None]] = {}
         self.stale: dict[str, str] = {}
         self.excess: set[int] = set()
-        self.excess_at_crash: set[int] = set()
+        self.held_by_facts: dict[int, int] = {}  # (see held_when_the_broker_died)
         self.host_over = False
+        self.recorded: dict[str, int | None] = {}  # the GPU of each kernel's last state change
         for user in users:  # (rules that need kernels are then enabled from the first step)
             self.register(user)
 
@@ -1314,6 +1343,8 @@ class BrokerMachine(RuleBasedStateMachine):
         granted_users: set[str] = set()
         for action in actions:
             kid = getattr(action, "kernel_id", None)
+            if isinstance(action, StateChanged):
+                self.recorded[kid] = action.device
             if kid in self.gone:
                 assert kid == call.unregistered, f"{action} after {kid} left the pool"
                 assert isinstance(action, LeaseEnded | Deny | StateChanged | Forget), action
@@ -1750,10 +1781,14 @@ class BrokerMachine(RuleBasedStateMachine):
         waiting sends its request again once its kernel rejoined."""
         old = self.core
         expected: dict[str, int] = {}
+        self.held_by_facts = self.held_when_the_broker_died()
         self.resend = {k: request for k, request in self.resend.items() if k in self.unjoined}
         for kid in sorted(self.alive):
             kernel = old.kernels[kid]
-            if kid in self.unjoined:  # it never rejoined the run that ended: the ledger has it cold
+            if kid in self.unjoined:  # it never rejoined the run that ended: the ledger's last
+                # record of it is its registration, on the GPU that run expected it on (if any)
+                if self.recorded[kid] is not None:
+                    expected[kid] = self.recorded[kid]
                 continue
             if kernel.device is not None:
                 expected[kid] = kernel.device
@@ -1788,7 +1823,7 @@ class BrokerMachine(RuleBasedStateMachine):
         self.usage = usage
         self.pending, self.leases, self.host_limits, self.asked = {}, {}, {}, set()
         self.offloading, self.spilling = set(), set()
-        self.excess_at_crash, self.excess, self.host_over = self.excess, set(), False
+        self.excess, self.host_over = set(), False
         self.call("expect_rejoins", expected, self.now, self.now + REJOIN_WINDOW)
         kids = sorted(self.alive)
         for kid in kids:
@@ -1796,8 +1831,23 @@ class BrokerMachine(RuleBasedStateMachine):
                 "register", kid, self.alive[kid], self.now, groups=USERS[self.alive[kid]]
             )
             assert [type(a) for a in actions] == [StateChanged]
+            assert actions[0].device == expected.get(kid), actions
         for i in [i for i in order if i < len(kids)][:at_once]:
             self.rejoin(kids[i])
+
+    def held_when_the_broker_died(self) -> dict[int, int]:
+        """What each GPU holds when the broker dies: what the run that ends booked, and what
+        kernels that never rejoined it hold there (an earlier run's reports may have
+        over-committed a GPU; that run knew nothing of those kernels). Cells that ran across the
+        restart add what they grew by (see stale_release): no run decided that either."""
+        held = self.core.device_bookings()
+        for holds in self.unjoined.values():
+            if holds["gpu_bytes"]:
+                held[holds["device"]] += holds["gpu_bytes"]
+        return held
+
+    def over_committed_by_facts(self) -> set[int]:
+        return {d for d, b in self.held_by_facts.items() if b > self.devices[d].total_bytes}
 
     @precondition(lambda self: self.unjoined or self.stale)
     @rule(kind=st.sampled_from(["rejoin", "cell ends"]), index=picks, gpu=fractions)
@@ -1826,7 +1876,7 @@ class BrokerMachine(RuleBasedStateMachine):
         assert (kernel.host_bytes, kernel.disk_bytes) == (holds["host_bytes"], holds["disk_bytes"])
         if device is not None:
             assert kernel.device == device and kernel.gpu_bytes == holds["gpu_bytes"], kernel
-            if expected and device not in excess | self.excess_at_crash:
+            if expected and device not in excess | self.over_committed_by_facts():
                 assert device not in self.excess, "memory of a kernel expected back was given away"
             if holds["running"]:
                 assert kernel.state == S.RUNNING and kernel.lease is None, kernel
@@ -1844,10 +1894,13 @@ class BrokerMachine(RuleBasedStateMachine):
             return
         device = self.core.kernels[kid].device
         gpu_bytes = int(self.devices[device].total_bytes * gpu) if device is not None else None
+        known = booking_of(self.core.kernels[kid])
         self.call(
             "release", kid, rid, self.now, peak_bytes=gpu_bytes, gpu_bytes=gpu_bytes,
             call=Call(fact=True),
         )  # fmt: skip
+        if device is not None and gpu_bytes > known:  # (a cell without a lease has no bound)
+            self.held_by_facts[device] += gpu_bytes - known
         kernel = self.core.kernels[kid]
         assert kernel.lease is None and kernel.state != S.RUNNING, kernel
 

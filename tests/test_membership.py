@@ -272,6 +272,28 @@ async def test_a_restarted_run_keeps_the_spill_files_of_a_kernel_registered_agai
     assert spilled.read_bytes() == b"state"
 
 
+async def test_a_kernel_not_yet_back_when_the_broker_restarts_again_is_waited_for(runs):
+    """Two restarts in a row: k1 holds 4 GiB on the GPU and has not said hello to the first new
+    run when it stops too. The second new run still keeps the GPU for it."""
+    env = runs.register("k1")
+    client = BrokerClient(runs.service.endpoint, "k1", env[ENV_KERNEL_KEY].encode())
+    client.start()
+    holds = {"device": SIMULATED_GPU, "gpu_bytes": 4 * GiB, "host_bytes": 0, "disk_bytes": 0}
+    try:
+        await asyncio.to_thread(
+            client.request, "hello", {"pid": os.getpid(), "holds": {**holds, "running": False}}, 5
+        )
+    finally:
+        client.close()
+    assert runs.service.core.kernels["k1"].device == 0
+
+    await runs.restart()
+    assert runs.service.core.expected == {"k1": 0}
+    await runs.restart()  # (k1 registered again, not rejoined yet)
+    assert runs.service.core.expected == {"k1": 0}
+    assert "waiting for 1 kernel(s)" in runs.service.core.closed_devices()[0]
+
+
 async def test_state_on_a_gpu_no_longer_in_the_pool_is_not_booked(runs, caplog):
     env = runs.register("k1")
     client = BrokerClient(runs.service.endpoint, "k1", env[ENV_KERNEL_KEY].encode())

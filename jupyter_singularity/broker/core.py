@@ -105,7 +105,7 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         self.kernels[kernel_id] = kernel
         self._by_user.setdefault(user, {})[kernel_id] = kernel
         self._host_quota_changed(user)
-        self._emit_state(kernel, None, KernelState.COLD, "registered", now)
+        self._registered(kernel, now)
         return self._drain()
 
     def unregister(self, kernel_id: str, now: float, reason: str = "kernel gone") -> list[Action]:

@@ -8,7 +8,9 @@ new run books what it reports.
 Until the kernels that held GPU memory when the last run ended have rejoined (the ledger says which
 ones, and on which GPU: :meth:`expect_rejoins`), their GPUs take no new grant, so that no cell is
 given memory a rejoining kernel still holds. That lasts until they rejoin, leave, or the window
-given at start closes (a kernel that died with the broker never reports).
+given at start closes (a kernel that died with the broker never reports). The registration of a
+kernel expected back is recorded on the GPU it held memory on (:meth:`_registered`): should the
+broker restart again before the kernel rejoined, the next run expects it too.
 
 A report is a fact, not a request: a kernel that rejoins after the window, onto memory given away
 meanwhile, is booked all the same (its GPU holds that state), and idle kernels there are offloaded
@@ -31,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 
 from ..devices import DeviceInfo
-from .model import Action, BrokerError, Kernel, KernelState
+from .model import Action, BrokerError, Kernel, KernelState, StateChanged
 
 
 class Rejoin:
@@ -50,6 +52,7 @@ class Rejoin:
     _set_footprint: Callable[[Kernel, int | None, int | None, float], None]
     _schedule: Callable[[float], None]
     _drain: Callable[[], list[Action]]
+    _actions: list[Action]
 
     expected: dict[str, int]
     """Kernels of the previous run that held memory on a GPU (id -> GPU), until they rejoin."""
@@ -115,6 +118,16 @@ class Rejoin:
         self._relieve_overcommit(kernel.device, now)
         self._schedule(now)
         return self._drain()
+
+    def _registered(self, kernel: Kernel, now: float) -> None:
+        """The kernel joined the pool, cold. One expected back is recorded on the GPU where it held
+        memory (the ledger's last record of a kernel names the GPU a next run waits for): the
+        broker may die again before it rejoined, and it still holds that memory."""
+        device = self.expected.get(kernel.kernel_id)
+        reason = "registered" if device is None else "registered, expected to rejoin"
+        self._actions.append(
+            StateChanged(kernel.kernel_id, kernel.user, None, KernelState.COLD, device, reason, now)
+        )
 
     def _last_run_cell_ended(
         self, kernel: Kernel, now: float, peak_bytes: int | None, gpu_bytes: int | None
