@@ -702,6 +702,19 @@ def test_pinned_pools_share_a_total():
     assert core.kernels["k3"].to_dict()["pool_allowance"] == 4 * GiB
 
 
+def test_the_host_budget_holds_while_a_kernel_with_nothing_left_in_memory_is_spilling():
+    """A kernel on its way to disk whose host copy is gone already: its user holds no host
+    memory (no entry in the per-user totals); the budget still spills the others that overflow
+    it (the pass raised KeyError)."""
+    core = make(policy=Policy(host_memory_limit=GiB), kernels={"k1": "alice", "k2": "bob"})
+    leaving, over = core.kernels["k1"], core.kernels["k2"]
+    leaving.spilling = True
+    over.state = S.OFFLOADED
+    core._hold_host(over, host_bytes=2 * GiB)
+    core._enforce_host_budget()
+    assert ids(core._actions, Spill) == ["k2"]
+
+
 def test_a_failed_restore_keeps_the_host_copy():
     core = make(kernels={"k1": "alice"})
     run_cell(core, "k1", "r1", T0, T0 + 1, peak=2 * GiB)

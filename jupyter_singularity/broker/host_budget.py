@@ -12,6 +12,7 @@ kept more than it was given.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 from ..units import format_size
@@ -125,7 +126,8 @@ class HostBudget:
             return
         leaving = [k for k in self.kernels.values() if k.spilling]
         total = self.host_held - sum(k.host_bytes for k in leaving)
-        by_user = dict(self._host_held_by_user)
+        # A kernel on its way to disk may hold nothing any more (its user then has no entry).
+        by_user = Counter(self._host_held_by_user)
         for kernel in leaving:
             by_user[kernel.user] -= kernel.host_bytes
         candidates = sorted(
