@@ -7,6 +7,8 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from tornado.websocket import WebSocketClientConnection
 
@@ -107,3 +109,17 @@ async def run_cell(
 def record_of(pool: dict, kernel_id: str) -> dict | None:
     """One kernel's record in a ``GET /singularity/api/pool`` answer."""
     return next((k for k in pool["kernels"] if k["kernel_id"] == kernel_id), None)
+
+
+async def wait_for(
+    probe: Callable[[], Awaitable[Any]], timeout: float = 60.0, interval: float = 0.1
+) -> Any:
+    """Await ``probe()`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s (last result: {result!r})")
+        await asyncio.sleep(interval)

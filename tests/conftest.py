@@ -7,17 +7,15 @@ start kernels through the REST API and watch them in the pool.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cells import cell_messages, record_of, run_cell
 from cells import cell_text as cell_text_of
+from cells import wait_for as _wait_for
 from traitlets.config import Config
 
 # hub: a real JupyterHub with real Unix users (tests/hub.py); gpu_gate: the rules of GPU runs.
@@ -94,20 +92,6 @@ def jp_serverapp(jp_server_config, jp_argv, jp_configurable_serverapp, jp_asynci
 def singularity_app(jp_serverapp):
     """The running SingularityApp of the test server."""
     return jp_serverapp.extension_manager.extension_points["jupyter_singularity"].app
-
-
-async def _wait_for(
-    probe: Callable[[], Awaitable[Any]], timeout: float = 60.0, interval: float = 0.1
-) -> Any:
-    """Await ``probe()`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s (last result: {result!r})")
-        await asyncio.sleep(interval)
 
 
 @pytest.fixture

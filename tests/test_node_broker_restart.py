@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from cells import cell_messages, cell_text, record_of
+from cells import cell_messages, cell_text, record_of, wait_for
 from servers import TOKEN, api, jupyter_server, node_broker
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
@@ -40,17 +40,6 @@ def digest():
 
 print("digest", digest())
 """
-
-
-async def wait_for(probe, timeout: float = 120.0, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s (last result: {result!r})")
-        await asyncio.sleep(interval)
 
 
 class Kernels:
@@ -91,7 +80,7 @@ class Kernels:
             record = record_of(pool, kernel_id)
             return pool if record is not None and record["state"] in states else None
 
-        return await wait_for(probe)
+        return await wait_for(probe, timeout=120.0, interval=0.25)
 
 
 async def shows_the_away_line(seen: list[dict], *waiting: asyncio.Future, timeout=90.0) -> None:
@@ -173,7 +162,8 @@ async def test_kill_9_of_the_node_broker_loses_nothing_and_waiting_cells_run(tmp
 
         broker.start()
         pool = await wait_for(
-            lambda: asyncio.sleep(0, result=len(kernels.pool()["kernels"]) == 3 and kernels.pool())
+            lambda: asyncio.sleep(0, result=len(kernels.pool()["kernels"]) == 3 and kernels.pool()),
+            timeout=120.0,
         )
         assert time.monotonic() - started < 25, "the long cell ended before the restart"
         status, text = await long_cell
