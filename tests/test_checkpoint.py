@@ -1178,12 +1178,15 @@ def test_after_a_move_the_kernel_and_what_it_starts_name_its_new_gpu(
 ) -> None:
     """CUDA in the kernel runs on the new GPU once the driver restored it there with a UUID
     remap; CUDA_VISIBLE_DEVICES must say so for its child processes and NVML lookups."""
+    from jupyter_singularity.kernel.client import BrokerClient
     from jupyter_singularity.kernel.runtime import Runtime
+    from jupyter_singularity.protocol import generate_key
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", GPU_A)
     cuda = SimpleNamespace(is_initialized=lambda: True)  # CUDA started on GPU A long ago
     monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
-    runtime = Runtime(None, simulated=False)
+    client = BrokerClient("tcp://127.0.0.1:9", "k1", generate_key())  # never started: no broker
+    runtime = Runtime(client, simulated=False)
 
     def child_sees() -> str:
         code = "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"
