@@ -25,12 +25,13 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from embedded_pool import NodeBrokerProcess
 
 from jupyter_singularity.server.node_pool import NodePool
 
@@ -46,42 +47,6 @@ runtime.release(runtime.acquire(64 << 20, top_of_cell=False))
 print("ready", flush=True)
 threading.Event().wait()
 """
-
-
-class Broker:
-    def __init__(self, tmp: Path, devices: str) -> None:
-        self.socket = tmp / "run" / "broker.sock"
-        self.args = [
-            sys.executable,
-            "-m",
-            "jupyter_singularity.cli",
-            "broker",
-            f"--socket={self.socket}",
-            f"--devices={devices}",
-            f"--SingularityBroker.spill_dir={tmp / 'spill'}",
-            f"--SingularityBroker.db_url=sqlite:///{tmp / 'ledger.sqlite'}",
-            "--SingularityBroker.metrics_address=",
-            "--log-level=WARN",
-        ]
-        self.log = tmp / "broker.log"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> float:
-        """Start it; returns when (time.monotonic) the process was started."""
-        started = time.monotonic()
-        with self.log.open("a") as out:
-            self.process = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
-        return started
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait()
 
 
 async def pool_of(node: NodePool) -> dict | None:
@@ -161,15 +126,15 @@ async def ipykernels(node: NodePool, count: int) -> list:
 async def run(kind: str, count: int, devices: str) -> dict:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="bench-restart-") as tmp:
-        broker = Broker(Path(tmp), devices)
+        broker = NodeBrokerProcess(Path(tmp), devices)
         broker.start()
         node = NodePool(broker.socket, logging.getLogger("bench.server"))
         await node.start()
         kernels: list = []
         try:
             while await pool_of(node) is None:
-                if broker.process.poll() is not None:
-                    raise RuntimeError("the broker did not start:\n" + broker.log.read_text())
+                if (log := broker.failed()) is not None:
+                    raise RuntimeError("the broker did not start:\n" + log)
                 await asyncio.sleep(0.1)
             if kind == "light":
                 kernels = await light_kernels(node, count)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -47,33 +48,63 @@ async def embedded_pool(devices: str = "simulated:1x16GiB") -> AsyncIterator[Bro
             await pool.stop()
 
 
+class NodeBrokerProcess:
+    """``jupyter singularity broker`` in ``tmp`` on ``devices``: its socket, spill folder, ledger
+    and log there; ``kill`` (-9) and ``start`` again on all of them, as a service manager would."""
+
+    def __init__(self, tmp: Path, devices: str) -> None:
+        self.socket = tmp / "run" / "broker.sock"
+        self.log = tmp / "broker.log"
+        self.args = [
+            sys.executable,
+            "-m",
+            "jupyter_singularity.cli",
+            "broker",
+            f"--socket={self.socket}",
+            f"--devices={devices}",
+            f"--SingularityBroker.spill_dir={tmp / 'spill'}",
+            f"--SingularityBroker.db_url=sqlite:///{tmp / 'ledger.sqlite'}",
+            "--SingularityBroker.metrics_address=",
+            "--log-level=WARN",
+        ]
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> float:
+        """Start it; returns when (time.monotonic) the process was started."""
+        started = time.monotonic()
+        with self.log.open("a") as out:
+            self.process = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT)
+        return started
+
+    def failed(self) -> str | None:
+        """Its log, if the process ended."""
+        ended = self.process is not None and self.process.poll() is not None
+        return self.log.read_text() if ended else None
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+
 @asynccontextmanager
 async def node_pool(devices: str = "simulated:1x16GiB") -> AsyncIterator[NodePool]:
     """A node broker process (``jupyter singularity broker``), joined as a server joins it: kernels
     started with ``singularity-provisioner`` go through it."""
     with tempfile.TemporaryDirectory(prefix="sgbench-") as tmp:
-        socket = Path(tmp) / "broker.sock"
-        broker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jupyter_singularity.cli",
-                "broker",
-                f"--socket={socket}",
-                f"--devices={devices}",
-                f"--SingularityBroker.spill_dir={Path(tmp) / 'spill'}",
-                f"--SingularityBroker.db_url=sqlite:///{Path(tmp) / 'ledger.sqlite'}",
-                "--SingularityBroker.metrics_address=",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        broker = NodeBrokerProcess(Path(tmp), devices)
+        broker.start()
         try:
-            while not socket.exists():
-                if broker.poll() is not None:
-                    raise RuntimeError("the node broker did not start")
+            while not broker.socket.exists():
+                if (log := broker.failed()) is not None:
+                    raise RuntimeError("the node broker did not start:\n" + log)
                 await asyncio.sleep(0.05)
-            pool = NodePool(socket, logging.getLogger("bench"))
+            pool = NodePool(broker.socket, logging.getLogger("bench"))
             await pool.start()
             SingularityProvisioner.pool = pool
             try:
@@ -82,5 +113,4 @@ async def node_pool(devices: str = "simulated:1x16GiB") -> AsyncIterator[NodePoo
                 SingularityProvisioner.pool = None
                 await pool.stop()
         finally:
-            broker.send_signal(signal.SIGTERM)
-            broker.wait(timeout=30)
+            broker.stop()

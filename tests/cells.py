@@ -123,3 +123,21 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s (last result: {result!r})")
         await asyncio.sleep(interval)
+
+
+def tensor_state(seed: int, storages: int) -> str:
+    """A cell that makes ``storages`` tensors of 4 MiB from ``seed`` (the kernel's "GPU" state on
+    simulated devices), defines ``digest()`` of every byte of them and prints it."""
+    return f"""
+import ctypes, hashlib, torch
+torch.manual_seed({seed})
+xs = [torch.randn(2**20) for _ in range({storages})]
+
+def digest():
+    h = hashlib.sha256()
+    for x in xs:
+        h.update(ctypes.string_at(x.data_ptr(), x.numel() * x.element_size()))
+    return h.hexdigest()
+
+print("digest", digest())
+"""

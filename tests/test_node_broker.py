@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from cells import tensor_state
 from servers import TOKEN, api, jupyter_server, node_broker, run_in_kernel
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
@@ -26,19 +27,7 @@ from jupyter_singularity.server.events import schema_id
 MiB = 1 << 20
 
 # ~150 MiB of "GPU" state: one kernel's fits the 256 MiB device, two do not.
-STATE = """
-import ctypes, hashlib, os, torch
-torch.manual_seed({seed})
-xs = [torch.randn(2**20) for _ in range(36)]
-
-def digest():
-    h = hashlib.sha256()
-    for x in xs:
-        h.update(ctypes.string_at(x.data_ptr(), x.numel() * x.element_size()))
-    return h.hexdigest()
-
-print("digest", digest())
-"""
+STORAGES = 36
 
 
 def value(out: str, key: str) -> str:
@@ -87,13 +76,13 @@ async def test_two_servers_share_one_pool_through_the_node_broker(tmp_path: Path
         ):
             k1 = api(one.url, "api/kernels", "POST", {"name": "python3"})["id"]
             k2 = api(two.url, "api/kernels", "POST", {"name": "python3"})["id"]
-            status, out = await run_in_kernel(one.url, k1, STATE.format(seed=1), 120)
+            status, out = await run_in_kernel(one.url, k1, tensor_state(1, STORAGES), 120)
             assert status == "ok", out
             digest1 = value(out, "digest")
             events = await event_stream(one.url)
 
             # Server two's kernel needs the GPU kernel one holds: the node broker evicts it.
-            status, out = await run_in_kernel(two.url, k2, STATE.format(seed=2), 120)
+            status, out = await run_in_kernel(two.url, k2, tensor_state(2, STORAGES), 120)
             assert status == "ok", out
             digest2 = value(out, "digest")
             # Server one's browser hears of both: the node's state changes reach every server.

@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from cells import cell_messages, cell_text, record_of, wait_for
+from cells import cell_messages, cell_text, record_of, tensor_state, wait_for
 from servers import TOKEN, api, jupyter_server, node_broker
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
@@ -27,19 +27,7 @@ MiB = 1 << 20
 AWAY = "the GPU pool's broker is not answering"
 
 # 48 MiB of "GPU" state in 12 storages, and a digest of every byte of it.
-STATE = """
-import ctypes, hashlib, os, time, torch
-torch.manual_seed({seed})
-xs = [torch.randn(2**20) for _ in range(12)]
-
-def digest():
-    h = hashlib.sha256()
-    for x in xs:
-        h.update(ctypes.string_at(x.data_ptr(), x.numel() * x.element_size()))
-    return h.hexdigest()
-
-print("digest", digest())
-"""
+STORAGES = 12
 
 
 class Kernels:
@@ -129,7 +117,7 @@ async def test_kill_9_of_the_node_broker_loses_nothing_and_waiting_cells_run(tmp
         in_host, on_disk, runner = (kernels.start() for _ in range(3))
         digests = {}
         for seed, kernel_id in enumerate((in_host, on_disk, runner)):
-            status, text = await kernels.cell(kernel_id, STATE.format(seed=seed))
+            status, text = await kernels.cell(kernel_id, tensor_state(seed, STORAGES))
             assert status == "ok", text
             digests[kernel_id] = digest_of(text)
         # Each cell evicted the kernel before it: the first went to host memory, which its state
@@ -140,7 +128,7 @@ async def test_kill_9_of_the_node_broker_loses_nothing_and_waiting_cells_run(tmp
         assert spill_files, "the spilled kernel has no spill files"
 
         long_cell = asyncio.ensure_future(
-            kernels.cell(runner, "time.sleep(25)\nprint('runner', digest())")
+            kernels.cell(runner, "import time\ntime.sleep(25)\nprint('runner', digest())")
         )
         await kernels.state(runner, "running")
         waited: list[dict] = []
@@ -229,7 +217,7 @@ async def test_a_server_started_while_the_node_broker_is_down_waits_for_it(tmp_p
         kernel_id, shut_down = kernels.start(), kernels.start()
         kernels.shut_down(shut_down)
         seen: list[dict] = []
-        cell = asyncio.ensure_future(kernels.cell(kernel_id, STATE.format(seed=7), seen=seen))
+        cell = asyncio.ensure_future(kernels.cell(kernel_id, tensor_state(7, STORAGES), seen=seen))
         await shows_the_away_line(seen, cell)
 
         broker.start()
