@@ -3,30 +3,15 @@ is given), optionally run as another Unix user, and the REST and cell helpers th
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.error
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-from servers import REPO_ROOT, TOKEN, api, free_port
+from servers import Server, jupyter_server
 
 
-@dataclass
-class PoolServer:
-    url: str
-    process: subprocess.Popen
-    log: Path
-
-    def api(self, path: str, method: str = "GET", body: dict | None = None) -> dict:
-        return api(self.url, path, method, body)
-
+class PoolServer(Server):
     def start_kernel(self, timeout: float = 120) -> str:
         kernel_id = self.api("api/kernels", "POST", {"name": "python3"})["id"]
         deadline = time.monotonic() + timeout
@@ -49,9 +34,6 @@ class PoolServer:
             assert time.monotonic() < deadline, f"kernel {kernel_id} stayed {record['state']}"
             time.sleep(0.02)
 
-    def log_tail(self, lines: int = 80) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
 
 @contextmanager
 def pool_server(
@@ -63,76 +45,26 @@ def pool_server(
     pythonpath: str | None = None,
 ) -> Iterator[PoolServer]:
     """``python -m jupyter_server`` with the pool on ``devices`` in ``directory`` (made, and given
-    to ``user`` when one is named: the server and its kernels then run as that uid). Stopped with
-    SIGINT at the end."""
+    to ``user`` when one is named: the server and its kernels then run as that uid), with Jupyter's
+    and IPython's folders of its own inside it."""
     directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    path = pythonpath or str(REPO_ROOT)
-    environment = {
-        **os.environ,
-        **(env or {}),
-        "JUPYTER_RUNTIME_DIR": str(directory / "runtime"),
+    own_dirs = {
         "JUPYTER_DATA_DIR": str(directory / "data"),
         "JUPYTER_CONFIG_DIR": str(directory / "config"),
         "IPYTHONDIR": str(directory / "ipython"),
         "HOME": str(directory),
-        "PYTHONPATH": os.pathsep.join(filter(None, [path, os.environ.get("PYTHONPATH")])),
         "PYTHONUNBUFFERED": "1",
     }
-    if user is not None:
-        for item in [directory, *directory.rglob("*")]:
-            os.chown(item, user, -1)
-    log_path = directory / "server.log"
-    log = log_path.open("w")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jupyter_server",
-            "--no-browser",
-            "--allow-root",
-            f"--port={port}",
-            f"--IdentityProvider.token={TOKEN}",
-            f"--ServerApp.root_dir={directory}",
-            "--ServerApp.jpserver_extensions=jupyter_singularity=True",
-            f"--SingularityApp.devices={devices}",
-            f"--SingularityApp.db_url=sqlite:///{directory / 'ledger.sqlite'}",
-            f"--SingularityApp.spill_dir={directory / 'spill'}",
-            *settings,
-        ],
-        env=environment,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=directory,
+    with jupyter_server(
+        directory,
+        directory / "ledger.sqlite",
+        f"--SingularityApp.spill_dir={directory / 'spill'}",
+        *settings,
+        devices=devices,
+        env={**(env or {}), **own_dirs},
         user=user,
-        group=None if user is None else _primary_group(user),
-        extra_groups=None if user is None else [],
-        start_new_session=True,
-    )
-    server = PoolServer(f"http://127.0.0.1:{port}/", process, log_path)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                server.api("singularity/api/pool")
-                break
-            except (OSError, urllib.error.URLError):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("the server did not start:\n" + server.log_tail())
-                time.sleep(0.2)
-        yield server
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        log.close()
-
-
-def _primary_group(uid: int) -> int:
-    import pwd
-
-    return pwd.getpwuid(uid).pw_gid
+        pythonpath=pythonpath,
+        log_name="server.log",
+        start_timeout=120,
+    ) as server:
+        yield PoolServer(server.url, server.process, server.log)

@@ -38,6 +38,12 @@ class Server:
     process: subprocess.Popen
     log: Path
 
+    def api(self, path: str, method: str = "GET", body: dict | None = None) -> dict:
+        return api(self.url, path, method, body)
+
+    def log_tail(self, lines: int = 80) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
 
 @contextmanager
 def jupyter_server(
@@ -46,17 +52,30 @@ def jupyter_server(
     *settings: str,
     devices: str = "simulated:1x16GiB",
     ready: str = "singularity/api/pool",
+    env: dict[str, str] | None = None,
+    user: int | None = None,
+    pythonpath: str | None = None,
+    log_name: str | None = None,
+    start_timeout: float = 60,
 ) -> Iterator[Server]:
-    """A ``jupyter server`` subprocess with the pool; ``settings`` are more command-line options.
-    It counts as started once ``ready`` answers, and is stopped with SIGINT at the end unless the
-    test killed it already."""
+    """A ``jupyter server`` subprocess with the pool; ``settings`` are more command-line options,
+    ``env`` more environment, ``pythonpath`` where it imports this package from (default: this
+    checkout). With ``user`` it runs as that uid (``tmp_path`` is given to it). It counts as
+    started once ``ready`` answers, and is stopped with SIGINT at the end (its kernels with it)
+    unless the test killed it already."""
     port = free_port()
-    env = {
+    environment = {
         **os.environ,
         "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        **(env or {}),
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [pythonpath or str(REPO_ROOT), os.environ.get("PYTHONPATH")])
+        ),
     }
-    log_path = tmp_path / f"server-{port}.log"
+    if user is not None:
+        for item in [tmp_path, *tmp_path.rglob("*")]:
+            os.chown(item, user, -1)
+    log_path = tmp_path / (log_name or f"server-{port}.log")
     log = log_path.open("w")
     process = subprocess.Popen(
         [
@@ -73,31 +92,42 @@ def jupyter_server(
             f"--SingularityApp.db_url=sqlite:///{db}",
             *settings,
         ],
-        env=env,
+        env=environment,
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=tmp_path,
+        user=user,
+        group=None if user is None else _primary_group(user),
+        extra_groups=None if user is None else [],
+        start_new_session=True,
     )
-    url = f"http://127.0.0.1:{port}/"
+    server = Server(f"http://127.0.0.1:{port}/", process, log_path)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + start_timeout
         while True:
             try:
-                api(url, ready)
+                server.api(ready)
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("server did not start:\n" + log_path.read_text())
+                    pytest.fail("the server did not start:\n" + server.log_tail())
                 time.sleep(0.2)
-        yield Server(url, process, log_path)
+        yield server
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
         log.close()
+
+
+def _primary_group(uid: int) -> int:
+    import pwd
+
+    return pwd.getpwuid(uid).pw_gid
 
 
 def api(url: str, path: str, method: str = "GET", body: dict | None = None) -> dict:
