@@ -205,7 +205,7 @@ async def run(n: int, warmup: int, small: int, large: int, rounds: int, mib: int
             moved = service.ledger.state_changes(
                 since=set_up, until=time.time(), states=["offloading"]
             )
-            assert not moved, f"a kernel of a comparison was offloaded: {moved}"
+            assert not moved, f"a kernel of a comparison was offloaded ({moved[-1]['reason']})"
         finally:
             for manager, client in kernels.values():
                 client.stop_channels()
