@@ -78,6 +78,13 @@ class Allowance:
             self.revoked = self.revoked or reason
             self._cv.notify_all()
 
+    def settle(self) -> str:
+        """Wait until the allowance opens (the grant) or is revoked; the revocation's reason."""
+        with self._cv:
+            while not (self._open or self.revoked):
+                self._cv.wait()
+            return self.revoked
+
     def wait_for(self, nbytes: int) -> None:
         """Return once ``nbytes`` may be on the device; raise RoomRevoked if revoked first."""
         with self._cv:
@@ -141,6 +148,8 @@ class CellRestores:
             if early is not None:
                 early[0].revoke(str(revoke))
             return
+        if early is not None and not early[1].is_alive():
+            early = self._early_restore = None  # an earlier swap's, over
         nbytes = body.get("bytes")
         if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
             return
@@ -160,11 +169,12 @@ class CellRestores:
 
     def _restore_early(self, allowance: Allowance) -> None:
         """Restore within the allowance; stopped, everything refilled is freed again and the
-        broker hears that the room is back."""
-        engine = None
+        broker hears that the room is back. Done before the grant, it waits for the grant; a
+        revocation then offloads the state again (outside the lock meanwhile: a rejoining
+        broker asks the kernel's holdings under it)."""
+        engine = self.get_engine()
         try:
             with self.lock:
-                engine = self.get_engine()
                 if engine is None or not engine.offloaded or allowance.revoked:
                     return
                 self.state = "restoring"
@@ -178,9 +188,22 @@ class CellRestores:
                 record = self._record_transfer("restore", transfer, "swap")
                 self.footprint.known(transfer.nbytes)
             self._transitioned(record)
+            if allowance.settle():
+                self._offload_again(engine)
         finally:
             if engine is not None and engine.offloaded:
                 self._send("room_returned", {})
+
+    def _offload_again(self, engine: Any) -> None:
+        with self.lock:
+            if self.lease is not None or engine.offloaded:
+                return  # granted meanwhile: the room is booked for it now
+            try:
+                engine.offload()
+            except Exception as err:
+                log.error("jupyter-singularity: could not give back the room restored: %s", err)
+            else:
+                self.state = "offloaded"
 
     def finish_early_restore(self, give_back: bool) -> None:
         """End the early restore, if one runs: let it finish (the grant came) or stop it and wait
