@@ -89,7 +89,7 @@ from .spill import (
 if TYPE_CHECKING:
     import torch
 
-    from .swap import RoomGiver
+    from .swap import RoomReport
 
 Progress = Callable[[int, int], None]
 
@@ -255,6 +255,12 @@ class _Tape:
             self.buffers[-1].used = end - self.starts[-1]
         self.end = end
 
+    @property
+    def memory_end(self) -> int:
+        """Where the buffers in memory end (the spill file an offload writes lies past them)."""
+        spilled = self.buffers and self.buffers[-1].tensor is None
+        return self.starts[-1] if spilled else self.end
+
     def pieces(self, offset: int, nbytes: int) -> Iterator[tuple[torch.Tensor, int, int]]:
         """(host slice, offset in the storage, length) for the tape range of one storage."""
         index = bisect.bisect_right(self.starts, offset) - 1
@@ -372,7 +378,7 @@ class TensorEngine:
         progress: Progress | None = None,
         host_limit: int | None = None,
         directory: Path | None = None,
-        room: RoomGiver | None = None,
+        swap: RoomReport | None = None,
     ) -> Transfer:
         """Copy every device storage to host memory, then free it on the device.
 
@@ -383,8 +389,8 @@ class TensorEngine:
         Copies start while the scan still runs, into the pool kept from the last offload, so on
         CUDA the copy engines overlap the Python scan; what does not fit is copied after it.
         ``progress(done, total)`` is called once the total is known, then after each storage.
-        With ``room`` (a swap, :mod:`.swap`) each storage is freed as soon as its copy is done,
-        after the scan and the spill file, and ``room`` hears of every byte freed.
+        With ``swap`` (:mod:`.swap`) each storage is freed as soon as its copy is done, after
+        the scan and the spill file, and ``swap`` hears of every byte freed.
         """
         with self._lock:
             if self._offloaded:
@@ -405,7 +411,7 @@ class TensorEngine:
                 with torch.no_grad():
                     found, later = _Scan(), []
                     for storage in self._find(torch, found, stop_if_unsafe=True):
-                        if room is None and tape.end - _end(slots) >= storage.nbytes():
+                        if swap is None and tape.end - _end(slots) >= storage.nbytes():
                             self._copy_out(torch, tape, slots, storage, idle)
                         else:
                             later.append(storage)
@@ -421,7 +427,7 @@ class TensorEngine:
                     if progress is not None:
                         progress(done, moved)
                     for storage in later:
-                        self._copy_out(torch, tape, slots, storage, idle, copy=room is None)
+                        self._copy_out(torch, tape, slots, storage, idle, copy=swap is None)
                         done += storage.nbytes()
                         if progress is not None:
                             progress(done, moved)
@@ -438,7 +444,7 @@ class TensorEngine:
                 raise OffloadError(
                     f"offload failed while copying to host, nothing was changed: {exc}"
                 ) from exc
-            self._shrink(torch, slots, tape, new_chunks, room)
+            self._shrink(torch, slots, tape, new_chunks, swap)
             self._commit_offload(tape, slots, new_chunks)
             self._release_device(torch)
             return Transfer(
@@ -903,28 +909,28 @@ class TensorEngine:
         slots: list[_Slot],
         tape: _Tape,
         new_chunks: list[torch.Tensor],
-        room: RoomGiver | None = None,
+        swap: RoomReport | None = None,
     ) -> None:
         """Free every device storage; if one cannot be freed, bring the freed ones back. With
-        ``room``, copy each to the tape first and report the bytes freed; a failure then waits
-        for ``room`` to say that the room freed so far is back before refilling it."""
+        ``swap``, copy each to the tape first and report the bytes freed; a failure then waits
+        for ``swap`` to say that the room freed so far is back before refilling it."""
         shrunk: list[_Slot] = []
         freed = 0
         try:
             for slot in slots:
-                if room is not None:
+                if swap is not None:
                     _copy_to_tape(torch, tape, slot)
                     self._synchronize(torch, [slot])
                 _resize(slot.storage, 0)
                 shrunk.append(slot)
-                if room is not None:
+                if swap is not None:
                     freed += slot.nbytes
-                    room.freed(freed)
+                    swap.freed(freed)
         except Exception as exc:
             spilled = [buffer for buffer in tape.buffers if buffer.spill is not None]
             try:
-                if room is not None and shrunk:
-                    room.wait_room_back()
+                if swap is not None and shrunk:
+                    swap.wait_room_back()
                 for buffer in spilled:  # what went straight to disk comes back through memory
                     self._load(buffer)
                 self._bring_back(torch, shrunk, tape, None, 0)
@@ -1014,7 +1020,7 @@ class TensorEngine:
 def _copy_to_tape(torch: Any, tape: _Tape, slot: _Slot) -> None:
     """Start copying a storage's bytes to its place on the tape (those past the tape's end go
     to disk, written by _write_rest)."""
-    on_host = min(slot.nbytes, tape.end - slot.offset)
+    on_host = min(slot.nbytes, tape.memory_end - slot.offset)
     if on_host > 0:
         device_bytes = _bytes_of(torch, slot.storage)
         for host, start, length in tape.pieces(slot.offset, on_host):

@@ -185,7 +185,7 @@ class BrokerPushes:
                 transfer = engine.offload(
                     host_limit=None if host_limit is None else int(host_limit),
                     directory=None if directory is None else Path(str(directory)),
-                    room=room,
+                    swap=room,
                 )
             except Exception as err:
                 from .offload import HostFullError  # (imported with the engine)
