@@ -147,3 +147,41 @@ async def test_the_incoming_kernel_dying_mid_restore_costs_the_victim_nothing(
 
     assert await digest_of(run, victim) == victim_digest
     no_booking_leaked(await get_pool())
+
+
+@pytest.mark.parametrize("singularity_devices", ["simulated:1x512MiB"])
+async def test_two_victims_make_room_together(
+    start_kernel, wait_in_pool, run, state, get_pool, singularity_devices
+):
+    """The incoming kernel asks for nearly the whole device: both resident kernels are evicted,
+    and it restores into the room the two free together."""
+    incoming, first, second = await start_kernel(), await start_kernel(), await start_kernel()
+    await wait_in_pool([incoming, first, second])
+    digests = {}
+    for kernel_id, seed, memory, storages in (
+        (incoming, 1, "400MiB", 24),
+        (first, 2, "200MiB", 12),
+        (second, 3, "200MiB", 12),
+    ):
+        status, out, _ = await run(
+            kernel_id, f"%%singularity --memory {memory}\n{tensor_state(seed, storages)}"
+        )
+        assert status == "ok", out
+        digests[kernel_id] = out.split("digest")[-1].strip()
+    await state(incoming, "offloaded", timeout=60)
+    for victim in (first, second):
+        await state(victim, "resident", timeout=60)
+        status, out, _ = await run(victim, f"%%singularity --memory 100MiB\n{SLOW_COPIES}")
+        assert status == "ok", out
+
+    status, out, _ = await run(
+        incoming, "%%singularity --memory 500MiB\nprint('digest', digest())", timeout=120
+    )
+    assert status == "ok" and out.split("digest")[-1].strip() == digests[incoming], out
+    assert "('restore', 'swap', False)" in await transfers(run, incoming)
+    for victim in (first, second):
+        log = await transfers(run, victim)
+        assert f"('offload', 'making room for kernel {incoming[:8]}', False)" in log, log
+    for kernel_id, digest in digests.items():
+        assert await digest_of(run, kernel_id) == digest
+    no_booking_leaked(await get_pool())

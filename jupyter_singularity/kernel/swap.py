@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .damage import restore_failure
@@ -123,6 +124,15 @@ class RoomReport:
             log.warning("jupyter-singularity: the room freed was not confirmed back: %s", reply)
 
 
+@dataclass
+class EarlyRestore:
+    """The early restore under way in this kernel, and its record once it restored everything."""
+
+    allowance: Allowance
+    thread: threading.Thread | None = None
+    record: TransferRecord | None = None
+
+
 class CellRestores:
     """A mixin of :class:`~.runtime.Runtime`: the early restore of a swap and the restore a cell's
     grant asks for (see the module docstring)."""
@@ -138,7 +148,7 @@ class CellRestores:
     _device_bytes: Callable[..., int]
     _record_transfer: Callable[..., TransferRecord]
     _transitioned: Callable[[TransferRecord], None]
-    _early_restore: tuple[Allowance, threading.Thread] | None = None
+    _early_restore: EarlyRestore | None = None
 
     def on_room(self, body: dict) -> None:
         """The broker passes on room a victim freed (``bytes``), or takes it back (``revoke``)."""
@@ -146,9 +156,9 @@ class CellRestores:
         early = self._early_restore
         if revoke:
             if early is not None:
-                early[0].revoke(str(revoke))
+                early.allowance.revoke(str(revoke))
             return
-        if early is not None and not early[1].is_alive():
+        if early is not None and early.thread is not None and not early.thread.is_alive():
             early = self._early_restore = None  # an earlier swap's, over
         nbytes = body.get("bytes")
         if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
@@ -159,20 +169,19 @@ class CellRestores:
                 return
             if engine.disk_bytes or engine.damage is not None:
                 return  # spilled state is read back after the grant, within the host budget
-            allowance = Allowance()
-            thread = threading.Thread(
-                target=self._restore_early, args=(allowance,), name="singularity-early-restore"
+            early = self._early_restore = EarlyRestore(Allowance())
+            early.thread = threading.Thread(
+                target=self._restore_early, args=(early,), name="singularity-early-restore"
             )
-            self._early_restore = early = (allowance, thread)
-            thread.start()
-        early[0].grow(nbytes)
+            early.thread.start()
+        early.allowance.grow(nbytes)
 
-    def _restore_early(self, allowance: Allowance) -> None:
+    def _restore_early(self, early: EarlyRestore) -> None:
         """Restore within the allowance; stopped, everything refilled is freed again and the
         broker hears that the room is back. Done before the grant, it waits for the grant; a
         revocation then offloads the state again (outside the lock meanwhile: a rejoining
         broker asks the kernel's holdings under it)."""
-        engine = self.get_engine()
+        engine, allowance = self.get_engine(), early.allowance
         try:
             with self.lock:
                 if engine is None or not engine.offloaded or allowance.revoked:
@@ -185,9 +194,9 @@ class CellRestores:
                     if not allowance.revoked:
                         log.warning("jupyter-singularity: early restore stopped: %s", err)
                     return
-                record = self._record_transfer("restore", transfer, "swap")
+                early.record = self._record_transfer("restore", transfer, "swap")
                 self.footprint.known(transfer.nbytes)
-            self._transitioned(record)
+            self._transitioned(early.record)
             if allowance.settle():
                 self._offload_again(engine)
         finally:
@@ -205,31 +214,36 @@ class CellRestores:
             else:
                 self.state = "offloaded"
 
-    def finish_early_restore(self, give_back: bool) -> None:
+    def finish_early_restore(self, give_back: bool) -> TransferRecord | None:
         """End the early restore, if one runs: let it finish (the grant came) or stop it and wait
         until it gave its room back (``give_back``: the cell stopped waiting, or another move of
-        the state comes)."""
+        the state comes). Returns its record if it restored everything and the grant came."""
         early, self._early_restore = self._early_restore, None
-        if early is None:
-            return
-        allowance, thread = early
+        if early is None or early.thread is None:
+            return None
         if give_back:
-            allowance.revoke("the early restore is no longer wanted")
+            early.allowance.revoke("the early restore is no longer wanted")
         else:
-            allowance.open()
-        thread.join()
+            early.allowance.open()
+        early.thread.join()
+        return None if give_back else early.record
 
     def _restore_for_cell(self, lease: Lease, waiting: Waiting, line: WaitLine) -> None:
         """Bring the kernel's state back before the cell runs (the grant's ``restore``)."""
-        self.finish_early_restore(give_back=False)
+        early = self.finish_early_restore(give_back=False)
         engine = self.get_engine()
         offloaded = engine is not None and engine.offloaded
         if not (lease.restore or offloaded):
             return
         with self.lock:
+            if early is not None and not engine.offloaded:  # restored early, in a swap
+                self.state = "running"
+                self._send(
+                    "restored", {"gpu_bytes": self._device_bytes(), "transfer": early.to_dict()}
+                )
+                return
             if not offloaded:
-                # Restored early (a swap), or the broker believes the state is off the device but
-                # nothing of it is held here.
+                # The broker believes the state is off the device, but nothing of it is held here.
                 self._send("restored", {"gpu_bytes": self._device_bytes(force=True)})
                 return
             source = (
