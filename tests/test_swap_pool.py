@@ -151,7 +151,7 @@ async def test_the_incoming_kernel_dying_mid_restore_costs_the_victim_nothing(
 
 @pytest.mark.parametrize("singularity_devices", ["simulated:1x512MiB"])
 async def test_two_victims_make_room_together(
-    start_kernel, wait_in_pool, run, state, get_pool, singularity_devices
+    start_kernel, wait_in_pool, run, state, get_pool, jp_fetch, singularity_devices
 ):
     """The incoming kernel asks for nearly the whole device: both resident kernels are evicted,
     and it restores into the room the two free together."""
@@ -159,15 +159,16 @@ async def test_two_victims_make_room_together(
     await wait_in_pool([incoming, first, second])
     digests = {}
     for kernel_id, seed, memory, storages in (
-        (incoming, 1, "400MiB", 24),
-        (first, 2, "200MiB", 12),
-        (second, 3, "200MiB", 12),
+        (incoming, 1, "100MiB", 24),
+        (first, 2, "100MiB", 12),
+        (second, 3, "100MiB", 12),
     ):
         status, out, _ = await run(
             kernel_id, f"%%singularity --memory {memory}\n{tensor_state(seed, storages)}"
         )
         assert status == "ok", out
         digests[kernel_id] = out.split("digest")[-1].strip()
+    await jp_fetch("singularity", "api", "kernels", incoming, "offload", method="POST", body="")
     await state(incoming, "offloaded", timeout=60)
     for victim in (first, second):
         await state(victim, "resident", timeout=60)
