@@ -237,6 +237,8 @@ class CellRestores:
             return
         with self.lock:
             if early is not None and not engine.offloaded:  # restored early, in a swap
+                line.restoring(early.nbytes, "host")
+                line.progress(early.nbytes, early.nbytes)
                 self.state = "running"
                 self._send(
                     "restored", {"gpu_bytes": self._device_bytes(), "transfer": early.to_dict()}
