@@ -134,6 +134,8 @@ class SwapRoom:
         swap = table.get(kernel_id)
         if swap is None or kernel_id not in swap.victims or swap.revoked:
             return
+        # Never more than the core booked for the victim: its word is all the broker has.
+        nbytes = min(nbytes, self.core.kernels[kernel_id].booking())
         swap.freed[kernel_id] = max(swap.freed.get(kernel_id, 0), nbytes)
         if not self._claims(swap):
             self._revoke(swap, "the request no longer claims this GPU")
