@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 
 from test_offload import MIB, MIN_BYTES, raw  # noqa: E402
 
-from jupyter_singularity.kernel import offload  # noqa: E402
+from jupyter_singularity.kernel import cuda_probes, offload  # noqa: E402
 from jupyter_singularity.kernel.offload import TensorEngine  # noqa: E402
 
 #: The most the stand-in host allocator pins at a time.
@@ -145,16 +145,16 @@ def test_the_allocator_snapshot_leaves_the_stack_traces_out() -> None:
         return [{"address": 4096, "total_size": 2048}, {"address": 0, "total_size": 1024}]
 
     cuda = SimpleNamespace(get_allocator_backend=lambda: "native", memory_snapshot=memory_snapshot)
-    assert offload._allocator_segments(SimpleNamespace(cuda=cuda)) == [(0, 1024), (4096, 6144)]
+    assert cuda_probes.allocator_segments(SimpleNamespace(cuda=cuda)) == [(0, 1024), (4096, 6144)]
     assert asked == [{"include_traces": False}]
 
     def older_snapshot(mempool_id: object = None) -> list[dict]:  # torch before include_traces
         return [{"address": 0, "total_size": 1024}]
 
     cuda.memory_snapshot = older_snapshot
-    assert offload._allocator_segments(SimpleNamespace(cuda=cuda)) == [(0, 1024)]
+    assert cuda_probes.allocator_segments(SimpleNamespace(cuda=cuda)) == [(0, 1024)]
     cuda.get_allocator_backend = lambda: "cudaMallocAsync"
-    assert offload._allocator_segments(SimpleNamespace(cuda=cuda)) is None
+    assert cuda_probes.allocator_segments(SimpleNamespace(cuda=cuda)) is None
 
 
 class FakeCuda:
@@ -192,8 +192,8 @@ def test_a_capture_on_another_threads_stream_is_found() -> None:
 
         def offload_thread() -> None:
             found["own stream only"] = cuda.is_current_stream_capturing()
-            found["every live stream"] = offload._capture_in_progress(fake_torch, [other, side])
-            found["without that stream"] = offload._capture_in_progress(fake_torch, [other])
+            found["every live stream"] = cuda_probes.capture_in_progress(fake_torch, [other, side])
+            found["without that stream"] = cuda_probes.capture_in_progress(fake_torch, [other])
             found["left current"] = cuda.current() == "default"
 
         thread = threading.Thread(target=offload_thread)

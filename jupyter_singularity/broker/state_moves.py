@@ -17,13 +17,14 @@ from ..units import format_size
 from .checkpoint import CheckpointError, DriverCapability, DriverCheckpointer
 from .kernel_requests import KernelConnection
 from .model import Action, Grant, Offload, Spill
+from .swaps import SwapRoom
 
 if TYPE_CHECKING:
     from .core import BrokerCore
     from .rpc import RPCServer
 
 
-class StateMoves:
+class StateMoves(SwapRoom):
     """Offload, spill and restore, tensor tier and driver tier (see the module docstring)."""
 
     core: BrokerCore
@@ -43,12 +44,14 @@ class StateMoves:
     async def _offload(self, action: Offload) -> None:
         """Ask the kernel to move its GPU state off the device, keeping at most ``host_limit``
         bytes in host memory and writing the rest to its spill directory; it answers with what
-        it moved where."""
+        it moved where. A victim making room for a waiting kernel frees it as it goes, for that
+        kernel to restore meanwhile (``room``, see .swaps)."""
         directory = self._spill_dir_of(action.kernel_id)
         body = {
             "reason": action.reason,
             "host_limit": action.host_limit,
             "directory": None if directory is None else str(directory),
+            "room": self._pair_swap(action),
         }
         try:
             reply = await self._rpc.request(
@@ -58,6 +61,12 @@ class StateMoves:
             reply = {
                 "error": f"kernel did not answer the offload request ({err or type(err).__name__})"
             }
+        try:
+            await self._offload_reported(action, reply)
+        finally:
+            self._victim_done(action.kernel_id)
+
+    async def _offload_reported(self, action: Offload, reply: dict) -> None:
         if action.kernel_id not in self.core.kernels:
             return
         now = self.clock()

@@ -57,7 +57,6 @@ from __future__ import annotations
 import bisect
 import ctypes
 import gc
-import inspect
 import logging
 import mmap
 import os
@@ -70,6 +69,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cuda_probes import (
+    allocator_segments,
+    capture_in_progress,
+    inside,
+    multiprocessing_shared,
+)
 from .lost import mark_lost
 from .spill import (
     Ranges,
@@ -83,6 +88,8 @@ from .spill import (
 
 if TYPE_CHECKING:
     import torch
+
+    from .swap import RoomReport
 
 Progress = Callable[[int, int], None]
 
@@ -248,6 +255,12 @@ class _Tape:
             self.buffers[-1].used = end - self.starts[-1]
         self.end = end
 
+    @property
+    def memory_end(self) -> int:
+        """Where the buffers in memory end (the spill file an offload writes lies past them)."""
+        spilled = self.buffers and self.buffers[-1].tensor is None
+        return self.starts[-1] if spilled else self.end
+
     def pieces(self, offset: int, nbytes: int) -> Iterator[tuple[torch.Tensor, int, int]]:
         """(host slice, offset in the storage, length) for the tape range of one storage."""
         index = bisect.bisect_right(self.starts, offset) - 1
@@ -365,6 +378,7 @@ class TensorEngine:
         progress: Progress | None = None,
         host_limit: int | None = None,
         directory: Path | None = None,
+        swap: RoomReport | None = None,
     ) -> Transfer:
         """Copy every device storage to host memory, then free it on the device.
 
@@ -375,6 +389,8 @@ class TensorEngine:
         Copies start while the scan still runs, into the pool kept from the last offload, so on
         CUDA the copy engines overlap the Python scan; what does not fit is copied after it.
         ``progress(done, total)`` is called once the total is known, then after each storage.
+        With ``swap`` (:mod:`.swap`) each storage is freed as soon as its copy is done, after
+        the scan and the spill file, and ``swap`` hears of every byte freed.
         """
         with self._lock:
             if self._offloaded:
@@ -395,7 +411,7 @@ class TensorEngine:
                 with torch.no_grad():
                     found, later = _Scan(), []
                     for storage in self._find(torch, found, stop_if_unsafe=True):
-                        if tape.end - _end(slots) >= storage.nbytes():
+                        if swap is None and tape.end - _end(slots) >= storage.nbytes():
                             self._copy_out(torch, tape, slots, storage, idle)
                         else:
                             later.append(storage)
@@ -411,7 +427,7 @@ class TensorEngine:
                     if progress is not None:
                         progress(done, moved)
                     for storage in later:
-                        self._copy_out(torch, tape, slots, storage, idle)
+                        self._copy_out(torch, tape, slots, storage, idle, copy=swap is None)
                         done += storage.nbytes()
                         if progress is not None:
                             progress(done, moved)
@@ -428,15 +444,20 @@ class TensorEngine:
                 raise OffloadError(
                     f"offload failed while copying to host, nothing was changed: {exc}"
                 ) from exc
-            self._shrink(torch, slots, tape, new_chunks)
+            self._shrink(torch, slots, tape, new_chunks, swap)
             self._commit_offload(tape, slots, new_chunks)
             self._release_device(torch)
             return Transfer(
                 moved, time.perf_counter() - started, len(slots), self._left_bytes(torch, slots)
             )
 
-    def restore(self, progress: Progress | None = None) -> Transfer:
-        """Bring every offloaded storage back, bit-identical; host copies go only after success."""
+    def restore(
+        self, progress: Progress | None = None, room: Callable[[int], None] | None = None
+    ) -> Transfer:
+        """Bring every offloaded storage back, bit-identical; host copies go only after success.
+        ``room(nbytes)`` is asked before each storage is reallocated, with the bytes back on the
+        device once it is: it waits until that much may be (a swap, :mod:`.swap`), or raises to
+        stop the restore, which then frees what it refilled."""
         with self._lock:
             if not self._offloaded:
                 return Transfer(0, 0.0, 0)
@@ -456,7 +477,7 @@ class TensorEngine:
             if spilled:
                 self._read_back(tape, progress, total)
             try:
-                self._bring_back(torch, self._slots, tape, progress, total)
+                self._bring_back(torch, self._slots, tape, progress, total, room)
             except Exception as exc:
                 raise OffloadError(
                     f"restore failed, the state stays offloaded with its host copy: {exc}"
@@ -580,7 +601,7 @@ class TensorEngine:
         device_type = "cpu" if self.simulated else "cuda"
         smallest = max(self.min_bytes, 1)
         seen = self._own_storages()
-        shared = _multiprocessing_shared()
+        shared = multiprocessing_shared()
         holders = _holder_types(torch)
         graph_type = None if self.simulated else torch.cuda.CUDAGraph
         stream_type = None if self.simulated else torch.cuda.Stream
@@ -598,11 +619,11 @@ class TensorEngine:
                 f"{graphs} live CUDA graph(s) (torch.cuda.CUDAGraph, also kept by torch.compile "
                 "mode='reduce-overhead'): they replay fixed device addresses; delete them first"
             )
-        if not self.simulated and _capture_in_progress(torch, streams):
+        if not self.simulated and capture_in_progress(torch, streams):
             found.refuse("a CUDA graph capture is in progress")
         if stop_if_unsafe and found.problems:
             return
-        segments = None if self.simulated else _allocator_segments(torch)
+        segments = None if self.simulated else allocator_segments(torch)
         for obj in candidates:
             for storage in _storages_held(torch, obj):
                 key = storage._cdata
@@ -623,7 +644,7 @@ class TensorEngine:
                         found.refuse(
                             "storage(s) torch does not own (from_blob / DLPack / IPC)", nbytes
                         )
-                elif segments is not None and not _inside(segments, storage.data_ptr()):
+                elif segments is not None and not inside(segments, storage.data_ptr()):
                     found.refuse(
                         "storage(s) outside torch's CUDA allocator (memory it cannot move)", nbytes
                     )
@@ -640,9 +661,16 @@ class TensorEngine:
     # -- host memory ------------------------------------------------------------------------
 
     def _copy_out(
-        self, torch: Any, tape: _Tape, slots: list[_Slot], storage: Any, idle: set[Any]
+        self,
+        torch: Any,
+        tape: _Tape,
+        slots: list[_Slot],
+        storage: Any,
+        idle: set[Any],
+        copy: bool = True,
     ) -> None:
-        """Start copying one storage to the next free place on the tape.
+        """Start copying one storage to the next free place on the tape (``copy=False``: only
+        give it its place, :meth:`_shrink` copies it).
 
         The first copy from a device waits for that device to finish what the last cell queued: a
         cell returns before its GPU work ends, and work on its own streams is not ordered with
@@ -652,11 +680,8 @@ class TensorEngine:
             idle.add(storage.device)
         slot = _Slot(storage, storage.nbytes(), _end(slots))
         slots.append(slot)
-        on_host = min(slot.nbytes, tape.end - slot.offset)  # the rest goes to disk
-        if on_host > 0:
-            device_bytes = _bytes_of(torch, storage)
-            for host, start, length in tape.pieces(slot.offset, on_host):
-                _copy(host, device_bytes[start : start + length])
+        if copy:
+            _copy_to_tape(torch, tape, slot)
 
     def _write_rest(self, torch: Any, tape: _Tape, slots: list[_Slot], directory: Path) -> None:
         """Write the tape's bytes past its host buffers to one spill file, read straight from the
@@ -879,17 +904,33 @@ class TensorEngine:
     # -- device side ------------------------------------------------------------------------
 
     def _shrink(
-        self, torch: Any, slots: list[_Slot], tape: _Tape, new_chunks: list[torch.Tensor]
+        self,
+        torch: Any,
+        slots: list[_Slot],
+        tape: _Tape,
+        new_chunks: list[torch.Tensor],
+        swap: RoomReport | None = None,
     ) -> None:
-        """Free every device storage; if one cannot be freed, bring the freed ones back."""
+        """Free every device storage; if one cannot be freed, bring the freed ones back. With
+        ``swap``, copy each to the tape first and report the bytes freed; a failure then waits
+        for ``swap`` to say that the room freed so far is back before refilling it."""
         shrunk: list[_Slot] = []
+        freed = 0
         try:
             for slot in slots:
+                if swap is not None:
+                    _copy_to_tape(torch, tape, slot)
+                    self._synchronize(torch, [slot])
                 _resize(slot.storage, 0)
                 shrunk.append(slot)
+                if swap is not None:
+                    freed += slot.nbytes
+                    swap.freed(freed)
         except Exception as exc:
             spilled = [buffer for buffer in tape.buffers if buffer.spill is not None]
             try:
+                if swap is not None and shrunk:
+                    swap.wait_room_back()
                 for buffer in spilled:  # what went straight to disk comes back through memory
                     self._load(buffer)
                 self._bring_back(torch, shrunk, tape, None, 0)
@@ -915,13 +956,18 @@ class TensorEngine:
         tape: _Tape,
         progress: Progress | None,
         total: int,
+        room: Callable[[int], None] | None = None,
     ) -> None:
         """Reallocate and refill ``slots``; on failure free the refilled ones again and raise."""
         restored: list[_Slot] = []
         done = total - sum(slot.nbytes for slot in slots)
+        back = 0
         try:
             with torch.no_grad():
                 for slot in slots:
+                    back += slot.nbytes
+                    if room is not None:
+                        room(back)
                     restored.append(slot)
                     _resize(slot.storage, slot.nbytes)
                     device_bytes = _bytes_of(torch, slot.storage)
@@ -969,6 +1015,16 @@ class TensorEngine:
             return 0
         devices = {slot.storage.device for slot in slots} or {torch.device("cuda")}
         return sum(torch.cuda.memory_allocated(device) for device in devices)
+
+
+def _copy_to_tape(torch: Any, tape: _Tape, slot: _Slot) -> None:
+    """Start copying a storage's bytes to its place on the tape (those past the tape's end go
+    to disk, written by _write_rest)."""
+    on_host = min(slot.nbytes, tape.memory_end - slot.offset)
+    if on_host > 0:
+        device_bytes = _bytes_of(torch, slot.storage)
+        for host, start, length in tape.pieces(slot.offset, on_host):
+            _copy(host, device_bytes[start : start + length])
 
 
 def _holder_types(torch: Any) -> tuple[type, ...]:
@@ -1072,56 +1128,6 @@ def _tape_bytes(
         at = high
     if end > at:
         yield memoryview(bytes(end - at))
-
-
-def _multiprocessing_shared() -> set[int]:
-    """Storages torch.multiprocessing has sent or received (CUDA IPC, CPU shared memory)."""
-    reductions = sys.modules.get("torch.multiprocessing.reductions")
-    if reductions is None:
-        return set()
-    return {ref.cdata for ref in list(reductions.shared_cache.values()) if not ref.expired()}
-
-
-def _allocator_segments(torch: Any) -> list[tuple[int, int]] | None:
-    """Address ranges of the native caching allocator's segments; None where it cannot say.
-
-    The snapshot is taken without the allocation history's stack traces where torch can leave
-    them out (``include_traces``, torch 2.10 and later): with history recording on, collecting
-    them costs far more than the offload itself."""
-    if torch.cuda.get_allocator_backend() != "native":
-        return None
-    snapshot = torch.cuda.memory_snapshot
-    try:
-        lean = "include_traces" in inspect.signature(snapshot).parameters
-    except (TypeError, ValueError):  # a builtin without a signature: the plain call
-        lean = False
-    segments = snapshot(include_traces=False) if lean else snapshot()
-    return sorted(
-        (segment["address"], segment["address"] + segment["total_size"]) for segment in segments
-    )
-
-
-def _capture_in_progress(torch: Any, streams: list[Any]) -> bool:
-    """Whether a CUDA graph is being captured on ``streams`` (the live torch.cuda.Stream objects)
-    or on this thread's current stream. A capture is a property of its stream; torch only asks
-    about the current one, so each stream is made current here (in this thread) in turn. A query
-    the driver refuses (cudaErrorStreamCaptureImplicit: the legacy stream asked while another
-    stream captures) counts as a capture."""
-    try:
-        if torch.cuda.is_current_stream_capturing():
-            return True
-        for stream in streams:
-            with torch.cuda.stream(stream):
-                if torch.cuda.is_current_stream_capturing():
-                    return True
-    except RuntimeError:
-        return True
-    return False
-
-
-def _inside(segments: list[tuple[int, int]], address: int) -> bool:
-    index = bisect.bisect_right(segments, (address, float("inf"))) - 1
-    return index >= 0 and segments[index][0] <= address < segments[index][1]
 
 
 def _mib(nbytes: int) -> str:

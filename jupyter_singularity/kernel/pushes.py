@@ -22,6 +22,7 @@ from .damage import restore_failure
 from .process_probes import nvml_process_bytes
 
 if TYPE_CHECKING:
+    from .client import BrokerClient
     from .footprint import Footprint
     from .runtime import Lease, Waiting
 
@@ -96,6 +97,9 @@ class BrokerPushes:
     _select_device: Callable[[dict], None]
     _cuda_torch: Callable[[], Any]
     _transitioned: Callable[[TransferRecord], None]
+    _send: Callable[[str, dict], None]
+    finish_early_restore: Callable[[bool], None]
+    client: BrokerClient
 
     def _residual_gpu_bytes(self, transfer: Any) -> int:
         """GPU memory this process still holds after an offload: the CUDA context, what the scan
@@ -155,8 +159,14 @@ class BrokerPushes:
     def on_offload(self, body: dict) -> dict:
         """Move the kernel's GPU state to host memory, at most ``host_limit`` bytes of it (null: no
         limit), and the rest straight to files in ``directory``; refuse (stay resident) when
-        unsafe, or with ``host_full`` when the rest cannot be written."""
+        unsafe, or with ``host_full`` when the rest cannot be written. With ``room`` another
+        kernel restores into what this frees as it frees it (a pipelined swap, see .swap)."""
         reason = str(body.get("reason") or "")
+        room = None
+        if body.get("room") is True:
+            from .swap import RoomReport  # (swap imports this module)
+
+            room = RoomReport(self._send, self.client.request)
         host_limit = body.get("host_limit")
         directory = body.get("directory")
         with self.lock:
@@ -175,6 +185,7 @@ class BrokerPushes:
                 transfer = engine.offload(
                     host_limit=None if host_limit is None else int(host_limit),
                     directory=None if directory is None else Path(str(directory)),
+                    swap=room,
                 )
             except Exception as err:
                 from .offload import HostFullError  # (imported with the engine)
@@ -205,6 +216,7 @@ class BrokerPushes:
     def on_restore(self, body: dict) -> dict:
         """An explicit restore (``%singularity restore``, REST): no cell is waiting for it."""
         device = body.get("device")
+        self.finish_early_restore(give_back=True)
         with self.lock:
             if isinstance(device, dict):
                 self.device = device
@@ -237,6 +249,7 @@ class BrokerPushes:
 
     def on_spill(self, body: dict) -> dict:
         """Move the host copy of the offloaded state to files in ``directory``."""
+        self.finish_early_restore(give_back=True)
         with self.lock:
             engine = self.get_engine()
             if engine is None or not engine.offloaded:

@@ -34,7 +34,6 @@ from typing import Any, ClassVar
 
 from ..protocol import ENV_NODE_BROKER, ENV_SIMULATED
 from .client import BrokerClient, BrokerError
-from .damage import restore_failure
 from .footprint import Footprint
 from .gate import (
     CudaInitGate,
@@ -53,6 +52,7 @@ from .membership import CANCEL_TIMEOUT, Membership, answer_of
 from .process_probes import cuda_driver_initialised
 from .pushes import BrokerPushes, TransferRecord
 from .relay import MainThreadRelay
+from .swap import CellRestores
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class Waiting:
     """The broker run it was sent in (``Membership.generation``)."""
 
 
-class Runtime(BrokerPushes):
+class Runtime(CellRestores, BrokerPushes):
     """One per kernel process: the broker client, the lease of the running cell, the engine."""
 
     current: ClassVar[Runtime | None] = None
@@ -198,6 +198,7 @@ class Runtime(BrokerPushes):
             ("offload", self.on_offload),
             ("restore", self.on_restore),
             ("spill", self.on_spill),
+            ("room", self.on_room),
             ("queued", self.on_queued),
         ):
             self.client.on(push, handler)
@@ -344,6 +345,7 @@ class Runtime(BrokerPushes):
                         )
                     return lease
             finally:
+                self.finish_early_restore(give_back=True)  # (no-op once granted)
                 self.waiting = None
                 line.close()
                 self.notify()
@@ -434,6 +436,7 @@ class Runtime(BrokerPushes):
         """The cell ended without reaching its gate (a syntax error, say): leave the queue, and
         give back a lease that was granted meanwhile, before any later acquire can be sent."""
         waiting, future = early
+        self.finish_early_restore(give_back=True)
         if self.waiting is waiting:
             self.waiting = None
         if future is None:
@@ -513,45 +516,6 @@ class Runtime(BrokerPushes):
         if self.simulated or not uuid_ or os.environ.get("CUDA_VISIBLE_DEVICES") == uuid_:
             return
         os.environ["CUDA_VISIBLE_DEVICES"] = uuid_
-
-    def _restore_for_cell(self, lease: Lease, waiting: Waiting, line: WaitLine) -> None:
-        """Bring the kernel's state back before the cell runs (the grant's ``restore``)."""
-        engine = self.get_engine()
-        offloaded = engine is not None and engine.offloaded
-        if not (lease.restore or offloaded):
-            return
-        with self.lock:
-            if not offloaded:
-                # The broker believes the state is off the device, but nothing of it is held here.
-                self._send("restored", {"gpu_bytes": self._device_bytes(force=True)})
-                return
-            source = (
-                ("host and " if engine.host_bytes else "") + "disk" if engine.disk_bytes else "host"
-            )
-            total = int(engine.host_bytes + engine.disk_bytes)
-            waiting.restoring = total
-            line.restoring(total, source)
-            self.state = "restoring"
-            self.notify()
-            started = time.perf_counter()
-            try:
-                transfer = engine.restore(progress=line.progress)
-            except Exception as err:
-                seconds = time.perf_counter() - started
-                self.lease = None
-                self.state = "error"
-                self._send("restore_failed", {"reason": str(err) or type(err).__name__})
-                message = restore_failure(err, engine, self.shell)
-                self._transitioned(TransferRecord("restore", 0, seconds, error=message))
-                raise RestoreFailed(message) from err
-            record = self._record_transfer("restore", transfer, "cell")
-            self.footprint.known(transfer.nbytes)
-            self.state = "running"
-            self._send(
-                "restored",
-                {"gpu_bytes": self._device_bytes(), "transfer": record.to_dict()},
-            )
-            self._transitioned(record)
 
     def _lease_started(self, lease: Lease) -> None:
         torch = self._cuda_torch()

@@ -1,0 +1,202 @@
+"""Pipelined swaps: the room an offloading victim frees goes at once to the kernel waiting for it.
+
+The core decides as before: a request claims a device, idle kernels there are offloaded, and the
+request is granted once their offloads are reported; the bookings and the ledger never see a
+swap. What changes is only when the bytes move. When an ``Offload`` makes room on the device that
+a queued request claims, and that request's kernel has its whole state in host memory (not on
+disk, not checkpointed by the driver), the victim is asked to free its storages one by one as
+their copies end and to report the bytes freed (``freed``); the broker passes the sum freed by the
+swap's victims to the incoming kernel (``room`` push, ``bytes``), which restores early within it
+(see :mod:`jupyter_singularity.kernel.swap`). The incoming kernel's device memory is thus never
+more than what the victims no longer use, within their bookings.
+
+A victim whose offload fails after freeing storages asks for its room back (``room_back``); the
+broker revokes the incoming kernel's room (``room`` push, ``revoke``) and answers once that kernel
+reported ``room_returned`` (its early restore undone), or left the pool, or after
+``offload_timeout``. The room is also revoked when, after a victim's report, the incoming kernel's
+request no longer claims the device (cancelled, denied, overtaken).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..protocol import MAX_STORED_BYTES, count_field
+from .model import KernelState, Offload
+
+if TYPE_CHECKING:
+    from .core import BrokerCore
+    from .kernel_requests import KernelConnection
+    from .rpc import RPCServer
+
+#: How often a victim waiting for its room back looks whether the incoming kernel is still there.
+RETURN_POLL = 0.1
+
+
+@dataclass
+class Swap:
+    """One incoming kernel and the victims making room for it on ``device``."""
+
+    incoming: str
+    device: int
+    freed: dict[str, int] = field(default_factory=dict)
+    """Bytes freed so far, by victim (those still offloading, and those done)."""
+    victims: set[str] = field(default_factory=set)
+    given: int = 0
+    """The room passed to the incoming kernel so far."""
+    revoked: str = ""
+    returned: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class SwapRoom:
+    """A mixin of :class:`~.service.BrokerService` (through StateMoves): see the module docstring."""
+
+    core: BrokerCore
+    log: logging.Logger
+    offload_timeout: float
+    _rpc: RPCServer
+    _connections: dict[str, KernelConnection]
+    _spawn: Callable[[Any], None]
+
+    def _swap_table(self) -> dict[str, Swap]:
+        """Each swap under way, by its incoming kernel and by each of its victims."""
+        table = self.__dict__.get("_swaps")
+        if table is None:
+            table = self.__dict__["_swaps"] = {}
+        return table
+
+    def _pair_swap(self, action: Offload) -> bool:
+        """Whether the victim of ``action`` makes room for a kernel that can restore meanwhile
+        (then it is asked to report what it frees)."""
+        incoming = self._incoming_on(action.device)
+        if incoming is None:
+            return False
+        table = self._swap_table()
+        swap = table.get(incoming)
+        if swap is None or swap.device != action.device:
+            if swap is not None and (swap.victims or (swap.given and not swap.returned.is_set())):
+                return False  # still tied to another device's room
+            swap = table[incoming] = Swap(incoming, action.device)
+        elif swap.revoked:
+            return False
+        swap.victims.add(action.kernel_id)
+        table[action.kernel_id] = swap
+        return True
+
+    def _incoming_on(self, device: int) -> str | None:
+        """The queued kernel whose request claims ``device`` and whose state is all in host
+        memory, ready to restore early."""
+        for kernel in self.core.kernels.values():
+            request = kernel.request
+            if (
+                request is not None
+                and request.claimed == device
+                and request.hold
+                and kernel.lease is None
+                and kernel.state == KernelState.QUEUED
+                and kernel.host_bytes
+                and not kernel.disk_bytes
+                and not kernel.gpu_bytes
+            ):
+                connection = self._connections.get(kernel.kernel_id)
+                if connection is not None and connection.checkpointed_uuid is None:
+                    return kernel.kernel_id
+                return None
+        return None
+
+    def _claims(self, swap: Swap) -> bool:
+        kernel = self.core.kernels.get(swap.incoming)
+        return (
+            kernel is not None
+            and kernel.request is not None
+            and kernel.request.claimed == swap.device
+        )
+
+    def _revoke(self, swap: Swap, reason: str) -> None:
+        if swap.revoked:
+            return
+        swap.revoked = reason
+        if swap.given:
+            self._spawn(self._rpc.push(swap.incoming, "room", {"revoke": reason}))
+        else:
+            swap.returned.set()  # it never had any
+
+    def _on_freed(
+        self, kernel_id: str, connection: KernelConnection, body: dict, now: float
+    ) -> None:
+        """A victim freed ``bytes`` so far: pass the swap's room on to the incoming kernel."""
+        nbytes = count_field(body, "bytes", MAX_STORED_BYTES)
+        table = self._swap_table()
+        swap = table.get(kernel_id)
+        if swap is None or kernel_id not in swap.victims or swap.revoked:
+            return
+        # Never more than the core booked for the victim: its word is all the broker has.
+        nbytes = min(nbytes, self.core.kernels[kernel_id].booking())
+        swap.freed[kernel_id] = max(swap.freed.get(kernel_id, 0), nbytes)
+        if not self._claims(swap):
+            self._revoke(swap, "the request no longer claims this GPU")
+            return
+        room = sum(swap.freed.values())
+        if room > swap.given:
+            swap.given = room
+            self._spawn(self._rpc.push(swap.incoming, "room", {"bytes": room}))
+
+    def _on_room_returned(
+        self, kernel_id: str, connection: KernelConnection, body: dict, now: float
+    ) -> None:
+        """The incoming kernel undid its early restore: the room it took is free again."""
+        swap = self._swap_table().get(kernel_id)
+        if swap is not None and swap.incoming == kernel_id:
+            swap.revoked = swap.revoked or "given back"
+            swap.returned.set()
+            self._drop_swap(swap)
+
+    def _on_room_back(
+        self, kernel_id: str, connection: KernelConnection, body: dict, now: float
+    ) -> dict | Any:
+        """A victim's offload failed midway: it may refill its storages once the incoming kernel
+        gave back the room it restored into."""
+        swap = self._swap_table().get(kernel_id)
+        if swap is None or kernel_id not in swap.victims:
+            return {}
+        self._revoke(swap, f"the offload of kernel {kernel_id[:8]} failed")
+        return self._until_returned(swap)
+
+    async def _until_returned(self, swap: Swap) -> dict:
+        waited = 0.0
+        while not swap.returned.is_set():
+            if swap.incoming not in self.core.kernels:
+                return {}  # its process is gone, and its device memory with it
+            if waited >= self.offload_timeout:
+                return {"error": f"kernel {swap.incoming} did not give its room back"}
+            try:
+                await asyncio.wait_for(swap.returned.wait(), RETURN_POLL)
+            except (TimeoutError, asyncio.TimeoutError):
+                waited += RETURN_POLL
+        return {}
+
+    def _victim_done(self, victim: str) -> None:
+        """The victim's offload was reported (done or refused): it makes no more room. The room
+        given stays with the incoming kernel while its request still claims the device."""
+        table = self._swap_table()
+        swap = table.pop(victim, None)
+        if swap is None:
+            return
+        swap.victims.discard(victim)
+        if not self._claims(swap):
+            self._revoke(swap, "the request no longer claims this GPU")
+        if not swap.victims:
+            self._drop_swap(swap)
+
+    def _drop_swap(self, swap: Swap) -> None:
+        table = self._swap_table()
+        for victim in swap.victims:
+            if table.get(victim) is swap:
+                del table[victim]
+        swap.victims.clear()
+        if table.get(swap.incoming) is swap:
+            del table[swap.incoming]
