@@ -31,7 +31,7 @@ from zmq.utils.monitor import parse_monitor_message
 from jupyter_singularity import protocol
 from jupyter_singularity.broker import rpc
 from jupyter_singularity.broker.checkpoint import DriverCapability, DriverCheckpointer
-from jupyter_singularity.broker.identity import server_owner
+from jupyter_singularity.broker.identity import Identity, server_owner
 from jupyter_singularity.broker.ledger import Ledger
 from jupyter_singularity.broker.model import Policy
 from jupyter_singularity.broker.quotas import Quotas
@@ -861,13 +861,14 @@ class OneGpu(DeviceInventory):
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> BrokerService:
+async def service(tmp_path: Path, request: pytest.FixtureRequest) -> BrokerService:
+    """The service on OneGpu; its policy a test's indirect parameter, if it gives one."""
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
     service = BrokerService(
         OneGpu(),
         ledger,
         Quotas({}),
-        Policy(),
+        getattr(request, "param", Policy()),
         log=logging.getLogger(BROKER_LOG),
         spill_dir=tmp_path / "spill",
         driver=DriverCheckpointer(DriverCapability(False, False, None, "no driver here")),
@@ -879,12 +880,13 @@ async def service(tmp_path: Path) -> BrokerService:
 
 
 @pytest.fixture
-def pooled(service: BrokerService) -> Iterator[Callable[[str], Awaitable[BrokerClient]]]:
-    """``await pooled(kernel_id)``: a kernel's client registered with the service, said hello."""
+def pooled(service: BrokerService) -> Iterator[Callable[..., Awaitable[BrokerClient]]]:
+    """``await pooled(kernel_id, owner=None)``: a kernel's client registered with the service
+    (for ``owner``, default this process's user), said hello."""
     made: list[BrokerClient] = []
 
-    async def make(kernel_id: str) -> BrokerClient:
-        env = service.register_kernel(kernel_id, server_owner()).env
+    async def make(kernel_id: str, owner: Identity | None = None) -> BrokerClient:
+        env = service.register_kernel(kernel_id, owner or server_owner()).env
         client = BrokerClient(env[ENV_BROKER_URL], kernel_id, env[ENV_KERNEL_KEY].encode())
         client.start()
         made.append(client)
@@ -952,6 +954,55 @@ async def test_bad_offload_reply_fails_the_offload(service, pooled, caplog) -> N
     record = service.kernel("k1")
     assert (record["state"], record["gpu_bytes"], record["host_bytes"]) == ("resident", 2 * GiB, 0)
     assert "bad offload reply: field 'host_bytes' must be an integer" in caplog.text
+
+
+@pytest.mark.parametrize("service", [Policy(fair_share_rate=1e9)], indirect=True)
+async def test_a_grant_over_room_lent_in_a_swap_waits_until_it_is_given_back(
+    service, pooled
+) -> None:
+    """Kernel "in" restores early into the room victim "v" frees for it; "q" of a user with no
+    GPU time today overtakes it and is granted the GPU once "v" is off it, too much of it for
+    both. The room "in" filled is revoked first, and "q" hears of its grant only once "in" gave
+    that room back: the device never holds both."""
+    incoming, victim = await pooled("in"), await pooled("v")
+    other = await pooled("q", Identity("quinn", (), uid=os.getuid()))
+    incoming.on("offload", lambda body: {"host_bytes": 6 * GiB, "gpu_bytes": 0})
+    await call(incoming, "acquire", {"request_id": "r1", "memory": 6 * GiB})
+    incoming.send("release", {"request_id": "r1", "peak_bytes": 6 * GiB, "gpu_bytes": 6 * GiB})
+    await wait_until(lambda: service.kernel("in")["state"] == "resident")
+    service.offload("in")
+    await wait_until(lambda: service.kernel("in")["state"] == "offloaded")
+    await call(victim, "acquire", {"request_id": "r1", "memory": 12 * GiB})
+    victim.send("release", {"request_id": "r1", "peak_bytes": 12 * GiB, "gpu_bytes": 12 * GiB})
+    await wait_until(lambda: service.kernel("v")["state"] == "resident")
+
+    rooms: list[dict] = []
+    incoming.on("room", lambda body: rooms.append(body) or None)
+    let_go = threading.Event()
+
+    def offload_with_room(body: dict) -> dict:
+        assert body["room"] is True  # paired with the swap of "in"
+        victim.send("freed", {"bytes": 6 * GiB})
+        let_go.wait(10)
+        return {"host_bytes": 12 * GiB, "gpu_bytes": 0}
+
+    victim.on("offload", offload_with_room)
+    incoming_cell = asyncio.ensure_future(call(incoming, "acquire", {"request_id": "r2"}, 20))
+    await wait_until(lambda: rooms == [{"bytes": 6 * GiB}])
+    # quinn has no GPU time today, "in"'s user has some: quinn's request goes first.
+    other_cell = asyncio.ensure_future(
+        call(other, "acquire", {"request_id": "r1", "memory": 11 * GiB}, 20)
+    )
+    await wait_until(lambda: service.kernel("q")["state"] == "queued")
+    let_go.set()
+    await wait_until(lambda: len(rooms) == 2)
+    assert "revoke" in rooms[1], rooms
+    await asyncio.sleep(0.3)
+    assert not other_cell.done()  # granted in the core, not told until the room is back
+    incoming.send("room_returned", {})
+    assert (await other_cell)["granted"]
+    other.send("release", {"request_id": "r1", "peak_bytes": GiB, "gpu_bytes": GiB})
+    assert (await incoming_cell)["granted"]
 
 
 # -- through a real server and real kernels ----------------------------------------------

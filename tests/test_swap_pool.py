@@ -102,7 +102,10 @@ async def test_a_swap_restores_the_incoming_kernel_while_the_victim_offloads(
 
     assert await digest_of(run, incoming) == incoming_digest
     # The incoming kernel restored early, into the room the victim freed (reason "swap").
-    assert "('restore', 'swap', False)" in await transfers(run, incoming)
+    moves = await transfers(run, incoming)
+    # ... and kept it: the grant came while the victim's report was being handled, and the
+    # room was not taken back (which would offload it again and restore it a second time).
+    assert moves.rstrip().endswith("('restore', 'swap', False)]"), moves
     assert await digest_of(run, victim) == victim_digest
     assert await digest_of(run, incoming) == incoming_digest
     no_booking_leaked(await get_pool())

@@ -587,13 +587,11 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
                 reservation_bytes=grant.reservation,
                 start=grant.start,
             )
-        connection = self._connections.get(grant.kernel_id)
-        frozen = connection is not None and connection.checkpointed_uuid is not None
-        if grant.restore or not grant.hold or frozen:
-            # (a process the driver holds must be restored even when no tensor was moved)
-            self._spawn(self._restore(grant))
+        lent = self._room_lent(grant)
+        if lent is not None:
+            self._spawn(self._grant_when_returned(lent, grant))
         else:
-            self._answer(grant)
+            self._answer_grant(grant)
         self.emit(
             LEASE_SCHEMA,
             _lease_event(
@@ -604,6 +602,15 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
                 reservation=grant.reservation,
             ),
         )
+
+    def _answer_grant(self, grant: Grant) -> None:
+        connection = self._connections.get(grant.kernel_id)
+        frozen = connection is not None and connection.checkpointed_uuid is not None
+        if grant.restore or not grant.hold or frozen:
+            # (a process the driver holds must be restored even when no tensor was moved)
+            self._spawn(self._restore(grant))
+        else:
+            self._answer(grant)
 
     def _answer(self, grant: Grant) -> None:
         """Tell the waiting cell it may run (and whether it restores its tensors first)."""

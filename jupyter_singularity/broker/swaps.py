@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..protocol import MAX_STORED_BYTES, count_field
-from .model import KernelState, Offload
+from .model import Grant, KernelState, Offload
 
 if TYPE_CHECKING:
     from .core import BrokerCore
@@ -61,6 +61,7 @@ class SwapRoom:
     _rpc: RPCServer
     _connections: dict[str, KernelConnection]
     _spawn: Callable[[Any], None]
+    _answer_grant: Callable[[Grant], None]
 
     def _swap_table(self) -> dict[str, Swap]:
         """Each swap under way, by its incoming kernel and by each of its victims."""
@@ -109,12 +110,14 @@ class SwapRoom:
         return None
 
     def _claims(self, swap: Swap) -> bool:
+        """Whether the room is still the incoming kernel's: its request claims the device, or
+        it was granted there (the room is booked for it now)."""
         kernel = self.core.kernels.get(swap.incoming)
-        return (
-            kernel is not None
-            and kernel.request is not None
-            and kernel.request.claimed == swap.device
-        )
+        if kernel is None:
+            return False
+        if kernel.lease is not None:
+            return kernel.lease.device == swap.device
+        return kernel.request is not None and kernel.request.claimed == swap.device
 
     def _revoke(self, swap: Swap, reason: str) -> None:
         if swap.revoked:
@@ -168,9 +171,7 @@ class SwapRoom:
 
     async def _until_returned(self, swap: Swap) -> dict:
         waited = 0.0
-        while not swap.returned.is_set():
-            if swap.incoming not in self.core.kernels:
-                return {}  # its process is gone, and its device memory with it
+        while not self._settled(swap):
             if waited >= self.offload_timeout:
                 return {"error": f"kernel {swap.incoming} did not give its room back"}
             try:
@@ -179,9 +180,49 @@ class SwapRoom:
                 waited += RETURN_POLL
         return {}
 
+    def _room_lent(self, grant: Grant) -> Swap | None:
+        """The swap whose incoming kernel holds room on the device of ``grant``, a grant to
+        another kernel (a request that overtook it), where that room and the bookings do not
+        fit together: the room is revoked, and the grant must wait until it is back
+        (``_grant_when_returned``), or the device would hold both. A grant to the incoming
+        kernel itself settles its swap: the room is booked for it now."""
+        table = self._swap_table()
+        own = table.get(grant.kernel_id)
+        if own is not None and own.incoming == grant.kernel_id and not own.victims:
+            self._drop_swap(own)
+        for swap in {id(s): s for s in table.values()}.values():
+            if swap.device != grant.device or self._settled(swap):
+                continue
+            device = self.core.devices[grant.device]
+            if device.total_bytes - self.core.device_bookings()[grant.device] >= swap.given:
+                continue  # the room fits beside every booking
+            self._revoke(swap, "another request was granted this GPU first")
+            return swap
+        return None
+
+    def _settled(self, swap: Swap) -> bool:
+        """Whether the room of ``swap`` needs no more watching: none was given, it came back,
+        its kernel is gone (its memory with it) or was granted this GPU (the room is booked)."""
+        kernel = self.core.kernels.get(swap.incoming)
+        return (
+            not swap.given
+            or swap.returned.is_set()
+            or kernel is None
+            or (kernel.lease is not None and kernel.lease.device == swap.device)
+        )
+
+    async def _grant_when_returned(self, swap: Swap, grant: Grant) -> None:
+        answer = await self._until_returned(swap)
+        if "error" in answer:
+            self.log.warning("jupyter-singularity: %s; granting anyway", answer["error"])
+        self._drop_swap(swap)
+        if grant.kernel_id in self.core.kernels:
+            self._answer_grant(grant)
+
     def _victim_done(self, victim: str) -> None:
         """The victim's offload was reported (done or refused): it makes no more room. The room
-        given stays with the incoming kernel while its request still claims the device."""
+        given stays with the incoming kernel while its request still claims the device (the
+        swap is kept until it is settled: see ``_room_lent``)."""
         table = self._swap_table()
         swap = table.pop(victim, None)
         if swap is None:
@@ -189,7 +230,7 @@ class SwapRoom:
         swap.victims.discard(victim)
         if not self._claims(swap):
             self._revoke(swap, "the request no longer claims this GPU")
-        if not swap.victims:
+        if not swap.victims and self._settled(swap):
             self._drop_swap(swap)
 
     def _drop_swap(self, swap: Swap) -> None:
