@@ -29,6 +29,7 @@ in the same session: a "before" column).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -86,6 +87,7 @@ class Load:
         self.restores: list[str] = []
         self.running: set[str] = set()
         self.idle: list[str] = []
+        self.digest = hashlib.sha256()
         for _ in range(kernels):
             self.register(timed=False)
 
@@ -98,6 +100,7 @@ class Load:
             self.times[kind].append(cpu)
             self.walls.append(wall)
             self.deep += deep
+        self.digest.update(repr(actions).encode())
         self.follow(actions)
         return actions
 
@@ -196,6 +199,7 @@ class Load:
             "all_p50_ms": _pct(every, 50),
             "all_p99_ms": _pct(every, 99),
             "all_p99_wall_ms": _pct(self.walls, 99),
+            "actions_sha256": self.digest.hexdigest()[:16],
         }
         for kind in KINDS:
             result[f"{kind}_n"] = len(self.times[kind])
@@ -277,6 +281,11 @@ def report(rows: list[dict], old: list[dict] | None) -> None:
             if old is not None:
                 line += f"{spread(old[index]['runs'], key):>26}"
             print(line + f"  {goal}")
+        hashes = " ".join(r["actions_sha256"] for r in runs)
+        print(f"  {'actions_sha256 (per run)':<34}{hashes}")
+        if old is not None:
+            same = hashes == " ".join(r["actions_sha256"] for r in old[index]["runs"])
+            print(f"  {'same actions as before':<34}{'yes' if same else 'NO'}")
 
 
 def main() -> None:

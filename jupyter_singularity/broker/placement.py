@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..devices import DeviceInfo
 from ..units import format_size
+from .incremental import _Context, _DeviceView, _unfreeable
 from .model import LEASE_STATES, Kernel, KernelState, Request
 from .quotas import Limits
 
@@ -65,7 +66,9 @@ class Placement:
             return [d for d, info in self.devices.items() if info.chip == chip]
         return list(self.devices) if request.device is None else [request.device]
 
-    def _place(self, kernel: Kernel, request: Request, claimed: set[int], now: float) -> _Placement:
+    def _placing(self, kernel: Kernel, request: Request, now: float) -> _Context | _Placement:
+        """What placing ``request`` finds before looking at any device, or its placement when
+        that decides it already (a denial, or a wait its user's kernels or quotas make)."""
         limits = self.limits(kernel.user, kernel.groups)
         denial = self._time_quota_denial(kernel, request, now)
         if denial:
@@ -112,22 +115,42 @@ class Placement:
             return _Placement(deny=quota_deny)
         if quota_wait:
             return _Placement(wait=quota_wait)
-
-        assert self._pass is not None
-        if claimed.issuperset(candidates):
-            # Every device it could use is claimed by an earlier request: nothing to decide yet.
-            return _Placement(wait="queued behind earlier requests for the same GPU")
-        # Within a pass room only shrinks (grants book it, offloads started are not yet done), so a
-        # request of a kernel that may use any device and asks at least as much as one that found
-        # every free device busy is busy too: it claims the least busy one without a search.
         anywhere = (
             self._uniform
             and kernel.device is None
             and not quota_victims
             and len(candidates) == len(self.devices)
         )
+        own_fixed = kernel.booking() if _unfreeable(kernel) else 0
+        return _Context(
+            limits, candidates, frozenset(candidates), quota_victims, anywhere, own_fixed
+        )
+
+    def _on_devices(
+        self,
+        kernel: Kernel,
+        request: Request,
+        context: _Context,
+        claimed: set[int],
+        devices: list[int] | None = None,
+        best: tuple | None = None,
+    ) -> tuple[_Placement, tuple | None]:
+        """The device ``request`` runs on, or waits for, and the best device's rank: among
+        ``devices`` (default: all its candidates) and ``best``, the best of the others."""
+        candidates, limits, quota_victims = (
+            context.candidates,
+            context.limits,
+            context.quota_victims,
+        )
+        if best is None and claimed.issuperset(candidates):
+            # Every device it could use is claimed by an earlier request: nothing to decide yet.
+            return _Placement(wait="queued behind earlier requests for the same GPU"), None
+        assert self._pass is not None
+        # Within a pass room only shrinks (grants book it, offloads started are not yet done), so a
+        # request of a kernel that may use any device and asks at least as much as one that found
+        # every free device busy is busy too: it claims the least busy one without a search.
         asked = 0
-        if anywhere:
+        if context.anywhere:
             asked = self._reservation(kernel, request, self.devices[candidates[0]], limits)
             floor = self._pass.busy_floor
             if floor is not None and asked >= floor:
@@ -136,12 +159,11 @@ class Placement:
                     device=device,
                     reservation=asked,
                     wait=f"GPU {device} is busy with running cells",
-                )
-        own_fixed = kernel.booking() if _unfreeable(kernel) else 0
-        best: tuple | None = None
+                ), None
+        own_fixed = context.own_fixed
         eventual = False
-        reservations: dict[int, int] = {}  # by device size: the only thing it depends on
-        for d in candidates:
+        reservations = context.reservations
+        for d in candidates if devices is None else devices:
             if d in claimed:
                 # An earlier request runs here first; this one is looked at again after it.
                 eventual = True
@@ -196,7 +218,7 @@ class Placement:
                 best = (key, d, reservation, victims)
         if best is None:
             if eventual:
-                return _Placement(wait="queued behind earlier requests for the same GPU")
+                return _Placement(wait="queued behind earlier requests for the same GPU"), None
             sizes = ", ".join(
                 f"GPU {d}: {format_size(self._reservation(kernel, request, self.devices[d], limits))}"
                 for d in candidates
@@ -214,12 +236,19 @@ class Placement:
                 deny=f"no GPU can make room for this request ({sizes}) while pinned or "
                 "non-offloadable kernels hold their memory; unpin a kernel or ask for less with "
                 "%%singularity --memory SIZE" + "".join(refusals)
-            )
+            ), None
+        return self._placement_on(kernel, context, best, asked), best
+
+    def _placement_on(
+        self, kernel: Kernel, context: _Context, best: tuple, asked: int
+    ) -> _Placement:
+        """The placement on the best device found (rank, device, reservation, victims)."""
         (tier, *_), device, reservation, victims = best
-        if anywhere and tier == 2:
+        assert self._pass is not None
+        if context.anywhere and tier == 2:
             floor = self._pass.busy_floor
             self._pass.busy_floor = asked if floor is None else min(floor, asked)
-        for victim in quota_victims:
+        for victim in context.quota_victims:
             if victim.state == KernelState.RESIDENT:
                 victims = [*victims, victim]
         if tier == 0 and not victims:
@@ -318,44 +347,14 @@ class Placement:
         return [], "", f"{what}; offload or unpin one of them first"
 
 
-def _unfreeable(kernel: Kernel) -> bool:
-    """Memory no eviction can free: pinned, refused or failed kernels, and what an offload left
-    behind (e.g. a CUDA context), which stays until the kernel runs again. (A kernel that stopped
-    answering holds its memory only until it answers again or ends: see ``_DeviceView.stalled``.)"""
-    return kernel.stalled_since is None and (
-        kernel.pinned
-        or bool(kernel.refused)
-        or kernel.state == KernelState.ERROR
-        or (
-            kernel.lease is None
-            and kernel.state not in (KernelState.RESIDENT, KernelState.OFFLOADING, *LEASE_STATES)
-        )
-    )
-
-
-@dataclass
-class _DeviceView:
-    """Aggregates of one device, computed once per scheduling pass (and again after it changes)."""
-
-    booked: int
-    fixed: int
-    offloading: int
-    running: int
-    evictable: list[Kernel]
-    ordered: bool = False
-    stalled: int = 0
-    """Bytes booked by kernels that stopped answering: not free, but not lost for good either."""
-    stalled_kernels: list[Kernel] = field(default_factory=list)
-
-
 class _Pass:
-    """Per-pass caches, so a pass costs about O(requests x devices), not O(requests x kernels)."""
+    """Per-pass caches: running GPU time per user, the shortcut for requests that may run
+    anywhere (device views are kept between passes: see :mod:`.incremental`)."""
 
     def __init__(self, core: BrokerCore, now: float) -> None:
         self.core = core
         self.now = now
         self._running_seconds: dict[str, float] = {}
-        self._views: dict[int, _DeviceView] = {}
         self.busy_floor: int | None = None
         """The smallest reservation that found every unclaimed device busy in this pass."""
         self._by_busyness: list[int] | None = None
@@ -377,33 +376,8 @@ class _Pass:
         return list(self.core._by_user.get(user, {}).values())
 
     def view(self, device: int) -> _DeviceView:
-        view = self._views.get(device)
-        if view is None:
-            view = self._views[device] = _DeviceView(0, 0, 0, 0, [])
-            for kernel in self.core._by_device[device].values():
-                booking = kernel.booking()
-                view.booked += booking
-                if kernel.stalled_since is not None:
-                    view.stalled += booking
-                    view.stalled_kernels.append(kernel)
-                elif _unfreeable(kernel):
-                    view.fixed += booking
-                if kernel.state == KernelState.OFFLOADING and kernel.stalled_since is None:
-                    view.offloading += kernel.gpu_bytes
-                if kernel.lease is not None or kernel.state == KernelState.RUNNING:
-                    view.running += booking  # (running without a lease: see broker.rejoin)
-                elif self.core._evictable(kernel):
-                    view.evictable.append(kernel)
-        return view
+        return self.core._incremental.view(device)
 
     def victims(self, device: int) -> list[Kernel]:
-        """The device's evictable kernels in eviction order (sorted on first use in a pass)."""
-        view = self.view(device)
-        if not view.ordered:
-            view.evictable.sort(key=lambda k: self.core._eviction_key(k, self.now))
-            view.ordered = True
-        return view.evictable
-
-    def changed(self, device: int) -> None:
-        """Something on ``device`` changed during the pass: recompute its view when next asked."""
-        self._views.pop(device, None)
+        """The device's evictable kernels in eviction order."""
+        return self.core._incremental.victims(device, self.now)
