@@ -181,6 +181,7 @@ class Incremental:
         if day != self._day or closed != self._closed or core.quotas is not self._quotas:
             self._day, self._closed, self._quotas = day, dict(closed), core.quotas
             self._reset()
+            self._touched.update(core._by_user)  # (a new day, or new quotas)
         due = []
         while self._flips and self._flips[0][0] <= now:
             _, version, user = heapq.heappop(self._flips)
@@ -202,14 +203,21 @@ class Incremental:
         del self._log[: self._start - self._base]
         self._base = self._start
 
+    def reached_a_time_quota(self, user: str) -> bool:
+        """Whether ``user`` reached one of their daily GPU-time quotas, exact during a pass: if
+        not, no request of theirs is denied for GPU time (the common case needs no sum)."""
+        return self._over.get(user, 0) > 0
+
     def ahead(self, order: tuple[float, int]) -> None:
         """The pass reached the request of this ``order``: the last pass's claims of the requests
         before it count as claimed ahead."""
         old, index = self._old_claims, self._next_old
-        while index < len(old) and old[index][0] < order:
-            self._claims_differ ^= {old[index][1]}
-            index += 1
-        self._next_old = index
+        if index < len(old) and old[index][0] < order:
+            differ = self._claims_differ
+            while index < len(old) and old[index][0] < order:
+                differ ^= {old[index][1]}
+                index += 1
+            self._next_old = index
 
     def claim(self, order: tuple[float, int], device: int) -> None:
         self._claims.append((order, device))
@@ -248,30 +256,30 @@ class Incremental:
         version = self._user_versions.get(kernel.user, 0)
         seq = self._base + len(self._log)
         if (
-            memo is None
-            or memo.request is not request
-            or memo.pass_no != self._pass_no - 1
-            or memo.epoch != self._epoch
-            or memo.user_version != version
+            memo is not None
+            and memo.request is request
+            and memo.pass_no == self._pass_no - 1
+            and memo.epoch == self._epoch
+            and memo.user_version == version
         ):
-            context = core._placing(kernel, request, now)
-            if isinstance(context, _Context):
-                placement, best = core._on_devices(kernel, request, context, claimed)
-            else:
-                placement, best, context = context, None, None
-        elif memo.context is None:
-            placement, context, best = memo.placement, None, None
-        else:
             context = memo.context
-            changed = self._changed_for(memo, context.candidate_set)
-            if not changed:
-                placement, best = memo.placement, memo.best
-            elif memo.best is None or memo.best[1] in changed or context.anywhere:
-                placement, best = core._on_devices(kernel, request, context, claimed)
-            else:
-                placement, best = core._on_devices(
-                    kernel, request, context, claimed, sorted(changed), memo.best
-                )
+            changed = None if context is None else self._changed_for(memo, context.candidate_set)
+            if changed:
+                if memo.best is None or memo.best[1] in changed or context.anywhere:
+                    memo.placement, memo.best = core._on_devices(kernel, request, context, claimed)
+                else:
+                    memo.placement, memo.best = core._on_devices(
+                        kernel, request, context, claimed, sorted(changed), memo.best
+                    )
+            memo.seq, memo.pass_no = seq, self._pass_no
+            if memo.placement.deny:
+                del self._memos[kernel.kernel_id]
+            return memo.placement
+        context = core._placing(kernel, request, now)
+        if isinstance(context, _Context):
+            placement, best = core._on_devices(kernel, request, context, claimed)
+        else:
+            placement, best, context = context, None, None
         if placement.deny:
             self._memos.pop(kernel.kernel_id, None)
         else:
@@ -283,8 +291,12 @@ class Incremental:
     def _changed_for(self, memo: _Memo, candidates: frozenset[int]) -> set[int]:
         """The request's candidate devices that changed since its memo, or that are claimed
         ahead of it in this pass and not in the last, or the other way round."""
-        changed = {d for d in self._log[memo.seq - self._base :] if d in candidates}
-        changed.update(d for d in self._claims_differ if d in candidates)
+        since = memo.seq - self._base
+        changed = (
+            {d for d in self._log[since:] if d in candidates} if since < len(self._log) else set()
+        )
+        if self._claims_differ:
+            changed.update(d for d in self._claims_differ if d in candidates)
         return changed
 
 

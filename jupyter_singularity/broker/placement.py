@@ -66,6 +66,12 @@ class Placement:
             return [d for d, info in self.devices.items() if info.chip == chip]
         return list(self.devices) if request.device is None else [request.device]
 
+    def _of_each_size(self, candidates: list[int]) -> list[int]:
+        """One device of each size among ``candidates`` (what a reservation depends on)."""
+        if self._uniform:
+            return candidates[:1]
+        return list({self.devices[d].total_bytes: d for d in candidates}.values())
+
     def _placing(self, kernel: Kernel, request: Request, now: float) -> _Context | _Placement:
         """What placing ``request`` finds before looking at any device, or its placement when
         that decides it already (a denial, or a wait its user's kernels or quotas make)."""
@@ -276,8 +282,11 @@ class Placement:
         return _Placement(device=device, reservation=reservation, victims=victims)
 
     def _time_quota_denial(self, kernel: Kernel, request: Request, now: float) -> str:
+        """Why the request is denied for GPU time today (in a pass, at its ``now``), if it is."""
+        if not request.hold or not self._incremental.reached_a_time_quota(kernel.user):
+            return ""
         limits = self.limits(kernel.user, kernel.groups)
-        if not request.hold or limits.gpu_seconds_per_day is None:
+        if limits.gpu_seconds_per_day is None:
             return ""
         used = self.used_seconds(kernel.user, now)
         if used < limits.gpu_seconds_per_day:
@@ -302,7 +311,10 @@ class Placement:
             if k is not kernel and k.device is not None and k.state != KernelState.OFFLOADING
         ]
         leaving = [k for k in users_kernels if k.state == KernelState.OFFLOADING]
-        need = max(self._reservation(kernel, request, self.devices[d], limits) for d in candidates)
+        need = max(
+            self._reservation(kernel, request, self.devices[d], limits)
+            for d in self._of_each_size(candidates)
+        )
         booked = sum(k.booking() for k in mine)
         resident = sum(1 for k in mine if k.state in (*LEASE_STATES, KernelState.RESIDENT))
         victims: list[Kernel] = []
