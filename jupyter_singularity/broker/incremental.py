@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -50,7 +51,11 @@ class _DeviceView:
     offloading: int
     running: int
     evictable: list[Kernel]
+    """Its kernels that may be evicted (in eviction order once ``ordered``): a kernel that may
+    not be any more changes the device, and so the view."""
     ordered: bool = False
+    freed: list[int] = field(default_factory=list)
+    """Once ordered: the bytes evicting the first 1, 2... kernels frees."""
     stalled: int = 0
     """Bytes booked by kernels that stopped answering: not free, but not lost for good either."""
     stalled_kernels: list[Kernel] = field(default_factory=list)
@@ -165,8 +170,21 @@ class Incremental:
         view = self.view(device)
         if not view.ordered:
             view.evictable.sort(key=lambda k: self.core._eviction_key(k, now))
+            view.freed = list(itertools.accumulate(k.booking() for k in view.evictable))
             view.ordered = True
         return view.evictable
+
+    def evict_for(self, device: int, nbytes: int, now: float) -> tuple[list[Kernel], int] | None:
+        """The fewest of the device's kernels, in eviction order, that free ``nbytes``, and the
+        bytes they free; None if all of them cannot."""
+        if nbytes <= 0:
+            return [], 0
+        ordered = self.victims(device, now)
+        freed = self._views[device].freed
+        count = bisect.bisect_left(freed, nbytes)
+        if count == len(freed):
+            return None
+        return ordered[: count + 1], freed[count]
 
     def booked(self) -> dict[int, int]:
         return {d: self.view(d).booked for d in self.core.devices}

@@ -7,6 +7,7 @@ evict (or why it must wait, or be denied). ``_Pass`` caches per-device aggregate
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -167,15 +168,19 @@ class Placement:
                     wait=f"GPU {device} is busy with running cells",
                 ), None
         own_fixed = context.own_fixed
-        eventual = False
         reservations = context.reservations
-        for d in candidates if devices is None else devices:
-            if d in claimed:
-                # An earlier request runs here first; this one is looked at again after it.
-                eventual = True
-                continue
+        # The best rank does not depend on the order devices are ranked in (ranks end with the
+        # device), so unclaimed devices are taken as a set. A claimed one: an earlier request
+        # runs there first, and this one is looked at again after it.
+        if devices is None:
+            unclaimed: Iterable[int] = context.candidate_set - claimed
+            eventual = len(unclaimed) < len(candidates)
+        else:
+            unclaimed, eventual = (d for d in devices if d not in claimed), False
+        view_of = self._incremental.view
+        for d in unclaimed:
             info = self.devices[d]
-            view = self._pass.view(d)
+            view = view_of(d)
             own = kernel.booking() if kernel.device == d else 0
             leaving = (
                 sum(v.booking() for v in quota_victims if v.device == d) if quota_victims else 0
@@ -207,15 +212,22 @@ class Placement:
             else:
                 need = reservation - free
                 pending = view.offloading
-                for victim in self._pass.victims(d):
-                    if pending >= need:
-                        break
-                    if victim is kernel or victim in quota_victims or not self._evictable(victim):
-                        continue
-                    victims.append(victim)
-                    pending += victim.booking()
-                if pending >= need:
-                    key = (1, affinity, sum(v.booking() for v in victims), d)
+                freed: int | None
+                if kernel.device != d and not quota_victims:
+                    # Every kernel in the device's eviction order may go: its shortest prefix.
+                    found = self._incremental.evict_for(d, need - pending, self._pass.now)
+                    victims, freed = found if found is not None else ([], None)
+                else:
+                    for victim in self._pass.victims(d):
+                        if pending >= need:
+                            break
+                        if victim is kernel or victim in quota_victims:
+                            continue
+                        victims.append(victim)
+                        pending += victim.booking()
+                    freed = None if pending < need else sum(v.booking() for v in victims)
+                if freed is not None:
+                    key = (1, affinity, freed, d)
                 elif needs_stalled:
                     key = (3, affinity, view.stalled, d)
                 else:
