@@ -85,8 +85,11 @@ class _Memo:
     placement: _Placement
     context: _Context | None
     """None: decided before any device was looked at (it depends on its user alone)."""
-    best: tuple | None
-    """The chosen device's (rank, device, reservation, victims)."""
+    ranks: dict[int, tuple] | None
+    """Per unclaimed candidate that could make room: its rank (see ``Placement._rank``). None:
+    decided without ranking them."""
+    heap: list[tuple]
+    """The same ranks as a heap, with ranks since replaced left in until they reach the top."""
     user_version: int
     epoch: int
     seq: int
@@ -283,28 +286,66 @@ class Incremental:
             context = memo.context
             changed = None if context is None else self._changed_for(memo, context.candidate_set)
             if changed:
-                if memo.best is None or memo.best[1] in changed or context.anywhere:
-                    memo.placement, memo.best = core._on_devices(kernel, request, context, claimed)
+                assert context is not None
+                if memo.ranks is None or context.anywhere:
+                    memo.placement, ranks = core._on_devices(kernel, request, context, claimed)
+                    memo.ranks, memo.heap = _ranked(ranks)
                 else:
-                    memo.placement, memo.best = core._on_devices(
-                        kernel, request, context, claimed, sorted(changed), memo.best
+                    memo.placement = self._rank_again(
+                        kernel, request, context, claimed, memo, changed
                     )
             memo.seq, memo.pass_no = seq, self._pass_no
             if memo.placement.deny:
                 del self._memos[kernel.kernel_id]
             return memo.placement
         context = core._placing(kernel, request, now)
+        ranks = None
         if isinstance(context, _Context):
-            placement, best = core._on_devices(kernel, request, context, claimed)
+            placement, ranks = core._on_devices(kernel, request, context, claimed)
         else:
-            placement, best, context = context, None, None
+            placement, context = context, None
         if placement.deny:
             self._memos.pop(kernel.kernel_id, None)
         else:
             self._memos[kernel.kernel_id] = _Memo(
-                request, placement, context, best, version, self._epoch, seq, self._pass_no
+                request,
+                placement,
+                context,
+                *_ranked(ranks),
+                version,
+                self._epoch,
+                seq,
+                self._pass_no,
             )
         return placement
+
+    def _rank_again(
+        self,
+        kernel: Kernel,
+        request: Request,
+        context: _Context,
+        claimed: set[int],
+        memo: _Memo,
+        changed: set[int],
+    ) -> _Placement:
+        """Rank the changed devices again (the others' ranks stand) and place on the best."""
+        core, ranks, heap = self.core, memo.ranks, memo.heap
+        assert ranks is not None
+        for d in changed:
+            ranks.pop(d, None)
+            if d not in claimed and (rank := core._rank(kernel, request, context, d)):
+                ranks[d] = rank
+                heapq.heappush(heap, rank)
+        while heap and ranks.get(heap[0][1]) is not heap[0]:
+            heapq.heappop(heap)
+        if not heap:
+            placement, fresh = core._on_devices(kernel, request, context, claimed)
+            memo.ranks, memo.heap = _ranked(fresh)
+            return placement
+        if len(heap) > 2 * len(ranks) + 16:
+            memo.heap = heap = list(ranks.values())
+            heapq.heapify(heap)
+        return core._placement_on(kernel, context, heap[0], 0)
 
     def _changed_for(self, memo: _Memo, candidates: frozenset[int]) -> set[int]:
         """The request's candidate devices that changed since its memo, or that are claimed
@@ -316,6 +357,14 @@ class Incremental:
         if self._claims_differ:
             changed.update(d for d in self._claims_differ if d in candidates)
         return changed
+
+
+def _ranked(ranks: list[tuple] | None) -> tuple[dict[int, tuple] | None, list[tuple]]:
+    """Ranks by device, and as a heap."""
+    if ranks is None:
+        return None, []
+    heapq.heapify(ranks)
+    return {rank[1]: rank for rank in ranks}, ranks
 
 
 def _unfreeable(kernel: Kernel) -> bool:

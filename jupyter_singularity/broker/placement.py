@@ -7,7 +7,6 @@ evict (or why it must wait, or be denied). ``_Pass`` caches per-device aggregate
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -134,22 +133,12 @@ class Placement:
         )
 
     def _on_devices(
-        self,
-        kernel: Kernel,
-        request: Request,
-        context: _Context,
-        claimed: set[int],
-        devices: list[int] | None = None,
-        best: tuple | None = None,
-    ) -> tuple[_Placement, tuple | None]:
-        """The device ``request`` runs on, or waits for, and the best device's rank: among
-        ``devices`` (default: all its candidates) and ``best``, the best of the others."""
-        candidates, limits, quota_victims = (
-            context.candidates,
-            context.limits,
-            context.quota_victims,
-        )
-        if best is None and claimed.issuperset(candidates):
+        self, kernel: Kernel, request: Request, context: _Context, claimed: set[int]
+    ) -> tuple[_Placement, list[tuple] | None]:
+        """The device ``request`` runs on, or waits for, and the ranks of its unclaimed
+        candidates that could make room (None: decided without ranking them)."""
+        candidates, limits = context.candidates, context.limits
+        if claimed.issuperset(candidates):
             # Every device it could use is claimed by an earlier request: nothing to decide yet.
             return _Placement(wait="queued behind earlier requests for the same GPU"), None
         assert self._pass is not None
@@ -167,75 +156,13 @@ class Placement:
                     reservation=asked,
                     wait=f"GPU {device} is busy with running cells",
                 ), None
-        own_fixed = context.own_fixed
-        reservations = context.reservations
         # The best rank does not depend on the order devices are ranked in (ranks end with the
         # device), so unclaimed devices are taken as a set. A claimed one: an earlier request
         # runs there first, and this one is looked at again after it.
-        if devices is None:
-            unclaimed: Iterable[int] = context.candidate_set - claimed
-            eventual = len(unclaimed) < len(candidates)
-        else:
-            unclaimed, eventual = (d for d in devices if d not in claimed), False
-        view_of = self._incremental.view
-        for d in unclaimed:
-            info = self.devices[d]
-            view = view_of(d)
-            own = kernel.booking() if kernel.device == d else 0
-            leaving = (
-                sum(v.booking() for v in quota_victims if v.device == d) if quota_victims else 0
-            )
-            free = info.total_bytes - (view.booked - own - leaving)
-            freeable = info.total_bytes - (view.fixed - (own_fixed if kernel.device == d else 0))
-            reservation = reservations.get(info.total_bytes)
-            if reservation is None:
-                reservation = reservations[info.total_bytes] = self._reservation(
-                    kernel, request, info, limits
-                )
-            if request.memory is None and not kernel.peaks:
-                # "The whole device" for a first cell means all that can be made free there: not
-                # what a kernel that stopped answering holds, unless little else would be left
-                # (then it waits for that kernel rather than run with next to nothing booked).
-                state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes
-                room = freeable - view.stalled
-                if room < min(reservation, self.policy.margin_bytes):
-                    room = freeable
-                reservation = max(min(reservation, room), state)
-            if freeable < reservation:
-                continue  # never fits here without someone unpinning
-            # Only fits once a kernel that stopped answering gives its memory back.
-            needs_stalled = freeable - view.stalled < reservation
-            affinity = 0 if d in (kernel.device, kernel.home) else 1
-            victims: list[Kernel] = []
-            if free >= reservation:
-                key = (0, affinity, free - reservation, d)
-            else:
-                need = reservation - free
-                pending = view.offloading
-                freed: int | None
-                if kernel.device != d and not quota_victims:
-                    # Every kernel in the device's eviction order may go: its shortest prefix.
-                    found = self._incremental.evict_for(d, need - pending, self._pass.now)
-                    victims, freed = found if found is not None else ([], None)
-                else:
-                    for victim in self._pass.victims(d):
-                        if pending >= need:
-                            break
-                        if victim is kernel or victim in quota_victims:
-                            continue
-                        victims.append(victim)
-                        pending += victim.booking()
-                    freed = None if pending < need else sum(v.booking() for v in victims)
-                if freed is not None:
-                    key = (1, affinity, freed, d)
-                elif needs_stalled:
-                    key = (3, affinity, view.stalled, d)
-                else:
-                    key = (2, affinity, view.running, d)
-            if best is None or key < best[0]:
-                best = (key, d, reservation, victims)
-        if best is None:
-            if eventual:
+        unclaimed = context.candidate_set - claimed
+        ranks = [r for d in unclaimed if (r := self._rank(kernel, request, context, d))]
+        if not ranks:
+            if len(unclaimed) < len(candidates):
                 return _Placement(wait="queued behind earlier requests for the same GPU"), None
             sizes = ", ".join(
                 f"GPU {d}: {format_size(self._reservation(kernel, request, self.devices[d], limits))}"
@@ -255,7 +182,64 @@ class Placement:
                 "non-offloadable kernels hold their memory; unpin a kernel or ask for less with "
                 "%%singularity --memory SIZE" + "".join(refusals)
             ), None
-        return self._placement_on(kernel, context, best, asked), best
+        return self._placement_on(kernel, context, min(ranks), asked), ranks
+
+    def _rank(self, kernel: Kernel, request: Request, context: _Context, d: int) -> tuple | None:
+        """How well device ``d`` suits the request, as (key, device, reservation, victims): the
+        smallest key wins. None: it never fits there without someone unpinning. It depends on
+        the device and the request alone."""
+        assert self._pass is not None
+        quota_victims = context.quota_victims
+        info = self.devices[d]
+        view = self._incremental.view(d)
+        own = kernel.booking() if kernel.device == d else 0
+        leaving = sum(v.booking() for v in quota_victims if v.device == d) if quota_victims else 0
+        free = info.total_bytes - (view.booked - own - leaving)
+        own_fixed = context.own_fixed if kernel.device == d else 0
+        freeable = info.total_bytes - (view.fixed - own_fixed)
+        reservation = context.reservations.get(info.total_bytes)
+        if reservation is None:
+            reservation = context.reservations[info.total_bytes] = self._reservation(
+                kernel, request, info, context.limits
+            )
+        if request.memory is None and not kernel.peaks:
+            # "The whole device" for a first cell means all that can be made free there: not
+            # what a kernel that stopped answering holds, unless little else would be left
+            # (then it waits for that kernel rather than run with next to nothing booked).
+            state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes
+            room = freeable - view.stalled
+            if room < min(reservation, self.policy.margin_bytes):
+                room = freeable
+            reservation = max(min(reservation, room), state)
+        if freeable < reservation:
+            return None
+        # Only fits once a kernel that stopped answering gives its memory back.
+        needs_stalled = freeable - view.stalled < reservation
+        affinity = 0 if d in (kernel.device, kernel.home) else 1
+        if free >= reservation:
+            return ((0, affinity, free - reservation, d), d, reservation, [])
+        need = reservation - free
+        pending = view.offloading
+        victims: list[Kernel] = []
+        freed: int | None
+        if kernel.device != d and not quota_victims:
+            # Every kernel in the device's eviction order may go: its shortest prefix.
+            found = self._incremental.evict_for(d, need - pending, self._pass.now)
+            victims, freed = found if found is not None else ([], None)
+        else:
+            for victim in self._pass.victims(d):
+                if pending >= need:
+                    break
+                if victim is kernel or victim in quota_victims:
+                    continue
+                victims.append(victim)
+                pending += victim.booking()
+            freed = None if pending < need else sum(v.booking() for v in victims)
+        if freed is not None:
+            return ((1, affinity, freed, d), d, reservation, victims)
+        if needs_stalled:
+            return ((3, affinity, view.stalled, d), d, reservation, [])
+        return ((2, affinity, view.running, d), d, reservation, [])
 
     def _placement_on(
         self, kernel: Kernel, context: _Context, best: tuple, asked: int
