@@ -98,7 +98,7 @@ class _Memo:
 
 
 class Incremental:
-    """The state a scheduling pass of :class:`~.core.BrokerCore` keeps (see the module docstring)."""
+    """What a scheduling pass of :class:`~.core.BrokerCore` keeps (see the module docstring)."""
 
     def __init__(self, core: BrokerCore) -> None:
         self.core = core
@@ -115,7 +115,8 @@ class Incremental:
         self._epoch = 0
         self._day: int | None = None
         self._closed: dict[int, str] = {}
-        self._quotas: object = None
+        self._settings: tuple = ()
+        """The quotas and policy the kept placements were found under."""
         self._memos: dict[str, _Memo] = {}
         self._pass_no = 0
         self._claims: list[tuple[tuple[float, int], int]] = []
@@ -195,14 +196,15 @@ class Incremental:
     # ------------------------------------------------------------------------- a pass
 
     def begin(self, now: float) -> None:
-        """A pass starts: drop what a new day, new quotas or closed devices make stale, and mark
-        the users whose daily GPU-time quota was crossed since the last pass."""
+        """A pass starts: drop what a new day, new quotas or policy, or closed devices make
+        stale, and mark the users whose daily GPU-time quota was crossed since the last pass."""
         core = self.core
         day, closed = int(now // DAY), core.closed_devices()
-        if day != self._day or closed != self._closed or core.quotas is not self._quotas:
-            self._day, self._closed, self._quotas = day, dict(closed), core.quotas
+        settings = (core.quotas, core.policy)
+        if day != self._day or closed != self._closed or settings != self._settings:
+            self._day, self._closed, self._settings = day, dict(closed), settings
             self._reset()
-            self._touched.update(core._by_user)  # (a new day, or new quotas)
+            self._touched.update(core._by_user)  # (their quotas, or their GPU time, changed)
         due = []
         while self._flips and self._flips[0][0] <= now:
             _, version, user = heapq.heappop(self._flips)
