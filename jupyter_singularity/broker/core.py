@@ -516,10 +516,8 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         return self.usage_today.get(user, 0.0) if int(now // DAY) == self.day else 0.0
 
     def _kernel(self, kernel_id: str) -> Kernel:
-        try:
-            kernel = self.kernels[kernel_id]
-        except KeyError:
-            raise BrokerError(f"unknown kernel {kernel_id}") from None
+        if (kernel := self.kernels.get(kernel_id)) is None:
+            raise BrokerError(f"unknown kernel {kernel_id}")
         self._incremental.touch(kernel)  # (the event changes it)
         return kernel
 
