@@ -23,12 +23,15 @@ devices, 1,000 x 64, 10,000 x 512) and for 50 users x 20 kernels on 8 devices (i
 Run: ``python bench/broker_decisions.py`` (50 users x 20 kernels on 8 devices),
 ``python bench/broker_decisions.py --scale`` (the curve), ``--runs 3`` (min/median/max of 3
 runs), ``--before DIR`` (the same load on the code under DIR, e.g. an export of the merge base,
-in the same session: a "before" column).
+in the same session: a "before" column). The SHA-256 of every action the core returned (setup
+included) shows whether the same load got the same decisions: runs of one seed and decision
+count must match the "before" runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -86,6 +89,7 @@ class Load:
         self.restores: list[str] = []
         self.running: set[str] = set()
         self.idle: list[str] = []
+        self.digest = hashlib.sha256()
         for _ in range(kernels):
             self.register(timed=False)
 
@@ -98,6 +102,7 @@ class Load:
             self.times[kind].append(cpu)
             self.walls.append(wall)
             self.deep += deep
+        self.digest.update(repr(actions).encode())
         self.follow(actions)
         return actions
 
@@ -196,6 +201,7 @@ class Load:
             "all_p50_ms": _pct(every, 50),
             "all_p99_ms": _pct(every, 99),
             "all_p99_wall_ms": _pct(self.walls, 99),
+            "actions_sha256": self.digest.hexdigest()[:16],
         }
         for kind in KINDS:
             result[f"{kind}_n"] = len(self.times[kind])
@@ -277,6 +283,17 @@ def report(rows: list[dict], old: list[dict] | None) -> None:
             if old is not None:
                 line += f"{spread(old[index]['runs'], key):>26}"
             print(line + f"  {goal}")
+        hashes = [r["actions_sha256"] for r in runs]
+        print(f"  {'actions_sha256 (per run)':<34}{' '.join(hashes)}")
+        if old is not None:
+            # Runs of one seed (and decision count) make the same actions if decisions are alike.
+            pairs = list(
+                zip(hashes, [r["actions_sha256"] for r in old[index]["runs"]], strict=False)
+            )
+            same = all(a == b for a, b in pairs)
+            print(
+                f"  {'same actions as before':<34}{'yes' if same else 'NO'} ({len(pairs)} run(s))"
+            )
 
 
 def main() -> None:

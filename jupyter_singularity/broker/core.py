@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 from ..devices import DeviceInfo
 from .host_budget import HostBudget
+from .incremental import Incremental
 from .model import (
     DAY,
     OFF_DEVICE_STATES,
@@ -66,6 +67,7 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         self._actions: list[Action] = []
         self._limits_cache: dict[tuple[str, tuple[str, ...]], Limits] = {}
         self._pass: _Pass | None = None
+        self._incremental = Incremental(self)
         sizes = {d.total_bytes for d in self.devices.values()}
         self._uniform = len(sizes) == 1
         self._largest = max(sizes, default=0)
@@ -96,7 +98,7 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
             raise BrokerError(f"kernel {kernel_id} is already registered")
         home = None
         if self.devices:
-            booked, homed = self._booked_by_device(), self._homed
+            booked, homed = self._incremental.booked(), self._homed
             home = max(
                 self.devices, key=lambda d: (self.devices[d].total_bytes - booked[d], -homed[d], -d)
             )
@@ -104,6 +106,7 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         self._set_home(kernel, home)
         self.kernels[kernel_id] = kernel
         self._by_user.setdefault(user, {})[kernel_id] = kernel
+        self._incremental.touch(kernel)
         self._host_quota_changed(user)
         self._registered(kernel, now)
         return self._drain()
@@ -113,6 +116,7 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         kernel = self.kernels.pop(kernel_id, None)
         if kernel is None:
             return []
+        self._incremental.touch(kernel)
         self._forget_expected(kernel_id)
         self._hold_host(kernel, 0, 0)
         del self._by_user[kernel.user][kernel_id]
@@ -184,6 +188,7 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         kernel = self.kernels.get(kernel_id)
         if kernel is None or kernel.request is None or kernel.request.request_id != request_id:
             return []
+        self._incremental.touch(kernel)
         kernel.request = None
         if kernel.state == KernelState.QUEUED:
             self._set_state(kernel, self._settled_state(kernel), "request cancelled", now)
@@ -468,10 +473,10 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         )
 
     def device_bookings(self) -> dict[int, int]:
-        return self._booked_by_device()
+        return self._incremental.booked()
 
     def snapshot(self, now: float) -> dict:
-        booked, closed = self._booked_by_device(), self.closed_devices()
+        booked, closed = self._incremental.booked(), self.closed_devices()
         return {
             "devices": [
                 {
@@ -511,10 +516,10 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         return self.usage_today.get(user, 0.0) if int(now // DAY) == self.day else 0.0
 
     def _kernel(self, kernel_id: str) -> Kernel:
-        try:
-            return self.kernels[kernel_id]
-        except KeyError:
-            raise BrokerError(f"unknown kernel {kernel_id}") from None
+        if (kernel := self.kernels.get(kernel_id)) is None:
+            raise BrokerError(f"unknown kernel {kernel_id}")
+        self._incremental.touch(kernel)  # (the event changes it)
+        return kernel
 
     def _drain(self) -> list[Action]:
         """The actions of this event, after any spill that host memory now calls for."""
@@ -534,6 +539,7 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         if old == new:
             return
         kernel.state = new
+        self._incremental.touch(kernel)
         self._emit_state(kernel, old, new, reason, now)
 
     def _settled_state(self, kernel: Kernel) -> KernelState:
@@ -548,15 +554,13 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
 
     def _move(self, kernel: Kernel, device: int | None) -> None:
         """Set where the kernel's GPU state is, keeping the device index in step."""
+        self._incremental.touch(kernel)
         if kernel.device is not None:
             self._by_device[kernel.device].pop(kernel.kernel_id, None)
-            if self._pass is not None:
-                self._pass.changed(kernel.device)
         kernel.device = device
         if device is not None:
             self._by_device[device][kernel.kernel_id] = kernel
-            if self._pass is not None:
-                self._pass.changed(device)
+            self._incremental.changed(device)
 
     def _set_home(self, kernel: Kernel, home: int | None) -> None:
         """Set the device the kernel returns to, keeping the count of kernels at home in step."""
@@ -565,9 +569,6 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         kernel.home = home
         if home is not None:
             self._homed[home] += 1
-
-    def _booked_by_device(self) -> dict[int, int]:
-        return {d: sum(k.booking() for k in on.values()) for d, on in self._by_device.items()}
 
     def _end_lease(self, kernel: Kernel, now: float, peak: int | None) -> None:
         lease = kernel.lease
@@ -613,8 +614,7 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         room = self._host_room(kernel)
         self._hold_host(kernel, reserved=room or 0)
         self._actions.append(Offload(kernel.kernel_id, kernel.device, reason, room))
-        if self._pass is not None:
-            self._pass.changed(kernel.device)
+        self._incremental.touch(kernel)
 
     def _relieve_overcommit(self, device: int | None, now: float) -> None:
         """A cell may end with a larger footprint than it reserved; evict idle kernels to fit again."""
@@ -646,8 +646,7 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         self._set_home(kernel, device)
         kernel.used_gpu = True
         kernel.lease = Lease(request.request_id, device, placement.reservation, now, request.hold)
-        if self._pass is not None:
-            self._pass.changed(device)
+        self._incremental.touch(kernel)
         kernel.last_activity = now
         self._allow_pool(kernel, placement.reservation)
         self._actions.append(

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..devices import DeviceInfo
 from ..units import format_size
+from .incremental import _Context, _DeviceView, _unfreeable
 from .model import LEASE_STATES, Kernel, KernelState, Request
 from .quotas import Limits
 
@@ -65,7 +66,15 @@ class Placement:
             return [d for d, info in self.devices.items() if info.chip == chip]
         return list(self.devices) if request.device is None else [request.device]
 
-    def _place(self, kernel: Kernel, request: Request, claimed: set[int], now: float) -> _Placement:
+    def _of_each_size(self, candidates: list[int]) -> list[int]:
+        """One device of each size among ``candidates`` (what a reservation depends on)."""
+        if self._uniform:
+            return candidates[:1]
+        return list({self.devices[d].total_bytes: d for d in candidates}.values())
+
+    def _placing(self, kernel: Kernel, request: Request, now: float) -> _Context | _Placement:
+        """What placing ``request`` finds before looking at any device, or its placement when
+        that decides it already (a denial, or a wait its user's kernels or quotas make)."""
         limits = self.limits(kernel.user, kernel.groups)
         denial = self._time_quota_denial(kernel, request, now)
         if denial:
@@ -112,22 +121,32 @@ class Placement:
             return _Placement(deny=quota_deny)
         if quota_wait:
             return _Placement(wait=quota_wait)
-
-        assert self._pass is not None
-        if claimed.issuperset(candidates):
-            # Every device it could use is claimed by an earlier request: nothing to decide yet.
-            return _Placement(wait="queued behind earlier requests for the same GPU")
-        # Within a pass room only shrinks (grants book it, offloads started are not yet done), so a
-        # request of a kernel that may use any device and asks at least as much as one that found
-        # every free device busy is busy too: it claims the least busy one without a search.
         anywhere = (
             self._uniform
             and kernel.device is None
             and not quota_victims
             and len(candidates) == len(self.devices)
         )
+        own_fixed = kernel.booking() if _unfreeable(kernel) else 0
+        return _Context(
+            limits, candidates, frozenset(candidates), quota_victims, anywhere, own_fixed
+        )
+
+    def _on_devices(
+        self, kernel: Kernel, request: Request, context: _Context, claimed: set[int]
+    ) -> tuple[_Placement, list[tuple] | None]:
+        """The device ``request`` runs on, or waits for, and the ranks of its unclaimed
+        candidates that could make room (None: decided without ranking them)."""
+        candidates, limits = context.candidates, context.limits
+        if claimed.issuperset(candidates):
+            # Every device it could use is claimed by an earlier request: nothing to decide yet.
+            return _Placement(wait="queued behind earlier requests for the same GPU"), None
+        assert self._pass is not None
+        # Within a pass room only shrinks (grants book it, offloads started are not yet done), so a
+        # request of a kernel that may use any device and asks at least as much as one that found
+        # every free device busy is busy too: it claims the least busy one without a search.
         asked = 0
-        if anywhere:
+        if context.anywhere:
             asked = self._reservation(kernel, request, self.devices[candidates[0]], limits)
             floor = self._pass.busy_floor
             if floor is not None and asked >= floor:
@@ -136,67 +155,15 @@ class Placement:
                     device=device,
                     reservation=asked,
                     wait=f"GPU {device} is busy with running cells",
-                )
-        own_fixed = kernel.booking() if _unfreeable(kernel) else 0
-        best: tuple | None = None
-        eventual = False
-        reservations: dict[int, int] = {}  # by device size: the only thing it depends on
-        for d in candidates:
-            if d in claimed:
-                # An earlier request runs here first; this one is looked at again after it.
-                eventual = True
-                continue
-            info = self.devices[d]
-            view = self._pass.view(d)
-            own = kernel.booking() if kernel.device == d else 0
-            leaving = (
-                sum(v.booking() for v in quota_victims if v.device == d) if quota_victims else 0
-            )
-            free = info.total_bytes - (view.booked - own - leaving)
-            freeable = info.total_bytes - (view.fixed - (own_fixed if kernel.device == d else 0))
-            reservation = reservations.get(info.total_bytes)
-            if reservation is None:
-                reservation = reservations[info.total_bytes] = self._reservation(
-                    kernel, request, info, limits
-                )
-            if request.memory is None and not kernel.peaks:
-                # "The whole device" for a first cell means all that can be made free there: not
-                # what a kernel that stopped answering holds, unless little else would be left
-                # (then it waits for that kernel rather than run with next to nothing booked).
-                state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes
-                room = freeable - view.stalled
-                if room < min(reservation, self.policy.margin_bytes):
-                    room = freeable
-                reservation = max(min(reservation, room), state)
-            if freeable < reservation:
-                continue  # never fits here without someone unpinning
-            # Only fits once a kernel that stopped answering gives its memory back.
-            needs_stalled = freeable - view.stalled < reservation
-            affinity = 0 if d in (kernel.device, kernel.home) else 1
-            victims: list[Kernel] = []
-            if free >= reservation:
-                key = (0, affinity, free - reservation, d)
-            else:
-                need = reservation - free
-                pending = view.offloading
-                for victim in self._pass.victims(d):
-                    if pending >= need:
-                        break
-                    if victim is kernel or victim in quota_victims or not self._evictable(victim):
-                        continue
-                    victims.append(victim)
-                    pending += victim.booking()
-                if pending >= need:
-                    key = (1, affinity, sum(v.booking() for v in victims), d)
-                elif needs_stalled:
-                    key = (3, affinity, view.stalled, d)
-                else:
-                    key = (2, affinity, view.running, d)
-            if best is None or key < best[0]:
-                best = (key, d, reservation, victims)
-        if best is None:
-            if eventual:
-                return _Placement(wait="queued behind earlier requests for the same GPU")
+                ), None
+        # The best rank does not depend on the order devices are ranked in (ranks end with the
+        # device), so unclaimed devices are taken as a set. A claimed one: an earlier request
+        # runs there first, and this one is looked at again after it.
+        unclaimed = context.candidate_set - claimed
+        ranks = [r for d in unclaimed if (r := self._rank(kernel, request, context, d))]
+        if not ranks:
+            if len(unclaimed) < len(candidates):
+                return _Placement(wait="queued behind earlier requests for the same GPU"), None
             sizes = ", ".join(
                 f"GPU {d}: {format_size(self._reservation(kernel, request, self.devices[d], limits))}"
                 for d in candidates
@@ -214,12 +181,76 @@ class Placement:
                 deny=f"no GPU can make room for this request ({sizes}) while pinned or "
                 "non-offloadable kernels hold their memory; unpin a kernel or ask for less with "
                 "%%singularity --memory SIZE" + "".join(refusals)
+            ), None
+        return self._placement_on(kernel, context, min(ranks), asked), ranks
+
+    def _rank(self, kernel: Kernel, request: Request, context: _Context, d: int) -> tuple | None:
+        """How well device ``d`` suits the request, as (key, device, reservation, victims): the
+        smallest key wins. None: it never fits there without someone unpinning. It depends on
+        the device and the request alone."""
+        assert self._pass is not None
+        quota_victims = context.quota_victims
+        info = self.devices[d]
+        view = self._incremental.view(d)
+        own = kernel.booking() if kernel.device == d else 0
+        leaving = sum(v.booking() for v in quota_victims if v.device == d) if quota_victims else 0
+        free = info.total_bytes - (view.booked - own - leaving)
+        own_fixed = context.own_fixed if kernel.device == d else 0
+        freeable = info.total_bytes - (view.fixed - own_fixed)
+        reservation = context.reservations.get(info.total_bytes)
+        if reservation is None:
+            reservation = context.reservations[info.total_bytes] = self._reservation(
+                kernel, request, info, context.limits
             )
+        if request.memory is None and not kernel.peaks:
+            # "The whole device" for a first cell means all that can be made free there: not
+            # what a kernel that stopped answering holds, unless little else would be left
+            # (then it waits for that kernel rather than run with next to nothing booked).
+            state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes
+            room = freeable - view.stalled
+            if room < min(reservation, self.policy.margin_bytes):
+                room = freeable
+            reservation = max(min(reservation, room), state)
+        if freeable < reservation:
+            return None
+        # Only fits once a kernel that stopped answering gives its memory back.
+        needs_stalled = freeable - view.stalled < reservation
+        affinity = 0 if d in (kernel.device, kernel.home) else 1
+        if free >= reservation:
+            return ((0, affinity, free - reservation, d), d, reservation, [])
+        need = reservation - free
+        pending = view.offloading
+        victims: list[Kernel] = []
+        freed: int | None
+        if kernel.device != d and not quota_victims:
+            # Every kernel in the device's eviction order may go: its shortest prefix.
+            found = self._incremental.evict_for(d, need - pending, self._pass.now)
+            victims, freed = found if found is not None else ([], None)
+        else:
+            for victim in self._pass.victims(d):
+                if pending >= need:
+                    break
+                if victim is kernel or victim in quota_victims:
+                    continue
+                victims.append(victim)
+                pending += victim.booking()
+            freed = None if pending < need else sum(v.booking() for v in victims)
+        if freed is not None:
+            return ((1, affinity, freed, d), d, reservation, victims)
+        if needs_stalled:
+            return ((3, affinity, view.stalled, d), d, reservation, [])
+        return ((2, affinity, view.running, d), d, reservation, [])
+
+    def _placement_on(
+        self, kernel: Kernel, context: _Context, best: tuple, asked: int
+    ) -> _Placement:
+        """The placement on the best device found (rank, device, reservation, victims)."""
         (tier, *_), device, reservation, victims = best
-        if anywhere and tier == 2:
+        assert self._pass is not None
+        if context.anywhere and tier == 2:
             floor = self._pass.busy_floor
             self._pass.busy_floor = asked if floor is None else min(floor, asked)
-        for victim in quota_victims:
+        for victim in context.quota_victims:
             if victim.state == KernelState.RESIDENT:
                 victims = [*victims, victim]
         if tier == 0 and not victims:
@@ -247,8 +278,11 @@ class Placement:
         return _Placement(device=device, reservation=reservation, victims=victims)
 
     def _time_quota_denial(self, kernel: Kernel, request: Request, now: float) -> str:
+        """Why the request is denied for GPU time today (in a pass, at its ``now``), if it is."""
+        if not request.hold or not self._incremental.reached_a_time_quota(kernel.user):
+            return ""
         limits = self.limits(kernel.user, kernel.groups)
-        if not request.hold or limits.gpu_seconds_per_day is None:
+        if limits.gpu_seconds_per_day is None:
             return ""
         used = self.used_seconds(kernel.user, now)
         if used < limits.gpu_seconds_per_day:
@@ -273,7 +307,10 @@ class Placement:
             if k is not kernel and k.device is not None and k.state != KernelState.OFFLOADING
         ]
         leaving = [k for k in users_kernels if k.state == KernelState.OFFLOADING]
-        need = max(self._reservation(kernel, request, self.devices[d], limits) for d in candidates)
+        need = max(
+            self._reservation(kernel, request, self.devices[d], limits)
+            for d in self._of_each_size(candidates)
+        )
         booked = sum(k.booking() for k in mine)
         resident = sum(1 for k in mine if k.state in (*LEASE_STATES, KernelState.RESIDENT))
         victims: list[Kernel] = []
@@ -318,44 +355,14 @@ class Placement:
         return [], "", f"{what}; offload or unpin one of them first"
 
 
-def _unfreeable(kernel: Kernel) -> bool:
-    """Memory no eviction can free: pinned, refused or failed kernels, and what an offload left
-    behind (e.g. a CUDA context), which stays until the kernel runs again. (A kernel that stopped
-    answering holds its memory only until it answers again or ends: see ``_DeviceView.stalled``.)"""
-    return kernel.stalled_since is None and (
-        kernel.pinned
-        or bool(kernel.refused)
-        or kernel.state == KernelState.ERROR
-        or (
-            kernel.lease is None
-            and kernel.state not in (KernelState.RESIDENT, KernelState.OFFLOADING, *LEASE_STATES)
-        )
-    )
-
-
-@dataclass
-class _DeviceView:
-    """Aggregates of one device, computed once per scheduling pass (and again after it changes)."""
-
-    booked: int
-    fixed: int
-    offloading: int
-    running: int
-    evictable: list[Kernel]
-    ordered: bool = False
-    stalled: int = 0
-    """Bytes booked by kernels that stopped answering: not free, but not lost for good either."""
-    stalled_kernels: list[Kernel] = field(default_factory=list)
-
-
 class _Pass:
-    """Per-pass caches, so a pass costs about O(requests x devices), not O(requests x kernels)."""
+    """Per-pass caches: running GPU time per user, the shortcut for requests that may run
+    anywhere (device views are kept between passes: see :mod:`.incremental`)."""
 
     def __init__(self, core: BrokerCore, now: float) -> None:
         self.core = core
         self.now = now
         self._running_seconds: dict[str, float] = {}
-        self._views: dict[int, _DeviceView] = {}
         self.busy_floor: int | None = None
         """The smallest reservation that found every unclaimed device busy in this pass."""
         self._by_busyness: list[int] | None = None
@@ -377,33 +384,8 @@ class _Pass:
         return list(self.core._by_user.get(user, {}).values())
 
     def view(self, device: int) -> _DeviceView:
-        view = self._views.get(device)
-        if view is None:
-            view = self._views[device] = _DeviceView(0, 0, 0, 0, [])
-            for kernel in self.core._by_device[device].values():
-                booking = kernel.booking()
-                view.booked += booking
-                if kernel.stalled_since is not None:
-                    view.stalled += booking
-                    view.stalled_kernels.append(kernel)
-                elif _unfreeable(kernel):
-                    view.fixed += booking
-                if kernel.state == KernelState.OFFLOADING and kernel.stalled_since is None:
-                    view.offloading += kernel.gpu_bytes
-                if kernel.lease is not None or kernel.state == KernelState.RUNNING:
-                    view.running += booking  # (running without a lease: see broker.rejoin)
-                elif self.core._evictable(kernel):
-                    view.evictable.append(kernel)
-        return view
+        return self.core._incremental.view(device)
 
     def victims(self, device: int) -> list[Kernel]:
-        """The device's evictable kernels in eviction order (sorted on first use in a pass)."""
-        view = self.view(device)
-        if not view.ordered:
-            view.evictable.sort(key=lambda k: self.core._eviction_key(k, self.now))
-            view.ordered = True
-        return view.evictable
-
-    def changed(self, device: int) -> None:
-        """Something on ``device`` changed during the pass: recompute its view when next asked."""
-        self._views.pop(device, None)
+        """The device's evictable kernels in eviction order."""
+        return self.core._incremental.victims(device, self.now)

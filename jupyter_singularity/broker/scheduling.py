@@ -13,6 +13,7 @@ import bisect
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from .incremental import Incremental
 from .model import (
     OFF_DEVICE_STATES,
     Action,
@@ -49,7 +50,7 @@ class Scheduling:
     """Requests in fair-share order; one whose kernel no longer holds it is dropped when next read."""
     _ended_today: Callable[[str, float], float]
     _time_quota_denial: Callable[[Kernel, Request, float], str]
-    _place: Callable[..., _Placement]
+    _incremental: Incremental
     _grant: Callable[[Kernel, Request, _Placement, float], None]
     _start_offload: Callable[[Kernel, str, float], None]
     _set_state: Callable[[Kernel, KernelState, str, float], None]
@@ -93,6 +94,8 @@ class Scheduling:
         if not queue:
             return
         self._pass = _Pass(self, now)
+        incremental = self._incremental
+        incremental.begin(now)
         try:
             claimed: set[int] = set()
             position = 0
@@ -102,13 +105,14 @@ class Scheduling:
                     # Every device is claimed by a request ahead: only a denial can be decided.
                     self._wait_behind(queue[index:], position, now)
                     return
+                incremental.ahead(request.order)
                 kernel = self.kernels[request.kernel_id]
                 if kernel.lease is not None:
                     # Its explicit restore is under way; the cell is granted once it is back.
                     position += 1
                     self._tell_position(request, position, _RESTORING)
                     continue
-                placement = self._place(kernel, request, claimed, now)
+                placement = incremental.place(kernel, request, claimed, now)
                 if placement.deny:
                     self._deny(kernel, request, placement.deny, now)
                     continue
@@ -119,6 +123,7 @@ class Scheduling:
                 if placement.device is not None:
                     request.claimed = placement.device
                     claimed.add(placement.device)
+                    incremental.claim(request.order, placement.device)
                 for victim in placement.victims:
                     if victim.state == KernelState.RESIDENT:
                         self._start_offload(
@@ -129,6 +134,7 @@ class Scheduling:
                     self._set_state(kernel, KernelState.QUEUED, reason, now)
                 self._tell_position(request, position, reason)
         finally:
+            incremental.end()
             self._pass = None
 
     def _wait_behind(self, rest: list[Request], position: int, now: float) -> None:
@@ -153,6 +159,7 @@ class Scheduling:
                 actions.append(Wait(request.kernel_id, request.request_id, position, reason))
 
     def _deny(self, kernel: Kernel, request: Request, reason: str, now: float) -> None:
+        self._incremental.touch(kernel)
         kernel.request = None
         self._actions.append(Deny(kernel.kernel_id, request.request_id, reason))
         if kernel.state == KernelState.QUEUED:

@@ -1,0 +1,384 @@
+"""What a scheduling pass keeps from the last one: device views and each request's placement.
+
+Between two passes little changes (a cell ended on one device, an offload was reported on
+another), yet a pass that starts from nothing re-places every queued request over every candidate
+device: O(requests x devices) per decision. Kept between passes here:
+
+- each device's view (bookings, evictable kernels in eviction order), dropped when something on
+  the device changes;
+- a log of the devices that changed, a version per user (bumped by any change to one of the
+  user's kernels) and an epoch for changes every decision depends on (quotas, closed devices, a
+  new day);
+- each request's placement as the last pass found it, with what it was found from.
+
+A request is placed again only as far as its inputs changed: not at all when its user and its
+candidate devices are as they were, and so are the claims ahead of it on them; over the changed
+devices alone when the device it chose is not one of them (a device's rank for a request depends
+on that device and the request only); in full otherwise. So a pass decides exactly what a pass
+from nothing would.
+
+Time alone changes one input: a user's GPU time today grows while their cells run, and crossing a
+daily quota changes both the denial of their requests and the order in which their idle kernels
+are evicted. A heap holds when each user with running leases next crosses one; a pass then
+marks them changed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .model import DAY, LEASE_STATES, Kernel, KernelState, Request
+from .quotas import Limits
+
+if TYPE_CHECKING:
+    from .core import BrokerCore
+    from .placement import _Placement
+
+_EARLY = 1e-3
+"""Seconds before a computed quota crossing at which a user is looked at again (rounding)."""
+
+
+@dataclass
+class _DeviceView:
+    """Aggregates of one device, kept until something on it changes."""
+
+    booked: int
+    fixed: int
+    offloading: int
+    running: int
+    evictable: list[Kernel]
+    """Its kernels that may be evicted (in eviction order once ``ordered``): a kernel that may
+    not be any more changes the device, and so the view."""
+    ordered: bool = False
+    freed: list[int] = field(default_factory=list)
+    """Once ordered: the bytes evicting the first 1, 2... kernels frees."""
+    stalled: int = 0
+    """Bytes booked by kernels that stopped answering: not free, but not lost for good either."""
+    stalled_kernels: list[Kernel] = field(default_factory=list)
+
+
+@dataclass
+class _Context:
+    """What placing a request found before looking at any device: it changes only with its
+    user's kernels, the quotas and the closed devices."""
+
+    limits: Limits
+    candidates: list[int]
+    candidate_set: frozenset[int]
+    quota_victims: list[Kernel]
+    anywhere: bool
+    """It may run on any device of a pool of one size: the pass's shortcut applies."""
+    own_fixed: int
+    reservations: dict[int, int] = field(default_factory=dict)
+    """By device size, the only thing a reservation depends on besides the request."""
+
+
+@dataclass
+class _Memo:
+    """A request's placement in the last pass, and what it was found from."""
+
+    request: Request
+    placement: _Placement
+    context: _Context | None
+    """None: decided before any device was looked at (it depends on its user alone)."""
+    ranks: dict[int, tuple] | None
+    """Per unclaimed candidate that could make room: its rank (see ``Placement._rank``). None:
+    decided without ranking them."""
+    heap: list[tuple]
+    """The same ranks as a heap, with ranks since replaced left in until they reach the top."""
+    user_version: int
+    epoch: int
+    seq: int
+    """Position in the change log up to which it is known valid."""
+    pass_no: int
+
+
+class Incremental:
+    """What a scheduling pass of :class:`~.core.BrokerCore` keeps (see the module docstring)."""
+
+    def __init__(self, core: BrokerCore) -> None:
+        self.core = core
+        self._views: dict[int, _DeviceView] = {}
+        self._log: list[int] = []
+        self._base = 0
+        """Change-log position of ``_log[0]``."""
+        self._user_versions: dict[str, int] = {}
+        self._touched: set[str] = set()
+        self._over: dict[str, int] = {}
+        """Per user: how many of their daily GPU-time quotas they reached, as of the last pass."""
+        self._flips: list[tuple[float, int, str]] = []
+        self._flip_versions: dict[str, int] = {}
+        self._epoch = 0
+        self._day: int | None = None
+        self._closed: dict[int, str] = {}
+        self._settings: tuple = ()
+        """The quotas and policy the kept placements were found under."""
+        self._memos: dict[str, _Memo] = {}
+        self._pass_no = 0
+        self._claims: list[tuple[tuple[float, int], int]] = []
+        self._old_claims: list[tuple[tuple[float, int], int]] = []
+        self._next_old = 0
+        self._claims_differ: set[int] = set()
+        """Devices claimed ahead of the current request in this pass or in the last, not both."""
+
+    # ------------------------------------------------------------------------- changes
+
+    def changed(self, device: int) -> None:
+        """Something on ``device`` changed: its view is rebuilt and its requests looked at again."""
+        self._views.pop(device, None)
+        self._log.append(device)
+
+    def touch(self, kernel: Kernel) -> None:
+        """``kernel`` changes (or may): its device, and every request of its user, are looked at
+        again."""
+        if kernel.device is not None:
+            self.changed(kernel.device)
+        user = kernel.user
+        self._user_versions[user] = self._user_versions.get(user, 0) + 1
+        self._touched.add(user)
+
+    def _reset(self) -> None:
+        self._views.clear()
+        self._memos.clear()
+        self._epoch += 1
+
+    # ------------------------------------------------------------------------- views
+
+    def view(self, device: int) -> _DeviceView:
+        view = self._views.get(device)
+        if view is None:
+            view = self._views[device] = _DeviceView(0, 0, 0, 0, [])
+            core = self.core
+            for kernel in core._by_device[device].values():
+                booking = kernel.booking()
+                view.booked += booking
+                if kernel.stalled_since is not None:
+                    view.stalled += booking
+                    view.stalled_kernels.append(kernel)
+                elif _unfreeable(kernel):
+                    view.fixed += booking
+                if kernel.state == KernelState.OFFLOADING and kernel.stalled_since is None:
+                    view.offloading += kernel.gpu_bytes
+                if kernel.lease is not None or kernel.state == KernelState.RUNNING:
+                    view.running += booking  # (running without a lease: see broker.rejoin)
+                elif core._evictable(kernel):
+                    view.evictable.append(kernel)
+        return view
+
+    def victims(self, device: int, now: float) -> list[Kernel]:
+        """The device's evictable kernels in eviction order (sorted when first needed)."""
+        view = self.view(device)
+        if not view.ordered:
+            view.evictable.sort(key=lambda k: self.core._eviction_key(k, now))
+            view.freed = list(itertools.accumulate(k.booking() for k in view.evictable))
+            view.ordered = True
+        return view.evictable
+
+    def evict_for(self, device: int, nbytes: int, now: float) -> tuple[list[Kernel], int] | None:
+        """The fewest of the device's kernels, in eviction order, that free ``nbytes``, and the
+        bytes they free; None if all of them cannot."""
+        if nbytes <= 0:
+            return [], 0
+        ordered = self.victims(device, now)
+        freed = self._views[device].freed
+        count = bisect.bisect_left(freed, nbytes)
+        if count == len(freed):
+            return None
+        return ordered[: count + 1], freed[count]
+
+    def booked(self) -> dict[int, int]:
+        return {d: self.view(d).booked for d in self.core.devices}
+
+    # ------------------------------------------------------------------------- a pass
+
+    def begin(self, now: float) -> None:
+        """A pass starts: drop what a new day, new quotas or policy, or closed devices make
+        stale, and mark the users whose daily GPU-time quota was crossed since the last pass."""
+        core = self.core
+        day, closed = int(now // DAY), core.closed_devices()
+        settings = (core.quotas, core.policy)
+        if day != self._day or closed != self._closed or settings != self._settings:
+            self._day, self._closed, self._settings = day, dict(closed), settings
+            self._reset()
+            self._touched.update(core._by_user)  # (their quotas, or their GPU time, changed)
+        due = []
+        while self._flips and self._flips[0][0] <= now:
+            _, version, user = heapq.heappop(self._flips)
+            if self._flip_versions.get(user) == version:
+                due.append(user)
+        for user in (*self._touched, *due):
+            self._watch(user, now)
+        self._touched.clear()
+        self._next_old = 0
+        self._claims_differ = set()
+        self._claims = []
+        self._start = self._base + len(self._log)
+
+    def end(self) -> None:
+        """The pass is over: its claims are what the next pass compares with."""
+        self._old_claims = self._claims
+        self._pass_no += 1
+        # Memos not looked at in this pass are stale: the log before it is needed no more.
+        del self._log[: self._start - self._base]
+        self._base = self._start
+
+    def reached_a_time_quota(self, user: str) -> bool:
+        """Whether ``user`` reached one of their daily GPU-time quotas, exact during a pass: if
+        not, no request of theirs is denied for GPU time (the common case needs no sum)."""
+        return self._over.get(user, 0) > 0
+
+    def ahead(self, order: tuple[float, int]) -> None:
+        """The pass reached the request of this ``order``: the last pass's claims of the requests
+        before it count as claimed ahead."""
+        old, index = self._old_claims, self._next_old
+        if index < len(old) and old[index][0] < order:
+            differ = self._claims_differ
+            while index < len(old) and old[index][0] < order:
+                differ ^= {old[index][1]}
+                index += 1
+            self._next_old = index
+
+    def claim(self, order: tuple[float, int], device: int) -> None:
+        self._claims.append((order, device))
+        self._claims_differ ^= {device}
+
+    def _watch(self, user: str, now: float) -> None:
+        """Look again at how many daily GPU-time quotas ``user`` reached; if that changed, their
+        requests and the eviction order of their kernels' devices change; keep when it next does."""
+        core = self.core
+        kernels = core._by_user.get(user)
+        self._flip_versions[user] = version = self._flip_versions.get(user, 0) + 1
+        if not kernels:
+            self._over.pop(user, None)
+            return
+        quotas = {core.limits(user, k.groups).gpu_seconds_per_day for k in kernels.values()}
+        thresholds = sorted(q for q in quotas if q is not None)
+        used = core.used_seconds(user, now) if thresholds else 0.0
+        reached = bisect.bisect_right(thresholds, used)
+        if self._over.get(user, 0) != reached:
+            self._over[user] = reached
+            self._user_versions[user] = self._user_versions.get(user, 0) + 1
+            for kernel in kernels.values():
+                if kernel.device is not None:
+                    self.changed(kernel.device)
+        running = sum(1 for k in kernels.values() if k.lease is not None and k.lease.hold)
+        if running and reached < len(thresholds):
+            at = now + (thresholds[reached] - used) / running - _EARLY
+            heapq.heappush(self._flips, (at, version, user))
+
+    # ------------------------------------------------------------------------- placing
+
+    def place(self, kernel: Kernel, request: Request, claimed: set[int], now: float) -> _Placement:
+        """Where ``request`` runs, placed again only as far as its inputs changed."""
+        core = self.core
+        memo = self._memos.get(kernel.kernel_id)
+        version = self._user_versions.get(kernel.user, 0)
+        seq = self._base + len(self._log)
+        if (
+            memo is not None
+            and memo.request is request
+            and memo.pass_no == self._pass_no - 1
+            and memo.epoch == self._epoch
+            and memo.user_version == version
+        ):
+            context = memo.context
+            changed = None if context is None else self._changed_for(memo, context.candidate_set)
+            if changed:
+                assert context is not None
+                if memo.ranks is None or context.anywhere:
+                    memo.placement, ranks = core._on_devices(kernel, request, context, claimed)
+                    memo.ranks, memo.heap = _ranked(ranks)
+                else:
+                    memo.placement = self._rank_again(
+                        kernel, request, context, claimed, memo, changed
+                    )
+            memo.seq, memo.pass_no = seq, self._pass_no
+            if memo.placement.deny:
+                del self._memos[kernel.kernel_id]
+            return memo.placement
+        context = core._placing(kernel, request, now)
+        ranks = None
+        if isinstance(context, _Context):
+            placement, ranks = core._on_devices(kernel, request, context, claimed)
+        else:
+            placement, context = context, None
+        if placement.deny:
+            self._memos.pop(kernel.kernel_id, None)
+        else:
+            self._memos[kernel.kernel_id] = _Memo(
+                request,
+                placement,
+                context,
+                *_ranked(ranks),
+                version,
+                self._epoch,
+                seq,
+                self._pass_no,
+            )
+        return placement
+
+    def _rank_again(
+        self,
+        kernel: Kernel,
+        request: Request,
+        context: _Context,
+        claimed: set[int],
+        memo: _Memo,
+        changed: set[int],
+    ) -> _Placement:
+        """Rank the changed devices again (the others' ranks stand) and place on the best."""
+        core, ranks, heap = self.core, memo.ranks, memo.heap
+        assert ranks is not None
+        for d in changed:
+            ranks.pop(d, None)
+            if d not in claimed and (rank := core._rank(kernel, request, context, d)):
+                ranks[d] = rank
+                heapq.heappush(heap, rank)
+        while heap and ranks.get(heap[0][1]) is not heap[0]:
+            heapq.heappop(heap)
+        if not heap:
+            placement, fresh = core._on_devices(kernel, request, context, claimed)
+            memo.ranks, memo.heap = _ranked(fresh)
+            return placement
+        if len(heap) > 2 * len(ranks) + 16:
+            memo.heap = heap = list(ranks.values())
+            heapq.heapify(heap)
+        return core._placement_on(kernel, context, heap[0], 0)
+
+    def _changed_for(self, memo: _Memo, candidates: frozenset[int]) -> set[int]:
+        """The request's candidate devices that changed since its memo, or that are claimed
+        ahead of it in this pass and not in the last, or the other way round."""
+        since = memo.seq - self._base
+        changed = (
+            {d for d in self._log[since:] if d in candidates} if since < len(self._log) else set()
+        )
+        if self._claims_differ:
+            changed.update(d for d in self._claims_differ if d in candidates)
+        return changed
+
+
+def _ranked(ranks: list[tuple] | None) -> tuple[dict[int, tuple] | None, list[tuple]]:
+    """Ranks by device, and as a heap."""
+    if ranks is None:
+        return None, []
+    heapq.heapify(ranks)
+    return {rank[1]: rank for rank in ranks}, ranks
+
+
+def _unfreeable(kernel: Kernel) -> bool:
+    """Memory no eviction can free: pinned, refused or failed kernels, and what an offload left
+    behind (e.g. a CUDA context), which stays until the kernel runs again. (A kernel that stopped
+    answering holds its memory only until it answers again or ends: see ``_DeviceView.stalled``.)"""
+    return kernel.stalled_since is None and (
+        kernel.pinned
+        or bool(kernel.refused)
+        or kernel.state == KernelState.ERROR
+        or (
+            kernel.lease is None
+            and kernel.state not in (KernelState.RESIDENT, KernelState.OFFLOADING, *LEASE_STATES)
+        )
+    )

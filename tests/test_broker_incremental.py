@@ -1,0 +1,138 @@
+"""A pass that keeps device views and placements from the last one decides as a pass from nothing.
+
+Two cores get the same random events (cells asking, ending and being cancelled, offloads and
+restores reported, kernels coming and going, pinned, stalled, devices closed, quotas changed, time
+passing across daily GPU-time quotas while cells run). One keeps what its passes found between
+events; the other starts every event from nothing (a new :class:`Incremental` that also sums
+every request's GPU time). Every event must return the same actions from both.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from jupyter_singularity.broker.core import BrokerCore
+from jupyter_singularity.broker.incremental import Incremental
+from jupyter_singularity.broker.model import BrokerError, Deny, Grant, KernelState, Offload, Policy
+from jupyter_singularity.broker.quotas import Quotas
+from jupyter_singularity.devices import DeviceInfo
+
+GiB = 1 << 30
+QUOTA_SETS = [
+    {
+        "default": {"gpu_hours_per_day": 0.02, "max_resident_kernels": 3},
+        "group:big": {"priority": 2, "gpu_hours_per_day": 0.05, "gpu_memory": "20GiB"},
+    },
+    {"default": {"gpu_memory": "12GiB"}, "user:u1": {"gpu_hours_per_day": 0.01}},
+    {"user:u2": {"priority": 0.5, "max_resident_kernels": 1}},
+]
+
+
+class FromNothing(Incremental):
+    """Keeps nothing it could reuse: every event starts a new one, and a request's GPU-time quota
+    is always summed."""
+
+    def reached_a_time_quota(self, user: str) -> bool:
+        return True
+
+
+def devices(seed: int) -> list[DeviceInfo]:
+    """Three or five devices: of one size, or of two chips and sizes (migration within a chip)."""
+    count = 3 if seed % 2 else 5
+    if seed % 3 == 0:
+        return [DeviceInfo(i, f"GPU-{i}", "X", "X", 16 * GiB) for i in range(count)]
+    return [
+        DeviceInfo(
+            i, f"GPU-{i}", "A" if i % 2 else "B", "A" if i % 2 else "B", (i % 2 + 1) * 8 * GiB
+        )
+        for i in range(count)
+    ]
+
+
+def event(core: BrokerCore, rng: random.Random, serial: int, now: float, pending: list) -> list:
+    """One random event on ``core`` (the same for both cores: ``rng`` is seeded alike)."""
+    kernels = sorted(core.kernels.values(), key=lambda k: k.kernel_id)
+    kernel = rng.choice(kernels) if kernels else None
+    roll = rng.random()
+    try:
+        if kernel is None or roll < 0.07:
+            groups = ("big",) if rng.random() < 0.3 else ()
+            return core.register(f"k{serial}", f"u{serial % 9}", now, groups)
+        if roll < 0.1:
+            return core.unregister(kernel.kernel_id, now)
+        if roll < 0.42 and kernel.lease is None and kernel.request is None:
+            memory = rng.choice((None, None, 2 * GiB, 5 * GiB))
+            return core.acquire(kernel.kernel_id, f"r{serial}", now, memory)
+        if roll < 0.46 and kernel.request is not None:
+            return core.cancel(kernel.kernel_id, kernel.request.request_id, now)
+        if roll < 0.68 and kernel.lease is not None and kernel.lease.hold:
+            peak = rng.randrange(1, 7) * GiB
+            rid = kernel.lease.request_id
+            return core.release(kernel.kernel_id, rid, now, peak, peak // 2)
+        if roll < 0.8 and pending:
+            kernel = core.kernels.get(pending.pop(0))
+            if kernel is not None and kernel.state == KernelState.OFFLOADING:
+                return core.offloaded(kernel.kernel_id, now, kernel.gpu_bytes)
+            if kernel is not None and kernel.state == KernelState.RESTORING:
+                return core.restored(kernel.kernel_id, now)
+            return core.tick(now)
+        if roll < 0.83:
+            return core.set_pinned(kernel.kernel_id, not kernel.pinned, now)
+        if roll < 0.86:
+            since = None if kernel.stalled_since is not None else now
+            return core.set_stalled(kernel.kernel_id, since, now)
+        if roll < 0.88:
+            device = rng.randrange(len(core.devices))
+            reason = None if device in core.unavailable else "a lease there may still write"
+            return core.set_device_unavailable(device, reason, now)
+        if roll < 0.9:
+            return core.set_quotas(Quotas.parse(rng.choice(QUOTA_SETS)), now)
+        if roll < 0.92 and kernel.state == KernelState.OFFLOADED:
+            return core.restore(kernel.kernel_id, now)
+        return core.tick(now)
+    except BrokerError as error:
+        return [str(error)]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_kept_placements_decide_as_a_pass_from_nothing(seed: int) -> None:
+    quotas = QUOTA_SETS[seed % len(QUOTA_SETS)]
+    policy = Policy(migration=seed % 4 != 1)
+    kept, fresh = (
+        BrokerCore(devices(seed), Quotas.parse(quotas), policy, now=0.0) for _ in range(2)
+    )
+    rng_kept, rng_fresh = random.Random(seed), random.Random(seed)
+    now, pending_kept, pending_fresh = 0.0, [], []
+    grants = 0
+    for serial in range(500):
+        now += random.Random(seed * 1000 + serial).choice((0.5, 3.0, 20.0))
+        fresh._incremental = FromNothing(fresh)
+        expected = event(fresh, rng_fresh, serial, now, pending_fresh)
+        actions = event(kept, rng_kept, serial, now, pending_kept)
+        assert actions == expected, f"event {serial}"
+        for pending, happened in ((pending_kept, actions), (pending_fresh, expected)):
+            pending += [a.kernel_id for a in happened if isinstance(a, Offload)]
+            pending += [a.kernel_id for a in happened if isinstance(a, Grant) and a.restore]
+        grants += sum(isinstance(a, Grant) for a in actions)
+    assert grants > 20  # (the sequence does place requests)
+
+
+def test_time_alone_denies_a_queued_cell_once_its_user_ran_through_the_daily_quota() -> None:
+    """Nothing but time changes between the two passes: the user's running cell crosses their
+    daily GPU time, so the request kept from the last pass is denied now, not kept waiting."""
+    quotas = Quotas.parse({"default": {"gpu_hours_per_day": 0.01}})  # 36 s
+    devices_ = [DeviceInfo(0, "GPU-0", "X", "X", 16 * GiB)]
+    core = BrokerCore(devices_, quotas, Policy(), now=0.0)
+    for kernel_id in ("a1", "a2", "b1"):
+        core.register(kernel_id, "alice" if kernel_id[0] == "a" else "bob", 0.0)
+    assert any(isinstance(a, Grant) for a in core.acquire("a1", "r1", 1.0))
+    core.acquire("b1", "r2", 2.0)  # bob waits for the whole device...
+    core.acquire("a2", "r3", 3.0)  # ...and alice's second cell behind him
+    assert core.kernels["a2"].request is not None
+    assert not [a for a in core.tick(20.0) if isinstance(a, Deny)]  # 19 s so far
+    actions = core.tick(40.0)  # alice's cell ran 39 s
+    denials = [a for a in actions if isinstance(a, Deny)]
+    assert [(d.kernel_id, d.request_id) for d in denials] == [("a2", "r3")], actions
+    assert "GPU-time quota reached" in denials[0].reason
