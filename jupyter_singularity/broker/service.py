@@ -164,6 +164,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
             now=now,
         )
         self._connections: dict[str, KernelConnection] = {}
+        self._swaps = {}
         self._rpc = RPCServer(self._key_for, self._handle, log)
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None

@@ -62,13 +62,8 @@ class SwapRoom:
     _connections: dict[str, KernelConnection]
     _spawn: Callable[[Any], None]
     _answer_grant: Callable[[Grant], None]
-
-    def _swap_table(self) -> dict[str, Swap]:
-        """Each swap under way, by its incoming kernel and by each of its victims."""
-        table = self.__dict__.get("_swaps")
-        if table is None:
-            table = self.__dict__["_swaps"] = {}
-        return table
+    _swaps: dict[str, Swap]
+    """Each swap under way, by its incoming kernel and by each of its victims."""
 
     def _pair_swap(self, action: Offload) -> bool:
         """Whether the victim of ``action`` makes room for a kernel that can restore meanwhile
@@ -76,7 +71,7 @@ class SwapRoom:
         incoming = self._incoming_on(action.device)
         if incoming is None:
             return False
-        table = self._swap_table()
+        table = self._swaps
         swap = table.get(incoming)
         if swap is None or swap.device != action.device:
             if swap is not None and (swap.victims or (swap.given and not swap.returned.is_set())):
@@ -133,7 +128,7 @@ class SwapRoom:
     ) -> None:
         """A victim freed ``bytes`` so far: pass the swap's room on to the incoming kernel."""
         nbytes = count_field(body, "bytes", MAX_STORED_BYTES)
-        table = self._swap_table()
+        table = self._swaps
         swap = table.get(kernel_id)
         if swap is None or kernel_id not in swap.victims or swap.revoked:
             return
@@ -152,7 +147,7 @@ class SwapRoom:
         self, kernel_id: str, connection: KernelConnection, body: dict, now: float
     ) -> None:
         """The incoming kernel undid its early restore: the room it took is free again."""
-        swap = self._swap_table().get(kernel_id)
+        swap = self._swaps.get(kernel_id)
         if swap is not None and swap.incoming == kernel_id:
             swap.revoked = swap.revoked or "given back"
             swap.returned.set()
@@ -163,7 +158,7 @@ class SwapRoom:
     ) -> dict | Any:
         """A victim's offload failed midway: it may refill its storages once the incoming kernel
         gave back the room it restored into."""
-        swap = self._swap_table().get(kernel_id)
+        swap = self._swaps.get(kernel_id)
         if swap is None or kernel_id not in swap.victims:
             return {}
         self._revoke(swap, f"the offload of kernel {kernel_id[:8]} failed")
@@ -186,7 +181,7 @@ class SwapRoom:
         fit together: the room is revoked, and the grant must wait until it is back
         (``_grant_when_returned``), or the device would hold both. A grant to the incoming
         kernel itself settles its swap: the room is booked for it now."""
-        table = self._swap_table()
+        table = self._swaps
         own = table.get(grant.kernel_id)
         if own is not None and own.incoming == grant.kernel_id and not own.victims:
             self._drop_swap(own)
@@ -223,7 +218,7 @@ class SwapRoom:
         """The victim's offload was reported (done or refused): it makes no more room. The room
         given stays with the incoming kernel while its request still claims the device (the
         swap is kept until it is settled: see ``_room_lent``)."""
-        table = self._swap_table()
+        table = self._swaps
         swap = table.pop(victim, None)
         if swap is None:
             return
@@ -234,7 +229,7 @@ class SwapRoom:
             self._drop_swap(swap)
 
     def _drop_swap(self, swap: Swap) -> None:
-        table = self._swap_table()
+        table = self._swaps
         for victim in swap.victims:
             if table.get(victim) is swap:
                 del table[victim]
