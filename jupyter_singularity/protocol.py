@@ -14,7 +14,6 @@ import logging
 import math
 import secrets
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -129,8 +128,12 @@ def generate_key() -> bytes:
     return secrets.token_hex(32).encode("ascii")
 
 
+#: One encoder for every message (``json.dumps`` with options makes a new one each call).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def _dumps(obj: dict) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return _ENCODER.encode(obj).encode("utf-8")
 
 
 def encode(msg: Message, signer: Signer) -> list[bytes]:
@@ -159,7 +162,7 @@ def encode(msg: Message, signer: Signer) -> list[bytes]:
 
 def _loads_object(data: bytes, what: str) -> dict:
     try:
-        obj = json.loads(data)
+        obj = json.loads(data.decode("utf-8"))  # (bytes would be sniffed for their encoding)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ProtocolError(f"malformed JSON in {what}: {exc}", "bad content") from None
     if not isinstance(obj, dict):
@@ -342,7 +345,7 @@ class Sequencer:
             type=type,
             body=body,
             kernel_id=self.kernel_id,
-            msg_id=msg_id or uuid.uuid4().hex,
+            msg_id=msg_id or secrets.token_hex(16),
             seq=self._seq,
             time=time.time(),
             reply_to=reply_to,

@@ -143,7 +143,7 @@ def test_a_request_handed_over_leaves_before_the_caller_goes_on_with_the_gil():
     interval = sys.getswitchinterval()
     sys.setswitchinterval(30.0)  # the I/O thread gets the GIL only when this thread blocks
     try:
-        answer = client.submit("acquire", {"request_id": "r1"}, handed_within=10.0)
+        answer = client.submit("acquire", {"request_id": "r1"})
         sent = answer.msg_id in client._sent  # no blocking call in between: the GIL stays here
     finally:
         sys.setswitchinterval(interval)
