@@ -274,10 +274,9 @@ class BrokerClient:
     def _encode(self, item: _Outgoing) -> list[bytes]:
         msg = self._sequencer.make(item.type, item.body, item.reply_to, item.msg_id)
         frames = encode(msg, self._signer)
-        largest = max(len(frame) for frame in frames)
-        if largest > MAX_KERNEL_FRAME_BYTES:  # the broker would cut the connection off
+        if len(frames[0]) > MAX_KERNEL_FRAME_BYTES:  # the broker would cut the connection off
             raise ValueError(
-                f"{item.type!r} has a frame of {largest} bytes; the channel takes at most "
+                f"{item.type!r} has a frame of {len(frames[0])} bytes; the channel takes at most "
                 f"{MAX_KERNEL_FRAME_BYTES}"
             )
         item.msg_id, item.session = msg.msg_id, msg.session
