@@ -305,6 +305,34 @@ async def test_ping_answered_while_main_thread_blocks_in_request(broker: Broker,
     assert await waiting == {"granted": True}
 
 
+async def test_nothing_is_missed_while_both_ends_send(broker: Broker, connect) -> None:
+    """Both ends read their socket when its descriptor signals, and a send may take that signal
+    in: what arrives while a thread sends must still be read (pings while the kernel chatters)."""
+
+    async def quiet(msg: Message) -> None:
+        return None
+
+    broker.handlers.routes["note"] = quiet
+    client = connect(broker.endpoint)
+    await call(client, "echo", {})
+    stop = threading.Event()
+
+    def chatter() -> None:
+        while not stop.is_set():
+            client.send("note", {})
+
+    thread = threading.Thread(target=chatter)
+    thread.start()
+    try:
+        for _ in range(20):
+            pings = [broker.server.request("k1", "ping", {}, timeout=5) for _ in range(10)]
+            assert all(r["pid"] == os.getpid() for r in await asyncio.gather(*pings))
+    finally:
+        stop.set()
+        thread.join()
+    assert await call(client, "echo", {"last": 1}) == {"echo": {"last": 1}, "kernel": "k1"}
+
+
 async def test_ping_answered_while_push_callback_is_busy(broker: Broker, connect) -> None:
     release = threading.Event()
 
