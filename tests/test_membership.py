@@ -131,6 +131,8 @@ async def test_a_kernel_rejoins_a_restarted_broker_with_what_it_holds(runs, node
     await runs.restart()
     assert state_of(runs, "k1") == "cold"  # registered again: the new run knows nothing yet
     await until(lambda: state_of(runs, "k1") == "resident")
+    # (the broker books the hello before its reply reaches the kernel)
+    await until(lambda: runtime.membership.instance == runs.service.instance)
     kernel = runs.service.core.kernels["k1"]
     assert kernel.device == 0 and kernel.home == 0
     assert runtime.membership.instance == runs.service.instance != first

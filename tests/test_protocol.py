@@ -29,11 +29,15 @@ from jupyter_singularity.protocol import (
     Signer,
     count_field,
     decode,
+    decode_parts,
     encode,
+    encode_parts,
     error_text,
     flag_field,
     generate_key,
+    join_parts,
     seconds_field,
+    split_frame,
     text_field,
     transfer_field,
 )
@@ -77,7 +81,8 @@ def make(type: str = "echo", body: dict | None = None, **changes: object) -> Mes
 def signed(header: dict | bytes, body: bytes = b"{}", kernel_id: bytes = b"k1") -> list[bytes]:
     """Frames with a valid signature over arbitrary header content."""
     header_raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-    return [MAGIC, kernel_id, Signer(KEY).sign(kernel_id, header_raw, body), header_raw, body]
+    signature = Signer(KEY).sign(kernel_id, header_raw, body)
+    return [join_parts([MAGIC, kernel_id, signature, header_raw, body])]
 
 
 def test_encode_decode_round_trip() -> None:
@@ -107,8 +112,31 @@ def test_generated_keys_are_fresh_hex() -> None:
 @pytest.mark.parametrize(
     ("mangle", "reason"),
     [
-        (lambda f: f[:4], "expected 5 frames"),
-        (lambda f: [*f, b"extra"], "expected 5 frames"),
+        (lambda f: [], "expected 1 frame, got 0"),
+        (lambda f: [*f, b"extra"], "expected 1 frame, got 2"),
+        (lambda f: [b"SNG2" + f[0][4:]], "wrong magic"),
+        (lambda f: [f[0][:-60]], "truncated frame"),
+        (lambda f: [f[0][:6]], "truncated frame"),
+        (lambda f: ["text"], "frames must be bytes"),
+    ],
+)
+def test_decode_rejects_broken_frames(mangle, reason: str) -> None:
+    """A message is one frame (MAGIC, then each part after its length): anything else is dropped
+    before any part is looked at."""
+    frames = mangle(encode(make(), Signer(KEY)))
+    with pytest.raises(ProtocolError, match=reason):
+        decode(frames, KEYS.get)
+
+
+def test_a_message_is_one_frame_of_its_parts() -> None:
+    parts = encode_parts(make(), Signer(KEY))
+    assert split_frame([join_parts(parts)]) == parts
+    assert decode([join_parts(parts)], KEYS.get) == decode_parts(parts, KEYS.get)
+
+
+@pytest.mark.parametrize(
+    ("mangle", "reason"),
+    [
         (lambda f: [b"SNG1", *f[1:]], "wrong magic"),
         (lambda f: [f[0], f[1], b"", *f[3:]], "unsigned"),
         (lambda f: [f[0], f[1], f[2] + b"0", *f[3:]], "signature of 65 bytes"),
@@ -116,17 +144,21 @@ def test_generated_keys_are_fresh_hex() -> None:
         (lambda f: [*f[:4], b'{"x":2}'], "bad signature"),
         (lambda f: [*f[:3], f[3].replace(b'"echo"', b'"evil"'), f[4]], "bad signature"),
         (lambda f: [f[0], b"k2", *f[2:]], "unknown kernel 'k2'"),
-        (lambda f: [f[0], b"", *f[2:]], "kernel id frame of 0 bytes"),
-        (lambda f: [f[0], b"k" * (MAX_KERNEL_ID_BYTES + 1), *f[2:]], "kernel id frame of 129"),
+        (lambda f: [f[0], b"", *f[2:]], "kernel id of 0 bytes"),
+        (lambda f: [f[0], b"k" * (MAX_KERNEL_ID_BYTES + 1), *f[2:]], "kernel id of 129"),
         (lambda f: [f[0], b"\xff\xfe", *f[2:]], "is not UTF-8"),
         (lambda f: [*f[:3], b" " * (MAX_HEADER_BYTES + 1), f[4]], "oversized header"),
+        (lambda f: f[:4], "expected 5 parts"),
         (lambda f: [f[0], f[1], "text", *f[3:]], "frames must be bytes"),
     ],
 )
-def test_decode_rejects_broken_frames(mangle, reason: str) -> None:
-    frames = mangle(encode(make(), Signer(KEY)))
+def test_decode_rejects_broken_parts(mangle, reason: str) -> None:
+    parts = mangle(encode_parts(make(), Signer(KEY)))
     with pytest.raises(ProtocolError, match=reason):
-        decode(frames, KEYS.get)
+        decode_parts(parts, KEYS.get)
+    if all(isinstance(part, bytes) for part in parts) and len(parts) == 5:
+        with pytest.raises(ProtocolError, match=reason):  # as they arrive, in one frame
+            decode([join_parts(parts)], KEYS.get)
 
 
 @pytest.mark.parametrize(
@@ -151,19 +183,19 @@ def test_nothing_is_parsed_before_the_signature_verified(monkeypatch) -> None:
     monkeypatch.setattr(
         protocol, "_loads_object", lambda data, what: parsed.append(data) or real(data, what)
     )
-    good = encode(make(), Signer(KEY))
-    forged = encode(make(), Signer(generate_key()))
+    good = encode_parts(make(), Signer(KEY))
+    forged = encode_parts(make(), Signer(generate_key()))
     huge = json.dumps({"type": "x", "pad": "x" * (16 << 20)}).encode()
     attempts = {
         "bad signature": forged,
         "oversized header": [*forged[:3], huge, forged[4]],
         "unknown kernel": [good[0], b"nobody", *good[2:]],
     }
-    for reason, frames in attempts.items():
+    for reason, parts in attempts.items():
         with pytest.raises(ProtocolError, match=reason):
-            decode(frames, KEYS.get)
+            decode([join_parts(parts)], KEYS.get)
     assert parsed == []
-    assert decode(good, KEYS.get).body == {"x": 1}
+    assert decode([join_parts(good)], KEYS.get).body == {"x": 1}
     assert parsed == [good[3], good[4]]  # the spy does see what is parsed
 
 
@@ -184,7 +216,7 @@ def test_encode_refuses_what_the_receiver_would_drop() -> None:
 
 
 def test_decode_validates_signed_content() -> None:
-    good = json.loads(encode(make(), Signer(KEY))[3])
+    good = json.loads(encode_parts(make(), Signer(KEY))[3])
     with pytest.raises(ProtocolError, match="malformed JSON in body"):
         decode(signed(good, b"{nope"), KEYS.get)
     with pytest.raises(ProtocolError, match="body is not a JSON object"):

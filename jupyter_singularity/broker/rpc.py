@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import zmq
-import zmq.asyncio
 
 from ..protocol import (
     DROP_LOG_INTERVAL,
@@ -50,6 +49,9 @@ MAX_MESSAGE_BYTES = MAX_KERNEL_FRAME_BYTES
 #: Messages buffered per connected peer before ZeroMQ stops reading from it (back-pressure, no
 #: loss): kernels send a few messages per cell; a flooding peer holds at most this many.
 RECEIVE_QUEUE = 100
+#: Messages taken in per turn of the event loop at most: a flood must not starve the server's
+#: other work (REST requests), nor cost a turn of the loop per message when there is none.
+RECEIVE_BATCH = 16
 SOCKET_NAME = "broker.sock"
 #: Longest socket path: sun_path holds 108 bytes on Linux, 104 on macOS, the final NUL included.
 MAX_SOCKET_PATH = 103
@@ -111,9 +113,10 @@ class RPCServer:
         self._guard = ReplayGuard(ORIGIN_KERNEL)
         self._drops = DropLog(log, "on the kernel channel", drop_log_interval)
         self._drop_flush: asyncio.TimerHandle | None = None
-        self._socket: zmq.asyncio.Socket | None = None
+        self._socket: zmq.Socket | None = None
         self.socket_dir: Path | None = None
-        self._receiver: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._receiving: asyncio.Handle | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         # kernel id -> ROUTER identity frame of its latest valid message
         self._routes: dict[str, bytes] = {}
@@ -150,7 +153,9 @@ class RPCServer:
         return self._bind(f"ipc://{path}")
 
     def _bind(self, address: str) -> str:
-        socket = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        """A plain (not asyncio) socket, read when the event loop sees its descriptor: ZeroMQ's
+        asyncio sockets cost a future and a reader registration per message."""
+        socket = zmq.Context.instance().socket(zmq.ROUTER)
         socket.linger = 0
         # Sending to a vanished peer raises (handled in _send) instead of vanishing silently.
         socket.router_mandatory = True
@@ -162,7 +167,9 @@ class RPCServer:
             socket.close()
             raise
         self._socket = socket
-        self._receiver = asyncio.create_task(self._receive_loop(), name="singularity-rpc-recv")
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(socket.FD, self._receive_waiting)
+        self._receive_soon()  # (what arrived before the reader was added signalled nobody)
         return socket.last_endpoint.decode()
 
     async def push(self, kernel_id: str, type: str, body: dict) -> None:
@@ -207,8 +214,6 @@ class RPCServer:
     async def stop(self) -> None:
         """Cancel running handlers and fail waiting requests before the socket goes."""
         tasks = [*self._handlers]
-        if self._receiver is not None:
-            tasks.append(self._receiver)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -218,9 +223,13 @@ class RPCServer:
         self._pending.clear()
         self._routes.clear()
         if self._socket is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._socket.FD)
             self._socket.close()
             self._socket = None
-        self._receiver = None
+        if self._receiving is not None:
+            self._receiving.cancel()
+            self._receiving = None
         self._remove_socket_dir()
         if self._drop_flush is not None:
             self._drop_flush.cancel()
@@ -232,16 +241,28 @@ class RPCServer:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
             self.socket_dir = None
 
-    async def _receive_loop(self) -> None:
+    def _receive_waiting(self) -> None:
+        """Take in what waits on the socket, RECEIVE_BATCH messages per turn of the event loop.
+
+        ZeroMQ signals the descriptor once when messages arrive after none waited, and any use
+        of the socket (a send too) may take that signal in: so the socket itself is asked whether
+        messages wait, after every batch and after every send (see :meth:`_send`)."""
+        self._receiving = None
         socket = self._socket
-        assert socket is not None
-        while True:
-            identity, *frames = await socket.recv_multipart(copy=False)
+        for _ in range(RECEIVE_BATCH):
+            if socket is None or not socket.get(zmq.EVENTS) & zmq.POLLIN:
+                return
+            try:
+                identity, *frames = socket.recv_multipart(zmq.DONTWAIT, copy=False)
+            except zmq.Again:
+                return
             self._receive(identity.bytes, [frame.bytes for frame in frames], _peer_of(identity))
-            if socket.get(zmq.EVENTS) & zmq.POLLIN:
-                # A queued message would be returned without a pass through the event loop: let
-                # the server's other work (REST requests) in first, or a flood would starve it.
-                await asyncio.sleep(0)
+            socket = self._socket  # (a handler may have stopped the server)
+        self._receive_soon()
+
+    def _receive_soon(self) -> None:
+        if self._receiving is None and self._loop is not None:
+            self._receiving = self._loop.call_soon(self._receive_waiting)
 
     def _receive(
         self, identity: bytes, frames: list[bytes], peer: PeerCredentials | None = None
@@ -342,11 +363,12 @@ class RPCServer:
             sequencer = self._sequencers[kernel_id] = Sequencer(kernel_id, ORIGIN_BROKER)
         msg = sequencer.make(type, body, reply_to=reply_to)
         frames = encode(msg, Signer(key))
-        # DONTWAIT sends complete (or fail) at once, so the returned future is already
-        # done; ZeroMQ errors end up in it rather than being raised here.
-        sent = self._socket.send_multipart([identity, *frames], flags=zmq.DONTWAIT)
-        error = sent.exception()
-        if error is not None:
+        try:
+            self._socket.send_multipart([identity, *frames], flags=zmq.DONTWAIT)
+        except zmq.ZMQError as error:  # the kernel is gone, or its queue is full
             self._log.warning("%r to %s dropped: %s", type, kernel_id, error)
             return None
+        finally:
+            if self._socket.get(zmq.EVENTS) & zmq.POLLIN:
+                self._receive_soon()  # the send took in the signal of a message that arrived
         return msg.msg_id

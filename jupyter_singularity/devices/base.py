@@ -1,7 +1,7 @@
 """What the broker needs to know about a GPU, independent of where that knowledge comes from."""
 
 import abc
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -16,8 +16,9 @@ class DeviceInfo:
     total_bytes: int
 
     def to_dict(self) -> dict[str, int | str]:
-        """Plain data for the REST API and the event log."""
-        return asdict(self)
+        """Plain data for the REST API, the event log and every grant (where ``asdict``, which
+        deep-copies each field, cost a tenth of the broker's time per lease)."""
+        return dict(self.__dict__)
 
 
 class DeviceInventory(abc.ABC):

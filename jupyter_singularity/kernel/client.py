@@ -2,8 +2,11 @@
 
 User cells run on the kernel's main thread, which may block for a long time (waiting
 for a GPU lease, or just computing). The broker must still get answers to its pings
-meanwhile, so a daemon thread owns the DEALER socket (ZeroMQ sockets are not
-thread-safe) and every other thread talks to it through a queue plus a wake-up socket.
+meanwhile, so a daemon thread receives from the DEALER socket. ZeroMQ sockets are not
+thread-safe: every use of the socket holds one lock, and the I/O thread waits on the socket's
+file descriptor (not on the socket itself) without it. A thread sending a message sends it
+itself, under that lock: a hand-over to the I/O thread would cost a thread wake-up (and a turn
+of the GIL) on every lease's path.
 
 The client keeps its session with the broker alive by itself: when the broker refuses a message
 for its session (another process holding the key pushed the counter ahead, or took the session
@@ -86,8 +89,6 @@ class _Outgoing:
     """The session it was last sent in."""
     attempts: int = 0
     """How often it was sent again in a fresh session."""
-    handed: threading.Event | None = None
-    """Set once the I/O thread handed it to the socket, or failed it."""
 
 
 class BrokerClient:
@@ -98,13 +99,14 @@ class BrokerClient:
         self.kernel_id = kernel_id
         self._key = key
         self._signer = Signer(key)
-        # Sequence numbers are assigned on the I/O thread, in send order, because the
+        # Held for every use of the socket, and while a message is numbered and sent: the
         # broker's replay guard rejects any message that overtakes a later-numbered one.
+        self._socket_lock = threading.Lock()
+        self._socket: zmq.Socket | None = None
         self._sequencer = Sequencer(kernel_id, ORIGIN_KERNEL)
-        self._guard = ReplayGuard(ORIGIN_BROKER)
+        self._sent: OrderedDict[str, _Outgoing] = OrderedDict()  # under _socket_lock
+        self._guard = ReplayGuard(ORIGIN_BROKER)  # I/O thread only
         self._drops = DropLog(log, "from the broker")
-        self._sent: OrderedDict[str, _Outgoing] = OrderedDict()  # I/O thread only
-        self._outbox: queue.SimpleQueue[_Outgoing] = queue.SimpleQueue()
         self._jobs: queue.SimpleQueue[tuple[PushCallback, Message] | None] = queue.SimpleQueue()
         self._callbacks: dict[str, PushCallback] = {}
         self._lock = threading.Lock()  # guards _pending and _closing
@@ -132,57 +134,34 @@ class BrokerClient:
         """Connect and start the I/O and push-worker threads (daemons: never block exit)."""
         if self._threads:
             raise RuntimeError("BrokerClient already started")
-        # Created here, used only by the I/O thread from now on; starting the thread is
-        # the memory barrier ZeroMQ asks for when a socket changes threads.
+        # Used by one thread at a time, under _socket_lock: the lock is the memory barrier
+        # ZeroMQ asks for when a socket changes threads.
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.maxmsgsize = MAX_BROKER_FRAME_BYTES
         sock.connect(self.endpoint)
+        self._socket = sock
         self._threads = [
-            threading.Thread(target=self._io_loop, args=(sock,), name="singularity-io"),
+            threading.Thread(target=self._io_loop, args=(sock.FD,), name="singularity-io"),
             threading.Thread(target=self._work_loop, name="singularity-push"),
         ]
         for thread in self._threads:
             thread.daemon = True
             thread.start()
 
-    def submit(
-        self, type: str, body: dict, handed_within: float = 0.0
-    ) -> concurrent.futures.Future[dict]:
+    def submit(self, type: str, body: dict) -> concurrent.futures.Future[dict]:
         """Send a request without waiting for its reply; the future resolves to the reply.
 
         A reply carrying an "error" resolves it with BrokerError instead. The caller that gives
-        up waiting calls :meth:`abandon` so the pending entry does not linger.
-
-        ``handed_within``: wait up to so long for the I/O thread to hand the request to the socket.
-        The I/O thread needs the GIL for that, which a caller going on with other Python work
-        (ipykernel preparing the cell whose lease this asks for) holds until it first blocks: the
-        request would leave only then, and its round trip would overlap nothing.
+        up waiting calls :meth:`abandon` so the pending entry does not linger. The request is
+        on its way when this returns.
         """
         msg_id = uuid.uuid4().hex
-        pending: concurrent.futures.Future[dict] = concurrent.futures.Future()
         answer: concurrent.futures.Future[dict] = concurrent.futures.Future()
         answer.msg_id = msg_id  # type: ignore[attr-defined]
-
-        def settle(done: concurrent.futures.Future[dict]) -> None:
-            error = done.exception()
-            if error is not None:
-                answer.set_exception(error)
-            elif "error" in (reply := done.result()):
-                refused = BrokerRestarted if reply.get("rejoin") is True else BrokerError
-                answer.set_exception(refused(str(reply["error"])))
-            else:
-                answer.set_result(reply)
-
-        pending.add_done_callback(settle)
         with self._lock:
             self._check_usable()
-            self._pending[msg_id] = pending
-        item = _Outgoing(type, body, msg_id=msg_id)
-        if handed_within > 0:
-            item.handed = threading.Event()
-        self._post(item)
-        if item.handed is not None:
-            item.handed.wait(handed_within)
+            self._pending[msg_id] = answer
+        self._transmit(_Outgoing(type, body, msg_id=msg_id))
         return answer
 
     def abandon(self, answer: concurrent.futures.Future[dict]) -> None:
@@ -207,7 +186,7 @@ class BrokerClient:
         """Fire-and-forget message to the broker."""
         with self._lock:
             self._check_usable()
-        self._post(_Outgoing(type, body))
+        self._transmit(_Outgoing(type, body))
 
     def on(self, type: str, callback: PushCallback) -> None:
         """Answer broker pushes of `type` with `callback(body)`, run on the push worker.
@@ -245,10 +224,6 @@ class BrokerClient:
         if not self._threads:
             raise RuntimeError("BrokerClient.start() was not called")
 
-    def _post(self, item: _Outgoing) -> None:
-        self._outbox.put(item)
-        self._wake()
-
     def _wake(self) -> None:
         # OSError: the buffer is full of wake-ups already, or closed with nobody to wake.
         with contextlib.suppress(OSError):
@@ -257,36 +232,101 @@ class BrokerClient:
     def _key_for(self, kernel_id: str) -> bytes | None:
         return self._key if kernel_id == self.kernel_id else None
 
+    # -- sending (any thread) ----------------------------------------------------------
+
+    def _transmit(self, item: _Outgoing) -> None:
+        """Number, sign and send one message on the calling thread; a failure goes to whoever
+        waits for it, or the log."""
+        with self._socket_lock:
+            sock = self._socket
+            if sock is None:
+                error: Exception | None = BrokerError("broker client closed")
+            else:
+                error = self._send_on(sock, item)
+                # Sending may have taken in the signal of a message that arrived meanwhile: the
+                # socket's descriptor would then not wake the I/O thread for it.
+                arrived = sock.get(zmq.EVENTS) & zmq.POLLIN
+        if error is not None:
+            self._fail(item, error)
+        elif arrived:
+            self._wake()
+
+    def _send_on(self, sock: zmq.Socket, item: _Outgoing) -> Exception | None:
+        """Encode and send (under _socket_lock); the error that stopped it, if any."""
+        try:
+            frames = self._encode(item)
+        except (TypeError, ValueError) as exc:  # not JSON, or too large for the channel
+            if item.reply_to is None:
+                return exc
+            log.error("unencodable %r: %s", item.type, exc)
+            error = {"error": f"unencodable reply: {error_text(exc)}"}
+            item = _Outgoing(item.type, error, reply_to=item.reply_to)
+            frames = self._encode(item)
+        try:
+            sock.send_multipart(frames, zmq.DONTWAIT)
+        except zmq.ZMQError as exc:  # Again: the broker is gone and the queue is full
+            return BrokerUnreachable(f"cannot reach the broker: {exc}")
+        self._sent[item.msg_id or ""] = item
+        if len(self._sent) > SENT_MEMORY:
+            self._sent.popitem(last=False)
+        return None
+
+    def _encode(self, item: _Outgoing) -> list[bytes]:
+        msg = self._sequencer.make(item.type, item.body, item.reply_to, item.msg_id)
+        frames = encode(msg, self._signer)
+        if len(frames[0]) > MAX_KERNEL_FRAME_BYTES:  # the broker would cut the connection off
+            raise ValueError(
+                f"{item.type!r} has a frame of {len(frames[0])} bytes; the channel takes at most "
+                f"{MAX_KERNEL_FRAME_BYTES}"
+            )
+        item.msg_id, item.session = msg.msg_id, msg.session
+        return frames
+
+    def _fail(self, item: _Outgoing, error: Exception) -> None:
+        with self._lock:
+            future = self._pending.pop(item.msg_id, None) if item.msg_id else None
+        if future is None:
+            log.warning("%r to the broker dropped: %s", item.type, error)
+        else:
+            future.set_exception(error)
+
     # -- I/O thread ---------------------------------------------------------------
 
-    def _io_loop(self, sock: zmq.Socket) -> None:
+    def _io_loop(self, descriptor: int) -> None:
+        """Wait for the socket's descriptor (which ZeroMQ signals when messages arrive, among
+        other things) or a wake-up, then take in what arrived."""
         poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
+        poller.register(descriptor, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
         try:
             while not self._closing:
-                for ready, _ in poller.poll():
-                    if ready is sock:
-                        self._receive_all(sock)
-                    else:
-                        self._drain_wake()
-                self._flush(sock)
-            self._flush(sock)  # what was sent just before close() still goes out
+                poller.poll()
+                self._drain_wake()
+                for frames in self._receive_all():
+                    self._dispatch(frames)
         finally:
-            sock.close(linger=CLOSE_LINGER_MS)
+            with self._socket_lock:
+                if self._socket is not None:
+                    self._socket.close(linger=CLOSE_LINGER_MS)
+                    self._socket = None
 
     def _drain_wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
             while self._wake_rx.recv(4096):
                 pass
 
-    def _receive_all(self, sock: zmq.Socket) -> None:
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.DONTWAIT)
-            except zmq.Again:
-                return
-            self._dispatch(frames)
+    def _receive_all(self) -> list[list[bytes]]:
+        """Every message waiting on the socket. Taken under the lock, handled after it: handling
+        a reply runs its future's callbacks, which may send."""
+        received = []
+        with self._socket_lock:
+            sock = self._socket
+            while sock is not None and sock.get(zmq.EVENTS) & zmq.POLLIN:
+                try:
+                    received.append(sock.recv_multipart(zmq.DONTWAIT))
+                except zmq.Again:
+                    break
+        return received
 
     def _dispatch(self, frames: list[bytes]) -> None:
         try:
@@ -304,90 +344,45 @@ class BrokerClient:
             with self._lock:
                 future = self._pending.pop(msg.reply_to, None)
             if future is not None:
-                future.set_result(msg.body)
-            elif (
-                "error" in msg.body
-                and not msg.body.get("rejoin")  # (on_rejoin took care of it)
-                and (sent := self._sent.get(msg.reply_to)) is not None
-            ):
+                if "error" in msg.body:
+                    refused = BrokerRestarted if msg.body.get("rejoin") is True else BrokerError
+                    future.set_exception(refused(str(msg.body["error"])))
+                else:
+                    future.set_result(msg.body)
+                return
+            with self._socket_lock:
+                sent = self._sent.get(msg.reply_to)
+            if "error" in msg.body and not msg.body.get("rejoin") and sent is not None:
+                # (on_rejoin took care of a rejoin)
                 log.warning("the broker refused %r: %s", sent.type, msg.body["error"])
             else:
                 log.debug("late or unsolicited %r from the broker ignored", msg.type)
         elif msg.type == "ping":
             body = {"pid": os.getpid(), "time": time.time()}
-            self._outbox.put(_Outgoing("ping_reply", body, reply_to=msg.msg_id))
+            self._transmit(_Outgoing("ping_reply", body, reply_to=msg.msg_id))
         elif (callback := self._callbacks.get(msg.type)) is not None:
             self._jobs.put((callback, msg))
         else:
             error = {"error": f"unknown request {msg.type!r}"}
-            self._outbox.put(_Outgoing(f"{msg.type}_reply", error, reply_to=msg.msg_id))
-
-    def _flush(self, sock: zmq.Socket) -> None:
-        while True:
-            try:
-                item = self._outbox.get_nowait()
-            except queue.Empty:
-                return
-            self._transmit(sock, item)
-            if item.handed is not None:
-                item.handed.set()
-
-    def _transmit(self, sock: zmq.Socket, item: _Outgoing) -> None:
-        """Encode and send one message; failures go to whoever waits for it, or the log."""
-        try:
-            frames = self._encode(item)
-        except (TypeError, ValueError) as exc:  # not JSON, or too large for the channel
-            if item.reply_to is None:
-                self._fail(item, exc)
-                return
-            log.error("unencodable %r: %s", item.type, exc)
-            error = {"error": f"unencodable reply: {error_text(exc)}"}
-            item = _Outgoing(item.type, error, reply_to=item.reply_to)
-            frames = self._encode(item)
-        try:
-            sock.send_multipart(frames, zmq.DONTWAIT)
-        except zmq.ZMQError as exc:  # Again: the broker is gone and the queue is full
-            self._fail(item, BrokerUnreachable(f"cannot reach the broker: {exc}"))
-            return
-        self._sent[item.msg_id or ""] = item
-        if len(self._sent) > SENT_MEMORY:
-            self._sent.popitem(last=False)
-
-    def _encode(self, item: _Outgoing) -> list[bytes]:
-        msg = self._sequencer.make(item.type, item.body, item.reply_to, item.msg_id)
-        frames = encode(msg, self._signer)
-        largest = max(len(frame) for frame in frames)
-        if largest > MAX_KERNEL_FRAME_BYTES:  # the broker would cut the connection off
-            raise ValueError(
-                f"{item.type!r} has a frame of {largest} bytes; the channel takes at most "
-                f"{MAX_KERNEL_FRAME_BYTES}"
-            )
-        item.msg_id, item.session = msg.msg_id, msg.session
-        return frames
+            self._transmit(_Outgoing(f"{msg.type}_reply", error, reply_to=msg.msg_id))
 
     def _send_again(self, msg_id: str, error: str) -> None:
         """The broker refused a message for its session: renew the session (unless that was done
         since the message went out) and send it again, a few times at most."""
-        item = self._sent.pop(msg_id, None)
+        with self._socket_lock:
+            item = self._sent.pop(msg_id, None)
+            again = item is not None and item.attempts < MAX_RESENDS
+            if again:
+                if item.session == self._sequencer.session:
+                    log.info("new session with the broker (%s)", error)
+                    self._sequencer.renew()
+                item.attempts += 1
         if item is None:
             log.debug("session renewal for an unknown message ignored")
-            return
-        if item.attempts >= MAX_RESENDS:
-            self._fail(item, BrokerError(f"the broker keeps refusing the session: {error}"))
-            return
-        if item.session == self._sequencer.session:
-            log.info("new session with the broker (%s)", error)
-            self._sequencer.renew()
-        item.attempts += 1
-        self._outbox.put(item)
-
-    def _fail(self, item: _Outgoing, error: Exception) -> None:
-        with self._lock:
-            future = self._pending.pop(item.msg_id, None) if item.msg_id else None
-        if future is None:
-            log.warning("%r to the broker dropped: %s", item.type, error)
+        elif again:
+            self._transmit(item)
         else:
-            future.set_exception(error)
+            self._fail(item, BrokerError(f"the broker keeps refusing the session: {error}"))
 
     # -- push worker thread -------------------------------------------------------
 
@@ -399,7 +394,7 @@ class BrokerClient:
             except Exception as exc:
                 log.exception("callback for broker push %r failed", msg.type)
                 body = {"error": error_text(exc)}
-            self._post(_Outgoing(f"{msg.type}_reply", body, reply_to=msg.msg_id))
+            self._transmit(_Outgoing(f"{msg.type}_reply", body, reply_to=msg.msg_id))
 
 
 class Heartbeat:

@@ -63,8 +63,6 @@ HELLO_TIMEOUT, NODE_HELLO_TIMEOUT = 10.0, 2.0
 STATUS_TIMEOUT = 10.0
 #: How often a waiting cell checks for an interrupt and refreshes its line and widgets.
 WAIT_POLL = 0.05
-#: How long an acquire waits for the client's I/O thread to send it (see BrokerClient.submit).
-HAND_OVER = 0.002
 #: Transfers kept for the widget and ``%singularity log``; cells' peaks kept for a rejoin.
 TRANSFER_HISTORY, PEAK_HISTORY = 20, 5
 
@@ -362,7 +360,7 @@ class Runtime(CellRestores, BrokerPushes):
         if self.membership.node and not self.membership.joined.is_set():
             return waiting, None
         waiting.generation = self.membership.generation
-        return waiting, self.client.submit("acquire", waiting.body, handed_within=HAND_OVER)
+        return waiting, self.client.submit("acquire", waiting.body)
 
     def _bound_gpu(self) -> str | None:
         """Before the first grant: the launch GPU, if something in the process (a library other
