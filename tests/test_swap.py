@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 
 from test_offload import MIB, engine, fail_on_call, raw, shrinking  # noqa: E402, F401
 
+from jupyter_singularity.kernel import swap as swap_module  # noqa: E402
 from jupyter_singularity.kernel.offload import OffloadError, TensorEngine  # noqa: E402
 from jupyter_singularity.kernel.swap import Allowance, RoomReport  # noqa: E402
 
@@ -182,3 +183,41 @@ def test_a_victim_reports_what_it_freed_a_few_times_per_swap_not_per_storage() -
         report.freed(done * MIB)  # 1,000 storages of 1 MiB freed in well under 5 ms each
     assert 1 <= len(sent) < 100
     assert all(kind == "freed" for kind, _ in sent)
+
+
+class _Restores(swap_module.CellRestores):
+    """The mixin alone, over an engine that holds offloaded state; its early restore only waits
+    for the grant or a revocation."""
+
+    def __init__(self) -> None:
+        self.lock, self.early_lock, self.lease = threading.RLock(), threading.Lock(), None
+        self.engine = type("Offloaded", (), {"offloaded": True, "disk_bytes": 0, "damage": None})
+
+    def get_engine(self):
+        return self.engine
+
+    def _restore_early(self, early: swap_module.EarlyRestore) -> None:
+        early.allowance.settle()
+
+
+def test_a_cell_granted_while_an_early_restore_starts_finds_it_started(monkeypatch) -> None:
+    """The room push starts the early restore on the channel's thread while the granted cell
+    ends it on the main thread: the cell must never find it published but not yet started."""
+
+    class SlowToStart(threading.Thread):
+        def start(self) -> None:
+            time.sleep(0.3)
+            super().start()
+
+    restores = _Restores()
+    pushing = threading.Thread(target=restores.on_room, args=({"bytes": 1},))
+    monkeypatch.setattr(
+        swap_module,
+        "threading",
+        type("Threading", (), {"Thread": SlowToStart, "Condition": threading.Condition}),
+    )
+    pushing.start()
+    time.sleep(0.1)  # the push is starting its thread
+    assert restores.finish_early_restore(give_back=True) is None
+    pushing.join()
+    assert restores._early_restore is None

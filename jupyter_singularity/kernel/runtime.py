@@ -120,6 +120,8 @@ class Runtime(CellRestores, BrokerPushes):
         self.min_bytes = min_bytes
         #: Serialises everything that moves the kernel's state: offload, restore, spill.
         self.lock = threading.RLock()
+        #: Guards which early restore of a swap runs (never held while state moves).
+        self.early_lock = threading.Lock()
         #: One lease request at a time (the main thread, or a thread initialising CUDA).
         self._acquire_mutex = threading.Lock()
         self.engine: Any = None

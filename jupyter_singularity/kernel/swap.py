@@ -138,6 +138,7 @@ class CellRestores:
     grant asks for (see the module docstring)."""
 
     lock: threading.RLock
+    early_lock: threading.Lock
     shell: Any
     state: str
     lease: Lease | None
@@ -151,30 +152,34 @@ class CellRestores:
     _early_restore: EarlyRestore | None = None
 
     def on_room(self, body: dict) -> None:
-        """The broker passes on room a victim freed (``bytes``), or takes it back (``revoke``)."""
+        """The broker passes on room a victim freed (``bytes``), or takes it back (``revoke``).
+        An early restore is started and published as one step (``early_lock``): a cell granted
+        meanwhile either finds it running or, its lease set first, keeps one from starting."""
         revoke = body.get("revoke")
-        early = self._early_restore
-        if revoke:
-            if early is not None:
-                early.allowance.revoke(str(revoke))
-            return
-        if early is not None and early.thread is not None and not early.thread.is_alive():
-            early = self._early_restore = None  # an earlier swap's, over
         nbytes = body.get("bytes")
-        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
-            return
-        if early is None:
-            engine = self.get_engine()
-            if self.lease is not None or engine is None or not engine.offloaded:
+        with self.early_lock:
+            early = self._early_restore
+            if revoke:
+                if early is not None:
+                    early.allowance.revoke(str(revoke))
                 return
-            if engine.disk_bytes or engine.damage is not None:
-                return  # spilled state is read back after the grant, within the host budget
-            early = self._early_restore = EarlyRestore(Allowance())
-            early.thread = threading.Thread(
-                target=self._restore_early, args=(early,), name="singularity-early-restore"
-            )
-            early.thread.start()
-        early.allowance.grow(nbytes)
+            if early is not None and early.thread is not None and not early.thread.is_alive():
+                early = self._early_restore = None  # an earlier swap's, over
+            if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+                return
+            if early is None:
+                engine = self.get_engine()
+                if self.lease is not None or engine is None or not engine.offloaded:
+                    return
+                if engine.disk_bytes or engine.damage is not None:
+                    return  # spilled state is read back after the grant, within the host budget
+                early = EarlyRestore(Allowance())
+                early.thread = threading.Thread(
+                    target=self._restore_early, args=(early,), name="singularity-early-restore"
+                )
+                early.thread.start()
+                self._early_restore = early
+            early.allowance.grow(nbytes)
 
     def _restore_early(self, early: EarlyRestore) -> None:
         """Restore within the allowance; stopped, everything refilled is freed again and the
@@ -218,7 +223,8 @@ class CellRestores:
         """End the early restore, if one runs: let it finish (the grant came) or stop it and wait
         until it gave its room back (``give_back``: the cell stopped waiting, or another move of
         the state comes). Returns its record if it restored everything and the grant came."""
-        early, self._early_restore = self._early_restore, None
+        with self.early_lock:
+            early, self._early_restore = self._early_restore, None
         if early is None or early.thread is None:
             return None
         if give_back:
