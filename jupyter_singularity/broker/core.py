@@ -85,6 +85,7 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         self._host_recheck: set[str] = set()
         self._host_over: set[str] = set()
         self._queue: list[Request] = []
+        self._queue_left = False
         self.expected: dict[str, int] = {}
         self.expected_until = now
 
@@ -116,7 +117,7 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         kernel = self.kernels.pop(kernel_id, None)
         if kernel is None:
             return []
-        self._incremental.touch(kernel)
+        self._left(kernel)
         self._forget_expected(kernel_id)
         self._hold_host(kernel, 0, 0)
         del self._by_user[kernel.user][kernel_id]
@@ -188,7 +189,7 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         kernel = self.kernels.get(kernel_id)
         if kernel is None or kernel.request is None or kernel.request.request_id != request_id:
             return []
-        self._incremental.touch(kernel)
+        self._left(kernel)
         kernel.request = None
         if kernel.state == KernelState.QUEUED:
             self._set_state(kernel, self._settled_state(kernel), "request cancelled", now)
@@ -641,6 +642,7 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         device = placement.device
         assert device is not None
         restore = bool(kernel.host_bytes or kernel.disk_bytes)
+        self._left(kernel)
         kernel.request = None
         self._move(kernel, device)
         self._set_home(kernel, device)

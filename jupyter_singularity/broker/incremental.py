@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -89,12 +90,17 @@ class _Memo:
     """Per unclaimed candidate that could make room: its rank (see ``Placement._rank``). None:
     decided without ranking them."""
     heap: list[tuple]
-    """The same ranks as a heap, with ranks since replaced left in until they reach the top."""
+    """The same ranks as a heap of ``(key, serial, rank)`` (the serial, so that two ranks of one
+    device with equal keys never compare their victims), with ranks since replaced left in until
+    they reach the top."""
     user_version: int
     epoch: int
     seq: int
     """Position in the change log up to which it is known valid."""
     pass_no: int
+    kernel_touched: bool = False
+    """Whether its own kernel changed since (else a change to another kernel of its user leaves
+    its ranks standing where its context is found the same)."""
 
 
 class Incremental:
@@ -140,6 +146,13 @@ class Incremental:
         user = kernel.user
         self._user_versions[user] = self._user_versions.get(user, 0) + 1
         self._touched.add(user)
+        if (memo := self._memos.get(kernel.kernel_id)) is not None:
+            memo.kernel_touched = True
+
+    def left(self, kernel: Kernel) -> None:
+        """``kernel``'s request left the queue: its placement is kept no more."""
+        self.touch(kernel)
+        self._memos.pop(kernel.kernel_id, None)
 
     def _reset(self) -> None:
         self._views.clear()
@@ -278,13 +291,21 @@ class Incremental:
         memo = self._memos.get(kernel.kernel_id)
         version = self._user_versions.get(kernel.user, 0)
         seq = self._base + len(self._log)
+        fresh: _Context | _Placement | None = None
         if (
             memo is not None
             and memo.request is request
             and memo.pass_no == self._pass_no - 1
             and memo.epoch == self._epoch
-            and memo.user_version == version
         ):
+            if memo.user_version != version and memo.context is not None:
+                # Another kernel of its user changed: its ranks stand if its context does.
+                fresh = core._placing(kernel, request, now)
+                if not memo.kernel_touched and _same_context(fresh, memo.context):
+                    memo.user_version = version
+        else:
+            memo = None
+        if memo is not None and memo.user_version == version:
             context = memo.context
             changed = None if context is None else self._changed_for(memo, context.candidate_set)
             if changed:
@@ -300,7 +321,7 @@ class Incremental:
             if memo.placement.deny:
                 del self._memos[kernel.kernel_id]
             return memo.placement
-        context = core._placing(kernel, request, now)
+        context = fresh or core._placing(kernel, request, now)
         ranks = None
         if isinstance(context, _Context):
             placement, ranks = core._on_devices(kernel, request, context, claimed)
@@ -337,17 +358,16 @@ class Incremental:
             ranks.pop(d, None)
             if d not in claimed and (rank := core._rank(kernel, request, context, d)):
                 ranks[d] = rank
-                heapq.heappush(heap, rank)
-        while heap and ranks.get(heap[0][1]) is not heap[0]:
+                heapq.heappush(heap, (rank[0], next(_serial), rank))
+        while heap and ranks.get(heap[0][2][1]) is not heap[0][2]:
             heapq.heappop(heap)
         if not heap:
             placement, fresh = core._on_devices(kernel, request, context, claimed)
             memo.ranks, memo.heap = _ranked(fresh)
             return placement
         if len(heap) > 2 * len(ranks) + 16:
-            memo.heap = heap = list(ranks.values())
-            heapq.heapify(heap)
-        return core._placement_on(kernel, context, heap[0], 0)
+            memo.heap = heap = _heap(ranks.values())
+        return core._placement_on(kernel, context, heap[0][2], 0)
 
     def _changed_for(self, memo: _Memo, candidates: frozenset[int]) -> set[int]:
         """The request's candidate devices that changed since its memo, or that are claimed
@@ -361,12 +381,34 @@ class Incremental:
         return changed
 
 
+def _same_context(fresh: _Context | _Placement, kept: _Context) -> bool:
+    """Whether a context found again is the kept one in all that ranks depend on (the request's
+    own kernel unchanged)."""
+    return (
+        isinstance(fresh, _Context)
+        and fresh.limits == kept.limits
+        and fresh.candidates == kept.candidates
+        and fresh.anywhere == kept.anywhere
+        and fresh.own_fixed == kept.own_fixed
+        and len(fresh.quota_victims) == len(kept.quota_victims)
+        and all(a is b for a, b in zip(fresh.quota_victims, kept.quota_victims, strict=True))
+    )
+
+
 def _ranked(ranks: list[tuple] | None) -> tuple[dict[int, tuple] | None, list[tuple]]:
     """Ranks by device, and as a heap."""
     if ranks is None:
         return None, []
-    heapq.heapify(ranks)
-    return {rank[1]: rank for rank in ranks}, ranks
+    return {rank[1]: rank for rank in ranks}, _heap(ranks)
+
+
+_serial = itertools.count()
+
+
+def _heap(ranks: Iterable[tuple]) -> list[tuple]:
+    heap = [(rank[0], next(_serial), rank) for rank in ranks]
+    heapq.heapify(heap)
+    return heap
 
 
 def _unfreeable(kernel: Kernel) -> bool:

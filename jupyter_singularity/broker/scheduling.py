@@ -48,6 +48,8 @@ class Scheduling:
     _seq: Iterator[int]
     _queue: list[Request]
     """Requests in fair-share order; one whose kernel no longer holds it is dropped when next read."""
+    _queue_left: bool
+    """Whether a request may have left the queue since it was last read (see :meth:`_left`)."""
     _ended_today: Callable[[str, float], float]
     _time_quota_denial: Callable[[Kernel, Request, float], str]
     _incremental: Incremental
@@ -62,6 +64,9 @@ class Scheduling:
     def _queued(self) -> list[Request]:
         """The waiting requests in fair-share order (the ones granted, denied or cancelled since
         the last read dropped)."""
+        if not self._queue_left:
+            return self._queue
+        self._queue_left = False
         kernels = self.kernels
         self._queue = [
             r
@@ -158,8 +163,14 @@ class Scheduling:
                 request.position, request.reason = position, reason
                 actions.append(Wait(request.kernel_id, request.request_id, position, reason))
 
+    def _left(self, kernel: Kernel) -> None:
+        """The kernel's request leaves the queue (granted, denied, cancelled, or the kernel gone):
+        the next read of the queue drops it. Every such change goes through here."""
+        self._incremental.left(kernel)
+        self._queue_left = True
+
     def _deny(self, kernel: Kernel, request: Request, reason: str, now: float) -> None:
-        self._incremental.touch(kernel)
+        self._left(kernel)
         kernel.request = None
         self._actions.append(Deny(kernel.kernel_id, request.request_id, reason))
         if kernel.state == KernelState.QUEUED:
