@@ -285,6 +285,23 @@ class Incremental:
 
     # ------------------------------------------------------------------------- placing
 
+    def kept_wait(self, kernel: Kernel, request: Request) -> str:
+        """Why ``request`` still waits, if the last pass found it waiting for its user's
+        quotas or kernels alone (no device looked at) and nothing of its user changed since;
+        else "" (it is placed)."""
+        memo = self._memos.get(kernel.kernel_id)
+        if (
+            memo is None
+            or memo.context is not None
+            or memo.request is not request
+            or memo.pass_no != self._pass_no - 1
+            or memo.epoch != self._epoch
+            or memo.user_version != self._user_versions.get(kernel.user, 0)
+        ):
+            return ""
+        memo.pass_no = self._pass_no
+        return memo.placement.wait
+
     def place(self, kernel: Kernel, request: Request, claimed: set[int], now: float) -> _Placement:
         """Where ``request`` runs, placed again only as far as its inputs changed."""
         core = self.core

@@ -110,13 +110,20 @@ class Scheduling:
                     # Every device is claimed by a request ahead: only a denial can be decided.
                     self._wait_behind(queue[index:], position, now)
                     return
-                incremental.ahead(request.order)
                 kernel = self.kernels[request.kernel_id]
                 if kernel.lease is not None:
                     # Its explicit restore is under way; the cell is granted once it is back.
                     position += 1
                     self._tell_position(request, position, _RESTORING)
                     continue
+                reason = incremental.kept_wait(kernel, request)
+                if reason:
+                    position += 1
+                    if kernel.state in _WAITING_STATES:
+                        self._set_state(kernel, KernelState.QUEUED, reason, now)
+                    self._tell_position(request, position, reason)
+                    continue
+                incremental.ahead(request.order)
                 placement = incremental.place(kernel, request, claimed, now)
                 if placement.deny:
                     self._deny(kernel, request, placement.deny, now)
