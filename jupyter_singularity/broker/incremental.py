@@ -60,6 +60,8 @@ class _DeviceView:
     stalled: int = 0
     """Bytes booked by kernels that stopped answering: not free, but not lost for good either."""
     stalled_kernels: list[Kernel] = field(default_factory=list)
+    ranks: dict[tuple, tuple | None] = field(default_factory=dict)
+    """Ranks of requests alike on this device (see ``Placement._rank``)."""
 
 
 @dataclass

@@ -192,16 +192,41 @@ class Placement:
         quota_victims = context.quota_victims
         info = self.devices[d]
         view = self._incremental.view(d)
-        own = kernel.booking() if kernel.device == d else 0
-        leaving = sum(v.booking() for v in quota_victims if v.device == d) if quota_victims else 0
-        free = info.total_bytes - (view.booked - own - leaving)
-        own_fixed = context.own_fixed if kernel.device == d else 0
-        freeable = info.total_bytes - (view.fixed - own_fixed)
         reservation = context.reservations.get(info.total_bytes)
         if reservation is None:
             reservation = context.reservations[info.total_bytes] = self._reservation(
                 kernel, request, info, context.limits
             )
+        if kernel.device == d or quota_victims:
+            return self._ranked_on(kernel, request, context, d, view, reservation)
+        # Away from its own device and quota victims, the rank depends on the device and on
+        # these alone: requests alike share it until the device changes.
+        first_cell = request.memory is None and not kernel.peaks
+        state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes if first_cell else -1
+        key = (reservation, state, d == kernel.home)
+        rank = view.ranks.get(key, view)
+        if rank is view:
+            rank = view.ranks[key] = self._ranked_on(kernel, request, context, d, view, reservation)
+        return rank
+
+    def _ranked_on(
+        self,
+        kernel: Kernel,
+        request: Request,
+        context: _Context,
+        d: int,
+        view: _DeviceView,
+        reservation: int,
+    ) -> tuple | None:
+        """The rank of device ``d`` for the request, found from the device's view."""
+        assert self._pass is not None
+        quota_victims = context.quota_victims
+        info = self.devices[d]
+        own = kernel.booking() if kernel.device == d else 0
+        leaving = sum(v.booking() for v in quota_victims if v.device == d) if quota_victims else 0
+        free = info.total_bytes - (view.booked - own - leaving)
+        own_fixed = context.own_fixed if kernel.device == d else 0
+        freeable = info.total_bytes - (view.fixed - own_fixed)
         if request.memory is None and not kernel.peaks:
             # "The whole device" for a first cell means all that can be made free there: not
             # what a kernel that stopped answering holds, unless little else would be left
