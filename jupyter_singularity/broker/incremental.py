@@ -193,17 +193,22 @@ class Incremental:
             view.ordered = True
         return view.evictable
 
-    def evict_for(self, device: int, nbytes: int, now: float) -> tuple[list[Kernel], int] | None:
-        """The fewest of the device's kernels, in eviction order, that free ``nbytes``, and the
-        bytes they free; None if all of them cannot."""
+    def freed_for(self, device: int, nbytes: int, now: float) -> int | None:
+        """The bytes the fewest of the device's kernels, in eviction order, that free ``nbytes``
+        free; None if all of them cannot."""
         if nbytes <= 0:
-            return [], 0
-        ordered = self.victims(device, now)
+            return 0
+        self.victims(device, now)
         freed = self._views[device].freed
         count = bisect.bisect_left(freed, nbytes)
-        if count == len(freed):
-            return None
-        return ordered[: count + 1], freed[count]
+        return None if count == len(freed) else freed[count]
+
+    def evict_for(self, device: int, nbytes: int, now: float) -> list[Kernel]:
+        """Those kernels (see :meth:`freed_for`; it found that they can)."""
+        if nbytes <= 0:
+            return []
+        ordered = self.victims(device, now)
+        return ordered[: bisect.bisect_left(self._views[device].freed, nbytes) + 1]
 
     def booked(self) -> dict[int, int]:
         return {d: self.view(d).booked for d in self.core.devices}

@@ -186,7 +186,8 @@ class Placement:
 
     def _rank(self, kernel: Kernel, request: Request, context: _Context, d: int) -> tuple | None:
         """How well device ``d`` suits the request, as (key, device, reservation, victims): the
-        smallest key wins. None: it never fits there without someone unpinning. It depends on
+        smallest key wins (victims: the kernels to evict, or the bytes the first kernels of the
+        device's eviction order must free). None: it never fits there without someone unpinning. It depends on
         the device and the request alone."""
         assert self._pass is not None
         quota_victims = context.quota_victims
@@ -245,12 +246,13 @@ class Placement:
             return ((0, affinity, free - reservation, d), d, reservation, [])
         need = reservation - free
         pending = view.offloading
-        victims: list[Kernel] = []
+        victims: list[Kernel] | int = []
         freed: int | None
         if kernel.device != d and not quota_victims:
-            # Every kernel in the device's eviction order may go: its shortest prefix.
-            found = self._incremental.evict_for(d, need - pending, self._pass.now)
-            victims, freed = found if found is not None else ([], None)
+            # Every kernel in the device's eviction order may go: its shortest prefix, listed
+            # only if this device is chosen (by the bytes it must free).
+            victims = need - pending
+            freed = self._incremental.freed_for(d, victims, self._pass.now)
         else:
             for victim in self._pass.victims(d):
                 if pending >= need:
@@ -272,6 +274,8 @@ class Placement:
         """The placement on the best device found (rank, device, reservation, victims)."""
         (tier, *_), device, reservation, victims = best
         assert self._pass is not None
+        if isinstance(victims, int):
+            victims = self._incremental.evict_for(device, victims, self._pass.now)
         if context.anywhere and tier == 2:
             floor = self._pass.busy_floor
             self._pass.busy_floor = asked if floor is None else min(floor, asked)
