@@ -378,6 +378,7 @@ class Incremental:
         """Rank the changed devices again (the others' ranks stand) and place on the best."""
         core, ranks, heap = self.core, memo.ranks, memo.heap
         assert ranks is not None
+        best = heap[0][2] if heap else None
         for d in changed:
             ranks.pop(d, None)
             if d not in claimed and (rank := core._rank(kernel, request, context, d)):
@@ -391,6 +392,8 @@ class Incremental:
             return placement
         if len(heap) > 2 * len(ranks) + 16:
             memo.heap = heap = _heap(ranks.values())
+        if heap[0][2] is best:
+            return memo.placement  # (the same rank: its device did not change)
         return core._placement_on(kernel, context, heap[0][2], 0)
 
     def _changed_for(self, memo: _Memo, candidates: frozenset[int]) -> set[int]:
