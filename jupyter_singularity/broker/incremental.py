@@ -258,7 +258,11 @@ class Incremental:
         if index < len(old) and old[index][0] < order:
             differ = self._claims_differ
             while index < len(old) and old[index][0] < order:
-                differ ^= {old[index][1]}
+                device = old[index][1]
+                if device in differ:
+                    differ.remove(device)
+                else:
+                    differ.add(device)
                 index += 1
             self._next_old = index
 
@@ -400,11 +404,9 @@ class Incremental:
         """The request's candidate devices that changed since its memo, or that are claimed
         ahead of it in this pass and not in the last, or the other way round."""
         since = memo.seq - self._base
-        changed = (
-            {d for d in self._log[since:] if d in candidates} if since < len(self._log) else set()
-        )
-        if self._claims_differ:
-            changed.update(d for d in self._claims_differ if d in candidates)
+        changed = set(self._log[since:]) if since < len(self._log) else set()
+        changed |= self._claims_differ
+        changed &= candidates
         return changed
 
 

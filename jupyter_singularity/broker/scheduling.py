@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 _BEHIND = "queued behind earlier requests for the same GPU"
 _RESTORING = "waiting for its restore to finish"
-_WAITING_STATES = (*OFF_DEVICE_STATES, KernelState.COLD, KernelState.ERROR)
+_WAITING_STATES = frozenset((*OFF_DEVICE_STATES, KernelState.COLD, KernelState.ERROR))
 """States of a kernel whose waiting request makes it ``queued``."""
 
 
@@ -121,7 +121,8 @@ class Scheduling:
                     position += 1
                     if kernel.state in _WAITING_STATES:
                         self._set_state(kernel, KernelState.QUEUED, reason, now)
-                    self._tell_position(request, position, reason)
+                    if position != request.position or reason != request.reason:
+                        self._tell_position(request, position, reason)
                     continue
                 incremental.ahead(request.order)
                 placement = incremental.place(kernel, request, claimed, now)
