@@ -15,7 +15,11 @@ A request is placed again only as far as its inputs changed: not at all when its
 candidate devices are as they were, and so are the claims ahead of it on them; over the changed
 devices alone when the device it chose is not one of them (a device's rank for a request depends
 on that device and the request only); in full otherwise. So a pass decides exactly what a pass
-from nothing would.
+from nothing would. A change to another kernel of the request's user counts as no change when
+what placing it finds before looking at devices (its context) is the same; a request that waited
+for its user's quotas or kernels alone, with nothing of its user changed, keeps waiting without
+being placed. Away from its own device, a request's rank on a device is shared by requests alike
+(see ``_DeviceView.ranks``), and the kernels to evict are listed only for the device chosen.
 
 Time alone changes one input: a user's GPU time today grows while their cells run, and crossing a
 daily quota changes both the denial of their requests and the order in which their idle kernels
@@ -28,7 +32,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -296,22 +300,40 @@ class Incremental:
 
     # ------------------------------------------------------------------------- placing
 
-    def kept_wait(self, kernel: Kernel, request: Request) -> str:
-        """Why ``request`` still waits, if the last pass found it waiting for its user's
-        quotas or kernels alone (no device looked at) and nothing of its user changed since;
-        else "" (it is placed)."""
-        memo = self._memos.get(kernel.kernel_id)
-        if (
-            memo is None
-            or memo.context is not None
-            or memo.request is not request
-            or memo.pass_no != self._pass_no - 1
-            or memo.epoch != self._epoch
-            or memo.user_version != self._user_versions.get(kernel.user, 0)
-        ):
-            return ""
-        memo.pass_no = self._pass_no
-        return memo.placement.wait
+    def kept_waits(
+        self,
+        queue: list[Request],
+        index: int,
+        position: int,
+        tell: Callable[[Request, int, str], None],
+    ) -> tuple[int, int]:
+        """Walk ``queue`` from ``index`` over the requests that wait as in the last pass: for
+        their user's quotas or kernels alone (no device looked at), with nothing of their user
+        changed since and their kernel queued already; ``tell`` each a position that changed.
+        Returns the index of the first other request and the last position given."""
+        memos, versions, kernels = self._memos, self._user_versions, self.core.kernels
+        last, this, epoch = self._pass_no - 1, self._pass_no, self._epoch
+        for at in range(index, len(queue)):
+            request = queue[at]
+            kernel = kernels[request.kernel_id]
+            memo = memos.get(request.kernel_id)
+            if (
+                memo is None
+                or memo.context is not None
+                or memo.request is not request
+                or memo.pass_no != last
+                or memo.epoch != epoch
+                or memo.user_version != versions.get(kernel.user, 0)
+                or kernel.lease is not None
+                or kernel.state != KernelState.QUEUED
+            ):
+                return at, position
+            memo.pass_no = this
+            position += 1
+            reason = memo.placement.wait
+            if position != request.position or reason != request.reason:
+                tell(request, position, reason)
+        return len(queue), position
 
     def place(self, kernel: Kernel, request: Request, claimed: set[int], now: float) -> _Placement:
         """Where ``request`` runs, placed again only as far as its inputs changed."""

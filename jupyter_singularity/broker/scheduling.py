@@ -105,24 +105,25 @@ class Scheduling:
             claimed: set[int] = set()
             position = 0
             everywhere = len(self.devices)
-            for index, request in enumerate(queue):
+            index = 0
+            while index < len(queue):
                 if len(claimed) == everywhere:
                     # Every device is claimed by a request ahead: only a denial can be decided.
                     self._wait_behind(queue[index:], position, now)
                     return
+                # (Requests that wait as in the last pass claim nothing: a run of them at once.)
+                index, position = incremental.kept_waits(
+                    queue, index, position, self._tell_position
+                )
+                if index == len(queue):
+                    return
+                request = queue[index]
+                index += 1
                 kernel = self.kernels[request.kernel_id]
                 if kernel.lease is not None:
                     # Its explicit restore is under way; the cell is granted once it is back.
                     position += 1
                     self._tell_position(request, position, _RESTORING)
-                    continue
-                reason = incremental.kept_wait(kernel, request)
-                if reason:
-                    position += 1
-                    if kernel.state in _WAITING_STATES:
-                        self._set_state(kernel, KernelState.QUEUED, reason, now)
-                    if position != request.position or reason != request.reason:
-                        self._tell_position(request, position, reason)
                     continue
                 incremental.ahead(request.order)
                 placement = incremental.place(kernel, request, claimed, now)
