@@ -82,6 +82,11 @@ class _Context:
     own_fixed: int
     reservations: dict[int, int] = field(default_factory=dict)
     """By device size, the only thing a reservation depends on besides the request."""
+    quota_devices: frozenset[int] = field(init=False)
+    """The devices its quota victims are on."""
+
+    def __post_init__(self) -> None:
+        self.quota_devices = frozenset(v.device for v in self.quota_victims if v.device is not None)
 
 
 @dataclass

@@ -190,7 +190,6 @@ class Placement:
         device's eviction order must free). None: it never fits there without someone unpinning. It depends on
         the device and the request alone."""
         assert self._pass is not None
-        quota_victims = context.quota_victims
         info = self.devices[d]
         view = self._incremental.view(d)
         reservation = context.reservations.get(info.total_bytes)
@@ -198,10 +197,10 @@ class Placement:
             reservation = context.reservations[info.total_bytes] = self._reservation(
                 kernel, request, info, context.limits
             )
-        if kernel.device == d or quota_victims:
+        if kernel.device == d or d in context.quota_devices:
             return self._ranked_on(kernel, request, context, d, view, reservation)
-        # Away from its own device and quota victims, the rank depends on the device and on
-        # these alone: requests alike share it until the device changes.
+        # Away from its own device and its quota victims, the rank depends on the device and
+        # on these alone: requests alike share it until the device changes.
         first_cell = request.memory is None and not kernel.peaks
         state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes if first_cell else -1
         key = (reservation, state, d == kernel.home)
@@ -248,7 +247,7 @@ class Placement:
         pending = view.offloading
         victims: list[Kernel] | int = []
         freed: int | None
-        if kernel.device != d and not quota_victims:
+        if kernel.device != d and d not in context.quota_devices:
             # Every kernel in the device's eviction order may go: its shortest prefix, listed
             # only if this device is chosen (by the bytes it must free).
             victims = need - pending
