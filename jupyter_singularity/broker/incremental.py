@@ -125,8 +125,9 @@ class Incremental:
         """Change-log position of ``_log[0]``."""
         self._user_versions: dict[str, int] = {}
         self._touched: set[str] = set()
-        self._over: dict[str, int] = {}
-        """Per user: how many of their daily GPU-time quotas they reached, as of the last pass."""
+        self.over: dict[str, int] = {}
+        """The users who reached one or more of their daily GPU-time quotas (how many), exact
+        during a pass: no request of another user is denied for GPU time."""
         self._flips: list[tuple[float, int, str]] = []
         self._flip_versions: dict[str, int] = {}
         self._epoch = 0
@@ -258,7 +259,7 @@ class Incremental:
     def reached_a_time_quota(self, user: str) -> bool:
         """Whether ``user`` reached one of their daily GPU-time quotas, exact during a pass: if
         not, no request of theirs is denied for GPU time (the common case needs no sum)."""
-        return self._over.get(user, 0) > 0
+        return user in self.over
 
     def ahead(self, order: tuple[float, int]) -> None:
         """The pass reached the request of this ``order``: the last pass's claims of the requests
@@ -286,14 +287,17 @@ class Incremental:
         kernels = core._by_user.get(user)
         self._flip_versions[user] = version = self._flip_versions.get(user, 0) + 1
         if not kernels:
-            self._over.pop(user, None)
+            self.over.pop(user, None)
             return
         quotas = {core.limits(user, k.groups).gpu_seconds_per_day for k in kernels.values()}
         thresholds = sorted(q for q in quotas if q is not None)
         used = core.used_seconds(user, now) if thresholds else 0.0
         reached = bisect.bisect_right(thresholds, used)
-        if self._over.get(user, 0) != reached:
-            self._over[user] = reached
+        if self.over.get(user, 0) != reached:
+            if reached:
+                self.over[user] = reached
+            else:
+                del self.over[user]
             self._user_versions[user] = self._user_versions.get(user, 0) + 1
             for kernel in kernels.values():
                 if kernel.device is not None:

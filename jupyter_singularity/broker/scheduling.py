@@ -153,14 +153,18 @@ class Scheduling:
 
     def _wait_behind(self, rest: list[Request], position: int, now: float) -> None:
         """The requests behind the last claim wait (or are denied for GPU time), in order."""
-        kernels, actions = self.kernels, self._actions
+        kernels, actions, over = self.kernels, self._actions, self._incremental.over
         for request in rest:
             kernel = kernels[request.kernel_id]
             if kernel.lease is not None:
                 position += 1
                 reason = _RESTORING
             else:
-                denial = self._time_quota_denial(kernel, request, now) if request.hold else ""
+                denial = (
+                    self._time_quota_denial(kernel, request, now)
+                    if request.hold and kernel.user in over
+                    else ""
+                )
                 if denial:
                     self._deny(kernel, request, denial, now)
                     continue
