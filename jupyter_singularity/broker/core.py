@@ -85,7 +85,6 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         self._host_recheck: set[str] = set()
         self._host_over: set[str] = set()
         self._queue: list[Request] = []
-        self._queue_left = False
         self.expected: dict[str, int] = {}
         self.expected_until = now
 
@@ -117,7 +116,7 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         kernel = self.kernels.pop(kernel_id, None)
         if kernel is None:
             return []
-        self._left(kernel)
+        self._incremental.touch(kernel)
         self._forget_expected(kernel_id)
         self._hold_host(kernel, 0, 0)
         del self._by_user[kernel.user][kernel_id]
@@ -131,6 +130,7 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
             self._end_lease(kernel, now, None)
         if kernel.request is not None:
             self._actions.append(Deny(kernel_id, kernel.request.request_id, "kernel is gone"))
+            self._left(kernel)
         self._actions.append(
             StateChanged(kernel_id, kernel.user, kernel.state, None, device, reason, now)
         )
@@ -190,7 +190,6 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         if kernel is None or kernel.request is None or kernel.request.request_id != request_id:
             return []
         self._left(kernel)
-        kernel.request = None
         if kernel.state == KernelState.QUEUED:
             self._set_state(kernel, self._settled_state(kernel), "request cancelled", now)
         self._schedule(now)
@@ -643,7 +642,6 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         assert device is not None
         restore = bool(kernel.host_bytes or kernel.disk_bytes)
         self._left(kernel)
-        kernel.request = None
         self._move(kernel, device)
         self._set_home(kernel, device)
         kernel.used_gpu = True

@@ -48,7 +48,7 @@ class Scheduling:
     _seq: Iterator[int]
     _queue: list[Request]
     """Requests in fair-share order; one whose kernel no longer holds it is dropped when next read."""
-    _queue_left: bool
+    _queue_left = False
     """Whether a request may have left the queue since it was last read (see :meth:`_left`)."""
     _ended_today: Callable[[str, float], float]
     _time_quota_denial: Callable[[Kernel, Request, float], str]
@@ -180,11 +180,11 @@ class Scheduling:
         """The kernel's request leaves the queue (granted, denied, cancelled, or the kernel gone):
         the next read of the queue drops it. Every such change goes through here."""
         self._incremental.left(kernel)
+        kernel.request = None
         self._queue_left = True
 
     def _deny(self, kernel: Kernel, request: Request, reason: str, now: float) -> None:
         self._left(kernel)
-        kernel.request = None
         self._actions.append(Deny(kernel.kernel_id, request.request_id, reason))
         if kernel.state == KernelState.QUEUED:
             self._set_state(kernel, self._settled_state(kernel), "request denied", now)
