@@ -130,6 +130,7 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
             self._end_lease(kernel, now, None)
         if kernel.request is not None:
             self._actions.append(Deny(kernel_id, kernel.request.request_id, "kernel is gone"))
+            self._left(kernel)
         self._actions.append(
             StateChanged(kernel_id, kernel.user, kernel.state, None, device, reason, now)
         )
@@ -188,8 +189,7 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         kernel = self.kernels.get(kernel_id)
         if kernel is None or kernel.request is None or kernel.request.request_id != request_id:
             return []
-        self._incremental.touch(kernel)
-        kernel.request = None
+        self._left(kernel)
         if kernel.state == KernelState.QUEUED:
             self._set_state(kernel, self._settled_state(kernel), "request cancelled", now)
         self._schedule(now)
@@ -641,7 +641,7 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         device = placement.device
         assert device is not None
         restore = bool(kernel.host_bytes or kernel.disk_bytes)
-        kernel.request = None
+        self._left(kernel)
         self._move(kernel, device)
         self._set_home(kernel, device)
         kernel.used_gpu = True

@@ -15,7 +15,11 @@ A request is placed again only as far as its inputs changed: not at all when its
 candidate devices are as they were, and so are the claims ahead of it on them; over the changed
 devices alone when the device it chose is not one of them (a device's rank for a request depends
 on that device and the request only); in full otherwise. So a pass decides exactly what a pass
-from nothing would.
+from nothing would. A change to another kernel of the request's user counts as no change when
+what placing it finds before looking at devices (its context) is the same; a request that waited
+for its user's quotas or kernels alone, with nothing of its user changed, keeps waiting without
+being placed. Away from its own device, a request's rank on a device is shared by requests alike
+(see ``_DeviceView.ranks``), and the kernels to evict are listed only for the device chosen.
 
 Time alone changes one input: a user's GPU time today grows while their cells run, and crossing a
 daily quota changes both the denial of their requests and the order in which their idle kernels
@@ -28,6 +32,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -59,6 +64,8 @@ class _DeviceView:
     stalled: int = 0
     """Bytes booked by kernels that stopped answering: not free, but not lost for good either."""
     stalled_kernels: list[Kernel] = field(default_factory=list)
+    ranks: dict[tuple, tuple | None] = field(default_factory=dict)
+    """Ranks of requests alike on this device (see ``Placement._rank``)."""
 
 
 @dataclass
@@ -75,6 +82,11 @@ class _Context:
     own_fixed: int
     reservations: dict[int, int] = field(default_factory=dict)
     """By device size, the only thing a reservation depends on besides the request."""
+    quota_devices: frozenset[int] = field(init=False)
+    """The devices its quota victims are on."""
+
+    def __post_init__(self) -> None:
+        self.quota_devices = frozenset(v.device for v in self.quota_victims if v.device is not None)
 
 
 @dataclass
@@ -89,12 +101,17 @@ class _Memo:
     """Per unclaimed candidate that could make room: its rank (see ``Placement._rank``). None:
     decided without ranking them."""
     heap: list[tuple]
-    """The same ranks as a heap, with ranks since replaced left in until they reach the top."""
+    """The same ranks as a heap of ``(key, serial, rank)`` (the serial, so that two ranks of one
+    device with equal keys never compare their victims), with ranks since replaced left in until
+    they reach the top."""
     user_version: int
     epoch: int
     seq: int
     """Position in the change log up to which it is known valid."""
     pass_no: int
+    kernel_touched: bool = False
+    """Whether its own kernel changed since (else a change to another kernel of its user leaves
+    its ranks standing where its context is found the same)."""
 
 
 class Incremental:
@@ -108,8 +125,9 @@ class Incremental:
         """Change-log position of ``_log[0]``."""
         self._user_versions: dict[str, int] = {}
         self._touched: set[str] = set()
-        self._over: dict[str, int] = {}
-        """Per user: how many of their daily GPU-time quotas they reached, as of the last pass."""
+        self.over: dict[str, int] = {}
+        """The users who reached one or more of their daily GPU-time quotas (how many), exact
+        during a pass: no request of another user is denied for GPU time."""
         self._flips: list[tuple[float, int, str]] = []
         self._flip_versions: dict[str, int] = {}
         self._epoch = 0
@@ -140,6 +158,13 @@ class Incremental:
         user = kernel.user
         self._user_versions[user] = self._user_versions.get(user, 0) + 1
         self._touched.add(user)
+        if (memo := self._memos.get(kernel.kernel_id)) is not None:
+            memo.kernel_touched = True
+
+    def left(self, kernel: Kernel) -> None:
+        """``kernel``'s request left the queue: its placement is kept no more."""
+        self.touch(kernel)
+        self._memos.pop(kernel.kernel_id, None)
 
     def _reset(self) -> None:
         self._views.clear()
@@ -178,17 +203,22 @@ class Incremental:
             view.ordered = True
         return view.evictable
 
-    def evict_for(self, device: int, nbytes: int, now: float) -> tuple[list[Kernel], int] | None:
-        """The fewest of the device's kernels, in eviction order, that free ``nbytes``, and the
-        bytes they free; None if all of them cannot."""
+    def freed_for(self, device: int, nbytes: int, now: float) -> int | None:
+        """The bytes the fewest of the device's kernels, in eviction order, that free ``nbytes``
+        free; None if all of them cannot."""
         if nbytes <= 0:
-            return [], 0
-        ordered = self.victims(device, now)
+            return 0
+        self.victims(device, now)
         freed = self._views[device].freed
         count = bisect.bisect_left(freed, nbytes)
-        if count == len(freed):
-            return None
-        return ordered[: count + 1], freed[count]
+        return None if count == len(freed) else freed[count]
+
+    def evict_for(self, device: int, nbytes: int, now: float) -> list[Kernel]:
+        """Those kernels (see :meth:`freed_for`; it found that they can)."""
+        if nbytes <= 0:
+            return []
+        ordered = self.victims(device, now)
+        return ordered[: bisect.bisect_left(self._views[device].freed, nbytes) + 1]
 
     def booked(self) -> dict[int, int]:
         return {d: self.view(d).booked for d in self.core.devices}
@@ -229,7 +259,7 @@ class Incremental:
     def reached_a_time_quota(self, user: str) -> bool:
         """Whether ``user`` reached one of their daily GPU-time quotas, exact during a pass: if
         not, no request of theirs is denied for GPU time (the common case needs no sum)."""
-        return self._over.get(user, 0) > 0
+        return user in self.over
 
     def ahead(self, order: tuple[float, int]) -> None:
         """The pass reached the request of this ``order``: the last pass's claims of the requests
@@ -238,7 +268,11 @@ class Incremental:
         if index < len(old) and old[index][0] < order:
             differ = self._claims_differ
             while index < len(old) and old[index][0] < order:
-                differ ^= {old[index][1]}
+                device = old[index][1]
+                if device in differ:
+                    differ.remove(device)
+                else:
+                    differ.add(device)
                 index += 1
             self._next_old = index
 
@@ -253,14 +287,17 @@ class Incremental:
         kernels = core._by_user.get(user)
         self._flip_versions[user] = version = self._flip_versions.get(user, 0) + 1
         if not kernels:
-            self._over.pop(user, None)
+            self.over.pop(user, None)
             return
         quotas = {core.limits(user, k.groups).gpu_seconds_per_day for k in kernels.values()}
         thresholds = sorted(q for q in quotas if q is not None)
         used = core.used_seconds(user, now) if thresholds else 0.0
         reached = bisect.bisect_right(thresholds, used)
-        if self._over.get(user, 0) != reached:
-            self._over[user] = reached
+        if self.over.get(user, 0) != reached:
+            if reached:
+                self.over[user] = reached
+            else:
+                del self.over[user]
             self._user_versions[user] = self._user_versions.get(user, 0) + 1
             for kernel in kernels.values():
                 if kernel.device is not None:
@@ -272,19 +309,62 @@ class Incremental:
 
     # ------------------------------------------------------------------------- placing
 
+    def kept_waits(
+        self,
+        queue: list[Request],
+        index: int,
+        position: int,
+        tell: Callable[[Request, int, str], None],
+    ) -> tuple[int, int]:
+        """Walk ``queue`` from ``index`` over the requests that wait as in the last pass: for
+        their user's quotas or kernels alone (no device looked at), with nothing of their user
+        changed since and their kernel queued already; ``tell`` each a position that changed.
+        Returns the index of the first other request and the last position given."""
+        memos, versions, kernels = self._memos, self._user_versions, self.core.kernels
+        last, this, epoch = self._pass_no - 1, self._pass_no, self._epoch
+        for at in range(index, len(queue)):
+            request = queue[at]
+            kernel = kernels[request.kernel_id]
+            memo = memos.get(request.kernel_id)
+            if (
+                memo is None
+                or memo.context is not None
+                or memo.request is not request
+                or memo.pass_no != last
+                or memo.epoch != epoch
+                or memo.user_version != versions.get(kernel.user, 0)
+                or kernel.lease is not None
+                or kernel.state != KernelState.QUEUED
+            ):
+                return at, position
+            memo.pass_no = this
+            position += 1
+            reason = memo.placement.wait
+            if position != request.position or reason != request.reason:
+                tell(request, position, reason)
+        return len(queue), position
+
     def place(self, kernel: Kernel, request: Request, claimed: set[int], now: float) -> _Placement:
         """Where ``request`` runs, placed again only as far as its inputs changed."""
         core = self.core
         memo = self._memos.get(kernel.kernel_id)
         version = self._user_versions.get(kernel.user, 0)
         seq = self._base + len(self._log)
+        fresh: _Context | _Placement | None = None
         if (
             memo is not None
             and memo.request is request
             and memo.pass_no == self._pass_no - 1
             and memo.epoch == self._epoch
-            and memo.user_version == version
         ):
+            if memo.user_version != version and memo.context is not None:
+                # Another kernel of its user changed: its ranks stand if its context does.
+                fresh = core._placing(kernel, request, now)
+                if not memo.kernel_touched and _same_context(fresh, memo.context):
+                    memo.user_version = version
+        else:
+            memo = None
+        if memo is not None and memo.user_version == version:
             context = memo.context
             changed = None if context is None else self._changed_for(memo, context.candidate_set)
             if changed:
@@ -300,7 +380,7 @@ class Incremental:
             if memo.placement.deny:
                 del self._memos[kernel.kernel_id]
             return memo.placement
-        context = core._placing(kernel, request, now)
+        context = fresh or core._placing(kernel, request, now)
         ranks = None
         if isinstance(context, _Context):
             placement, ranks = core._on_devices(kernel, request, context, claimed)
@@ -333,40 +413,62 @@ class Incremental:
         """Rank the changed devices again (the others' ranks stand) and place on the best."""
         core, ranks, heap = self.core, memo.ranks, memo.heap
         assert ranks is not None
+        best = heap[0][2] if heap else None
         for d in changed:
             ranks.pop(d, None)
             if d not in claimed and (rank := core._rank(kernel, request, context, d)):
                 ranks[d] = rank
-                heapq.heappush(heap, rank)
-        while heap and ranks.get(heap[0][1]) is not heap[0]:
+                heapq.heappush(heap, (rank[0], next(_serial), rank))
+        while heap and ranks.get(heap[0][2][1]) is not heap[0][2]:
             heapq.heappop(heap)
         if not heap:
             placement, fresh = core._on_devices(kernel, request, context, claimed)
             memo.ranks, memo.heap = _ranked(fresh)
             return placement
         if len(heap) > 2 * len(ranks) + 16:
-            memo.heap = heap = list(ranks.values())
-            heapq.heapify(heap)
-        return core._placement_on(kernel, context, heap[0], 0)
+            memo.heap = heap = _heap(ranks.values())
+        if heap[0][2] is best:
+            return memo.placement  # (the same rank: its device did not change)
+        return core._placement_on(kernel, context, heap[0][2], 0)
 
     def _changed_for(self, memo: _Memo, candidates: frozenset[int]) -> set[int]:
         """The request's candidate devices that changed since its memo, or that are claimed
         ahead of it in this pass and not in the last, or the other way round."""
         since = memo.seq - self._base
-        changed = (
-            {d for d in self._log[since:] if d in candidates} if since < len(self._log) else set()
-        )
-        if self._claims_differ:
-            changed.update(d for d in self._claims_differ if d in candidates)
+        changed = set(self._log[since:]) if since < len(self._log) else set()
+        changed |= self._claims_differ
+        changed &= candidates
         return changed
+
+
+def _same_context(fresh: _Context | _Placement, kept: _Context) -> bool:
+    """Whether a context found again is the kept one in all that ranks depend on (the request's
+    own kernel unchanged)."""
+    return (
+        isinstance(fresh, _Context)
+        and fresh.limits == kept.limits
+        and fresh.candidates == kept.candidates
+        and fresh.anywhere == kept.anywhere
+        and fresh.own_fixed == kept.own_fixed
+        and len(fresh.quota_victims) == len(kept.quota_victims)
+        and all(a is b for a, b in zip(fresh.quota_victims, kept.quota_victims, strict=True))
+    )
 
 
 def _ranked(ranks: list[tuple] | None) -> tuple[dict[int, tuple] | None, list[tuple]]:
     """Ranks by device, and as a heap."""
     if ranks is None:
         return None, []
-    heapq.heapify(ranks)
-    return {rank[1]: rank for rank in ranks}, ranks
+    return {rank[1]: rank for rank in ranks}, _heap(ranks)
+
+
+_serial = itertools.count()
+
+
+def _heap(ranks: Iterable[tuple]) -> list[tuple]:
+    heap = [(rank[0], next(_serial), rank) for rank in ranks]
+    heapq.heapify(heap)
+    return heap
 
 
 def _unfreeable(kernel: Kernel) -> bool:

@@ -186,22 +186,47 @@ class Placement:
 
     def _rank(self, kernel: Kernel, request: Request, context: _Context, d: int) -> tuple | None:
         """How well device ``d`` suits the request, as (key, device, reservation, victims): the
-        smallest key wins. None: it never fits there without someone unpinning. It depends on
+        smallest key wins (victims: the kernels to evict, or the bytes the first kernels of the
+        device's eviction order must free). None: it never fits there without someone unpinning. It depends on
         the device and the request alone."""
         assert self._pass is not None
-        quota_victims = context.quota_victims
         info = self.devices[d]
         view = self._incremental.view(d)
-        own = kernel.booking() if kernel.device == d else 0
-        leaving = sum(v.booking() for v in quota_victims if v.device == d) if quota_victims else 0
-        free = info.total_bytes - (view.booked - own - leaving)
-        own_fixed = context.own_fixed if kernel.device == d else 0
-        freeable = info.total_bytes - (view.fixed - own_fixed)
         reservation = context.reservations.get(info.total_bytes)
         if reservation is None:
             reservation = context.reservations[info.total_bytes] = self._reservation(
                 kernel, request, info, context.limits
             )
+        if kernel.device == d or d in context.quota_devices:
+            return self._ranked_on(kernel, request, context, d, view, reservation)
+        # Away from its own device and its quota victims, the rank depends on the device and
+        # on these alone: requests alike share it until the device changes.
+        first_cell = request.memory is None and not kernel.peaks
+        state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes if first_cell else -1
+        key = (reservation, state, d == kernel.home)
+        rank = view.ranks.get(key, view)
+        if rank is view:
+            rank = view.ranks[key] = self._ranked_on(kernel, request, context, d, view, reservation)
+        return rank
+
+    def _ranked_on(
+        self,
+        kernel: Kernel,
+        request: Request,
+        context: _Context,
+        d: int,
+        view: _DeviceView,
+        reservation: int,
+    ) -> tuple | None:
+        """The rank of device ``d`` for the request, found from the device's view."""
+        assert self._pass is not None
+        quota_victims = context.quota_victims
+        info = self.devices[d]
+        own = kernel.booking() if kernel.device == d else 0
+        leaving = sum(v.booking() for v in quota_victims if v.device == d) if quota_victims else 0
+        free = info.total_bytes - (view.booked - own - leaving)
+        own_fixed = context.own_fixed if kernel.device == d else 0
+        freeable = info.total_bytes - (view.fixed - own_fixed)
         if request.memory is None and not kernel.peaks:
             # "The whole device" for a first cell means all that can be made free there: not
             # what a kernel that stopped answering holds, unless little else would be left
@@ -220,12 +245,13 @@ class Placement:
             return ((0, affinity, free - reservation, d), d, reservation, [])
         need = reservation - free
         pending = view.offloading
-        victims: list[Kernel] = []
+        victims: list[Kernel] | int = []
         freed: int | None
-        if kernel.device != d and not quota_victims:
-            # Every kernel in the device's eviction order may go: its shortest prefix.
-            found = self._incremental.evict_for(d, need - pending, self._pass.now)
-            victims, freed = found if found is not None else ([], None)
+        if kernel.device != d and d not in context.quota_devices:
+            # Every kernel in the device's eviction order may go: its shortest prefix, listed
+            # only if this device is chosen (by the bytes it must free).
+            victims = need - pending
+            freed = self._incremental.freed_for(d, victims, self._pass.now)
         else:
             for victim in self._pass.victims(d):
                 if pending >= need:
@@ -247,6 +273,8 @@ class Placement:
         """The placement on the best device found (rank, device, reservation, victims)."""
         (tier, *_), device, reservation, victims = best
         assert self._pass is not None
+        if isinstance(victims, int):
+            victims = self._incremental.evict_for(device, victims, self._pass.now)
         if context.anywhere and tier == 2:
             floor = self._pass.busy_floor
             self._pass.busy_floor = asked if floor is None else min(floor, asked)

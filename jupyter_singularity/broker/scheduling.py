@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 _BEHIND = "queued behind earlier requests for the same GPU"
 _RESTORING = "waiting for its restore to finish"
-_WAITING_STATES = (*OFF_DEVICE_STATES, KernelState.COLD, KernelState.ERROR)
+_WAITING_STATES = frozenset((*OFF_DEVICE_STATES, KernelState.COLD, KernelState.ERROR))
 """States of a kernel whose waiting request makes it ``queued``."""
 
 
@@ -48,6 +48,8 @@ class Scheduling:
     _seq: Iterator[int]
     _queue: list[Request]
     """Requests in fair-share order; one whose kernel no longer holds it is dropped when next read."""
+    _queue_left = False
+    """Whether a request may have left the queue since it was last read (see :meth:`_left`)."""
     _ended_today: Callable[[str, float], float]
     _time_quota_denial: Callable[[Kernel, Request, float], str]
     _incremental: Incremental
@@ -62,6 +64,9 @@ class Scheduling:
     def _queued(self) -> list[Request]:
         """The waiting requests in fair-share order (the ones granted, denied or cancelled since
         the last read dropped)."""
+        if not self._queue_left:
+            return self._queue
+        self._queue_left = False
         kernels = self.kernels
         self._queue = [
             r
@@ -100,18 +105,27 @@ class Scheduling:
             claimed: set[int] = set()
             position = 0
             everywhere = len(self.devices)
-            for index, request in enumerate(queue):
+            index = 0
+            while index < len(queue):
                 if len(claimed) == everywhere:
                     # Every device is claimed by a request ahead: only a denial can be decided.
                     self._wait_behind(queue[index:], position, now)
                     return
-                incremental.ahead(request.order)
+                # (Requests that wait as in the last pass claim nothing: a run of them at once.)
+                index, position = incremental.kept_waits(
+                    queue, index, position, self._tell_position
+                )
+                if index == len(queue):
+                    return
+                request = queue[index]
+                index += 1
                 kernel = self.kernels[request.kernel_id]
                 if kernel.lease is not None:
                     # Its explicit restore is under way; the cell is granted once it is back.
                     position += 1
                     self._tell_position(request, position, _RESTORING)
                     continue
+                incremental.ahead(request.order)
                 placement = incremental.place(kernel, request, claimed, now)
                 if placement.deny:
                     self._deny(kernel, request, placement.deny, now)
@@ -139,14 +153,18 @@ class Scheduling:
 
     def _wait_behind(self, rest: list[Request], position: int, now: float) -> None:
         """The requests behind the last claim wait (or are denied for GPU time), in order."""
-        kernels, actions = self.kernels, self._actions
+        kernels, actions, over = self.kernels, self._actions, self._incremental.over
         for request in rest:
             kernel = kernels[request.kernel_id]
             if kernel.lease is not None:
                 position += 1
                 reason = _RESTORING
             else:
-                denial = self._time_quota_denial(kernel, request, now) if request.hold else ""
+                denial = (
+                    self._time_quota_denial(kernel, request, now)
+                    if request.hold and kernel.user in over
+                    else ""
+                )
                 if denial:
                     self._deny(kernel, request, denial, now)
                     continue
@@ -158,9 +176,15 @@ class Scheduling:
                 request.position, request.reason = position, reason
                 actions.append(Wait(request.kernel_id, request.request_id, position, reason))
 
-    def _deny(self, kernel: Kernel, request: Request, reason: str, now: float) -> None:
-        self._incremental.touch(kernel)
+    def _left(self, kernel: Kernel) -> None:
+        """The kernel's request leaves the queue (granted, denied, cancelled, or the kernel gone):
+        the next read of the queue drops it. Every such change goes through here."""
+        self._incremental.left(kernel)
         kernel.request = None
+        self._queue_left = True
+
+    def _deny(self, kernel: Kernel, request: Request, reason: str, now: float) -> None:
+        self._left(kernel)
         self._actions.append(Deny(kernel.kernel_id, request.request_id, reason))
         if kernel.state == KernelState.QUEUED:
             self._set_state(kernel, self._settled_state(kernel), "request denied", now)
