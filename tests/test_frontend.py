@@ -223,7 +223,10 @@ async def test_a_server_in_a_container_reports_its_kernel_in_its_own_pid_namespa
         await call(pool.frontend, who, "kernel_started", {"kernel_id": "kc", "pid": claimed})
         watched = pool.service._connections["kc"].launched_pid
         assert watched != claimed
-        assert Path(f"/proc/{watched}/cmdline").read_bytes().split(b"\0")[:2] == [b"sleep", b"300"]
+        # The process that is pid 2 in the container (the shell's child, "sleep" once it exec'd).
+        status = Path(f"/proc/{watched}/status").read_text()
+        (nspid,) = [line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")]
+        assert nspid == [str(watched), str(claimed)]
         # A pid the server never started is not taken (the kernel's hello will say which it is).
         await call(pool.frontend, who, "kernel_started", {"kernel_id": "kc", "pid": 4242})
         assert pool.service._connections["kc"].launched_pid == watched
