@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cells import record_of
+from cells import record_of, slow_copies
 from servers import api, jupyter_server, run_in_kernel
 
 from jupyter_singularity.broker.processes import alive
@@ -115,14 +115,7 @@ print(os.getpid(), digest())
 
 # Every host<->device copy of this kernel's tensor tier takes 0.25 s more, so that an offload or a
 # restore of its 12 storages lasts long enough to be killed in the middle of it.
-SLOW_COPIES = """
-import jupyter_singularity.kernel.offload as _offload
-_plain_copy = _offload._copy
-def _slow_copy(dst, src):
-    time.sleep(0.25)
-    _plain_copy(dst, src)
-_offload._copy = _slow_copy
-"""
+SLOW_COPIES = slow_copies(0.25)
 
 
 async def _make_state(run, kernel_id: str, seed: int) -> tuple[int, str]:

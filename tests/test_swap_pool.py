@@ -13,20 +13,12 @@ import os
 import signal
 
 import pytest
-from cells import tensor_state
+from cells import slow_copies, tensor_state
 
 MiB = 1 << 20
 
 #: The victim's copies are slowed down, so that the incoming kernel's restore overlaps them.
-SLOW_COPIES = """
-import time
-import jupyter_singularity.kernel.offload as _offload
-_plain_copy = _offload._copy
-def _slow_copy(dst, src):
-    time.sleep(0.03)
-    _plain_copy(dst, src)
-_offload._copy = _slow_copy
-"""
+SLOW_COPIES = slow_copies(0.03)
 
 #: The victim's next pipelined offload fails when it frees its 9th storage, once.
 FAIL_MIDWAY = """
