@@ -145,13 +145,15 @@ print("digest", digest())
 
 def slow_copies(seconds: float) -> str:
     """Cell source after which every host<->device copy of the kernel's tensor tier takes
-    ``seconds`` more: an offload or restore then lasts long enough to act in the middle of it."""
+    ``seconds`` more (again for each run of it): an offload or restore then lasts long enough to
+    act in the middle of it."""
     return f"""
 import time
 import jupyter_singularity.kernel.offload as _offload
-_plain_copy = _offload._copy
-def _slow_copy(dst, src):
-    time.sleep({seconds})
-    _plain_copy(dst, src)
-_offload._copy = _slow_copy
+def _slowed(copy, seconds):
+    def slow(dst, src):
+        time.sleep(seconds)
+        copy(dst, src)
+    return slow
+_offload._copy = _slowed(_offload._copy, {seconds})
 """

@@ -133,6 +133,9 @@ async def test_the_incoming_kernel_dying_mid_restore_costs_the_victim_nothing(
         start_kernel, wait_in_pool, run, state
     )
 
+    # Slower still (~3 s for the victim's offload), so that the kill lands mid-swap under load too.
+    status, out, _ = await run(victim, slow_copies(0.1))
+    assert status == "ok", out
     incoming_cell = asyncio.ensure_future(run(incoming, "print(digest())", timeout=20))
     await state(victim, "offloading", timeout=60)
     await asyncio.sleep(0.2)  # the victim has freed some storages, the incoming restores

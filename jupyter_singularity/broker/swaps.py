@@ -197,12 +197,14 @@ class SwapRoom:
 
     def _settled(self, swap: Swap) -> bool:
         """Whether the room of ``swap`` needs no more watching: none was given, it came back,
-        its kernel is gone (its memory with it) or was granted this GPU (the room is booked)."""
+        its kernel's process is gone (its memory with it; a kernel restarted under the same id
+        is cold) or it was granted this GPU (the room is booked)."""
         kernel = self.core.kernels.get(swap.incoming)
         return (
             not swap.given
             or swap.returned.is_set()
             or kernel is None
+            or kernel.state == KernelState.COLD
             or (kernel.lease is not None and kernel.lease.device == swap.device)
         )
 
