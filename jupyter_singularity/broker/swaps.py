@@ -85,11 +85,11 @@ class SwapRoom:
 
     def _incoming_on(self, device: int) -> str | None:
         """The queued kernel whose request claims ``device`` and whose state is all in host
-        memory, ready to restore early."""
-        for kernel in self.core.kernels.values():
-            request = kernel.request
+        memory, ready to restore early (the waiting requests only, not every kernel)."""
+        for request in self.core.queue():
+            kernel = self.core.kernels[request.kernel_id]
             if (
-                request is not None
+                kernel.request is request
                 and request.claimed == device
                 and request.hold
                 and kernel.lease is None
