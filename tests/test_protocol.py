@@ -48,9 +48,11 @@ HEADER_FIELDS = ("type", "msg_id", "seq", "time", "reply_to", "origin", "session
 GiB = 1 << 30
 
 
-def json_trees(floats: st.SearchStrategy[float]) -> st.SearchStrategy[object]:
+def json_trees(
+    floats: st.SearchStrategy[float], integers: st.SearchStrategy[int] = st.integers()
+) -> st.SearchStrategy[object]:
     return st.recursive(
-        st.none() | st.booleans() | st.integers() | floats | st.text(max_size=20),
+        st.none() | st.booleans() | integers | floats | st.text(max_size=20),
         lambda children: (
             st.lists(children, max_size=4)
             | st.dictionaries(st.text(max_size=8), children, max_size=4)
@@ -61,9 +63,14 @@ def json_trees(floats: st.SearchStrategy[float]) -> st.SearchStrategy[object]:
 
 # Anything json.loads accepts, NaN and Infinity included.
 json_values = json_trees(st.floats())
-# What encode() can send: JSON proper.
+# What encode() can send: JSON proper, with integers of 64 bits at most.
 json_objects = st.dictionaries(
-    st.text(max_size=8), json_trees(st.floats(allow_nan=False, allow_infinity=False)), max_size=6
+    st.text(max_size=8),
+    json_trees(
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1),
+    ),
+    max_size=6,
 )
 
 
@@ -226,12 +233,16 @@ def test_decode_validates_signed_content() -> None:
     for name, value in [
         ("seq", True),
         ("seq", "1"),
-        ("time", float("nan")),
+        ("time", "now"),
         ("reply_to", 3),
         ("session", None),
     ]:
         with pytest.raises(ProtocolError, match=f"bad field '{name}'"):
             decode(signed({**good, name: value}), KEYS.get)
+    # NaN and Infinity are not JSON: a header that holds them is not parsed at all.
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ProtocolError, match="malformed JSON in header"):
+            decode(signed({**good, "time": value}), KEYS.get)
 
 
 @pytest.mark.faults
@@ -353,6 +364,14 @@ def test_decode_signed_arbitrary_headers(header: dict, body: object) -> None:
 def test_round_trip_any_body(body: dict) -> None:
     msg = make(body=body)
     assert decode(encode(msg, Signer(KEY)), KEYS.get).body == body
+
+
+def test_encode_refuses_what_it_cannot_send_exactly() -> None:
+    """An integer past 64 bits or an object that is not JSON fails in the sender, never on the
+    wire."""
+    for body in ({"n": 1 << 64}, {"x": object()}):
+        with pytest.raises(TypeError):
+            encode(make(body=body), Signer(KEY))
 
 
 # -- the log of dropped messages -------------------------------------------------------
