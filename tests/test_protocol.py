@@ -49,8 +49,9 @@ GiB = 1 << 30
 
 
 def json_trees(
-    floats: st.SearchStrategy[float], integers: st.SearchStrategy[int] = st.integers()
+    floats: st.SearchStrategy[float], integers: st.SearchStrategy[int] | None = None
 ) -> st.SearchStrategy[object]:
+    integers = st.integers() if integers is None else integers
     return st.recursive(
         st.none() | st.booleans() | integers | floats | st.text(max_size=20),
         lambda children: (
