@@ -20,10 +20,10 @@ import contextlib
 import logging
 import os
 import queue
+import secrets
 import socket
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -155,7 +155,7 @@ class BrokerClient:
         up waiting calls :meth:`abandon` so the pending entry does not linger. The request is
         on its way when this returns.
         """
-        msg_id = uuid.uuid4().hex
+        msg_id = secrets.token_hex(16)
         answer: concurrent.futures.Future[dict] = concurrent.futures.Future()
         answer.msg_id = msg_id  # type: ignore[attr-defined]
         with self._lock:
@@ -298,10 +298,11 @@ class BrokerClient:
         poller = zmq.Poller()
         poller.register(descriptor, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
+        woken = self._wake_rx.fileno()  # (the poller names a Python socket by its descriptor)
         try:
             while not self._closing:
-                poller.poll()
-                self._drain_wake()
+                if any(ready == woken for ready, _ in poller.poll()):
+                    self._drain_wake()
                 for frames in self._receive_all():
                     self._dispatch(frames)
         finally:
