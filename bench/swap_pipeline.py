@@ -14,6 +14,15 @@ storage as its copy ends and the incoming kernel restores into that room meanwhi
 ``swap_s / (offload_s + restore_s) <= 0.6``; min / median / max over ``--runs`` runs (each the
 median of ``--rounds`` rounds). The two copies run in two processes: it needs two free cores.
 
+On simulated devices each copy is CPU work, so beside the seconds it says where they went, read
+from ``/proc`` for each kernel's process: CPU seconds, user and system (``*_cpu``: the system
+time is mostly page faults into fresh memory) and minor page faults, for the offload alone, the
+restore alone and each side of the swap; ``overlap_s``, how long both kernels were busy at once
+during the swap (sampled every 10 ms); and ``cpu_stall_share``, the share of the run during which
+some task on the machine waited for a CPU (``/proc/pressure/cpu``; a shared machine's cores are
+not all free). With two free cores the best a swap can do is about the larger CPU time of its
+two sides plus the cell's own start.
+
 Run: ``python bench/swap_pipeline.py [--mib 1024] [--tensor-mib 64] [--runs 3] [--rounds 3]``.
 """
 
@@ -24,11 +33,15 @@ import asyncio
 import json
 import re
 import statistics
+import time
 
 from cell_overhead import cell, first_output, printed, start, wait_state
 from embedded_pool import embedded_pool
+from process_cpu import Busy, Usage, cpu_stall, usage
 
 GOAL = 0.6
+SECONDS_SAMPLES = ("offload_s", "restore_s", "swap_s", "overlap_s")
+CPU_SAMPLES = ("offload_cpu", "restore_cpu", "swap_victim_cpu", "swap_incoming_cpu")
 STATE = "import torch\nxs = [torch.ones({tensor_mib} << 18) for _ in range({count})]"
 LOG = "%singularity log"
 SECONDS = re.compile(r"(offloaded|restored) .* in ([0-9.]+) s")
@@ -43,6 +56,11 @@ async def last_transfer(client, kind: str) -> float:
     raise AssertionError(f"no {kind} transfer in the kernel's log")
 
 
+def spent(before: Usage, after: Usage) -> dict[str, float]:
+    used = after - before
+    return {"cpu": used.cpu, "user": used.user, "system": used.system, "faults": used.faults}
+
+
 async def one_run(mib: int, tensor_mib: int, rounds: int) -> dict:
     async with embedded_pool(f"simulated:1x{2 * mib}MiB") as service:
         kernels = [await start("singularity-provisioner") for _ in range(2)]
@@ -51,33 +69,56 @@ async def one_run(mib: int, tensor_mib: int, rounds: int) -> dict:
             for _, client in kernels:
                 await cell(client, state)  # the second evicts the first
             (a_manager, a), (b_manager, b) = kernels
+            pids = {"a": a_manager.provisioner.process.pid, "b": b_manager.provisioner.process.pid}
             await wait_state(service, a_manager.kernel_id, "offloaded")
-            samples: dict[str, list[float]] = {"offload_s": [], "restore_s": [], "swap_s": []}
+            samples: dict[str, list] = {name: [] for name in (*SECONDS_SAMPLES, *CPU_SAMPLES)}
+            started, stall = time.perf_counter(), cpu_stall()
             for _ in range(rounds):
+                before = usage(pids["b"])
                 service.offload(b_manager.kernel_id)
                 await wait_state(service, b_manager.kernel_id, "offloaded")
+                samples["offload_cpu"].append(spent(before, usage(pids["b"])))
                 samples["offload_s"].append(await last_transfer(b, "offloaded"))
+                before = usage(pids["a"])
                 service.restore(a_manager.kernel_id)
                 await wait_state(service, a_manager.kernel_id, "resident")
+                samples["restore_cpu"].append(spent(before, usage(pids["a"])))
                 samples["restore_s"].append(await last_transfer(a, "restored"))
-                seconds, _ = await first_output(b, "print('swapped')")  # evicts a
+                victim, incoming = usage(pids["a"]), usage(pids["b"])
+                async with Busy(pids) as busy:
+                    seconds, _ = await first_output(b, "print('swapped')")  # evicts a
+                    await wait_state(service, a_manager.kernel_id, "offloaded")
                 samples["swap_s"].append(seconds)
-                await wait_state(service, a_manager.kernel_id, "offloaded")
+                samples["overlap_s"].append(busy.overlap("a", "b"))
+                samples["swap_victim_cpu"].append(spent(victim, usage(pids["a"])))
+                samples["swap_incoming_cpu"].append(spent(incoming, usage(pids["b"])))
+            stall_share = (cpu_stall() - stall) / (time.perf_counter() - started)
         finally:
             for manager, client in kernels:
                 client.stop_channels()
                 await manager.shutdown_kernel(now=True)
-    medians = {name: statistics.median(values) for name, values in samples.items()}
+    medians = {
+        name: (
+            {key: statistics.median(v[key] for v in values) for key in values[0]}
+            if isinstance(values[0], dict)
+            else statistics.median(values)
+        )
+        for name, values in samples.items()
+    }
     medians["ratio"] = medians["swap_s"] / (medians["offload_s"] + medians["restore_s"])
+    medians["cpu_stall_share"] = stall_share
     return medians
 
 
 async def run(mib: int, tensor_mib: int, runs: int, rounds: int) -> dict:
     results = [await one_run(mib, tensor_mib, rounds) for _ in range(runs)]
 
-    def spread(name: str) -> list[float]:
-        values = sorted(result[name] for result in results)
+    def spread(name: str, key: str | None = None) -> list[float]:
+        values = sorted(result[name] if key is None else result[name][key] for result in results)
         return [round(values[0], 3), round(statistics.median(values), 3), round(values[-1], 3)]
+
+    def cpu(name: str) -> dict[str, list[float]]:
+        return {key: spread(name, key) for key in ("cpu", "user", "system", "faults")}
 
     return {
         "state_mib": mib,
@@ -89,6 +130,12 @@ async def run(mib: int, tensor_mib: int, runs: int, rounds: int) -> dict:
         "swap_s_min_median_max": spread("swap_s"),
         "swap_over_offload_plus_restore_min_median_max": spread("ratio"),
         "goal_swap_over_offload_plus_restore": GOAL,
+        "offload_cpu_min_median_max": cpu("offload_cpu"),
+        "restore_cpu_min_median_max": cpu("restore_cpu"),
+        "swap_victim_cpu_min_median_max": cpu("swap_victim_cpu"),
+        "swap_incoming_cpu_min_median_max": cpu("swap_incoming_cpu"),
+        "swap_overlap_s_min_median_max": spread("overlap_s"),
+        "cpu_stall_share_min_median_max": spread("cpu_stall_share"),
     }
 
 

@@ -75,6 +75,7 @@ from .cuda_probes import (
     inside,
     multiprocessing_shared,
 )
+from .large_pages import advise_large_pages
 from .lost import mark_lost
 from .spill import (
     Ranges,
@@ -167,12 +168,14 @@ def _allocate_host(nbytes: int, pinned: bool) -> torch.Tensor:
 
     A pageable one is a private anonymous mapping of its own, so that a restore can give it back
     off the cell's path (:func:`_unmap_later`): freeing a torch allocation holds the GIL through
-    the whole munmap (about 50 ms/GiB), ``mmap.close`` releases it."""
+    the whole munmap (about 50 ms/GiB), ``mmap.close`` releases it; and in large pages
+    (:mod:`.large_pages`)."""
     import torch
 
     if pinned or nbytes == 0:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
     mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    advise_large_pages(mapping)
     tensor = torch.frombuffer(mapping, dtype=torch.uint8)
     tensor._singularity_mapping = mapping  # type: ignore[attr-defined]
     return tensor

@@ -48,6 +48,7 @@ from .gate import (
     parse_cell_options,
     uninstall_gate,
 )
+from .large_pages import simulated_device_pages
 from .membership import CANCEL_TIMEOUT, Membership, answer_of
 from .process_probes import cuda_driver_initialised
 from .pushes import BrokerPushes, TransferRecord
@@ -574,6 +575,7 @@ class Runtime(CellRestores, BrokerPushes):
             self.membership.wait_joined("import torch in this cell")
         if not self.simulated:
             return
+        simulated_device_pages()
         self.first_use("import torch")
 
     def _on_torch_imported(self, torch: Any) -> None:
