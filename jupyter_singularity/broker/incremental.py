@@ -142,6 +142,11 @@ class Incremental:
         self._next_old = 0
         self._claims_differ: set[int] = set()
         """Devices claimed ahead of the current request in this pass or in the last, not both."""
+        self._claimed: set[int] | None = None
+        """During a pass: the devices claimed so far."""
+        self._unclaimed_changed: set[int] = set()
+        """During a pass: devices changed since the last pass began and not claimed so far (a
+        request that neither these nor the claims that differ reach keeps its placement)."""
 
     # ------------------------------------------------------------------------- changes
 
@@ -149,6 +154,8 @@ class Incremental:
         """Something on ``device`` changed: its view is rebuilt and its requests looked at again."""
         self._views.pop(device, None)
         self._log.append(device)
+        if self._claimed is not None and device not in self._claimed:
+            self._unclaimed_changed.add(device)
 
     def touch(self, kernel: Kernel) -> None:
         """``kernel`` changes (or may): its device, and every request of its user, are looked at
@@ -225,9 +232,10 @@ class Incremental:
 
     # ------------------------------------------------------------------------- a pass
 
-    def begin(self, now: float) -> None:
-        """A pass starts: drop what a new day, new quotas or policy, or closed devices make
-        stale, and mark the users whose daily GPU-time quota was crossed since the last pass."""
+    def begin(self, now: float, claimed: set[int]) -> None:
+        """A pass starts (``claimed``: the devices it claims, as it goes): drop what a new day, new
+        quotas or policy, or closed devices make stale, and mark the users whose daily GPU-time
+        quota was crossed since the last pass."""
         core = self.core
         day, closed = int(now // DAY), core.closed_devices()
         settings = (core.quotas, core.policy)
@@ -247,9 +255,13 @@ class Incremental:
         self._claims_differ = set()
         self._claims = []
         self._start = self._base + len(self._log)
+        # (The log holds the changes since the last pass began.)
+        self._unclaimed_changed = set(self._log)
+        self._claimed = claimed
 
     def end(self) -> None:
         """The pass is over: its claims are what the next pass compares with."""
+        self._claimed = None
         self._old_claims = self._claims
         self._pass_no += 1
         # Memos not looked at in this pass are stale: the log before it is needed no more.
@@ -279,6 +291,7 @@ class Incremental:
     def claim(self, order: tuple[float, int], device: int) -> None:
         self._claims.append((order, device))
         self._claims_differ ^= {device}
+        self._unclaimed_changed.discard(device)
 
     def _watch(self, user: str, now: float) -> None:
         """Look again at how many daily GPU-time quotas ``user`` reached; if that changed, their
@@ -309,37 +322,61 @@ class Incremental:
 
     # ------------------------------------------------------------------------- placing
 
-    def kept_waits(
+    def kept(
         self,
         queue: list[Request],
         index: int,
         position: int,
         tell: Callable[[Request, int, str], None],
     ) -> tuple[int, int]:
-        """Walk ``queue`` from ``index`` over the requests that wait as in the last pass: for
-        their user's quotas or kernels alone (no device looked at), with nothing of their user
-        changed since and their kernel queued already; ``tell`` each a position that changed.
-        Returns the index of the first other request and the last position given."""
+        """Walk ``queue`` from ``index`` over the requests whose placement stands as in the last
+        pass, without placing them: a wait for their user's quotas or kernels alone (no device
+        looked at) or on devices, with nothing of their user changed since, and none of their
+        candidate devices changed unless it is claimed ahead of them in both passes. Each claims
+        its device again and is told a position that changed. Returns the index of the first
+        other request (or of the first once every device is claimed) and the last position."""
         memos, versions, kernels = self._memos, self._user_versions, self.core.kernels
         last, this, epoch = self._pass_no - 1, self._pass_no, self._epoch
+        claimed, changed = self._claimed, self._unclaimed_changed
+        assert claimed is not None
+        everywhere = len(self.core.devices)
+        seq = self._base + len(self._log)
         for at in range(index, len(queue)):
+            if len(claimed) == everywhere:
+                return at, position
             request = queue[at]
             kernel = kernels[request.kernel_id]
             memo = memos.get(request.kernel_id)
             if (
                 memo is None
-                or memo.context is not None
                 or memo.request is not request
                 or memo.pass_no != last
                 or memo.epoch != epoch
+                or memo.kernel_touched
                 or memo.user_version != versions.get(kernel.user, 0)
                 or kernel.lease is not None
-                or kernel.state != KernelState.QUEUED
             ):
                 return at, position
-            memo.pass_no = this
+            placement, context = memo.placement, memo.context
+            if context is None:
+                if kernel.state != KernelState.QUEUED:
+                    return at, position
+            else:
+                if context.anywhere or placement.victims or not placement.wait:
+                    return at, position
+                self.ahead(request.order)
+                candidates, differ = context.candidate_set, self._claims_differ
+                if (changed and not changed.isdisjoint(candidates)) or (
+                    differ and not differ.isdisjoint(candidates)
+                ):
+                    return at, position
+                if (device := placement.device) is not None:
+                    request.claimed = device
+                    claimed.add(device)
+                    self.claim(request.order, device)
+            memo.pass_no, memo.seq = this, seq
             position += 1
-            reason = memo.placement.wait
+            reason = placement.wait
             if position != request.position or reason != request.reason:
                 tell(request, position, reason)
         return len(queue), position

@@ -100,9 +100,9 @@ class Scheduling:
             return
         self._pass = _Pass(self, now)
         incremental = self._incremental
-        incremental.begin(now)
+        claimed: set[int] = set()
+        incremental.begin(now, claimed)
         try:
-            claimed: set[int] = set()
             position = 0
             everywhere = len(self.devices)
             index = 0
@@ -111,12 +111,14 @@ class Scheduling:
                     # Every device is claimed by a request ahead: only a denial can be decided.
                     self._wait_behind(queue[index:], position, now)
                     return
-                # (Requests that wait as in the last pass claim nothing: a run of them at once.)
-                index, position = incremental.kept_waits(
+                # (Requests whose placement stands as in the last pass: a run of them at once.)
+                index, position = incremental.kept(
                     queue, index, position, self._tell_position
                 )
                 if index == len(queue):
                     return
+                if len(claimed) == everywhere:
+                    continue
                 request = queue[index]
                 index += 1
                 kernel = self.kernels[request.kernel_id]
