@@ -112,9 +112,7 @@ class Scheduling:
                     self._wait_behind(queue[index:], position, now)
                     return
                 # (Requests whose placement stands as in the last pass: a run of them at once.)
-                index, position = incremental.kept(
-                    queue, index, position, self._tell_position
-                )
+                index, position = incremental.kept(queue, index, position, self._tell_position)
                 if index == len(queue):
                     return
                 if len(claimed) == everywhere:
