@@ -6,20 +6,23 @@ device: O(requests x devices) per decision. Kept between passes here:
 
 - each device's view (bookings, evictable kernels in eviction order), dropped when something on
   the device changes;
-- a log of the devices that changed, a version per user (bumped by any change to one of the
-  user's kernels) and an epoch for changes every decision depends on (quotas, closed devices, a
-  new day);
+- the devices changed since the last pass began, a version per user (bumped by any change to one
+  of the user's kernels) and an epoch for changes every decision depends on (quotas, closed
+  devices, a new day);
 - each request's placement as the last pass found it, with what it was found from.
 
 A request is placed again only as far as its inputs changed: not at all when its user and its
-candidate devices are as they were, and so are the claims ahead of it on them; over the changed
+candidate devices are as they were (or changed only where they are claimed ahead of it in both
+passes: it ranks no claimed device), and so are the claims ahead of it on them; over the changed
 devices alone when the device it chose is not one of them (a device's rank for a request depends
 on that device and the request only); in full otherwise. So a pass decides exactly what a pass
 from nothing would. A change to another kernel of the request's user counts as no change when
-what placing it finds before looking at devices (its context) is the same; a request that waited
-for its user's quotas or kernels alone, with nothing of its user changed, keeps waiting without
-being placed. Away from its own device, a request's rank on a device is shared by requests alike
-(see ``_DeviceView.ranks``), and the kernels to evict are listed only for the device chosen.
+what placing it finds before looking at devices (its context) is the same. A request that waits
+for its user's quotas or kernels alone is *quiet*: until something of its user changes (or every
+device is claimed ahead of it), passes go by it without looking (it only moves up the queue, and
+decisions do not tell that: see ``Scheduling.positions``). Away from its own device, a request's
+rank on a device is shared by requests alike (see ``_DeviceView.ranks``), and the kernels to
+evict are listed only for the device chosen.
 
 Time alone changes one input: a user's GPU time today grows while their cells run, and crossing a
 daily quota changes both the denial of their requests and the order in which their idle kernels
