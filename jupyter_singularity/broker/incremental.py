@@ -371,7 +371,11 @@ class Incremental:
 
     def claim(self, order: tuple[float, int], device: int) -> None:
         self._claims.append((order, device))
-        self._claims_differ ^= {device}
+        differ = self._claims_differ
+        if device in differ:
+            differ.remove(device)
+        else:
+            differ.add(device)
         self._unclaimed_changed.discard(device)
 
     def _watch(self, user: str, now: float) -> None:
@@ -494,8 +498,8 @@ class Incremental:
         claimed ahead of it (one claimed ahead of it in both passes is not ranked in either), or
         that are claimed ahead of it in this pass and not in the last, or the other way round."""
         changed, differ = self._unclaimed_changed, self._claims_differ
-        found = changed & candidates if changed else set()
-        if differ:
+        found = changed & candidates if changed and not changed.isdisjoint(candidates) else set()
+        if differ and not differ.isdisjoint(candidates):
             found |= differ & candidates
         return found
 
