@@ -465,6 +465,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
             self._positions_handle = _later(POSITIONS_DELAY, self._tell_positions)
 
     def _tell_positions(self) -> None:
+        """Tell the cells that moved up the queue since they last heard where they wait."""
         self._positions_handle = None
         self._carry_out(self.core.positions())
 
