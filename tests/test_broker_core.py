@@ -1354,6 +1354,7 @@ class BrokerMachine(RuleBasedStateMachine):
 
     def check_actions(self, actions: list, call: Call) -> None:
         granted_users: set[str] = set()
+        places = {r.request_id: place for place, r in enumerate(self.core.queue(), 1)}
         for action in actions:
             kid = getattr(action, "kernel_id", None)
             if isinstance(action, StateChanged):
@@ -1381,6 +1382,8 @@ class BrokerMachine(RuleBasedStateMachine):
                     expected == "restore-*" and action.request_id.startswith("restore-")
                 ), (action, expected)
                 assert action.position >= 1 and action.reason.strip(), action
+                # (the place it waits at once its event is decided: no request ahead moves later)
+                assert action.position == places.get(action.request_id), (action, places)
             elif isinstance(action, Offload):
                 assert kid in self.alive, action
                 assert kid not in self.offloading, f"{kid} offloaded twice"
@@ -1943,6 +1946,7 @@ class BrokerMachine(RuleBasedStateMachine):
             self.day = day
             self.usage.clear()
         self.call("tick", self.now)
+        self.tell_positions()
         if self.policy.idle_timeout:
             for kid in self.alive:
                 kernel = self.core.kernels[kid]
@@ -1956,6 +1960,13 @@ class BrokerMachine(RuleBasedStateMachine):
         for user in set(self.usage) | set(self.core.usage_today):
             expected = self.usage.get(user, 0.0)
             assert self.core.usage_today.get(user, 0.0) == pytest.approx(expected), user
+
+    def tell_positions(self) -> None:
+        """The service tells the cells that moved up the queue where they wait now (decisions
+        tell only new waits and changed reasons): then every waiting request knows its place."""
+        self.check_actions(self.core.positions(), Call())
+        for place, request in enumerate(self.core.queue(), 1):
+            assert request.position == place, (request, place)
 
     def set_quotas(self, config: dict | None) -> None:
         self.call("set_quotas", Quotas.parse(config), self.now)

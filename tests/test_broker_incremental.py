@@ -4,7 +4,8 @@ Two cores get the same random events (cells asking, ending and being cancelled, 
 restores reported, kernels coming and going, pinned, stalled, devices closed, quotas changed, time
 passing across daily GPU-time quotas while cells run). One keeps what its passes found between
 events; the other starts every event from nothing (a new :class:`Incremental` that also sums
-every request's GPU time). Every event must return the same actions from both.
+every request's GPU time). Every event must return the same actions from both, and both must
+tell the same requests that moved up the queue their place.
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def test_kept_placements_decide_as_a_pass_from_nothing(seed: int) -> None:
         expected = event(fresh, rng_fresh, serial, now, pending_fresh)
         actions = event(kept, rng_kept, serial, now, pending_kept)
         assert actions == expected, f"event {serial}"
+        if serial % 3 == 0:  # (the service tells moved requests their place now and then)
+            assert kept.positions() == fresh.positions(), f"event {serial}"
         for pending, happened in ((pending_kept, actions), (pending_fresh, expected)):
             pending += [a.kernel_id for a in happened if isinstance(a, Offload)]
             pending += [a.kernel_id for a in happened if isinstance(a, Grant) and a.restore]

@@ -928,6 +928,31 @@ def pooled(service: BrokerService) -> Iterator[Callable[..., Awaitable[BrokerCli
         client.close()
 
 
+async def test_a_waiting_cell_hears_when_it_moves_up_the_queue(service, pooled) -> None:
+    """A decision tells a cell where it waits when it starts waiting or its reason changes, not
+    each time it moves up (a grant near the head would tell everyone behind it, within the
+    decision): the service tells the cells that moved up their new place soon after."""
+    runner, *waiting = [await pooled(f"k{i}") for i in range(4)]
+    heard: list[dict] = []
+    waiting[2].on("queued", lambda body: heard.append(body) or None)
+    await call(runner, "acquire", {"request_id": "r1", "memory": 16 * GiB})
+    cells = []
+    for client in waiting:  # one after the other: the queue is in this order
+        body = {"request_id": "r1", "memory": 16 * GiB}
+        cells.append(asyncio.ensure_future(call(client, "acquire", body, 20)))
+        await wait_until(lambda c=client: service.kernel(c.kernel_id)["state"] == "queued")
+    await wait_until(lambda: [b["position"] for b in heard] == [3])
+    service.unregister_kernel("k1")  # the first waiting cell's kernel is gone
+    await wait_until(lambda: [b["position"] for b in heard] == [3, 2])
+    assert heard[1]["reason"] == heard[0]["reason"], heard  # (same reason: moved up only)
+    assert [r["position"] for r in service.pool()["queue"]] == [1, 2]
+    runner.on("offload", lambda body: {"host_bytes": GiB, "gpu_bytes": 0})
+    runner.send("release", {"request_id": "r1", "peak_bytes": GiB, "gpu_bytes": GiB})
+    assert (await cells[1])["granted"]
+    for cell in (cells[0], cells[2]):  # (the kernel gone, and the one still waiting)
+        cell.cancel()
+
+
 async def test_release_books_the_drivers_figure_where_it_is_larger(service, pooled) -> None:
     client = await pooled("k1")
     await call(client, "acquire", {"request_id": "r1", "memory": 2 * GiB})

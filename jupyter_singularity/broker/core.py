@@ -491,12 +491,12 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
                 {
                     "kernel_id": r.kernel_id,
                     "request_id": r.request_id,
-                    "position": r.position,
+                    "position": position,  # (a request told its place last may have moved up)
                     "reason": r.reason,
                     "memory": r.memory,
                     "device": r.claimed,
                 }
-                for r in self.queue()
+                for position, r in enumerate(self.queue(), 1)
             ],
             "time": now,
         }

@@ -6,20 +6,23 @@ device: O(requests x devices) per decision. Kept between passes here:
 
 - each device's view (bookings, evictable kernels in eviction order), dropped when something on
   the device changes;
-- a log of the devices that changed, a version per user (bumped by any change to one of the
-  user's kernels) and an epoch for changes every decision depends on (quotas, closed devices, a
-  new day);
+- the devices changed since the last pass began, a version per user (bumped by any change to one
+  of the user's kernels) and an epoch for changes every decision depends on (quotas, closed
+  devices, a new day);
 - each request's placement as the last pass found it, with what it was found from.
 
 A request is placed again only as far as its inputs changed: not at all when its user and its
-candidate devices are as they were, and so are the claims ahead of it on them; over the changed
+candidate devices are as they were (or changed only where they are claimed ahead of it in both
+passes: it ranks no claimed device), and so are the claims ahead of it on them; over the changed
 devices alone when the device it chose is not one of them (a device's rank for a request depends
 on that device and the request only); in full otherwise. So a pass decides exactly what a pass
 from nothing would. A change to another kernel of the request's user counts as no change when
-what placing it finds before looking at devices (its context) is the same; a request that waited
-for its user's quotas or kernels alone, with nothing of its user changed, keeps waiting without
-being placed. Away from its own device, a request's rank on a device is shared by requests alike
-(see ``_DeviceView.ranks``), and the kernels to evict are listed only for the device chosen.
+what placing it finds before looking at devices (its context) is the same. A request that waits
+for its user's quotas or kernels alone is *quiet*: until something of its user changes (or every
+device is claimed ahead of it), passes go by it without looking (it only moves up the queue, and
+decisions do not tell that: see ``Scheduling.positions``). Away from its own device, a request's
+rank on a device is shared by requests alike (see ``_DeviceView.ranks``), and the kernels to
+evict are listed only for the device chosen.
 
 Time alone changes one input: a user's GPU time today grows while their cells run, and crossing a
 daily quota changes both the denial of their requests and the order in which their idle kernels
@@ -32,7 +35,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -106,8 +109,6 @@ class _Memo:
     they reach the top."""
     user_version: int
     epoch: int
-    seq: int
-    """Position in the change log up to which it is known valid."""
     pass_no: int
     kernel_touched: bool = False
     """Whether its own kernel changed since (else a change to another kernel of its user leaves
@@ -120,9 +121,8 @@ class Incremental:
     def __init__(self, core: BrokerCore) -> None:
         self.core = core
         self._views: dict[int, _DeviceView] = {}
-        self._log: list[int] = []
-        self._base = 0
-        """Change-log position of ``_log[0]``."""
+        self._changed: set[int] = set()
+        """The devices changed since the last pass began."""
         self._user_versions: dict[str, int] = {}
         self._touched: set[str] = set()
         self.over: dict[str, int] = {}
@@ -142,13 +142,32 @@ class Incremental:
         self._next_old = 0
         self._claims_differ: set[int] = set()
         """Devices claimed ahead of the current request in this pass or in the last, not both."""
+        self._claimed: set[int] | None = None
+        """During a pass: the devices claimed so far."""
+        self._unclaimed_changed: set[int] = set()
+        """During a pass: devices changed since the last pass began and not claimed so far (a
+        request that neither these nor the claims that differ reach keeps its placement)."""
+        self._quiet: dict[str, set[str]] = {}
+        """By user: kernels whose request waits for its user's quotas or kernels alone (no
+        device looked at), as the last pass that looked at it found: until something of the
+        user changes, a pass passes it by."""
+        self._loud: set[str] = set()
+        """Kernels whose request (if any) the next pass looks at: every other one is quiet."""
+        self._everyone = True
+        """Whether the next pass looks at every request (nothing kept)."""
+        self._visit: list[tuple[tuple[float, int], str]] | None = None
+        """During a pass: the requests still to look at, as a heap by queue order."""
+        self._at: tuple[float, int] = (0.0, -1)
+        """During a pass: the order of the request looked at."""
 
     # ------------------------------------------------------------------------- changes
 
     def changed(self, device: int) -> None:
         """Something on ``device`` changed: its view is rebuilt and its requests looked at again."""
         self._views.pop(device, None)
-        self._log.append(device)
+        self._changed.add(device)
+        if self._claimed is not None and device not in self._claimed:
+            self._unclaimed_changed.add(device)
 
     def touch(self, kernel: Kernel) -> None:
         """``kernel`` changes (or may): its device, and every request of its user, are looked at
@@ -160,6 +179,22 @@ class Incremental:
         self._touched.add(user)
         if (memo := self._memos.get(kernel.kernel_id)) is not None:
             memo.kernel_touched = True
+        self._wake(kernel.kernel_id)
+        self._wake_user(user)
+
+    def _wake(self, kernel_id: str) -> None:
+        """The kernel's request (if any) is looked at by the next pass, and by this one if it
+        has not passed it yet."""
+        self._loud.add(kernel_id)
+        if self._visit is not None:
+            kernel = self.core.kernels.get(kernel_id)
+            request = None if kernel is None else kernel.request
+            if request is not None and request.order > self._at:
+                heapq.heappush(self._visit, (request.order, kernel_id))
+
+    def _wake_user(self, user: str) -> None:
+        for kernel_id in self._quiet.pop(user, ()):
+            self._wake(kernel_id)
 
     def left(self, kernel: Kernel) -> None:
         """``kernel``'s request left the queue: its placement is kept no more."""
@@ -169,6 +204,8 @@ class Incremental:
     def _reset(self) -> None:
         self._views.clear()
         self._memos.clear()
+        self._quiet.clear()
+        self._everyone = True
         self._epoch += 1
 
     # ------------------------------------------------------------------------- views
@@ -225,9 +262,10 @@ class Incremental:
 
     # ------------------------------------------------------------------------- a pass
 
-    def begin(self, now: float) -> None:
-        """A pass starts: drop what a new day, new quotas or policy, or closed devices make
-        stale, and mark the users whose daily GPU-time quota was crossed since the last pass."""
+    def begin(self, now: float, claimed: set[int], queue: list[Request]) -> None:
+        """A pass starts (``claimed``: the devices it claims, as it goes): drop what a new day, new
+        quotas or policy, or closed devices make stale, and mark the users whose daily GPU-time
+        quota was crossed since the last pass."""
         core = self.core
         day, closed = int(now // DAY), core.closed_devices()
         settings = (core.quotas, core.policy)
@@ -246,15 +284,70 @@ class Incremental:
         self._next_old = 0
         self._claims_differ = set()
         self._claims = []
-        self._start = self._base + len(self._log)
+        self._unclaimed_changed, self._changed = self._changed, set()
+        self._claimed = claimed
+        self._at = (float("-inf"), -1)
+        kernels = self.core.kernels
+        if self._everyone:
+            self._everyone = False
+            self._loud.update(r.kernel_id for r in queue)
+        visit = []
+        for kernel_id in list(self._loud):
+            kernel = kernels.get(kernel_id)
+            if kernel is None or kernel.request is None:
+                self._loud.discard(kernel_id)
+            else:
+                visit.append((kernel.request.order, kernel_id))
+        heapq.heapify(visit)
+        self._visit = visit
 
     def end(self) -> None:
         """The pass is over: its claims are what the next pass compares with."""
+        self._claimed = self._visit = None
         self._old_claims = self._claims
         self._pass_no += 1
-        # Memos not looked at in this pass are stale: the log before it is needed no more.
-        del self._log[: self._start - self._base]
-        self._base = self._start
+
+    def next_request(self, queue: list[Request], index: int) -> int:
+        """The index in ``queue`` of the next request from ``index`` on that the pass looks at
+        (the ones before it are quiet: they wait as they did); ``len(queue)`` if none."""
+        visit, kernels = self._visit, self.core.kernels
+        assert visit is not None
+        while visit:
+            order, kernel_id = heapq.heappop(visit)
+            request = kernels[kernel_id].request if kernel_id in kernels else None
+            if request is None or request.order != order:
+                continue
+            at = bisect.bisect_left(queue, order, lo=index, key=_order)
+            if at < len(queue) and queue[at] is request:
+                self._at = order
+                return at
+        return len(queue)
+
+    def looked_at(self, kernel: Kernel, request: Request) -> None:
+        """The pass told ``request`` where it waits: quiet from now on if it waits for its user's
+        quotas or kernels alone, as its placement found."""
+        memo = self._memos.get(kernel.kernel_id)
+        if (
+            memo is not None
+            and memo.context is None
+            and memo.pass_no == self._pass_no
+            and not memo.kernel_touched
+            and memo.user_version == self._user_versions.get(kernel.user, 0)
+            and kernel.lease is None
+            and kernel.state == KernelState.QUEUED
+            and request.reason == memo.placement.wait
+        ):
+            self._loud.discard(kernel.kernel_id)
+            self._quiet.setdefault(kernel.user, set()).add(kernel.kernel_id)
+
+    def behind(self, rest: list[Request]) -> None:
+        """Every device is claimed ahead of ``rest``: each of them is looked at (it waits behind
+        the claims, whatever its placement found) until a pass finds otherwise."""
+        quiet, kernels = self._quiet, self.core.kernels
+        for request in rest:
+            self._loud.add(request.kernel_id)
+            if users := quiet.get(kernels[request.kernel_id].user):
+                users.discard(request.kernel_id)
 
     def reached_a_time_quota(self, user: str) -> bool:
         """Whether ``user`` reached one of their daily GPU-time quotas, exact during a pass: if
@@ -278,7 +371,12 @@ class Incremental:
 
     def claim(self, order: tuple[float, int], device: int) -> None:
         self._claims.append((order, device))
-        self._claims_differ ^= {device}
+        differ = self._claims_differ
+        if device in differ:
+            differ.remove(device)
+        else:
+            differ.add(device)
+        self._unclaimed_changed.discard(device)
 
     def _watch(self, user: str, now: float) -> None:
         """Look again at how many daily GPU-time quotas ``user`` reached; if that changed, their
@@ -299,6 +397,7 @@ class Incremental:
             else:
                 del self.over[user]
             self._user_versions[user] = self._user_versions.get(user, 0) + 1
+            self._wake_user(user)
             for kernel in kernels.values():
                 if kernel.device is not None:
                     self.changed(kernel.device)
@@ -309,47 +408,11 @@ class Incremental:
 
     # ------------------------------------------------------------------------- placing
 
-    def kept_waits(
-        self,
-        queue: list[Request],
-        index: int,
-        position: int,
-        tell: Callable[[Request, int, str], None],
-    ) -> tuple[int, int]:
-        """Walk ``queue`` from ``index`` over the requests that wait as in the last pass: for
-        their user's quotas or kernels alone (no device looked at), with nothing of their user
-        changed since and their kernel queued already; ``tell`` each a position that changed.
-        Returns the index of the first other request and the last position given."""
-        memos, versions, kernels = self._memos, self._user_versions, self.core.kernels
-        last, this, epoch = self._pass_no - 1, self._pass_no, self._epoch
-        for at in range(index, len(queue)):
-            request = queue[at]
-            kernel = kernels[request.kernel_id]
-            memo = memos.get(request.kernel_id)
-            if (
-                memo is None
-                or memo.context is not None
-                or memo.request is not request
-                or memo.pass_no != last
-                or memo.epoch != epoch
-                or memo.user_version != versions.get(kernel.user, 0)
-                or kernel.lease is not None
-                or kernel.state != KernelState.QUEUED
-            ):
-                return at, position
-            memo.pass_no = this
-            position += 1
-            reason = memo.placement.wait
-            if position != request.position or reason != request.reason:
-                tell(request, position, reason)
-        return len(queue), position
-
     def place(self, kernel: Kernel, request: Request, claimed: set[int], now: float) -> _Placement:
         """Where ``request`` runs, placed again only as far as its inputs changed."""
         core = self.core
         memo = self._memos.get(kernel.kernel_id)
         version = self._user_versions.get(kernel.user, 0)
-        seq = self._base + len(self._log)
         fresh: _Context | _Placement | None = None
         if (
             memo is not None
@@ -366,7 +429,7 @@ class Incremental:
             memo = None
         if memo is not None and memo.user_version == version:
             context = memo.context
-            changed = None if context is None else self._changed_for(memo, context.candidate_set)
+            changed = None if context is None else self._changed_for(context.candidate_set)
             if changed:
                 assert context is not None
                 if memo.ranks is None or context.anywhere:
@@ -376,7 +439,7 @@ class Incremental:
                     memo.placement = self._rank_again(
                         kernel, request, context, claimed, memo, changed
                     )
-            memo.seq, memo.pass_no = seq, self._pass_no
+            memo.pass_no = self._pass_no
             if memo.placement.deny:
                 del self._memos[kernel.kernel_id]
             return memo.placement
@@ -396,7 +459,6 @@ class Incremental:
                 *_ranked(ranks),
                 version,
                 self._epoch,
-                seq,
                 self._pass_no,
             )
         return placement
@@ -431,14 +493,15 @@ class Incremental:
             return memo.placement  # (the same rank: its device did not change)
         return core._placement_on(kernel, context, heap[0][2], 0)
 
-    def _changed_for(self, memo: _Memo, candidates: frozenset[int]) -> set[int]:
-        """The request's candidate devices that changed since its memo, or that are claimed
-        ahead of it in this pass and not in the last, or the other way round."""
-        since = memo.seq - self._base
-        changed = set(self._log[since:]) if since < len(self._log) else set()
-        changed |= self._claims_differ
-        changed &= candidates
-        return changed
+    def _changed_for(self, candidates: frozenset[int]) -> set[int]:
+        """The request's candidate devices that changed since the last pass began and are not
+        claimed ahead of it (one claimed ahead of it in both passes is not ranked in either), or
+        that are claimed ahead of it in this pass and not in the last, or the other way round."""
+        changed, differ = self._unclaimed_changed, self._claims_differ
+        found = changed & candidates if changed and not changed.isdisjoint(candidates) else set()
+        if differ and not differ.isdisjoint(candidates):
+            found |= differ & candidates
+        return found
 
 
 def _same_context(fresh: _Context | _Placement, kept: _Context) -> bool:
@@ -463,6 +526,10 @@ def _ranked(ranks: list[tuple] | None) -> tuple[dict[int, tuple] | None, list[tu
 
 
 _serial = itertools.count()
+
+
+def _order(request: Request) -> tuple[float, int]:
+    return request.order
 
 
 def _heap(ranks: Iterable[tuple]) -> list[tuple]:

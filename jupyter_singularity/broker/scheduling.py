@@ -100,25 +100,25 @@ class Scheduling:
             return
         self._pass = _Pass(self, now)
         incremental = self._incremental
-        incremental.begin(now)
+        claimed: set[int] = set()
+        incremental.begin(now, claimed, queue)
         try:
-            claimed: set[int] = set()
             position = 0
             everywhere = len(self.devices)
             index = 0
             while index < len(queue):
                 if len(claimed) == everywhere:
                     # Every device is claimed by a request ahead: only a denial can be decided.
+                    incremental.behind(queue[index:])
                     self._wait_behind(queue[index:], position, now)
                     return
-                # (Requests that wait as in the last pass claim nothing: a run of them at once.)
-                index, position = incremental.kept_waits(
-                    queue, index, position, self._tell_position
-                )
-                if index == len(queue):
+                # (The quiet requests before it wait as they did, and stay in the queue.)
+                at = incremental.next_request(queue, index)
+                position += at - index
+                if at == len(queue):
                     return
-                request = queue[index]
-                index += 1
+                request = queue[at]
+                index = at + 1
                 kernel = self.kernels[request.kernel_id]
                 if kernel.lease is not None:
                     # Its explicit restore is under way; the cell is granted once it is back.
@@ -147,13 +147,14 @@ class Scheduling:
                 if kernel.state in _WAITING_STATES:
                     self._set_state(kernel, KernelState.QUEUED, reason, now)
                 self._tell_position(request, position, reason)
+                incremental.looked_at(kernel, request)
         finally:
             incremental.end()
             self._pass = None
 
     def _wait_behind(self, rest: list[Request], position: int, now: float) -> None:
         """The requests behind the last claim wait (or are denied for GPU time), in order."""
-        kernels, actions, over = self.kernels, self._actions, self._incremental.over
+        kernels, over = self.kernels, self._incremental.over
         for request in rest:
             kernel = kernels[request.kernel_id]
             if kernel.lease is not None:
@@ -172,9 +173,7 @@ class Scheduling:
                 reason = _BEHIND
                 if kernel.state in _WAITING_STATES:
                     self._set_state(kernel, KernelState.QUEUED, reason, now)
-            if position != request.position or reason != request.reason:
-                request.position, request.reason = position, reason
-                actions.append(Wait(request.kernel_id, request.request_id, position, reason))
+            self._tell_position(request, position, reason)
 
     def _left(self, kernel: Kernel) -> None:
         """The kernel's request leaves the queue (granted, denied, cancelled, or the kernel gone):
@@ -190,9 +189,22 @@ class Scheduling:
             self._set_state(kernel, self._settled_state(kernel), "request denied", now)
 
     def _tell_position(self, request: Request, position: int, reason: str) -> None:
-        if (position, reason) != (request.position, request.reason):
+        """Tell a new request where it waits, and any request why, when that changes. A request
+        that only moved up is not told here (a grant near the head would tell everyone behind
+        it, within the decision): :meth:`positions` tells them, as often as the service asks."""
+        if reason != request.reason or not request.position:
             request.position, request.reason = position, reason
             self._actions.append(Wait(request.kernel_id, request.request_id, position, reason))
+
+    def positions(self) -> list[Wait]:
+        """The waiting requests whose place in the queue changed since they were last told where
+        they wait (a request's position is its place among the requests still waiting)."""
+        waits = []
+        for position, request in enumerate(self._queued(), 1):
+            if request.position != position:
+                request.position = position
+                waits.append(Wait(request.kernel_id, request.request_id, position, request.reason))
+        return waits
 
 
 def _order(request: Request) -> tuple[float, int]:

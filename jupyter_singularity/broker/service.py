@@ -75,6 +75,10 @@ REJOIN_WINDOW = 30.0
 #: path of the cell that caused them.
 LEDGER_FLUSH_DELAY = 0.05
 
+#: Cells that moved up the queue hear their new place at most this many seconds later (a
+#: decision tells only new waits and changed reasons: see BrokerCore.positions).
+POSITIONS_DELAY = 0.05
+
 
 @dataclass
 class KernelLaunch:
@@ -169,6 +173,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._positions_handle: asyncio.TimerHandle | None = None
         self.endpoint = ""
 
     # -------------------------------------------------------------------------------- lifecycle
@@ -195,8 +200,9 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
         for task in list(self._tasks):
             task.cancel()
         await self._rpc.stop()
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
+        for handle in (self._flush_handle, self._positions_handle):
+            if handle is not None:
+                handle.cancel()
         self._flush_ledger()
         try:
             self.ledger.detach(self.clock())
@@ -454,12 +460,14 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
     def _apply(self, actions: list[Action]) -> None:
         self._carry_out(actions)
         if self.ledger.pending and self._flush_handle is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self._flush_ledger()
-            else:
-                self._flush_handle = loop.call_later(LEDGER_FLUSH_DELAY, self._flush_ledger)
+            self._flush_handle = _later(LEDGER_FLUSH_DELAY, self._flush_ledger)
+        if self._positions_handle is None:
+            self._positions_handle = _later(POSITIONS_DELAY, self._tell_positions)
+
+    def _tell_positions(self) -> None:
+        """Tell the cells that moved up the queue since they last heard where they wait."""
+        self._positions_handle = None
+        self._carry_out(self.core.positions())
 
     def _flush_ledger(self) -> None:
         self._flush_handle = None
@@ -667,6 +675,17 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
             pid = connection.pid or connection.launched_pid
             if pid is not None and not alive(pid):
                 self.unregister_kernel(kernel_id, connection.stopping or f"process {pid} died")
+
+
+def _later(delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle | None:
+    """Call ``callback`` after ``delay`` seconds, off the path of the event that asked; at once
+    where no event loop runs (then there is no handle)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        callback()
+        return None
+    return loop.call_later(delay, callback)
 
 
 def _lease_event(
