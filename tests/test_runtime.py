@@ -210,6 +210,37 @@ async def test_waiting_cell_is_queued_and_interrupt_leaves_the_queue(
     assert pool["queue"] == []
 
 
+async def test_a_cell_waiting_in_the_kernel_takes_a_lease_of_its_own(
+    start_kernel, wait_in_pool, run, state
+):
+    """A cell whose request waits in the kernel while the cell before it runs sends its acquire
+    only once that cell released its lease: it takes a lease of its own, neither running under
+    the one before nor losing its own midway (as it would if a release went out late)."""
+    kernel = await start_kernel()
+    await wait_in_pool(kernel)
+    status, out, _ = await run(
+        kernel, "import time, torch\nfrom jupyter_singularity.kernel.runtime import Runtime"
+    )
+    assert status == "ok", out
+    held = (
+        "at_start = Runtime.current.lease.request_id\n"
+        "time.sleep({})\n"
+        "print(at_start, Runtime.current.lease.request_id)"
+    )
+    first = asyncio.ensure_future(run(kernel, held.format(0.5)))
+    await state(kernel, "running")
+    second = asyncio.ensure_future(run(kernel, held.format(0.3)))
+    leases = []
+    for cell in (first, second):
+        status, out, _ = await cell
+        assert status == "ok", out
+        at_start, at_end = out.split()
+        assert at_start == at_end, out
+        leases.append(at_start)
+    assert leases[0] != leases[1], leases
+    await state(kernel, "resident")
+
+
 async def test_first_gpu_use_mid_cell_waits_and_leaves_no_blank_output(
     start_kernel, wait_in_pool, run, state, jp_fetch, wait_for
 ):
@@ -440,8 +471,8 @@ def test_gate_is_the_first_statement_of_a_cell():
 
 
 def test_cell_options_and_which_cells_send_their_acquire_early():
+    from jupyter_singularity.kernel.early_acquire import needs_lease
     from jupyter_singularity.kernel.gate import GateUsageError, parse_cell_options
-    from jupyter_singularity.kernel.runtime import _needs_lease
 
     assert parse_cell_options("") is None
     assert parse_cell_options("--memory 6GiB") == 6 << 30
@@ -452,12 +483,12 @@ def test_cell_options_and_which_cells_send_their_acquire_early():
             parse_cell_options(bad)
         assert len(err.value._render_traceback_()) == 1
 
-    assert _needs_lease("x = 1")
-    assert _needs_lease("%%time\nx = 1")
-    assert _needs_lease("%singularity status\nx = 1")
-    assert not _needs_lease("%singularity status\n# note\n%singularity")
-    assert not _needs_lease("%%singularity --memory 1GiB\nx = 1")
-    assert not _needs_lease("  \n# nothing\n")
+    assert needs_lease("x = 1")
+    assert needs_lease("%%time\nx = 1")
+    assert needs_lease("%singularity status\nx = 1")
+    assert not needs_lease("%singularity status\n# note\n%singularity")
+    assert not needs_lease("%%singularity --memory 1GiB\nx = 1")
+    assert not needs_lease("  \n# nothing\n")
 
 
 def test_cuda_init_waits_for_its_gate_once(monkeypatch):

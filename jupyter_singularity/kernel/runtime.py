@@ -20,7 +20,6 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import contextlib
-import inspect
 import logging
 import os
 import sys
@@ -34,6 +33,7 @@ from typing import Any, ClassVar
 
 from ..protocol import ENV_NODE_BROKER, ENV_SIMULATED
 from .client import BrokerClient, BrokerError
+from .early_acquire import EarlyAcquire
 from .footprint import Footprint
 from .gate import (
     CudaInitGate,
@@ -49,7 +49,7 @@ from .gate import (
     uninstall_gate,
 )
 from .large_pages import simulated_device_pages
-from .membership import CANCEL_TIMEOUT, Membership, answer_of
+from .membership import Membership
 from .process_probes import cuda_driver_initialised
 from .pushes import BrokerPushes, TransferRecord
 from .relay import MainThreadRelay
@@ -96,7 +96,7 @@ class Waiting:
     """The broker run it was sent in (``Membership.generation``)."""
 
 
-class Runtime(CellRestores, BrokerPushes):
+class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
     """One per kernel process: the broker client, the lease of the running cell, the engine."""
 
     current: ClassVar[Runtime | None] = None
@@ -145,8 +145,6 @@ class Runtime(CellRestores, BrokerPushes):
         self._import_hook: TorchImportHook | None = None
         self._cuda_gate = CudaInitGate(self._before_cuda_init, self._after_cuda_init)
         self.widgets: Any = None  # the widget poller, created by the first %singularity
-        self._early: tuple[Waiting, concurrent.futures.Future] | None = None
-        self._handler_patch: tuple[dict, Any, Any] | None = None
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -373,89 +371,6 @@ class Runtime(CellRestores, BrokerPushes):
             return None
         return self._launch_device if cuda_driver_initialised() else None
 
-    def _send_early(self, code: str) -> None:
-        """Send the acquire of the cell about to run before IPython prepares it, so the round
-        trip to the broker overlaps ipykernel's and IPython's work (publishing the input,
-        transforming and compiling the cell); the gate at the top of the cell then only waits
-        for the answer, and a cell that never reaches its gate gives it back (:meth:`_abandon`).
-
-        Only for the plain case: a resident GPU kernel (a restore belongs inside the gate, where
-        it shows), a cell that is not made only of ``%singularity`` line magics, and not a
-        ``%%singularity`` cell (its reservation is read by the gate).
-        """
-        if self.lease is not None or self._early is not None or not self.gpu_used:
-            return
-        if self.membership.node and not self.membership.joined.is_set():
-            return  # the gate waits for the broker, saying so
-        engine = self.engine
-        if self.state in ("offloaded", "spilled", "offloading", "error") or (
-            engine is not None and engine.offloaded
-        ):
-            return
-        if not _needs_lease(code):
-            return
-        try:
-            self._early = self._send_acquire(None)
-        except BrokerError:
-            self._early = None
-            self.waiting = None
-
-    def _pre_run_cell(self, info: Any) -> None:
-        """Where the execute_request handler could not be wrapped, the earliest IPython hook."""
-        self._send_early(getattr(info, "raw_cell", "") or "")
-
-    def _wrap_execute_request(self, ipython: Any) -> None:
-        """Send the acquire as soon as ipykernel dispatches an execute_request (before it
-        publishes the input and IPython transforms the cell): about 0.25 ms earlier than
-        ``pre_run_cell``. Silent requests are left to the gate."""
-        handlers = getattr(getattr(ipython, "kernel", None), "shell_handlers", None)
-        original = handlers.get("execute_request") if isinstance(handlers, dict) else None
-        if original is None or not inspect.iscoroutinefunction(original):
-            return
-        runtime = self
-
-        async def execute_request(stream: Any, ident: Any, parent: Any, *args: Any, **kw: Any):
-            try:
-                content = parent.get("content") or {}
-                if not content.get("silent"):
-                    runtime._send_early(str(content.get("code") or ""))
-            except Exception:
-                log.exception("jupyter-singularity: early lease request failed")
-            return await original(stream, ident, parent, *args, **kw)
-
-        handlers["execute_request"] = execute_request
-        self._handler_patch = (handlers, original, execute_request)
-
-    def _unwrap_execute_request(self) -> None:
-        if self._handler_patch is not None:
-            handlers, original, wrapper = self._handler_patch
-            if handlers.get("execute_request") is wrapper:
-                handlers["execute_request"] = original
-            self._handler_patch = None
-
-    def _abandon(self, early: tuple[Waiting, concurrent.futures.Future]) -> None:
-        """The cell ended without reaching its gate (a syntax error, say): leave the queue, and
-        give back a lease that was granted meanwhile, before any later acquire can be sent."""
-        waiting, future = early
-        self.finish_early_restore(give_back=True)
-        if self.waiting is waiting:
-            self.waiting = None
-        if future is None:
-            return
-        self._send("cancel", {"request_id": waiting.request_id})
-        try:
-            reply = answer_of(future, CANCEL_TIMEOUT)
-        except concurrent.futures.TimeoutError:
-            return
-        if not reply.get("granted"):
-            return
-        lease = self._granted(waiting.request_id, reply)
-        if lease.restore:
-            with contextlib.suppress(Exception):
-                self._restore_for_cell(lease, waiting, WaitLine(False))
-        if self.lease is lease:
-            self.release(lease)
-
     def _await_grant(
         self,
         future: concurrent.futures.Future | None,
@@ -662,19 +577,6 @@ class Runtime(CellRestores, BrokerPushes):
             return self.footprint.last
         with self.lock:
             return self.footprint.measure(engine, force)
-
-
-def _needs_lease(raw_cell: str) -> bool:
-    """Whether a cell's text will get a plain gate (see GateInserter): not empty, not made only
-    of ``%singularity`` line magics, not a ``%%singularity`` cell."""
-    lines = [
-        line.strip()
-        for line in raw_cell.splitlines()
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
-    if not lines or lines[0].startswith("%%singularity"):
-        return False
-    return not all(line == "%singularity" or line.startswith("%singularity ") for line in lines)
 
 
 __all__ = [
