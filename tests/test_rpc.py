@@ -285,6 +285,52 @@ async def test_push_runs_callback_and_callback_errors_are_replies(broker: Broker
         client.on("ping", notice)
 
 
+async def test_a_waiting_caller_takes_its_reply_in_itself(
+    broker: Broker, connect, keys: dict[str, bytes]
+) -> None:
+    """While a thread waits for its reply it takes the broker's messages in itself (no hand-over
+    from the I/O thread): its reply, pushes, and the reply of another thread waiting meanwhile;
+    once it is done, the I/O thread takes messages in again."""
+    granted = asyncio.Event()
+
+    async def lease(msg: Message) -> dict:
+        await granted.wait()
+        return {"granted": True}
+
+    broker.handlers.routes["lease"] = lease
+    client = connect(broker.endpoint)
+    notices: list[dict] = []
+    client.on("notice", notices.append)
+    taken_in_by: list[tuple[str, str]] = []
+    dispatch = client._dispatch
+
+    def recording(frames: list[bytes]) -> None:
+        taken_in_by.append((threading.current_thread().name, decode(frames, keys.get).type))
+        dispatch(frames)
+
+    client._dispatch = recording
+    replies: dict[str, dict] = {}
+    waiter = threading.Thread(
+        target=lambda: replies.update(lease=client.request("lease", {}, timeout=10)),
+        name="waiting-cell",
+    )
+    waiter.start()
+    await wait_until(lambda: broker.handlers.seen)
+    await broker.server.push("k1", "notice", {"n": 1})
+    await wait_until(lambda: notices)
+    assert await call(client, "echo", {"other": True}) == {"echo": {"other": True}, "kernel": "k1"}
+    granted.set()
+    await asyncio.to_thread(waiter.join, 10)
+    assert replies == {"lease": {"granted": True}}
+    assert ("waiting-cell", "lease_reply") in taken_in_by
+    assert ("waiting-cell", "notice") in taken_in_by
+    assert ("waiting-cell", "echo_reply") in taken_in_by  # the other thread's, taken in for it
+    assert not any(name == "singularity-io" for name, _ in taken_in_by)
+    await broker.server.push("k1", "notice", {"n": 2})
+    await wait_until(lambda: len(notices) == 2)
+    assert taken_in_by[-1] == ("singularity-io", "notice")
+
+
 async def test_ping_answered_while_main_thread_blocks_in_request(broker: Broker, connect) -> None:
     granted = asyncio.Event()
 

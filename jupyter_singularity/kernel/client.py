@@ -6,7 +6,10 @@ meanwhile, so a daemon thread receives from the DEALER socket. ZeroMQ sockets ar
 thread-safe: every use of the socket holds one lock, and the I/O thread waits on the socket's
 file descriptor (not on the socket itself) without it. A thread sending a message sends it
 itself, under that lock: a hand-over to the I/O thread would cost a thread wake-up (and a turn
-of the GIL) on every lease's path.
+of the GIL) on every lease's path. For the same reason a thread that waits for a reply (a cell
+for its lease) takes in the broker's messages itself while it waits, and the I/O thread stands
+aside meanwhile (see :meth:`BrokerClient.wait`): the hand-over of each reply from the I/O thread
+cost a quarter of a lease's round trip.
 
 The client keeps its session with the broker alive by itself: when the broker refuses a message
 for its session (another process holding the key pushed the counter ahead, or took the session
@@ -64,6 +67,10 @@ MAX_RESENDS = 3
 #: answer mean it is gone.
 HEARTBEAT_INTERVAL = 2.0
 HEARTBEAT_MISSES = 3
+#: While a waiting caller takes the messages in, the I/O thread looks every so often (ms) whether
+#: it is its turn again (the caller does not wake it: that would cost the caller a turn of the GIL
+#: right when its reply came).
+STAND_ASIDE_POLL_MS = 5
 
 
 class BrokerError(Exception):
@@ -113,8 +120,15 @@ class BrokerClient:
         self._pending: dict[str, concurrent.futures.Future[dict]] = {}
         self._closing = False
         self._wake_rx, self._wake_tx = socket.socketpair()
-        self._wake_rx.setblocking(False)
-        self._wake_tx.setblocking(False)
+        self._caller_rx, self._caller_tx = socket.socketpair()
+        for end in (self._wake_rx, self._wake_tx, self._caller_rx, self._caller_tx):
+            end.setblocking(False)
+        # Held by the one thread that takes messages in and handles them (the replay guard wants
+        # them in order): the I/O thread, or a caller waiting for its reply (see wait()).
+        self._receiving = threading.Lock()
+        self._park_lock = threading.Lock()  # guards the two flags below
+        self._parked = False  # a waiting caller takes the messages in
+        self._io_on_socket = False  # the I/O thread waits on the socket
         self._threads: list[threading.Thread] = []
         self.on_rejoin: Callable[[], None] | None = None
         """Called (on the I/O thread) when the broker refuses a message with ``rejoin``, before
@@ -176,11 +190,49 @@ class BrokerClient:
         """
         answer = self.submit(type, body)
         try:
-            return answer.result(timeout)
+            self.wait(answer, timeout)
+            return answer.result(0)
         except concurrent.futures.TimeoutError:  # an alias of TimeoutError from 3.11 only
             raise TimeoutError(f"no {type!r} reply from the broker in {timeout}s") from None
         finally:
             self.abandon(answer)
+
+    def wait(self, answer: concurrent.futures.Future, timeout: float | None) -> bool:
+        """Wait until ``answer`` (of :meth:`submit`) is done or ``timeout`` passed; whether it is.
+
+        The waiting thread takes in and handles the broker's messages itself (pings and pushes
+        included) while the I/O thread stands aside, so its reply reaches it without a hand-over
+        between threads. Another thread doing so already, it waits for the reply plainly.
+        """
+        if answer.done():
+            return True
+        if not self._receiving.acquire(blocking=False):
+            return concurrent.futures.wait([answer], timeout).not_done == set()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            with self._park_lock:
+                self._parked = True
+                if self._io_on_socket:
+                    self._wake()  # (it may take in what came first: it then wakes us)
+            poller = zmq.Poller()
+            poller.register(self._caller_rx, zmq.POLLIN)
+            with self._socket_lock:
+                if self._socket is not None:
+                    poller.register(self._socket.FD, zmq.POLLIN)
+            while True:
+                for frames in self._receive_all():
+                    self._dispatch(frames)
+                left = None if deadline is None else deadline - time.monotonic()
+                if answer.done() or self._closing or (left is not None and left <= 0):
+                    return answer.done()
+                try:
+                    poller.poll(None if left is None else max(1, int(left * 1000)))
+                except zmq.ZMQError:  # the socket closed meanwhile (close())
+                    return answer.done()
+                _drain(self._caller_rx)
+        finally:
+            self._parked = False
+            self._receiving.release()
 
     def send(self, type: str, body: dict) -> None:
         """Fire-and-forget message to the broker."""
@@ -210,12 +262,14 @@ class BrokerClient:
             future.set_exception(BrokerError("broker client closed"))
         self._jobs.put(None)
         self._wake()
+        with contextlib.suppress(OSError):  # a caller that waits: its answer failed
+            self._caller_tx.send(b"\0")
         # Only the I/O thread is joined: a push callback may be stuck in user code, and
         # the worker is a daemon that stops at the sentinel or with the process.
         if self._threads and self._threads[0] is not threading.current_thread():
             self._threads[0].join()
-        self._wake_rx.close()
-        self._wake_tx.close()
+        for end in (self._wake_rx, self._wake_tx, self._caller_rx, self._caller_tx):
+            end.close()
         self._drops.flush()
 
     def _check_usable(self) -> None:
@@ -228,6 +282,11 @@ class BrokerClient:
         # OSError: the buffer is full of wake-ups already, or closed with nobody to wake.
         with contextlib.suppress(OSError):
             self._wake_tx.send(b"\0")
+
+    def _wake_receiver(self) -> None:
+        """Wake whoever takes messages in: a waiting caller, else the I/O thread."""
+        with contextlib.suppress(OSError):
+            (self._caller_tx if self._parked else self._wake_tx).send(b"\0")
 
     def _key_for(self, kernel_id: str) -> bytes | None:
         return self._key if kernel_id == self.kernel_id else None
@@ -249,7 +308,7 @@ class BrokerClient:
         if error is not None:
             self._fail(item, error)
         elif arrived:
-            self._wake()
+            self._wake_receiver()
 
     def _send_on(self, sock: zmq.Socket, item: _Outgoing) -> Exception | None:
         """Encode and send (under _socket_lock); the error that stopped it, if any."""
@@ -294,27 +353,36 @@ class BrokerClient:
 
     def _io_loop(self, descriptor: int) -> None:
         """Wait for the socket's descriptor (which ZeroMQ signals when messages arrive, among
-        other things) or a wake-up, then take in what arrived."""
-        poller = zmq.Poller()
-        poller.register(descriptor, zmq.POLLIN)
-        poller.register(self._wake_rx, zmq.POLLIN)
+        other things) or a wake-up, then take in what arrived; while a caller takes the messages
+        in (see :meth:`wait`), wait for wake-ups only, and look every STAND_ASIDE_POLL_MS whether
+        that ended."""
+        on_socket = zmq.Poller()
+        on_socket.register(descriptor, zmq.POLLIN)
+        on_socket.register(self._wake_rx, zmq.POLLIN)
+        aside = zmq.Poller()
+        aside.register(self._wake_rx, zmq.POLLIN)
         woken = self._wake_rx.fileno()  # (the poller names a Python socket by its descriptor)
         try:
             while not self._closing:
-                if any(ready == woken for ready, _ in poller.poll()):
-                    self._drain_wake()
-                for frames in self._receive_all():
-                    self._dispatch(frames)
+                with self._park_lock:
+                    active = self._io_on_socket = not self._parked
+                ready = on_socket.poll() if active else aside.poll(STAND_ASIDE_POLL_MS)
+                if any(fd == woken for fd, _ in ready):
+                    _drain(self._wake_rx)
+                if self._parked or not self._receiving.acquire(blocking=False):
+                    continue
+                try:
+                    for frames in self._receive_all():
+                        self._dispatch(frames)
+                finally:
+                    self._receiving.release()
+                if self._parked:  # a caller began to wait meanwhile: what we took may be its
+                    self._wake_receiver()
         finally:
             with self._socket_lock:
                 if self._socket is not None:
                     self._socket.close(linger=CLOSE_LINGER_MS)
                     self._socket = None
-
-    def _drain_wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while self._wake_rx.recv(4096):
-                pass
 
     def _receive_all(self) -> list[list[bytes]]:
         """Every message waiting on the socket. Taken under the lock, handled after it: handling
@@ -396,6 +464,13 @@ class BrokerClient:
                 log.exception("callback for broker push %r failed", msg.type)
                 body = {"error": error_text(exc)}
             self._transmit(_Outgoing(f"{msg.type}_reply", body, reply_to=msg.msg_id))
+
+
+def _drain(wake: socket.socket) -> None:
+    """Empty a wake-up socket (closed meanwhile: nothing to empty)."""
+    with contextlib.suppress(OSError):  # BlockingIOError (empty) included
+        while wake.recv(4096):
+            pass
 
 
 class Heartbeat:

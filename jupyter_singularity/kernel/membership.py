@@ -215,8 +215,7 @@ class LeaseWait:
             self.waiting.generation = self.membership.generation
             self.future = future = self.client.submit("acquire", self.waiting.body)
             timeout = 0
-        done, _ = concurrent.futures.wait([future], timeout)
-        if not done:
+        if not self.client.wait(future, timeout):
             raise concurrent.futures.TimeoutError
         if self.membership.node and isinstance(future.exception(), BrokerRestarted):
             raise concurrent.futures.TimeoutError  # sent again at the next call
