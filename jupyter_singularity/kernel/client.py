@@ -67,9 +67,10 @@ MAX_RESENDS = 3
 #: answer mean it is gone.
 HEARTBEAT_INTERVAL = 2.0
 HEARTBEAT_MISSES = 3
-#: While a waiting caller takes the messages in, the I/O thread looks every so often (ms) whether
-#: it is its turn again (the caller does not wake it: that would cost the caller a turn of the GIL
-#: right when its reply came).
+#: When a waiting caller took the messages in, the I/O thread looks this long after (ms) whether it
+#: is its turn again, then sleeps until woken: a caller whose wait ended within that time does not
+#: wake it (that would cost the caller a turn of the GIL right when its reply came), a longer wait
+#: does.
 STAND_ASIDE_POLL_MS = 5
 
 
@@ -126,9 +127,10 @@ class BrokerClient:
         # Held by the one thread that takes messages in and handles them (the replay guard wants
         # them in order): the I/O thread, or a caller waiting for its reply (see wait()).
         self._receiving = threading.Lock()
-        self._park_lock = threading.Lock()  # guards the two flags below
+        self._park_lock = threading.Lock()  # guards the three flags below
         self._parked = False  # a waiting caller takes the messages in
         self._io_on_socket = False  # the I/O thread waits on the socket
+        self._io_asleep = False  # the I/O thread stands aside until woken
         self._threads: list[threading.Thread] = []
         self.on_rejoin: Callable[[], None] | None = None
         """Called (on the I/O thread) when the broker refuses a message with ``rejoin``, before
@@ -231,7 +233,10 @@ class BrokerClient:
                     return answer.done()
                 _drain(self._caller_rx)
         finally:
-            self._parked = False
+            with self._park_lock:
+                self._parked = False
+                if self._io_asleep:
+                    self._wake()
             self._receiving.release()
 
     def send(self, type: str, body: dict) -> None:
@@ -354,19 +359,25 @@ class BrokerClient:
     def _io_loop(self, descriptor: int) -> None:
         """Wait for the socket's descriptor (which ZeroMQ signals when messages arrive, among
         other things) or a wake-up, then take in what arrived; while a caller takes the messages
-        in (see :meth:`wait`), wait for wake-ups only, and look every STAND_ASIDE_POLL_MS whether
-        that ended."""
+        in (see :meth:`wait`), wait for wake-ups only (see STAND_ASIDE_POLL_MS)."""
         on_socket = zmq.Poller()
         on_socket.register(descriptor, zmq.POLLIN)
-        on_socket.register(self._wake_rx, zmq.POLLIN)
         aside = zmq.Poller()
-        aside.register(self._wake_rx, zmq.POLLIN)
+        for poller in (on_socket, aside):
+            poller.register(self._wake_rx, zmq.POLLIN)
         woken = self._wake_rx.fileno()  # (the poller names a Python socket by its descriptor)
+        looked = False  # looked once already whether the caller is done
         try:
             while not self._closing:
                 with self._park_lock:
                     active = self._io_on_socket = not self._parked
-                ready = on_socket.poll() if active else aside.poll(STAND_ASIDE_POLL_MS)
+                    self._io_asleep = not active and looked
+                if active:
+                    looked = False
+                    ready = on_socket.poll()
+                else:
+                    ready = aside.poll(None if self._io_asleep else STAND_ASIDE_POLL_MS)
+                    looked = True
                 if any(fd == woken for fd, _ in ready):
                     _drain(self._wake_rx)
                 if self._parked or not self._receiving.acquire(blocking=False):
