@@ -136,6 +136,18 @@ async def wait_until(condition: Callable[[], object], timeout: float = 5) -> Non
         await asyncio.sleep(0.01)
 
 
+def held_lease(broker: Broker) -> asyncio.Event:
+    """A "lease" route that answers ``{"granted": <kernel id>}`` once the returned event is set."""
+    granted = asyncio.Event()
+
+    async def lease(msg: Message) -> dict:
+        await granted.wait()
+        return {"granted": msg.kernel_id}
+
+    broker.handlers.routes["lease"] = lease
+    return granted
+
+
 def warnings_of(caplog: pytest.LogCaptureFixture, logger: str) -> str:
     return "\n".join(
         r.getMessage() for r in caplog.records if r.name == logger and r.levelno == logging.WARNING
@@ -173,13 +185,7 @@ async def test_unencodable_handler_result_is_an_error_reply(broker: Broker, conn
 
 
 async def test_waiting_handler_does_not_block_other_kernels(broker: Broker, connect) -> None:
-    granted = asyncio.Event()
-
-    async def lease(msg: Message) -> dict:
-        await granted.wait()
-        return {"granted": msg.kernel_id}
-
-    broker.handlers.routes["lease"] = lease
+    granted = held_lease(broker)
     waiting = asyncio.ensure_future(call(connect(broker.endpoint, "k1"), "lease", {}, timeout=10))
     await wait_until(lambda: broker.handlers.seen)
     assert await call(connect(broker.endpoint, "k2"), "echo", {"n": 2}) == {
@@ -291,13 +297,7 @@ async def test_a_waiting_caller_takes_its_reply_in_itself(
     """While a thread waits for its reply it takes the broker's messages in itself (no hand-over
     from the I/O thread): its reply, pushes, and the reply of another thread waiting meanwhile;
     once it is done, the I/O thread takes messages in again."""
-    granted = asyncio.Event()
-
-    async def lease(msg: Message) -> dict:
-        await granted.wait()
-        return {"granted": True}
-
-    broker.handlers.routes["lease"] = lease
+    granted = held_lease(broker)
     client = connect(broker.endpoint)
     notices: list[dict] = []
     client.on("notice", notices.append)
@@ -321,7 +321,7 @@ async def test_a_waiting_caller_takes_its_reply_in_itself(
     assert await call(client, "echo", {"other": True}) == {"echo": {"other": True}, "kernel": "k1"}
     granted.set()
     await asyncio.to_thread(waiter.join, 10)
-    assert replies == {"lease": {"granted": True}}
+    assert replies == {"lease": {"granted": "k1"}}
     assert ("waiting-cell", "lease_reply") in taken_in_by
     assert ("waiting-cell", "notice") in taken_in_by
     assert ("waiting-cell", "echo_reply") in taken_in_by  # the other thread's, taken in for it
@@ -332,13 +332,7 @@ async def test_a_waiting_caller_takes_its_reply_in_itself(
 
 
 async def test_ping_answered_while_main_thread_blocks_in_request(broker: Broker, connect) -> None:
-    granted = asyncio.Event()
-
-    async def lease(msg: Message) -> dict:
-        await granted.wait()
-        return {"granted": True}
-
-    broker.handlers.routes["lease"] = lease
+    granted = held_lease(broker)
     client = connect(broker.endpoint)
     waiting = asyncio.ensure_future(call(client, "lease", {}, timeout=10))
     await wait_until(lambda: broker.handlers.seen)
@@ -348,7 +342,7 @@ async def test_ping_answered_while_main_thread_blocks_in_request(broker: Broker,
         assert abs(reply["time"] - time.time()) < 5
     assert not waiting.done()
     granted.set()
-    assert await waiting == {"granted": True}
+    assert await waiting == {"granted": "k1"}
 
 
 async def test_nothing_is_missed_while_both_ends_send(broker: Broker, connect) -> None:
