@@ -100,6 +100,14 @@ class SessionError(ProtocolError):
         super().__init__(reason, "session")
 
 
+class UnknownKernel(ProtocolError):
+    """A message naming a kernel the receiver has no key for (yet): it cannot be verified."""
+
+    def __init__(self, kernel_id: str) -> None:
+        super().__init__(f"unknown kernel {kernel_id[:64]!r}", "unknown kernel")
+        self.kernel_id = kernel_id
+
+
 #: Each signed part is prefixed with its length (see Signer).
 _SIZE = struct.Struct(">Q")
 
@@ -262,7 +270,7 @@ def decode_parts(parts: Sequence[bytes], key_for: Callable[[str], bytes | None])
     kernel_id = _kernel_id(kernel_id_raw)
     key = key_for(kernel_id)
     if key is None:
-        raise ProtocolError(f"unknown kernel {kernel_id[:64]!r}", "unknown kernel")
+        raise UnknownKernel(kernel_id)
     if not Signer(key).verify(signature, kernel_id_raw, header_raw, body_raw):
         raise ProtocolError(f"bad signature from {kernel_id!r}", "bad signature")
 

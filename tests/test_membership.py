@@ -43,7 +43,7 @@ class NodeBrokerRuns:
         self.keys: dict[str, bytes] = {}
         self.service: BrokerService | None = None
 
-    async def start(self) -> BrokerService:
+    async def start(self, register: bool = True) -> BrokerService:
         (self.tmp_path / "spill").mkdir(mode=0o700, exist_ok=True)  # as the broker command does
         ledger = Ledger(f"sqlite:///{self.tmp_path / 'ledger.sqlite'}")
         service = BrokerService(
@@ -57,10 +57,16 @@ class NodeBrokerRuns:
         )
         service.node = True
         await service.start(self.socket)
-        for kernel_id, key in self.keys.items():
-            service.register_kernel(kernel_id, server_owner(), key=key)
         self.service = service
+        if register:
+            self.register_again()
         return service
+
+    def register_again(self) -> None:
+        """Register every kernel with its key, as their server does when it joins a new run."""
+        assert self.service is not None
+        for kernel_id, key in self.keys.items():
+            self.service.register_kernel(kernel_id, server_owner(), key=key)
 
     def register(self, kernel_id: str) -> dict[str, str]:
         assert self.service is not None
@@ -141,6 +147,31 @@ async def test_a_kernel_rejoins_a_restarted_broker_with_what_it_holds(runs, node
     lease = await asyncio.to_thread(runtime.acquire, GiB, top_of_cell=False)
     assert runs.service.core.kernels["k1"].lease.request_id == lease.request_id
     runtime.release(lease)
+
+
+async def test_a_kernel_heard_before_its_server_joined_the_new_run_is_answered_then(
+    runs, node_kernel
+):
+    """A restarted broker hears its kernels before their servers registered them again: what
+    they send waits for the registration instead of being dropped (the kernel would wait for its
+    answer's timeout, then say hello again)."""
+    runtime = await node_kernel("k1")
+    runtime.release(await asyncio.to_thread(runtime.acquire, GiB, top_of_cell=False))
+    await until(lambda: state_of(runs, "k1") == "resident")
+    runtime.membership.close()  # (only this test's messages, then)
+    await runs.stop()
+    await runs.start(register=False)
+    answer = runtime.client.submit("ping", {})
+    await asyncio.sleep(0.5)
+    assert not answer.done()  # a kernel this run has no key for yet
+
+    runs.register_again()
+    await until(answer.done, timeout=10)
+    with pytest.raises(BrokerRestarted, match="must say hello to it again"):
+        answer.result()
+    reply = await asyncio.to_thread(runtime.membership.hello, 5)
+    assert reply is not None and reply["instance"] == runs.service.instance
+    assert state_of(runs, "k1") == "resident"
 
 
 async def test_a_waiting_cell_outlasts_the_restart_and_asks_the_new_run(runs, node_kernel):

@@ -10,6 +10,7 @@ each kernel rejoins it with what it holds; the broker rebuilds its bookings from
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 import urllib.request
@@ -20,6 +21,9 @@ from cells import cell_messages, cell_text, record_of, tensor_state, wait_for
 from servers import TOKEN, api, jupyter_server, node_broker
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import websocket_connect
+
+from jupyter_singularity.server import node_pool
+from jupyter_singularity.server.node_pool import NodePool
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(900)]
 
@@ -231,3 +235,31 @@ async def test_a_server_started_while_the_node_broker_is_down_waits_for_it(tmp_p
         assert record_of(pool, kernel_id)["gpu_bytes"] >= 48 * MiB, pool
         status, text = await kernels.cell(kernel_id, "print('digest', digest())")
         assert status == "ok" and digest_of(text) == digest, text
+
+
+async def test_a_server_registers_its_kernels_again_as_soon_as_the_broker_is_back(
+    tmp_path: Path, monkeypatch
+):
+    """The server hears the restarted broker when its connection is made again, not at its next
+    heartbeat (maybe after a question lost with the old run): its kernels' messages wait in the
+    new run for that registration."""
+    monkeypatch.setattr(node_pool, "HEARTBEAT", 600.0)
+    with node_broker(tmp_path) as broker:
+        pool = NodePool(broker.socket, logging.getLogger("test.node_pool"))
+        await pool.start()
+        try:
+            await pool.call("register_kernel", kernel_id="k1", notebook="a.ipynb")
+            await pool.call("kernel_started", kernel_id="k1", pid=None)
+            first = pool.instance
+            assert first is not None
+            broker.kill()
+            await asyncio.to_thread(broker.start)
+
+            async def joined_again():
+                return pool.instance not in (None, first)
+
+            await wait_for(joined_again, timeout=60)
+            kernels = (await pool.call("pool"))["kernels"]
+            assert [(k["kernel_id"], k["notebook"]) for k in kernels] == [("k1", "a.ipynb")]
+        finally:
+            await pool.stop()

@@ -505,6 +505,56 @@ async def test_forged_messages_are_dropped_and_logged(
     assert logged.count("bad signature") == 3  # wrong key, tampered body, forged junk
 
 
+async def test_a_node_broker_keeps_an_unknown_kernels_messages_until_it_is_registered(
+    keys: dict[str, bytes], connect, monkeypatch, caplog
+) -> None:
+    """A node broker's kernels speak before their server registered them with a restarted run:
+    their messages are handled once it did; those of a kernel never registered are dropped,
+    and logged as such, after PARK_SECONDS."""
+    monkeypatch.setattr(rpc, "PARK_SECONDS", 0.5)
+    known = {"k1": keys["k1"]}
+    server = RPCServer(known.get, echo, logging.getLogger(BROKER_LOG), drop_log_interval=0)
+    with tempfile.TemporaryDirectory(prefix="sg-park-") as folder:
+        endpoint = await server.start_shared(Path(folder) / "kernels.sock")
+        try:
+            late, never = connect(endpoint, "k2"), connect(endpoint, "k1")
+            answer = late.submit("echo", {"n": 1})
+            await asyncio.sleep(0.2)
+            assert not answer.done()
+            known["k2"] = keys["k2"]
+            server.known("k2")
+            assert await asyncio.to_thread(answer.result, 5) == {"echo": {"n": 1}, "kernel": "k2"}
+
+            del known["k1"]  # (a kernel unregistered: nothing of its is kept for long)
+            lost = never.submit("echo", {"n": 2})
+            await asyncio.sleep(1.0)
+            assert not lost.done()
+            assert "unknown kernel 'k1'" in warnings_of(caplog, BROKER_LOG)
+            known["k1"] = keys["k1"]
+            server.known("k1")
+            await asyncio.sleep(0.2)
+            assert not lost.done()
+        finally:
+            await server.stop()
+
+
+def test_parked_messages_keep_a_bounded_number_of_bytes_oldest_out_first() -> None:
+    parked = rpc.ParkedMessages(limit=1000)
+
+    def message(kernel_id: str, size: int, at: float) -> rpc._Parked:
+        return rpc._Parked(protocol.UnknownKernel(kernel_id), b"r", [b"x" * (size - 1)], None, at)
+
+    assert parked.add(message("a", 400, 1.0)) == []
+    assert parked.add(message("b", 400, 2.0)) == []
+    pushed_out = parked.add(message("a", 400, 3.0))
+    assert [(p.error.kernel_id, p.at) for p in pushed_out] == [("a", 1.0)]
+    assert [p.at for p in parked.expire(horizon=2.5)] == [2.0]
+    assert parked.oldest() == 3.0
+    assert [p.at for p in parked.take("a")] == [3.0]
+    assert parked.take("a") == [] and parked.oldest() is None
+    assert parked.add(message("c", 1000, 4.0)) == []  # room again: the bytes were given back
+
+
 async def test_replies_never_reach_the_handler(
     broker: Broker, raw_dealer: zmq.asyncio.Socket, keys: dict[str, bytes]
 ) -> None:

@@ -16,7 +16,10 @@ import os
 import shutil
 import stat
 import tempfile
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
@@ -34,6 +37,7 @@ from ..protocol import (
     Sequencer,
     SessionError,
     Signer,
+    UnknownKernel,
     decode,
     encode,
     error_text,
@@ -52,6 +56,12 @@ RECEIVE_QUEUE = 100
 #: Messages taken in per turn of the event loop at most: a flood must not starve the server's
 #: other work (REST requests), nor cost a turn of the loop per message when there is none.
 RECEIVE_BATCH = 16
+#: A node broker keeps messages from kernels it has no key for yet this long at most, and handles
+#: them once their server registers them: after a restart, kernels speak before their servers
+#: joined the new run, and a message dropped then would cost the kernel its answer's timeout.
+PARK_SECONDS = 5.0
+#: ... and this many bytes of them at most (the oldest go first), so that no peer fills memory.
+PARK_BYTES = 1 << 20
 SOCKET_NAME = "broker.sock"
 #: Longest socket path: sun_path holds 108 bytes on Linux, 104 on macOS, the final NUL included.
 MAX_SOCKET_PATH = 103
@@ -124,6 +134,8 @@ class RPCServer:
         self._sequencers: dict[str, Sequencer] = {}
         # msg_id of a request() -> (kernel id it was sent to, future for the reply body)
         self._pending: dict[str, tuple[str, asyncio.Future[dict]]] = {}
+        self._parked: ParkedMessages | None = None
+        self._park_expiry: asyncio.TimerHandle | None = None
 
     async def start(self, runtime_dir: Path | None = None) -> str:
         """Bind and start serving; returns the concrete endpoint for the kernels.
@@ -150,6 +162,7 @@ class RPCServer:
         if self._socket is not None:
             raise RuntimeError("RPCServer already started")
         path.unlink(missing_ok=True)  # left by a broker that was killed
+        self._parked = ParkedMessages()
         return self._bind(f"ipc://{path}")
 
     def _bind(self, address: str) -> str:
@@ -200,6 +213,13 @@ class RPCServer:
         finally:
             self._pending.pop(msg_id, None)
 
+    def known(self, kernel_id: str) -> None:
+        """``kernel_id`` was registered: what it sent before is handled now, in order (a node
+        broker's; see PARK_SECONDS)."""
+        if self._parked is not None and self._loop is not None:
+            for parked in self._parked.take(kernel_id):
+                self._loop.call_soon(self._receive, parked.identity, parked.frames, parked.peer)
+
     def forget(self, kernel_id: str) -> None:
         """The kernel is gone: drop its route and replay state, fail its requests."""
         self._routes.pop(kernel_id, None)
@@ -231,6 +251,11 @@ class RPCServer:
             self._receiving.cancel()
             self._receiving = None
         self._remove_socket_dir()
+        if self._park_expiry is not None:
+            self._park_expiry.cancel()
+            self._park_expiry = None
+        if self._parked is not None:
+            self._parked.clear()
         if self._drop_flush is not None:
             self._drop_flush.cancel()
             self._drop_flush = None
@@ -272,6 +297,12 @@ class RPCServer:
             msg = decode(frames, self._key_for)
             self._guard.check(msg)
             msg.peer = peer
+        except UnknownKernel as exc:
+            if self._parked is None:
+                self._dropped(exc)
+            else:
+                self._park(_Parked(exc, identity, frames, peer, time.monotonic()))
+            return
         except ProtocolError as exc:
             self._dropped(exc)
             if isinstance(exc, SessionError) and msg is not None:
@@ -295,6 +326,22 @@ class RPCServer:
             task.add_done_callback(self._handlers.discard)
         else:
             self._reply(identity, msg, result)
+
+    def _park(self, parked: _Parked) -> None:
+        assert self._parked is not None and self._loop is not None
+        for pushed_out in self._parked.add(parked):
+            self._dropped(pushed_out.error)
+        if self._park_expiry is None:
+            self._park_expiry = self._loop.call_later(PARK_SECONDS, self._expire_parked)
+
+    def _expire_parked(self) -> None:
+        assert self._parked is not None and self._loop is not None
+        self._park_expiry = None
+        for expired in self._parked.expire(time.monotonic() - PARK_SECONDS):
+            self._dropped(expired.error)
+        if (oldest := self._parked.oldest()) is not None:
+            wait = oldest + PARK_SECONDS - time.monotonic()
+            self._park_expiry = self._loop.call_later(max(wait, 0.0), self._expire_parked)
 
     def _dropped(self, error: ProtocolError) -> None:
         """Count a dropped message; its log line comes once per interval at most."""
@@ -372,3 +419,61 @@ class RPCServer:
             if self._socket.get(zmq.EVENTS) & zmq.POLLIN:
                 self._receive_soon()  # the send took in the signal of a message that arrived
         return msg.msg_id
+
+
+@dataclass
+class _Parked:
+    error: UnknownKernel
+    identity: bytes
+    frames: list[bytes]
+    peer: PeerCredentials | None
+    at: float
+
+    @property
+    def size(self) -> int:
+        return len(self.identity) + sum(map(len, self.frames))
+
+
+class ParkedMessages:
+    """Messages of kernels not registered yet, oldest first, PARK_BYTES at most."""
+
+    def __init__(self, limit: int = PARK_BYTES) -> None:
+        self.limit = limit
+        self._queue: deque[_Parked] = deque()
+        self._bytes = 0
+
+    def add(self, parked: _Parked) -> list[_Parked]:
+        """Keep ``parked``; the oldest ones pushed out to make room."""
+        self._queue.append(parked)
+        self._bytes += parked.size
+        pushed_out = []
+        while self._bytes > self.limit:
+            pushed_out.append(self._pop())
+        return pushed_out
+
+    def take(self, kernel_id: str) -> list[_Parked]:
+        """The messages of ``kernel_id``, no longer kept."""
+        taken = [p for p in self._queue if p.error.kernel_id == kernel_id]
+        if taken:
+            self._queue = deque(p for p in self._queue if p.error.kernel_id != kernel_id)
+            self._bytes -= sum(p.size for p in taken)
+        return taken
+
+    def expire(self, horizon: float) -> list[_Parked]:
+        """The messages kept since before ``horizon``, no longer kept."""
+        expired = []
+        while self._queue and self._queue[0].at <= horizon:
+            expired.append(self._pop())
+        return expired
+
+    def oldest(self) -> float | None:
+        return self._queue[0].at if self._queue else None
+
+    def clear(self) -> None:
+        self._queue.clear()
+        self._bytes = 0
+
+    def _pop(self) -> _Parked:
+        parked = self._queue.popleft()
+        self._bytes -= parked.size
+        return parked

@@ -259,6 +259,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
                     kernel_id, owner.user, self.clock(), groups=owner.groups, notebook=notebook
                 )
             )
+            self._rpc.known(kernel_id)
         key = self._connections[kernel_id].key
         home_index = self.core.kernels[kernel_id].home
         home = None if home_index is None else self.core.devices[home_index]

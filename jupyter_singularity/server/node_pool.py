@@ -84,9 +84,11 @@ class NodePool(Pool):
         self._tasks = [
             asyncio.create_task(self._receive_loop(), name="singularity-node-receive"),
             asyncio.create_task(self._heartbeat(), name="singularity-node-heartbeat"),
+            asyncio.create_task(self._reconnections(), name="singularity-node-reconnect"),
         ]
+        self._rejoining = asyncio.create_task(self._join())
         try:
-            await self._join()
+            await self._rejoining
         except PoolError as err:
             self.log.warning(
                 "jupyter-singularity: the node's GPU pool broker at %s cannot be reached (%s); "
@@ -189,6 +191,7 @@ class NodePool(Pool):
                         self.emit(str(event[0]), event[1])
                 continue
             self._heard = header.get("instance") or self._heard
+            self._join_new_run()
             future = self._pending.get(header.get("reply_to", ""))
             if future is not None and not future.done():
                 future.set_result(body)
@@ -201,26 +204,43 @@ class NodePool(Pool):
         heard = self._heard
         self.owner = Identity(me["user"], tuple(me.get("groups", ())), bool(me.get("admin")))
         await self._ask("subscribe", {})
-        for kernel_id, known in list(self.kernels.items()):
-            await self._ask(
-                "register_kernel",
-                {"kernel_id": kernel_id, "notebook": known["notebook"], "key": known["key"]},
-            )
-            if known["pid"] is not None:
-                await self._ask("kernel_started", {"kernel_id": kernel_id, "pid": known["pid"]})
+        # All at once: the kernels' own messages wait for their registration (broker.rpc).
+        await asyncio.gather(*(self._register_again(*known) for known in self.kernels.items()))
         self.instance = heard
 
+    async def _register_again(self, kernel_id: str, known: dict[str, Any]) -> None:
+        await self._ask(
+            "register_kernel",
+            {"kernel_id": kernel_id, "notebook": known["notebook"], "key": known["key"]},
+        )
+        if known["pid"] is not None:
+            await self._ask("kernel_started", {"kernel_id": kernel_id, "pid": known["pid"]})
+
+    def _join_new_run(self) -> None:
+        """A reply came from a broker run this server has not joined: join it (one join at a
+        time; a reply of yet another run during a join starts the next one)."""
+        if self._heard != self.instance and (self._rejoining is None or self._rejoining.done()):
+            self._rejoining = asyncio.create_task(self._rejoin())
+
     async def _heartbeat(self) -> None:
-        """Notice the broker coming back, or restarted, while nothing else is asked: then join
-        it (again)."""
+        """Notice the broker coming back, or restarted, while nothing else is asked."""
         while True:
             await asyncio.sleep(HEARTBEAT)
-            try:
+            with contextlib.suppress(PoolError):
                 await self._ask("me", {}, timeout=HEARTBEAT)
-            except PoolError:
-                continue
-            if self._heard != self.instance and (self._rejoining is None or self._rejoining.done()):
-                self._rejoining = asyncio.create_task(self._rejoin())
+
+    async def _reconnections(self) -> None:
+        """Ask at once when the connection to the broker is made again (it restarted), instead
+        of at the next heartbeat, maybe after a question lost with the old run."""
+        assert self._dealer is not None
+        monitor = self._dealer.get_monitor_socket(zmq.EVENT_CONNECTED)
+        try:
+            while True:
+                await monitor.recv_multipart()
+                with contextlib.suppress(PoolError):
+                    await self._ask("me", {}, timeout=HEARTBEAT)
+        finally:
+            monitor.close()
 
     async def _rejoin(self) -> None:
         try:
