@@ -239,6 +239,35 @@ def test_training_after_restore_equals_training_without(engine: TensorEngine) ->
     assert train(engine) == train(None)
 
 
+def test_a_simulated_offload_frees_each_storage_once_copied(
+    engine: TensorEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Simulated device memory is host memory: each storage goes as soon as its copy is done, so
+    the next copy faults in the pages just freed and the state is never held twice."""
+    tensors = [torch.randn(256, 1024) for _ in range(4)]
+    before = [raw(t) for t in tensors]
+    keys = {t.untyped_storage()._cdata: index for index, t in enumerate(tensors)}
+    events: list[str] = []
+    real_copy, real_resize = offload._copy, offload._resize
+
+    def copy_(dst: torch.Tensor, src: torch.Tensor) -> None:
+        events.append(f"copy {keys.get(src.untyped_storage()._cdata)}")
+        real_copy(dst, src)
+
+    def resize(storage: torch.UntypedStorage, nbytes: int) -> None:
+        events.append(f"free {keys.get(storage._cdata)}" if nbytes == 0 else "grow")
+        real_resize(storage, nbytes)
+
+    monkeypatch.setattr(offload, "_copy", copy_)
+    monkeypatch.setattr(offload, "_resize", resize)
+    engine.offload()
+
+    order = sorted(keys.values(), key=lambda index: events.index(f"copy {index}"))
+    assert events == [f"{step} {index}" for index in order for step in ("copy", "free")]
+    engine.restore()
+    assert [raw(t) for t in tensors] == before
+
+
 def test_failed_copy_during_offload_changes_nothing(
     engine: TensorEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -393,7 +393,11 @@ class TensorEngine:
         CUDA the copy engines overlap the Python scan; what does not fit is copied after it.
         ``progress(done, total)`` is called once the total is known, then after each storage.
         With ``swap`` (:mod:`.swap`) each storage is freed as soon as its copy is done, after
-        the scan and the spill file, and ``swap`` hears of every byte freed.
+        the scan and the spill file, and ``swap`` hears of every byte freed. So is every storage
+        on simulated devices, swap or not: there the device memory is host memory too, and the
+        host copy of each next storage then faults in the pages just freed, not fresh ones (on a
+        virtual machine that hands free memory back to its host, fresh pages cost several times
+        the copy), and the offload never holds the state twice.
         """
         with self._lock:
             if self._offloaded:
@@ -410,11 +414,12 @@ class TensorEngine:
             slots: list[_Slot] = []
             new_chunks: list[torch.Tensor] = []
             idle: set[Any] = set()
+            free_early = swap is not None or self.simulated
             try:
                 with torch.no_grad():
                     found, later = _Scan(), []
                     for storage in self._find(torch, found, stop_if_unsafe=True):
-                        if swap is None and tape.end - _end(slots) >= storage.nbytes():
+                        if not free_early and tape.end - _end(slots) >= storage.nbytes():
                             self._copy_out(torch, tape, slots, storage, idle)
                         else:
                             later.append(storage)
@@ -430,7 +435,7 @@ class TensorEngine:
                     if progress is not None:
                         progress(done, moved)
                     for storage in later:
-                        self._copy_out(torch, tape, slots, storage, idle, copy=swap is None)
+                        self._copy_out(torch, tape, slots, storage, idle, copy=not free_early)
                         done += storage.nbytes()
                         if progress is not None:
                             progress(done, moved)
@@ -447,7 +452,7 @@ class TensorEngine:
                 raise OffloadError(
                     f"offload failed while copying to host, nothing was changed: {exc}"
                 ) from exc
-            self._shrink(torch, slots, tape, new_chunks, swap)
+            self._shrink(torch, slots, tape, new_chunks, free_early, swap)
             self._commit_offload(tape, slots, new_chunks)
             self._release_device(torch)
             return Transfer(
@@ -912,16 +917,18 @@ class TensorEngine:
         slots: list[_Slot],
         tape: _Tape,
         new_chunks: list[torch.Tensor],
+        free_early: bool = False,
         swap: RoomReport | None = None,
     ) -> None:
         """Free every device storage; if one cannot be freed, bring the freed ones back. With
-        ``swap``, copy each to the tape first and report the bytes freed; a failure then waits
-        for ``swap`` to say that the room freed so far is back before refilling it."""
+        ``free_early``, copy each to the tape first, just before it is freed. With ``swap``,
+        report the bytes freed; a failure then waits for ``swap`` to say that the room freed so
+        far is back before refilling it."""
         shrunk: list[_Slot] = []
         freed = 0
         try:
             for slot in slots:
-                if swap is not None:
+                if free_early:
                     _copy_to_tape(torch, tape, slot)
                     self._synchronize(torch, [slot])
                 _resize(slot.storage, 0)
