@@ -75,7 +75,7 @@ from .cuda_probes import (
     inside,
     multiprocessing_shared,
 )
-from .large_pages import advise_large_pages
+from .large_pages import advise_large_pages, give_back
 from .lost import mark_lost
 from .spill import (
     Ranges,
@@ -276,6 +276,24 @@ class _Tape:
             yield buffer.tensor[at : at + length], done, length
             done += length
             index += 1
+
+    def give_back(self, start: int, end: int) -> int:
+        """Give back the memory of the tape's bytes ``start`` to ``end`` that sit in buffers
+        mapped on their own (never the pool's). Returns where the memory given back ends (at
+        most ``end``; the bytes before it may read as zeros now)."""
+        index = max(0, bisect.bisect_right(self.starts, start) - 1)
+        at = start
+        while at < end and index < len(self.buffers):
+            buffer, base = self.buffers[index], self.starts[index]
+            stop = min(end, base + buffer.used)
+            mapping = getattr(buffer.tensor, "_singularity_mapping", None)
+            if mapping is not None and not buffer.pooled:
+                released = give_back(mapping, buffer.tensor.data_ptr(), at - base, stop - base)
+                if base + released < stop:
+                    return base + released
+            at = stop
+            index += 1
+        return at
 
 
 @dataclass
@@ -968,10 +986,18 @@ class TensorEngine:
         total: int,
         room: Callable[[int], None] | None = None,
     ) -> None:
-        """Reallocate and refill ``slots``; on failure free the refilled ones again and raise."""
+        """Reallocate and refill ``slots``; on failure free the refilled ones again and raise.
+
+        On simulated devices the host copy of each storage refilled is given back to the system
+        at once (whole large pages), so that the next storage's new device memory reuses those
+        pages rather than fresh ones (on a virtual machine that hands free memory back to its
+        host, fresh pages cost several times the copy) and the restore never holds the state
+        twice. A failure then copies the refilled storages back to the tape before freeing
+        them: the host copy stays whole."""
         restored: list[_Slot] = []
         done = total - sum(slot.nbytes for slot in slots)
         back = 0
+        given_back = 0  # the tape's bytes before this may be gone from host memory
         try:
             with torch.no_grad():
                 for slot in slots:
@@ -984,11 +1010,16 @@ class TensorEngine:
                     for host, start, length in tape.pieces(slot.offset, slot.nbytes):
                         _copy(device_bytes[start : start + length], host)
                     done += slot.nbytes
+                    if self.simulated:
+                        given_back = tape.give_back(given_back, slot.offset + slot.nbytes)
                     if progress is not None:
                         progress(done, total)
                 self._synchronize(torch, slots)
         except BaseException:
             self._synchronize(torch, restored)
+            for slot in restored:
+                if slot.offset < given_back:
+                    _copy_to_tape(torch, tape, slot)
             for slot in restored:
                 _resize(slot.storage, 0)
             self._release_device(torch)
