@@ -92,6 +92,8 @@ async def one_run(mib: int, tensor_mib: int, rounds: int) -> dict:
                 samples["overlap_s"].append(busy.overlap("a", "b"))
                 samples["swap_victim_cpu"].append(spent(victim, usage(pids["a"])))
                 samples["swap_incoming_cpu"].append(spent(incoming, usage(pids["b"])))
+                # its cell's lease ends after the output: only an idle kernel can be offloaded
+                await wait_state(service, b_manager.kernel_id, "resident")
             stall_share = (cpu_stall() - stall) / (time.perf_counter() - started)
         finally:
             for manager, client in kernels:

@@ -239,6 +239,103 @@ def test_training_after_restore_equals_training_without(engine: TensorEngine) ->
     assert train(engine) == train(None)
 
 
+def test_a_simulated_offload_frees_each_storage_once_copied(
+    engine: TensorEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Simulated device memory is host memory: each storage goes as soon as its copy is done, so
+    the next copy faults in the pages just freed and the state is never held twice."""
+    tensors = [torch.randn(256, 1024) for _ in range(4)]
+    before = [raw(t) for t in tensors]
+    keys = {t.untyped_storage()._cdata: index for index, t in enumerate(tensors)}
+    events: list[str] = []
+    real_copy, real_resize = offload._copy, offload._resize
+
+    def copy_(dst: torch.Tensor, src: torch.Tensor) -> None:
+        events.append(f"copy {keys.get(src.untyped_storage()._cdata)}")
+        real_copy(dst, src)
+
+    def resize(storage: torch.UntypedStorage, nbytes: int) -> None:
+        events.append(f"free {keys.get(storage._cdata)}" if nbytes == 0 else "grow")
+        real_resize(storage, nbytes)
+
+    monkeypatch.setattr(offload, "_copy", copy_)
+    monkeypatch.setattr(offload, "_resize", resize)
+    engine.offload()
+
+    order = sorted(keys.values(), key=lambda index: events.index(f"copy {index}"))
+    assert events == [f"{step} {index}" for index in order for step in ("copy", "free")]
+    engine.restore()
+    assert [raw(t) for t in tensors] == before
+
+
+def resident_bytes(address: int, nbytes: int) -> int:
+    """Bytes of a mapping that sit in memory now (mincore)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = address // page * page
+    pages = -(-(address + nbytes - start) // page)
+    vector = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    assert libc.mincore(start, pages * page, vector) == 0, os.strerror(ctypes.get_errno())
+    return sum(byte & 1 for byte in vector) * page
+
+
+def test_a_simulated_restore_gives_each_host_copy_back_once_refilled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The host copy of each storage refilled leaves memory at once (whole large pages), so the
+    next storage's device memory reuses its pages and the restore never holds the state twice."""
+    engine = TensorEngine(simulated=True, pinned_limit=0, min_bytes=MIN_BYTES)
+    tensors = [random_bits(MIB, torch.float32, seed) for seed in range(4)]  # 4 MiB each
+    before = [raw(t) for t in tensors]
+    engine.offload()
+    try:
+        (buffer,) = engine._tape.buffers
+        address, nbytes = buffer.tensor.data_ptr(), buffer.used
+        assert resident_bytes(address, nbytes) == nbytes
+        resident: list[int] = []
+        real_copy = offload._copy
+
+        def copy_(dst: torch.Tensor, src: torch.Tensor) -> None:
+            resident.append(resident_bytes(address, nbytes))
+            real_copy(dst, src)
+
+        monkeypatch.setattr(offload, "_copy", copy_)
+        engine.restore()
+    finally:
+        if engine.offloaded:
+            monkeypatch.undo()
+            engine.restore()
+    assert resident[0] == nbytes
+    assert resident[-1] <= nbytes - 3 * 4 * MIB + 2 * MIB  # three, in whole large pages
+    assert [raw(t) for t in tensors] == before
+
+
+@pytest.mark.parametrize("stop", ["device-allocation-fails", "room-revoked"])
+def test_a_failed_simulated_restore_keeps_the_host_copy_it_gave_back(
+    monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    engine = TensorEngine(simulated=True, pinned_limit=0, min_bytes=MIN_BYTES)
+    tensors = [random_bits(MIB, torch.float32, seed) for seed in range(4)]  # 4 MiB each
+    before = [raw(t) for t in tensors]
+    engine.offload()
+
+    def room(nbytes: int) -> None:
+        if nbytes > 3 * 4 * MIB:
+            raise RuntimeError("room revoked")
+
+    if stop == "device-allocation-fails":
+        fail_on_call(monkeypatch, "_resize", 4, growing)
+    with pytest.raises(OffloadError, match="stays offloaded with its host copy"):
+        engine.restore(room=room if stop == "room-revoked" else None)
+
+    assert engine.offloaded
+    assert [t.untyped_storage().nbytes() for t in tensors] == [0] * 4
+    monkeypatch.undo()
+    engine.restore()
+    assert [raw(t) for t in tensors] == before
+
+
 def test_failed_copy_during_offload_changes_nothing(
     engine: TensorEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,6 +18,9 @@ import contextlib
 import mmap
 import os
 
+#: A transparent huge page (x86-64 and arm64 with 4 KiB base pages).
+LARGE_PAGE = 2 << 20
+
 #: torch's CPU allocator puts allocations of 2 MiB and more in transparent huge pages when this
 #: is "1"; it reads it once, at its first allocation.
 TORCH_LARGE_PAGES = "THP_MEM_ALLOC_ENABLE"
@@ -30,6 +33,19 @@ def advise_large_pages(mapping: mmap.mmap) -> None:
         return
     with contextlib.suppress(OSError):  # unavailable: 4 KiB pages, as before
         mapping.madvise(advice)
+
+
+def give_back(mapping: mmap.mmap, address: int, start: int, end: int) -> int:
+    """Give the memory of bytes ``start`` to ``end`` of a host buffer (a mapping of its own at
+    ``address``) back to the system, in whole large pages unless ``end`` is the mapping's end
+    (splitting one costs more than it frees); those bytes read as zeros afterwards. Returns
+    where the memory given back ends, where the next call for the same buffer starts."""
+    if end < len(mapping):
+        end = max(start, (address + end) // LARGE_PAGE * LARGE_PAGE - address)
+    low = -(-(address + start) // mmap.PAGESIZE) * mmap.PAGESIZE - address
+    if end > low:
+        mapping.madvise(mmap.MADV_DONTNEED, low, end - low)
+    return end
 
 
 def simulated_device_pages() -> None:

@@ -75,7 +75,7 @@ from .cuda_probes import (
     inside,
     multiprocessing_shared,
 )
-from .large_pages import advise_large_pages
+from .large_pages import advise_large_pages, give_back
 from .lost import mark_lost
 from .spill import (
     Ranges,
@@ -277,6 +277,24 @@ class _Tape:
             done += length
             index += 1
 
+    def give_back(self, start: int, end: int) -> int:
+        """Give back the memory of the tape's bytes ``start`` to ``end`` that sit in buffers
+        mapped on their own (never the pool's). Returns where the memory given back ends (at
+        most ``end``; the bytes before it may read as zeros now)."""
+        index = max(0, bisect.bisect_right(self.starts, start) - 1)
+        at = start
+        while at < end and index < len(self.buffers):
+            buffer, base = self.buffers[index], self.starts[index]
+            stop = min(end, base + buffer.used)
+            mapping = getattr(buffer.tensor, "_singularity_mapping", None)
+            if mapping is not None and not buffer.pooled:
+                released = give_back(mapping, buffer.tensor.data_ptr(), at - base, stop - base)
+                if base + released < stop:
+                    return base + released
+            at = stop
+            index += 1
+        return at
+
 
 @dataclass
 class _Scan:
@@ -393,7 +411,11 @@ class TensorEngine:
         CUDA the copy engines overlap the Python scan; what does not fit is copied after it.
         ``progress(done, total)`` is called once the total is known, then after each storage.
         With ``swap`` (:mod:`.swap`) each storage is freed as soon as its copy is done, after
-        the scan and the spill file, and ``swap`` hears of every byte freed.
+        the scan and the spill file, and ``swap`` hears of every byte freed. So is every storage
+        on simulated devices, swap or not: there the device memory is host memory too, and the
+        host copy of each next storage then faults in the pages just freed, not fresh ones (on a
+        virtual machine that hands free memory back to its host, fresh pages cost several times
+        the copy), and the offload never holds the state twice.
         """
         with self._lock:
             if self._offloaded:
@@ -410,11 +432,12 @@ class TensorEngine:
             slots: list[_Slot] = []
             new_chunks: list[torch.Tensor] = []
             idle: set[Any] = set()
+            free_early = swap is not None or self.simulated
             try:
                 with torch.no_grad():
                     found, later = _Scan(), []
                     for storage in self._find(torch, found, stop_if_unsafe=True):
-                        if swap is None and tape.end - _end(slots) >= storage.nbytes():
+                        if not free_early and tape.end - _end(slots) >= storage.nbytes():
                             self._copy_out(torch, tape, slots, storage, idle)
                         else:
                             later.append(storage)
@@ -430,7 +453,7 @@ class TensorEngine:
                     if progress is not None:
                         progress(done, moved)
                     for storage in later:
-                        self._copy_out(torch, tape, slots, storage, idle, copy=swap is None)
+                        self._copy_out(torch, tape, slots, storage, idle, copy=not free_early)
                         done += storage.nbytes()
                         if progress is not None:
                             progress(done, moved)
@@ -447,7 +470,7 @@ class TensorEngine:
                 raise OffloadError(
                     f"offload failed while copying to host, nothing was changed: {exc}"
                 ) from exc
-            self._shrink(torch, slots, tape, new_chunks, swap)
+            self._shrink(torch, slots, tape, new_chunks, free_early, swap)
             self._commit_offload(tape, slots, new_chunks)
             self._release_device(torch)
             return Transfer(
@@ -912,16 +935,18 @@ class TensorEngine:
         slots: list[_Slot],
         tape: _Tape,
         new_chunks: list[torch.Tensor],
+        free_early: bool = False,
         swap: RoomReport | None = None,
     ) -> None:
         """Free every device storage; if one cannot be freed, bring the freed ones back. With
-        ``swap``, copy each to the tape first and report the bytes freed; a failure then waits
-        for ``swap`` to say that the room freed so far is back before refilling it."""
+        ``free_early``, copy each to the tape first, just before it is freed. With ``swap``,
+        report the bytes freed; a failure then waits for ``swap`` to say that the room freed so
+        far is back before refilling it."""
         shrunk: list[_Slot] = []
         freed = 0
         try:
             for slot in slots:
-                if swap is not None:
+                if free_early:
                     _copy_to_tape(torch, tape, slot)
                     self._synchronize(torch, [slot])
                 _resize(slot.storage, 0)
@@ -961,10 +986,18 @@ class TensorEngine:
         total: int,
         room: Callable[[int], None] | None = None,
     ) -> None:
-        """Reallocate and refill ``slots``; on failure free the refilled ones again and raise."""
+        """Reallocate and refill ``slots``; on failure free the refilled ones again and raise.
+
+        On simulated devices the host copy of each storage refilled is given back to the system
+        at once (whole large pages), so that the next storage's new device memory reuses those
+        pages rather than fresh ones (on a virtual machine that hands free memory back to its
+        host, fresh pages cost several times the copy) and the restore never holds the state
+        twice. A failure then copies the refilled storages back to the tape before freeing
+        them: the host copy stays whole."""
         restored: list[_Slot] = []
         done = total - sum(slot.nbytes for slot in slots)
         back = 0
+        given_back = 0  # the tape's bytes before this may be gone from host memory
         try:
             with torch.no_grad():
                 for slot in slots:
@@ -977,11 +1010,16 @@ class TensorEngine:
                     for host, start, length in tape.pieces(slot.offset, slot.nbytes):
                         _copy(device_bytes[start : start + length], host)
                     done += slot.nbytes
+                    if self.simulated:
+                        given_back = tape.give_back(given_back, slot.offset + slot.nbytes)
                     if progress is not None:
                         progress(done, total)
                 self._synchronize(torch, slots)
         except BaseException:
             self._synchronize(torch, restored)
+            for slot in restored:
+                if slot.offset < given_back:
+                    _copy_to_tape(torch, tape, slot)
             for slot in restored:
                 _resize(slot.storage, 0)
             self._release_device(torch)
