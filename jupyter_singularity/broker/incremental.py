@@ -121,6 +121,7 @@ class Incremental:
     def __init__(self, core: BrokerCore) -> None:
         self.core = core
         self._views: dict[int, _DeviceView] = {}
+        self._sizes = {d: info.total_bytes for d, info in core.devices.items()}
         self._changed: set[int] = set()
         """The devices changed since the last pass began."""
         self._user_versions: dict[str, int] = {}
@@ -256,6 +257,33 @@ class Incremental:
             return []
         ordered = self.victims(device, now)
         return ordered[: bisect.bisect_left(self._views[device].freed, nbytes) + 1]
+
+    def ranks(
+        self, kernel: Kernel, request: Request, context: _Context, devices: Iterable[int]
+    ) -> list[tuple]:
+        """The ranks of ``devices`` for the request, those where it never fits left out: as
+        ``Placement._rank`` finds them, but a rank already shared by requests alike (a device away
+        from the kernel's own ones: see ``_DeviceView.ranks``) is read without a call per device,
+        which is what a search over every device of a large pool costs."""
+        rank, views, sizes = self.core._rank, self._views, self._sizes
+        own = {kernel.device, kernel.home}
+        own.update(context.quota_devices)
+        first_cell = request.memory is None and not kernel.peaks
+        state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes if first_cell else -1
+        reservations = context.reservations
+        found = []
+        for d in devices:
+            view = views.get(d)
+            reservation = reservations.get(sizes[d])
+            if view is None or reservation is None or d in own:
+                found_rank = rank(kernel, request, context, d)
+            else:
+                found_rank = view.ranks.get((reservation, state, False), view)
+                if found_rank is view:
+                    found_rank = rank(kernel, request, context, d)
+            if found_rank:
+                found.append(found_rank)
+        return found
 
     def booked(self) -> dict[int, int]:
         return {d: self.view(d).booked for d in self.core.devices}

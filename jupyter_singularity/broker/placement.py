@@ -160,7 +160,7 @@ class Placement:
         # device), so unclaimed devices are taken as a set. A claimed one: an earlier request
         # runs there first, and this one is looked at again after it.
         unclaimed = context.candidate_set - claimed
-        ranks = [r for d in unclaimed if (r := self._rank(kernel, request, context, d))]
+        ranks = self._incremental.ranks(kernel, request, context, unclaimed)
         if not ranks:
             if len(unclaimed) < len(candidates):
                 return _Placement(wait="queued behind earlier requests for the same GPU"), None
