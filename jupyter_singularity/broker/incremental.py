@@ -197,6 +197,10 @@ class Incremental:
         for kernel_id in self._quiet.pop(user, ()):
             self._wake(kernel_id)
 
+    def user_version(self, user: str) -> int:
+        """A number that changes whenever one of the user's kernels changes (or may)."""
+        return self._user_versions.get(user, 0)
+
     def left(self, kernel: Kernel) -> None:
         """``kernel``'s request left the queue: its placement is kept no more."""
         self.touch(kernel)
