@@ -122,6 +122,8 @@ class Incremental:
         self.core = core
         self._views: dict[int, _DeviceView] = {}
         self._sizes = {d: info.total_bytes for d, info in core.devices.items()}
+        self.one_of_each_size = list({size: d for d, size in self._sizes.items()}.values())
+        """``Placement._of_each_size`` of every device."""
         self._changed: set[int] = set()
         """The devices changed since the last pass began."""
         self._user_versions: dict[str, int] = {}

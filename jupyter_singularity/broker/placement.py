@@ -70,6 +70,8 @@ class Placement:
         """One device of each size among ``candidates`` (what a reservation depends on)."""
         if self._uniform:
             return candidates[:1]
+        if len(candidates) == len(self.devices):  # (every device, in order)
+            return self._incremental.one_of_each_size
         return list({self.devices[d].total_bytes: d for d in candidates}.values())
 
     def _placing(self, kernel: Kernel, request: Request, now: float) -> _Context | _Placement:
