@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 from .model import DAY, LEASE_STATES, Kernel, KernelState, Request
 from .quotas import Limits
+from .rank_index import RankIndex
 
 if TYPE_CHECKING:
     from .core import BrokerCore
@@ -124,6 +125,8 @@ class Incremental:
         self._sizes = {d: info.total_bytes for d, info in core.devices.items()}
         self.one_of_each_size = list({size: d for d, size in self._sizes.items()}.values())
         """``Placement._of_each_size`` of every device."""
+        self.alike = RankIndex(core)
+        """Every device in the order of its rank for requests alike."""
         self._changed: set[int] = set()
         """The devices changed since the last pass began."""
         self._user_versions: dict[str, int] = {}
@@ -168,6 +171,7 @@ class Incremental:
     def changed(self, device: int) -> None:
         """Something on ``device`` changed: its view is rebuilt and its requests looked at again."""
         self._views.pop(device, None)
+        self.alike.changed(device)
         self._changed.add(device)
         if self._claimed is not None and device not in self._claimed:
             self._unclaimed_changed.add(device)
@@ -210,6 +214,7 @@ class Incremental:
 
     def _reset(self) -> None:
         self._views.clear()
+        self.alike.clear()
         self._memos.clear()
         self._quiet.clear()
         self._everyone = True
@@ -290,6 +295,13 @@ class Incremental:
             if found_rank:
                 found.append(found_rank)
         return found
+
+    def best_alike(
+        self, kernel: Kernel, request: Request, context: _Context, claimed: set[int]
+    ) -> tuple | None:
+        """The best rank of the request's unclaimed candidates from the order kept for requests
+        alike, if it is one of them (see :mod:`.rank_index`)."""
+        return self.alike.best(kernel, request, context, claimed, self._pass_no)
 
     def booked(self) -> dict[int, int]:
         return {d: self.view(d).booked for d in self.core.devices}

@@ -158,6 +158,9 @@ class Placement:
                     reservation=asked,
                     wait=f"GPU {device} is busy with running cells",
                 ), None
+        best = self._incremental.best_alike(kernel, request, context, claimed)
+        if best is not None:
+            return self._placement_on(kernel, context, best, asked), None
         # The best rank does not depend on the order devices are ranked in (ranks end with the
         # device), so unclaimed devices are taken as a set. A claimed one: an earlier request
         # runs there first, and this one is looked at again after it.
