@@ -46,6 +46,7 @@ from .rank_index import RankIndex
 if TYPE_CHECKING:
     from .core import BrokerCore
     from .placement import _Placement
+    from .rank_index import _Order
 
 _EARLY = 1e-3
 """Seconds before a computed quota crossing at which a user is looked at again (rounding)."""
@@ -86,6 +87,9 @@ class _Context:
     own_fixed: int
     reservations: dict[int, int] = field(default_factory=dict)
     """By device size, the only thing a reservation depends on besides the request."""
+    alike: _Order | None = None
+    """The order of every device kept for requests alike, once its best device was found there
+    (see :mod:`.rank_index`)."""
     quota_devices: frozenset[int] = field(init=False)
     """The devices its quota victims are on."""
 
@@ -143,9 +147,12 @@ class Incremental:
         """The quotas and policy the kept placements were found under."""
         self._memos: dict[str, _Memo] = {}
         self._pass_no = 0
-        self._claims: list[tuple[tuple[float, int], int]] = []
-        self._old_claims: list[tuple[tuple[float, int], int]] = []
+        self._claims: list[tuple[tuple[float, int], int, str]] = []
+        """This pass's claims so far: (order, device, kernel id), in queue order."""
+        self._old_claims: list[tuple[tuple[float, int], int, str]] = []
         self._next_old = 0
+        self._next_carried = 0
+        """During a pass: the first of the last pass's claims not yet carried over or looked at."""
         self._claims_differ: set[int] = set()
         """Devices claimed ahead of the current request in this pass or in the last, not both."""
         self._claimed: set[int] | None = None
@@ -327,7 +334,7 @@ class Incremental:
         for user in (*self._touched, *due):
             self._watch(user, now)
         self._touched.clear()
-        self._next_old = 0
+        self._next_old = self._next_carried = 0
         self._claims_differ = set()
         self._claims = []
         self._unclaimed_changed, self._changed = self._changed, set()
@@ -355,33 +362,109 @@ class Incremental:
 
     def next_request(self, queue: list[Request], index: int) -> int:
         """The index in ``queue`` of the next request from ``index`` on that the pass looks at
-        (the ones before it are quiet: they wait as they did); ``len(queue)`` if none."""
+        (the ones before it are quiet: they wait as they did, claiming again what they claimed;
+        see :meth:`_carry`); ``len(queue)`` if none. Past a claim carried over that leaves no
+        device unclaimed, the index after it."""
         visit, kernels = self._visit, self.core.kernels
         assert visit is not None
-        while visit:
-            order, kernel_id = heapq.heappop(visit)
-            request = kernels[kernel_id].request if kernel_id in kernels else None
-            if request is None or request.order != order:
-                continue
+        old = self._old_claims
+        while True:
+            order = request = None
+            while visit:
+                order, kernel_id = visit[0]
+                kernel = kernels.get(kernel_id)
+                request = None if kernel is None else kernel.request
+                if request is not None and request.order == order:
+                    break
+                heapq.heappop(visit)
+                order = request = None
+            while self._next_carried < len(old) and (
+                order is None or old[self._next_carried][0] < order
+            ):
+                claim_order, device, kernel_id = old[self._next_carried]
+                self._next_carried += 1
+                kernel = kernels.get(kernel_id)
+                carried = None if kernel is None else kernel.request
+                if (
+                    carried is None
+                    or carried.order != claim_order
+                    or claim_order <= self._at  # (looked at in this pass already)
+                    or kernel_id in self._loud
+                ):
+                    continue
+                if self._carry(kernel, carried, device):
+                    if len(self._claimed) == len(self.core.devices):
+                        return bisect.bisect_left(queue, claim_order, lo=index, key=_order) + 1
+                    continue
+                self._loud.add(kernel_id)  # (until it is found quiet again)
+                if users := self._quiet.get(kernel.user):
+                    users.discard(kernel_id)
+                self._at = claim_order
+                return bisect.bisect_left(queue, claim_order, lo=index, key=_order)
+            if request is None:
+                return len(queue)
+            heapq.heappop(visit)
             at = bisect.bisect_left(queue, order, lo=index, key=_order)
             if at < len(queue) and queue[at] is request:
                 self._at = order
                 return at
-        return len(queue)
+
+    def _carry(self, kernel: Kernel, request: Request, device: int) -> bool:
+        """Claim ``device`` for the quiet ``request`` again, as the last pass did, if its
+        placement stands (see :meth:`place`): none of its candidates changed since, or is claimed
+        ahead of it in one pass alone; or (its best device found in the order of requests alike,
+        where a device's rank depends on the device alone) its own device did not change and no
+        changed one ranks better now. Else it is looked at."""
+        memo = self._memos.get(kernel.kernel_id)
+        if (
+            memo is None
+            or memo.request is not request
+            or memo.pass_no != self._pass_no - 1
+            or memo.epoch != self._epoch
+            or memo.kernel_touched
+            or memo.user_version != self._user_versions.get(kernel.user, 0)
+            or memo.context is None
+            or memo.placement.device != device
+        ):
+            return False
+        context, claimed = memo.context, self._claimed
+        assert claimed is not None
+        self.ahead(request.order)
+        changed = self._changed_for(context.candidate_set)
+        if changed and (
+            memo.ranks is not None
+            or context.alike is None
+            or device in changed
+            or not self.alike.stands(kernel, request, context, device, changed, claimed)
+        ):
+            return False
+        memo.pass_no = self._pass_no
+        claimed.add(device)
+        self.claim(request.order, device, kernel.kernel_id)
+        return True
 
     def looked_at(self, kernel: Kernel, request: Request) -> None:
         """The pass told ``request`` where it waits: quiet from now on if it waits for its user's
-        quotas or kernels alone, as its placement found."""
+        quotas or kernels alone, as its placement found, or for a device it claims with no idle
+        kernel to move (the next pass carries its claim over if that stands: see
+        :meth:`_carry`)."""
         memo = self._memos.get(kernel.kernel_id)
         if (
             memo is not None
-            and memo.context is None
             and memo.pass_no == self._pass_no
             and not memo.kernel_touched
             and memo.user_version == self._user_versions.get(kernel.user, 0)
             and kernel.lease is None
             and kernel.state == KernelState.QUEUED
             and request.reason == memo.placement.wait
+            and (
+                memo.context is None
+                or (
+                    memo.placement.device is not None
+                    and not memo.placement.victims
+                    and not memo.context.anywhere
+                )
+            )
         ):
             self._loud.discard(kernel.kernel_id)
             self._quiet.setdefault(kernel.user, set()).add(kernel.kernel_id)
@@ -415,8 +498,8 @@ class Incremental:
                 index += 1
             self._next_old = index
 
-    def claim(self, order: tuple[float, int], device: int) -> None:
-        self._claims.append((order, device))
+    def claim(self, order: tuple[float, int], device: int, kernel_id: str) -> None:
+        self._claims.append((order, device, kernel_id))
         differ = self._claims_differ
         if device in differ:
             differ.remove(device)

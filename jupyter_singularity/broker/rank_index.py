@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 class _Order:
     """The devices by their rank for one kind of request (those where it never fits left out)."""
 
+    state: int
+    """The state such requests bring back (-1: not their first cell; see ``Placement._rank``)."""
     keys: list[tuple] = field(default_factory=list)
     """The ranks' keys, sorted (a key ends with its device, so no two are equal)."""
     ranks: dict[int, tuple] = field(default_factory=dict)
@@ -87,9 +89,10 @@ class RankIndex:
         kind = (tuple(reservations[size] for size in self._sizes), state)
         order = self._orders.get(kind)
         if order is None:
-            order = self._orders[kind] = _Order(dirty=set(core.devices))
+            order = self._orders[kind] = _Order(state, dirty=set(core.devices))
         if order.dirty:
-            self._rank_again(order, kernel, request, context, state)
+            self._rank_again(order, kernel, request, context)
+        context.alike = order
         keys, ranks = order.keys, order.ranks
         if order.pass_no != pass_no:
             order.pass_no, order.head = pass_no, 0
@@ -104,12 +107,40 @@ class RankIndex:
             return home_rank
         return away
 
+    def stands(
+        self,
+        kernel: Kernel,
+        request: Request,
+        context: _Context,
+        device: int,
+        changed: set[int],
+        claimed: set[int],
+    ) -> bool:
+        """Whether ``device``, the request's best when last found in the order of requests
+        alike and unchanged since, is still its best although the ``changed`` devices (of its
+        candidates, unclaimed ahead of it in one pass at least) changed: none of them that is
+        unclaimed now ranks better."""
+        order = context.alike
+        assert order is not None
+        if order.dirty:
+            self._rank_again(order, kernel, request, context)
+        ranks, home = order.ranks, kernel.home
+        best = ranks.get(device)
+        if best is None:
+            return False
+        best_key = _at_home(best[0]) if device == home else best[0]
+        for d in changed:
+            found = None if d in claimed else ranks.get(d)
+            if found is not None and (_at_home(found[0]) if d == home else found[0]) < best_key:
+                return False
+        return True
+
     def _rank_again(
-        self, order: _Order, kernel: Kernel, request: Request, context: _Context, state: int
+        self, order: _Order, kernel: Kernel, request: Request, context: _Context
     ) -> None:
         """Rank the changed devices again for requests of this kind (``kernel``'s request is one:
         its rank on its home differs from theirs by the affinity alone)."""
-        core, keys, ranks = self.core, order.keys, order.ranks
+        core, keys, ranks, state = self.core, order.keys, order.ranks, order.state
         views, reservations, size_of = core._incremental, context.reservations, self._size_of
         for d in order.dirty:
             old = ranks.pop(d, None)
@@ -136,3 +167,9 @@ class RankIndex:
                 if at < order.head:
                     order.head = at
         order.dirty.clear()
+
+
+def _at_home(key: tuple) -> tuple:
+    """A rank's key on the request's home device, from the key requests alike have there."""
+    tier, _, room, device = key
+    return (tier, 0, room, device)

@@ -115,6 +115,9 @@ class Scheduling:
                 # (The quiet requests before it wait as they did, and stay in the queue.)
                 at = incremental.next_request(queue, index)
                 position += at - index
+                if len(claimed) == everywhere:  # (filled by claims carried over: see there)
+                    index = at
+                    continue
                 if at == len(queue):
                     return
                 request = queue[at]
@@ -137,7 +140,7 @@ class Scheduling:
                 if placement.device is not None:
                     request.claimed = placement.device
                     claimed.add(placement.device)
-                    incremental.claim(request.order, placement.device)
+                    incremental.claim(request.order, placement.device, kernel.kernel_id)
                 for victim in placement.victims:
                     if victim.state == KernelState.RESIDENT:
                         self._start_offload(
