@@ -152,6 +152,8 @@ class Incremental:
         self._old_claims: list[tuple[tuple[float, int], int, str]] = []
         self._next_old = 0
         self._next_carried = 0
+        self._claims_made = 0
+        """Claims made by requests looked at (not carried over) and passes begun, so far."""
         """During a pass: the first of the last pass's claims not yet carried over or looked at."""
         self._claims_differ: set[int] = set()
         """Devices claimed ahead of the current request in this pass or in the last, not both."""
@@ -335,6 +337,7 @@ class Incremental:
             self._watch(user, now)
         self._touched.clear()
         self._next_old = self._next_carried = 0
+        self._claims_made += 1  # (a new pass claims anew)
         self._claims_differ = set()
         self._claims = []
         self._unclaimed_changed, self._changed = self._changed, set()
@@ -367,7 +370,6 @@ class Incremental:
         device unclaimed, the index after it."""
         visit, kernels = self._visit, self.core.kernels
         assert visit is not None
-        old = self._old_claims
         while True:
             order = request = None
             while visit:
@@ -378,29 +380,17 @@ class Incremental:
                     break
                 heapq.heappop(visit)
                 order = request = None
-            while self._next_carried < len(old) and (
-                order is None or old[self._next_carried][0] < order
-            ):
-                claim_order, device, kernel_id = old[self._next_carried]
-                self._next_carried += 1
-                kernel = kernels.get(kernel_id)
-                carried = None if kernel is None else kernel.request
-                if (
-                    carried is None
-                    or carried.order != claim_order
-                    or claim_order <= self._at  # (looked at in this pass already)
-                    or kernel_id in self._loud
-                ):
-                    continue
-                if self._carry(kernel, carried, device):
-                    if len(self._claimed) == len(self.core.devices):
-                        return bisect.bisect_left(queue, claim_order, lo=index, key=_order) + 1
-                    continue
+            carried = self._carry(order)
+            if carried is not None:
+                kernel_id, claim_order = carried
+                at = bisect.bisect_left(queue, claim_order, lo=index, key=_order)
+                if kernel_id is None:  # (its claim left no device unclaimed)
+                    return at + 1
                 self._loud.add(kernel_id)  # (until it is found quiet again)
-                if users := self._quiet.get(kernel.user):
+                if users := self._quiet.get(kernels[kernel_id].user):
                     users.discard(kernel_id)
                 self._at = claim_order
-                return bisect.bisect_left(queue, claim_order, lo=index, key=_order)
+                return at
             if request is None:
                 return len(queue)
             heapq.heappop(visit)
@@ -409,39 +399,64 @@ class Incremental:
                 self._at = order
                 return at
 
-    def _carry(self, kernel: Kernel, request: Request, device: int) -> bool:
-        """Claim ``device`` for the quiet ``request`` again, as the last pass did, if its
-        placement stands (see :meth:`place`): none of its candidates changed since, or is claimed
-        ahead of it in one pass alone; or (its best device found in the order of requests alike,
-        where a device's rank depends on the device alone) its own device did not change and no
-        changed one ranks better now. Else it is looked at."""
-        memo = self._memos.get(kernel.kernel_id)
-        if (
-            memo is None
-            or memo.request is not request
-            or memo.pass_no != self._pass_no - 1
-            or memo.epoch != self._epoch
-            or memo.kernel_touched
-            or memo.user_version != self._user_versions.get(kernel.user, 0)
-            or memo.context is None
-            or memo.placement.device != device
-        ):
-            return False
-        context, claimed = memo.context, self._claimed
+    def _carry(self, until: tuple[float, int] | None) -> tuple[str | None, tuple] | None:
+        """Claim again, in queue order up to ``until`` (None: the end), what the last pass's
+        quiet requests claimed, as long as each one's placement stands (see :meth:`place`): none
+        of its candidates changed since, or is claimed ahead of it in one pass alone; or (its
+        best device found in the order of requests alike, where a device's rank depends on the
+        device alone) its own device did not change and no changed one ranks better now. Returns
+        the first request whose placement may not stand (kernel id and order), to be looked at;
+        or (None, order) after a claim that leaves no device unclaimed; or None."""
+        old, kernels, memos, loud = self._old_claims, self.core.kernels, self._memos, self._loud
+        claimed, claims, unclaimed_changed = self._claimed, self._claims, self._unclaimed_changed
         assert claimed is not None
-        self.ahead(request.order)
-        changed = self._changed_for(context.candidate_set)
-        if changed and (
-            memo.ranks is not None
-            or context.alike is None
-            or device in changed
-            or not self.alike.stands(kernel, request, context, device, changed, claimed)
-        ):
-            return False
-        memo.pass_no = self._pass_no
-        claimed.add(device)
-        self.claim(request.order, device, kernel.kernel_id)
-        return True
+        everywhere, pass_no, at = len(self.core.devices), self._pass_no, self._at
+        index = self._next_carried
+        while index < len(old) and (until is None or old[index][0] < until):
+            claim = old[index]
+            order, device, kernel_id = claim
+            index += 1
+            kernel = kernels.get(kernel_id)
+            request = None if kernel is None else kernel.request
+            if request is None or request.order != order or order <= at or kernel_id in loud:
+                continue  # (gone, or looked at in this pass: see :meth:`next_request`)
+            self._next_carried = index
+            memo = memos.get(kernel_id)
+            if (
+                memo is None
+                or memo.request is not request
+                or memo.pass_no != pass_no - 1
+                or memo.epoch != self._epoch
+                or memo.kernel_touched
+                or memo.placement.device != device
+                or (context := memo.context) is None
+            ):
+                return kernel_id, order
+            if self._next_old < index - 1:
+                self.ahead(order)
+            if (
+                (self._claims_differ or unclaimed_changed)
+                and (changed := self._changed_for(context.candidate_set))
+                and (
+                    memo.ranks is not None
+                    or context.alike is None
+                    or device in changed
+                    or not self.alike.stands(
+                        kernel, request, context, device, changed, claimed, self._claims_made
+                    )
+                )
+            ):
+                return kernel_id, order
+            # Its old claim and its new one are alike: neither makes the claims differ.
+            self._next_old = index
+            memo.pass_no = pass_no
+            claimed.add(device)
+            claims.append(claim)
+            unclaimed_changed.discard(device)
+            if len(claimed) == everywhere:
+                return None, order
+        self._next_carried = index
+        return None
 
     def looked_at(self, kernel: Kernel, request: Request) -> None:
         """The pass told ``request`` where it waits: quiet from now on if it waits for its user's
@@ -499,6 +514,7 @@ class Incremental:
             self._next_old = index
 
     def claim(self, order: tuple[float, int], device: int, kernel_id: str) -> None:
+        self._claims_made += 1
         self._claims.append((order, device, kernel_id))
         differ = self._claims_differ
         if device in differ:

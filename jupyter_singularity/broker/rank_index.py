@@ -37,6 +37,10 @@ class _Order:
     pass_no: int = -1
     head: int = 0
     """In pass ``pass_no``: every key before it is of a device claimed in that pass."""
+    floor_of: tuple | None = None
+    floor: tuple | None = None
+    """The least key of the changed devices unclaimed, for ``floor_of``: (those devices, the
+    claims they were found under; see :meth:`RankIndex.stands`)."""
 
 
 class RankIndex:
@@ -52,6 +56,7 @@ class RankIndex:
     def changed(self, device: int) -> None:
         for order in self._orders.values():
             order.dirty.add(device)
+            order.floor_of = None
 
     def clear(self) -> None:
         self._orders.clear()
@@ -115,11 +120,13 @@ class RankIndex:
         device: int,
         changed: set[int],
         claimed: set[int],
+        claims: int,
     ) -> bool:
         """Whether ``device``, the request's best when last found in the order of requests
         alike and unchanged since, is still its best although the ``changed`` devices (of its
         candidates, unclaimed ahead of it in one pass at least) changed: none of them that is
-        unclaimed now ranks better."""
+        unclaimed now ranks better. ``claims`` changes whenever a claim may have changed which
+        changed devices are claimed (a claim carried over is of an unchanged device)."""
         order = context.alike
         assert order is not None
         if order.dirty:
@@ -129,11 +136,15 @@ class RankIndex:
         if best is None:
             return False
         best_key = _at_home(best[0]) if device == home else best[0]
-        for d in changed:
-            found = None if d in claimed else ranks.get(d)
-            if found is not None and (_at_home(found[0]) if d == home else found[0]) < best_key:
+        if home in changed:
+            found = None if home in claimed else ranks.get(home)
+            if found is not None and _at_home(found[0]) < best_key:
                 return False
-        return True
+        of = (frozenset(changed), claims)
+        if order.floor_of != of:
+            found = [r[0] for d in changed if d not in claimed and (r := ranks.get(d)) is not None]
+            order.floor_of, order.floor = of, min(found, default=None)
+        return order.floor is None or best_key < order.floor
 
     def _rank_again(
         self, order: _Order, kernel: Kernel, request: Request, context: _Context
