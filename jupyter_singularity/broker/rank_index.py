@@ -1,19 +1,20 @@
 """Every device in the order of its rank for requests alike, kept between passes.
 
-A request of a kernel with nothing on any device, which may run on any device and makes no room
-under its user's quotas, ranks every device but its home as every request alike does (the same
+A request of a kernel with nothing on any device, which may run on any device (or on any of a
+chip's), ranks each of them but its home and the devices of its user's kernels it makes room
+under quota from (its own devices) as every request alike does (the same candidates, the same
 reservation for each device size, and the same state to bring back: see ``_DeviceView.ranks``).
-Searching the whole pool for each such request costs O(devices); here the pool is kept sorted by
-that shared rank, per kind of request, and only devices that changed since are ranked again. The
-request's best device is then its home or the first device of the order that is not claimed
-ahead of it. Claims only grow during a pass, so the devices claimed at the head of the order are
-stepped over once per pass, not once per request.
+Searching them all for each such request costs O(devices); here they are kept sorted by that
+shared rank, per kind of request, and only devices that changed since are ranked again. The
+request's best device is then one of its own or the first device of the order that is not one
+of them and not claimed ahead of it. Claims only grow during a pass, so the devices claimed at
+the head of the order are stepped over once per pass, not once per request.
 """
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from .model import Kernel, Request
@@ -23,10 +24,16 @@ if TYPE_CHECKING:
     from .incremental import _Context
 
 
+_MANY = 8
+"""Candidates from which a request that may not use every device is placed from an order."""
+
+
 @dataclass
 class _Order:
     """The devices by their rank for one kind of request (those where it never fits left out)."""
 
+    devices: frozenset[int]
+    """Their candidates."""
     state: int
     """The state such requests bring back (-1: not their first cell; see ``Placement._rank``)."""
     keys: list[tuple] = field(default_factory=list)
@@ -49,14 +56,15 @@ class RankIndex:
     def __init__(self, core: BrokerCore) -> None:
         self.core = core
         self._orders: dict[tuple, _Order] = {}
-        self._sizes = sorted({info.total_bytes for info in core.devices.values()})
-        self._one_of_size = {info.total_bytes: d for d, info in core.devices.items()}
         self._size_of = {d: info.total_bytes for d, info in core.devices.items()}
+        self._one_of_size: dict[frozenset[int], list[int]] = {}
+        """By candidates: one device of each size, by size."""
 
     def changed(self, device: int) -> None:
         for order in self._orders.values():
-            order.dirty.add(device)
-            order.floor_of = None
+            if device in order.devices:
+                order.dirty.add(device)
+                order.floor_of = None
 
     def clear(self) -> None:
         self._orders.clear()
@@ -70,34 +78,27 @@ class RankIndex:
         pass_no: int,
     ) -> tuple | None:
         """The request's best unclaimed device's rank (see ``Placement._rank``), as a search over
-        every device finds it; None when the request is not of the kind kept here, or when no
+        its candidates finds it; None when the request is not of a kind kept here, or when no
         device but claimed ones fits (the search says why)."""
         core = self.core
+        candidates = context.candidate_set
         if (
             context.anywhere
-            or context.quota_victims
             or kernel.device is not None
-            or len(context.candidates) != len(core.devices)
+            or (len(candidates) < _MANY and len(candidates) != len(core.devices))
         ):
             return None
         rank = core._rank
-        home = kernel.home
-        home_rank = (
-            None if home is None or home in claimed else rank(kernel, request, context, home)
+        own = {kernel.home, *context.quota_devices}
+        own_rank = min(
+            (
+                r
+                for d in own
+                if d in candidates and d not in claimed and (r := rank(kernel, request, context, d))
+            ),
+            default=None,
         )
-        reservations = context.reservations
-        for size in self._sizes:
-            if size not in reservations:
-                rank(kernel, request, context, self._one_of_size[size])
-        first_cell = request.memory is None and not kernel.peaks
-        state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes if first_cell else -1
-        kind = (tuple(reservations[size] for size in self._sizes), state)
-        order = self._orders.get(kind)
-        if order is None:
-            order = self._orders[kind] = _Order(state, dirty=set(core.devices))
-        if order.dirty:
-            self._rank_again(order, kernel, request, context)
-        context.alike = order
+        order = self._order(kernel, request, context)
         keys, ranks = order.keys, order.ranks
         if order.pass_no != pass_no:
             order.pass_no, order.head = pass_no, 0
@@ -105,12 +106,33 @@ class RankIndex:
         while at < len(keys) and keys[at][-1] in claimed:
             at += 1
         order.head = at
-        while at < len(keys) and (keys[at][-1] == home or keys[at][-1] in claimed):
+        while at < len(keys) and (keys[at][-1] in own or keys[at][-1] in claimed):
             at += 1
         away = ranks[keys[at][-1]] if at < len(keys) else None
-        if away is None or (home_rank is not None and home_rank < away):
-            return home_rank
+        if away is None or (own_rank is not None and own_rank < away):
+            return own_rank
         return away
+
+    def _order(self, kernel: Kernel, request: Request, context: _Context) -> _Order:
+        """The order of the request's kind, its changed devices ranked again."""
+        candidates, reservations = context.candidate_set, context.reservations
+        sizes = self._one_of_size.get(candidates)
+        if sizes is None:
+            by_size = {self._size_of[d]: d for d in sorted(candidates)}
+            sizes = self._one_of_size[candidates] = [by_size[size] for size in sorted(by_size)]
+        for d in sizes:
+            if self._size_of[d] not in reservations:
+                self.core._rank(kernel, request, context, d)
+        first_cell = request.memory is None and not kernel.peaks
+        state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes if first_cell else -1
+        kind = (candidates, tuple(reservations[self._size_of[d]] for d in sizes), state)
+        order = self._orders.get(kind)
+        if order is None:
+            order = self._orders[kind] = _Order(candidates, state, dirty=set(candidates))
+        if order.dirty:
+            self._rank_again(order, kernel, request, context)
+        context.alike = order
+        return order
 
     def stands(
         self,
@@ -129,6 +151,9 @@ class RankIndex:
         changed devices are claimed (a claim carried over is of an unchanged device)."""
         order = context.alike
         assert order is not None
+        quota_devices = context.quota_devices
+        if quota_devices and (device in quota_devices or not quota_devices.isdisjoint(changed)):
+            return False  # (its ranks there are its own: looked at)
         if order.dirty:
             self._rank_again(order, kernel, request, context)
         ranks, home = order.ranks, kernel.home
@@ -150,9 +175,12 @@ class RankIndex:
         self, order: _Order, kernel: Kernel, request: Request, context: _Context
     ) -> None:
         """Rank the changed devices again for requests of this kind (``kernel``'s request is one:
-        its rank on its home differs from theirs by the affinity alone)."""
+        its rank on its home differs from theirs by the affinity alone; on the devices it makes
+        room under quota from, by what it makes room with)."""
         core, keys, ranks, state = self.core, order.keys, order.ranks, order.state
         views, reservations, size_of = core._incremental, context.reservations, self._size_of
+        if context.quota_victims:
+            context = replace(context, quota_victims=[])
         for d in order.dirty:
             old = ranks.pop(d, None)
             if old is not None:
