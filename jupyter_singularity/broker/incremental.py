@@ -152,8 +152,12 @@ class Incremental:
         self._old_claims: list[tuple[tuple[float, int], int, str]] = []
         self._next_old = 0
         self._next_carried = 0
-        self._claims_made = 0
-        """Claims made by requests looked at (not carried over) and passes begun, so far."""
+        self._differ_version = 0
+        """Changes whenever the devices a request's placement is found again over (see
+        :meth:`_changed_for`) may change: a pass begins, a claim is made or passed, a device
+        changes during the pass. (A claim carried over is of none of them.)"""
+        self._all_changed: tuple[int, set[int]] = (-1, set())
+        """Those devices among every device, and the version they were found at."""
         """During a pass: the first of the last pass's claims not yet carried over or looked at."""
         self._claims_differ: set[int] = set()
         """Devices claimed ahead of the current request in this pass or in the last, not both."""
@@ -184,6 +188,7 @@ class Incremental:
         self._changed.add(device)
         if self._claimed is not None and device not in self._claimed:
             self._unclaimed_changed.add(device)
+            self._differ_version += 1
 
     def touch(self, kernel: Kernel) -> None:
         """``kernel`` changes (or may): its device, and every request of its user, are looked at
@@ -337,7 +342,7 @@ class Incremental:
             self._watch(user, now)
         self._touched.clear()
         self._next_old = self._next_carried = 0
-        self._claims_made += 1  # (a new pass claims anew)
+        self._differ_version += 1
         self._claims_differ = set()
         self._claims = []
         self._unclaimed_changed, self._changed = self._changed, set()
@@ -442,7 +447,7 @@ class Incremental:
                     or context.alike is None
                     or device in changed
                     or not self.alike.stands(
-                        kernel, request, context, device, changed, claimed, self._claims_made
+                        kernel, request, context, device, changed, claimed, self._differ_version
                     )
                 )
             ):
@@ -503,6 +508,7 @@ class Incremental:
         before it count as claimed ahead."""
         old, index = self._old_claims, self._next_old
         if index < len(old) and old[index][0] < order:
+            self._differ_version += 1
             differ = self._claims_differ
             while index < len(old) and old[index][0] < order:
                 device = old[index][1]
@@ -514,7 +520,7 @@ class Incremental:
             self._next_old = index
 
     def claim(self, order: tuple[float, int], device: int, kernel_id: str) -> None:
-        self._claims_made += 1
+        self._differ_version += 1
         self._claims.append((order, device, kernel_id))
         differ = self._claims_differ
         if device in differ:
@@ -643,6 +649,12 @@ class Incremental:
         claimed ahead of it (one claimed ahead of it in both passes is not ranked in either), or
         that are claimed ahead of it in this pass and not in the last, or the other way round."""
         changed, differ = self._unclaimed_changed, self._claims_differ
+        if len(candidates) == len(self.core.devices):  # (every device: once per version)
+            version, found = self._all_changed
+            if version != self._differ_version:
+                found = changed | differ
+                self._all_changed = (self._differ_version, found)
+            return found
         found = changed & candidates if changed and not changed.isdisjoint(candidates) else set()
         if differ and not differ.isdisjoint(candidates):
             found |= differ & candidates

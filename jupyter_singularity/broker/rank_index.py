@@ -44,10 +44,10 @@ class _Order:
     pass_no: int = -1
     head: int = 0
     """In pass ``pass_no``: every key before it is of a device claimed in that pass."""
-    floor_of: tuple | None = None
+    floor_of: int | None = None
     floor: tuple | None = None
-    """The least key of the changed devices unclaimed, for ``floor_of``: (those devices, the
-    claims they were found under; see :meth:`RankIndex.stands`)."""
+    """The least key of the changed devices unclaimed, as found at version ``floor_of`` of the
+    devices changed or claimed differently (see :meth:`RankIndex.stands`)."""
 
 
 class RankIndex:
@@ -142,13 +142,13 @@ class RankIndex:
         device: int,
         changed: set[int],
         claimed: set[int],
-        claims: int,
+        version: int,
     ) -> bool:
         """Whether ``device``, the request's best when last found in the order of requests
         alike and unchanged since, is still its best although the ``changed`` devices (of its
         candidates, unclaimed ahead of it in one pass at least) changed: none of them that is
-        unclaimed now ranks better. ``claims`` changes whenever a claim may have changed which
-        changed devices are claimed (a claim carried over is of an unchanged device)."""
+        unclaimed now ranks better. ``version`` changes whenever ``changed`` may (for a request
+        of this kind) and whenever which of them are claimed may."""
         order = context.alike
         assert order is not None
         quota_devices = context.quota_devices
@@ -165,10 +165,9 @@ class RankIndex:
             found = None if home in claimed else ranks.get(home)
             if found is not None and _at_home(found[0]) < best_key:
                 return False
-        of = (frozenset(changed), claims)
-        if order.floor_of != of:
+        if order.floor_of != version:
             found = [r[0] for d in changed if d not in claimed and (r := ranks.get(d)) is not None]
-            order.floor_of, order.floor = of, min(found, default=None)
+            order.floor_of, order.floor = version, min(found, default=None)
         return order.floor is None or best_key < order.floor
 
     def _rank_again(
