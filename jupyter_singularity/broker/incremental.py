@@ -183,8 +183,9 @@ class Incremental:
 
     def changed(self, device: int) -> None:
         """Something on ``device`` changed: its view is rebuilt and its requests looked at again."""
-        self._views.pop(device, None)
-        self.alike.changed(device)
+        if self._views.pop(device, None) is not None:
+            # (without a view, every order already has it to rank again: see RankIndex.changed)
+            self.alike.changed(device)
         self._changed.add(device)
         if self._claimed is not None and device not in self._claimed:
             self._unclaimed_changed.add(device)
@@ -466,8 +467,8 @@ class Incremental:
     def looked_at(self, kernel: Kernel, request: Request) -> None:
         """The pass told ``request`` where it waits: quiet from now on if it waits for its user's
         quotas or kernels alone, as its placement found, or for a device it claims with no idle
-        kernel to move (the next pass carries its claim over if that stands: see
-        :meth:`_carry`)."""
+        kernel to move, found from an order of requests alike (the next pass carries its claim
+        over if that stands: see :meth:`_carry`; a request of few candidates is looked at)."""
         memo = self._memos.get(kernel.kernel_id)
         if (
             memo is not None
@@ -482,7 +483,7 @@ class Incremental:
                 or (
                     memo.placement.device is not None
                     and not memo.placement.victims
-                    and not memo.context.anywhere
+                    and memo.context.alike is not None  # (else few devices: looked at)
                 )
             )
         ):

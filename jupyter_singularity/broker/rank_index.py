@@ -24,8 +24,13 @@ if TYPE_CHECKING:
     from .incremental import _Context
 
 
-_MANY = 8
-"""Candidates from which a request that may not use every device is placed from an order."""
+_MANY = 16
+"""Candidates from which a request is placed from an order (a search over fewer costs less than
+keeping an order in step)."""
+
+
+_KEPT = 16
+"""Orders kept (each is kept in step with every device change), the ones read last."""
 
 
 @dataclass
@@ -44,6 +49,8 @@ class _Order:
     pass_no: int = -1
     head: int = 0
     """In pass ``pass_no``: every key before it is of a device claimed in that pass."""
+    kept: bool = True
+    """Whether it is kept in step with the devices (else it was dropped: see ``_KEPT``)."""
     floor_of: int | None = None
     floor: tuple | None = None
     """The least key of the changed devices unclaimed, as found at version ``floor_of`` of the
@@ -61,6 +68,9 @@ class RankIndex:
         """By candidates: one device of each size, by size."""
 
     def changed(self, device: int) -> None:
+        """The device's view was dropped: it is ranked again when an order is next read (an
+        order ranks a device from its view, so a device without a view is to be ranked again in
+        every order already)."""
         for order in self._orders.values():
             if device in order.devices:
                 order.dirty.add(device)
@@ -82,11 +92,7 @@ class RankIndex:
         device but claimed ones fits (the search says why)."""
         core = self.core
         candidates = context.candidate_set
-        if (
-            context.anywhere
-            or kernel.device is not None
-            or (len(candidates) < _MANY and len(candidates) != len(core.devices))
-        ):
+        if context.anywhere or kernel.device is not None or len(candidates) < _MANY:
             return None
         rank = core._rank
         own = {kernel.home, *context.quota_devices}
@@ -128,6 +134,9 @@ class RankIndex:
         kind = (candidates, tuple(reservations[self._size_of[d]] for d in sizes), state)
         order = self._orders.get(kind)
         if order is None:
+            if len(self._orders) >= _KEPT:  # (the one read longest ago goes)
+                oldest = min(self._orders, key=lambda kind: self._orders[kind].pass_no)
+                self._orders.pop(oldest).kept = False
             order = self._orders[kind] = _Order(candidates, state, dirty=set(candidates))
         if order.dirty:
             self._rank_again(order, kernel, request, context)
@@ -151,6 +160,8 @@ class RankIndex:
         of this kind) and whenever which of them are claimed may."""
         order = context.alike
         assert order is not None
+        if not order.kept:
+            return False
         quota_devices = context.quota_devices
         if quota_devices and (device in quota_devices or not quota_devices.isdisjoint(changed)):
             return False  # (its ranks there are its own: looked at)
