@@ -152,13 +152,16 @@ class Incremental:
         self._old_claims: list[tuple[tuple[float, int], int, str]] = []
         self._next_old = 0
         self._next_carried = 0
+        """During a pass: the first of the last pass's claims not yet carried over or looked at."""
+        self._quiet_claims = self._to_carry = 0
+        """Claims of quiet requests made in this pass, and in the last (none: nothing to carry
+        over, and no walk of the claims)."""
         self._differ_version = 0
         """Changes whenever the devices a request's placement is found again over (see
         :meth:`_changed_for`) may change: a pass begins, a claim is made or passed, a device
         changes during the pass. (A claim carried over is of none of them.)"""
         self._all_changed: tuple[int, set[int]] = (-1, set())
         """Those devices among every device, and the version they were found at."""
-        """During a pass: the first of the last pass's claims not yet carried over or looked at."""
         self._claims_differ: set[int] = set()
         """Devices claimed ahead of the current request in this pass or in the last, not both."""
         self._claimed: set[int] | None = None
@@ -343,6 +346,7 @@ class Incremental:
             self._watch(user, now)
         self._touched.clear()
         self._next_old = self._next_carried = 0
+        self._to_carry, self._quiet_claims = self._quiet_claims, 0
         self._differ_version += 1
         self._claims_differ = set()
         self._claims = []
@@ -386,7 +390,7 @@ class Incremental:
                     break
                 heapq.heappop(visit)
                 order = request = None
-            carried = self._carry(order)
+            carried = self._carry(order) if self._to_carry else None
             if carried is not None:
                 kernel_id, claim_order = carried
                 at = bisect.bisect_left(queue, claim_order, lo=index, key=_order)
@@ -455,6 +459,7 @@ class Incremental:
                 return kernel_id, order
             # Its old claim and its new one are alike: neither makes the claims differ.
             self._next_old = index
+            self._quiet_claims += 1
             memo.pass_no = pass_no
             claimed.add(device)
             claims.append(claim)
@@ -489,6 +494,7 @@ class Incremental:
         ):
             self._loud.discard(kernel.kernel_id)
             self._quiet.setdefault(kernel.user, set()).add(kernel.kernel_id)
+            self._quiet_claims += memo.placement.device is not None
 
     def behind(self, rest: list[Request]) -> None:
         """Every device is claimed ahead of ``rest``: each of them is looked at (it waits behind
