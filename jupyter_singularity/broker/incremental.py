@@ -24,6 +24,13 @@ decisions do not tell that: see ``Scheduling.positions``). Away from its own dev
 rank on a device is shared by requests alike (see ``_DeviceView.ranks``), and the kernels to
 evict are listed only for the device chosen.
 
+A request of many candidates is placed from the order of every device kept for requests alike
+(:mod:`.rank_index`). Once it waits for a device it claims, moving no kernel, it is quiet too:
+the next pass walks the last pass's claims in queue order and claims that device again for it,
+without placing it, while its placement stands (its device did not change, and no changed
+device, nor one claimed ahead of it in one pass alone, ranks better for it now); else it is
+placed again. So a decision looks at the requests a change can move, not the whole queue.
+
 Time alone changes one input: a user's GPU time today grows while their cells run, and crossing a
 daily quota changes both the denial of their requests and the order in which their idle kernels
 are evicted. A heap holds when each user with running leases next crosses one; a pass then
