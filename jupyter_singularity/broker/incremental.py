@@ -24,6 +24,13 @@ decisions do not tell that: see ``Scheduling.positions``). Away from its own dev
 rank on a device is shared by requests alike (see ``_DeviceView.ranks``), and the kernels to
 evict are listed only for the device chosen.
 
+A request of many candidates is placed from the order of every device kept for requests alike
+(:mod:`.rank_index`). Once it waits for a device it claims, moving no kernel, it is quiet too:
+the next pass walks the last pass's claims in queue order and claims that device again for it,
+without placing it, while its placement stands (its device did not change, and no changed
+device, nor one claimed ahead of it in one pass alone, ranks better for it now); else it is
+placed again. So a decision looks at the requests a change can move, not the whole queue.
+
 Time alone changes one input: a user's GPU time today grows while their cells run, and crossing a
 daily quota changes both the denial of their requests and the order in which their idle kernels
 are evicted. A heap holds when each user with running leases next crosses one; a pass then
@@ -41,10 +48,12 @@ from typing import TYPE_CHECKING
 
 from .model import DAY, LEASE_STATES, Kernel, KernelState, Request
 from .quotas import Limits
+from .rank_index import RankIndex
 
 if TYPE_CHECKING:
     from .core import BrokerCore
     from .placement import _Placement
+    from .rank_index import _Order
 
 _EARLY = 1e-3
 """Seconds before a computed quota crossing at which a user is looked at again (rounding)."""
@@ -85,6 +94,9 @@ class _Context:
     own_fixed: int
     reservations: dict[int, int] = field(default_factory=dict)
     """By device size, the only thing a reservation depends on besides the request."""
+    alike: _Order | None = None
+    """The order of every device kept for requests alike, once its best device was found there
+    (see :mod:`.rank_index`)."""
     quota_devices: frozenset[int] = field(init=False)
     """The devices its quota victims are on."""
 
@@ -121,6 +133,11 @@ class Incremental:
     def __init__(self, core: BrokerCore) -> None:
         self.core = core
         self._views: dict[int, _DeviceView] = {}
+        self._sizes = {d: info.total_bytes for d, info in core.devices.items()}
+        self.one_of_each_size = list({size: d for d, size in self._sizes.items()}.values())
+        """``Placement._of_each_size`` of every device."""
+        self.alike = RankIndex(core)
+        """Every device in the order of its rank for requests alike."""
         self._changed: set[int] = set()
         """The devices changed since the last pass began."""
         self._user_versions: dict[str, int] = {}
@@ -137,9 +154,21 @@ class Incremental:
         """The quotas and policy the kept placements were found under."""
         self._memos: dict[str, _Memo] = {}
         self._pass_no = 0
-        self._claims: list[tuple[tuple[float, int], int]] = []
-        self._old_claims: list[tuple[tuple[float, int], int]] = []
+        self._claims: list[tuple[tuple[float, int], int, str]] = []
+        """This pass's claims so far: (order, device, kernel id), in queue order."""
+        self._old_claims: list[tuple[tuple[float, int], int, str]] = []
         self._next_old = 0
+        self._next_carried = 0
+        """During a pass: the first of the last pass's claims not yet carried over or looked at."""
+        self._quiet_claims = self._to_carry = 0
+        """Claims of quiet requests made in this pass, and in the last (none: nothing to carry
+        over, and no walk of the claims)."""
+        self._differ_version = 0
+        """Changes whenever the devices a request's placement is found again over (see
+        :meth:`_changed_for`) may change: a pass begins, a claim is made or passed, a device
+        changes during the pass. (A claim carried over is of none of them.)"""
+        self._all_changed: tuple[int, set[int]] = (-1, set())
+        """Those devices among every device, and the version they were found at."""
         self._claims_differ: set[int] = set()
         """Devices claimed ahead of the current request in this pass or in the last, not both."""
         self._claimed: set[int] | None = None
@@ -164,10 +193,13 @@ class Incremental:
 
     def changed(self, device: int) -> None:
         """Something on ``device`` changed: its view is rebuilt and its requests looked at again."""
-        self._views.pop(device, None)
+        if self._views.pop(device, None) is not None:
+            # (without a view, every order already has it to rank again: see RankIndex.changed)
+            self.alike.changed(device)
         self._changed.add(device)
         if self._claimed is not None and device not in self._claimed:
             self._unclaimed_changed.add(device)
+            self._differ_version += 1
 
     def touch(self, kernel: Kernel) -> None:
         """``kernel`` changes (or may): its device, and every request of its user, are looked at
@@ -196,6 +228,10 @@ class Incremental:
         for kernel_id in self._quiet.pop(user, ()):
             self._wake(kernel_id)
 
+    def user_version(self, user: str) -> int:
+        """A number that changes whenever one of the user's kernels changes (or may)."""
+        return self._user_versions.get(user, 0)
+
     def left(self, kernel: Kernel) -> None:
         """``kernel``'s request left the queue: its placement is kept no more."""
         self.touch(kernel)
@@ -203,6 +239,7 @@ class Incremental:
 
     def _reset(self) -> None:
         self._views.clear()
+        self.alike.clear()
         self._memos.clear()
         self._quiet.clear()
         self._everyone = True
@@ -257,6 +294,40 @@ class Incremental:
         ordered = self.victims(device, now)
         return ordered[: bisect.bisect_left(self._views[device].freed, nbytes) + 1]
 
+    def ranks(
+        self, kernel: Kernel, request: Request, context: _Context, devices: Iterable[int]
+    ) -> list[tuple]:
+        """The ranks of ``devices`` for the request, those where it never fits left out: as
+        ``Placement._rank`` finds them, but a rank already shared by requests alike (a device away
+        from the kernel's own ones: see ``_DeviceView.ranks``) is read without a call per device,
+        which is what a search over every device of a large pool costs."""
+        rank, views, sizes = self.core._rank, self._views, self._sizes
+        own = {kernel.device, kernel.home}
+        own.update(context.quota_devices)
+        first_cell = request.memory is None and not kernel.peaks
+        state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes if first_cell else -1
+        reservations = context.reservations
+        found = []
+        for d in devices:
+            view = views.get(d)
+            reservation = reservations.get(sizes[d])
+            if view is None or reservation is None or d in own:
+                found_rank = rank(kernel, request, context, d)
+            else:
+                found_rank = view.ranks.get((reservation, state, False), view)
+                if found_rank is view:
+                    found_rank = rank(kernel, request, context, d)
+            if found_rank:
+                found.append(found_rank)
+        return found
+
+    def best_alike(
+        self, kernel: Kernel, request: Request, context: _Context, claimed: set[int]
+    ) -> tuple | None:
+        """The best rank of the request's unclaimed candidates from the order kept for requests
+        alike, if it is one of them (see :mod:`.rank_index`)."""
+        return self.alike.best(kernel, request, context, claimed, self._pass_no)
+
     def booked(self) -> dict[int, int]:
         return {d: self.view(d).booked for d in self.core.devices}
 
@@ -281,7 +352,9 @@ class Incremental:
         for user in (*self._touched, *due):
             self._watch(user, now)
         self._touched.clear()
-        self._next_old = 0
+        self._next_old = self._next_carried = 0
+        self._to_carry, self._quiet_claims = self._quiet_claims, 0
+        self._differ_version += 1
         self._claims_differ = set()
         self._claims = []
         self._unclaimed_changed, self._changed = self._changed, set()
@@ -309,36 +382,126 @@ class Incremental:
 
     def next_request(self, queue: list[Request], index: int) -> int:
         """The index in ``queue`` of the next request from ``index`` on that the pass looks at
-        (the ones before it are quiet: they wait as they did); ``len(queue)`` if none."""
+        (the ones before it are quiet: they wait as they did, claiming again what they claimed;
+        see :meth:`_carry`); ``len(queue)`` if none. Past a claim carried over that leaves no
+        device unclaimed, the index after it."""
         visit, kernels = self._visit, self.core.kernels
         assert visit is not None
-        while visit:
-            order, kernel_id = heapq.heappop(visit)
-            request = kernels[kernel_id].request if kernel_id in kernels else None
-            if request is None or request.order != order:
-                continue
+        while True:
+            order = request = None
+            while visit:
+                order, kernel_id = visit[0]
+                kernel = kernels.get(kernel_id)
+                request = None if kernel is None else kernel.request
+                if request is not None and request.order == order:
+                    break
+                heapq.heappop(visit)
+                order = request = None
+            carried = self._carry(order) if self._to_carry else None
+            if carried is not None:
+                kernel_id, claim_order = carried
+                at = bisect.bisect_left(queue, claim_order, lo=index, key=_order)
+                if kernel_id is None:  # (its claim left no device unclaimed)
+                    return at + 1
+                self._loud.add(kernel_id)  # (until it is found quiet again)
+                if users := self._quiet.get(kernels[kernel_id].user):
+                    users.discard(kernel_id)
+                self._at = claim_order
+                return at
+            if request is None:
+                return len(queue)
+            heapq.heappop(visit)
             at = bisect.bisect_left(queue, order, lo=index, key=_order)
             if at < len(queue) and queue[at] is request:
                 self._at = order
                 return at
-        return len(queue)
+
+    def _carry(self, until: tuple[float, int] | None) -> tuple[str | None, tuple] | None:
+        """Claim again, in queue order up to ``until`` (None: the end), what the last pass's
+        quiet requests claimed, as long as each one's placement stands (see :meth:`place`): none
+        of its candidates changed since, or is claimed ahead of it in one pass alone; or (its
+        best device found in the order of requests alike, where a device's rank depends on the
+        device alone) its own device did not change and no changed one ranks better now. Returns
+        the first request whose placement may not stand (kernel id and order), to be looked at;
+        or (None, order) after a claim that leaves no device unclaimed; or None."""
+        old, kernels, memos, loud = self._old_claims, self.core.kernels, self._memos, self._loud
+        claimed, claims, unclaimed_changed = self._claimed, self._claims, self._unclaimed_changed
+        assert claimed is not None
+        everywhere, pass_no, at = len(self.core.devices), self._pass_no, self._at
+        index = self._next_carried
+        while index < len(old) and (until is None or old[index][0] < until):
+            claim = old[index]
+            order, device, kernel_id = claim
+            index += 1
+            kernel = kernels.get(kernel_id)
+            request = None if kernel is None else kernel.request
+            if request is None or request.order != order or order <= at or kernel_id in loud:
+                continue  # (gone, or looked at in this pass: see :meth:`next_request`)
+            self._next_carried = index
+            memo = memos.get(kernel_id)
+            if (
+                memo is None
+                or memo.request is not request
+                or memo.pass_no != pass_no - 1
+                or memo.epoch != self._epoch
+                or memo.kernel_touched
+                or memo.placement.device != device
+                or (context := memo.context) is None
+            ):
+                return kernel_id, order
+            if self._next_old < index - 1:
+                self.ahead(order)
+            if (
+                (self._claims_differ or unclaimed_changed)
+                and (changed := self._changed_for(context.candidate_set))
+                and (
+                    memo.ranks is not None
+                    or context.alike is None
+                    or device in changed
+                    or not self.alike.stands(
+                        kernel, request, context, device, changed, claimed, self._differ_version
+                    )
+                )
+            ):
+                return kernel_id, order
+            # Its old claim and its new one are alike: neither makes the claims differ.
+            self._next_old = index
+            self._quiet_claims += 1
+            memo.pass_no = pass_no
+            claimed.add(device)
+            claims.append(claim)
+            unclaimed_changed.discard(device)
+            if len(claimed) == everywhere:
+                return None, order
+        self._next_carried = index
+        return None
 
     def looked_at(self, kernel: Kernel, request: Request) -> None:
         """The pass told ``request`` where it waits: quiet from now on if it waits for its user's
-        quotas or kernels alone, as its placement found."""
+        quotas or kernels alone, as its placement found, or for a device it claims with no idle
+        kernel to move, found from an order of requests alike (the next pass carries its claim
+        over if that stands: see :meth:`_carry`; a request of few candidates is looked at)."""
         memo = self._memos.get(kernel.kernel_id)
         if (
             memo is not None
-            and memo.context is None
             and memo.pass_no == self._pass_no
             and not memo.kernel_touched
             and memo.user_version == self._user_versions.get(kernel.user, 0)
             and kernel.lease is None
             and kernel.state == KernelState.QUEUED
             and request.reason == memo.placement.wait
+            and (
+                memo.context is None
+                or (
+                    memo.placement.device is not None
+                    and not memo.placement.victims
+                    and memo.context.alike is not None  # (else few devices: looked at)
+                )
+            )
         ):
             self._loud.discard(kernel.kernel_id)
             self._quiet.setdefault(kernel.user, set()).add(kernel.kernel_id)
+            self._quiet_claims += memo.placement.device is not None
 
     def behind(self, rest: list[Request]) -> None:
         """Every device is claimed ahead of ``rest``: each of them is looked at (it waits behind
@@ -359,6 +522,7 @@ class Incremental:
         before it count as claimed ahead."""
         old, index = self._old_claims, self._next_old
         if index < len(old) and old[index][0] < order:
+            self._differ_version += 1
             differ = self._claims_differ
             while index < len(old) and old[index][0] < order:
                 device = old[index][1]
@@ -369,8 +533,9 @@ class Incremental:
                 index += 1
             self._next_old = index
 
-    def claim(self, order: tuple[float, int], device: int) -> None:
-        self._claims.append((order, device))
+    def claim(self, order: tuple[float, int], device: int, kernel_id: str) -> None:
+        self._differ_version += 1
+        self._claims.append((order, device, kernel_id))
         differ = self._claims_differ
         if device in differ:
             differ.remove(device)
@@ -498,6 +663,12 @@ class Incremental:
         claimed ahead of it (one claimed ahead of it in both passes is not ranked in either), or
         that are claimed ahead of it in this pass and not in the last, or the other way round."""
         changed, differ = self._unclaimed_changed, self._claims_differ
+        if len(candidates) == len(self.core.devices):  # (every device: once per version)
+            version, found = self._all_changed
+            if version != self._differ_version:
+                found = changed | differ
+                self._all_changed = (self._differ_version, found)
+            return found
         found = changed & candidates if changed and not changed.isdisjoint(candidates) else set()
         if differ and not differ.isdisjoint(candidates):
             found |= differ & candidates

@@ -70,6 +70,8 @@ class Placement:
         """One device of each size among ``candidates`` (what a reservation depends on)."""
         if self._uniform:
             return candidates[:1]
+        if len(candidates) == len(self.devices):  # (every device, in order)
+            return self._incremental.one_of_each_size
         return list({self.devices[d].total_bytes: d for d in candidates}.values())
 
     def _placing(self, kernel: Kernel, request: Request, now: float) -> _Context | _Placement:
@@ -156,11 +158,14 @@ class Placement:
                     reservation=asked,
                     wait=f"GPU {device} is busy with running cells",
                 ), None
+        best = self._incremental.best_alike(kernel, request, context, claimed)
+        if best is not None:
+            return self._placement_on(kernel, context, best, asked), None
         # The best rank does not depend on the order devices are ranked in (ranks end with the
         # device), so unclaimed devices are taken as a set. A claimed one: an earlier request
         # runs there first, and this one is looked at again after it.
         unclaimed = context.candidate_set - claimed
-        ranks = [r for d in unclaimed if (r := self._rank(kernel, request, context, d))]
+        ranks = self._incremental.ranks(kernel, request, context, unclaimed)
         if not ranks:
             if len(unclaimed) < len(candidates):
                 return _Placement(wait="queued behind earlier requests for the same GPU"), None
@@ -328,19 +333,16 @@ class Placement:
         if limits.gpu_memory is None and limits.max_resident_kernels is None:
             return [], "", ""
         assert self._pass is not None
-        users_kernels = self._pass.of_user(kernel.user)
-        mine = [
-            k
-            for k in users_kernels
-            if k is not kernel and k.device is not None and k.state != KernelState.OFFLOADING
-        ]
-        leaving = [k for k in users_kernels if k.state == KernelState.OFFLOADING]
+        users = self._pass.quota_basis(kernel.user)
+        leaving = users.leaving
         need = max(
             self._reservation(kernel, request, self.devices[d], limits)
             for d in self._of_each_size(candidates)
         )
-        booked = sum(k.booking() for k in mine)
-        resident = sum(1 for k in mine if k.state in (*LEASE_STATES, KernelState.RESIDENT))
+        booked, resident = users.booked, users.resident
+        if kernel.device is not None and kernel.state != KernelState.OFFLOADING:
+            booked -= kernel.booking()
+            resident -= kernel.state in _HOLDING_STATES
         victims: list[Kernel] = []
 
         def fits() -> bool:
@@ -348,11 +350,11 @@ class Placement:
                 limits.max_resident_kernels is None or resident + 1 <= limits.max_resident_kernels
             )
 
-        for victim in sorted(
-            (k for k in mine if self._evictable(k)), key=lambda k: self._eviction_key(k, now)
-        ):
+        for victim in users.evictable:
             if fits():
                 break
+            if victim is kernel:
+                continue
             victims.append(victim)
             booked -= victim.booking()
             resident -= 1
@@ -378,9 +380,28 @@ class Placement:
                 f"resident-kernel quota: {resident} of {limits.max_resident_kernels} kernels of "
                 f"{kernel.user} hold GPU state"
             )
-        if any(k.lease is not None for k in mine) or leaving:
+        if any(k.lease is not None for k in users.on_devices if k is not kernel) or leaving:
             return [], f"{what}; waiting for their cells to finish", ""
         return [], "", f"{what}; offload or unpin one of them first"
+
+
+_HOLDING_STATES = frozenset((*LEASE_STATES, KernelState.RESIDENT))
+"""States of a kernel that counts against its user's resident-kernel quota."""
+
+
+@dataclass
+class _UsersKernels:
+    """A user's kernels with state on a device (offloads under way apart), as quota room counts
+    them (see ``_Pass.quota_basis``)."""
+
+    version: int
+    on_devices: list[Kernel]
+    leaving: list[Kernel]
+    """Those whose offload is under way."""
+    booked: int
+    resident: int
+    evictable: list[Kernel]
+    """In eviction order."""
 
 
 class _Pass:
@@ -394,6 +415,7 @@ class _Pass:
         self.busy_floor: int | None = None
         """The smallest reservation that found every unclaimed device busy in this pass."""
         self._by_busyness: list[int] | None = None
+        self._quota_bases: dict[str, _UsersKernels] = {}
 
     def least_busy(self, claimed: set[int]) -> int:
         """The unclaimed device with the fewest bytes under running leases."""
@@ -408,8 +430,31 @@ class _Pass:
             seconds = self._running_seconds[user] = self.core._running_seconds(user, self.now)
         return seconds
 
-    def of_user(self, user: str) -> list[Kernel]:
-        return list(self.core._by_user.get(user, {}).values())
+    def quota_basis(self, user: str) -> _UsersKernels:
+        """The user's kernels as quota room counts them, found once per pass for every request
+        of the user until one of their kernels changes."""
+        incremental = self.core._incremental
+        version = incremental.user_version(user)
+        kept = self._quota_bases.get(user)
+        if kept is not None and kept.version == version:
+            return kept
+        core = self.core
+        kernels = core._by_user.get(user, {}).values()
+        on_devices = [
+            k for k in kernels if k.device is not None and k.state != KernelState.OFFLOADING
+        ]
+        basis = self._quota_bases[user] = _UsersKernels(
+            version,
+            on_devices,
+            [k for k in kernels if k.state == KernelState.OFFLOADING],
+            sum(k.booking() for k in on_devices),
+            sum(1 for k in on_devices if k.state in _HOLDING_STATES),
+            sorted(
+                (k for k in on_devices if core._evictable(k)),
+                key=lambda k: core._eviction_key(k, self.now),
+            ),
+        )
+        return basis
 
     def view(self, device: int) -> _DeviceView:
         return self.core._incremental.view(device)

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 _BEHIND = "queued behind earlier requests for the same GPU"
 _RESTORING = "waiting for its restore to finish"
+_FEW = 32
+"""Requests left the queue since it was last read beyond which it is filtered in one walk."""
 _WAITING_STATES = frozenset((*OFF_DEVICE_STATES, KernelState.COLD, KernelState.ERROR))
 """States of a kernel whose waiting request makes it ``queued``."""
 
@@ -48,8 +50,8 @@ class Scheduling:
     _seq: Iterator[int]
     _queue: list[Request]
     """Requests in fair-share order; one whose kernel no longer holds it is dropped when next read."""
-    _queue_left = False
-    """Whether a request may have left the queue since it was last read (see :meth:`_left`)."""
+    _queue_left: list[Request] | tuple[()] = ()
+    """The requests that left the queue since it was last read (see :meth:`_left`)."""
     _ended_today: Callable[[str, float], float]
     _time_quota_denial: Callable[[Kernel, Request, float], str]
     _incremental: Incremental
@@ -64,16 +66,23 @@ class Scheduling:
     def _queued(self) -> list[Request]:
         """The waiting requests in fair-share order (the ones granted, denied or cancelled since
         the last read dropped)."""
-        if not self._queue_left:
+        left, queue = self._queue_left, self._queue
+        if not left:
+            return queue
+        self._queue_left = []
+        if len(left) > _FEW:
+            kernels = self.kernels
+            self._queue = [
+                r
+                for r in queue
+                if (kernel := kernels.get(r.kernel_id)) is not None and kernel.request is r
+            ]
             return self._queue
-        self._queue_left = False
-        kernels = self.kernels
-        self._queue = [
-            r
-            for r in self._queue
-            if (kernel := kernels.get(r.kernel_id)) is not None and kernel.request is r
-        ]
-        return self._queue
+        for request in left:  # (a few: each found by its place, not by a walk of the queue)
+            at = bisect.bisect_left(queue, request.order, key=_order)
+            if at < len(queue) and queue[at] is request:
+                del queue[at]
+        return queue
 
     def _enqueue(
         self, kernel: Kernel, request_id: str, memory: int | None, hold: bool, now: float
@@ -115,6 +124,9 @@ class Scheduling:
                 # (The quiet requests before it wait as they did, and stay in the queue.)
                 at = incremental.next_request(queue, index)
                 position += at - index
+                if len(claimed) == everywhere:  # (filled by claims carried over: see there)
+                    index = at
+                    continue
                 if at == len(queue):
                     return
                 request = queue[at]
@@ -137,7 +149,7 @@ class Scheduling:
                 if placement.device is not None:
                     request.claimed = placement.device
                     claimed.add(placement.device)
-                    incremental.claim(request.order, placement.device)
+                    incremental.claim(request.order, placement.device, kernel.kernel_id)
                 for victim in placement.victims:
                     if victim.state == KernelState.RESIDENT:
                         self._start_offload(
@@ -179,8 +191,11 @@ class Scheduling:
         """The kernel's request leaves the queue (granted, denied, cancelled, or the kernel gone):
         the next read of the queue drops it. Every such change goes through here."""
         self._incremental.left(kernel)
+        if kernel.request is not None:
+            if not self._queue_left:
+                self._queue_left = []
+            self._queue_left.append(kernel.request)
         kernel.request = None
-        self._queue_left = True
 
     def _deny(self, kernel: Kernel, request: Request, reason: str, now: float) -> None:
         self._left(kernel)
