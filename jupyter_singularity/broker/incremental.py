@@ -42,6 +42,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -427,54 +428,72 @@ class Incremental:
         old, kernels, memos, loud = self._old_claims, self.core.kernels, self._memos, self._loud
         claimed, claims, unclaimed_changed = self._claimed, self._claims, self._unclaimed_changed
         assert claimed is not None
-        everywhere, pass_no, at = len(self.core.devices), self._pass_no, self._at
-        index = self._next_carried
-        while index < len(old) and (until is None or old[index][0] < until):
-            claim = old[index]
-            order, device, kernel_id = claim
-            index += 1
-            kernel = kernels.get(kernel_id)
-            request = None if kernel is None else kernel.request
-            if request is None or request.order != order or order <= at or kernel_id in loud:
-                continue  # (gone, or looked at in this pass: see :meth:`next_request`)
-            self._next_carried = index
-            memo = memos.get(kernel_id)
-            if (
-                memo is None
-                or memo.request is not request
-                or memo.pass_no != pass_no - 1
-                or memo.epoch != self._epoch
-                or memo.kernel_touched
-                or memo.placement.device != device
-                or (context := memo.context) is None
-            ):
-                return kernel_id, order
-            if self._next_old < index - 1:
-                self.ahead(order)
-            if (
-                (self._claims_differ or unclaimed_changed)
-                and (changed := self._changed_for(context.candidate_set))
-                and (
-                    memo.ranks is not None
-                    or context.alike is None
-                    or device in changed
-                    or not self.alike.stands(
-                        kernel, request, context, device, changed, claimed, self._differ_version
-                    )
-                )
-            ):
-                return kernel_id, order
-            # Its old claim and its new one are alike: neither makes the claims differ.
-            self._next_old = index
-            self._quiet_claims += 1
-            memo.pass_no = pass_no
-            claimed.add(device)
-            claims.append(claim)
-            unclaimed_changed.discard(device)
-            if len(claimed) == everywhere:
-                return None, order
-        self._next_carried = index
-        return None
+        differ, stands = self._claims_differ, self.alike.stands
+        everywhere, last, at, epoch = (
+            len(self.core.devices),
+            self._pass_no - 1,
+            self._at,
+            self._epoch,
+        )
+        index, next_old, carried = self._next_carried, self._next_old, 0
+        end = len(old) if until is None else bisect.bisect_left(old, until, index, key=_first)
+        # The changed devices for each set of candidates, while they stay the same.
+        found_for: dict[frozenset[int], set[int]] = {}
+        found_at = self._differ_version
+        try:
+            while index < end:
+                claim = old[index]
+                order, device, kernel_id = claim
+                index += 1
+                kernel = kernels.get(kernel_id)
+                request = None if kernel is None else kernel.request
+                if request is None or request.order != order or order <= at or kernel_id in loud:
+                    continue  # (gone, or looked at in this pass: see :meth:`next_request`)
+                memo = memos.get(kernel_id)
+                if (
+                    memo is None
+                    or memo.request is not request
+                    or memo.pass_no != last
+                    or memo.epoch != epoch
+                    or memo.kernel_touched
+                    or memo.placement.device != device
+                    or (context := memo.context) is None
+                ):
+                    return kernel_id, order
+                if next_old < index - 1:
+                    self._next_old = next_old
+                    self.ahead(order)
+                    next_old = self._next_old
+                if differ or unclaimed_changed:
+                    if found_at != self._differ_version:
+                        found_for.clear()
+                        found_at = self._differ_version
+                    candidates = context.candidate_set
+                    changed = found_for.get(candidates)
+                    if changed is None:
+                        changed = found_for[candidates] = self._changed_for(candidates)
+                    if changed and (
+                        memo.ranks is not None
+                        or context.alike is None
+                        or device in changed
+                        or not stands(kernel, request, context, device, changed, claimed, found_at)
+                    ):
+                        return kernel_id, order
+                # Its old claim and its new one are alike: neither makes the claims differ.
+                next_old = index
+                carried += 1
+                memo.pass_no = last + 1
+                claimed.add(device)
+                claims.append(claim)
+                if device in unclaimed_changed:
+                    unclaimed_changed.discard(device)
+                    found_for.clear()
+                if len(claimed) == everywhere:
+                    return None, order
+            return None
+        finally:
+            self._next_carried, self._next_old = index, next_old
+            self._quiet_claims += carried
 
     def looked_at(self, kernel: Kernel, request: Request) -> None:
         """The pass told ``request`` where it waits: quiet from now on if it waits for its user's
@@ -699,8 +718,9 @@ def _ranked(ranks: list[tuple] | None) -> tuple[dict[int, tuple] | None, list[tu
 _serial = itertools.count()
 
 
-def _order(request: Request) -> tuple[float, int]:
-    return request.order
+_order = operator.attrgetter("order")
+_first = operator.itemgetter(0)
+"""A request's place in the queue (a key in C: bisecting the queue calls no Python)."""
 
 
 def _heap(ranks: Iterable[tuple]) -> list[tuple]:

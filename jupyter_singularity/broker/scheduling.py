@@ -10,6 +10,7 @@ placement search.
 from __future__ import annotations
 
 import bisect
+import operator
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -222,5 +223,5 @@ class Scheduling:
         return waits
 
 
-def _order(request: Request) -> tuple[float, int]:
-    return request.order
+_order = operator.attrgetter("order")
+"""A request's place in the queue (a key in C: bisecting the queue calls no Python)."""
