@@ -77,6 +77,8 @@ class RankIndex:
                 order.floor_of = None
 
     def clear(self) -> None:
+        for order in self._orders.values():
+            order.kept = False
         self._orders.clear()
 
     def best(
@@ -121,6 +123,12 @@ class RankIndex:
 
     def _order(self, kernel: Kernel, request: Request, context: _Context) -> _Order:
         """The order of the request's kind, its changed devices ranked again."""
+        order = context.alike
+        if order is not None and order.kept:  # (a context is of one kind: it is found again when
+            # its kernel changes, the reservations it keeps by device size do not)
+            if order.dirty:
+                self._rank_again(order, kernel, request, context)
+            return order
         candidates, reservations = context.candidate_set, context.reservations
         sizes = self._one_of_size.get(candidates)
         if sizes is None:
