@@ -12,6 +12,8 @@ bench/broker_decisions.py drives it), with memory and resident-kernel quotas.
 from __future__ import annotations
 
 import random
+import sys
+from pathlib import Path
 
 import pytest
 from test_broker_incremental import FromNothing
@@ -19,26 +21,10 @@ from test_broker_incremental import FromNothing
 from jupyter_singularity.broker.core import BrokerCore
 from jupyter_singularity.broker.model import Grant, KernelState, Offload, Policy
 from jupyter_singularity.broker.quotas import Quotas
-from jupyter_singularity.devices import DeviceInfo
 
-GiB = 1 << 30
-QUOTAS = {
-    "default": {"priority": 1, "gpu_hours_per_day": 2000},
-    "group:staff": {"priority": 2, "gpu_memory": "400GiB", "max_resident_kernels": 12},
-    "group:students": {"priority": 1, "gpu_memory": "60GiB", "max_resident_kernels": 6},
-    "group:guests": {"priority": 0.5, "gpu_hours_per_day": 0.05, "max_resident_kernels": 3},
-}
-GROUPS = ("staff", "students", "students", "students", "guests")
-
-
-def pool(count: int) -> list[DeviceInfo]:
-    """Half 80 GiB devices of one chip, half 40 GiB of another."""
-    return [
-        DeviceInfo(i, f"GPU-{i}", "H", "H", 80 * GiB)
-        if i % 2 == 0
-        else DeviceInfo(i, f"GPU-{i}", "A", "A", 40 * GiB)
-        for i in range(count)
-    ]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from broker_decisions import GROUPS, MODEL_SIZES, QUOTAS, GiB  # the benchmark's own load
+from broker_decisions import devices as pool
 
 
 class Load:
@@ -76,7 +62,7 @@ class Load:
     def ask(self) -> None:
         idle = [k for k in self.kept.kernels.values() if k.lease is None and k.request is None]
         kernel = self.rng.choice(sorted(idle, key=lambda k: k.kernel_id))
-        memory = self.rng.choice((1, 2, 4, 8, 12)) * GiB if self.rng.random() < 0.1 else None
+        memory = self.rng.choice(MODEL_SIZES) * GiB if self.rng.random() < 0.1 else None
         self.serial += 1
         self.decide("acquire", kernel.kernel_id, f"r{self.serial}", self.now, memory)
 
@@ -104,7 +90,7 @@ class Load:
         else:
             kernel = core.kernels[rng.choice(running)]
             assert kernel.lease is not None
-            peak = int(rng.choice((1, 2, 4, 8, 12)) * GiB * rng.uniform(0.8, 1.0))
+            peak = int(rng.choice(MODEL_SIZES) * GiB * rng.uniform(0.8, 1.0))
             self.decide(
                 "release", kernel.kernel_id, kernel.lease.request_id, self.now, peak, peak * 4 // 5
             )
