@@ -218,7 +218,7 @@ class NodePool(Pool):
 
     def _join_new_run(self) -> None:
         """A reply came from a broker run this server has not joined: join it (one join at a
-        time; a reply of yet another run during a join starts the next one)."""
+        time; the first reply after it that still shows another run starts the next one)."""
         if self._heard != self.instance and (self._rejoining is None or self._rejoining.done()):
             self._rejoining = asyncio.create_task(self._rejoin())
 
@@ -226,8 +226,7 @@ class NodePool(Pool):
         """Notice the broker coming back, or restarted, while nothing else is asked."""
         while True:
             await asyncio.sleep(HEARTBEAT)
-            with contextlib.suppress(PoolError):
-                await self._ask("me", {}, timeout=HEARTBEAT)
+            await self._hear_from_broker()
 
     async def _reconnections(self) -> None:
         """Ask at once when the connection to the broker is made again (it restarted), instead
@@ -237,10 +236,14 @@ class NodePool(Pool):
         try:
             while True:
                 await monitor.recv_multipart()
-                with contextlib.suppress(PoolError):
-                    await self._ask("me", {}, timeout=HEARTBEAT)
+                await self._hear_from_broker()
         finally:
             monitor.close()
+
+    async def _hear_from_broker(self) -> None:
+        """Ask something, for its reply's run (see :meth:`_join_new_run`); no answer is no news."""
+        with contextlib.suppress(PoolError):
+            await self._ask("me", {}, timeout=HEARTBEAT)
 
     async def _rejoin(self) -> None:
         try:
