@@ -75,8 +75,8 @@ REJOIN_WINDOW = 30.0
 #: path of the cell that caused them.
 LEDGER_FLUSH_DELAY = 0.05
 
-#: Cells that moved up the queue hear their new place at most this many seconds later (a
-#: decision tells only new waits and changed reasons: see BrokerCore.positions).
+#: Waiting cells hear where and why they wait at most this many seconds after it changed (see
+#: BrokerService._tell_positions); those granted meanwhile never hear they waited.
 POSITIONS_DELAY = 0.05
 
 
@@ -174,6 +174,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
         self._loop_task: asyncio.Task | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
         self._positions_handle: asyncio.TimerHandle | None = None
+        self._waits_due: dict[tuple[str, str], Wait] = {}
         self.endpoint = ""
 
     # -------------------------------------------------------------------------------- lifecycle
@@ -466,9 +467,25 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
             self._positions_handle = _later(POSITIONS_DELAY, self._tell_positions)
 
     def _tell_positions(self) -> None:
-        """Tell the cells that moved up the queue since they last heard where they wait."""
+        """Tell the cells that wait where and why, at most POSITIONS_DELAY after it changed: those
+        that moved up the queue, and those queued or given another reason by a decision, unless
+        their wait ended meanwhile (a request queued behind a lease about to end is granted in a
+        few milliseconds: telling it costs its kernel and the broker a message each for nothing).
+        """
         self._positions_handle = None
-        self._carry_out(self.core.positions())
+        due, self._waits_due = self._waits_due, {}
+        for wait in self.core.positions():
+            due[wait.kernel_id, wait.request_id] = wait
+        for wait in due.values():
+            kernel = self.core.kernels.get(wait.kernel_id)
+            request = kernel.request if kernel is not None else None
+            if request is not None and request.request_id == wait.request_id:
+                self._tell_wait(wait)
+
+    def _tell_wait(self, wait: Wait) -> None:
+        body = {"request_id": wait.request_id, "position": wait.position, "reason": wait.reason}
+        self._spawn(self._rpc.push(wait.kernel_id, "queued", body))
+        self.emit(QUEUE_SCHEMA, {"kernel_id": wait.kernel_id, **body})
 
     def _flush_ledger(self) -> None:
         self._flush_handle = None
@@ -494,26 +511,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
                     ),
                 )
             elif isinstance(action, Wait):
-                self._spawn(
-                    self._rpc.push(
-                        action.kernel_id,
-                        "queued",
-                        {
-                            "request_id": action.request_id,
-                            "position": action.position,
-                            "reason": action.reason,
-                        },
-                    )
-                )
-                self.emit(
-                    QUEUE_SCHEMA,
-                    {
-                        "kernel_id": action.kernel_id,
-                        "request_id": action.request_id,
-                        "position": action.position,
-                        "reason": action.reason,
-                    },
-                )
+                self._waits_due[action.kernel_id, action.request_id] = action
             elif isinstance(action, Offload):
                 self._spawn(self._offload(action))
             elif isinstance(action, Spill):
