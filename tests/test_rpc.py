@@ -30,13 +30,14 @@ from zmq.utils.monitor import parse_monitor_message
 
 from jupyter_singularity import protocol
 from jupyter_singularity.broker import rpc
+from jupyter_singularity.broker import service as service_module
 from jupyter_singularity.broker.checkpoint import DriverCapability, DriverCheckpointer
 from jupyter_singularity.broker.identity import Identity, server_owner
 from jupyter_singularity.broker.ledger import Ledger
 from jupyter_singularity.broker.model import Policy
 from jupyter_singularity.broker.quotas import Quotas
 from jupyter_singularity.broker.rpc import MAX_MESSAGE_BYTES, RPCServer
-from jupyter_singularity.broker.service import BrokerService
+from jupyter_singularity.broker.service import QUEUE_SCHEMA, BrokerService
 from jupyter_singularity.devices import DeviceInfo, DeviceInventory
 from jupyter_singularity.kernel import membership
 from jupyter_singularity.kernel import runtime as runtime_module
@@ -1041,6 +1042,34 @@ async def test_a_waiting_cell_hears_when_it_moves_up_the_queue(service, pooled) 
     assert (await cells[1])["granted"]
     for cell in (cells[0], cells[2]):  # (the kernel gone, and the one still waiting)
         cell.cancel()
+
+
+async def test_a_cell_granted_before_the_next_positions_tick_never_hears_it_waited(
+    service, pooled, monkeypatch
+) -> None:
+    """Telling a cell it waits costs its kernel and the broker a message each: a request queued
+    behind a lease that ends before the next positions tick is granted without one; one still
+    waiting then hears where and why it waits, once."""
+    monkeypatch.setattr(service_module, "POSITIONS_DELAY", 1.0)
+    runner, waiter = await pooled("k0"), await pooled("k1")
+    heard: list[dict] = []
+    waiter.on("queued", lambda body: heard.append(body) or None)
+    events: list[dict] = []
+    service.emit = lambda schema, data: schema == QUEUE_SCHEMA and events.append(data)
+    whole = {"memory": 16 * GiB}
+    for round_, release_at_once in (("r1", True), ("r2", False)):
+        await call(runner, "acquire", {"request_id": round_, **whole})
+        cell = asyncio.ensure_future(call(waiter, "acquire", {"request_id": round_, **whole}, 20))
+        await wait_until(lambda: service.pool()["queue"])
+        if not release_at_once:
+            await wait_until(lambda: heard, timeout=10)
+        runner.send("release", {"request_id": round_, "peak_bytes": GiB, "gpu_bytes": 0})
+        assert (await cell)["granted"]
+        waiter.send("release", {"request_id": round_, "peak_bytes": GiB, "gpu_bytes": 0})
+        await wait_until(lambda: service.kernel("k1")["state"] == "resident")
+    await asyncio.sleep(1.5)  # (a tick after the last decision tells nobody)
+    assert [(b["request_id"], b["position"]) for b in heard] == [("r2", 1)], heard
+    assert [(e["request_id"], e["position"]) for e in events] == [("r2", 1)], events
 
 
 async def test_release_books_the_drivers_figure_where_it_is_larger(service, pooled) -> None:
