@@ -1,18 +1,22 @@
 """The pool as a benchmark runs it: embedded, or the node broker's; one simulated device, kernels
-through the pool's provisioner (shared by the benchmarks that start real kernels)."""
+through the pool's provisioner, its events emitted as to a JupyterLab that listens (shared by the
+benchmarks that start real kernels)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+
+from jupyter_events import EventLogger
 
 from jupyter_singularity.broker.frontend import PoolFrontend
 from jupyter_singularity.broker.ledger import Ledger
@@ -22,6 +26,7 @@ from jupyter_singularity.broker.quotas import Quotas
 from jupyter_singularity.broker.service import BrokerService
 from jupyter_singularity.broker.settings import OpenPool
 from jupyter_singularity.devices import open_inventory
+from jupyter_singularity.server.events import register_schemas, schema_id
 from jupyter_singularity.server.node_pool import NodePool
 from jupyter_singularity.server.pool import EmbeddedPool
 from jupyter_singularity.server.provisioner import SingularityProvisioner
@@ -39,6 +44,7 @@ async def embedded_pool(devices: str = "simulated:1x16GiB") -> AsyncIterator[Bro
         pool = EmbeddedPool(
             OpenPool(inventory, ledger, quotas, service, PoolFrontend(service, quotas))
         )
+        pool.listeners.append(browser_listening())
         await pool.start()
         SingularityProvisioner.pool = pool
         try:
@@ -46,6 +52,20 @@ async def embedded_pool(devices: str = "simulated:1x16GiB") -> AsyncIterator[Bro
         finally:
             SingularityProvisioner.pool = None
             await pool.stop()
+
+
+def browser_listening() -> Callable[[str, dict], None]:
+    """The pool's events as a server with JupyterLab open emits them: through jupyter_events,
+    validated against their schemas, to a listener that serialises each one (as the server's
+    events websocket does)."""
+    logger = EventLogger()
+    register_schemas(logger)
+
+    async def websocket(logger: EventLogger, schema_id: str, data: dict) -> None:
+        json.dumps({"schema_id": schema_id, **data})
+
+    logger.add_listener(listener=websocket)
+    return lambda name, data: logger.emit(schema_id=schema_id(name), data=data)
 
 
 class NodeBrokerProcess:
@@ -105,6 +125,7 @@ async def node_pool(devices: str = "simulated:1x16GiB") -> AsyncIterator[NodePoo
                     raise RuntimeError("the node broker did not start:\n" + log)
                 await asyncio.sleep(0.05)
             pool = NodePool(broker.socket, logging.getLogger("bench"))
+            pool.listeners.append(browser_listening())
             await pool.start()
             SingularityProvisioner.pool = pool
             try:

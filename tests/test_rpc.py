@@ -1072,6 +1072,26 @@ async def test_a_cell_granted_before_the_next_positions_tick_never_hears_it_wait
     assert [(e["request_id"], e["position"]) for e in events] == [("r2", 1)], events
 
 
+async def test_a_grant_goes_out_before_the_events_of_its_decision(service, pooled) -> None:
+    """Each event a listening browser gets is validated against its schema first (about 0.2 ms):
+    the grant a cell waits for must not wait for them."""
+    client = await pooled("k0")
+    order: list[str] = []
+    sending = service._rpc._send
+
+    def send(kernel_id: str, identity: bytes, type: str, body: dict, reply_to=None):
+        order.append(type)
+        return sending(kernel_id, identity, type, body, reply_to)
+
+    service._rpc._send = send
+    service.emit = lambda schema, data: order.append(f"{schema}:{data.get('action', '')}")
+    granted = await call(client, "acquire", {"request_id": "r1", "memory": GiB})
+    assert granted["granted"], granted
+    await wait_until(lambda: "lease:granted" in order)
+    assert order.index("acquire_reply") < order.index("lease:granted"), order
+    assert "kernel_state:" in order[order.index("acquire_reply") :], order
+
+
 async def test_release_books_the_drivers_figure_where_it_is_larger(service, pooled) -> None:
     client = await pooled("k1")
     await call(client, "acquire", {"request_id": "r1", "memory": 2 * GiB})

@@ -175,6 +175,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
         self._flush_handle: asyncio.TimerHandle | None = None
         self._positions_handle: asyncio.TimerHandle | None = None
         self._waits_due: dict[tuple[str, str], Wait] = {}
+        self._events: list[tuple[str, dict]] = []
         self.endpoint = ""
 
     # -------------------------------------------------------------------------------- lifecycle
@@ -204,6 +205,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
         for handle in (self._flush_handle, self._positions_handle):
             if handle is not None:
                 handle.cancel()
+        self._emit_events()
         self._flush_ledger()
         try:
             self.ledger.detach(self.clock())
@@ -393,7 +395,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
                 reason=reason,
                 device_index=kernel.device,
             )
-            self.emit(
+            self._event(
                 PIN_SCHEMA,
                 {
                     "kernel_id": kernel_id,
@@ -485,7 +487,19 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
     def _tell_wait(self, wait: Wait) -> None:
         body = {"request_id": wait.request_id, "position": wait.position, "reason": wait.reason}
         self._spawn(self._rpc.push(wait.kernel_id, "queued", body))
-        self.emit(QUEUE_SCHEMA, {"kernel_id": wait.kernel_id, **body})
+        self._event(QUEUE_SCHEMA, {"kernel_id": wait.kernel_id, **body})
+
+    def _event(self, schema: str, data: dict) -> None:
+        """Emit once the answers of the decision at hand went out: an event a browser listens to
+        is validated against its schema (about 0.2 ms each), which a granted cell would wait for."""
+        self._events.append((schema, data))
+        if len(self._events) == 1:
+            _later(0, self._emit_events)
+
+    def _emit_events(self) -> None:
+        events, self._events = self._events, []
+        for schema, data in events:
+            self.emit(schema, data)
 
     def _flush_ledger(self) -> None:
         self._flush_handle = None
@@ -504,7 +518,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
                 self._resolve(
                     action.kernel_id, action.request_id, {"granted": False, "reason": action.reason}
                 )
-                self.emit(
+                self._event(
                     LEASE_SCHEMA,
                     _lease_event(
                         action.kernel_id, action.request_id, "denied", reason=action.reason
@@ -520,7 +534,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
                 self.ledger.lease_ended(
                     f"{action.kernel_id}:{action.request_id}", action.end, action.peak_bytes
                 )
-                self.emit(
+                self._event(
                     LEASE_SCHEMA,
                     _lease_event(
                         action.kernel_id,
@@ -569,7 +583,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
             nbytes=transfer.get("nbytes") if transfer else None,
             duration=float(transfer["seconds"]) if transfer and "seconds" in transfer else None,
         )
-        self.emit(
+        self._event(
             KERNEL_STATE_SCHEMA,
             {
                 "kernel_id": action.kernel_id,
@@ -600,7 +614,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
             self._spawn(self._grant_when_returned(lent, grant))
         else:
             self._answer_grant(grant)
-        self.emit(
+        self._event(
             LEASE_SCHEMA,
             _lease_event(
                 grant.kernel_id,
