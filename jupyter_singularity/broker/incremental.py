@@ -154,6 +154,8 @@ class Incremental:
         self._settings: tuple = ()
         """The quotas and policy the kept placements were found under."""
         self._memos: dict[str, _Memo] = {}
+        self._candidate_sets: dict[tuple[int, ...], frozenset[int]] = {}
+        """Each set of candidates once (see :meth:`candidate_set`)."""
         self._pass_no = 0
         self._claims: list[tuple[tuple[float, int], int, str]] = []
         """This pass's claims so far: (order, device, kernel id), in queue order."""
@@ -238,7 +240,18 @@ class Incremental:
         self.touch(kernel)
         self._memos.pop(kernel.kernel_id, None)
 
+    def candidate_set(self, candidates: list[int]) -> frozenset[int]:
+        """``candidates`` as a set, the same object for the same candidates: sets of candidates
+        are looked up by (a chip's devices, hundreds of them), and a lookup that finds the very
+        object compares no elements."""
+        key = tuple(candidates)
+        found = self._candidate_sets.get(key)
+        if found is None:
+            found = self._candidate_sets[key] = frozenset(candidates)
+        return found
+
     def _reset(self) -> None:
+        self._candidate_sets.clear()
         self._views.clear()
         self.alike.clear()
         self._memos.clear()

@@ -131,7 +131,12 @@ class Placement:
         )
         own_fixed = kernel.booking() if _unfreeable(kernel) else 0
         return _Context(
-            limits, candidates, frozenset(candidates), quota_victims, anywhere, own_fixed
+            limits,
+            candidates,
+            self._incremental.candidate_set(candidates),
+            quota_victims,
+            anywhere,
+            own_fixed,
         )
 
     def _on_devices(
