@@ -378,13 +378,14 @@ class Incremental:
         if self._everyone:
             self._everyone = False
             self._loud.update(r.kernel_id for r in queue)
-        visit = []
-        for kernel_id in list(self._loud):
+        visit, loud = [], set()
+        for kernel_id in self._loud:
             kernel = kernels.get(kernel_id)
-            if kernel is None or kernel.request is None:
-                self._loud.discard(kernel_id)
-            else:
+            if kernel is not None and kernel.request is not None:
                 visit.append((kernel.request.order, kernel_id))
+                loud.add(kernel_id)
+        # (A new set: one that held the whole queue once keeps its size, and walking it costs.)
+        self._loud = loud
         heapq.heapify(visit)
         self._visit = visit
 
@@ -584,7 +585,8 @@ class Incremental:
         if not kernels:
             self.over.pop(user, None)
             return
-        quotas = {core.limits(user, k.groups).gpu_seconds_per_day for k in kernels.values()}
+        groups = {k.groups for k in kernels.values()}  # (a user's kernels share a few)
+        quotas = {core.limits(user, g).gpu_seconds_per_day for g in groups}
         thresholds = sorted(q for q in quotas if q is not None)
         used = core.used_seconds(user, now) if thresholds else 0.0
         reached = bisect.bisect_right(thresholds, used)
