@@ -81,6 +81,20 @@ class _DeviceView:
     """Ranks of requests alike on this device (see ``Placement._rank``)."""
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """What placing a request needs of its candidate devices, found once for each list of them
+    (see :meth:`Incremental.candidates`)."""
+
+    set: frozenset[int]
+    """The same object for the same candidates: sets of candidates are looked up by (a chip's
+    devices, hundreds of them), and a lookup that finds the very object compares no elements."""
+    of_each_size: list[int]
+    """One device of each size among them (what a reservation depends on)."""
+    largest: int
+    """The largest one's bytes."""
+
+
 @dataclass
 class _Context:
     """What placing a request found before looking at any device: it changes only with its
@@ -135,8 +149,6 @@ class Incremental:
         self.core = core
         self._views: dict[int, _DeviceView] = {}
         self._sizes = {d: info.total_bytes for d, info in core.devices.items()}
-        self.one_of_each_size = list({size: d for d, size in self._sizes.items()}.values())
-        """``Placement._of_each_size`` of every device."""
         self.alike = RankIndex(core)
         """Every device in the order of its rank for requests alike."""
         self._changed: set[int] = set()
@@ -154,8 +166,8 @@ class Incremental:
         self._settings: tuple = ()
         """The quotas and policy the kept placements were found under."""
         self._memos: dict[str, _Memo] = {}
-        self._candidate_sets: dict[tuple[int, ...], frozenset[int]] = {}
-        """Each set of candidates once (see :meth:`candidate_set`)."""
+        self._candidates: dict[tuple[int, ...], Candidates] = {}
+        """Each list of candidates once (see :meth:`candidates`)."""
         self._pass_no = 0
         self._claims: list[tuple[tuple[float, int], int, str]] = []
         """This pass's claims so far: (order, device, kernel id), in queue order."""
@@ -240,18 +252,24 @@ class Incremental:
         self.touch(kernel)
         self._memos.pop(kernel.kernel_id, None)
 
-    def candidate_set(self, candidates: list[int]) -> frozenset[int]:
-        """``candidates`` as a set, the same object for the same candidates: sets of candidates
-        are looked up by (a chip's devices, hundreds of them), and a lookup that finds the very
-        object compares no elements."""
+    def candidates(self, candidates: list[int]) -> Candidates:
+        """What placing a request needs of its ``candidates`` besides them, found once for each
+        list of them (a chip's devices: hundreds)."""
         key = tuple(candidates)
-        found = self._candidate_sets.get(key)
+        found = self._candidates.get(key)
         if found is None:
-            found = self._candidate_sets[key] = frozenset(candidates)
+            sizes = self._sizes
+            found = self._candidates[key] = Candidates(
+                frozenset(candidates),
+                candidates[:1]
+                if self.core._uniform
+                else list({sizes[d]: d for d in candidates}.values()),
+                max(sizes[d] for d in candidates),
+            )
         return found
 
     def _reset(self) -> None:
-        self._candidate_sets.clear()
+        self._candidates.clear()
         self._views.clear()
         self.alike.clear()
         self._memos.clear()
