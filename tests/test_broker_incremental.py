@@ -139,3 +139,33 @@ def test_time_alone_denies_a_queued_cell_once_its_user_ran_through_the_daily_quo
     denials = [a for a in actions if isinstance(a, Deny)]
     assert [(d.kernel_id, d.request_id) for d in denials] == [("a2", "r3")], actions
     assert "GPU-time quota reached" in denials[0].reason
+
+
+def test_a_request_may_use_its_chips_largest_gpu_only_though_another_chip_has_more() -> None:
+    """What a request needs of its candidates (the largest, one of each size) is found once per
+    list of candidates: a kernel whose state came off a chip's device asks the chip's devices."""
+    core = BrokerCore(
+        [
+            DeviceInfo(0, "GPU-0", "A", "A", 16 * GiB),
+            DeviceInfo(1, "GPU-1", "B", "B", 8 * GiB),
+            DeviceInfo(2, "GPU-2", "B", "B", 8 * GiB),
+        ],
+        Quotas.parse({}),
+        Policy(),
+        now=0.0,
+    )
+    core.register("k", "alice", 0.0)
+    core.register("cold", "bob", 0.0)
+    assert [a.device for a in core.acquire("k", "r1", 1.0, memory=2 * GiB, device=1)] == [1, 1]
+    core.release("k", "r1", 2.0, peak_bytes=2 * GiB, gpu_bytes=2 * GiB)
+    core.offload("k", 3.0)
+    core.offloaded("k", 4.0, host_bytes=2 * GiB)
+    (deny,) = core.acquire("k", "r2", 5.0, memory=12 * GiB)
+    assert isinstance(deny, Deny)
+    assert deny.reason == "asked for 12.0 GiB but the largest GPU it may use has 8.0 GiB"
+    # A kernel with nothing on any device may use the 16 GiB one, found from the same cache.
+    grant = [a for a in core.acquire("cold", "r3", 6.0, memory=12 * GiB) if isinstance(a, Grant)]
+    assert [(g.device, g.reservation) for g in grant] == [(0, 12 * GiB)]
+    # Its own chip's devices still hold it back, the same list found again.
+    (deny,) = core.acquire("k", "r4", 7.0, memory=9 * GiB)
+    assert isinstance(deny, Deny) and "has 8.0 GiB" in deny.reason

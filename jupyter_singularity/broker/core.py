@@ -70,7 +70,6 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         self._incremental = Incremental(self)
         sizes = {d.total_bytes for d in self.devices.values()}
         self._uniform = len(sizes) == 1
-        self._largest = max(sizes, default=0)
         # Indexes kept in step with every kernel's device and user, so a scheduling pass never
         # walks all kernels.
         self._by_device: dict[int, dict[str, Kernel]] = {d: {} for d in self.devices}

@@ -81,6 +81,20 @@ class _DeviceView:
     """Ranks of requests alike on this device (see ``Placement._rank``)."""
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """What placing a request needs of its candidate devices, found once for each list of them
+    (see :meth:`Incremental.candidates`)."""
+
+    set: frozenset[int]
+    """The same object for the same candidates: sets of candidates are looked up by (a chip's
+    devices, hundreds of them), and a lookup that finds the very object compares no elements."""
+    of_each_size: list[int]
+    """One device of each size among them (what a reservation depends on)."""
+    largest: int
+    """The largest one's bytes."""
+
+
 @dataclass
 class _Context:
     """What placing a request found before looking at any device: it changes only with its
@@ -135,8 +149,6 @@ class Incremental:
         self.core = core
         self._views: dict[int, _DeviceView] = {}
         self._sizes = {d: info.total_bytes for d, info in core.devices.items()}
-        self.one_of_each_size = list({size: d for d, size in self._sizes.items()}.values())
-        """``Placement._of_each_size`` of every device."""
         self.alike = RankIndex(core)
         """Every device in the order of its rank for requests alike."""
         self._changed: set[int] = set()
@@ -154,6 +166,8 @@ class Incremental:
         self._settings: tuple = ()
         """The quotas and policy the kept placements were found under."""
         self._memos: dict[str, _Memo] = {}
+        self._candidates: dict[tuple[int, ...], Candidates] = {}
+        """Each list of candidates once (see :meth:`candidates`)."""
         self._pass_no = 0
         self._claims: list[tuple[tuple[float, int], int, str]] = []
         """This pass's claims so far: (order, device, kernel id), in queue order."""
@@ -238,7 +252,24 @@ class Incremental:
         self.touch(kernel)
         self._memos.pop(kernel.kernel_id, None)
 
+    def candidates(self, candidates: list[int]) -> Candidates:
+        """What placing a request needs of its ``candidates`` besides them, found once for each
+        list of them (a chip's devices: hundreds)."""
+        key = tuple(candidates)
+        found = self._candidates.get(key)
+        if found is None:
+            sizes = self._sizes
+            found = self._candidates[key] = Candidates(
+                frozenset(candidates),
+                candidates[:1]
+                if self.core._uniform
+                else list({sizes[d]: d for d in candidates}.values()),
+                max(sizes[d] for d in candidates),
+            )
+        return found
+
     def _reset(self) -> None:
+        self._candidates.clear()
         self._views.clear()
         self.alike.clear()
         self._memos.clear()
@@ -365,13 +396,14 @@ class Incremental:
         if self._everyone:
             self._everyone = False
             self._loud.update(r.kernel_id for r in queue)
-        visit = []
-        for kernel_id in list(self._loud):
+        visit, loud = [], set()
+        for kernel_id in self._loud:
             kernel = kernels.get(kernel_id)
-            if kernel is None or kernel.request is None:
-                self._loud.discard(kernel_id)
-            else:
+            if kernel is not None and kernel.request is not None:
                 visit.append((kernel.request.order, kernel_id))
+                loud.add(kernel_id)
+        # (A new set: one that held the whole queue once keeps its size, and walking it costs.)
+        self._loud = loud
         heapq.heapify(visit)
         self._visit = visit
 
@@ -571,7 +603,8 @@ class Incremental:
         if not kernels:
             self.over.pop(user, None)
             return
-        quotas = {core.limits(user, k.groups).gpu_seconds_per_day for k in kernels.values()}
+        groups = {k.groups for k in kernels.values()}  # (a user's kernels share a few)
+        quotas = {core.limits(user, g).gpu_seconds_per_day for g in groups}
         thresholds = sorted(q for q in quotas if q is not None)
         used = core.used_seconds(user, now) if thresholds else 0.0
         reached = bisect.bisect_right(thresholds, used)

@@ -66,14 +66,6 @@ class Placement:
             return [d for d, info in self.devices.items() if info.chip == chip]
         return list(self.devices) if request.device is None else [request.device]
 
-    def _of_each_size(self, candidates: list[int]) -> list[int]:
-        """One device of each size among ``candidates`` (what a reservation depends on)."""
-        if self._uniform:
-            return candidates[:1]
-        if len(candidates) == len(self.devices):  # (every device, in order)
-            return self._incremental.one_of_each_size
-        return list({self.devices[d].total_bytes: d for d in candidates}.values())
-
     def _placing(self, kernel: Kernel, request: Request, now: float) -> _Context | _Placement:
         """What placing ``request`` finds before looking at any device, or its placement when
         that decides it already (a denial, or a wait its user's kernels or quotas make)."""
@@ -101,15 +93,11 @@ class Placement:
                 deny=f"asked for {format_size(request.memory)} but the GPU memory quota of "
                 f"{kernel.user} is {format_size(limits.gpu_memory)}"
             )
-        largest = (
-            self._largest
-            if len(candidates) == len(self.devices)
-            else max(self.devices[d].total_bytes for d in candidates)
-        )
-        if request.memory is not None and request.memory > largest:
+        found = self._incremental.candidates(candidates)
+        if request.memory is not None and request.memory > found.largest:
             return _Placement(
                 deny=f"asked for {format_size(request.memory)} but the largest GPU it may use has "
-                f"{format_size(largest)}"
+                f"{format_size(found.largest)}"
             )
         if kernel.state == KernelState.OFFLOADING:
             # Granting now would run the cell on state that is on its way off the GPU (and the
@@ -117,7 +105,7 @@ class Placement:
             return _Placement(wait="waiting for this kernel's offload to finish")
 
         quota_victims, quota_wait, quota_deny = self._quota_room(
-            kernel, request, limits, candidates, now
+            kernel, request, limits, found.of_each_size, now
         )
         if quota_deny:
             return _Placement(deny=quota_deny)
@@ -131,7 +119,12 @@ class Placement:
         )
         own_fixed = kernel.booking() if _unfreeable(kernel) else 0
         return _Context(
-            limits, candidates, frozenset(candidates), quota_victims, anywhere, own_fixed
+            limits,
+            candidates,
+            found.set,
+            quota_victims,
+            anywhere,
+            own_fixed,
         )
 
     def _on_devices(
@@ -326,19 +319,17 @@ class Placement:
         )
 
     def _quota_room(
-        self, kernel: Kernel, request: Request, limits: Limits, candidates: list[int], now: float
+        self, kernel: Kernel, request: Request, limits: Limits, sizes: list[int], now: float
     ) -> tuple[list[Kernel], str, str]:
         """Own idle kernels to offload so this request stays within the user's memory and
-        resident-kernel quotas; else why it must wait (for the user's running cells) or be denied."""
+        resident-kernel quotas; else why it must wait (for the user's running cells) or be denied.
+        ``sizes``: one of its candidates of each size."""
         if limits.gpu_memory is None and limits.max_resident_kernels is None:
             return [], "", ""
         assert self._pass is not None
         users = self._pass.quota_basis(kernel.user)
         leaving = users.leaving
-        need = max(
-            self._reservation(kernel, request, self.devices[d], limits)
-            for d in self._of_each_size(candidates)
-        )
+        need = max(self._reservation(kernel, request, self.devices[d], limits) for d in sizes)
         booked, resident = users.booked, users.resident
         if kernel.device is not None and kernel.state != KernelState.OFFLOADING:
             booked -= kernel.booking()
