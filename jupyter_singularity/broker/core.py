@@ -619,12 +619,11 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         """A cell may end with a larger footprint than it reserved; evict idle kernels to fit again."""
         if device is None:
             return
-        total = self.devices[device].total_bytes
-        on_device = list(self._by_device[device].values())
+        total, on_device = self.devices[device].total_bytes, list(self._by_device[device].values())
         booked = sum(k.booking() for k in on_device if k.state != KernelState.OFFLOADING)
-        for victim in sorted(
-            (k for k in on_device if self._evictable(k)), key=lambda k: self._eviction_key(k, now)
-        ):
+        # (none over-committed, the common case: no eviction order to find)
+        evictable = [k for k in on_device if booked > total and self._evictable(k)]
+        for victim in sorted(evictable, key=lambda k: self._eviction_key(k, now)):
             if booked <= total:
                 return
             self._start_offload(victim, "device over-committed", now)

@@ -10,6 +10,7 @@ fill its log or block other kernels.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
@@ -70,11 +71,15 @@ _DIR_SUFFIX_CHARS = 8  # what tempfile.mkdtemp adds to the prefix
 
 
 def _peer_of(frame: zmq.Frame) -> PeerCredentials | None:
-    """The sending process as the OS reports it (ipc transport only)."""
+    """The sending process as the OS reports it (ipc transport only), asked for every message."""
     try:
-        return peer_credentials(frame.get("Peer-Address"))
+        return _credentials(frame.get("Peer-Address"))
     except zmq.ZMQError:
         return None
+
+
+#: The same address the OS reports gives the same (frozen) credentials: parsed once.
+_credentials = functools.lru_cache(maxsize=1024)(peer_credentials)
 
 
 def ipc_supported() -> bool:
