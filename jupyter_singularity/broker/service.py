@@ -179,8 +179,8 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
         self._rpc = RPCServer(self._key_for, self._handle, log)
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
-        self._flush_handle: asyncio.Handle | None = None
-        self._positions_handle: asyncio.Handle | None = None
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._positions_handle: asyncio.TimerHandle | None = None
         self._waits_due: dict[tuple[str, str], Wait] = {}
         self._events: list[tuple[str, dict]] = []
         self.endpoint = ""
@@ -697,15 +697,15 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
                 self.unregister_kernel(kernel_id, connection.stopping or f"process {pid} died")
 
 
-def _later(delay: float, callback: Callable[[], None]) -> asyncio.Handle | None:
-    """Call ``callback`` after ``delay`` seconds (0: the loop's next turn, with no timer), off the
-    path of the event that asked; at once where no event loop runs (then there is no handle)."""
+def _later(delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle | None:
+    """Call ``callback`` after ``delay`` seconds, off the path of the event that asked; at once
+    where no event loop runs (then there is no handle)."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         callback()
         return None
-    return loop.call_later(delay, callback) if delay else loop.call_soon(callback)
+    return loop.call_later(delay, callback)
 
 
 def _lease_event(
