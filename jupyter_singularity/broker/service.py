@@ -497,8 +497,8 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
         self._event(QUEUE_SCHEMA, {"kernel_id": wait.kernel_id, **body})
 
     def _event(self, schema: str, data: dict) -> None:
-        """Emit once the answers of the decision at hand went out: an event a browser listens to
-        is validated against its schema (about 0.2 ms each), which a granted cell would wait for."""
+        """Emit with the next batch (see EVENTS_DELAY), after the answers of the decision at hand
+        went out: a granted cell does not wait for the validation of the events it caused."""
         self._events.append((schema, data))
         if len(self._events) == 1:
             _later(EVENTS_DELAY, self._emit_events)
