@@ -37,7 +37,7 @@ from jupyter_singularity.broker.ledger import Ledger
 from jupyter_singularity.broker.model import Policy
 from jupyter_singularity.broker.quotas import Quotas
 from jupyter_singularity.broker.rpc import MAX_MESSAGE_BYTES, RPCServer
-from jupyter_singularity.broker.service import QUEUE_SCHEMA, BrokerService
+from jupyter_singularity.broker.service import LEASE_SCHEMA, QUEUE_SCHEMA, BrokerService
 from jupyter_singularity.devices import DeviceInfo, DeviceInventory
 from jupyter_singularity.kernel import membership
 from jupyter_singularity.kernel import runtime as runtime_module
@@ -1090,6 +1090,27 @@ async def test_a_grant_goes_out_before_the_events_of_its_decision(service, poole
     await wait_until(lambda: "lease:granted" in order)
     assert order.index("acquire_reply") < order.index("lease:granted"), order
     assert "kernel_state:" in order[order.index("acquire_reply") :], order
+
+
+async def test_an_event_that_fails_to_go_out_costs_the_others_nothing(
+    service, pooled, caplog
+) -> None:
+    """Events go out in batches: a listener that raises on one is logged, and the rest of the
+    batch still goes out."""
+    client = await pooled("k0")
+    emitted: list[str] = []
+
+    def emit(schema: str, data: dict) -> None:
+        if schema == LEASE_SCHEMA and data.get("action") == "granted":
+            raise RuntimeError("a listener failed")
+        emitted.append(f"{schema}:{data.get('action') or data.get('new')}")
+
+    service.emit = emit
+    assert (await call(client, "acquire", {"request_id": "r1", "memory": GiB}))["granted"]
+    client.send("release", {"request_id": "r1", "peak_bytes": GiB, "gpu_bytes": GiB})
+    await wait_until(lambda: "lease:ended" in emitted)
+    assert "kernel_state:running" in emitted and "kernel_state:resident" in emitted, emitted
+    assert "could not emit the lease event" in caplog.text
 
 
 async def test_release_books_the_drivers_figure_where_it_is_larger(service, pooled) -> None:

@@ -506,7 +506,10 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
     def _emit_events(self) -> None:
         events, self._events = self._events, []
         for schema, data in events:
-            self.emit(schema, data)
+            try:
+                self.emit(schema, data)
+            except Exception:  # one listener's failure must cost the others nothing
+                self.log.exception("jupyter-singularity: could not emit the %s event", schema)
 
     def _flush_ledger(self) -> None:
         self._flush_handle = None
