@@ -433,7 +433,7 @@ class Incremental:
             carried = self._carry(order) if self._to_carry else None
             if carried is not None:
                 kernel_id, claim_order = carried
-                at = bisect.bisect_left(queue, claim_order, lo=index, key=_order)
+                at = bisect.bisect_left(queue, claim_order, lo=index, key=queue_order)
                 if kernel_id is None:  # (its claim left no device unclaimed)
                     return at + 1
                 self._loud.add(kernel_id)  # (until it is found quiet again)
@@ -444,7 +444,7 @@ class Incremental:
             if request is None:
                 return len(queue)
             heapq.heappop(visit)
-            at = bisect.bisect_left(queue, order, lo=index, key=_order)
+            at = bisect.bisect_left(queue, order, lo=index, key=queue_order)
             if at < len(queue) and queue[at] is request:
                 self._at = order
                 return at
@@ -751,9 +751,9 @@ def _ranked(ranks: list[tuple] | None) -> tuple[dict[int, tuple] | None, list[tu
 _serial = itertools.count()
 
 
-_order = operator.attrgetter("order")
-_first = operator.itemgetter(0)
+queue_order = operator.attrgetter("order")
 """A request's place in the queue (a key in C: bisecting the queue calls no Python)."""
+_first = operator.itemgetter(0)
 
 
 def _heap(ranks: Iterable[tuple]) -> list[tuple]:

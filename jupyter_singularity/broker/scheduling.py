@@ -10,11 +10,10 @@ placement search.
 from __future__ import annotations
 
 import bisect
-import operator
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from .incremental import Incremental
+from .incremental import Incremental, queue_order
 from .model import (
     OFF_DEVICE_STATES,
     Action,
@@ -80,7 +79,7 @@ class Scheduling:
             ]
             return self._queue
         for request in left:  # (a few: each found by its place, not by a walk of the queue)
-            at = bisect.bisect_left(queue, request.order, key=_order)
+            at = bisect.bisect_left(queue, request.order, key=queue_order)
             if at < len(queue) and queue[at] is request:
                 del queue[at]
         return queue
@@ -96,7 +95,7 @@ class Scheduling:
         kernel.request = Request(
             request_id, kernel.kernel_id, memory, (now + delay, next(self._seq)), hold
         )
-        bisect.insort(self._queue, kernel.request, key=_order)
+        bisect.insort(self._queue, kernel.request, key=queue_order)
 
     def _schedule(self, now: float) -> None:
         """One pass over the queue in fair-share order.
@@ -221,7 +220,3 @@ class Scheduling:
                 request.position = position
                 waits.append(Wait(request.kernel_id, request.request_id, position, request.reason))
         return waits
-
-
-_order = operator.attrgetter("order")
-"""A request's place in the queue (a key in C: bisecting the queue calls no Python)."""
