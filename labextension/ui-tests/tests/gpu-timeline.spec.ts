@@ -85,19 +85,23 @@ test('the timeline after two notebooks took turns on the GPU', async ({ page, tm
   expect(await bars.count()).toBeGreaterThanOrEqual(3);
   await expect(svg.locator('g.mark-symbol path').first()).toBeAttached();
 
-  // Hovering turn-a's widest bar shows its notebook, user, duration and bytes.
+  // Hovering turn-a's widest bar shows its notebook, user, duration and bytes. The attributes
+  // above change with the data; Vega redraws the SVG after them, so wait for both of its bars.
   await timeline.scrollIntoViewIfNeeded();
-  const widths = await bars.evaluateAll(paths =>
-    paths.map(p => ({
-      width: p.getBoundingClientRect().width,
-      label: p.getAttribute('aria-label') ?? ''
-    }))
-  );
-  const mine = widths
-    .map((w, index) => ({ ...w, index }))
-    .filter(w => w.label.includes('turn-a.ipynb'))
-    .sort((a, b) => b.width - a.width);
-  expect(mine.length).toBeGreaterThanOrEqual(2);
+  const barsOf = async (notebook: string) =>
+    (
+      await bars.evaluateAll(paths =>
+        paths.map(p => ({
+          width: p.getBoundingClientRect().width,
+          label: p.getAttribute('aria-label') ?? ''
+        }))
+      )
+    )
+      .map((w, index) => ({ ...w, index }))
+      .filter(w => w.label.includes(notebook))
+      .sort((a, b) => b.width - a.width);
+  await expect.poll(async () => (await barsOf('turn-a.ipynb')).length).toBeGreaterThanOrEqual(2);
+  const mine = await barsOf('turn-a.ipynb');
   await bars.nth(mine[0].index).hover();
   const tooltip = page.locator('#vg-tooltip-element');
   await expect(tooltip).toBeVisible();
