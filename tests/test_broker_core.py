@@ -1367,6 +1367,9 @@ class BrokerMachine(RuleBasedStateMachine):
             if isinstance(action, Grant):
                 self.check_grant(action, call)
                 granted_users.add(self.alive[kid])
+                # (a restore with nothing to copy leaves an idle kernel on the device, which a
+                # request behind it in the same decision may evict: the Offload names that device)
+                call.devices_before[kid] = action.device
             elif isinstance(action, Deny):
                 assert action.reason.strip(), action
                 if self.pending.get(kid) == action.request_id or (
@@ -2070,3 +2073,33 @@ BrokerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestBrokerMachine = BrokerMachine.TestCase
+
+
+def test_a_restore_with_nothing_to_copy_may_be_evicted_by_the_cell_behind_it():
+    """Found by the state machine: a user's restore of a kernel whose lease was revoked (no state
+    to copy) is granted, and the cell queued behind it evicts that idle kernel in the same
+    decision; the Offload names the device the Grant just gave it."""
+    state = BrokerMachine()
+    policy = Policy(
+        idle_timeout=0.0,
+        migration=False,
+        pinned_per_kernel=0,
+        pinned_total=None,
+        host_memory_limit=0,
+    )
+    state.setup(shape="2x16GiB", config=None, policy=policy, users=["alice"] * 4)
+    state.acquire(any_kernel=False, index=0, memory=None)
+    state.lifecycle(die=False, index=0, user="alice")
+    state.acquire(any_kernel=False, index=0, memory=GiB // 2)
+    state.watchdog(index=1, kind="stall")
+    state.acquire(any_kernel=False, index=0, memory=None)
+    state.lifecycle(die=True, index=0, user="alice")
+    state.acquire(any_kernel=False, index=0, memory=GiB // 2)
+    state.watchdog(index=0, kind="revoke")
+    state.watchdog(index=0, kind="answer")
+    state.user_request(any_state=False, index=0, kind="restore")
+    state.acquire(any_kernel=False, index=0, memory=None)
+    evicting = len(state.offloading)
+    state.watchdog(index=1, kind="stall")
+    assert len(state.offloading) == evicting + 1
+    state.teardown()
