@@ -169,3 +169,91 @@ def test_a_request_may_use_its_chips_largest_gpu_only_though_another_chip_has_mo
     # Its own chip's devices still hold it back, the same list found again.
     (deny,) = core.acquire("k", "r4", 7.0, memory=9 * GiB)
     assert isinstance(deny, Deny) and "has 8.0 GiB" in deny.reason
+
+
+def chips(count: int) -> list[DeviceInfo]:
+    """Two chips of ``count // 2`` devices each (16 and 8 GiB): enough candidates that requests
+    are placed from the orders kept for requests alike (see ``rank_index``)."""
+    return [
+        DeviceInfo(
+            i, f"GPU-{i}", "H" if i % 2 else "A", "H" if i % 2 else "A", (i % 2 + 1) * 8 * GiB
+        )
+        for i in range(count)
+    ]
+
+
+def deep_event(
+    core: BrokerCore, rng: random.Random, serial: int, now: float, pending: list
+) -> list:
+    """A random event that keeps the queue about twice as deep as the devices: cells of idle
+    kernels ask, running cells end, reports come back, cells are cancelled, kernels come and go,
+    are pinned or stop answering (no quota changes, which would deny the queue away)."""
+    kernels = sorted(core.kernels.values(), key=lambda k: k.kernel_id)
+    kernel = rng.choice(kernels)
+    roll = rng.random()
+    try:
+        if roll < 0.4 and len(core.queue()) < 2 * len(core.devices):
+            idle = [k for k in kernels if k.lease is None and k.request is None]
+            if idle:
+                memory = rng.choice((None, None, None, 2 * GiB))
+                return core.acquire(rng.choice(idle).kernel_id, f"r{serial}", now, memory)
+        if roll < 0.62:
+            running = [k for k in kernels if k.lease is not None and k.lease.hold]
+            if running:
+                kernel = rng.choice(running)
+                peak = rng.randrange(1, 7) * GiB
+                rid = kernel.lease.request_id
+                return core.release(kernel.kernel_id, rid, now, peak, peak // 2)
+        if roll < 0.8 and pending:
+            reported = core.kernels.get(pending.pop(0))
+            if reported is not None and reported.state == KernelState.OFFLOADING:
+                return core.offloaded(reported.kernel_id, now, reported.gpu_bytes)
+            if reported is not None and reported.state == KernelState.RESTORING:
+                return core.restored(reported.kernel_id, now)
+        if roll < 0.85 and kernel.request is not None:
+            return core.cancel(kernel.kernel_id, kernel.request.request_id, now)
+        if roll < 0.88:
+            core.unregister(kernel.kernel_id, now)
+            return core.register(f"k{serial}", kernel.user, now)
+        if roll < 0.91:
+            return core.set_pinned(kernel.kernel_id, not kernel.pinned, now)
+        if roll < 0.93:
+            since = None if kernel.stalled_since is not None else now
+            return core.set_stalled(kernel.kernel_id, since, now)
+        if roll < 0.94:
+            device = rng.randrange(len(core.devices))
+            reason = None if device in core.unavailable else "a lease there may still write"
+            return core.set_device_unavailable(device, reason, now)
+        return core.tick(now)
+    except BrokerError as error:
+        return [str(error)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_claims_carried_over_in_a_large_pool_decide_as_a_pass_from_nothing(seed: int) -> None:
+    """A queue deeper than a pool of 32 devices: most requests wait for a device they claim, and
+    each pass carries over the claims that stand instead of placing them again. Random events
+    (the same as above) on a core that keeps claims, orders of devices and memos between passes
+    must return what a core starting every event from nothing returns."""
+    quotas = Quotas.parse({"default": {"max_resident_kernels": 6}, "user:u3": {"priority": 2}})
+    kept, fresh = (BrokerCore(chips(32), quotas, Policy(), now=0.0) for _ in range(2))
+    rng_kept, rng_fresh = random.Random(seed), random.Random(seed)
+    now, pending_kept, pending_fresh = 0.0, [], []
+    carried = 0
+    for core in (kept, fresh):
+        for serial in range(120):
+            core.register(f"k{serial:03d}", f"u{serial % 12}", 0.0)
+            core.acquire(f"k{serial:03d}", f"r{serial}", 0.0)
+    for serial in range(120, 520):
+        now += random.Random(seed * 1000 + serial).choice((0.5, 3.0, 20.0))
+        fresh._incremental = FromNothing(fresh)
+        expected = deep_event(fresh, rng_fresh, serial, now, pending_fresh)
+        actions = deep_event(kept, rng_kept, serial, now, pending_kept)
+        assert actions == expected, f"event {serial}"
+        if serial % 3 == 0:
+            assert kept.positions() == fresh.positions(), f"event {serial}"
+        for pending, happened in ((pending_kept, actions), (pending_fresh, expected)):
+            pending += [a.kernel_id for a in happened if isinstance(a, Offload)]
+            pending += [a.kernel_id for a in happened if isinstance(a, Grant) and a.restore]
+        carried += kept._incremental._to_carry
+    assert carried > 1000  # (passes did carry claims over)
