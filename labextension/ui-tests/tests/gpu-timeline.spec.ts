@@ -82,7 +82,7 @@ test('the timeline after two notebooks took turns on the GPU', async ({ page, tm
   await expect(svg).toBeVisible();
   await expect(svg).toContainText('GPU 0');
   const bars = svg.locator('g.mark-rect path');
-  expect(await bars.count()).toBeGreaterThanOrEqual(3);
+  await expect.poll(() => bars.count()).toBeGreaterThanOrEqual(3);
   await expect(svg.locator('g.mark-symbol path').first()).toBeAttached();
 
   // Hovering turn-a's widest bar shows its notebook, user, duration and bytes. The attributes
