@@ -11,12 +11,21 @@ tell the same requests that moved up the queue their place.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 
 from jupyter_singularity.broker.core import BrokerCore
 from jupyter_singularity.broker.incremental import Incremental
-from jupyter_singularity.broker.model import BrokerError, Deny, Grant, KernelState, Offload, Policy
+from jupyter_singularity.broker.model import (
+    BrokerError,
+    Deny,
+    Grant,
+    Kernel,
+    KernelState,
+    Offload,
+    Policy,
+)
 from jupyter_singularity.broker.quotas import Quotas
 from jupyter_singularity.devices import DeviceInfo
 
@@ -52,6 +61,55 @@ def devices(seed: int) -> list[DeviceInfo]:
     ]
 
 
+def report(core: BrokerCore, pending: list, now: float) -> list | None:
+    """The offload or restore a core asked for first, reported done (None: it is moot now)."""
+    kernel = core.kernels.get(pending.pop(0))
+    if kernel is not None and kernel.state == KernelState.OFFLOADING:
+        return core.offloaded(kernel.kernel_id, now, kernel.gpu_bytes)
+    if kernel is not None and kernel.state == KernelState.RESTORING:
+        return core.restored(kernel.kernel_id, now)
+    return None
+
+
+def toggle(core: BrokerCore, rng: random.Random, kernel: Kernel, roll: float, now: float) -> list:
+    """Pin or unpin ``kernel`` (``roll`` < 1/3), let it stop or start answering (< 2/3), or close
+    or reopen a device."""
+    if roll < 1 / 3:
+        return core.set_pinned(kernel.kernel_id, not kernel.pinned, now)
+    if roll < 2 / 3:
+        since = None if kernel.stalled_since is not None else now
+        return core.set_stalled(kernel.kernel_id, since, now)
+    device = rng.randrange(len(core.devices))
+    reason = None if device in core.unavailable else "a lease there may still write"
+    return core.set_device_unavailable(device, reason, now)
+
+
+def replay(
+    kept: BrokerCore, fresh: BrokerCore, seed: int, serials: range, make_event: Callable
+) -> tuple[list, int]:
+    """The same random events (``make_event``, seeded alike) on a core that keeps what it found
+    between passes and on one that starts every event from nothing: each event must return the
+    same actions, and the queue the same places. Returns every event's actions, and how many
+    claims the keeping core carried over from one pass to the next."""
+    rng_kept, rng_fresh = random.Random(seed), random.Random(seed)
+    now, pending_kept, pending_fresh = 0.0, [], []
+    every, carried = [], 0
+    for serial in serials:
+        now += random.Random(seed * 1000 + serial).choice((0.5, 3.0, 20.0))
+        fresh._incremental = FromNothing(fresh)
+        expected = make_event(fresh, rng_fresh, serial, now, pending_fresh)
+        actions = make_event(kept, rng_kept, serial, now, pending_kept)
+        assert actions == expected, f"event {serial}"
+        if serial % 3 == 0:  # (the service tells moved requests their place now and then)
+            assert kept.positions() == fresh.positions(), f"event {serial}"
+        for pending, happened in ((pending_kept, actions), (pending_fresh, expected)):
+            pending += [a.kernel_id for a in happened if isinstance(a, Offload)]
+            pending += [a.kernel_id for a in happened if isinstance(a, Grant) and a.restore]
+        every.append(actions)
+        carried += kept._incremental._to_carry
+    return every, carried
+
+
 def event(core: BrokerCore, rng: random.Random, serial: int, now: float, pending: list) -> list:
     """One random event on ``core`` (the same for both cores: ``rng`` is seeded alike)."""
     kernels = sorted(core.kernels.values(), key=lambda k: k.kernel_id)
@@ -73,21 +131,10 @@ def event(core: BrokerCore, rng: random.Random, serial: int, now: float, pending
             rid = kernel.lease.request_id
             return core.release(kernel.kernel_id, rid, now, peak, peak // 2)
         if roll < 0.8 and pending:
-            kernel = core.kernels.get(pending.pop(0))
-            if kernel is not None and kernel.state == KernelState.OFFLOADING:
-                return core.offloaded(kernel.kernel_id, now, kernel.gpu_bytes)
-            if kernel is not None and kernel.state == KernelState.RESTORING:
-                return core.restored(kernel.kernel_id, now)
-            return core.tick(now)
-        if roll < 0.83:
-            return core.set_pinned(kernel.kernel_id, not kernel.pinned, now)
-        if roll < 0.86:
-            since = None if kernel.stalled_since is not None else now
-            return core.set_stalled(kernel.kernel_id, since, now)
+            reported = report(core, pending, now)
+            return core.tick(now) if reported is None else reported
         if roll < 0.88:
-            device = rng.randrange(len(core.devices))
-            reason = None if device in core.unavailable else "a lease there may still write"
-            return core.set_device_unavailable(device, reason, now)
+            return toggle(core, rng, kernel, (roll - 0.8) / 0.08, now)
         if roll < 0.9:
             return core.set_quotas(Quotas.parse(rng.choice(QUOTA_SETS)), now)
         if roll < 0.92 and kernel.state == KernelState.OFFLOADED:
@@ -104,21 +151,8 @@ def test_kept_placements_decide_as_a_pass_from_nothing(seed: int) -> None:
     kept, fresh = (
         BrokerCore(devices(seed), Quotas.parse(quotas), policy, now=0.0) for _ in range(2)
     )
-    rng_kept, rng_fresh = random.Random(seed), random.Random(seed)
-    now, pending_kept, pending_fresh = 0.0, [], []
-    grants = 0
-    for serial in range(500):
-        now += random.Random(seed * 1000 + serial).choice((0.5, 3.0, 20.0))
-        fresh._incremental = FromNothing(fresh)
-        expected = event(fresh, rng_fresh, serial, now, pending_fresh)
-        actions = event(kept, rng_kept, serial, now, pending_kept)
-        assert actions == expected, f"event {serial}"
-        if serial % 3 == 0:  # (the service tells moved requests their place now and then)
-            assert kept.positions() == fresh.positions(), f"event {serial}"
-        for pending, happened in ((pending_kept, actions), (pending_fresh, expected)):
-            pending += [a.kernel_id for a in happened if isinstance(a, Offload)]
-            pending += [a.kernel_id for a in happened if isinstance(a, Grant) and a.restore]
-        grants += sum(isinstance(a, Grant) for a in actions)
+    every, _ = replay(kept, fresh, seed, range(500), event)
+    grants = sum(isinstance(a, Grant) for actions in every for a in actions)
     assert grants > 20  # (the sequence does place requests)
 
 
@@ -204,26 +238,15 @@ def deep_event(
                 peak = rng.randrange(1, 7) * GiB
                 rid = kernel.lease.request_id
                 return core.release(kernel.kernel_id, rid, now, peak, peak // 2)
-        if roll < 0.8 and pending:
-            reported = core.kernels.get(pending.pop(0))
-            if reported is not None and reported.state == KernelState.OFFLOADING:
-                return core.offloaded(reported.kernel_id, now, reported.gpu_bytes)
-            if reported is not None and reported.state == KernelState.RESTORING:
-                return core.restored(reported.kernel_id, now)
+        if roll < 0.8 and pending and (reported := report(core, pending, now)) is not None:
+            return reported
         if roll < 0.85 and kernel.request is not None:
             return core.cancel(kernel.kernel_id, kernel.request.request_id, now)
         if roll < 0.88:
             core.unregister(kernel.kernel_id, now)
             return core.register(f"k{serial}", kernel.user, now)
-        if roll < 0.91:
-            return core.set_pinned(kernel.kernel_id, not kernel.pinned, now)
-        if roll < 0.93:
-            since = None if kernel.stalled_since is not None else now
-            return core.set_stalled(kernel.kernel_id, since, now)
         if roll < 0.94:
-            device = rng.randrange(len(core.devices))
-            reason = None if device in core.unavailable else "a lease there may still write"
-            return core.set_device_unavailable(device, reason, now)
+            return toggle(core, rng, kernel, (roll - 0.88) / 0.06, now)
         return core.tick(now)
     except BrokerError as error:
         return [str(error)]
@@ -237,23 +260,9 @@ def test_claims_carried_over_in_a_large_pool_decide_as_a_pass_from_nothing(seed:
     must return what a core starting every event from nothing returns."""
     quotas = Quotas.parse({"default": {"max_resident_kernels": 6}, "user:u3": {"priority": 2}})
     kept, fresh = (BrokerCore(chips(32), quotas, Policy(), now=0.0) for _ in range(2))
-    rng_kept, rng_fresh = random.Random(seed), random.Random(seed)
-    now, pending_kept, pending_fresh = 0.0, [], []
-    carried = 0
     for core in (kept, fresh):
         for serial in range(120):
             core.register(f"k{serial:03d}", f"u{serial % 12}", 0.0)
             core.acquire(f"k{serial:03d}", f"r{serial}", 0.0)
-    for serial in range(120, 520):
-        now += random.Random(seed * 1000 + serial).choice((0.5, 3.0, 20.0))
-        fresh._incremental = FromNothing(fresh)
-        expected = deep_event(fresh, rng_fresh, serial, now, pending_fresh)
-        actions = deep_event(kept, rng_kept, serial, now, pending_kept)
-        assert actions == expected, f"event {serial}"
-        if serial % 3 == 0:
-            assert kept.positions() == fresh.positions(), f"event {serial}"
-        for pending, happened in ((pending_kept, actions), (pending_fresh, expected)):
-            pending += [a.kernel_id for a in happened if isinstance(a, Offload)]
-            pending += [a.kernel_id for a in happened if isinstance(a, Grant) and a.restore]
-        carried += kept._incremental._to_carry
+    _, carried = replay(kept, fresh, seed, range(120, 520), deep_event)
     assert carried > 1000  # (passes did carry claims over)
