@@ -621,9 +621,11 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
             return
         total, on_device = self.devices[device].total_bytes, list(self._by_device[device].values())
         booked = sum(k.booking() for k in on_device if k.state != KernelState.OFFLOADING)
-        # (none over-committed, the common case: no eviction order to find)
-        evictable = [k for k in on_device if booked > total and self._evictable(k)]
-        for victim in sorted(evictable, key=lambda k: self._eviction_key(k, now)):
+        if booked <= total:
+            return  # (the common case: no eviction order to find)
+        for victim in sorted(
+            filter(self._evictable, on_device), key=lambda k: self._eviction_key(k, now)
+        ):
             if booked <= total:
                 return
             self._start_offload(victim, "device over-committed", now)
