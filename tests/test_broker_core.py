@@ -308,6 +308,24 @@ def test_running_cells_are_not_interrupted_the_waiter_gets_the_device_when_they_
     assert one(core.offloaded("k1", T0 + 11, host_bytes=2 * GiB), Grant).kernel_id == "k2"
 
 
+def test_a_waiting_request_keeps_its_gpu_when_one_ahead_leaves_but_not_a_free_one():
+    users = {"a0": "ann", "a1": "ben", "a2": "cat", "q1": "dan", "q2": "eve", "q3": "fay"}
+    core = make(sim("3x16GiB"), kernels=users)
+    for device, kid in enumerate(("a0", "a1", "a2")):
+        assert one(core.acquire(kid, f"r{kid}", T0), Grant).device == device
+    for at, kid in enumerate(("q1", "q2", "q3"), 1):
+        assert one(core.acquire(kid, f"r{kid}", T0 + at), Wait).reason.startswith(f"GPU {at - 1} ")
+    # Equally busy GPUs: the requests behind the one that left keep theirs, and are not told.
+    actions = core.cancel("q1", "rq1", T0 + 5)
+    assert not of(actions, Wait)
+    assert [r.claimed for r in core.queue()] == [1, 2]
+    # A GPU that can make room now is better than the claimed one, though.
+    actions = core.release("a0", "ra0", T0 + 6, peak_bytes=GiB, gpu_bytes=GiB)
+    assert ids(actions, Offload) == ["a0"]
+    assert core.kernels["q2"].request.claimed == 0
+    assert one(core.offloaded("a0", T0 + 7, host_bytes=GiB), Grant).kernel_id == "q2"
+
+
 def test_cancel_leaves_the_queue_and_nothing_is_granted_to_it_afterwards():
     core = make(kernels={"k1": "alice", "k2": "bob"})
     core.acquire("k1", "r1", T0)

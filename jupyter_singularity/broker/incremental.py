@@ -334,7 +334,7 @@ class Incremental:
         from the kernel's own ones: see ``_DeviceView.ranks``) is read without a call per device,
         which is what a search over every device of a large pool costs."""
         rank, views, sizes = self.core._rank, self._views, self._sizes
-        own = {kernel.device, kernel.home}
+        own = {kernel.device, kernel.home, request.claimed}
         own.update(context.quota_devices)
         first_cell = request.memory is None and not kernel.peaks
         state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes if first_cell else -1
@@ -346,7 +346,7 @@ class Incremental:
             if view is None or reservation is None or d in own:
                 found_rank = rank(kernel, request, context, d)
             else:
-                found_rank = view.ranks.get((reservation, state, False), view)
+                found_rank = view.ranks.get((reservation, state, False, False), view)
                 if found_rank is view:
                     found_rank = rank(kernel, request, context, d)
             if found_rank:
@@ -553,6 +553,15 @@ class Incremental:
             self._loud.discard(kernel.kernel_id)
             self._quiet.setdefault(kernel.user, set()).add(kernel.kernel_id)
             self._quiet_claims += memo.placement.device is not None
+
+    def reclaimed(self, kernel_id: str) -> None:
+        """The kernel's request claims another device (or none) from now on. Its ranks on the
+        device it claimed and on the one it claims now were found with the old claim (see
+        ``Placement._ranked_on``), so its next placement ranks every device again; until then
+        its placement stands (its new device only ranks better with the claim)."""
+        memo = self._memos.get(kernel_id)
+        if memo is not None and memo.ranks is not None:
+            memo.ranks, memo.heap = None, []
 
     def behind(self, rest: list[Request]) -> None:
         """Every device is claimed ahead of ``rest``: each of them is looked at (it waits behind

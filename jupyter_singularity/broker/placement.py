@@ -145,7 +145,7 @@ class Placement:
             asked = self._reservation(kernel, request, self.devices[candidates[0]], limits)
             floor = self._pass.busy_floor
             if floor is not None and asked >= floor:
-                device = self._pass.least_busy(claimed)
+                device = self._pass.least_busy(claimed, request.claimed)
                 return _Placement(
                     device=device,
                     reservation=asked,
@@ -201,7 +201,7 @@ class Placement:
         # on these alone: requests alike share it until the device changes.
         first_cell = request.memory is None and not kernel.peaks
         state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes if first_cell else -1
-        key = (reservation, state, d == kernel.home)
+        key = (reservation, state, d == kernel.home, d == request.claimed)
         rank = view.ranks.get(key, view)
         if rank is view:
             rank = view.ranks[key] = self._ranked_on(kernel, request, context, d, view, reservation)
@@ -239,8 +239,12 @@ class Placement:
         # Only fits once a kernel that stopped answering gives its memory back.
         needs_stalled = freeable - view.stalled < reservation
         affinity = 0 if d in (kernel.device, kernel.home) else 1
+        # A waiting request keeps the GPU it claims unless another one is better by more than
+        # its room: requests behind it are not all moved by one when one ahead leaves, and the
+        # room it is making there (offloads started, its state restoring early) is not wasted.
+        stays = 0 if d == request.claimed else 1
         if free >= reservation:
-            return ((0, affinity, free - reservation, d), d, reservation, [])
+            return ((0, affinity, stays, free - reservation, d), d, reservation, [])
         need = reservation - free
         pending = view.offloading
         victims: list[Kernel] | int = []
@@ -260,10 +264,10 @@ class Placement:
                 pending += victim.booking()
             freed = None if pending < need else sum(v.booking() for v in victims)
         if freed is not None:
-            return ((1, affinity, freed, d), d, reservation, victims)
+            return ((1, affinity, stays, freed, d), d, reservation, victims)
         if needs_stalled:
-            return ((3, affinity, view.stalled, d), d, reservation, [])
-        return ((2, affinity, view.running, d), d, reservation, [])
+            return ((3, affinity, stays, view.stalled, d), d, reservation, [])
+        return ((2, affinity, stays, view.running, d), d, reservation, [])
 
     def _placement_on(
         self, kernel: Kernel, context: _Context, best: tuple, asked: int
@@ -408,8 +412,11 @@ class _Pass:
         self._by_busyness: list[int] | None = None
         self._quota_bases: dict[str, _UsersKernels] = {}
 
-    def least_busy(self, claimed: set[int]) -> int:
-        """The unclaimed device with the fewest bytes under running leases."""
+    def least_busy(self, claimed: set[int], stays: int | None) -> int:
+        """The device the request claims (``stays``) if it is unclaimed, else the unclaimed
+        device with the fewest bytes under running leases (see ``Placement._ranked_on``)."""
+        if stays is not None and stays not in claimed:
+            return stays
         if self._by_busyness is None:
             self._by_busyness = sorted(self.core.devices, key=lambda d: (self.view(d).running, d))
         return next(d for d in self._by_busyness if d not in claimed)

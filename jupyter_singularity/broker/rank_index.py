@@ -97,7 +97,7 @@ class RankIndex:
         if context.anywhere or kernel.device is not None or len(candidates) < _MANY:
             return None
         rank = core._rank
-        own = {kernel.home, *context.quota_devices}
+        own = {kernel.home, request.claimed, *context.quota_devices}
         own_rank = min(
             (
                 r
@@ -179,10 +179,10 @@ class RankIndex:
         best = ranks.get(device)
         if best is None:
             return False
-        best_key = _at_home(best[0]) if device == home else best[0]
+        best_key = _own(best[0], device == home, device == request.claimed)
         if home in changed:
             found = None if home in claimed else ranks.get(home)
-            if found is not None and _at_home(found[0]) < best_key:
+            if found is not None and _own(found[0], True, home == request.claimed) < best_key:
                 return False
         if order.floor_of != version:
             found = [r[0] for d in changed if d not in claimed and (r := ranks.get(d)) is not None]
@@ -193,8 +193,9 @@ class RankIndex:
         self, order: _Order, kernel: Kernel, request: Request, context: _Context
     ) -> None:
         """Rank the changed devices again for requests of this kind (``kernel``'s request is one:
-        its rank on its home differs from theirs by the affinity alone; on the devices it makes
-        room under quota from, by what it makes room with)."""
+        its rank on its home and on the device it claims differs from theirs by the key alone
+        (see :func:`_own`); on the devices it makes room under quota from, by what it makes room
+        with)."""
         core, keys, ranks, state = self.core, order.keys, order.ranks, order.state
         views, reservations, size_of = core._incremental, context.reservations, self._size_of
         if context.quota_victims:
@@ -207,15 +208,15 @@ class RankIndex:
                 if at < order.head:
                     order.head -= 1
             view = views.view(d)
-            key = (reservations[size_of[d]], state, False)
+            key = (reservations[size_of[d]], state, False, False)
             found = view.ranks.get(key, view)
-            if found is view and d != kernel.home:
+            if found is view and d != kernel.home and d != request.claimed:
                 found = core._rank(kernel, request, context, d)
             elif found is view:
                 found = core._rank(kernel, request, context, d)
                 if found is not None:
-                    (tier, _, room, _), _, reservation, victims = found
-                    found = ((tier, 1, room, d), d, reservation, victims)
+                    (tier, _, _, room, _), _, reservation, victims = found
+                    found = ((tier, 1, 1, room, d), d, reservation, victims)
                 view.ranks[key] = found
             if found is not None:
                 ranks[d] = found
@@ -226,7 +227,10 @@ class RankIndex:
         order.dirty.clear()
 
 
-def _at_home(key: tuple) -> tuple:
-    """A rank's key on the request's home device, from the key requests alike have there."""
-    tier, _, room, device = key
-    return (tier, 0, room, device)
+def _own(key: tuple, home: bool, claims: bool) -> tuple:
+    """A rank's key on a device that is the request's home or the one it claims, from the key
+    requests alike have there (see ``Placement._ranked_on``)."""
+    if not home and not claims:
+        return key
+    tier, affinity, stays, room, device = key
+    return (tier, 0 if home else affinity, 0 if claims else stays, room, device)

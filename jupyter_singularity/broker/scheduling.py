@@ -146,8 +146,10 @@ class Scheduling:
                     self._grant(kernel, request, placement, now)
                     continue
                 position += 1
-                if placement.device is not None:
+                if placement.device != request.claimed:
+                    incremental.reclaimed(kernel.kernel_id)
                     request.claimed = placement.device
+                if placement.device is not None:
                     claimed.add(placement.device)
                     incremental.claim(request.order, placement.device, kernel.kernel_id)
                 for victim in placement.victims:
@@ -169,6 +171,7 @@ class Scheduling:
         kernels, over = self.kernels, self._incremental.over
         for request in rest:
             kernel = kernels[request.kernel_id]
+            request.claimed = None  # (its placement is found again when it is next placed)
             if kernel.lease is not None:
                 position += 1
                 reason = _RESTORING
