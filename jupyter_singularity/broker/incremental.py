@@ -140,6 +140,9 @@ class _Memo:
     kernel_touched: bool = False
     """Whether its own kernel changed since (else a change to another kernel of its user leaves
     its ranks standing where its context is found the same)."""
+    claim_key: tuple | None = None
+    """The key of its rank on the device it claims, once a pass carried the claim over (it
+    stands while that device does not change: see :meth:`Incremental._carry`)."""
 
 
 class Incremental:
@@ -460,7 +463,7 @@ class Incremental:
         old, kernels, memos, loud = self._old_claims, self.core.kernels, self._memos, self._loud
         claimed, claims, unclaimed_changed = self._claimed, self._claims, self._unclaimed_changed
         assert claimed is not None
-        differ, stands = self._claims_differ, self.alike.stands
+        differ, alike = self._claims_differ, self.alike
         everywhere, last, at, epoch = (
             len(self.core.devices),
             self._pass_no - 1,
@@ -504,13 +507,26 @@ class Incremental:
                     changed = found_for.get(candidates)
                     if changed is None:
                         changed = found_for[candidates] = self._changed_for(candidates)
-                    if changed and (
-                        memo.ranks is not None
-                        or context.alike is None
-                        or device in changed
-                        or not stands(kernel, request, context, device, changed, claimed, found_at)
-                    ):
-                        return kernel_id, order
+                    if changed:
+                        if memo.ranks is not None or context.alike is None or device in changed:
+                            return kernel_id, order
+                        key = memo.claim_key
+                        if key is None:
+                            key = memo.claim_key = alike.claim_key(kernel, request, context, device)
+                            if key is None:
+                                return kernel_id, order
+                        order_alike = context.alike
+                        if (
+                            order_alike.floor_of != found_at
+                            or kernel.home in changed
+                            or context.quota_devices
+                        ):
+                            if not alike.stands(
+                                kernel, request, context, key, changed, claimed, found_at
+                            ):
+                                return kernel_id, order
+                        elif order_alike.floor is not None and not key < order_alike.floor:
+                            return kernel_id, order
                 # Its old claim and its new one are alike: neither makes the claims differ.
                 next_old = index
                 carried += 1
@@ -665,7 +681,7 @@ class Incremental:
                     memo.placement = self._rank_again(
                         kernel, request, context, claimed, memo, changed
                     )
-            memo.pass_no = self._pass_no
+            memo.pass_no, memo.claim_key = self._pass_no, None
             if memo.placement.deny:
                 del self._memos[kernel.kernel_id]
             return memo.placement

@@ -133,7 +133,7 @@ class Placement:
         """The device ``request`` runs on, or waits for, and the ranks of its unclaimed
         candidates that could make room (None: decided without ranking them)."""
         candidates, limits = context.candidates, context.limits
-        if claimed.issuperset(candidates):
+        if len(claimed) >= len(candidates) and claimed.issuperset(candidates):
             # Every device it could use is claimed by an earlier request: nothing to decide yet.
             return _Placement(wait="queued behind earlier requests for the same GPU"), None
         assert self._pass is not None

@@ -151,43 +151,52 @@ class RankIndex:
         context.alike = order
         return order
 
+    def claim_key(
+        self, kernel: Kernel, request: Request, context: _Context, device: int
+    ) -> tuple | None:
+        """The key of the request's rank on ``device``, the one it claims, found in the order
+        of requests alike; None when that order cannot tell it (dropped, or the rank there is
+        the request's own: it makes room under quota there)."""
+        order = context.alike
+        assert order is not None
+        if not order.kept or device in context.quota_devices:
+            return None
+        if order.dirty:
+            self._rank_again(order, kernel, request, context)
+        best = order.ranks.get(device)
+        return None if best is None else _own(best[0], device == kernel.home, True)
+
     def stands(
         self,
         kernel: Kernel,
         request: Request,
         context: _Context,
-        device: int,
+        key: tuple,
         changed: set[int],
         claimed: set[int],
         version: int,
     ) -> bool:
-        """Whether ``device``, the request's best when last found in the order of requests
-        alike and unchanged since, is still its best although the ``changed`` devices (of its
-        candidates, unclaimed ahead of it in one pass at least) changed: none of them that is
-        unclaimed now ranks better. ``version`` changes whenever ``changed`` may (for a request
-        of this kind) and whenever which of them are claimed may."""
+        """Whether the device the request claims, of rank ``key`` (see :meth:`claim_key`), found
+        in the order of requests alike and unchanged since, is still its best although the
+        ``changed`` devices (of its candidates, unclaimed ahead of it in one pass at least)
+        changed: none of them that is unclaimed now ranks better. ``version`` changes whenever
+        ``changed`` may (for a request of this kind) and whenever which of them are claimed may."""
         order = context.alike
         assert order is not None
-        if not order.kept:
-            return False
-        quota_devices = context.quota_devices
-        if quota_devices and (device in quota_devices or not quota_devices.isdisjoint(changed)):
+        if not order.kept or not context.quota_devices.isdisjoint(changed):
             return False  # (its ranks there are its own: looked at)
-        if order.dirty:
-            self._rank_again(order, kernel, request, context)
-        ranks, home = order.ranks, kernel.home
-        best = ranks.get(device)
-        if best is None:
-            return False
-        best_key = _own(best[0], device == home, device == request.claimed)
-        if home in changed:
-            found = None if home in claimed else ranks.get(home)
-            if found is not None and _own(found[0], True, home == request.claimed) < best_key:
-                return False
         if order.floor_of != version:
+            if order.dirty:
+                self._rank_again(order, kernel, request, context)
+            ranks = order.ranks
             found = [r[0] for d in changed if d not in claimed and (r := ranks.get(d)) is not None]
             order.floor_of, order.floor = version, min(found, default=None)
-        return order.floor is None or best_key < order.floor
+        home = kernel.home
+        if home in changed and home not in claimed:
+            found = order.ranks.get(home)
+            if found is not None and _own(found[0], True, home == request.claimed) < key:
+                return False
+        return order.floor is None or key < order.floor
 
     def _rank_again(
         self, order: _Order, kernel: Kernel, request: Request, context: _Context
