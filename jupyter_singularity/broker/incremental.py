@@ -29,7 +29,10 @@ A request of many candidates is placed from the order of every device kept for r
 the next pass walks the last pass's claims in queue order and claims that device again for it,
 without placing it, while its placement stands (its device did not change, and no changed
 device, nor one claimed ahead of it in one pass alone, ranks better for it now); else it is
-placed again. So a decision looks at the requests a change can move, not the whole queue.
+placed again. A request keeps the device it claims unless another ranks in a better tier, so
+a stretch of claims none of those devices can take is carried over at once, without a look at
+each (see :meth:`Incremental._standing`). So a decision looks at the requests a change can
+move, not the whole queue.
 
 Time alone changes one input: a user's GPU time today grows while their cells run, and crossing a
 daily quota changes both the denial of their requests and the order in which their idle kernels
@@ -145,6 +148,28 @@ class _Memo:
     stands while that device does not change: see :meth:`Incremental._carry`)."""
 
 
+@dataclass(slots=True)
+class _Claim:
+    """A request's claim of a device in one pass, with what the next pass needs to carry it
+    over without looking at its placement (see :meth:`Incremental._standing`)."""
+
+    order: tuple[float, int]
+    device: int
+    kernel_id: str
+    memo: _Memo
+    """The placement that made it (the request's, while the claim stands)."""
+    kind: _Order | None
+    """The order of requests alike it was placed from; None: looked at whenever something its
+    placement depends on changed."""
+    tier: int
+    """The tier of its rank there (see ``Placement._ranked_on``)."""
+    home: int | None
+
+
+_NO_TIER = 9
+"""Worse than any tier of a rank."""
+
+
 class Incremental:
     """What a scheduling pass of :class:`~.core.BrokerCore` keeps (see the module docstring)."""
 
@@ -172,9 +197,9 @@ class Incremental:
         self._candidates: dict[tuple[int, ...], Candidates] = {}
         """Each list of candidates once (see :meth:`candidates`)."""
         self._pass_no = 0
-        self._claims: list[tuple[tuple[float, int], int, str]] = []
-        """This pass's claims so far: (order, device, kernel id), in queue order."""
-        self._old_claims: list[tuple[tuple[float, int], int, str]] = []
+        self._claims: list[_Claim] = []
+        """This pass's claims so far, in queue order."""
+        self._old_claims: list[_Claim] = []
         self._next_old = 0
         self._next_carried = 0
         """During a pass: the first of the last pass's claims not yet carried over or looked at."""
@@ -471,14 +496,33 @@ class Incremental:
             self._epoch,
         )
         index, next_old, carried = self._next_carried, self._next_old, 0
-        end = len(old) if until is None else bisect.bisect_left(old, until, index, key=_first)
+        end = len(old) if until is None else bisect.bisect_left(old, until, index, key=queue_order)
         # The changed devices for each set of candidates, while they stay the same.
         found_for: dict[frozenset[int], set[int]] = {}
         found_at = self._differ_version
         try:
             while index < end:
+                if next_old < index:  # (the claims passed by count as claimed ahead)
+                    self._next_old = next_old
+                    self.ahead(old[index].order)
+                    next_old = self._next_old
+                # Claims that stand as they are, found without a look at each one's placement.
+                stop = self._standing(index, end, last, at)
+                if stop > index:
+                    if len(claimed) + stop - index >= everywhere:
+                        stop = index + everywhere - len(claimed)
+                    stretch = old[index:stop]
+                    for claim in stretch:
+                        claim.memo.pass_no = last + 1
+                    claims += stretch
+                    claimed.update([claim.device for claim in stretch])
+                    carried += stop - index
+                    index = next_old = stop
+                    if len(claimed) == everywhere:
+                        return None, old[stop - 1].order
+                    continue
                 claim = old[index]
-                order, device, kernel_id = claim
+                order, device, kernel_id = claim.order, claim.device, claim.kernel_id
                 index += 1
                 kernel = kernels.get(kernel_id)
                 request = None if kernel is None else kernel.request
@@ -495,10 +539,6 @@ class Incremental:
                     or (context := memo.context) is None
                 ):
                     return kernel_id, order
-                if next_old < index - 1:
-                    self._next_old = next_old
-                    self.ahead(order)
-                    next_old = self._next_old
                 if differ or unclaimed_changed:
                     if found_at != self._differ_version:
                         found_for.clear()
@@ -515,17 +555,9 @@ class Incremental:
                             key = memo.claim_key = alike.claim_key(kernel, request, context, device)
                             if key is None:
                                 return kernel_id, order
-                        order_alike = context.alike
-                        if (
-                            order_alike.floor_of != found_at
-                            or kernel.home in changed
-                            or context.quota_devices
+                        if not alike.stands(
+                            kernel, request, context, key, changed, claimed, found_at
                         ):
-                            if not alike.stands(
-                                kernel, request, context, key, changed, claimed, found_at
-                            ):
-                                return kernel_id, order
-                        elif order_alike.floor is not None and not key < order_alike.floor:
                             return kernel_id, order
                 # Its old claim and its new one are alike: neither makes the claims differ.
                 next_old = index
@@ -542,6 +574,78 @@ class Incremental:
         finally:
             self._next_carried, self._next_old = index, next_old
             self._quiet_claims += carried
+
+    def _standing(self, index: int, end: int, last: int, at: tuple[float, int]) -> int:
+        """The first of the last pass's claims from ``index`` on (up to ``end``) that needs a
+        look: each one before it stands as it is. Such a claim's request was placed from the
+        order of requests alike and is unchanged (its memo is the one that made the claim), and
+        no changed device (nor one claimed ahead of it in one pass alone) can take its place:
+        its device and its home are not one, and none ranks in a better tier for its kind (its
+        claim ranks first among the devices of its tier: see ``Placement._ranked_on``)."""
+        old, memos, loud = self._old_claims, self._memos, self._loud
+        reached = self._unclaimed_changed | self._claims_differ
+        tiers: dict[_Order, int] = {}
+        while index < end:
+            claim = old[index]
+            memo = claim.memo
+            if (
+                memo.pass_no != last
+                or memos.get(claim.kernel_id) is not memo
+                or claim.kernel_id in loud
+                or claim.order <= at
+            ):
+                return index
+            if reached:
+                kind = claim.kind
+                if kind is None or claim.device in reached or claim.home in reached:
+                    return index
+                tier = tiers.get(kind)
+                if tier is None:
+                    tier = tiers[kind] = self._least_tier(claim, reached)
+                if claim.tier > tier:
+                    return index
+            index += 1
+        return index
+
+    def _least_tier(self, claim: _Claim, reached: set[int]) -> int:
+        """The best tier in which one of the ``reached`` devices, unclaimed, ranks for requests
+        of the claim's kind (a claim of a worse tier may not stand); -1 when its order was
+        dropped (see :meth:`_standing`)."""
+        order, claimed = claim.kind, self._claimed
+        assert order is not None and claimed is not None
+        if not order.kept:
+            return -1
+        if order.dirty:
+            kernel = self.core.kernels[claim.kernel_id]
+            context = claim.memo.context
+            assert kernel.request is not None and context is not None
+            self.alike.rank_again(order, kernel, kernel.request, context)
+        ranks = order.ranks
+        return min(
+            (
+                rank[0][0]
+                for d in reached
+                if d in order.devices and d not in claimed and (rank := ranks.get(d)) is not None
+            ),
+            default=_NO_TIER,
+        )
+
+    def _claim_of(self, order: tuple[float, int], device: int, kernel_id: str) -> _Claim:
+        """The claim its placement just made, with what the next pass needs to carry it over
+        (see :meth:`_standing`)."""
+        memo, kernel = self._memos[kernel_id], self.core.kernels[kernel_id]
+        context, kind, tier = memo.context, None, _NO_TIER
+        if (
+            context is not None
+            and memo.ranks is None
+            and context.alike is not None
+            and not context.quota_devices
+        ):
+            assert kernel.request is not None
+            key = memo.claim_key = self.alike.claim_key(kernel, kernel.request, context, device)
+            if key is not None:
+                kind, tier = context.alike, key[0]
+        return _Claim(order, device, kernel_id, memo, kind, tier, kernel.home)
 
     def looked_at(self, kernel: Kernel, request: Request) -> None:
         """The pass told ``request`` where it waits: quiet from now on if it waits for its user's
@@ -597,11 +701,11 @@ class Incremental:
         """The pass reached the request of this ``order``: the last pass's claims of the requests
         before it count as claimed ahead."""
         old, index = self._old_claims, self._next_old
-        if index < len(old) and old[index][0] < order:
+        if index < len(old) and old[index].order < order:
             self._differ_version += 1
             differ = self._claims_differ
-            while index < len(old) and old[index][0] < order:
-                device = old[index][1]
+            while index < len(old) and old[index].order < order:
+                device = old[index].device
                 if device in differ:
                     differ.remove(device)
                 else:
@@ -611,7 +715,7 @@ class Incremental:
 
     def claim(self, order: tuple[float, int], device: int, kernel_id: str) -> None:
         self._differ_version += 1
-        self._claims.append((order, device, kernel_id))
+        self._claims.append(self._claim_of(order, device, kernel_id))
         differ = self._claims_differ
         if device in differ:
             differ.remove(device)
@@ -777,8 +881,8 @@ _serial = itertools.count()
 
 
 queue_order = operator.attrgetter("order")
-"""A request's place in the queue (a key in C: bisecting the queue calls no Python)."""
-_first = operator.itemgetter(0)
+"""A request's (or a claim's) place in the queue (a key in C: bisecting the queue calls no
+Python)."""
 
 
 def _heap(ranks: Iterable[tuple]) -> list[tuple]:

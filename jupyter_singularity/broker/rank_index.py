@@ -33,7 +33,7 @@ _KEPT = 16
 """Orders kept (each is kept in step with every device change), the ones read last."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Order:
     """The devices by their rank for one kind of request (those where it never fits left out)."""
 
@@ -127,7 +127,7 @@ class RankIndex:
         if order is not None and order.kept:  # (a context is of one kind: it is found again when
             # its kernel changes, the reservations it keeps by device size do not)
             if order.dirty:
-                self._rank_again(order, kernel, request, context)
+                self.rank_again(order, kernel, request, context)
             return order
         candidates, reservations = context.candidate_set, context.reservations
         sizes = self._one_of_size.get(candidates)
@@ -147,7 +147,7 @@ class RankIndex:
                 self._orders.pop(oldest).kept = False
             order = self._orders[kind] = _Order(candidates, state, dirty=set(candidates))
         if order.dirty:
-            self._rank_again(order, kernel, request, context)
+            self.rank_again(order, kernel, request, context)
         context.alike = order
         return order
 
@@ -162,7 +162,7 @@ class RankIndex:
         if not order.kept or device in context.quota_devices:
             return None
         if order.dirty:
-            self._rank_again(order, kernel, request, context)
+            self.rank_again(order, kernel, request, context)
         best = order.ranks.get(device)
         return None if best is None else _own(best[0], device == kernel.home, True)
 
@@ -187,7 +187,7 @@ class RankIndex:
             return False  # (its ranks there are its own: looked at)
         if order.floor_of != version:
             if order.dirty:
-                self._rank_again(order, kernel, request, context)
+                self.rank_again(order, kernel, request, context)
             ranks = order.ranks
             found = [r[0] for d in changed if d not in claimed and (r := ranks.get(d)) is not None]
             order.floor_of, order.floor = version, min(found, default=None)
@@ -198,7 +198,7 @@ class RankIndex:
                 return False
         return order.floor is None or key < order.floor
 
-    def _rank_again(
+    def rank_again(
         self, order: _Order, kernel: Kernel, request: Request, context: _Context
     ) -> None:
         """Rank the changed devices again for requests of this kind (``kernel``'s request is one:
