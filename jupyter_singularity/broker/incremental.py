@@ -29,9 +29,9 @@ A request of many candidates is placed from the order of every device kept for r
 the next pass walks the last pass's claims in queue order and claims that device again for it,
 without placing it, while its placement stands (its device did not change, and no changed
 device, nor one claimed ahead of it in one pass alone, ranks better for it now); else it is
-placed again. A request keeps the device it claims unless another ranks in a better tier, so
-a stretch of claims none of those devices can take is carried over at once, without a look at
-each (see :meth:`Incremental._standing`). So a decision looks at the requests a change can
+placed again. A stretch of claims that none of those devices ranks better for (their ranks
+kept with the claims) is carried over at once, without a look at each (see
+:meth:`Incremental._standing`). So a decision looks at the requests a change can
 move, not the whole queue.
 
 Time alone changes one input: a user's GPU time today grows while their cells run, and crossing a
@@ -161,13 +161,15 @@ class _Claim:
     kind: _Order | None
     """The order of requests alike it was placed from; None: looked at whenever something its
     placement depends on changed."""
-    tier: int
-    """The tier of its rank there (see ``Placement._ranked_on``)."""
+    key: tuple
+    """The key of its rank there (see ``Placement._ranked_on``)."""
     home: int | None
 
 
-_NO_TIER = 9
-"""Worse than any tier of a rank."""
+_NONE_BETTER = (9,)
+"""A key after every rank's (see ``Placement._ranked_on``): no device ranks better."""
+_UNKNOWN = (-1,)
+"""A key before every rank's: the claim is looked at."""
 
 
 class Incremental:
@@ -580,11 +582,11 @@ class Incremental:
         look: each one before it stands as it is. Such a claim's request was placed from the
         order of requests alike and is unchanged (its memo is the one that made the claim), and
         no changed device (nor one claimed ahead of it in one pass alone) can take its place:
-        its device and its home are not one, and none ranks in a better tier for its kind (its
-        claim ranks first among the devices of its tier: see ``Placement._ranked_on``)."""
+        its device and its home are not one, and none ranks better for its kind than the claim
+        (the rank kept with it, which stands while its device does not change)."""
         old, memos, loud = self._old_claims, self._memos, self._loud
         reached = self._unclaimed_changed | self._claims_differ
-        tiers: dict[_Order, int] = {}
+        floors: dict[_Order, tuple] = {}
         while index < end:
             claim = old[index]
             memo = claim.memo
@@ -599,22 +601,21 @@ class Incremental:
                 kind = claim.kind
                 if kind is None or claim.device in reached or claim.home in reached:
                     return index
-                tier = tiers.get(kind)
-                if tier is None:
-                    tier = tiers[kind] = self._least_tier(claim, reached)
-                if claim.tier > tier:
+                floor = floors.get(kind)
+                if floor is None:
+                    floor = floors[kind] = self._floor(claim, reached)
+                if not claim.key < floor:
                     return index
             index += 1
         return index
 
-    def _least_tier(self, claim: _Claim, reached: set[int]) -> int:
-        """The best tier in which one of the ``reached`` devices, unclaimed, ranks for requests
-        of the claim's kind (a claim of a worse tier may not stand); -1 when its order was
-        dropped (see :meth:`_standing`)."""
+    def _floor(self, claim: _Claim, reached: set[int]) -> tuple:
+        """The least key of the ranks of the ``reached`` devices, unclaimed, for requests of the
+        claim's kind (a claim of a key after it may not stand: see :meth:`_standing`)."""
         order, claimed = claim.kind, self._claimed
         assert order is not None and claimed is not None
         if not order.kept:
-            return -1
+            return _UNKNOWN
         if order.dirty:
             kernel = self.core.kernels[claim.kernel_id]
             context = claim.memo.context
@@ -623,18 +624,18 @@ class Incremental:
         ranks = order.ranks
         return min(
             (
-                rank[0][0]
+                rank[0]
                 for d in reached
                 if d in order.devices and d not in claimed and (rank := ranks.get(d)) is not None
             ),
-            default=_NO_TIER,
+            default=_NONE_BETTER,
         )
 
     def _claim_of(self, order: tuple[float, int], device: int, kernel_id: str) -> _Claim:
         """The claim its placement just made, with what the next pass needs to carry it over
         (see :meth:`_standing`)."""
         memo, kernel = self._memos[kernel_id], self.core.kernels[kernel_id]
-        context, kind, tier = memo.context, None, _NO_TIER
+        context, kind, key = memo.context, None, _NONE_BETTER
         if (
             context is not None
             and memo.ranks is None
@@ -642,10 +643,10 @@ class Incremental:
             and not context.quota_devices
         ):
             assert kernel.request is not None
-            key = memo.claim_key = self.alike.claim_key(kernel, kernel.request, context, device)
-            if key is not None:
-                kind, tier = context.alike, key[0]
-        return _Claim(order, device, kernel_id, memo, kind, tier, kernel.home)
+            found = memo.claim_key = self.alike.claim_key(kernel, kernel.request, context, device)
+            if found is not None:
+                kind, key = context.alike, found
+        return _Claim(order, device, kernel_id, memo, kind, key, kernel.home)
 
     def looked_at(self, kernel: Kernel, request: Request) -> None:
         """The pass told ``request`` where it waits: quiet from now on if it waits for its user's

@@ -165,8 +165,8 @@ class Request:
     order: tuple[float, int]
     hold: bool
     claimed: int | None = None
-    """The device it waits for, as the last pass that placed it found (it keeps it while no
-    other device is better for it by more than room: see ``Placement._ranked_on``)."""
+    """The device it waits for, as the last pass that placed it found (it keeps it over
+    devices that suit it alike: see ``Placement._ranked_on``)."""
     position: int = 0
     reason: str = ""
     device: int | None = None

@@ -239,12 +239,11 @@ class Placement:
         # Only fits once a kernel that stopped answering gives its memory back.
         needs_stalled = freeable - view.stalled < reservation
         affinity = 0 if d in (kernel.device, kernel.home) else 1
-        # A waiting request keeps the GPU it claims unless another one is better by more than
-        # its room: requests behind it are not all moved by one when one ahead leaves, and the
-        # room it is making there (offloads started, its state restoring early) is not wasted.
+        # Of devices that suit it alike (same tier, affinity and room), a waiting request keeps
+        # the one it claims: requests behind one that left are not all moved by one device.
         stays = 0 if d == request.claimed else 1
         if free >= reservation:
-            return ((0, affinity, stays, free - reservation, d), d, reservation, [])
+            return ((0, affinity, free - reservation, stays, d), d, reservation, [])
         need = reservation - free
         pending = view.offloading
         victims: list[Kernel] | int = []
@@ -264,10 +263,10 @@ class Placement:
                 pending += victim.booking()
             freed = None if pending < need else sum(v.booking() for v in victims)
         if freed is not None:
-            return ((1, affinity, stays, freed, d), d, reservation, victims)
+            return ((1, affinity, freed, stays, d), d, reservation, victims)
         if needs_stalled:
-            return ((3, affinity, stays, view.stalled, d), d, reservation, [])
-        return ((2, affinity, stays, view.running, d), d, reservation, [])
+            return ((3, affinity, view.stalled, stays, d), d, reservation, [])
+        return ((2, affinity, view.running, stays, d), d, reservation, [])
 
     def _placement_on(
         self, kernel: Kernel, context: _Context, best: tuple, asked: int
@@ -413,13 +412,15 @@ class _Pass:
         self._quota_bases: dict[str, _UsersKernels] = {}
 
     def least_busy(self, claimed: set[int], stays: int | None) -> int:
-        """The device the request claims (``stays``) if it is unclaimed, else the unclaimed
-        device with the fewest bytes under running leases (see ``Placement._ranked_on``)."""
-        if stays is not None and stays not in claimed:
-            return stays
+        """The unclaimed device with the fewest bytes under running leases: the one the request
+        claims (``stays``) if it has as few (see ``Placement._ranked_on``)."""
         if self._by_busyness is None:
             self._by_busyness = sorted(self.core.devices, key=lambda d: (self.view(d).running, d))
-        return next(d for d in self._by_busyness if d not in claimed)
+        least = next(d for d in self._by_busyness if d not in claimed)
+        running = self.view(least).running
+        if stays is not None and stays not in claimed and self.view(stays).running == running:
+            return stays
+        return least
 
     def running_seconds(self, user: str) -> float:
         """Seconds the user's running leases held a device today (since midnight)."""

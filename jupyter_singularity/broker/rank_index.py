@@ -224,8 +224,8 @@ class RankIndex:
             elif found is view:
                 found = core._rank(kernel, request, context, d)
                 if found is not None:
-                    (tier, _, _, room, _), _, reservation, victims = found
-                    found = ((tier, 1, 1, room, d), d, reservation, victims)
+                    (tier, _, room, _, _), _, reservation, victims = found
+                    found = ((tier, 1, room, 1, d), d, reservation, victims)
                 view.ranks[key] = found
             if found is not None:
                 ranks[d] = found
@@ -241,5 +241,5 @@ def _own(key: tuple, home: bool, claims: bool) -> tuple:
     requests alike have there (see ``Placement._ranked_on``)."""
     if not home and not claims:
         return key
-    tier, affinity, stays, room, device = key
-    return (tier, 0 if home else affinity, 0 if claims else stays, room, device)
+    tier, affinity, room, stays, device = key
+    return (tier, 0 if home else affinity, room, 0 if claims else stays, device)
