@@ -2,8 +2,9 @@
 
 A request of a kernel with nothing on any device, which may run on any device (or on any of a
 chip's), ranks each of them but its home, the device it claims and the devices of its user's
-kernels it makes room under quota from (its own devices) as every request alike does (the same candidates, the same
-reservation for each device size, and the same state to bring back: see ``_DeviceView.ranks``).
+kernels it makes room under quota from (its own devices) as every request alike does (the same
+candidates, the same reservation for each device size, and the same state to bring back: see
+``_DeviceView.ranks``).
 Searching them all for each such request costs O(devices); here they are kept sorted by that
 shared rank, per kind of request, and only devices that changed since are ranked again. The
 request's best device is then one of its own or the first device of the order that is not one
