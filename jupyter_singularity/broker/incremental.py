@@ -143,9 +143,6 @@ class _Memo:
     kernel_touched: bool = False
     """Whether its own kernel changed since (else a change to another kernel of its user leaves
     its ranks standing where its context is found the same)."""
-    claim_key: tuple | None = None
-    """The key of its rank on the device it claims, once a pass carried the claim over (it
-    stands while that device does not change: see :meth:`Incremental._carry`)."""
 
 
 @dataclass(slots=True)
@@ -552,11 +549,13 @@ class Incremental:
                     if changed:
                         if memo.ranks is not None or context.alike is None or device in changed:
                             return kernel_id, order
-                        key = memo.claim_key
+                        key = (
+                            claim.key
+                            if claim.kind is not None
+                            else alike.claim_key(kernel, request, context, device)
+                        )
                         if key is None:
-                            key = memo.claim_key = alike.claim_key(kernel, request, context, device)
-                            if key is None:
-                                return kernel_id, order
+                            return kernel_id, order
                         if not alike.stands(
                             kernel, request, context, key, changed, claimed, found_at
                         ):
@@ -603,33 +602,26 @@ class Incremental:
                     return index
                 floor = floors.get(kind)
                 if floor is None:
-                    floor = floors[kind] = self._floor(claim, reached)
+                    floor = floors[kind] = self._floor(claim)
                 if not claim.key < floor:
                     return index
             index += 1
         return index
 
-    def _floor(self, claim: _Claim, reached: set[int]) -> tuple:
-        """The least key of the ranks of the ``reached`` devices, unclaimed, for requests of the
+    def _floor(self, claim: _Claim) -> tuple:
+        """The least key of the ranks of the changed devices, unclaimed, for requests of the
         claim's kind (a claim of a key after it may not stand: see :meth:`_standing`)."""
         order, claimed = claim.kind, self._claimed
         assert order is not None and claimed is not None
         if not order.kept:
             return _UNKNOWN
-        if order.dirty:
-            kernel = self.core.kernels[claim.kernel_id]
-            context = claim.memo.context
-            assert kernel.request is not None and context is not None
-            self.alike.rank_again(order, kernel, kernel.request, context)
-        ranks = order.ranks
-        return min(
-            (
-                rank[0]
-                for d in reached
-                if d in order.devices and d not in claimed and (rank := ranks.get(d)) is not None
-            ),
-            default=_NONE_BETTER,
+        kernel, context = self.core.kernels[claim.kernel_id], claim.memo.context
+        assert kernel.request is not None and context is not None
+        changed = self._changed_for(order.devices)
+        found = self.alike.floor(
+            kernel, kernel.request, context, changed, claimed, self._differ_version
         )
+        return _NONE_BETTER if found is None else found
 
     def _claim_of(self, order: tuple[float, int], device: int, kernel_id: str) -> _Claim:
         """The claim its placement just made, with what the next pass needs to carry it over
@@ -643,7 +635,7 @@ class Incremental:
             and not context.quota_devices
         ):
             assert kernel.request is not None
-            found = memo.claim_key = self.alike.claim_key(kernel, kernel.request, context, device)
+            found = self.alike.claim_key(kernel, kernel.request, context, device)
             if found is not None:
                 kind, key = context.alike, found
         return _Claim(order, device, kernel_id, memo, kind, key, kernel.home)
@@ -786,7 +778,7 @@ class Incremental:
                     memo.placement = self._rank_again(
                         kernel, request, context, claimed, memo, changed
                     )
-            memo.pass_no, memo.claim_key = self._pass_no, None
+            memo.pass_no = self._pass_no
             if memo.placement.deny:
                 del self._memos[kernel.kernel_id]
             return memo.placement

@@ -128,7 +128,7 @@ class RankIndex:
         if order is not None and order.kept:  # (a context is of one kind: it is found again when
             # its kernel changes, the reservations it keeps by device size do not)
             if order.dirty:
-                self.rank_again(order, kernel, request, context)
+                self._rank_again(order, kernel, request, context)
             return order
         candidates, reservations = context.candidate_set, context.reservations
         sizes = self._one_of_size.get(candidates)
@@ -148,7 +148,7 @@ class RankIndex:
                 self._orders.pop(oldest).kept = False
             order = self._orders[kind] = _Order(candidates, state, dirty=set(candidates))
         if order.dirty:
-            self.rank_again(order, kernel, request, context)
+            self._rank_again(order, kernel, request, context)
         context.alike = order
         return order
 
@@ -163,7 +163,7 @@ class RankIndex:
         if not order.kept or device in context.quota_devices:
             return None
         if order.dirty:
-            self.rank_again(order, kernel, request, context)
+            self._rank_again(order, kernel, request, context)
         best = order.ranks.get(device)
         return None if best is None else _own(best[0], device == kernel.home, True)
 
@@ -186,20 +186,36 @@ class RankIndex:
         assert order is not None
         if not order.kept or not context.quota_devices.isdisjoint(changed):
             return False  # (its ranks there are its own: looked at)
-        if order.floor_of != version:
-            if order.dirty:
-                self.rank_again(order, kernel, request, context)
-            ranks = order.ranks
-            found = [r[0] for d in changed if d not in claimed and (r := ranks.get(d)) is not None]
-            order.floor_of, order.floor = version, min(found, default=None)
+        floor = self.floor(kernel, request, context, changed, claimed, version)
         home = kernel.home
         if home in changed and home not in claimed:
             found = order.ranks.get(home)
             if found is not None and _own(found[0], True, home == request.claimed) < key:
                 return False
-        return order.floor is None or key < order.floor
+        return floor is None or key < floor
 
-    def rank_again(
+    def floor(
+        self,
+        kernel: Kernel,
+        request: Request,
+        context: _Context,
+        changed: set[int],
+        claimed: set[int],
+        version: int,
+    ) -> tuple | None:
+        """The least key of the ranks of the ``changed`` devices unclaimed in the order of the
+        request's kind (kept), found once per ``version`` (see :meth:`stands`); None: none."""
+        order = context.alike
+        assert order is not None and order.kept
+        if order.floor_of != version:
+            if order.dirty:
+                self._rank_again(order, kernel, request, context)
+            ranks = order.ranks
+            found = [r[0] for d in changed if d not in claimed and (r := ranks.get(d)) is not None]
+            order.floor_of, order.floor = version, min(found, default=None)
+        return order.floor
+
+    def _rank_again(
         self, order: _Order, kernel: Kernel, request: Request, context: _Context
     ) -> None:
         """Rank the changed devices again for requests of this kind (``kernel``'s request is one:
