@@ -1041,7 +1041,11 @@ class TensorEngine:
         torch.cuda.empty_cache()
 
     def _release_pinned(self) -> None:
-        """Freed pinned buffers sit in torch's host cache until emptied; give them back."""
+        """Freed pinned buffers sit in torch's host cache until emptied; give them back.
+
+        A buffer that a copy used is freed for good only once the event torch records on that
+        stream when the buffer is dropped has passed (seen on an H200: without the synchronize,
+        the last buffer a restore read stayed pinned)."""
         torch = sys.modules.get("torch")
         if (
             self._pin
@@ -1049,6 +1053,7 @@ class TensorEngine:
             and torch.cuda.is_initialized()
             and hasattr(torch._C, "_host_emptyCache")
         ):
+            torch.cuda.synchronize()
             torch._C._host_emptyCache()
 
     def _left_bytes(self, torch: Any, slots: list[_Slot]) -> int:
