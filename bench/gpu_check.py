@@ -110,6 +110,14 @@ TESTS = {
         "test_gpu_tensor_tier.py",
         "test_a_lower_allowance_gives_pinned_memory_back",
     ): "a lower allowance gives pinned memory back",
+    (
+        "test_gpu_other_libraries.py",
+        "test_cuda_outside_torch_is_booked_gated_and_evicted_by_the_driver[cupy]",
+    ): "a CuPy kernel: booked, gated, evicted by the driver tier, intact",
+    (
+        "test_gpu_other_libraries.py",
+        "test_cuda_outside_torch_is_booked_gated_and_evicted_by_the_driver[pinned]",
+    ): "CUDA started by pin_memory: booked, gated, evicted by the driver tier, intact",
     ("test_offload.py", "test_cuda_offload_frees_the_gpu_and_restores"): "tensor tier on CUDA",
     (
         "test_offload.py",

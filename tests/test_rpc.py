@@ -1127,6 +1127,41 @@ async def test_release_books_the_drivers_figure_where_it_is_larger(service, pool
     assert service.kernel("k1")["gpu_bytes"] == 3 * GiB
 
 
+async def test_a_cell_that_starts_cuda_outside_torch_books_its_gpu_and_gates_the_next(
+    service, pooled, monkeypatch
+) -> None:
+    """CuPy, JAX or torch's pinned memory start CUDA without torch's gate. At the end of that
+    cell the kernel takes a lease on its GPU and gives it back with what the driver says it
+    holds; its later cells are gated; an offload leaves all of it to the driver tier."""
+    from jupyter_singularity.kernel import process_probes
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-test")  # (a grant names its GPU there)
+    runtime = runtime_module.Runtime(await pooled("k0"), simulated=False)
+    initialised = False
+    for module in (runtime_module, process_probes):
+        monkeypatch.setattr(module, "cuda_driver_initialised", lambda: initialised)
+    monkeypatch.setattr(process_probes, "nvml_process_bytes", lambda pid: 3 * GiB)
+
+    def cell() -> None:
+        runtime._pre_execute()
+        runtime.gate_cell()
+        runtime._post_execute()
+
+    await asyncio.to_thread(cell)  # no CUDA: no lease, nothing booked
+    assert not runtime.gpu_used and service.kernel("k0")["state"] == "cold"
+    initialised = True  # this cell started CUDA
+    await asyncio.to_thread(cell)
+    assert runtime.gpu_used
+    await wait_until(lambda: service.kernel("k0")["state"] == "resident")
+    assert service.kernel("k0")["gpu_bytes"] == 3 * GiB
+    assert service.kernel("k0")["device"] == 0
+    runtime._pre_execute()
+    await asyncio.to_thread(runtime.gate_cell)  # the next cell is gated
+    assert runtime.lease is not None and service.kernel("k0")["state"] == "running"
+    runtime._post_execute()
+    assert runtime.on_offload({})["gpu_bytes"] == 3 * GiB  # the driver tier's to move
+
+
 @pytest.mark.parametrize(
     ("type", "body", "field_name"),
     [

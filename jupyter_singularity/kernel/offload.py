@@ -55,6 +55,7 @@ read a file may pass: the restore raises a plain :class:`OffloadError` and may b
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import gc
 import logging
@@ -631,15 +632,22 @@ class TensorEngine:
         holders = _holder_types(torch)
         graph_type = None if self.simulated else torch.cuda.CUDAGraph
         stream_type = None if self.simulated else torch.cuda.Stream
-        candidates, streams, graphs = [], [], 0
-        for obj in gc.get_objects() if objects is None else objects:
-            kind = type(obj)  # never isinstance: it reads __class__, which proxies may fake
+        objects = gc.get_objects() if objects is None else list(objects)
+        # By type, never isinstance (it reads __class__, which proxies may fake); each type is
+        # judged once, and the objects of a wanted one are found by C-level scans of the list:
+        # a heap of 300,000 objects costs milliseconds, not a Python loop's 100 ms.
+        kinds = list(map(type, objects))
+        holder_kinds, graph_kinds, stream_kinds = set(), set(), set()
+        for kind in set(kinds):
             if issubclass(kind, holders):
-                candidates.append(obj)
+                holder_kinds.add(kind)
             elif graph_type is not None and issubclass(kind, graph_type):
-                graphs += 1
+                graph_kinds.add(kind)
             elif stream_type is not None and issubclass(kind, stream_type):
-                streams.append(obj)
+                stream_kinds.add(kind)
+        candidates = _of_kinds(objects, kinds, holder_kinds)
+        graphs = sum(map(kinds.count, graph_kinds))
+        streams = _of_kinds(objects, kinds, stream_kinds)
         if graphs:
             found.refuse(
                 f"{graphs} live CUDA graph(s) (torch.cuda.CUDAGraph, also kept by torch.compile "
@@ -1071,6 +1079,18 @@ def _copy_to_tape(torch: Any, tape: _Tape, slot: _Slot) -> None:
         device_bytes = _bytes_of(torch, slot.storage)
         for host, start, length in tape.pieces(slot.offset, on_host):
             _copy(host, device_bytes[start : start + length])
+
+
+def _of_kinds(objects: list[Any], kinds: list[type], wanted: set[type]) -> list[Any]:
+    """The objects whose type (``kinds[i]`` is ``type(objects[i])``) is one of ``wanted``."""
+    found = []
+    for kind in wanted:
+        at = -1
+        with contextlib.suppress(ValueError):  # (no more of this kind)
+            while True:
+                at = kinds.index(kind, at + 1)
+                found.append(objects[at])
+    return found
 
 
 def _holder_types(torch: Any) -> tuple[type, ...]:

@@ -8,15 +8,34 @@ import ctypes
 import os
 from collections.abc import Callable
 
+#: A bare CUDA context of a torch process (DESIGN §5: 612 MiB on an H100), counted as on the GPU
+#: when NVML cannot say what the process holds.
+CONTEXT_ESTIMATE = 612 << 20
+
+_libcuda: ctypes.CDLL | None = None
+
 
 def cuda_driver_initialised() -> bool:
-    """Whether this process initialised the CUDA driver (``cuInit``), without initialising it."""
-    try:
-        libcuda = ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD)
-    except OSError:
-        return False  # not even loaded
+    """Whether this process initialised the CUDA driver (``cuInit``), without initialising it:
+    a few microseconds, so it can be asked at every cell's end. Any library may have done it
+    (torch, but also CuPy, JAX, Numba, or torch's pinned memory, which skips torch's gate)."""
+    global _libcuda
+    if _libcuda is None:
+        try:
+            _libcuda = ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD)
+        except OSError:
+            return False  # not even loaded
     count = ctypes.c_int()
-    return libcuda.cuDeviceGetCount(ctypes.byref(count)) == 0  # else CUDA_ERROR_NOT_INITIALIZED
+    return _libcuda.cuDeviceGetCount(ctypes.byref(count)) == 0  # else CUDA_ERROR_NOT_INITIALIZED
+
+
+def driver_gpu_bytes() -> int:
+    """GPU memory this process holds through the CUDA driver, whichever library allocated it:
+    NVML's figure, a CUDA context's estimate where NVML cannot tell, 0 before ``cuInit``."""
+    if not cuda_driver_initialised():
+        return 0
+    own = nvml_process_bytes(os.getpid())
+    return CONTEXT_ESTIMATE if own is None else own
 
 
 def memory_probe() -> Callable[[], tuple[int, int]] | None:

@@ -19,16 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..units import format_size
 from .damage import restore_failure
-from .process_probes import nvml_process_bytes
+from .process_probes import CONTEXT_ESTIMATE, driver_gpu_bytes, nvml_process_bytes
 
 if TYPE_CHECKING:
     from .client import BrokerClient
     from .footprint import Footprint
     from .runtime import Lease, Waiting
-
-#: A bare CUDA context of a torch process (DESIGN §5: 612 MiB on an H100), counted as still on the
-#: GPU after an offload when NVML cannot say what the process holds.
-CONTEXT_ESTIMATE = 612 << 20
 
 
 @dataclass
@@ -83,6 +79,7 @@ class BrokerPushes:
 
     lock: threading.RLock
     shell: Any
+    simulated: bool
     gpu_used: bool
     peaks: deque[int]
     lease: Lease | None
@@ -103,10 +100,11 @@ class BrokerPushes:
 
     def _residual_gpu_bytes(self, transfer: Any) -> int:
         """GPU memory this process still holds after an offload: the CUDA context, what the scan
-        could not see (``left_bytes``). Non-zero makes the broker try the driver tier."""
+        could not see (``left_bytes``), what libraries other than torch hold (all of it where
+        torch never started CUDA). Non-zero makes the broker try the driver tier."""
         torch = self._cuda_torch()
         if torch is None:
-            return 0
+            return 0 if self.simulated else driver_gpu_bytes()
         own = nvml_process_bytes(os.getpid())
         if own is not None:
             return own
@@ -176,9 +174,13 @@ class BrokerPushes:
             if engine is None:
                 if "torch" in sys.modules and self.engine_error:
                     return {"error": self.engine_error}
-                # Without torch nothing of this kernel can be on the device.
+                # No torch: what another library holds on the GPU goes with the driver tier.
                 self.state = "offloaded"
-                return {"host_bytes": 0, "disk_bytes": 0, "gpu_bytes": 0}
+                return {
+                    "host_bytes": 0,
+                    "disk_bytes": 0,
+                    "gpu_bytes": self._residual_gpu_bytes(None),
+                }
             self.state = "offloading"
             started = time.perf_counter()
             try:

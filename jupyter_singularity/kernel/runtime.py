@@ -50,7 +50,7 @@ from .gate import (
 )
 from .large_pages import simulated_device_pages
 from .membership import Membership
-from .process_probes import cuda_driver_initialised
+from .process_probes import cuda_driver_initialised, driver_gpu_bytes
 from .pushes import BrokerPushes, TransferRecord
 from .relay import MainThreadRelay
 from .swap import CellRestores
@@ -300,6 +300,21 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
         lease = self.lease
         if lease is not None:
             self.release(lease)
+        elif not (self.gpu_used or self.simulated) and cuda_driver_initialised():
+            self._cuda_started_ungated()
+
+    def _cuda_started_ungated(self) -> None:
+        """The cell that just ended started CUDA outside torch's gated path (CuPy, JAX, Numba,
+        torch's pinned memory or streams): its GPU memory is in use already. From now on the
+        kernel's cells are gated, and the broker books what it holds at once: a lease on the GPU
+        its CUDA runs on, given back with the bytes (NVML's) it holds there."""
+        self.gpu_used = True
+        try:
+            lease = self.acquire(None, top_of_cell=False, what="CUDA started by this cell")
+        except (LeaseDenied, LeaseCancelled, RestoreFailed) as err:
+            log.warning("jupyter-singularity: CUDA use not booked with the pool: %s", err)
+            return
+        self.release(lease)
 
     def gate_cell(self, line: str | None = None) -> None:
         """The top of a cell: take a lease if the kernel uses the GPU (or ``%%singularity`` asks)."""
@@ -459,7 +474,7 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
         if self._listeners:
             self.notify()
         if (
-            not self.simulated
+            torch is not None  # (the pool serves torch's storages, not another library's)
             and self.engine is not None
             and self.engine.pool_bytes < min(gpu_bytes, self.pinned_limit)
         ):
@@ -570,7 +585,9 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
                 return int(torch.cuda.memory_reserved())
             except Exception:
                 return 0
-        engine = self.get_engine() if self.simulated else None
+        if not self.simulated:
+            return driver_gpu_bytes()  # CUDA started by another library, or none at all
+        engine = self.get_engine()
         if engine is None or engine.offloaded:
             return 0
         if cached and self.footprint.last is not None:
