@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -111,23 +112,36 @@ def test_a_pool_chunk_the_system_will_not_pin_again_comes_back_pageable(
 
 
 def test_a_lower_allowance_gives_the_pool_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    released: list[bool] = []
+    """The chunks a lower allowance drops are gone when the host cache is emptied (one still
+    referred to, by a loop variable say, stays pinned: seen on an H200)."""
+    dropped: list[weakref.ref] = []
+    alive_at_release: list[int] = []
     engine = TensorEngine(simulated=True, pinned_limit=12 * MIB, min_bytes=MIN_BYTES)
-    monkeypatch.setattr(engine, "_release_pinned", lambda: released.append(True))
+    monkeypatch.setattr(
+        engine,
+        "_release_pinned",
+        lambda: alive_at_release.append(sum(ref() is not None for ref in dropped)),
+    )
     tensors = [torch.randn(1024, 1024) for _ in range(3)]
     before = [raw(t) for t in tensors]
+
+    def drops(nbytes: int) -> None:
+        dropped[:] = [weakref.ref(c) for c in engine._pool if c.numel() == nbytes]
+
     try:
         engine.offload()
         engine.restore()
         assert engine.pool_bytes == 12 * MIB  # 8 + 4 MiB chunks
+        drops(8 * MIB)
         engine.pinned_limit = 5 * MIB  # a later grant allows less: the 4 MiB chunk stays
-        assert engine.pool_bytes == 4 * MIB and released == [True]
+        assert engine.pool_bytes == 4 * MIB and alive_at_release == [0]
         # While offloaded the pool holds the state: it shrinks once that is restored.
         engine.offload()
+        drops(4 * MIB)
         engine.pinned_limit = 0
         assert engine.pool_bytes == 4 * MIB
         engine.restore()
-        assert engine.pool_bytes == 0
+        assert engine.pool_bytes == 0 and alive_at_release == [0, 0]
         assert [raw(t) for t in tensors] == before
     finally:
         engine.discard()

@@ -798,13 +798,8 @@ class TensorEngine:
         nothing is offloaded (the pool holds the offloaded state then)."""
         if self._offloaded or self.pool_bytes <= self.pinned_limit:
             return
-        kept, total = [], 0
-        for chunk in sorted(self._pool, key=lambda c: c.numel(), reverse=True):
-            if total + chunk.numel() <= self.pinned_limit:
-                kept.append(chunk)
-                total += chunk.numel()
-        self._pool = kept
-        self._release_pinned()
+        self._pool = _largest_within(self._pool, self.pinned_limit)
+        self._release_pinned()  # (no name here may still refer to a dropped chunk)
 
     def _grow(self, tape: _Tape, total: int) -> list[torch.Tensor]:
         """Make the tape hold ``total`` bytes: the pool grows up to pinned_limit, then pageable
@@ -1051,9 +1046,8 @@ class TensorEngine:
     def _release_pinned(self) -> None:
         """Freed pinned buffers sit in torch's host cache until emptied; give them back.
 
-        A buffer that a copy used is freed for good only once the event torch records on that
-        stream when the buffer is dropped has passed (seen on an H200: without the synchronize,
-        the last buffer a restore read stayed pinned)."""
+        Torch records an event on the streams a buffer's copies used when the buffer is dropped,
+        and frees it only once that event has passed: hence the synchronize first."""
         torch = sys.modules.get("torch")
         if (
             self._pin
@@ -1079,6 +1073,16 @@ def _copy_to_tape(torch: Any, tape: _Tape, slot: _Slot) -> None:
         device_bytes = _bytes_of(torch, slot.storage)
         for host, start, length in tape.pieces(slot.offset, on_host):
             _copy(host, device_bytes[start : start + length])
+
+
+def _largest_within(chunks: list[torch.Tensor], limit: int) -> list[torch.Tensor]:
+    """The largest of ``chunks`` that fit in ``limit`` bytes together."""
+    kept, total = [], 0
+    for chunk in sorted(chunks, key=lambda c: c.numel(), reverse=True):
+        if total + chunk.numel() <= limit:
+            kept.append(chunk)
+            total += chunk.numel()
+    return kept
 
 
 def _of_kinds(objects: list[Any], kinds: list[type], wanted: set[type]) -> list[Any]:
