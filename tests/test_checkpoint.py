@@ -933,6 +933,38 @@ async def test_service_checkpoints_the_context_after_the_tensors_and_restores_it
         assert service.kernel_stopping("k2", "shut down") is False
 
 
+@needs_cc
+async def test_state_the_tensor_tier_refuses_goes_whole_with_the_driver_tier(
+    fake: Fake, tmp_path: Path
+) -> None:
+    """CUDA graphs or memory torch does not own: the tensor tier moves nothing, and the driver
+    tier takes the whole process instead (its device addresses kept). Where it cannot, the
+    kernel stays resident, and its record says both reasons."""
+    graphs = "1 live CUDA graph(s): they replay fixed device addresses"
+    refused = {"host_bytes": 0, "disk_bytes": 0, "gpu_bytes": STATE, "tensor_refused": graphs}
+    async with fake_driver_pool(fake, tmp_path, Policy(host_memory_limit=64 * GiB)) as pool:
+        service = pool.service
+        client = await pool.kernel("k1", offload=lambda body: refused)
+        await pool.run_cell(client, "k1", "r1")
+        service.offload("k1")
+        record = await _until(lambda: (r := service.kernel("k1"))["state"] == "offloaded" and r)
+        assert (record["gpu_bytes"], record["host_bytes"], record["device"]) == (0, STATE, None)
+        assert record["context"]["checkpointed"] is True and fake.calls() == ["lock", "checkpoint"]
+        grant = await pool.ask(client, "acquire", {"request_id": "r2"})
+        assert grant["restore"] is True and fake.calls()[-2:] == ["restore", "unlock"]
+        client.send("restored", {"gpu_bytes": STATE})
+        client.send("release", {"request_id": "r2", "peak_bytes": STATE, "gpu_bytes": STATE})
+        await _until(lambda: service.kernel("k1")["state"] == "resident")
+        fake.set(checkpoint_rc=801)  # this time the driver cannot (the process runs on)
+        service.offload("k1")
+        record = await _until(lambda: (r := service.kernel("k1"))["offload_refused"] and r)
+        assert record["state"] == "resident" and record["gpu_bytes"] == STATE
+        assert record["offload_refused"].startswith(
+            f"{graphs}; the driver tier could not move the whole process instead: "
+            "cuCheckpointProcessCheckpoint"
+        ), record["offload_refused"]
+
+
 def _states(service: BrokerService, kernel_id: str) -> list[str]:
     """The states a kernel's history went through, oldest first."""
     return [e["new_state"] for e in reversed(service.kernel(kernel_id)["events"])]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import gc
 import json
 import logging
 import os
@@ -1127,8 +1128,15 @@ async def test_release_books_the_drivers_figure_where_it_is_larger(service, pool
     assert service.kernel("k1")["gpu_bytes"] == 3 * GiB
 
 
+@pytest.fixture
+def collector_back() -> Iterator[None]:
+    """The garbage collector on again after a test whose kernel held it off (see gc_hold)."""
+    yield
+    gc.enable()
+
+
 async def test_a_cell_that_starts_cuda_outside_torch_books_its_gpu_and_gates_the_next(
-    service, pooled, monkeypatch
+    service, pooled, monkeypatch, collector_back
 ) -> None:
     """CuPy, JAX or torch's pinned memory start CUDA without torch's gate. At the end of that
     cell the kernel takes a lease on its GPU and gives it back with what the driver says it
@@ -1160,6 +1168,41 @@ async def test_a_cell_that_starts_cuda_outside_torch_books_its_gpu_and_gates_the
     assert runtime.lease is not None and service.kernel("k0")["state"] == "running"
     runtime._post_execute()
     assert runtime.on_offload({})["gpu_bytes"] == 3 * GiB  # the driver tier's to move
+    assert not gc.isenabled()  # (held off while the driver may hold the process)
+
+
+async def test_state_the_tensor_tier_refuses_is_left_to_the_driver_with_the_collector_held(
+    pooled, monkeypatch, collector_back
+) -> None:
+    """A CUDA graph (or memory torch does not own) makes the tensor tier refuse: the kernel's
+    reply leaves all of its GPU memory to the driver tier and says why. Until its next lease the
+    garbage collector is held off: a finalizer's CUDA call would stop the whole process while
+    the driver holds it checkpointed."""
+    from types import SimpleNamespace
+
+    from jupyter_singularity.kernel import process_probes
+    from jupyter_singularity.kernel.offload import UnsafeStateError
+
+    graphs = "1 live CUDA graph(s): they replay fixed device addresses"
+
+    def refuse(**kwargs) -> None:
+        raise UnsafeStateError(graphs)
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-test")
+    monkeypatch.setattr(process_probes, "cuda_driver_initialised", lambda: True)
+    monkeypatch.setattr(process_probes, "nvml_process_bytes", lambda pid: 5 * GiB)
+    runtime = runtime_module.Runtime(await pooled("k0"), simulated=False)
+    runtime.engine = SimpleNamespace(offload=refuse)
+    assert gc.isenabled()
+    reply = runtime.on_offload({"reason": "requested"})
+    assert (reply["host_bytes"], reply["gpu_bytes"], reply["tensor_refused"]) == (
+        0,
+        5 * GiB,
+        graphs,
+    )
+    assert runtime.state == "offloaded" and not gc.isenabled()
+    runtime._granted("r1", {"device": {"index": 0, "uuid": "GPU-test"}, "reservation": 0})
+    assert gc.isenabled()
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..protocol import error_text
 from ..units import format_size
 from .checkpoint import CheckpointError, DriverCapability, DriverCheckpointer
 from .kernel_requests import KernelConnection
@@ -70,6 +71,7 @@ class StateMoves(SwapRoom):
         if action.kernel_id not in self.core.kernels:
             return
         now = self.clock()
+        refused = reply.get("tensor_refused")
         reply = self._reported(
             action.kernel_id,
             "offload",
@@ -108,6 +110,18 @@ class StateMoves(SwapRoom):
                         host_bytes=host_bytes,
                         disk_bytes=reply["disk_bytes"],
                         gpu_bytes=gpu_bytes,
+                    )
+                )
+                return
+            if refused is not None and gpu_bytes:
+                # The tensor tier moved nothing and the driver tier could not take the process.
+                why = connection.context_note if connection is not None else ""
+                self._apply(
+                    self.core.offload_failed(
+                        action.kernel_id,
+                        f"{error_text(refused)}; the driver tier could not move the whole "
+                        f"process instead: {why or 'not available'}",
+                        self.clock(),
                     )
                 )
                 return

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..units import format_size
 from .damage import restore_failure
+from .gc_hold import GcHold
 from .process_probes import CONTEXT_ESTIMATE, driver_gpu_bytes, nvml_process_bytes
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ class BrokerPushes:
     lock: threading.RLock
     shell: Any
     simulated: bool
+    gc_hold: GcHold
     gpu_used: bool
     peaks: deque[int]
     lease: Lease | None
@@ -176,11 +178,7 @@ class BrokerPushes:
                     return {"error": self.engine_error}
                 # No torch: what another library holds on the GPU goes with the driver tier.
                 self.state = "offloaded"
-                return {
-                    "host_bytes": 0,
-                    "disk_bytes": 0,
-                    "gpu_bytes": self._residual_gpu_bytes(None),
-                }
+                return self._left_to_the_driver({"host_bytes": 0, "disk_bytes": 0})
             self.state = "offloading"
             started = time.perf_counter()
             try:
@@ -190,35 +188,63 @@ class BrokerPushes:
                     swap=room,
                 )
             except Exception as err:
-                from .offload import HostFullError  # (imported with the engine)
+                from .offload import HostFullError, UnsafeStateError  # (with the engine)
 
-                # The engine rolled back: nothing moved, nothing lost; the kernel stays resident.
+                # The engine rolled back: nothing moved, nothing lost.
                 message = str(err) or type(err).__name__
+                seconds = time.perf_counter() - started
+                if isinstance(err, UnsafeStateError) and not self.simulated:
+                    return self._whole_process_offload(message, seconds, reason)
                 self.state = "resident"
                 self._transitioned(
-                    TransferRecord(
-                        "offload", 0, time.perf_counter() - started, reason=reason, error=message
-                    )
+                    TransferRecord("offload", 0, seconds, reason=reason, error=message)
                 )
                 return {"error": message, "host_full": isinstance(err, HostFullError)}
             record = self._record_transfer("offload", transfer, reason)
             record.disk_bytes = int(engine.disk_bytes)
             self.footprint.forget()
-            gpu_bytes = self._residual_gpu_bytes(transfer)
             self.state = "spilled" if engine.disk_bytes and not engine.host_bytes else "offloaded"
-            reply = {
-                "host_bytes": int(engine.host_bytes),
-                "disk_bytes": int(engine.disk_bytes),
-                "gpu_bytes": gpu_bytes,
-                "transfer": record.to_dict(),
-            }
+            reply = self._left_to_the_driver(
+                {
+                    "host_bytes": int(engine.host_bytes),
+                    "disk_bytes": int(engine.disk_bytes),
+                    "transfer": record.to_dict(),
+                },
+                transfer,
+            )
         self._transitioned(record)
+        return reply
+
+    def _whole_process_offload(self, refused: str, seconds: float, reason: str) -> dict:
+        """The tensor tier refused (CUDA graphs, memory torch does not own, a capture under
+        way): nothing moved. The driver tier can still take the whole process off the GPU, its
+        device addresses kept, so the reply leaves all of it to the broker, saying why
+        (``tensor_refused``); the broker keeps the kernel resident with that reason where the
+        driver tier cannot."""
+        record = TransferRecord(
+            "offload", 0, seconds, reason=f"{reason}; tensor tier refused, driver tier: {refused}"
+        )
+        self.state = "offloaded"
+        reply = self._left_to_the_driver(
+            {"host_bytes": 0, "disk_bytes": 0, "tensor_refused": refused}
+        )
+        reply["transfer"] = record.to_dict()
+        self._transitioned(record)
+        return reply
+
+    def _left_to_the_driver(self, reply: dict, transfer: Any = None) -> dict:
+        """``reply`` with the GPU memory left for the driver tier (``gpu_bytes``); while the
+        driver may hold the process, the garbage collector is held off (see .gc_hold)."""
+        reply["gpu_bytes"] = gpu_bytes = self._residual_gpu_bytes(transfer)
+        if gpu_bytes and not self.simulated:
+            self.gc_hold.hold()
         return reply
 
     def on_restore(self, body: dict) -> dict:
         """An explicit restore (``%singularity restore``, REST): no cell is waiting for it."""
         device = body.get("device")
         self.finish_early_restore(give_back=True)
+        self.gc_hold.release()  # (the driver restored the process first)
         with self.lock:
             if isinstance(device, dict):
                 self.device = device

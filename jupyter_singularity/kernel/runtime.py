@@ -48,6 +48,7 @@ from .gate import (
     parse_cell_options,
     uninstall_gate,
 )
+from .gc_hold import GcHold
 from .large_pages import simulated_device_pages
 from .membership import Membership
 from .process_probes import cuda_driver_initialised, driver_gpu_bytes
@@ -128,6 +129,7 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
         self.engine: Any = None
         self.engine_error = ""
         self.gpu_used = False
+        self.gc_hold = GcHold()
         self.lease: Lease | None = None
         self.waiting: Waiting | None = None
         self.device: dict | None = None
@@ -426,6 +428,7 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
             granted_at=time.monotonic(),
         )
         self.lease = lease
+        self.gc_hold.release()  # (a process the driver held is restored before its grant)
         self.gpu_used = True
         self.device = device
         self.state = "running"
