@@ -244,3 +244,40 @@ async def test_offload_and_pin_through_rest(
     # This runtime has no GPU state to move yet: it reports honestly that nothing stayed.
     assert record["state"] == "offloaded"
     assert record["gpu_bytes"] == 0 and record["device"] is None
+
+
+# A cell's view of what the tensor tier must not race (see kernel/outliving.py).
+OUTLIVING = (
+    "from jupyter_singularity.kernel.runtime import Runtime\n"
+    "print(repr(Runtime.current.outliving.why_not_move()))"
+)
+
+
+async def test_a_thread_a_cell_left_running_is_seen_and_the_kernels_own_are_not(
+    start_kernel, wait_in_pool, execute
+):
+    """A thread started by a cell that still runs may use tensors as they move: it is named.
+    The kernel's own threads (ipykernel's, also those it starts after the extension loaded, and
+    the runtime's) never are, whatever the cells before used."""
+    kernel_id = await start_kernel()
+    await wait_in_pool(kernel_id)
+    for code in (
+        "1 + 1",
+        "%singularity",
+        "import asyncio\nawait asyncio.sleep(0.01)",
+        "from IPython.display import display\ndisplay('x')",
+        OUTLIVING,
+    ):
+        status, out = await execute(kernel_id, code)
+        assert status == "ok", out
+    assert out.strip() == "''", out
+    status, out = await execute(
+        kernel_id,
+        "import threading\n_stop = threading.Event()\n"
+        "threading.Thread(target=_stop.wait, name='loader').start()\n" + OUTLIVING,
+    )
+    assert status == "ok" and "thread(s) started by its cells still run (loader)" in out, out
+    status, out = await execute(
+        kernel_id, "_stop.set()\nimport time\ntime.sleep(0.2)\n" + OUTLIVING
+    )
+    assert status == "ok" and out.strip() == "''", out

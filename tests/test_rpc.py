@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -1203,6 +1204,42 @@ async def test_state_the_tensor_tier_refuses_is_left_to_the_driver_with_the_coll
     assert runtime.state == "offloaded" and not gc.isenabled()
     runtime._granted("r1", {"device": {"index": 0, "uuid": "GPU-test"}, "reservation": 0})
     assert gc.isenabled()
+
+
+async def test_work_that_outlives_a_cell_leaves_the_move_to_the_driver_tier(
+    pooled, monkeypatch, collector_back
+) -> None:
+    """A thread a cell started that still runs, or another CUDA library that may share torch's
+    memory (DLPack): the tensor tier does not touch the storages, the driver tier takes the
+    whole process, its addresses kept."""
+    from types import SimpleNamespace
+
+    from jupyter_singularity.kernel import process_probes
+
+    def must_not_move(**kwargs) -> None:
+        raise AssertionError("the tensor tier moved storages a running thread may use")
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-test")
+    monkeypatch.setattr(process_probes, "cuda_driver_initialised", lambda: True)
+    monkeypatch.setattr(process_probes, "nvml_process_bytes", lambda pid: 5 * GiB)
+    runtime = runtime_module.Runtime(await pooled("k0"), simulated=False)
+    runtime.engine = SimpleNamespace(offload=must_not_move)
+    runtime.outliving.first_cell()  # the threads alive now are the kernel's
+    stop = threading.Event()
+    loader = threading.Thread(target=stop.wait, name="pin-memory")
+    loader.start()
+    try:
+        reply = runtime.on_offload({})
+    finally:
+        stop.set()
+        loader.join()
+    assert (reply["host_bytes"], reply["gpu_bytes"]) == (0, 5 * GiB)
+    assert reply["tensor_refused"] == "thread(s) started by its cells still run (pin-memory)"
+    runtime.state = "resident"
+    monkeypatch.setitem(sys.modules, "cupy", SimpleNamespace())
+    assert runtime.on_offload({})["tensor_refused"].startswith(
+        "cupy may share torch's GPU memory (DLPack, __cuda_array_interface__)"
+    )
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ..units import format_size
 from .damage import restore_failure
 from .gc_hold import GcHold
+from .outliving import OutlivingWork
 from .process_probes import CONTEXT_ESTIMATE, driver_gpu_bytes, nvml_process_bytes
 
 if TYPE_CHECKING:
@@ -82,6 +83,7 @@ class BrokerPushes:
     shell: Any
     simulated: bool
     gc_hold: GcHold
+    outliving: OutlivingWork
     gpu_used: bool
     peaks: deque[int]
     lease: Lease | None
@@ -179,6 +181,9 @@ class BrokerPushes:
                 # No torch: what another library holds on the GPU goes with the driver tier.
                 self.state = "offloaded"
                 return self._left_to_the_driver({"host_bytes": 0, "disk_bytes": 0})
+            unsafe = "" if self.simulated else self.outliving.why_not_move()
+            if unsafe:  # (simulated devices have no driver tier: the cells' work is CPU work)
+                return self._whole_process_offload(unsafe, 0.0, reason)
             self.state = "offloading"
             started = time.perf_counter()
             try:

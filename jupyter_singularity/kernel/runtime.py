@@ -51,6 +51,7 @@ from .gate import (
 from .gc_hold import GcHold
 from .large_pages import simulated_device_pages
 from .membership import Membership
+from .outliving import OutlivingWork
 from .process_probes import cuda_driver_initialised, driver_gpu_bytes
 from .pushes import BrokerPushes, TransferRecord
 from .relay import MainThreadRelay
@@ -130,6 +131,7 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
         self.engine_error = ""
         self.gpu_used = False
         self.gc_hold = GcHold()
+        self.outliving = OutlivingWork()
         self.lease: Lease | None = None
         self.waiting: Waiting | None = None
         self.device: dict | None = None
@@ -288,6 +290,7 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
     # ----------------------------------------------------------------------- cells and leases
 
     def _pre_execute(self) -> None:
+        self.outliving.first_cell()
         self._depth += 1
 
     def _post_execute(self) -> None:

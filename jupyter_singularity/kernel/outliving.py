@@ -1,0 +1,57 @@
+"""What may use the kernel's GPU memory while the tensor tier moves it, between cells.
+
+- A thread a cell started that still runs (the user's own, a DataLoader's pin-memory thread): it
+  may read or write a storage as it is copied or freed, which tears the copy or touches freed
+  memory.
+- Another CUDA library in the process (CuPy, JAX, Numba, TensorFlow, PyCUDA): torch memory it took
+  through DLPack or ``__cuda_array_interface__`` would point at freed memory after a move, its
+  data silently wrong.
+
+Either makes the tensor tier refuse, and the driver tier then takes the whole process off the GPU,
+its device addresses kept (see .pushes). Not seen here: asyncio tasks a cell left running on the
+kernel's event loop, threads started before the first cell (a startup script's), and memory
+shared with a library this list does not name.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+#: Modules whose presence means GPU memory may be shared with torch's.
+FOREIGN_CUDA_LIBRARIES = ("cupy", "jax", "numba.cuda", "tensorflow", "pycuda")
+#: The runtime's own threads (started at any time, never touching the user's tensors).
+OWN_THREAD_PREFIX = "singularity-"
+
+
+class OutlivingWork:
+    def __init__(self) -> None:
+        self._kernel_threads: set[threading.Thread] | None = None
+
+    def first_cell(self) -> None:
+        """Called as each cell starts: before the first, every thread alive is the kernel's."""
+        if self._kernel_threads is None:
+            self._kernel_threads = set(threading.enumerate())
+
+    def why_not_move(self) -> str:
+        """Why moving torch's storages now is unsafe ("" when nothing is seen)."""
+        kernel = self._kernel_threads
+        threads = sorted(
+            thread.name
+            for thread in threading.enumerate()
+            if kernel is not None  # (no cell ran yet: no thread is a cell's)
+            and thread not in kernel
+            and thread.is_alive()
+            and not thread.name.startswith(OWN_THREAD_PREFIX)
+        )
+        reasons = []
+        if threads:
+            named = ", ".join(threads[:4]) + (", ..." if len(threads) > 4 else "")
+            reasons.append(f"thread(s) started by its cells still run ({named})")
+        shared = [name for name in FOREIGN_CUDA_LIBRARIES if name in sys.modules]
+        if shared:
+            reasons.append(
+                f"{', '.join(shared)} may share torch's GPU memory (DLPack, "
+                "__cuda_array_interface__), which moving it would leave pointing at freed memory"
+            )
+        return "; ".join(reasons)
