@@ -26,6 +26,7 @@ from jupyter_singularity.kernel.offload import TensorEngine  # noqa: E402
 
 #: The most the stand-in host allocator pins at a time.
 PIN_AT_MOST = [4 * MIB]
+GIB = 1 << 30
 
 
 @pytest.fixture
@@ -91,6 +92,22 @@ def test_preparing_a_pool_the_system_will_not_pin_keeps_what_it_got(
     assert engine.prepare(48 * MIB) == 6 * MIB  # the 32 MiB chunk is refused: no exception
     assert calls[2] == (32 * MIB, True) and len(calls) == 3
     assert engine.pin_refused.startswith("pinning 32.0 MiB failed")
+
+
+def test_preparing_the_pool_pins_at_most_a_gib_at_a_time_and_stops_when_a_cell_starts(
+    pinning_engine: tuple[TensorEngine, list],
+) -> None:
+    """Pinning slows the CUDA calls of a cell running meanwhile: the pool grows in chunks of at
+    most POOL_CHUNK_MAX and stops at the first one a cell is running for (the cell's end starts
+    it again)."""
+    engine, calls = pinning_engine
+    PIN_AT_MOST[0] = offload.POOL_CHUNK_MAX
+    engine.pinned_limit = 4 * GIB
+    cell_started = iter([True, True, False])  # idle for two chunks, then a cell runs
+    assert engine.prepare(3 * GIB + 2 * MIB, idle=lambda: next(cell_started)) == 2 * GIB
+    assert calls == [(GIB, True), (GIB, True)]
+    assert engine.prepare(3 * GIB + 2 * MIB) == 3 * GIB + 2 * MIB  # (after the cell)
+    assert calls[2:] == [(GIB, True), (2 * MIB, True)]
 
 
 def test_a_pool_chunk_the_system_will_not_pin_again_comes_back_pageable(

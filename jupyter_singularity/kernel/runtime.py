@@ -489,10 +489,11 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
             ).start()
 
     def _prepare_pool(self, nbytes: int) -> None:
-        """Pin host memory for the kernel's footprint while it idles (see TensorEngine.prepare)."""
+        """Pin host memory for the kernel's footprint while it idles, up to the next cell (the
+        end of that cell starts this again; see TensorEngine.prepare)."""
         with self.lock:
             try:
-                self.engine.prepare(nbytes)
+                self.engine.prepare(nbytes, idle=lambda: self.lease is None)
             except Exception as err:  # the offload then allocates what it needs itself
                 log.warning("jupyter-singularity: could not prepare the host pool: %s", err)
 
