@@ -118,6 +118,14 @@ TESTS = {
         "test_gpu_other_libraries.py",
         "test_cuda_outside_torch_is_booked_gated_and_evicted_by_the_driver[pinned]",
     ): "CUDA started by pin_memory: booked, gated, evicted by the driver tier, intact",
+    (
+        "test_gpu_whole_process.py",
+        "test_a_cuda_graph_goes_whole_with_the_driver_tier_and_replays_after",
+    ): "a CUDA graph: the driver tier moves the whole process, the graph replays after",
+    (
+        "test_gpu_whole_process.py",
+        "test_a_thread_left_running_on_the_gpu_keeps_its_kernel_there",
+    ): "a thread left running on the GPU: offload refused with its name, no write lost",
     ("test_offload.py", "test_cuda_offload_frees_the_gpu_and_restores"): "tensor tier on CUDA",
     (
         "test_offload.py",

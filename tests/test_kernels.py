@@ -249,7 +249,7 @@ async def test_offload_and_pin_through_rest(
 # A cell's view of what the tensor tier must not race (see kernel/outliving.py).
 OUTLIVING = (
     "from jupyter_singularity.kernel.runtime import Runtime\n"
-    "print(repr(Runtime.current.outliving.why_not_move()))"
+    "print(repr(Runtime.current.outliving.running_threads()))"
 )
 
 
@@ -276,7 +276,7 @@ async def test_a_thread_a_cell_left_running_is_seen_and_the_kernels_own_are_not(
         "import threading\n_stop = threading.Event()\n"
         "threading.Thread(target=_stop.wait, name='loader').start()\n" + OUTLIVING,
     )
-    assert status == "ok" and "thread(s) started by its cells still run (loader)" in out, out
+    assert status == "ok" and "thread(s) started by its cells still run (loader):" in out, out
     status, out = await execute(
         kernel_id, "_stop.set()\nimport time\ntime.sleep(0.2)\n" + OUTLIVING
     )

@@ -7,7 +7,8 @@
   through DLPack or ``__cuda_array_interface__`` would point at freed memory after a move, its
   data silently wrong.
 
-Either makes the tensor tier refuse, and the driver tier then takes the whole process off the GPU,
+A running thread keeps the kernel on its GPU (no tier can move state under it safely); another
+library makes the tensor tier step aside, and the driver tier takes the whole process off the GPU,
 its device addresses kept (see .pushes). Not seen here: asyncio tasks a cell left running on the
 kernel's event loop, threads started before the first cell (a startup script's), and memory
 shared with a library this list does not name.
@@ -33,25 +34,36 @@ class OutlivingWork:
         if self._kernel_threads is None:
             self._kernel_threads = set(threading.enumerate())
 
-    def why_not_move(self) -> str:
-        """Why moving torch's storages now is unsafe ("" when nothing is seen)."""
+    def running_threads(self) -> str:
+        """Why moving the kernel's GPU state now is unsafe because of threads its cells started
+        that still run ("" when none does). Neither tier can move state under them: the tensor
+        tier would tear or free what they use, and while the driver holds the process a thread's
+        CUDA call blocks holding the GIL, so the kernel could not even ask for its restore."""
         kernel = self._kernel_threads
+        if kernel is None:  # no cell ran yet: no thread is a cell's
+            return ""
         threads = sorted(
             thread.name
             for thread in threading.enumerate()
-            if kernel is not None  # (no cell ran yet: no thread is a cell's)
-            and thread not in kernel
+            if thread not in kernel
             and thread.is_alive()
             and not thread.name.startswith(OWN_THREAD_PREFIX)
         )
-        reasons = []
-        if threads:
-            named = ", ".join(threads[:4]) + (", ..." if len(threads) > 4 else "")
-            reasons.append(f"thread(s) started by its cells still run ({named})")
+        if not threads:
+            return ""
+        named = ", ".join(threads[:4]) + (", ..." if len(threads) > 4 else "")
+        return (
+            f"thread(s) started by its cells still run ({named}): it stays on its GPU until they "
+            "end, since moving its state under them could tear what they compute"
+        )
+
+    def shared_memory(self) -> str:
+        """Why torch's storages may not be moved by the tensor tier because another CUDA library
+        may share them ("" when none is imported); the driver tier keeps their addresses."""
         shared = [name for name in FOREIGN_CUDA_LIBRARIES if name in sys.modules]
-        if shared:
-            reasons.append(
-                f"{', '.join(shared)} may share torch's GPU memory (DLPack, "
-                "__cuda_array_interface__), which moving it would leave pointing at freed memory"
-            )
-        return "; ".join(reasons)
+        if not shared:
+            return ""
+        return (
+            f"{', '.join(shared)} may share torch's GPU memory (DLPack, "
+            "__cuda_array_interface__), which moving it would leave pointing at freed memory"
+        )

@@ -174,6 +174,10 @@ class BrokerPushes:
         with self.lock:
             if self.lease is not None:
                 return {"error": "a cell of this kernel holds its GPU lease"}
+            threads = self.outliving.running_threads()
+            if threads:
+                self._transitioned(TransferRecord("offload", 0, 0.0, reason=reason, error=threads))
+                return {"error": threads}
             engine = self.get_engine()
             if engine is None:
                 if "torch" in sys.modules and self.engine_error:
@@ -181,9 +185,9 @@ class BrokerPushes:
                 # No torch: what another library holds on the GPU goes with the driver tier.
                 self.state = "offloaded"
                 return self._left_to_the_driver({"host_bytes": 0, "disk_bytes": 0})
-            unsafe = "" if self.simulated else self.outliving.why_not_move()
-            if unsafe:  # (simulated devices have no driver tier: the cells' work is CPU work)
-                return self._whole_process_offload(unsafe, 0.0, reason)
+            shared = "" if self.simulated else self.outliving.shared_memory()
+            if shared:
+                return self._whole_process_offload(shared, 0.0, reason)
             self.state = "offloading"
             started = time.perf_counter()
             try:
@@ -227,7 +231,7 @@ class BrokerPushes:
         (``tensor_refused``); the broker keeps the kernel resident with that reason where the
         driver tier cannot."""
         record = TransferRecord(
-            "offload", 0, seconds, reason=f"{reason}; tensor tier refused, driver tier: {refused}"
+            "offload", 0, seconds, reason=f"{reason}; the driver tier moves it whole: {refused}"
         )
         self.state = "offloaded"
         reply = self._left_to_the_driver(
