@@ -257,8 +257,9 @@ async def test_a_thread_a_cell_left_running_is_seen_and_the_kernels_own_are_not(
     start_kernel, wait_in_pool, execute
 ):
     """A thread started by a cell that still runs may use tensors as they move: it is named.
-    The kernel's own threads (ipykernel's, also those it starts after the extension loaded, and
-    the runtime's) never are, whatever the cells before used."""
+    The kernel's own threads (ipykernel's, also those it starts after the extension loaded or
+    after the first cell, such as the subshells JupyterLab asks for, and the runtime's) never
+    are, whatever the cells before used."""
     kernel_id = await start_kernel()
     await wait_in_pool(kernel_id)
     for code in (
@@ -266,6 +267,9 @@ async def test_a_thread_a_cell_left_running_is_seen_and_the_kernels_own_are_not(
         "%singularity",
         "import asyncio\nawait asyncio.sleep(0.01)",
         "from IPython.display import display\ndisplay('x')",
+        # a subshell's thread, of ipykernel's own class, as a subshell request starts it
+        "from ipykernel.thread import BaseThread\n"
+        "_subshell = BaseThread(name='subshell-test', daemon=True)\n_subshell.start()",
         OUTLIVING,
     ):
         status, out = await execute(kernel_id, code)

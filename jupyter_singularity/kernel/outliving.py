@@ -23,6 +23,9 @@ import threading
 FOREIGN_CUDA_LIBRARIES = ("cupy", "jax", "numba.cuda", "tensorflow", "pycuda")
 #: The runtime's own threads (started at any time, never touching the user's tensors).
 OWN_THREAD_PREFIX = "singularity-"
+#: Where the kernel's own thread classes come from: ipykernel starts some after the first cell
+#: (a subshell for each JupyterLab asks for, ``subshell-<id>``), which are not a cell's work.
+KERNEL_THREAD_MODULES = ("ipykernel.", "IPython.", "jupyter_client.", "zmq.")
 
 
 class OutlivingWork:
@@ -48,6 +51,7 @@ class OutlivingWork:
             if thread not in kernel
             and thread.is_alive()
             and not thread.name.startswith(OWN_THREAD_PREFIX)
+            and not type(thread).__module__.startswith(KERNEL_THREAD_MODULES)
         )
         if not threads:
             return ""
