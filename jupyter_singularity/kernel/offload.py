@@ -23,8 +23,9 @@ torch is never imported here: a process that has not imported it has no tensors 
 kernel without torch must still load the runtime. CUDA is never initialised here either (its
 first initialisation waits for a lease): without it there is no CUDA storage.
 
-Unsafe state is refused before any device memory changes (``UnsafeStateError``); the kernel stays
-resident:
+Unsafe state is refused before any device memory changes (``UnsafeStateError``); on a GPU the
+driver tier then moves the whole process instead, its device addresses kept (see .pushes), and
+on simulated devices the kernel stays resident:
 
 - CUDA graphs: a stream capturing now, or any live ``torch.cuda.CUDAGraph`` (also those kept by
   ``torch.compile(mode="reduce-overhead")``): graphs replay raw device addresses that a move

@@ -29,6 +29,8 @@ KERNEL_THREAD_MODULES = ("ipykernel.", "IPython.", "jupyter_client.", "zmq.")
 
 
 class OutlivingWork:
+    """Tells, at an offload, which of the above this kernel has now."""
+
     def __init__(self) -> None:
         self._kernel_threads: set[threading.Thread] | None = None
 

@@ -17,8 +17,9 @@ _libcuda: ctypes.CDLL | None = None
 
 def cuda_driver_initialised() -> bool:
     """Whether this process initialised the CUDA driver (``cuInit``), without initialising it:
-    a few microseconds, so it can be asked at every cell's end. Any library may have done it
-    (torch, but also CuPy, JAX, Numba, or torch's pinned memory, which skips torch's gate)."""
+    cheap enough to ask at every cell's end (about 50 µs while libcuda is not loaded, one driver
+    call once it is). Any library may have done it (torch, but also CuPy, JAX, Numba, or
+    torch's pinned memory, which skips torch's gate)."""
     global _libcuda
     if _libcuda is None:
         try:
