@@ -11,6 +11,8 @@ Run by ``bench/gpu_check.py``; skipped without a GPU (see gpu_gate.py).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -67,23 +69,28 @@ async def _cell(server: PoolServer, kernel_id: str, source: str) -> dict:
     return result_line(text)
 
 
-def _offloaded(server: PoolServer, kernel: str) -> dict:
-    server.api(f"singularity/api/kernels/{kernel}/offload", "POST", {})
-    return server.wait_record(
-        kernel, lambda r: r["state"] in ("offloaded", "error") or r["offload_refused"]
-    )
+@contextmanager
+def _asked_to_offload(tmp_path: Path, first: str) -> Iterator[tuple[PoolServer, str, dict, dict]]:
+    """A pool server whose kernel ran ``first`` and was then asked through REST to offload:
+    the server, the kernel, the first cell's result, and the kernel's record once the offload
+    ended (offloaded, refused, or in error)."""
+    env = {"CUDA_VISIBLE_DEVICES": facts().uuids[0]}
+    with pool_server(tmp_path / "pool", "auto", env=env) as server:
+        kernel = server.start_kernel()
+        result = asyncio.run(_cell(server, kernel, first))
+        server.wait_record(kernel, lambda r: r["state"] == "resident", timeout=60)
+        server.api(f"singularity/api/kernels/{kernel}/offload", "POST", {})
+        record = server.wait_record(
+            kernel, lambda r: r["state"] in ("offloaded", "error") or r["offload_refused"]
+        )
+        yield server, kernel, result, record
 
 
 def test_a_cuda_graph_goes_whole_with_the_driver_tier_and_replays_after(
     tmp_path: Path, record_property
 ) -> None:
-    env = {"CUDA_VISIBLE_DEVICES": facts().uuids[0]}
-    with pool_server(tmp_path / "pool", "auto", env=env) as server:
-        kernel = server.start_kernel()
-        built = asyncio.run(_cell(server, kernel, GRAPH))
+    with _asked_to_offload(tmp_path, GRAPH) as (server, kernel, built, record):
         assert built["y"] == 7.0
-        server.wait_record(kernel, lambda r: r["state"] == "resident", timeout=60)
-        record = _offloaded(server, kernel)
         assert record["state"] == "offloaded", record
         assert record["context"]["checkpointed"] is True, record["context"]
         assert not nvml_process_mib(built["pid"])
@@ -94,14 +101,9 @@ def test_a_cuda_graph_goes_whole_with_the_driver_tier_and_replays_after(
 def test_a_thread_left_running_on_the_gpu_keeps_its_kernel_there(
     tmp_path: Path, record_property
 ) -> None:
-    env = {"CUDA_VISIBLE_DEVICES": facts().uuids[0]}
-    with pool_server(tmp_path / "pool", "auto", env=env) as server:
-        kernel = server.start_kernel()
-        pid = asyncio.run(_cell(server, kernel, THREAD))["pid"]
-        server.wait_record(kernel, lambda r: r["state"] == "resident", timeout=60)
-        record = _offloaded(server, kernel)
+    with _asked_to_offload(tmp_path, THREAD) as (server, kernel, started, record):
         assert record["state"] == "resident", record
         assert "gpu-worker" in record["offload_refused"], record
-        assert nvml_process_mib(pid)
+        assert nvml_process_mib(started["pid"])
         assert asyncio.run(_cell(server, kernel, STOP))["ok"]
         record_property("refused", record["offload_refused"])
