@@ -131,6 +131,7 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
         self.engine_error = ""
         self.gpu_used = False
         self.gc_hold = GcHold()
+        self._driver_bytes: int | None = None  # (see _device_bytes)
         self.outliving = OutlivingWork()
         self.lease: Lease | None = None
         self.waiting: Waiting | None = None
@@ -592,8 +593,11 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
                 return int(torch.cuda.memory_reserved())
             except Exception:
                 return 0
-        if not self.simulated:
-            return driver_gpu_bytes()  # CUDA started by another library, or none at all
+        if not self.simulated:  # CUDA started by another library, or none at all: NVML's figure,
+            # asked again only where a cell may have changed it (not at the top of each cell)
+            if not cached or self._driver_bytes is None:
+                self._driver_bytes = driver_gpu_bytes()
+            return self._driver_bytes
         engine = self.get_engine()
         if engine is None or engine.offloaded:
             return 0
