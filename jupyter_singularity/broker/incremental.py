@@ -140,6 +140,8 @@ class _Memo:
     user_version: int
     epoch: int
     pass_no: int
+    """The last pass that placed it or carried its claim over; ``_DROPPED`` once it is not its
+    request's memo any more (a claim that names it then needs a look without a lookup)."""
     kernel_touched: bool = False
     """Whether its own kernel changed since (else a change to another kernel of its user leaves
     its ranks standing where its context is found the same)."""
@@ -162,6 +164,9 @@ class _Claim:
     """The key of its rank there (see ``Placement._ranked_on``)."""
     home: int | None
 
+
+_DROPPED = -2
+"""A memo's ``pass_no`` once it is dropped or replaced (see :meth:`Incremental._drop`)."""
 
 _NONE_BETTER = (9,)
 """A key after every rank's (see ``Placement._ranked_on``): no device ranks better."""
@@ -277,7 +282,13 @@ class Incremental:
     def left(self, kernel: Kernel) -> None:
         """``kernel``'s request left the queue: its placement is kept no more."""
         self.touch(kernel)
-        self._memos.pop(kernel.kernel_id, None)
+        self._drop(kernel.kernel_id)
+
+    def _drop(self, kernel_id: str) -> None:
+        """The kernel's memo (if any) is kept no more: a claim that names it is looked at."""
+        memo = self._memos.pop(kernel_id, None)
+        if memo is not None:
+            memo.pass_no = _DROPPED
 
     def candidates(self, candidates: list[int]) -> Candidates:
         """What placing a request needs of its ``candidates`` besides them, found once for each
@@ -299,6 +310,8 @@ class Incremental:
         self._candidates.clear()
         self._views.clear()
         self.alike.clear()
+        for memo in self._memos.values():
+            memo.pass_no = _DROPPED
         self._memos.clear()
         self._quiet.clear()
         self._everyone = True
@@ -505,16 +518,13 @@ class Incremental:
                     self._next_old = next_old
                     self.ahead(old[index].order)
                     next_old = self._next_old
-                # Claims that stand as they are, found without a look at each one's placement.
-                stop = self._standing(index, end, last, at)
+                # Claims that stand as they are, found without a look at each one's placement
+                # (up to the one that leaves no device unclaimed).
+                stop = self._standing(index, min(end, index + everywhere - len(claimed)), last, at)
                 if stop > index:
-                    if len(claimed) + stop - index >= everywhere:
-                        stop = index + everywhere - len(claimed)
                     stretch = old[index:stop]
-                    for claim in stretch:
-                        claim.memo.pass_no = last + 1
                     claims += stretch
-                    claimed.update([claim.device for claim in stretch])
+                    claimed.update(map(claim_device, stretch))
                     carried += stop - index
                     index = next_old = stop
                     if len(claimed) == everywhere:
@@ -578,35 +588,43 @@ class Incremental:
 
     def _standing(self, index: int, end: int, last: int, at: tuple[float, int]) -> int:
         """The first of the last pass's claims from ``index`` on (up to ``end``) that needs a
-        look: each one before it stands as it is. Such a claim's request was placed from the
-        order of requests alike and is unchanged (its memo is the one that made the claim), and
-        no changed device (nor one claimed ahead of it in one pass alone) can take its place:
-        its device and its home are not one, and none ranks better for its kind than the claim
-        (the rank kept with it, which stands while its device does not change)."""
-        old, memos, loud = self._old_claims, self._memos, self._loud
+        look: each one before it stands as it is, and is carried over (its memo marked as this
+        pass's). Such a claim's request was placed from the order of requests alike and is
+        unchanged (its memo is the one that made the claim), and no changed device (nor one
+        claimed ahead of it in one pass alone) can take its place: its device and its home are
+        not one, and none ranks better for its kind than the claim (the rank kept with it, which
+        stands while its device does not change)."""
+        old, loud, now = self._old_claims, self._loud, last + 1
+        if index < end and old[index].order <= at:  # (claims are in queue order)
+            return index
         reached = self._unclaimed_changed | self._claims_differ
+        if not reached:
+            for at_claim in range(index, end):
+                claim = old[at_claim]
+                memo = claim.memo
+                if memo.pass_no != last or claim.kernel_id in loud:
+                    return at_claim
+                memo.pass_no = now
+            return end
         floors: dict[_Order, tuple] = {}
-        while index < end:
-            claim = old[index]
-            memo = claim.memo
+        for at_claim in range(index, end):
+            claim = old[at_claim]
+            memo, kind = claim.memo, claim.kind
             if (
                 memo.pass_no != last
-                or memos.get(claim.kernel_id) is not memo
                 or claim.kernel_id in loud
-                or claim.order <= at
+                or kind is None
+                or claim.device in reached
+                or claim.home in reached
             ):
-                return index
-            if reached:
-                kind = claim.kind
-                if kind is None or claim.device in reached or claim.home in reached:
-                    return index
-                floor = floors.get(kind)
-                if floor is None:
-                    floor = floors[kind] = self._floor(claim)
-                if not claim.key < floor:
-                    return index
-            index += 1
-        return index
+                return at_claim
+            floor = floors.get(kind)
+            if floor is None:
+                floor = floors[kind] = self._floor(claim)
+            if not claim.key < floor:
+                return at_claim
+            memo.pass_no = now
+        return end
 
     def _floor(self, claim: _Claim) -> tuple:
         """The least key of the ranks of the changed devices, unclaimed, for requests of the
@@ -615,6 +633,8 @@ class Incremental:
         assert order is not None and claimed is not None
         if not order.kept:
             return _UNKNOWN
+        if order.floor_of == self._differ_version:  # (found for this version already)
+            return _NONE_BETTER if order.floor is None else order.floor
         kernel, context = self.core.kernels[claim.kernel_id], claim.memo.context
         assert kernel.request is not None and context is not None
         changed = self._changed_for(order.devices)
@@ -780,7 +800,7 @@ class Incremental:
                     )
             memo.pass_no = self._pass_no
             if memo.placement.deny:
-                del self._memos[kernel.kernel_id]
+                self._drop(kernel.kernel_id)
             return memo.placement
         context = fresh or core._placing(kernel, request, now)
         ranks = None
@@ -788,9 +808,8 @@ class Incremental:
             placement, ranks = core._on_devices(kernel, request, context, claimed)
         else:
             placement, context = context, None
-        if placement.deny:
-            self._memos.pop(kernel.kernel_id, None)
-        else:
+        self._drop(kernel.kernel_id)
+        if not placement.deny:
             self._memos[kernel.kernel_id] = _Memo(
                 request,
                 placement,
@@ -872,6 +891,8 @@ def _ranked(ranks: list[tuple] | None) -> tuple[dict[int, tuple] | None, list[tu
 
 _serial = itertools.count()
 
+
+claim_device = operator.attrgetter("device")
 
 queue_order = operator.attrgetter("order")
 """A request's (or a claim's) place in the queue (a key in C: bisecting the queue calls no

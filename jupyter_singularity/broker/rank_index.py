@@ -234,10 +234,15 @@ class RankIndex:
                 if at < order.head:
                     order.head -= 1
             view = views.view(d)
-            key = (reservations[size_of[d]], state, False, False)
+            reservation = reservations[size_of[d]]
+            key = (reservation, state, False, False)
             found = view.ranks.get(key, view)
             if found is view and d != kernel.home and d != request.claimed:
-                found = core._rank(kernel, request, context, d)
+                # (what ``Placement._rank`` finds and keeps there, without a second lookup: the
+                # kernel has nothing on any device)
+                found = view.ranks[key] = core._ranked_on(
+                    kernel, request, context, d, view, reservation
+                )
             elif found is view:
                 found = core._rank(kernel, request, context, d)
                 if found is not None:
