@@ -46,7 +46,7 @@ import bisect
 import heapq
 import itertools
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -106,7 +106,7 @@ class _Context:
     limits: Limits
     candidates: list[int]
     candidate_set: frozenset[int]
-    quota_victims: list[Kernel]
+    quota_victims: Sequence[Kernel]
     anywhere: bool
     """It may run on any device of a pool of one size: the pass's shortcut applies."""
     own_fixed: int

@@ -7,7 +7,8 @@ evict (or why it must wait, or be denied). ``_Pass`` caches per-device aggregate
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..devices import DeviceInfo
@@ -20,13 +21,18 @@ if TYPE_CHECKING:
     from .core import BrokerCore
 
 
+_NO_KERNELS: tuple[Kernel, ...] = ()
+"""No kernels to evict: shared by the ranks and placements that evict none (kept between passes,
+a list of its own in each would be one more object for every garbage collection to walk)."""
+
+
 @dataclass
 class _Placement:
     """What the core decided for one queued request in one scheduling pass."""
 
     device: int | None = None
     reservation: int = 0
-    victims: list[Kernel] = field(default_factory=list)
+    victims: Sequence[Kernel] = _NO_KERNELS
     wait: str = ""
     deny: str = ""
 
@@ -243,7 +249,7 @@ class Placement:
         # the one it claims: requests behind one that left are not all moved by one device.
         stays = 0 if d == request.claimed else 1
         if free >= reservation:
-            return ((0, affinity, free - reservation, stays, d), d, reservation, [])
+            return ((0, affinity, free - reservation, stays, d), d, reservation, _NO_KERNELS)
         need = reservation - free
         pending = view.offloading
         victims: list[Kernel] | int = []
@@ -265,8 +271,8 @@ class Placement:
         if freed is not None:
             return ((1, affinity, freed, stays, d), d, reservation, victims)
         if needs_stalled:
-            return ((3, affinity, view.stalled, stays, d), d, reservation, [])
-        return ((2, affinity, view.running, stays, d), d, reservation, [])
+            return ((3, affinity, view.stalled, stays, d), d, reservation, _NO_KERNELS)
+        return ((2, affinity, view.running, stays, d), d, reservation, _NO_KERNELS)
 
     def _placement_on(
         self, kernel: Kernel, context: _Context, best: tuple, asked: int
@@ -323,12 +329,12 @@ class Placement:
 
     def _quota_room(
         self, kernel: Kernel, request: Request, limits: Limits, sizes: list[int], now: float
-    ) -> tuple[list[Kernel], str, str]:
+    ) -> tuple[Sequence[Kernel], str, str]:
         """Own idle kernels to offload so this request stays within the user's memory and
         resident-kernel quotas; else why it must wait (for the user's running cells) or be denied.
         ``sizes``: one of its candidates of each size."""
         if limits.gpu_memory is None and limits.max_resident_kernels is None:
-            return [], "", ""
+            return _NO_KERNELS, "", ""
         assert self._pass is not None
         users = self._pass.quota_basis(kernel.user)
         leaving = users.leaving
@@ -359,11 +365,11 @@ class Placement:
                 resident += len(leaving)
                 if not fits():
                     return (
-                        [],
+                        _NO_KERNELS,
                         f"GPU quota of {kernel.user}: waiting for kernels to be offloaded",
                         "",
                     )
-            return victims, "", ""
+            return victims or _NO_KERNELS, "", ""
         if limits.gpu_memory is not None and booked + need > limits.gpu_memory:
             what = (
                 f"GPU memory quota: needs {format_size(need)}, {kernel.user}'s other kernels hold "
@@ -375,8 +381,8 @@ class Placement:
                 f"{kernel.user} hold GPU state"
             )
         if any(k.lease is not None for k in users.on_devices if k is not kernel) or leaving:
-            return [], f"{what}; waiting for their cells to finish", ""
-        return [], "", f"{what}; offload or unpin one of them first"
+            return _NO_KERNELS, f"{what}; waiting for their cells to finish", ""
+        return _NO_KERNELS, "", f"{what}; offload or unpin one of them first"
 
 
 _HOLDING_STATES = frozenset((*LEASE_STATES, KernelState.RESIDENT))

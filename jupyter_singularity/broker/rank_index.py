@@ -225,10 +225,13 @@ class RankIndex:
         core, keys, ranks, state = self.core, order.keys, order.ranks, order.state
         views, reservations, size_of = core._incremental, context.reservations, self._size_of
         if context.quota_victims:
-            context = replace(context, quota_victims=[])
+            context = replace(context, quota_victims=())
+        # (most of them changed, a new order's all: sorted once at the end, each kept in its
+        # place otherwise)
+        resort = 2 * len(order.dirty) >= len(keys)
         for d in order.dirty:
             old = ranks.pop(d, None)
-            if old is not None:
+            if old is not None and not resort:
                 at = bisect.bisect_left(keys, old[0])
                 del keys[at]
                 if at < order.head:
@@ -251,10 +254,14 @@ class RankIndex:
                 view.ranks[key] = found
             if found is not None:
                 ranks[d] = found
-                at = bisect.bisect_left(keys, found[0])
-                keys.insert(at, found[0])
-                if at < order.head:
-                    order.head = at
+                if not resort:
+                    at = bisect.bisect_left(keys, found[0])
+                    keys.insert(at, found[0])
+                    if at < order.head:
+                        order.head = at
+        if resort:
+            keys[:] = sorted([rank[0] for rank in ranks.values()])
+            order.head = 0
         order.dirty.clear()
 
 
