@@ -70,6 +70,11 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         self._incremental = Incremental(self)
         sizes = {d.total_bytes for d in self.devices.values()}
         self._uniform = len(sizes) == 1
+        # Lists of candidates every request of a kind shares (never changed in place).
+        self._every_device = list(self.devices)
+        self._devices_of_chip: dict[str, list[int]] = {}
+        for d, info in self.devices.items():
+            self._devices_of_chip.setdefault(info.chip, []).append(d)
         # Indexes kept in step with every kernel's device and user, so a scheduling pass never
         # walks all kernels.
         self._by_device: dict[int, dict[str, Kernel]] = {d: {} for d in self.devices}

@@ -62,15 +62,14 @@ class Placement:
     def _candidates(self, kernel: Kernel, request: Request) -> list[int]:
         """Devices the kernel may run on: the one holding its GPU state; for state offloaded to the
         host, any device of the same chip when migration is possible, else its home; any when cold
-        (unless CUDA in the kernel chose one already)."""
+        (unless CUDA in the kernel chose one already). A list of many is shared: never changed."""
         if kernel.device is not None:
             return [kernel.device]
         if (kernel.host_bytes or kernel.disk_bytes) and kernel.home is not None:
             if not self.policy.migration:
                 return [kernel.home]
-            chip = self.devices[kernel.home].chip
-            return [d for d, info in self.devices.items() if info.chip == chip]
-        return list(self.devices) if request.device is None else [request.device]
+            return self._devices_of_chip[self.devices[kernel.home].chip]
+        return self._every_device if request.device is None else [request.device]
 
     def _placing(self, kernel: Kernel, request: Request, now: float) -> _Context | _Placement:
         """What placing ``request`` finds before looking at any device, or its placement when
