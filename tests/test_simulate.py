@@ -488,6 +488,27 @@ def test_the_command_answers_in_json_for_a_trace_file(tmp_path: Path) -> None:
     assert one_gpu["models"][TIME_SLICING]["p95_wait_s"] == pytest.approx(49.0)
 
 
+def test_the_text_report_keeps_its_columns_when_waits_pass_a_day(tmp_path: Path) -> None:
+    path = tmp_path / "trace.csv"  # (bob's cell waits three days for alice's)
+    path.write_text(
+        "user,kernel,start,duration,memory,kernel_end\n"
+        "alice,a,0,259200,6GB,300000\nbob,b,10,10,6GB,300000\n"
+    )
+    done = cli("--trace", str(path), "--devices", "1x10GB")
+    assert done.returncode == 0, done.stderr
+    row = next(line for line in done.stdout.splitlines() if line.startswith("  singularity "))
+    model, p50, p95, p99, failed, rerun, *_ = row.split()
+    assert (model, p50, p95, p99, failed, rerun) == (
+        "singularity",
+        "36h",
+        "68h",
+        "71h",
+        "0",
+        "0",
+    ), row
+    assert "past a day in hours (h)" in done.stdout
+
+
 def test_the_command_reads_ledgers_and_draws_a_plot(tmp_path: Path) -> None:
     write_ledger(tmp_path / "ledger.sqlite")
     plot = tmp_path / "waits.html"

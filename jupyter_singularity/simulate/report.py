@@ -8,6 +8,9 @@ from ..units import format_size
 from .outcome import NEVER
 from .sweep import Simulation
 
+LONG_WAIT_S = 86_400
+"""Waits from a day up are shown in hours."""
+
 
 def to_json(simulation: Simulation) -> dict[str, Any]:
     """Every number of the run. Waits are seconds; a percentile is null where more of the cells
@@ -69,8 +72,8 @@ def to_text(simulation: Simulation, per_user: bool = False) -> str:
         else:
             lines.append(f"  {model:<14} {answer['users_per_gpu']:g} (on {answer['pool']})")
     lines.append(
-        "(waits in seconds: how late a cell started computing; a cell that did not run counts "
-        "as waiting forever, shown as 'never')"
+        "(waits in seconds, past a day in hours (h): how late a cell started computing; a cell "
+        "that did not run counts as waiting forever, shown as 'never')"
     )
     return "\n".join(lines)
 
@@ -87,9 +90,14 @@ def _per_user(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _seconds(value: float | None) -> str:
+    """A wait in a column of 8: a space, then seconds, or hours past a day (an overloaded pool's
+    waits would run into the next column)."""
     if value is None or value == NEVER:
-        return f"{'never':>8}"
-    return f"{value:>8.1f}"
+        return f" {'never':>7}"
+    if value < LONG_WAIT_S:
+        return f" {value:>7.1f}"
+    return f" {value / 3600:>6.0f}h"
+
 
 
 def _percent(value: float | None) -> str:
