@@ -20,7 +20,8 @@ from itertools import islice
 from typing import Any
 
 from ..units import format_size
-from .offload import Damage, StateDamaged, _grad_of, _parts_of
+from .offload import Damage, StateDamaged
+from .storages import grad_of, parts_of
 
 #: Names listed in a message; the others are counted ("and 12 more").
 MAX_NAMES = 10
@@ -94,7 +95,7 @@ def lost_names(damage: Damage, shell: Any) -> tuple[list[tuple[str, int]], list[
     reached: set[int] = set()
     if torch is not None and shell is not None:
         for name, tensor in _named_tensors(torch, shell):
-            keys = {storage._cdata for storage in _parts_of(torch, tensor)} & sizes.keys()
+            keys = {storage._cdata for storage in parts_of(torch, tensor)} & sizes.keys()
             if keys:
                 named.append((name, sum(sizes[key] for key in keys)))
                 reached |= keys
@@ -138,6 +139,6 @@ def _named_tensors(torch: Any, shell: Any) -> Iterator[tuple[str, Any]]:
 
 def _with_grad(name: str, tensor: Any) -> Iterator[tuple[str, Any]]:
     yield name, tensor
-    grad = _grad_of(tensor)
+    grad = grad_of(tensor)
     if grad is not None:
         yield f"{name}.grad", grad

@@ -56,8 +56,6 @@ read a file may pass: the restore raises a plain :class:`OffloadError` and may b
 from __future__ import annotations
 
 import bisect
-import contextlib
-import ctypes
 import gc
 import logging
 import mmap
@@ -77,17 +75,27 @@ from .cuda_probes import (
     inside,
     multiprocessing_shared,
 )
-from .large_pages import advise_large_pages, give_back
+from .host_tape import (
+    Buffer,
+    Slot,
+    Tape,
+    aligned,
+    bytes_of,
+    host_view,
+    tape_bytes,
+    tape_end,
+)
+from .large_pages import advise_large_pages
 from .lost import mark_lost
 from .spill import (
     Ranges,
     SpillDamaged,
     SpillError,
-    SpillFile,
     read_spill,
     remove_spill,
     write_spill,
 )
+from .storages import grad_of, holder_types_of, of_kinds, parts_of, storages_held
 
 if TYPE_CHECKING:
     import torch
@@ -98,8 +106,6 @@ Progress = Callable[[int, int], None]
 
 log = logging.getLogger(__name__)
 
-#: Each host copy starts at a multiple of this, so copies run on page-aligned addresses.
-ALIGN = 4096
 #: The smallest pool chunk; the pool grows by powers of two of it.
 POOL_UNIT = 2 << 20
 #: The largest pool chunk: pinning one takes about 0.42 s (a cell that starts while the pool is
@@ -214,94 +220,6 @@ def _resize(storage: torch.UntypedStorage, nbytes: int) -> None:
 
 
 @dataclass
-class _Buffer:
-    """A host buffer holding ``used`` bytes of the tape; ``tensor`` is None once spilled to disk.
-
-    A pooled buffer is a whole pool chunk of ``capacity`` bytes, reallocated whole when it comes
-    back from disk so that it returns to the pool."""
-
-    tensor: torch.Tensor | None
-    used: int
-    pooled: bool
-    capacity: int = 0
-    spill: SpillFile | None = None
-
-    @classmethod
-    def of_pool(cls, chunk: torch.Tensor) -> _Buffer:
-        return cls(chunk, chunk.numel(), pooled=True, capacity=chunk.numel())
-
-
-@dataclass
-class _Slot:
-    """One device storage and where its bytes sit on the host tape."""
-
-    storage: torch.UntypedStorage
-    nbytes: int
-    offset: int
-
-
-class _Tape:
-    """The host copies of one offload, laid end to end over several buffers (pooled ones first)."""
-
-    def __init__(self, buffers: list[_Buffer]) -> None:
-        self.buffers: list[_Buffer] = []
-        self.starts: list[int] = []
-        self.end = 0
-        for buffer in buffers:
-            self.append(buffer)
-
-    def append(self, buffer: _Buffer) -> None:
-        self.starts.append(self.end)
-        self.buffers.append(buffer)
-        self.end += buffer.used
-
-    def trim(self, end: int) -> None:
-        """Keep only the buffers that hold bytes below ``end`` (the pool keeps the others)."""
-        keep = bisect.bisect_left(self.starts, end)
-        del self.buffers[keep:], self.starts[keep:]
-        if self.buffers:
-            self.buffers[-1].used = end - self.starts[-1]
-        self.end = end
-
-    @property
-    def memory_end(self) -> int:
-        """Where the buffers in memory end (the spill file an offload writes lies past them)."""
-        spilled = self.buffers and self.buffers[-1].tensor is None
-        return self.starts[-1] if spilled else self.end
-
-    def pieces(self, offset: int, nbytes: int) -> Iterator[tuple[torch.Tensor, int, int]]:
-        """(host slice, offset in the storage, length) for the tape range of one storage."""
-        index = bisect.bisect_right(self.starts, offset) - 1
-        done = 0
-        while done < nbytes:
-            buffer = self.buffers[index]
-            assert buffer.tensor is not None
-            at = offset + done - self.starts[index]
-            length = min(buffer.used - at, nbytes - done)
-            yield buffer.tensor[at : at + length], done, length
-            done += length
-            index += 1
-
-    def give_back(self, start: int, end: int) -> int:
-        """Give back the memory of the tape's bytes ``start`` to ``end`` that sit in buffers
-        mapped on their own (never the pool's). Returns where the memory given back ends (at
-        most ``end``; the bytes before it may read as zeros now)."""
-        index = max(0, bisect.bisect_right(self.starts, start) - 1)
-        at = start
-        while at < end and index < len(self.buffers):
-            buffer, base = self.buffers[index], self.starts[index]
-            stop = min(end, base + buffer.used)
-            mapping = getattr(buffer.tensor, "_singularity_mapping", None)
-            if mapping is not None and not buffer.pooled:
-                released = give_back(mapping, buffer.tensor.data_ptr(), at - base, stop - base)
-                if base + released < stop:
-                    return base + released
-            at = stop
-            index += 1
-        return at
-
-
-@dataclass
 class _Scan:
     """What a scan found that makes moving the state unsafe, by reason."""
 
@@ -335,8 +253,8 @@ class TensorEngine:
         #: Why the system refused to pin more host memory, once it did (the pool grows no more).
         self.pin_refused = ""
         self._pool: list[torch.Tensor] = []
-        self._tape: _Tape | None = None
-        self._slots: list[_Slot] = []
+        self._tape: Tape | None = None
+        self._slots: list[Slot] = []
         self._offloaded = False
         self._damage: Damage | None = None
         self._name = f"tensors-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -428,13 +346,13 @@ class TensorEngine:
             started = time.perf_counter()
             torch = self._torch()
             if torch is None:
-                self._commit_offload(_Tape([]), [], [])
+                self._commit_offload(Tape([]), [], [])
                 return Transfer(0, time.perf_counter() - started, 0)
             room = None if host_limit is None else max(0, host_limit)
-            tape = _Tape([_Buffer.of_pool(chunk) for chunk in self._pool])
+            tape = Tape([Buffer.of_pool(chunk) for chunk in self._pool])
             if room is not None and tape.end > room:
                 tape.trim(room)
-            slots: list[_Slot] = []
+            slots: list[Slot] = []
             new_chunks: list[torch.Tensor] = []
             idle: set[Any] = set()
             free_early = swap is not None or self.simulated
@@ -442,12 +360,12 @@ class TensorEngine:
                 with torch.no_grad():
                     found, later = _Scan(), []
                     for storage in self._find(torch, found, stop_if_unsafe=True):
-                        if not free_early and tape.end - _end(slots) >= storage.nbytes():
+                        if not free_early and tape.end - tape_end(slots) >= storage.nbytes():
                             self._copy_out(torch, tape, slots, storage, idle)
                         else:
                             later.append(storage)
                     found.raise_if_unsafe()
-                    total = _end(slots) + sum(_aligned(s.nbytes()) for s in later)
+                    total = tape_end(slots) + sum(aligned(s.nbytes()) for s in later)
                     host_end = total if room is None else min(total, room)
                     if host_end < total and directory is None:
                         raise HostFullError("no spill directory is configured (spill_dir)")
@@ -462,11 +380,11 @@ class TensorEngine:
                         done += storage.nbytes()
                         if progress is not None:
                             progress(done, moved)
-                    if _end(slots) > tape.end:
+                    if tape_end(slots) > tape.end:
                         assert directory is not None
                         self._write_rest(torch, tape, slots, directory)
                     else:
-                        tape.trim(_end(slots))
+                        tape.trim(tape_end(slots))
                     self._synchronize(torch, slots)
             except Exception as exc:
                 self._synchronize(torch, slots)  # the pool is reused: no copy may still land in it
@@ -527,12 +445,12 @@ class TensorEngine:
             tape = self._tape
             if tape is None or self.host_bytes == 0:
                 return 0
-            written: list[_Buffer] = []
+            written: list[Buffer] = []
             try:
                 for index, buffer in enumerate(tape.buffers):
                     in_memory = buffer.tensor is not None  # not a buffer discard_damaged dropped
                     if in_memory and buffer.spill is None and not (keep_pool and buffer.pooled):
-                        view = _memoryview(buffer.tensor, buffer.used)
+                        view = host_view(buffer.tensor, buffer.used)
                         buffer.spill = write_spill(directory, f"{self._name}-{index}.spill", view)
                         written.append(buffer)
             except SpillError as exc:
@@ -593,7 +511,7 @@ class TensorEngine:
         """The types of the objects that hold storages (what ``device_bytes`` looks at), or None
         while this process can hold no device storage (torch not imported, or still importing)."""
         torch = self._torch()
-        return None if torch is None else _holder_types(torch)
+        return None if torch is None else holder_types_of(torch)
 
     def device_storage_keys(self, obj: Any) -> list[int]:
         """The device storages of ``min_bytes`` or more that ``obj`` (a tensor or a storage)
@@ -604,7 +522,7 @@ class TensorEngine:
         device_type = "cpu" if self.simulated else "cuda"
         return [
             storage._cdata
-            for storage in _storages_held(torch, obj)
+            for storage in storages_held(torch, obj)
             if storage.device.type == device_type and storage.nbytes() >= max(self.min_bytes, 1)
         ]
 
@@ -633,7 +551,7 @@ class TensorEngine:
         smallest = max(self.min_bytes, 1)
         seen = self._own_storages()
         shared = multiprocessing_shared()
-        holders = _holder_types(torch)
+        holders = holder_types_of(torch)
         graph_type = None if self.simulated else torch.cuda.CUDAGraph
         stream_type = None if self.simulated else torch.cuda.Stream
         objects = gc.get_objects() if objects is None else list(objects)
@@ -649,9 +567,9 @@ class TensorEngine:
                 graph_kinds.add(kind)
             elif stream_type is not None and issubclass(kind, stream_type):
                 stream_kinds.add(kind)
-        candidates = _of_kinds(objects, kinds, holder_kinds)
+        candidates = of_kinds(objects, kinds, holder_kinds)
         graphs = sum(map(kinds.count, graph_kinds))
-        streams = _of_kinds(objects, kinds, stream_kinds)
+        streams = of_kinds(objects, kinds, stream_kinds)
         if graphs:
             found.refuse(
                 f"{graphs} live CUDA graph(s) (torch.cuda.CUDAGraph, also kept by torch.compile "
@@ -663,7 +581,7 @@ class TensorEngine:
             return
         segments = None if self.simulated else allocator_segments(torch)
         for obj in candidates:
-            for storage in _storages_held(torch, obj):
+            for storage in storages_held(torch, obj):
                 key = storage._cdata
                 if key in seen or storage.device.type != device_type:
                     continue
@@ -701,8 +619,8 @@ class TensorEngine:
     def _copy_out(
         self,
         torch: Any,
-        tape: _Tape,
-        slots: list[_Slot],
+        tape: Tape,
+        slots: list[Slot],
         storage: Any,
         idle: set[Any],
         copy: bool = True,
@@ -716,18 +634,18 @@ class TensorEngine:
         if not self.simulated and storage.device not in idle:
             torch.cuda.synchronize(storage.device)
             idle.add(storage.device)
-        slot = _Slot(storage, storage.nbytes(), _end(slots))
+        slot = Slot(storage, storage.nbytes(), tape_end(slots))
         slots.append(slot)
         if copy:
             _copy_to_tape(torch, tape, slot)
 
-    def _write_rest(self, torch: Any, tape: _Tape, slots: list[_Slot], directory: Path) -> None:
+    def _write_rest(self, torch: Any, tape: Tape, slots: list[Slot], directory: Path) -> None:
         """Write the tape's bytes past its host buffers to one spill file, read straight from the
         device storages, and put the file on the tape (as a spilled buffer, which a restore reads
         back). On failure no file is left and HostFullError says why."""
-        start, end = tape.end, _end(slots)
+        start, end = tape.end, tape_end(slots)
         staging = None if self.simulated else self._staging(tape, end - start)
-        pieces = _tape_bytes(torch, slots, start, end, staging)
+        pieces = tape_bytes(torch, slots, start, end, staging)
         del staging  # the generator's, and freed with it
         try:
             spill = write_spill(directory, f"{self._name}-{len(tape.buffers)}.spill", pieces)
@@ -736,9 +654,9 @@ class TensorEngine:
         finally:
             pieces.close()
             self._release_pinned()
-        tape.append(_Buffer(None, end - start, pooled=False, spill=spill))
+        tape.append(Buffer(None, end - start, pooled=False, spill=spill))
 
-    def _staging(self, tape: _Tape, nbytes: int) -> torch.Tensor:
+    def _staging(self, tape: Tape, nbytes: int) -> torch.Tensor:
         """Host memory to pass device bytes through on their way to disk: a pool chunk this
         offload does not use (pinned already), else a new buffer of at most STAGING bytes."""
         on_tape = {id(buffer.tensor) for buffer in tape.buffers}
@@ -810,7 +728,7 @@ class TensorEngine:
         self._pool = _largest_within(self._pool, self.pinned_limit)
         self._release_pinned()  # (no name here may still refer to a dropped chunk)
 
-    def _grow(self, tape: _Tape, total: int) -> list[torch.Tensor]:
+    def _grow(self, tape: Tape, total: int) -> list[torch.Tensor]:
         """Make the tape hold ``total`` bytes: the pool grows up to pinned_limit, then pageable
         memory takes the rest (also what the system refuses to pin). Returns the new pool chunks,
         kept only if the offload succeeds."""
@@ -821,10 +739,10 @@ class TensorEngine:
                 if chunk is None:
                     break
                 new_chunks.append(chunk)
-                tape.append(_Buffer.of_pool(chunk))
+                tape.append(Buffer.of_pool(chunk))
             if tape.end < total:
                 extra = total - tape.end
-                tape.append(_Buffer(_allocate_host(extra, False), extra, pooled=False))
+                tape.append(Buffer(_allocate_host(extra, False), extra, pooled=False))
         except Exception as exc:
             raise OffloadError(
                 f"cannot allocate {_mib(total)} of host memory for the offload, "
@@ -833,14 +751,14 @@ class TensorEngine:
         return new_chunks
 
     def _commit_offload(
-        self, tape: _Tape, slots: list[_Slot], new_chunks: list[torch.Tensor]
+        self, tape: Tape, slots: list[Slot], new_chunks: list[torch.Tensor]
     ) -> None:
         self._pool += new_chunks
         self._tape = tape
         self._slots = slots
         self._offloaded = True
 
-    def _read_back(self, tape: _Tape, progress: Progress | None, total: int) -> None:
+    def _read_back(self, tape: Tape, progress: Progress | None, total: int) -> None:
         """Reload spilled buffers from disk, verified; on failure stay spilled, memory freed again.
 
         A damaged file does not stop the reading: the others are checked too, so that the
@@ -871,7 +789,7 @@ class TensorEngine:
         if not self._pool:  # the pool went to disk with the copies: it comes back with them
             self._pool = [b.tensor for b in tape.buffers if b.pooled and b.tensor is not None]
 
-    def _damage_of(self, tape: _Tape, damaged: dict[int, SpillDamaged]) -> Damage:
+    def _damage_of(self, tape: Tape, damaged: dict[int, SpillDamaged]) -> Damage:
         """The storages with bytes in the damaged ranges of the buffers' files."""
         ranges = [
             (tape.starts[index] + start, tape.starts[index] + end)
@@ -891,7 +809,7 @@ class TensorEngine:
             {index: exc.ranges for index, exc in damaged.items()},
         )
 
-    def _drop_unused(self, tape: _Tape) -> None:
+    def _drop_unused(self, tape: Tape) -> None:
         """Free the buffers, and delete the files, that hold no byte of a remaining storage."""
         used = [False] * len(tape.buffers)
         for slot in self._slots:
@@ -908,12 +826,12 @@ class TensorEngine:
         """Mark every tensor, and gradient, over the storages ``keys`` as lost (see .lost)."""
         for obj in gc.get_objects():
             if issubclass(type(obj), torch.Tensor):
-                for tensor in (obj, _grad_of(obj)):
-                    parts = [] if tensor is None else _parts_of(torch, tensor)
+                for tensor in (obj, grad_of(obj)):
+                    parts = [] if tensor is None else parts_of(torch, tensor)
                     if any(storage._cdata in keys for storage in parts):
                         mark_lost(tensor)
 
-    def _load(self, buffer: _Buffer) -> None:
+    def _load(self, buffer: Buffer) -> None:
         """Read a spilled buffer back into host memory, verified (a pooled one whole, so that it
         returns to the pool)."""
         assert buffer.spill is not None
@@ -921,7 +839,7 @@ class TensorEngine:
             buffer.tensor, buffer.pooled = self._pool_memory(buffer.capacity)
         else:
             buffer.tensor = _allocate_host(buffer.used, False)
-        read_spill(buffer.spill, _memoryview(buffer.tensor, buffer.used))
+        read_spill(buffer.spill, host_view(buffer.tensor, buffer.used))
 
     def _finish_restore(self) -> None:
         """Only now, with every storage back, may the host and disk copies go (the pool stays)."""
@@ -944,8 +862,8 @@ class TensorEngine:
     def _shrink(
         self,
         torch: Any,
-        slots: list[_Slot],
-        tape: _Tape,
+        slots: list[Slot],
+        tape: Tape,
         new_chunks: list[torch.Tensor],
         free_early: bool = False,
         swap: RoomReport | None = None,
@@ -954,7 +872,7 @@ class TensorEngine:
         ``free_early``, copy each to the tape first, just before it is freed. With ``swap``,
         report the bytes freed; a failure then waits for ``swap`` to say that the room freed so
         far is back before refilling it."""
-        shrunk: list[_Slot] = []
+        shrunk: list[Slot] = []
         freed = 0
         try:
             for slot in slots:
@@ -992,8 +910,8 @@ class TensorEngine:
     def _bring_back(
         self,
         torch: Any,
-        slots: list[_Slot],
-        tape: _Tape,
+        slots: list[Slot],
+        tape: Tape,
         progress: Progress | None,
         total: int,
         room: Callable[[int], None] | None = None,
@@ -1006,7 +924,7 @@ class TensorEngine:
         host, fresh pages cost several times the copy) and the restore never holds the state
         twice. A failure then copies the refilled storages back to the tape before freeing
         them: the host copy stays whole."""
-        restored: list[_Slot] = []
+        restored: list[Slot] = []
         done = total - sum(slot.nbytes for slot in slots)
         back = 0
         given_back = 0  # the tape's bytes before this may be gone from host memory
@@ -1018,7 +936,7 @@ class TensorEngine:
                         room(back)
                     restored.append(slot)
                     _resize(slot.storage, slot.nbytes)
-                    device_bytes = _bytes_of(torch, slot.storage)
+                    device_bytes = bytes_of(torch, slot.storage)
                     for host, start, length in tape.pieces(slot.offset, slot.nbytes):
                         _copy(device_bytes[start : start + length], host)
                     done += slot.nbytes
@@ -1037,7 +955,7 @@ class TensorEngine:
             self._release_device(torch)
             raise
 
-    def _synchronize(self, torch: Any, slots: list[_Slot]) -> None:
+    def _synchronize(self, torch: Any, slots: list[Slot]) -> None:
         """Wait for asynchronous copies on every device involved."""
         if self.simulated:
             return
@@ -1067,19 +985,19 @@ class TensorEngine:
             torch.cuda.synchronize()
             torch._C._host_emptyCache()
 
-    def _left_bytes(self, torch: Any, slots: list[_Slot]) -> int:
+    def _left_bytes(self, torch: Any, slots: list[Slot]) -> int:
         if self.simulated:
             return 0
         devices = {slot.storage.device for slot in slots} or {torch.device("cuda")}
         return sum(torch.cuda.memory_allocated(device) for device in devices)
 
 
-def _copy_to_tape(torch: Any, tape: _Tape, slot: _Slot) -> None:
+def _copy_to_tape(torch: Any, tape: Tape, slot: Slot) -> None:
     """Start copying a storage's bytes to its place on the tape (those past the tape's end go
     to disk, written by _write_rest)."""
     on_host = min(slot.nbytes, tape.memory_end - slot.offset)
     if on_host > 0:
-        device_bytes = _bytes_of(torch, slot.storage)
+        device_bytes = bytes_of(torch, slot.storage)
         for host, start, length in tape.pieces(slot.offset, on_host):
             _copy(host, device_bytes[start : start + length])
 
@@ -1094,65 +1012,6 @@ def _largest_within(chunks: list[torch.Tensor], limit: int) -> list[torch.Tensor
     return kept
 
 
-def _of_kinds(objects: list[Any], kinds: list[type], wanted: set[type]) -> list[Any]:
-    """The objects whose type (``kinds[i]`` is ``type(objects[i])``) is one of ``wanted``."""
-    found = []
-    for kind in wanted:
-        at = -1
-        with contextlib.suppress(ValueError):  # (no more of this kind)
-            while True:
-                at = kinds.index(kind, at + 1)
-                found.append(objects[at])
-    return found
-
-
-def _holder_types(torch: Any) -> tuple[type, ...]:
-    return (torch.Tensor, torch.UntypedStorage, torch.TypedStorage)
-
-
-def _storages_held(torch: Any, holder: Any) -> list[Any]:
-    """The storages behind a tensor, an untyped or a typed storage."""
-    kind = type(holder)
-    if issubclass(kind, torch.Tensor):
-        return _storages_of(torch, holder)
-    if issubclass(kind, torch.UntypedStorage):
-        return [holder]
-    return [holder._untyped_storage]
-
-
-def _storages_of(torch: Any, tensor: Any) -> list[Any]:
-    """The storages behind a tensor (sparse ones have several) and behind its gradient."""
-    grad = _grad_of(tensor)
-    return _parts_of(torch, tensor) + ([] if grad is None else _parts_of(torch, grad))
-
-
-def _grad_of(tensor: Any) -> Any:
-    """The gradient a leaf (or a tensor that retains it) holds, if any."""
-    try:
-        if tensor.is_leaf or tensor.retains_grad:
-            return tensor.grad
-    except Exception:
-        pass  # tensor subclasses without a usable .grad: the scan must go on
-    return None
-
-
-def _parts_of(torch: Any, tensor: Any) -> list[Any]:
-    """The storages behind one tensor: sparse ones have several, some subclasses none."""
-    try:
-        layout = tensor.layout
-        if layout == torch.sparse_coo:
-            parts = [tensor._indices(), tensor._values()]
-        elif layout in (torch.sparse_csr, torch.sparse_bsr):
-            parts = [tensor.crow_indices(), tensor.col_indices(), tensor.values()]
-        elif layout in (torch.sparse_csc, torch.sparse_bsc):
-            parts = [tensor.ccol_indices(), tensor.row_indices(), tensor.values()]
-        else:
-            parts = [tensor]
-        return [part.untyped_storage() for part in parts]
-    except Exception:
-        return []  # no storage torch exposes (nested, functional, fake, wrapper subclasses)
-
-
 def _chunk_sizes(nbytes: int) -> list[int]:
     """``nbytes`` (a multiple of POOL_UNIT) as powers of two of POOL_UNIT, largest first, none
     above POOL_CHUNK_MAX."""
@@ -1160,56 +1019,6 @@ def _chunk_sizes(nbytes: int) -> list[int]:
     units = rest // POOL_UNIT
     powers = [POOL_UNIT << bit for bit in reversed(range(units.bit_length())) if units >> bit & 1]
     return [POOL_CHUNK_MAX] * whole + powers
-
-
-def _aligned(nbytes: int) -> int:
-    return -(-nbytes // ALIGN) * ALIGN
-
-
-def _end(slots: list[_Slot]) -> int:
-    """Where the next storage goes on the tape: after the last one, aligned."""
-    return _aligned(slots[-1].offset + slots[-1].nbytes) if slots else 0
-
-
-def _bytes_of(torch: Any, storage: Any) -> Any:
-    """A flat uint8 tensor over the whole storage, to copy it as raw bytes."""
-    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-
-
-def _memoryview(tensor: Any, nbytes: int) -> memoryview:
-    """The first ``nbytes`` of a contiguous host tensor as a writable memoryview (no numpy)."""
-    return _memory_at(tensor.data_ptr(), nbytes)
-
-
-def _memory_at(address: int, nbytes: int) -> memoryview:
-    return memoryview((ctypes.c_ubyte * nbytes).from_address(address)).cast("B")
-
-
-def _tape_bytes(
-    torch: Any, slots: list[_Slot], start: int, end: int, staging: Any
-) -> Iterator[memoryview]:
-    """The tape's bytes from ``start`` to ``end``, read from the device storages in tape order
-    (alignment gaps as zeros). Without ``staging`` (simulated devices: the storages are host
-    memory) each piece is the storage's own memory; on CUDA each is copied into ``staging``,
-    synchronously, and must be consumed before the next is asked for."""
-    at = start
-    for slot in slots:
-        low, high = max(slot.offset, start), min(slot.offset + slot.nbytes, end)
-        if low >= high:
-            continue
-        if low > at:
-            yield memoryview(bytes(low - at))
-        if staging is None:
-            yield _memory_at(slot.storage.data_ptr() + low - slot.offset, high - low)
-        else:
-            device_bytes = _bytes_of(torch, slot.storage)
-            for piece in range(low - slot.offset, high - slot.offset, staging.numel()):
-                length = min(staging.numel(), high - slot.offset - piece)
-                staging[:length].copy_(device_bytes[piece : piece + length])  # blocking
-                yield _memoryview(staging, length)
-        at = high
-    if end > at:
-        yield memoryview(bytes(end - at))
 
 
 def _mib(nbytes: int) -> str:
