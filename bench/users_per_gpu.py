@@ -5,7 +5,9 @@ Runs ``jupyter singularity simulate``'s replay (the real decision core, a virtua
 1. a generated teaching lab (``--generate lab``: 60 students, each one kernel for one 2-hour
    session, all arriving within the first 10 minutes; GPU cells of a median 10 s, a median 90 s
    between them, each kernel a model of a median 2 GiB (log-normal, at most 8 GiB); seed 0), on
-   pools of 1 to 8, 16 and 60 H100s (80 GiB: 60 is a GPU per student);
+   pools of 1 to 8, 16 and 60 H100s (80 GiB: 60 is a GPU per student); ours once with the
+   broker's defaults (a kernel's first cell books the whole GPU) and once with the setting the
+   course's admin would choose (``first_cell_memory = "8GiB"``, its largest model);
 2. the project's own CI ledger: the ledgers of ``tests/test_runtime.py`` (real kernels on two
    simulated 16 GiB devices). Without ``--ledger``, the script runs that test file with
    ``--basetemp DIR`` (``--ci-dir``, kept afterwards, about 2 minutes) and reads every test's
@@ -39,6 +41,9 @@ TARGET = 10.0
 LAB_POOLS = "1x80GiB,2x80GiB,3x80GiB,4x80GiB,6x80GiB,8x80GiB,16x80GiB,60x80GiB"
 CI_POOLS = "1x16GiB,2x16GiB"
 DAY_POOL = "8x80GiB"
+LAB_FIRST_CELL = "8GiB"
+"""What an admin who knows the course's notebooks sets for a kernel's first cell: the lab's
+largest model (the broker's ``first_cell_memory``; by default a first cell books the whole GPU)."""
 
 
 def ci_ledgers(directory: Path) -> list[str]:
@@ -51,7 +56,11 @@ def ci_ledgers(directory: Path) -> list[str]:
     return [str(p) for p in sorted(found)]
 
 
-def answer(name: str, trace: Trace, simulation: Simulation) -> dict:
+def answer(
+    name: str, trace: Trace, simulation: Simulation, configured: Simulation | None = None
+) -> dict:
+    """Print and return users per GPU for each model; ``configured``: ours again, with the
+    site's setting (its row is judged against the same baselines)."""
     users = simulation.users_per_gpu()
     ours = users[MODEL]["users_per_gpu"]
     print(f"\n{name}: {len(trace.users)} users, {len(trace.sessions)} kernels, {trace.cells} cells")
@@ -74,7 +83,23 @@ def answer(name: str, trace: Trace, simulation: Simulation) -> dict:
     if len(trace.users) == 1:
         met, verdict = None, "not measurable: one user is served by one GPU in every model"
     print(f"  goal: more users per GPU than each baseline at p95 <= {TARGET:g} s: {verdict}")
-    return {"trace": trace.summary(), "users_per_gpu": users, "goal_met": met}
+    result = {"trace": trace.summary(), "users_per_gpu": users, "goal_met": met}
+    if configured is not None:
+        found = configured.users_per_gpu()[MODEL]
+        served = found["users_per_gpu"]
+        pool = next((r for r in configured.pools if r.pool.name == found["pool"]), None)
+        p95 = "" if pool is None else f"{pool.outcomes[0].wait(95):>14.1f}s"
+        print(f"  with the course's setting: first_cell_memory = {LAB_FIRST_CELL!r}")
+        if served is None:
+            print(f"  {MODEL:<14}{'-':>10}  no pool up to {configured.pools[-1].pool.name}")
+        else:
+            best = max(others)
+            ratio = f"  (the best baseline: {served / best:.2f}x)" if best else ""
+            print(f"  {MODEL:<14}{served:>10g}  {found['pool']:<10} {p95}{ratio}")
+        met = served is not None and all(served > other for other in others)
+        print(f"  goal, with it: {'met' if met else 'NOT met'}")
+        result["with_first_cell_memory"] = {"users_per_gpu": found, "goal_met": met}
+    return result
 
 
 def replay_speed() -> dict:
@@ -101,7 +126,10 @@ def main() -> None:
     results = {}
     lab = generate(parse_workload("lab"))
     sweep = simulate(lab, parse_pools(LAB_POOLS), site, baselines(3600), TARGET)
-    results["lab"] = answer("teaching lab (generated: lab)", lab, sweep)
+    course = load_site(None)
+    course.settings.first_cell_memory = LAB_FIRST_CELL
+    configured = simulate(lab, parse_pools(LAB_POOLS), course, [], TARGET)
+    results["lab"] = answer("teaching lab (generated: lab)", lab, sweep, configured)
     urls = args.ledger or ci_ledgers(Path(args.ci_dir))
     ci = merge_traces([read_ledger(url) for url in urls])
     sweep = simulate(ci, parse_pools(CI_POOLS), site, baselines(3600), TARGET)

@@ -144,6 +144,23 @@ def test_first_cell_reserves_no_more_than_the_users_memory_quota():
     assert wait.position == 1
 
 
+def test_a_first_cell_books_the_policys_first_cell_memory_where_it_sets_one():
+    """New kernels then start side by side; a stated size and the kernel's state still count."""
+    core = make(policy=Policy(first_cell_memory=6 * GiB), kernels={"a": "alice", "b": "bob"})
+    g1 = one(core.acquire("a", "r1", T0), Grant)
+    g2 = one(core.acquire("b", "r2", T0 + 1), Grant)
+    assert (g1.device, g1.reservation, g2.device, g2.reservation) == (0, 6 * GiB, 0, 6 * GiB)
+    core.register("c", "carol", T0)
+    assert one(core.acquire("c", "r3", T0 + 2), Wait).position == 1  # 4 GiB left of 16
+    core.release("a", "r1", T0 + 3, peak_bytes=2 * GiB, gpu_bytes=2 * GiB)
+    assert core.kernels["c"].state == S.RUNNING  # a's 2 GiB stay beside c's 6 GiB and b's
+    assert core.device_bookings() == {0: 14 * GiB}
+    core.register("d", "dave", T0)
+    assert one(core.acquire("d", "r4", T0 + 4, memory=1 * GiB), Grant).reservation == 1 * GiB
+    # known now: its peak and a margin (which fits beside the others), not 6 GiB
+    assert one(core.acquire("a", "r5", T0 + 5), Grant).reservation == predicted(2 * GiB)
+
+
 def test_known_kernel_reserves_its_recent_peak_plus_a_margin():
     core = make(kernels={"k1": "alice"})
     run_cell(core, "k1", "r1", T0, T0 + 5, peak=4 * GiB, gpu=2 * GiB)

@@ -147,7 +147,8 @@ def event(core: BrokerCore, rng: random.Random, serial: int, now: float, pending
 @pytest.mark.parametrize("seed", range(12))
 def test_kept_placements_decide_as_a_pass_from_nothing(seed: int) -> None:
     quotas = QUOTA_SETS[seed % len(QUOTA_SETS)]
-    policy = Policy(migration=seed % 4 != 1)
+    # (every third seed: first cells of a size set by the policy, not the whole device)
+    policy = Policy(migration=seed % 4 != 1, first_cell_memory=(seed % 3 == 2) * 6 * GiB)
     kept, fresh = (
         BrokerCore(devices(seed), Quotas.parse(quotas), policy, now=0.0) for _ in range(2)
     )

@@ -13,6 +13,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -276,6 +277,11 @@ def test_a_bad_config_file_names_the_setting(tmp_path: Path) -> None:
     config.write_text("c = get_config()\nc.SingularityBroker.idle_timeout = -5\n")
     with pytest.raises(ConfigError, match=r"SingularityBroker\.idle_timeout = -5.0: must be"):
         load_site(str(config))
+    config.write_text("c = get_config()\nc.SingularityBroker.first_cell_memory = '8 apples'\n")
+    with pytest.raises(
+        ConfigError, match=r"SingularityBroker\.first_cell_memory = '8 apples': inv"
+    ):
+        load_site(str(config))
     config.write_text("c = get_config()\nc.SingularityBroker.quotas = {'user:x': {'gpus': 1}}\n")
     with pytest.raises(ConfigError, match=r"SingularityBroker\.quotas: quota 'user:x'"):
         load_site(str(config))
@@ -294,15 +300,35 @@ def test_the_config_file_sets_the_cores_policy(tmp_path: Path) -> None:
         "c.SingularityBroker.host_memory_limit = '64GiB'\n"
         "c.SingularityBroker.pinned_memory_limit = '2GiB'\n"
         "c.SingularityBroker.migration = False\n"
+        "c.SingularityBroker.first_cell_memory = '8GiB'\n"
     )
     policy = load_site(str(config)).policy(parse_pools("2x80GiB")[0])
     assert (policy.idle_timeout, policy.migration) == (120, False)
+    assert policy.first_cell_memory == 8 * GiB
     assert (policy.host_memory_limit, policy.pinned_per_kernel) == (64 * GiB, 2 * GiB)
     assert policy.pinned_total == 64 * GiB  # pinned_memory_total "0": host_memory_limit
     # Without a host_memory_limit: twice the pool's GPU memory, whatever this machine has.
     default = load_site(None).policy(parse_pools("2x80GiB")[0])
     assert default.host_memory_limit == 320 * GiB
     assert load_site(None, 8 * GiB).policy(parse_pools("2x80GiB")[0]).host_memory_limit == 8 * GiB
+
+
+def test_a_cell_over_its_lease_and_the_room_left_runs_out_of_memory() -> None:
+    """First cells of 2 GB by the policy: bob's (6 GB) starts beside alice's running 6 GB cell and
+    fails as it would on a GPU; his next cell books what he could take, so alice is offloaded
+    for it. By default his first cell books the whole GPU and waits for alice's instead."""
+    trace = trace_of(
+        ("alice", "a", 0, 10, 6 * GB),
+        ("bob", "b", 5, 10, 6 * GB),
+        ("bob", "b", 30, 10, 6 * GB),
+        ends={"a": 100, "b": 100},
+    )
+    small = replay(trace, policy=replace(POLICY, first_cell_memory=2 * GB))
+    assert small.failures == {"out of memory": 1}
+    assert waits(small) == {"alice": [0.0], "bob": [NEVER, 1.5]}  # (1 s offload + 0.5 s)
+    whole = replay(trace)
+    assert whole.failures == {}
+    assert waits(whole) == {"alice": [0.0], "bob": [6.5, 0.0]}
 
 
 def test_percentiles_count_cells_that_did_not_run_as_never() -> None:

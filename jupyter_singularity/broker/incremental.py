@@ -376,8 +376,7 @@ class Incremental:
         rank, views, sizes = self.core._rank, self._views, self._sizes
         own = {kernel.device, kernel.home, request.claimed}
         own.update(context.quota_devices)
-        first_cell = request.memory is None and not kernel.peaks
-        state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes if first_cell else -1
+        state = self.core._state_key(kernel, request)
         reservations = context.reservations
         found = []
         for d in devices:

@@ -44,6 +44,10 @@ class Policy:
     margin_fraction: float = 0.10
     margin_bytes: int = 256 * MiB
     """A known kernel reserves its largest recent peak plus this much, so a slightly larger cell fits."""
+    first_cell_memory: int = 0
+    """What a kernel's first GPU cell books when it names no size (nothing is known of the kernel
+    yet); 0: all of the device that can be made free, so that no first cell runs short of memory
+    another kernel's idle state holds."""
     peak_history: int = 5
     migration: bool = True
     """Whether offloaded state may be restored onto another device of the same chip type."""

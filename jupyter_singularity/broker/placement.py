@@ -43,7 +43,8 @@ class Placement:
     def _reservation(
         self, kernel: Kernel, request: Request, device: DeviceInfo, limits: Limits
     ) -> int:
-        """Explicit memory, else the predicted peak, else (first GPU cell) the whole device."""
+        """Explicit memory, else the predicted peak, else (first GPU cell) the policy's
+        ``first_cell_memory``, by default the whole device."""
         cap = (
             device.total_bytes
             if limits.gpu_memory is None
@@ -54,10 +55,24 @@ class Placement:
         if request.memory is not None:
             return max(request.memory, state)
         if not kernel.peaks:
-            return max(cap, state)
+            first = self.policy.first_cell_memory
+            return max(min(first, cap) if first else cap, state)
         peak = max(kernel.peaks)
         predicted = int(peak * (1 + self.policy.margin_fraction)) + self.policy.margin_bytes
         return max(min(predicted, cap), state, peak)
+
+    def _whole_device(self, kernel: Kernel, request: Request) -> bool:
+        """Whether the request books all a device can free: a kernel's first GPU cell, of no
+        size named, where the policy sets no ``first_cell_memory``."""
+        return request.memory is None and not kernel.peaks and not self.policy.first_cell_memory
+
+    def _state_key(self, kernel: Kernel, request: Request) -> int:
+        """What a device's rank for the request depends on beyond its reservation, where it is
+        shared by requests alike: the state a whole-device request brings back (it books at
+        least that), else -1."""
+        if self._whole_device(kernel, request):
+            return kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes
+        return -1
 
     def _candidates(self, kernel: Kernel, request: Request) -> list[int]:
         """Devices the kernel may run on: the one holding its GPU state; for state offloaded to the
@@ -204,9 +219,12 @@ class Placement:
             return self._ranked_on(kernel, request, context, d, view, reservation)
         # Away from its own device and its quota victims, the rank depends on the device and
         # on these alone: requests alike share it until the device changes.
-        first_cell = request.memory is None and not kernel.peaks
-        state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes if first_cell else -1
-        key = (reservation, state, d == kernel.home, d == request.claimed)
+        key = (
+            reservation,
+            self._state_key(kernel, request),
+            d == kernel.home,
+            d == request.claimed,
+        )
         rank = view.ranks.get(key, view)
         if rank is view:
             rank = view.ranks[key] = self._ranked_on(kernel, request, context, d, view, reservation)
@@ -230,7 +248,7 @@ class Placement:
         free = info.total_bytes - (view.booked - own - leaving)
         own_fixed = context.own_fixed if kernel.device == d else 0
         freeable = info.total_bytes - (view.fixed - own_fixed)
-        if request.memory is None and not kernel.peaks:
+        if self._whole_device(kernel, request):
             # "The whole device" for a first cell means all that can be made free there: not
             # what a kernel that stopped answering holds, unless little else would be left
             # (then it waits for that kernel rather than run with next to nothing booked).

@@ -138,8 +138,7 @@ class RankIndex:
         for d in sizes:
             if self._size_of[d] not in reservations:
                 self.core._rank(kernel, request, context, d)
-        first_cell = request.memory is None and not kernel.peaks
-        state = kernel.gpu_bytes + kernel.host_bytes + kernel.disk_bytes if first_cell else -1
+        state = self.core._state_key(kernel, request)
         kind = (candidates, tuple(reservations[self._size_of[d]] for d in sizes), state)
         order = self._orders.get(kind)
         if order is None:

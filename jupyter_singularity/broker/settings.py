@@ -95,6 +95,18 @@ class PoolSettings(Configurable):
         container's limit when lower).""",
     ).tag(config=True)
 
+    first_cell_memory = Union(
+        [Unicode(), Int()],
+        default_value="0",
+        help="""GPU memory a kernel's first GPU cell books when it names no size (`%%singularity
+        --memory`) and nothing is known of the kernel yet (e.g. "8GiB"). "0" books all of the GPU
+        that can be made free: no first cell then runs short of memory that other kernels' idle
+        state holds, but each new kernel's first cell has its GPU to itself while it runs. Where
+        notebooks are known to stay under a size (a course's), setting it lets new kernels start
+        side by side; a first cell that needs more may then run out of GPU memory while others'
+        state is resident. Later cells book what the kernel's earlier cells used.""",
+    ).tag(config=True)
+
     pinned_memory_limit = Union(
         [Unicode(), Int()],
         default_value="8GiB",
@@ -234,6 +246,7 @@ class PoolSettings(Configurable):
         return Policy(
             idle_timeout=self.idle_timeout,
             migration=self.migration,
+            first_cell_memory=self._size_setting("first_cell_memory"),
             host_memory_limit=host_memory_limit,
             pinned_per_kernel=self._size_setting("pinned_memory_limit"),
             pinned_total=self._size_setting("pinned_memory_total") or host_memory_limit,

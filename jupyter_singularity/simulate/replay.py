@@ -4,7 +4,10 @@ The driver plays the broker service and the kernels around :class:`~..broker.cor
 as the service does (broker/service.py, broker/state_moves.py) and as the tests' state machine
 does: a cell asks for a lease; a Grant starts it (after restoring its state, when it was
 offloaded); its end releases the lease with the cell's peak; an Offload or a Spill is carried out
-after the time its transfer takes and reported back (offloaded, spilled, restored). Events are
+after the time its transfer takes and reported back (offloaded, spilled, restored). A cell that
+needs more than its lease reserved (a first cell under ``first_cell_memory``, or one larger than
+its kernel's earlier ones) and more than the other kernels on its GPU leave fails with
+out-of-memory, as it would on a GPU: it counts as a cell that did not run. Events are
 taken from a heap in time order; nothing sleeps.
 
 Each cell asks for the GPU at its time in the trace, or when its kernel's previous cell ends if
@@ -53,6 +56,8 @@ class _Kernel:
     """When its last planned move ends: the kernel moves its state one step at a time."""
     pinned: int = 0
     """Its pinned pool (the last Grant's pool_allowance): offloads through it run at full speed."""
+    grant: Grant | None = None
+    """The lease its current cell runs under (or waits for its restore under)."""
 
 
 class Replay:
@@ -75,6 +80,7 @@ class Replay:
         self.outcome = Outcome(MODEL, pool.gpus)
         self.kernels = {s.kernel: _Kernel(s) for s in trace.sessions}
         self.link_free = dict.fromkeys((d.index for d in pool.devices), start)
+        self.sizes = {d.index: d.total_bytes for d in pool.devices}
         self._events: list[tuple[float, int, Callable[..., None], tuple]] = []
         self._seq = itertools.count()
         self._done = 0
@@ -108,16 +114,43 @@ class Replay:
         self._apply(now, self.core.acquire(kernel.session.kernel, kernel.request_id, now))
 
     def _start_cell(self, now: float, kernel: _Kernel) -> None:
-        self.outcome.waited(kernel.session.user, now - kernel.asked)
         cell = kernel.session.cells[kernel.index]
+        grant = kernel.grant
+        assert grant is not None
+        if cell.memory > grant.reservation:
+            room = self._room(kernel, grant.device)
+            if cell.memory > room:
+                # More than it booked, and more than the others leave: out of GPU memory on a
+                # GPU (as a baseline's cell fails), with what it could take as its peak.
+                self.outcome.failed(kernel.session.user, "out of memory")
+                self._end_cell(now, kernel, kernel.request_id, peak=max(room, grant.reservation))
+                return
+        self.outcome.waited(kernel.session.user, now - kernel.asked)
         self._at(now + cell.duration, self._end_cell, kernel, kernel.request_id)
 
-    def _end_cell(self, now: float, kernel: _Kernel, request_id: str) -> None:
+    def _room(self, kernel: _Kernel, device: int) -> int:
+        """GPU memory a cell of ``kernel`` can have on ``device`` now: the device's, less what
+        the other kernels there hold (their state, or their running cell's peak)."""
+        used = 0
+        for kernel_id, record in self.core.kernels.items():
+            if record.device != device or kernel_id == kernel.session.kernel:
+                continue
+            other = self.kernels[kernel_id]
+            running = record.lease is not None and other.grant is not None
+            cell = other.session.cells[other.index].memory if running else 0
+            used += max(record.gpu_bytes, cell)
+        return self.sizes[device] - used
+
+    def _end_cell(
+        self, now: float, kernel: _Kernel, request_id: str, peak: int | None = None
+    ) -> None:
+        """The cell ended (``peak``: it failed with that much, its state as before it)."""
         cell = kernel.session.cells[kernel.index]
-        kernel.gpu = cell.memory
-        kernel.request_id = ""
+        if peak is None:
+            kernel.gpu = peak = cell.memory
+        kernel.request_id, kernel.grant = "", None
         actions = self.core.release(
-            kernel.session.kernel, request_id, now, peak_bytes=cell.memory, gpu_bytes=cell.memory
+            kernel.session.kernel, request_id, now, peak_bytes=peak, gpu_bytes=kernel.gpu
         )
         self._apply(now, actions)
         if self.policy.idle_timeout > 0:
@@ -184,7 +217,7 @@ class Replay:
         kernel = self.kernels[grant.kernel_id]
         if grant.request_id != kernel.request_id:
             return  # (an explicit restore: the driver never asks for one)
-        kernel.pinned = grant.pool_allowance
+        kernel.pinned, kernel.grant = grant.pool_allowance, grant
         if not grant.restore:
             self._start_cell(now, kernel)
             return

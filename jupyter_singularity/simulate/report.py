@@ -99,6 +99,5 @@ def _seconds(value: float | None) -> str:
     return f" {value / 3600:>6.0f}h"
 
 
-
 def _percent(value: float | None) -> str:
     return f"{'-':>5}" if value is None else f"{value:>5.0%}"
