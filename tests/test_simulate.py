@@ -331,6 +331,21 @@ def test_a_cell_over_its_lease_and_the_room_left_runs_out_of_memory() -> None:
     assert waits(whole) == {"alice": [0.0], "bob": [6.5, 0.0]}
 
 
+def test_a_cell_within_its_lease_runs_out_of_memory_while_another_holds_more_than_its_own():
+    """First cells of 2 GB by the policy: alice's takes 6 GB; the bookings (4 x 2 GB) let bob's,
+    carol's and dave's 2 GB cells start beside it, but only two of them find the room."""
+    trace = trace_of(
+        ("alice", "a", 0, 10, 6 * GB),
+        *(
+            (user, user[0], start, 10, 2 * GB)
+            for start, user in enumerate(("bob", "carol", "dave"))
+        ),
+    )
+    outcome = replay(trace, policy=replace(POLICY, first_cell_memory=2 * GB))
+    assert outcome.failures == {"out of memory": 1}
+    assert waits(outcome)["dave"] == [NEVER]
+
+
 def test_percentiles_count_cells_that_did_not_run_as_never() -> None:
     assert percentile([], 95) is None
     assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0

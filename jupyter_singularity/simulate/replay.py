@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,8 @@ class _Kernel:
     """Its pinned pool (the last Grant's pool_allowance): offloads through it run at full speed."""
     grant: Grant | None = None
     """The lease its current cell runs under (or waits for its restore under)."""
+    overruns: bool = False
+    """Whether its running cell holds more than its lease reserved."""
 
 
 class Replay:
@@ -81,6 +84,9 @@ class Replay:
         self.kernels = {s.kernel: _Kernel(s) for s in trace.sessions}
         self.link_free = dict.fromkeys((d.index for d in pool.devices), start)
         self.sizes = {d.index: d.total_bytes for d in pool.devices}
+        self.overrunning: Counter[int] = Counter()
+        """Per GPU, running cells that hold more than their lease reserved: while there are any,
+        a cell within its own lease may find too little room too."""
         self._events: list[tuple[float, int, Callable[..., None], tuple]] = []
         self._seq = itertools.count()
         self._done = 0
@@ -117,14 +123,18 @@ class Replay:
         cell = kernel.session.cells[kernel.index]
         grant = kernel.grant
         assert grant is not None
-        if cell.memory > grant.reservation:
+        over = cell.memory > grant.reservation
+        if over or self.overrunning[grant.device]:  # (else the bookings keep it in room)
             room = self._room(kernel, grant.device)
             if cell.memory > room:
-                # More than it booked, and more than the others leave: out of GPU memory on a
-                # GPU (as a baseline's cell fails), with what it could take as its peak.
+                # More than the others leave (it or one of them took more than it booked): out
+                # of GPU memory on a GPU, as a baseline's cell fails; its peak what it could take.
                 self.outcome.failed(kernel.session.user, "out of memory")
                 self._end_cell(now, kernel, kernel.request_id, peak=max(room, grant.reservation))
                 return
+        if over:
+            self.overrunning[grant.device] += 1
+            kernel.overruns = True
         self.outcome.waited(kernel.session.user, now - kernel.asked)
         self._at(now + cell.duration, self._end_cell, kernel, kernel.request_id)
 
@@ -148,7 +158,10 @@ class Replay:
         cell = kernel.session.cells[kernel.index]
         if peak is None:
             kernel.gpu = peak = cell.memory
-        kernel.request_id, kernel.grant = "", None
+        if kernel.overruns:
+            assert kernel.grant is not None
+            self.overrunning[kernel.grant.device] -= 1
+        kernel.request_id, kernel.grant, kernel.overruns = "", None, False
         actions = self.core.release(
             kernel.session.kernel, request_id, now, peak_bytes=peak, gpu_bytes=kernel.gpu
         )
