@@ -326,22 +326,31 @@ async def test_cell_over_quota_does_not_run_and_says_why(
     assert status == "ok" and "GPU-time today" in out, out
 
 
-@pytest.mark.parametrize("singularity_config", [{"first_cell_memory": "200MiB"}], indirect=True)
-async def test_a_first_cell_books_the_first_cell_memory_the_admin_set(
+@pytest.mark.parametrize(
+    "singularity_config",
+    [{"devices": "simulated:1x16GiB", "first_cell_memory": "200MiB"}],
+    indirect=True,
+)
+async def test_first_cells_book_the_first_cell_memory_the_admin_set_and_run_side_by_side(
     start_kernel, wait_in_pool, run, get_pool, wait_for
 ):
-    kernel_id = await start_kernel()
-    await wait_in_pool(kernel_id)
-    cell = asyncio.ensure_future(run(kernel_id, "import time, torch\ntime.sleep(3)\n6 * 7"))
+    """(By default the second first cell would wait: the first books the whole GPU.)"""
+    kernels = [await start_kernel(), await start_kernel()]
+    await wait_in_pool(kernels)
+    cells = [
+        asyncio.ensure_future(run(k, "import time, torch\ntime.sleep(4)\n6 * 7")) for k in kernels
+    ]
 
-    async def leased():
-        record = record_of(await get_pool(), kernel_id)
-        return record if record and record["lease"] else None
+    async def both_leased():
+        pool = await get_pool()
+        leases = [(record_of(pool, k) or {}).get("lease") for k in kernels]
+        return leases if all(leases) else None
 
-    record = await wait_for(leased, timeout=20)
-    assert record["lease"]["reservation"] == 200 * MiB  # (not the whole 16 GiB device)
-    status, out, _ = await cell
-    assert status == "ok" and "42" in out, out
+    leases = await wait_for(both_leased, timeout=20)
+    assert [lease["reservation"] for lease in leases] == [200 * MiB, 200 * MiB]
+    for cell in cells:
+        status, out, _ = await cell
+        assert status == "ok" and "42" in out, out
 
 
 async def test_cell_magic_sets_the_reservation(start_kernel, wait_in_pool, run, get_pool, wait_for):
