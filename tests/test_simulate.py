@@ -561,6 +561,12 @@ def test_the_command_reads_ledgers_and_draws_a_plot(tmp_path: Path) -> None:
     assert "\n  alice " in done.stdout and "\n  bob " in done.stdout  # the per-user table
     html = plot.read_text()
     assert "vega-embed" in html and '"model": "whole GPU"' in html.replace("'", '"')
+    assert "cdn.jsdelivr.net" not in html  # (Vega travels in the page: it opens offline)
+    picture = tmp_path / "waits.png"
+    done = cli("--ledger", str(tmp_path / "ledger.sqlite"), "--devices", "1x16GiB",
+               "--plot", str(picture))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert picture.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 @pytest.mark.parametrize(
@@ -575,6 +581,7 @@ def test_the_command_reads_ledgers_and_draws_a_plot(tmp_path: Path) -> None:
         (("--generate", "lab", "--host-memory", "lots"), "--host-memory: invalid size 'lots'"),
         (("--generate", "lab", "--target", "nan"), "--target: must be a number of seconds > 0"),
         (("--trace", "missing.csv"), "missing.csv: cannot read the trace"),
+        (("--generate", "lab", "--plot", "w.pdf"), "--plot w.pdf: the file's suffix names the"),
     ],
 )
 def test_the_command_refuses_bad_input_in_one_line(args: tuple, message: str) -> None:

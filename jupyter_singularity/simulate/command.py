@@ -65,7 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--per-user", action="store_true", help="print the per-user table of the pool's replay"
     )
-    parser.add_argument("--plot", metavar="FILE.html", help="write a chart of waits by pool size")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="write a chart of waits by pool size: FILE.html (a page that opens offline), "
+        "FILE.png or FILE.svg",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from .baselines import baselines
     from .generator import generate, parse_workload
     from .ledger_trace import read_ledger
-    from .plot import save_plot
+    from .plot import plot_format, save_plot
     from .progress import ProgressBar
     from .report import to_json, to_text
     from .site import load_site, parse_pools
@@ -93,6 +98,11 @@ def run(args: argparse.Namespace) -> int:
         pools = parse_pools(args.devices)
     except ValueError as err:
         return _fail(f"--devices: {err}")
+    if args.plot:
+        try:
+            plot_format(args.plot)
+        except (ValueError, RuntimeError) as err:
+            return _fail(f"--plot {args.plot}: {err}")
     try:
         transfers = Transfers(
             args.pinned_gbps, args.pageable_gbps, args.disk_gbps, args.context_seconds
