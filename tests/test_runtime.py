@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -351,6 +352,31 @@ async def test_first_cells_book_the_first_cell_memory_the_admin_set_and_run_side
     for cell in cells:
         status, out, _ = await cell
         assert status == "ok" and "42" in out, out
+
+
+@pytest.mark.parametrize("singularity_config", [{"first_cell_memory": "200MiB"}], indirect=True)
+async def test_a_cell_out_of_gpu_memory_says_what_it_booked_and_how_to_book_more(
+    start_kernel, wait_in_pool, run
+):
+    """(On simulated devices nothing runs out of memory: the cell raises torch's error itself.)"""
+    kernel_id = await start_kernel()
+    await wait_in_pool(kernel_id)
+    oom = (
+        'import torch\nraise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")'
+    )
+    status, out, messages = await run(kernel_id, oom)
+    out = re.sub(r"\x1b\[[0-9;]*m", "", out)  # (the traceback's colours)
+    assert status == "error" and "OutOfMemoryError: CUDA out of memory" in out, out
+    assert "this cell had 200.0 MiB of the GPU's 256.0 MiB booked" in out, out
+    assert "%%singularity --memory SIZE" in out, out
+    assert [m["content"]["ename"] for m in messages if m["msg_type"] == "error"] == [
+        "OutOfMemoryError"
+    ]
+    # Booked whole (the hint has nothing to add), and other errors, show their traceback alone.
+    status, out, _ = await run(kernel_id, "%%singularity --memory 256MiB\n" + oom.split("\n")[1])
+    assert status == "error" and "OutOfMemoryError" in out and "booked" not in out, out
+    status, out, _ = await run(kernel_id, "1 / 0")
+    assert status == "error" and "ZeroDivisionError" in out and "booked" not in out, out
 
 
 async def test_cell_magic_sets_the_reservation(start_kernel, wait_in_pool, run, get_pool, wait_for):

@@ -51,6 +51,7 @@ from .gate import (
 from .gc_hold import GcHold
 from .large_pages import simulated_device_pages
 from .membership import Membership
+from .out_of_memory import explain_out_of_memory
 from .outliving import OutlivingWork
 from .process_probes import cuda_driver_initialised, driver_gpu_bytes
 from .pushes import BrokerPushes, TransferRecord
@@ -517,6 +518,7 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
         self.first_use("import torch")
 
     def _on_torch_imported(self, torch: Any) -> None:
+        explain_out_of_memory(self.shell, torch, self._booked)
         if self.simulated:
             self.gpu_used = True
             return
@@ -524,6 +526,13 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
         with contextlib.suppress(Exception):
             if torch.cuda.is_initialized():
                 self.gpu_used = True
+
+    def _booked(self) -> tuple[int, int] | None:
+        """What the running cell's lease booked, and its GPU's size (see .out_of_memory)."""
+        lease = self.lease
+        if lease is None:
+            return None
+        return lease.reservation, int(lease.device.get("total_bytes") or 0)
 
     def first_use(self, what: str) -> Lease | None:
         """The kernel starts to use the GPU: inside a cell, that cell waits for a lease now.
