@@ -346,6 +346,26 @@ def test_a_cell_within_its_lease_runs_out_of_memory_while_another_holds_more_tha
     assert waits(outcome)["dave"] == [NEVER]
 
 
+def test_the_answer_suggests_a_first_cell_memory_where_whole_gpu_first_cells_cost_users(
+    tmp_path: Path,
+) -> None:
+    """Two 1 GB kernels start together: by default bob's first cell waits a minute for alice's
+    (each books the whole GPU), so time-slicing serves both on one GPU and the pool does not.
+    The hint's setting, given back through --config, makes the pool serve them there too."""
+    trace = trace_of(("alice", "a", 0, 60, 1 * GB), ("bob", "b", 0, 60, 1 * GB))
+    pools = parse_pools("1x10GB,2x10GB")
+    default = simulate(trace, pools, load_site(None), baselines(3600))
+    assert default.users_per_gpu()["singularity"]["users_per_gpu"] == 1.0
+    hint = default.first_cell_hint()
+    assert hint is not None and "time-slicing and idle culler serve more users" in hint, hint
+    assert 'first_cell_memory = "954MiB"' in hint and "953.7 MiB at most" in hint, hint
+    config = tmp_path / "broker_config.py"
+    config.write_text('c = get_config()\nc.SingularityBroker.first_cell_memory = "954MiB"\n')
+    tuned = simulate(trace, pools, load_site(str(config)), baselines(3600))
+    assert tuned.users_per_gpu()["singularity"] == {"users_per_gpu": 2.0, "pool": "1x10GB"}
+    assert tuned.first_cell_hint() is None
+
+
 def test_percentiles_count_cells_that_did_not_run_as_never() -> None:
     assert percentile([], 95) is None
     assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0

@@ -20,6 +20,7 @@ def to_json(simulation: Simulation) -> dict[str, Any]:
         "target_p95_wait_s": simulation.target,
         "transfers": vars(simulation.transfers),
         "users_per_gpu": simulation.users_per_gpu(),
+        "hint": simulation.first_cell_hint(),
         "pools": [
             {
                 "devices": result.pool.name,
@@ -71,6 +72,9 @@ def to_text(simulation: Simulation, per_user: bool = False) -> str:
             lines.append(f"  {model:<14} none of these pools")
         else:
             lines.append(f"  {model:<14} {answer['users_per_gpu']:g} (on {answer['pool']})")
+    hint = simulation.first_cell_hint()
+    if hint:
+        lines.append(f"hint: {hint}")
     lines.append(
         "(waits in seconds, past a day in hours (h): how late a cell started computing; a cell "
         "that did not run counts as waiting forever, shown as 'never')"

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..units import format_size
 from .baselines import Baseline, SharedGpus
 from .outcome import Outcome
 from .replay import MODEL, Progress, Replay
@@ -35,6 +36,31 @@ class Simulation:
     target: float
     transfers: Transfers
     pools: list[PoolResult] = field(default_factory=list)
+    first_cell_memory: int = 0
+    """The site's ``first_cell_memory`` (0: a kernel's first cell books a whole GPU)."""
+
+    def first_cell_hint(self) -> str | None:
+        """Where a baseline serves the trace on fewer GPUs than the pool while every kernel's
+        first cell books a whole GPU, the setting that lets first cells start side by side, at
+        the size this trace's first cells need (see docs/simulate.md)."""
+        users = self.users_per_gpu()
+        ours = users.get(MODEL, {}).get("users_per_gpu") or 0
+        better = [m for m, found in users.items() if (found["users_per_gpu"] or 0) > ours]
+        if self.first_cell_memory or not better or not self.pools:
+            return None
+        largest = max((s.cells[0].memory for s in self.trace.sessions if s.cells), default=0)
+        if not 0 < largest <= self.pools[0].pool.largest // 2:
+            return None
+        unit, name = (1 << 30, "GiB") if largest >= 1 << 30 else (1 << 20, "MiB")
+        size = f"{-(-largest // unit)}{name}"  # (rounded up)
+        serve = "serves" if len(better) == 1 else "serve"
+        return (
+            f"{' and '.join(better)} {serve} more users per GPU here. A kernel's first cell books "
+            f"a whole GPU by default, and this trace's first cells use {format_size(largest)} at "
+            f'most: try c.SingularityBroker.first_cell_memory = "{size}" (rounded up) in a file '
+            "given to --config (see the admin guide: a first cell that needs more may then run "
+            "out of GPU memory)"
+        )
 
     def models(self) -> list[str]:
         return [o.model for o in self.pools[0].outcomes] if self.pools else []
@@ -66,6 +92,8 @@ def simulate(
     ``progress(label, total_cells)`` gives a callback for one replay's progress."""
     transfers = transfers or Transfers()
     simulation = Simulation(trace, target, transfers)
+    if pools:
+        simulation.first_cell_memory = site.policy(pools[0]).first_cell_memory
     for pool in pools:
         fitting, dropped = trace.without_cells_over(pool.largest)
         result = PoolResult(pool, [], {})
