@@ -10,7 +10,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tornado.websocket import WebSocketClientConnection
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import WebSocketClientConnection, websocket_connect
+
+KERNEL_INFO_TIMEOUT = 60.0
+"""jupyter_server's ``kernel_info_timeout``: how long it waits for a new kernel to answer before
+it answers the kernel's websocket."""
 
 
 async def cell_messages(
@@ -82,6 +87,19 @@ async def cell_messages(
             break
         messages.append(json.loads(raw))
     return status, messages
+
+
+async def kernel_websocket(ws_url: str, token: str) -> WebSocketClientConnection:
+    """A kernel's channels websocket, opened as JupyterLab opens it. The server answers once the
+    kernel answered its kernel_info request, so a kernel still starting on a loaded machine is
+    waited for as long as the server waits for it, not tornado's default 20 s."""
+    request = HTTPRequest(
+        ws_url,
+        headers={"Authorization": f"token {token}"},
+        connect_timeout=KERNEL_INFO_TIMEOUT,
+        request_timeout=KERNEL_INFO_TIMEOUT,
+    )
+    return await websocket_connect(request)
 
 
 def cell_text(messages: list[dict], displays: bool = True) -> str:

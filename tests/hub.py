@@ -54,10 +54,10 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from cells import cell_messages, run_cell
+from cells import cell_messages, kernel_websocket, run_cell
 from servers import NodeBroker, free_port, node_broker
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
-from tornado.websocket import WebSocketClientConnection, websocket_connect
+from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+from tornado.websocket import WebSocketClientConnection
 
 log = logging.getLogger(__name__)
 
@@ -522,8 +522,7 @@ class HubClient:
     async def websocket(self, kernel_id: str) -> WebSocketClientConnection:
         """The kernel's websocket through the proxy, as JupyterLab opens it."""
         url = self.server_url(f"api/kernels/{kernel_id}/channels").replace("http", "ws", 1)
-        headers = {"Authorization": f"token {self.token}"}
-        return await websocket_connect(HTTPRequest(url, headers=headers))
+        return await kernel_websocket(url, self.token)
 
     async def run_cell(self, kernel_id: str, code: str, timeout: float = 60.0) -> tuple[str, str]:
         """Run a cell over the kernel's websocket; its status and printed text."""

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cells import run_cell
-from tornado.httpclient import HTTPRequest
-from tornado.websocket import websocket_connect
+from cells import kernel_websocket, run_cell
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "singularity-test-token"
@@ -145,7 +143,7 @@ async def run_in_kernel(
     url: str, kernel_id: str, code: str, timeout: float = 60.0
 ) -> tuple[str, str]:
     ws_url = url.replace("http", "ws", 1) + f"api/kernels/{kernel_id}/channels"
-    ws = await websocket_connect(HTTPRequest(ws_url, headers={"Authorization": f"token {TOKEN}"}))
+    ws = await kernel_websocket(ws_url, TOKEN)
     try:
         return await run_cell(ws, code, timeout)
     finally:

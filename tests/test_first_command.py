@@ -22,9 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cells import record_of, run_cell
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
-from tornado.websocket import websocket_connect
+from cells import kernel_websocket, record_of, run_cell
+from tornado.httpclient import AsyncHTTPClient
 
 from jupyter_singularity.devices import default_simulated_spec, open_inventory, usable_memory
 
@@ -198,12 +197,7 @@ class Newcomer:
     async def run_cell(self, kernel_id: str, code: str) -> tuple[str, str]:
         assert self.server is not None
         url = self.server["url"].replace("http", "ws", 1).rstrip("/")
-        ws = await websocket_connect(
-            HTTPRequest(
-                f"{url}/api/kernels/{kernel_id}/channels",
-                headers={"Authorization": f"token {self.server['token']}"},
-            )
-        )
+        ws = await kernel_websocket(f"{url}/api/kernels/{kernel_id}/channels", self.server["token"])
         try:
             return await run_cell(ws, code, timeout=180)
         finally:

@@ -17,10 +17,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from cells import cell_messages, cell_text, record_of, tensor_state, wait_for
+from cells import cell_messages, cell_text, kernel_websocket, record_of, tensor_state, wait_for
 from servers import TOKEN, api, jupyter_server, node_broker
-from tornado.httpclient import HTTPRequest
-from tornado.websocket import websocket_connect
 
 from jupyter_singularity.server import node_pool
 from jupyter_singularity.server.node_pool import NodePool
@@ -45,9 +43,7 @@ class Kernels:
 
     async def cell(self, kernel_id: str, code: str, seen: list | None = None, timeout=240.0):
         ws_url = self.url.replace("http", "ws", 1) + f"api/kernels/{kernel_id}/channels"
-        ws = await websocket_connect(
-            HTTPRequest(ws_url, headers={"Authorization": f"token {TOKEN}"})
-        )
+        ws = await kernel_websocket(ws_url, TOKEN)
         try:
             status, messages = await cell_messages(ws, code, timeout, messages=seen)
         finally:
