@@ -493,6 +493,10 @@ async def test_spill_to_disk_and_back(
 
     pool = await wait_for(cleaned, timeout=30)
     assert pool["devices"][0]["booked_bytes"] == record_of(pool, k1)["booked_bytes"]
+    # The restarted kernel answers from a new process. (Its model said "idle" already before
+    # the restart was over, and a server shut down mid-restart fails the tests after this one.)
+    status, out, _ = await run(k2, "import os\nos.getpid()", timeout=60)
+    assert status == "ok" and int(out.strip().splitlines()[-1]) != pid2, out
 
 
 # ----------------------------------------------------------------- pieces, without a kernel
