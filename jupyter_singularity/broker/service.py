@@ -48,6 +48,14 @@ from .model import (
     StateChanged,
     Wait,
 )
+from .pool_events import (
+    KERNEL_STATE_SCHEMA,
+    LEASE_SCHEMA,
+    PIN_SCHEMA,
+    QUEUE_SCHEMA,
+    coalesce,
+    lease_event,
+)
 from .processes import alive, broker_alive, this_process
 from .quotas import Quotas
 from .rpc import RPCServer
@@ -56,10 +64,7 @@ from .state_moves import StateMoves, _context_view
 from .watchdog import Watchdog
 
 Emit = Callable[[str, dict], None]
-"""``emit(name, data)`` for the browser: name is ``kernel_state``, ``lease``, ``queue`` or ``pin``;
-the server maps it to its versioned event schema."""
-KERNEL_STATE_SCHEMA, LEASE_SCHEMA, QUEUE_SCHEMA = "kernel_state", "lease", "queue"
-PIN_SCHEMA = "pin"
+"""``emit(name, data)`` for the browser (see .pool_events)."""
 
 #: States whose end is a data transfer the kernel measured (offload, restore, spill).
 TRANSFER_STATES = tuple(TRANSFER_DIRECTIONS)
@@ -79,7 +84,8 @@ LEDGER_FLUSH_DELAY = 0.5
 
 #: Events for the browser go out in batches, at most this many seconds after their change: each
 #: costs the server about 0.35 ms (jupyter_events validates it for a listening browser), which
-#: the next message of a kernel would otherwise wait for (see BrokerService._event).
+#: the next message of a kernel would otherwise wait for (see BrokerService._event); a lease that
+#: began and ended within a batch is told by one event (see .pool_events.coalesce).
 EVENTS_DELAY = 0.05
 
 #: Waiting cells hear where and why they wait at most this many seconds after it changed (see
@@ -505,7 +511,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
 
     def _emit_events(self) -> None:
         events, self._events = self._events, []
-        for schema, data in events:
+        for schema, data in coalesce(events):
             try:
                 self.emit(schema, data)
             except Exception:  # one listener's failure must cost the others nothing
@@ -530,7 +536,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
                 )
                 self._event(
                     LEASE_SCHEMA,
-                    _lease_event(
+                    lease_event(
                         action.kernel_id, action.request_id, "denied", reason=action.reason
                     ),
                 )
@@ -546,7 +552,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
                 )
                 self._event(
                     LEASE_SCHEMA,
-                    _lease_event(
+                    lease_event(
                         action.kernel_id,
                         action.request_id,
                         "ended",
@@ -626,7 +632,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
             self._answer_grant(grant)
         self._event(
             LEASE_SCHEMA,
-            _lease_event(
+            lease_event(
                 grant.kernel_id,
                 grant.request_id,
                 "granted",
@@ -709,24 +715,3 @@ def _later(delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle | 
         callback()
         return None
     return loop.call_later(delay, callback)
-
-
-def _lease_event(
-    kernel_id: str,
-    request_id: str,
-    action: str,
-    *,
-    device: int | None = None,
-    reservation: int | None = None,
-    seconds: float | None = None,
-    reason: str | None = None,
-) -> dict:
-    return {
-        "kernel_id": kernel_id,
-        "request_id": request_id,
-        "action": action,
-        "device": device,
-        "reservation": reservation,
-        "seconds": seconds,
-        "reason": reason,
-    }
