@@ -5,6 +5,7 @@ kernels report, and the kernel's wait for a broker that disappears (through a re
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import functools
 import gc
@@ -37,10 +38,12 @@ from jupyter_singularity.broker.checkpoint import DriverCapability, DriverCheckp
 from jupyter_singularity.broker.identity import Identity, server_owner
 from jupyter_singularity.broker.ledger import Ledger
 from jupyter_singularity.broker.model import Policy
+from jupyter_singularity.broker.pool_events import LEASE_SCHEMA, QUEUE_SCHEMA
 from jupyter_singularity.broker.quotas import Quotas
 from jupyter_singularity.broker.rpc import MAX_MESSAGE_BYTES, RPCServer
-from jupyter_singularity.broker.service import LEASE_SCHEMA, QUEUE_SCHEMA, BrokerService
+from jupyter_singularity.broker.service import BrokerService
 from jupyter_singularity.devices import DeviceInfo, DeviceInventory
+from jupyter_singularity.kernel import client as client_module
 from jupyter_singularity.kernel import membership
 from jupyter_singularity.kernel import runtime as runtime_module
 from jupyter_singularity.kernel.client import MAX_RESENDS, BrokerClient, BrokerError, Heartbeat
@@ -332,6 +335,38 @@ async def test_a_waiting_caller_takes_its_reply_in_itself(
     await broker.server.push("k1", "notice", {"n": 2})
     await wait_until(lambda: len(notices) == 2)
     assert taken_in_by[-1] == ("singularity-io", "notice")
+
+
+async def test_a_reply_its_caller_will_collect_is_left_on_the_socket_for_it(
+    broker: Broker, connect, keys: dict[str, bytes], monkeypatch
+) -> None:
+    """A cell's acquire goes out as ipykernel dispatches the cell, and the gate waits for it
+    later: meanwhile the I/O thread leaves the reply on the socket, for the gate to take in (no
+    hand-over between threads); a reply nobody came for is taken in once the window ends."""
+    monkeypatch.setattr(client_module, "COLLECT_WINDOW", 5.0)  # (however slow the machine)
+    client = connect(broker.endpoint)
+    taken_in_by: list[tuple[str, str]] = []
+    dispatch = client._dispatch
+
+    def recording(frames: list[bytes]) -> None:
+        taken_in_by.append((threading.current_thread().name, decode(frames, keys.get).type))
+        dispatch(frames)
+
+    client._dispatch = recording
+    answer = client.submit("echo", {"n": 1}, collect=True)
+    await wait_until(lambda: broker.handlers.seen)
+    await asyncio.sleep(0.2)  # (the reply waits on the socket)
+    assert not answer.done() and not taken_in_by
+    assert await asyncio.to_thread(client.wait, answer, 10)
+    assert answer.result() == {"echo": {"n": 1}, "kernel": "k1"}
+    assert [type for _, type in taken_in_by] == ["echo_reply"], taken_in_by
+    assert taken_in_by[0][0] != "singularity-io", taken_in_by  # (the waiting thread took it)
+    monkeypatch.setattr(client_module, "COLLECT_WINDOW", 0.3)
+    taken_in_by.clear()
+    never_collected = client.submit("echo", {"n": 2}, collect=True)
+    await asyncio.to_thread(concurrent.futures.wait, [never_collected], 10)
+    assert never_collected.result() == {"echo": {"n": 2}, "kernel": "k1"}
+    assert taken_in_by == [("singularity-io", "echo_reply")], taken_in_by
 
 
 async def test_ping_answered_while_main_thread_blocks_in_request(broker: Broker, connect) -> None:
@@ -1109,10 +1144,51 @@ async def test_an_event_that_fails_to_go_out_costs_the_others_nothing(
 
     service.emit = emit
     assert (await call(client, "acquire", {"request_id": "r1", "memory": GiB}))["granted"]
+    await wait_until(lambda: "kernel_state:running" in emitted)  # (the lease outlived its batch)
+    assert "could not emit the lease event" in caplog.text
     client.send("release", {"request_id": "r1", "peak_bytes": GiB, "gpu_bytes": GiB})
     await wait_until(lambda: "lease:ended" in emitted)
-    assert "kernel_state:running" in emitted and "kernel_state:resident" in emitted, emitted
-    assert "could not emit the lease event" in caplog.text
+    assert "kernel_state:resident" in emitted, emitted
+
+
+async def test_a_lease_that_began_and_ended_within_a_batch_is_told_by_its_end_alone(
+    service, pooled, monkeypatch
+) -> None:
+    """Cells run back to back cost the browser one event each (the lease's end), not four; a
+    lease that outlives its batch is told whole, and so is a kernel's first cell (it leaves the
+    kernel in another state than it found it)."""
+    monkeypatch.setattr(service_module, "EVENTS_DELAY", 1.0)  # (however slow the machine)
+    client = await pooled("k0")
+    emitted: list[tuple[str, str, str]] = []
+
+    def emit(schema: str, data: dict) -> None:
+        detail = data.get("action") or f"{data.get('old')}>{data.get('new')}"
+        emitted.append((schema, str(data.get("request_id", "")), detail))
+
+    service.emit = emit
+    for request_id in ("r1", "r2", "r3"):
+        await call(client, "acquire", {"request_id": request_id, "memory": GiB})
+        client.send("release", {"request_id": request_id, "peak_bytes": GiB, "gpu_bytes": GiB})
+    await wait_until(lambda: ("lease", "r3", "ended") in emitted)
+    assert [event for event in emitted if event[2] != "None>cold"] == [  # (the registration)
+        ("lease", "r1", "granted"),
+        ("kernel_state", "", "cold>running"),
+        ("lease", "r1", "ended"),
+        ("kernel_state", "", "running>resident"),
+        ("lease", "r2", "ended"),
+        ("lease", "r3", "ended"),
+    ], emitted
+    emitted.clear()
+    await call(client, "acquire", {"request_id": "r4", "memory": GiB})
+    await wait_until(lambda: len(emitted) == 2)
+    client.send("release", {"request_id": "r4", "peak_bytes": GiB, "gpu_bytes": GiB})
+    await wait_until(lambda: len(emitted) == 4)
+    assert [detail for _, _, detail in emitted] == [
+        "granted",
+        "resident>running",
+        "ended",
+        "running>resident",
+    ], emitted
 
 
 async def test_release_books_the_drivers_figure_where_it_is_larger(service, pooled) -> None:

@@ -9,7 +9,9 @@ itself, under that lock: a hand-over to the I/O thread would cost a thread wake-
 of the GIL) on every lease's path. For the same reason a thread that waits for a reply (a cell
 for its lease) takes in the broker's messages itself while it waits, and the I/O thread stands
 aside meanwhile (see :meth:`BrokerClient.wait`): the hand-over of each reply from the I/O thread
-cost a quarter of a lease's round trip.
+cost a quarter of a lease's round trip. A cell's acquire goes out before the cell is ready to wait
+(see .early_acquire): the I/O thread then leaves the messages on the socket from the send on, for
+a short window (see :meth:`BrokerClient.submit`).
 
 The client keeps its session with the broker alive by itself: when the broker refuses a message
 for its session (another process holding the key pushed the counter ahead, or took the session
@@ -21,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
+import math
 import os
 import queue
 import secrets
@@ -72,6 +75,10 @@ HEARTBEAT_MISSES = 3
 #: wake it (that would cost the caller a turn of the GIL right when its reply came), a longer wait
 #: does.
 STAND_ASIDE_POLL_MS = 5
+#: A caller that will wait for its reply soon (a cell's acquire, sent as its execute_request is
+#: dispatched) has the I/O thread leave the messages on the socket for this long at most (s), so
+#: that the reply is not handed over between threads (see :meth:`BrokerClient.submit`).
+COLLECT_WINDOW = 0.02
 
 
 class BrokerError(Exception):
@@ -131,6 +138,7 @@ class BrokerClient:
         self._parked = False  # a waiting caller takes the messages in
         self._io_on_socket = False  # the I/O thread waits on the socket
         self._io_asleep = False  # the I/O thread stands aside until woken
+        self._collect_until = 0.0  # (monotonic) a caller will take the messages in before then
         self._threads: list[threading.Thread] = []
         self.on_rejoin: Callable[[], None] | None = None
         """Called (on the I/O thread) when the broker refuses a message with ``rejoin``, before
@@ -164,12 +172,17 @@ class BrokerClient:
             thread.daemon = True
             thread.start()
 
-    def submit(self, type: str, body: dict) -> concurrent.futures.Future[dict]:
+    def submit(
+        self, type: str, body: dict, *, collect: bool = False
+    ) -> concurrent.futures.Future[dict]:
         """Send a request without waiting for its reply; the future resolves to the reply.
 
         A reply carrying an "error" resolves it with BrokerError instead. The caller that gives
         up waiting calls :meth:`abandon` so the pending entry does not linger. The request is
-        on its way when this returns.
+        on its way when this returns. ``collect``: the caller will :meth:`wait` for the reply
+        within :data:`COLLECT_WINDOW`; until then the I/O thread leaves the broker's messages on
+        the socket (woken by the reply, it would take the interpreter from a caller busy with
+        other work, then hand the reply over between threads).
         """
         msg_id = secrets.token_hex(16)
         answer: concurrent.futures.Future[dict] = concurrent.futures.Future()
@@ -177,6 +190,9 @@ class BrokerClient:
         with self._lock:
             self._check_usable()
             self._pending[msg_id] = answer
+        if collect:
+            with self._park_lock:
+                self._collect_until = time.monotonic() + COLLECT_WINDOW
         self._transmit(_Outgoing(type, body, msg_id=msg_id))
         return answer
 
@@ -214,8 +230,10 @@ class BrokerClient:
         try:
             with self._park_lock:
                 self._parked = True
-                if self._io_on_socket:
-                    self._wake()  # (it may take in what came first: it then wakes us)
+                # (it may take in what came first: it then wakes us); within a collect window it
+                # takes nothing in, and stands aside once a message wakes it
+                if self._io_on_socket and self._collect_until <= time.monotonic():
+                    self._wake()
             poller = zmq.Poller()
             poller.register(self._caller_rx, zmq.POLLIN)
             with self._socket_lock:
@@ -235,6 +253,7 @@ class BrokerClient:
         finally:
             with self._park_lock:
                 self._parked = False
+                self._collect_until = 0.0
                 if self._io_asleep:
                     self._wake()
             self._receiving.release()
@@ -289,7 +308,8 @@ class BrokerClient:
             self._wake_tx.send(b"\0")
 
     def _wake_receiver(self) -> None:
-        """Wake whoever takes messages in: a waiting caller, else the I/O thread."""
+        """Wake whoever takes messages in: a waiting caller, else the I/O thread (within a collect
+        window it then waits for the window's end: the signal of what arrived was taken)."""
         with contextlib.suppress(OSError):
             (self._caller_tx if self._parked else self._wake_tx).send(b"\0")
 
@@ -370,17 +390,20 @@ class BrokerClient:
         try:
             while not self._closing:
                 with self._park_lock:
-                    active = self._io_on_socket = not self._parked
-                    self._io_asleep = not active and looked
+                    collecting = self._collect_until - time.monotonic()
+                    active = self._io_on_socket = not (self._parked or collecting > 0)
+                    self._io_asleep = self._parked and looked
                 if active:
                     looked = False
                     ready = on_socket.poll()
-                else:
+                elif self._parked:
                     ready = aside.poll(None if self._io_asleep else STAND_ASIDE_POLL_MS)
                     looked = True
+                else:  # until the window a caller will collect in ends (it then takes all in)
+                    ready = aside.poll(max(1, math.ceil(collecting * 1000)))
                 if any(fd == woken for fd, _ in ready):
                     _drain(self._wake_rx)
-                if self._parked or not self._receiving.acquire(blocking=False):
+                if self._standing_aside() or not self._receiving.acquire(blocking=False):
                     continue
                 try:
                     for frames in self._receive_all():
@@ -394,6 +417,9 @@ class BrokerClient:
                 if self._socket is not None:
                     self._socket.close(linger=CLOSE_LINGER_MS)
                     self._socket = None
+
+    def _standing_aside(self) -> bool:
+        return self._parked or self._collect_until > time.monotonic()
 
     def _receive_all(self) -> list[list[bytes]]:
         """Every message waiting on the socket. Taken under the lock, handled after it: handling

@@ -383,7 +383,7 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
         if self.membership.node and not self.membership.joined.is_set():
             return waiting, None
         waiting.generation = self.membership.generation
-        return waiting, self.client.submit("acquire", waiting.body)
+        return waiting, self.client.submit("acquire", waiting.body, collect=True)
 
     def _bound_gpu(self) -> str | None:
         """Before the first grant: the launch GPU, if something in the process (a library other
