@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import itertools
 import logging
 import math
 import secrets
@@ -389,6 +390,21 @@ class ReplayGuard:
         self._windows.pop(sender, None)
 
 
+class UniqueIds:
+    """Ids unique among all of one process's (and all others', with overwhelming likelihood): a
+    random prefix drawn once, then a counter. Not ``secrets.token_hex`` per id: it asks the
+    system for randomness, which lets go of the interpreter's lock, and a busy kernel's other
+    threads (its output thread, at the start and end of every cell) then hold it a while. An id
+    guards nothing: every message is signed (see :class:`Signer`)."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._count = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}-{next(self._count)}"
+
+
 class Sequencer:
     """Makes outgoing messages for one sender identity with strictly increasing seq.
 
@@ -402,10 +418,15 @@ class Sequencer:
         self.origin = origin
         self.session = secrets.token_hex(16)
         self._seq = time.time_ns()
+        self._ids = UniqueIds()
 
     def renew(self) -> None:
         """Start a fresh session: the receiver opens a new replay window at its first message."""
         self.session = secrets.token_hex(16)
+
+    def new_id(self) -> str:
+        """An id for a message of this sender, unique among all it sends."""
+        return self._ids.next()
 
     def make(
         self,
@@ -414,13 +435,14 @@ class Sequencer:
         reply_to: str | None = None,
         msg_id: str | None = None,
     ) -> Message:
-        """Next message; pass `msg_id` when the caller must know it before sending."""
+        """Next message; pass `msg_id` (of :meth:`new_id`) when the caller must know it before
+        sending."""
         self._seq += 1
         return Message(
             type=type,
             body=body,
             kernel_id=self.kernel_id,
-            msg_id=msg_id or secrets.token_hex(16),
+            msg_id=msg_id or self._ids.next(),
             seq=self._seq,
             time=time.time(),
             reply_to=reply_to,

@@ -16,6 +16,7 @@ from jupyter_singularity import protocol
 from jupyter_singularity.protocol import (
     MAGIC,
     MAX_HEADER_BYTES,
+    MAX_ID_CHARS,
     MAX_KERNEL_ID_BYTES,
     ORIGIN_BROKER,
     ORIGIN_KERNEL,
@@ -336,8 +337,11 @@ def test_sequencer_is_strictly_increasing_across_restarts() -> None:
 def test_sequencer_messages() -> None:
     seq = Sequencer("k1", ORIGIN_BROKER)
     a, b = seq.make("ping", {}), seq.make("offload", {"n": 1}, reply_to="r", msg_id="m")
-    assert len(a.msg_id) == 32
     assert a.msg_id != b.msg_id
+    other = Sequencer("k2", ORIGIN_BROKER)  # (another sender's, or this one's after a restart)
+    ids = [seq.new_id() for _ in range(1000)] + [other.new_id() for _ in range(1000)]
+    assert len(set(ids)) == len(ids) and a.msg_id not in ids
+    assert all(0 < len(i) <= MAX_ID_CHARS for i in ids)
     assert (b.msg_id, b.reply_to, b.origin, b.kernel_id) == ("m", "r", ORIGIN_BROKER, "k1")
     assert abs(a.time - time.time()) < 5
 

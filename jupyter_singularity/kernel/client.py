@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import queue
-import secrets
 import socket
 import threading
 import time
@@ -184,7 +183,7 @@ class BrokerClient:
         the socket (woken by the reply, it would take the interpreter from a caller busy with
         other work, then hand the reply over between threads).
         """
-        msg_id = secrets.token_hex(16)
+        msg_id = self._sequencer.new_id()
         answer: concurrent.futures.Future[dict] = concurrent.futures.Future()
         answer.msg_id = msg_id  # type: ignore[attr-defined]
         with self._lock:

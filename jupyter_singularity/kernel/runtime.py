@@ -25,13 +25,12 @@ import os
 import sys
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..protocol import ENV_NODE_BROKER, ENV_SIMULATED
+from ..protocol import ENV_NODE_BROKER, ENV_SIMULATED, UniqueIds
 from .client import BrokerClient, BrokerError
 from .early_acquire import EarlyAcquire
 from .footprint import Footprint
@@ -151,6 +150,9 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
         self._import_hook: TorchImportHook | None = None
         self._cuda_gate = CudaInitGate(self._before_cuda_init, self._after_cuda_init)
         self.widgets: Any = None  # the widget poller, created by the first %singularity
+        #: Lease request ids: unique across the kernel's restarts (the broker keys leases by its
+        #: kernel id and them), drawn without a system call per cell (see UniqueIds).
+        self._request_ids = UniqueIds()
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -374,7 +376,7 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
     def _send_acquire(self, memory: int | None) -> tuple[Waiting, concurrent.futures.Future | None]:
         """Send an acquire; the future gets the broker's answer (grant or denial). None: the
         broker is away, the request goes once the kernel joined it (see .membership)."""
-        waiting = Waiting(uuid.uuid4().hex, memory, time.monotonic())
+        waiting = Waiting(self._request_ids.next(), memory, time.monotonic())
         waiting.body = {"request_id": waiting.request_id, "memory": memory}
         bound = self._bound_gpu()
         if bound is not None:
