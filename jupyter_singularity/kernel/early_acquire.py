@@ -112,8 +112,9 @@ class EarlyAcquire:
         if future is None:
             return
         self._send("cancel", {"request_id": waiting.request_id})
+        self.membership.client.wait(future, CANCEL_TIMEOUT)  # (taken in here: see submit's collect)
         try:
-            reply = answer_of(future, CANCEL_TIMEOUT)
+            reply = answer_of(future, 0)
         except concurrent.futures.TimeoutError:
             return
         if not reply.get("granted"):
