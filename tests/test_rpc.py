@@ -297,6 +297,19 @@ async def test_push_runs_callback_and_callback_errors_are_replies(broker: Broker
         client.on("ping", notice)
 
 
+def takers(client: BrokerClient, keys: dict[str, bytes]) -> list[tuple[str, str]]:
+    """(thread, message type) of each message ``client`` takes in from now on, in order."""
+    taken_in_by: list[tuple[str, str]] = []
+    dispatch = client._dispatch
+
+    def recording(frames: list[bytes]) -> None:
+        taken_in_by.append((threading.current_thread().name, decode(frames, keys.get).type))
+        dispatch(frames)
+
+    client._dispatch = recording
+    return taken_in_by
+
+
 async def test_a_waiting_caller_takes_its_reply_in_itself(
     broker: Broker, connect, keys: dict[str, bytes]
 ) -> None:
@@ -307,14 +320,7 @@ async def test_a_waiting_caller_takes_its_reply_in_itself(
     client = connect(broker.endpoint)
     notices: list[dict] = []
     client.on("notice", notices.append)
-    taken_in_by: list[tuple[str, str]] = []
-    dispatch = client._dispatch
-
-    def recording(frames: list[bytes]) -> None:
-        taken_in_by.append((threading.current_thread().name, decode(frames, keys.get).type))
-        dispatch(frames)
-
-    client._dispatch = recording
+    taken_in_by = takers(client, keys)
     replies: dict[str, dict] = {}
     waiter = threading.Thread(
         target=lambda: replies.update(lease=client.request("lease", {}, timeout=10)),
@@ -345,14 +351,7 @@ async def test_a_reply_its_caller_will_collect_is_left_on_the_socket_for_it(
     hand-over between threads); a reply nobody came for is taken in once the window ends."""
     monkeypatch.setattr(client_module, "COLLECT_WINDOW", 5.0)  # (however slow the machine)
     client = connect(broker.endpoint)
-    taken_in_by: list[tuple[str, str]] = []
-    dispatch = client._dispatch
-
-    def recording(frames: list[bytes]) -> None:
-        taken_in_by.append((threading.current_thread().name, decode(frames, keys.get).type))
-        dispatch(frames)
-
-    client._dispatch = recording
+    taken_in_by = takers(client, keys)
     answer = client.submit("echo", {"n": 1}, collect=True)
     await wait_until(lambda: broker.handlers.seen)
     await asyncio.sleep(0.2)  # (the reply waits on the socket)
