@@ -1,5 +1,5 @@
 """Large pages for the memory the tensor tier copies into (see kernel/large_pages.py): the engine's
-own host buffers, and on simulated devices torch's CPU memory (the "device" memory). A copy into
+own host buffers, and on simulated devices the "device" memory a restore refills. A copy into
 fresh memory in 4 KiB pages pays 262,144 page faults per GiB; in transparent huge pages, 512.
 
 Checked on the mappings themselves: ``/proc/self/smaps`` flags a region advised for huge pages
@@ -59,14 +59,25 @@ def singularity_devices() -> str:
     return "simulated:1x1GiB"
 
 
-async def test_a_simulated_kernel_keeps_its_device_memory_in_large_pages(
-    start_kernel, wait_in_pool, run
+async def test_a_simulated_restore_refills_in_large_pages_and_leaves_cells_allocations_alone(
+    start_kernel, wait_in_pool, run, jp_fetch, state
 ):
+    """The "device" memory a restore refills is advised for huge pages (in the whole large pages
+    within each storage); a tensor a cell makes is not: its memory is as in any process."""
     kernel = await start_kernel()
     await wait_in_pool([kernel])
-    code = FLAGS_AT + (
-        "import torch\nx = torch.ones(64 << 18)\nprint('flags', 'hg' in flags_at(x.data_ptr()))"
+    setup = FLAGS_AT + (
+        "import torch\n"
+        "def advised(t):\n"
+        "    return 'hg' in flags_at(-(-t.data_ptr() // (2 << 20)) * (2 << 20))\n"
+        "x = torch.ones(64 << 18)\n"
+        "print('flags', advised(x))"
     )
-    status, out, _ = await run(kernel, code, timeout=120)
+    status, out, _ = await run(kernel, setup, timeout=120)
     assert status == "ok", out
-    assert out.split("flags")[-1].strip() == "True", out
+    assert out.split("flags")[-1].split() == ["False"], out
+    await jp_fetch("singularity", "api", "kernels", kernel, "offload", method="POST", body="{}")
+    await state(kernel, "offloaded")
+    status, out, _ = await run(kernel, "print('flags', advised(x), bool((x == 1).all()))")
+    assert status == "ok", out
+    assert out.split("flags")[-1].split() == ["True", "True"], out

@@ -85,7 +85,7 @@ from .host_tape import (
     tape_bytes,
     tape_end,
 )
-from .large_pages import advise_large_pages
+from .large_pages import advise_device_memory, advise_large_pages
 from .lost import mark_lost
 from .spill import (
     Ranges,
@@ -918,8 +918,9 @@ class TensorEngine:
     ) -> None:
         """Reallocate and refill ``slots``; on failure free the refilled ones again and raise.
 
-        On simulated devices the host copy of each storage refilled is given back to the system
-        at once (whole large pages), so that the next storage's new device memory reuses those
+        On simulated devices each storage's new memory is asked for in large pages, as a GPU's
+        (:mod:`.large_pages`), and the host copy of each storage refilled is given back to the
+        system at once (whole large pages), so that the next storage's new device memory reuses those
         pages rather than fresh ones (on a virtual machine that hands free memory back to its
         host, fresh pages cost several times the copy) and the restore never holds the state
         twice. A failure then copies the refilled storages back to the tape before freeing
@@ -936,6 +937,8 @@ class TensorEngine:
                         room(back)
                     restored.append(slot)
                     _resize(slot.storage, slot.nbytes)
+                    if self.simulated:
+                        advise_device_memory(slot.storage.data_ptr(), slot.nbytes)
                     device_bytes = bytes_of(torch, slot.storage)
                     for host, start, length in tape.pieces(slot.offset, slot.nbytes):
                         _copy(device_bytes[start : start + length], host)

@@ -48,7 +48,6 @@ from .gate import (
     uninstall_gate,
 )
 from .gc_hold import GcHold
-from .large_pages import simulated_device_pages
 from .membership import Membership
 from .out_of_memory import explain_out_of_memory
 from .outliving import OutlivingWork
@@ -514,10 +513,8 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
         the devices are simulated, the broker says: a cell waits for it to answer first."""
         if self._depth > 0 and self.membership.generation == 0:
             self.membership.wait_joined("import torch in this cell")
-        if not self.simulated:
-            return
-        simulated_device_pages()
-        self.first_use("import torch")
+        if self.simulated:
+            self.first_use("import torch")
 
     def _on_torch_imported(self, torch: Any) -> None:
         explain_out_of_memory(self.shell, torch, self._booked)
