@@ -25,7 +25,11 @@ storages on several threads), so the two sides of a swap share this machine's co
 ``cpu_bound`` is the least ``swap_s / (offload_s + restore_s)`` the cores allow for the CPU time
 the swap's two sides spent, ``(victim cpu + incoming cpu) / cores / (offload_s + restore_s)``, in
 the same run. Where it exceeds the goal, the goal needs copies that do not run on the CPU (a
-GPU's copy engines).
+GPU's copy engines). Both copies also cross the same memory bus: ``memory_floor`` is the least
+ratio it allows, measured in the same run: two copies of ``--mib`` MiB at once, a memmove each on
+two threads (as a swap's sides copy on simulated devices), against the same two copies one after
+the other, each as torch copies memory alone (on every core); best of three each. A GPU's copies
+cross a full-duplex bus, one direction each, where the two sides do not share bandwidth.
 
 Run: ``python bench/swap_pipeline.py [--mib 1024] [--tensor-mib 64] [--runs 3] [--rounds 3]``.
 """
@@ -34,10 +38,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import os
 import re
 import statistics
+import threading
 import time
 
 from cell_overhead import cell, first_output, printed, start, wait_state
@@ -64,6 +70,34 @@ async def last_transfer(client, kind: str) -> float:
 def spent(before: Usage, after: Usage) -> dict[str, float]:
     used = after - before
     return {"cpu": used.cpu, "user": used.user, "system": used.system, "faults": used.faults}
+
+
+def memory_floor(mib: int, tries: int = 3) -> float:
+    """The least swap ratio the memory bus allows (see the module docstring)."""
+    import torch
+
+    pairs = [(torch.ones(mib << 20, dtype=torch.uint8), torch.zeros(mib << 20, dtype=torch.uint8))]
+    pairs.append((pairs[0][0].clone(), pairs[0][1].clone()))
+
+    def memmove(source: torch.Tensor, target: torch.Tensor) -> None:
+        ctypes.memmove(target.data_ptr(), source.data_ptr(), target.nbytes)
+
+    def apart() -> float:
+        started = time.perf_counter()
+        for source, target in pairs:
+            target.copy_(source)
+        return time.perf_counter() - started
+
+    def at_once() -> float:
+        threads = [threading.Thread(target=memmove, args=pair) for pair in pairs]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return time.perf_counter() - started
+
+    return min(at_once() for _ in range(tries)) / min(apart() for _ in range(tries))
 
 
 async def one_run(mib: int, tensor_mib: int, rounds: int) -> dict:
@@ -117,6 +151,7 @@ async def one_run(mib: int, tensor_mib: int, rounds: int) -> dict:
     both_sides = medians["swap_victim_cpu"]["cpu"] + medians["swap_incoming_cpu"]["cpu"]
     medians["cpu_bound"] = both_sides / len(os.sched_getaffinity(0)) / apart
     medians["cpu_stall_share"] = stall_share
+    medians["memory_floor"] = memory_floor(mib)
     return medians
 
 
@@ -142,6 +177,7 @@ async def run(mib: int, tensor_mib: int, runs: int, rounds: int) -> dict:
         "goal_swap_over_offload_plus_restore": GOAL,
         "cpu_bound_min_median_max": spread("cpu_bound"),
         "cores": len(os.sched_getaffinity(0)),
+        "memory_floor_min_median_max": spread("memory_floor"),
         "offload_cpu_min_median_max": cpu("offload_cpu"),
         "restore_cpu_min_median_max": cpu("restore_cpu"),
         "swap_victim_cpu_min_median_max": cpu("swap_victim_cpu"),

@@ -169,9 +169,9 @@ def slow_copies(seconds: float) -> str:
 import time
 import jupyter_singularity.kernel.offload as _offload
 def _slowed(copy, seconds):
-    def slow(dst, src):
+    def slow(dst, src, *rest):
         time.sleep(seconds)
-        copy(dst, src)
+        copy(dst, src, *rest)
     return slow
 _offload._copy = _slowed(_offload._copy, {seconds})
 """

@@ -250,9 +250,9 @@ def test_a_simulated_offload_frees_each_storage_once_copied(
     events: list[str] = []
     real_copy, real_resize = offload._copy, offload._resize
 
-    def copy_(dst: torch.Tensor, src: torch.Tensor) -> None:
+    def copy_(dst: torch.Tensor, src: torch.Tensor, *rest: bool) -> None:
         events.append(f"copy {keys.get(src.untyped_storage()._cdata)}")
-        real_copy(dst, src)
+        real_copy(dst, src, *rest)
 
     def resize(storage: torch.UntypedStorage, nbytes: int) -> None:
         events.append(f"free {keys.get(storage._cdata)}" if nbytes == 0 else "grow")
@@ -296,9 +296,9 @@ def test_a_simulated_restore_gives_each_host_copy_back_once_refilled(
         resident: list[int] = []
         real_copy = offload._copy
 
-        def copy_(dst: torch.Tensor, src: torch.Tensor) -> None:
+        def copy_(dst: torch.Tensor, src: torch.Tensor, *rest: bool) -> None:
             resident.append(resident_bytes(address, nbytes))
-            real_copy(dst, src)
+            real_copy(dst, src, *rest)
 
         monkeypatch.setattr(offload, "_copy", copy_)
         engine.restore()

@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 
 from test_offload import MIB, engine, fail_on_call, raw, shrinking  # noqa: E402, F401
 
+from jupyter_singularity.kernel import offload as offload_module  # noqa: E402
 from jupyter_singularity.kernel import swap as swap_module  # noqa: E402
 from jupyter_singularity.kernel.offload import OffloadError, TensorEngine  # noqa: E402
 from jupyter_singularity.kernel.swap import Allowance, RoomReport  # noqa: E402
@@ -39,6 +40,32 @@ def test_a_pipelined_offload_frees_each_storage_as_its_copy_ends(engine: TensorE
     assert room.reports == [(MIB, 3 * MIB), (2 * MIB, 2 * MIB), (3 * MIB, MIB), (4 * MIB, 0)]
     assert room.asked_back == []
     engine.restore()
+    assert [raw(t) for t in tensors] == before
+
+
+def test_each_side_of_a_swap_copies_on_a_thread_of_its_own(
+    engine: TensorEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On simulated devices a swap's victim and its incoming kernel each copy with a memmove on
+    the moving thread (one core each, as a GPU's copy engine serves one direction); a move
+    outside a swap keeps torch's copy, on every core."""
+    tensors = four()
+    before = [raw(t) for t in tensors]
+    moves: list[int] = []
+    memmove = offload_module.ctypes.memmove
+    monkeypatch.setattr(
+        offload_module.ctypes, "memmove", lambda *args: moves.append(args[2]) or memmove(*args)
+    )
+
+    engine.offload(swap=RoomLog(tensors))
+    assert moves == [MIB] * 4
+    engine.restore()
+    engine.offload()
+    assert moves == [MIB] * 4
+    allowance = Allowance()
+    allowance.open()
+    engine.restore(room=allowance.wait_for)
+    assert moves == [MIB] * 8
     assert [raw(t) for t in tensors] == before
 
 
