@@ -937,8 +937,8 @@ class TensorEngine:
 
         On simulated devices each storage's new memory is asked for in large pages, as a GPU's
         (:mod:`.large_pages`), and the host copy of each storage refilled is given back to the
-        system at once (whole large pages), so that the next storage's new device memory reuses those
-        pages rather than fresh ones (on a virtual machine that hands free memory back to its
+        system at once (whole large pages), so that the next storage's new device memory reuses
+        those pages rather than fresh ones (on a virtual machine that hands free memory back to its
         host, fresh pages cost several times the copy) and the restore never holds the state
         twice. A failure then copies the refilled storages back to the tape before freeing
         them: the host copy stays whole."""
