@@ -26,16 +26,18 @@ import mmap
 #: A transparent huge page (x86-64 and arm64 with 4 KiB base pages).
 LARGE_PAGE = 2 << 20
 
-_LIBC = ctypes.CDLL(None, use_errno=True)
+#: The advice that asks for transparent huge pages; None where the system has none.
+HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
+
+_LIBC = ctypes.CDLL(None)
 
 
 def advise_large_pages(mapping: mmap.mmap) -> None:
     """Ask for transparent huge pages for a host buffer of the engine's own."""
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is None:
+    if HUGEPAGE is None:
         return
     with contextlib.suppress(OSError):  # unavailable: 4 KiB pages, as before
-        mapping.madvise(advice)
+        mapping.madvise(HUGEPAGE)
 
 
 def give_back(mapping: mmap.mmap, address: int, start: int, end: int) -> int:
@@ -54,8 +56,7 @@ def give_back(mapping: mmap.mmap, address: int, start: int, end: int) -> int:
 def advise_device_memory(address: int, nbytes: int) -> None:
     """Simulated devices: ask for transparent huge pages for a storage just allocated (before
     its first touch), in the whole large pages within it."""
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
     start = -(-address // LARGE_PAGE) * LARGE_PAGE
     end = (address + nbytes) // LARGE_PAGE * LARGE_PAGE
-    if advice is not None and end > start:  # (a failure leaves 4 KiB pages, as before)
-        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
+    if HUGEPAGE is not None and end > start:  # (a failure leaves 4 KiB pages, as before)
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), HUGEPAGE)
