@@ -18,8 +18,9 @@ from cells import cell_text as cell_text_of
 from cells import wait_for as _wait_for
 from traitlets.config import Config
 
-# hub: a real JupyterHub with real Unix users (tests/hub.py); gpu_gate: the rules of GPU runs.
-pytest_plugins = ["pytest_jupyter.jupyter_server", "hub", "gpu_gate"]
+# hub: a real JupyterHub with real Unix users (tests/hub.py); gpu_gate: the rules of GPU runs;
+# broker_service: a broker service with kernels' clients over the real channel.
+pytest_plugins = ["pytest_jupyter.jupyter_server", "hub", "gpu_gate", "broker_service"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -69,6 +69,7 @@ async def test_the_timeline_after_two_notebooks_took_turns_on_the_gpu(
         status, out, _ = await run(kernel_id, STATE)
         assert status == "ok" and "ready" in out, out
     await state(second, "offloaded", "spilled")
+    await state(first, "resident")  # (its last lease kept a moment for a next cell: ended now)
 
     timeline = await get_json("singularity", "api", "timeline")
 

@@ -62,6 +62,16 @@ class Kernels:
     def pool(self) -> dict:
         return api(self.url, "singularity/api/pool")
 
+    async def settled(self) -> dict:
+        """The pool once no kernel holds a lease (the last cell's kernel keeps its lease a
+        moment after the cell, for a next one: ``lease_keep``)."""
+
+        async def probe():
+            pool = self.pool()
+            return pool if all(k["state"] != "running" for k in pool["kernels"]) else None
+
+        return await wait_for(probe, timeout=120.0, interval=0.25)
+
     async def state(self, kernel_id: str, *states: str) -> dict:
         async def probe():
             pool = self.pool()
@@ -163,7 +173,7 @@ async def test_kill_9_of_the_node_broker_loses_nothing_and_waiting_cells_run(tmp
         # No cell saw a failure.
         assert "stopped answering" not in cell_text(waited) + cell_text(away)
 
-        pool = kernels.pool()
+        pool = await kernels.settled()
         check_bookings(pool)
         states = {k["kernel_id"]: k["state"] for k in pool["kernels"]}
         assert set(states) == {in_host, on_disk, runner}, states

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.asyncio
+from broker_service import BROKER_LOG, GiB, call, wait_until
 from cells import record_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -34,15 +35,10 @@ from zmq.utils.monitor import parse_monitor_message
 from jupyter_singularity import protocol
 from jupyter_singularity.broker import rpc
 from jupyter_singularity.broker import service as service_module
-from jupyter_singularity.broker.checkpoint import DriverCapability, DriverCheckpointer
-from jupyter_singularity.broker.identity import Identity, server_owner
-from jupyter_singularity.broker.ledger import Ledger
+from jupyter_singularity.broker.identity import Identity
 from jupyter_singularity.broker.model import Policy
 from jupyter_singularity.broker.pool_events import LEASE_SCHEMA, QUEUE_SCHEMA
-from jupyter_singularity.broker.quotas import Quotas
 from jupyter_singularity.broker.rpc import MAX_MESSAGE_BYTES, RPCServer
-from jupyter_singularity.broker.service import BrokerService
-from jupyter_singularity.devices import DeviceInfo, DeviceInventory
 from jupyter_singularity.kernel import client as client_module
 from jupyter_singularity.kernel import membership
 from jupyter_singularity.kernel import runtime as runtime_module
@@ -71,9 +67,7 @@ from jupyter_singularity.protocol import (
 
 pytestmark = pytest.mark.timeout(60)
 
-BROKER_LOG = "test.rpc.broker"
 CLIENT_LOG = "jupyter_singularity.kernel.client"
-GiB = 1 << 30
 
 
 @pytest.fixture
@@ -128,18 +122,6 @@ def connect(keys: dict[str, bytes]) -> Iterator[Callable[..., BrokerClient]]:
     yield make
     for client in made:
         client.close()
-
-
-async def call(client: BrokerClient, type: str, body: dict, timeout: float = 5) -> dict:
-    """client.request() blocks, so run it off the event loop the broker needs."""
-    return await asyncio.to_thread(client.request, type, body, timeout)
-
-
-async def wait_until(condition: Callable[[], object], timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def held_lease(broker: Broker) -> asyncio.Event:
@@ -1000,61 +982,6 @@ async def test_a_grant_after_the_cell_gave_up_is_given_back(
 # -- numbers kernels report, through the broker service ---------------------------------
 
 
-class OneGpu(DeviceInventory):
-    """One 16 GiB GPU whose driver reports memory per process, as NVML does."""
-
-    def __init__(self) -> None:
-        super().__init__(kind="nvml")
-        self.held: dict[int, int] = {}
-
-    def devices(self) -> list[DeviceInfo]:
-        return [DeviceInfo(0, "GPU-test", "Test GPU", "test", 16 * GiB)]
-
-    def process_memory(self, index: int) -> dict[int, int]:
-        return dict(self.held)
-
-    def close(self) -> None:
-        pass
-
-
-@pytest.fixture
-async def service(tmp_path: Path, request: pytest.FixtureRequest) -> BrokerService:
-    """The service on OneGpu; its policy a test's indirect parameter, if it gives one."""
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
-    service = BrokerService(
-        OneGpu(),
-        ledger,
-        Quotas({}),
-        getattr(request, "param", Policy()),
-        log=logging.getLogger(BROKER_LOG),
-        spill_dir=tmp_path / "spill",
-        driver=DriverCheckpointer(DriverCapability(False, False, None, "no driver here")),
-    )
-    await service.start()
-    yield service
-    await service.stop()
-    ledger.close()
-
-
-@pytest.fixture
-def pooled(service: BrokerService) -> Iterator[Callable[..., Awaitable[BrokerClient]]]:
-    """``await pooled(kernel_id, owner=None)``: a kernel's client registered with the service
-    (for ``owner``, default this process's user), said hello."""
-    made: list[BrokerClient] = []
-
-    async def make(kernel_id: str, owner: Identity | None = None) -> BrokerClient:
-        env = service.register_kernel(kernel_id, owner or server_owner()).env
-        client = BrokerClient(env[ENV_BROKER_URL], kernel_id, env[ENV_KERNEL_KEY].encode())
-        client.start()
-        made.append(client)
-        await call(client, "hello", {"pid": os.getpid()})
-        return client
-
-    yield make
-    for client in made:
-        client.close()
-
-
 async def test_a_waiting_cell_hears_when_it_moves_up_the_queue(service, pooled) -> None:
     """A decision tells a cell where it waits when it starts waiting or its reason changes, not
     each time it moves up (a grant near the head would tell everyone behind it, within the
@@ -1243,6 +1170,7 @@ async def test_a_cell_that_starts_cuda_outside_torch_books_its_gpu_and_gates_the
     await asyncio.to_thread(runtime.gate_cell)  # the next cell is gated
     assert runtime.lease is not None and service.kernel("k0")["state"] == "running"
     runtime._post_execute()
+    await wait_until(lambda: runtime.lease is None)  # (kept for a next cell a moment: lease_keep)
     assert runtime.on_offload({})["gpu_bytes"] == 3 * GiB  # the driver tier's to move
     assert not gc.isenabled()  # (held off while the driver may hold the process)
 

@@ -206,13 +206,15 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         now: float,
         peak_bytes: int | None = None,
         gpu_bytes: int | None = None,
+        idle_seconds: float = 0.0,
     ) -> list[Action]:
-        """The cell ended. Its peak teaches the core the kernel's footprint for the next reservation."""
+        """The cell ended. Its peak teaches the core the kernel's footprint for the next reservation.
+        ``idle_seconds``: how long the kernel kept the lease after its last cell (not charged)."""
         kernel = self._kernel(kernel_id)
         if kernel.lease is None or kernel.lease.request_id != request_id:
             return self._last_run_cell_ended(kernel, now, peak_bytes, gpu_bytes)
         self._set_footprint(kernel, peak_bytes, gpu_bytes, now)
-        self._end_lease(kernel, now, peak_bytes)
+        self._end_lease(kernel, max(kernel.lease.start, now - idle_seconds), peak_bytes)
         self._set_state(kernel, KernelState.RESIDENT, "cell finished", now)
         if kernel.offload_asked and kernel.request is None:
             self._start_offload(kernel, kernel.offload_asked, now)
@@ -651,6 +653,9 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         self._set_home(kernel, device)
         kernel.used_gpu = True
         kernel.lease = Lease(request.request_id, device, placement.reservation, now, request.hold)
+        # What kept it from being offloaded may be gone once its cell ran: until then its lease
+        # holds the memory, and a request waits for that lease instead of being refused.
+        kernel.refused = ""
         self._incremental.touch(kernel)
         kernel.last_activity = now
         self._allow_pool(kernel, placement.reservation)

@@ -25,6 +25,7 @@ from ..protocol import (
     count_field,
     error_text,
     flag_field,
+    seconds_field,
     text_field,
     transfer_field,
 )
@@ -324,6 +325,7 @@ class KernelRequests:
         limit = self._gpu_limit(kernel_id)
         peak_bytes = count_field(body, "peak_bytes", limit, default=None)
         gpu_bytes = count_field(body, "gpu_bytes", limit, default=None)
+        idle = seconds_field(body, "idle_seconds") if "idle_seconds" in body else 0.0
         self._apply(
             self.core.release(
                 kernel_id,
@@ -331,6 +333,7 @@ class KernelRequests:
                 now,
                 peak_bytes=peak_bytes,
                 gpu_bytes=self._held_bytes(kernel_id, connection, gpu_bytes),
+                idle_seconds=idle,
             )
         )
 

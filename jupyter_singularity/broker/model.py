@@ -58,6 +58,9 @@ class Policy:
     host_memory_limit: int = 0
     """Bytes of offloaded state kept in host memory, offloads in flight included: an offload keeps
     only the room left and writes the rest straight to disk. 0 = no limit."""
+    lease_keep: float = 0.05
+    """Seconds a kernel may keep its lease after a cell for its next one while no other request
+    waits (back-to-back cells then skip a round trip each); 0 = a lease ends with its cell."""
     pinned_per_kernel: int = 0
     """Pinned host memory one kernel may keep for its offloads (0: none, offloads use pageable
     memory)."""

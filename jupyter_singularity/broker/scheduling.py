@@ -63,6 +63,10 @@ class Scheduling:
     def queue(self) -> list[Request]:
         return list(self._queued())
 
+    def waiting(self) -> bool:
+        """Whether any request waits."""
+        return bool(self._queued())
+
     def _queued(self) -> list[Request]:
         """The waiting requests in fair-share order (the ones granted, denied or cancelled since
         the last read dropped)."""

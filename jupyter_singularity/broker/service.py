@@ -32,6 +32,7 @@ from ..protocol import (
 from .checkpoint import DriverCapability, DriverCheckpointer, detect
 from .core import BrokerCore
 from .identity import Identity
+from .kept_leases import KeptLeases
 from .kernel_requests import KernelConnection, KernelRequests
 from .ledger import GONE, Ledger, LedgerError, day_start
 from .metrics import TRANSFER_DIRECTIONS, PoolMeter
@@ -102,7 +103,7 @@ class KernelLaunch:
     env: dict[str, str]
 
 
-class BrokerService(KernelRequests, StateMoves, Watchdog):
+class BrokerService(KernelRequests, StateMoves, Watchdog, KeptLeases):
     """Carries out the core's decisions; the only object handlers and the provisioner talk to."""
 
     def __init__(
@@ -188,6 +189,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
         self._flush_handle: asyncio.TimerHandle | None = None
         self._positions_handle: asyncio.TimerHandle | None = None
         self._waits_due: dict[tuple[str, str], Wait] = {}
+        self._keepable: dict[str, str] = {}
         self._events: list[tuple[str, dict]] = []
         self.endpoint = ""
 
@@ -378,6 +380,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
     def offload(self, kernel_id: str) -> dict:
         self._known(kernel_id)
         self._apply(self.core.offload(kernel_id, self.clock(), reason="requested by user"))
+        self._want_back(kernel_id)  # (a lease it keeps between cells: offloaded once given back)
         return self.kernel(kernel_id)
 
     def restore(self, kernel_id: str) -> dict:
@@ -542,11 +545,14 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
                 )
             elif isinstance(action, Wait):
                 self._waits_due[action.kernel_id, action.request_id] = action
+                if self._keepable:
+                    self._want_all_back()
             elif isinstance(action, Offload):
                 self._spawn(self._offload(action))
             elif isinstance(action, Spill):
                 self._spawn(self._spill(action))
             elif isinstance(action, LeaseEnded):
+                self._kept_lease_ended(action.kernel_id)
                 self.ledger.lease_ended(
                     f"{action.kernel_id}:{action.request_id}", action.end, action.peak_bytes
                 )
@@ -661,6 +667,7 @@ class BrokerService(KernelRequests, StateMoves, Watchdog):
                 "reservation": grant.reservation,
                 "restore": grant.restore,
                 "pool_allowance": grant.pool_allowance,
+                "keep_seconds": self._keep_seconds(grant),
             },
         )
 

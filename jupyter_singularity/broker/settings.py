@@ -27,6 +27,9 @@ from .quota_source import QuotaSource
 from .quotas import QuotaError, Quotas
 from .service import BrokerService, Emit
 
+MAX_LEASE_KEEP = 0.5
+"""The longest lease_keep: a kept lease is for cells run back to back, not for a person's next
+cell (a kernel gives back any lease a second old when its cell ends)."""
 MIN_HOST_MEMORY_LIMIT = 1 << 20
 """The smallest host_memory_limit: the kernel runtime moves GPU state in storages of 1 MiB and more,
 so a smaller budget holds none of it, and since a bare number is bytes, a limit such as 1 or 512 is
@@ -68,6 +71,15 @@ class PoolSettings(Configurable):
         0.0,
         help="""Seconds after which an idle kernel's GPU state is offloaded even when no other
         kernel needs the room; 0 offloads only under memory pressure.""",
+    ).tag(config=True)
+
+    lease_keep = Float(
+        0.05,
+        help="""Seconds a kernel may keep its GPU lease after a cell ends, for its next cell, while
+        no other kernel's request waits: cells run back to back (Run All, nbclient, papermill) then
+        skip a round trip to the broker each. A waiting request gets kept leases back at once;
+        kept time after a kernel's last cell is not charged. At most 0.5; 0 ends every lease
+        with its cell.""",
     ).tag(config=True)
 
     quotas = Dict(
@@ -243,8 +255,14 @@ class PoolSettings(Configurable):
                 f"{self._name('idle_timeout')} = {self.idle_timeout!r}: must be a number of "
                 "seconds >= 0 (0 = offload only under memory pressure)"
             )
+        if not (math.isfinite(self.lease_keep) and 0 <= self.lease_keep <= MAX_LEASE_KEEP):
+            raise ConfigError(
+                f"{self._name('lease_keep')} = {self.lease_keep!r}: must be a number of seconds "
+                f"from 0 to {MAX_LEASE_KEEP:g} (0 = every lease ends with its cell)"
+            )
         return Policy(
             idle_timeout=self.idle_timeout,
+            lease_keep=self.lease_keep,
             migration=self.migration,
             first_cell_memory=self._size_setting("first_cell_memory"),
             host_memory_limit=host_memory_limit,

@@ -44,6 +44,8 @@ class EarlyAcquire:
     _send_acquire: Callable[[int | None], tuple[Waiting, concurrent.futures.Future | None]]
     _granted: Callable[[str, dict], Lease]
     _restore_for_cell: Callable[[Lease, Waiting, WaitLine], None]
+    _claim_kept: Callable[[], bool]
+    _hand_back_kept: Callable[[], None]
     _early: tuple[Waiting, concurrent.futures.Future | None] | None = None
     _handler_patch: tuple[dict, Any, Any] | None = None
 
@@ -51,7 +53,15 @@ class EarlyAcquire:
         """Send the acquire of the cell about to run before IPython prepares it (see the module
         docstring). Only for the plain case: a resident GPU kernel (a restore belongs inside the
         gate, where it shows), a cell that is not made only of ``%singularity`` line magics, and
-        not a ``%%singularity`` cell (its reservation is read by the gate)."""
+        not a ``%%singularity`` cell (its reservation is read by the gate). A kept lease
+        (:mod:`.kept_lease`) is the cell's if it will be gated, else given back first."""
+        kept = self.lease
+        if kept is not None and kept.kept_at is not None:
+            if not needs_lease(code):
+                self._hand_back_kept()
+                return
+            if self._claim_kept():
+                return
         if self.lease is not None or self._early is not None or not self.gpu_used:
             return
         if self.membership.node and not self.membership.joined.is_set():

@@ -3,7 +3,8 @@
 One :class:`Runtime` per kernel process. It
 
 * holds a lease while a cell of a GPU-using kernel runs (the gate, :mod:`.gate`, asks for it at the top
-  of the cell; ``post_execute`` gives it back with the cell's peak and current GPU bytes);
+  of the cell; ``post_execute`` gives it back with the cell's peak and current GPU bytes, or keeps it
+  for the next cell while no other kernel waits: :mod:`.kept_lease`);
 * restores the kernel's GPU state before a cell runs when the broker's grant says so;
 * answers the broker's ``offload``, ``restore`` and ``spill`` pushes on the client's push-worker
   thread, serialised with cell restores through one lock, and refuses an offload while a cell holds
@@ -48,6 +49,7 @@ from .gate import (
     uninstall_gate,
 )
 from .gc_hold import GcHold
+from .kept_lease import KEEP_AGE, Keeper, KeptLease
 from .membership import Membership
 from .out_of_memory import explain_out_of_memory
 from .outliving import OutlivingWork
@@ -79,6 +81,17 @@ class Lease:
     restore: bool
     granted_at: float
     start_bytes: int = 0
+    generation: int = 0
+    """The broker run that granted it (``Membership.generation``)."""
+    keep: float = 0.0
+    """Seconds the lease may be kept after a cell for the next one (see .kept_lease)."""
+    kept_at: float | None = None
+    """When the last cell under it ended, while it is kept; None while a cell holds it."""
+    wanted: bool = False
+    """The broker asked for it back: given back when its cell ends."""
+    peak: int = 0
+    gpu_bytes: int = 0
+    """The peak of its cells so far, and the bytes on the device when the last one ended."""
 
 
 @dataclass
@@ -97,7 +110,7 @@ class Waiting:
     """The broker run it was sent in (``Membership.generation``)."""
 
 
-class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
+class Runtime(CellRestores, BrokerPushes, EarlyAcquire, KeptLease):
     """One per kernel process: the broker client, the lease of the running cell, the engine."""
 
     current: ClassVar[Runtime | None] = None
@@ -126,6 +139,9 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
         self.early_lock = threading.Lock()
         #: One lease request at a time (the main thread, or a thread initialising CUDA).
         self._acquire_mutex = threading.Lock()
+        #: Whether a kept lease is taken over by a cell or given back is decided under this.
+        self._keep_lock = threading.Lock()
+        self._keeper = Keeper(self._kept_window_ended)
         self.engine: Any = None
         self.engine_error = ""
         self.gpu_used = False
@@ -206,6 +222,7 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
             ("spill", self.on_spill),
             ("room", self.on_room),
             ("queued", self.on_queued),
+            ("lease_wanted", self.on_lease_wanted),
         ):
             self.client.on(push, handler)
         if ipython is not None:
@@ -236,6 +253,7 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
             self._import_hook.uninstall()
         self._cuda_gate.uninstall()
         atexit.unregister(self._at_exit)
+        self._close_keeper()
         self.footprint.close()
         self.membership.close()
         self.client.close()
@@ -307,7 +325,8 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
             self._abandon(early)
         lease = self.lease
         if lease is not None:
-            self.release(lease)
+            if lease.kept_at is None:  # (else this cell did not take the kept lease over)
+                self._cell_ended(lease)
         elif not (self.gpu_used or self.simulated) and cuda_driver_initialised():
             self._cuda_started_ungated()
 
@@ -326,9 +345,13 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
 
     def gate_cell(self, line: str | None = None) -> None:
         """The top of a cell: take a lease if the kernel uses the GPU (or ``%%singularity`` asks)."""
-        if self.lease is not None:
-            return
         explicit = line is not None
+        if self.lease is not None:
+            if not explicit or self.lease.kept_at is None:
+                if self._claim_kept():
+                    return
+            else:  # its own reservation, in a lease of its own
+                self._hand_back_kept()
         if not (explicit or self.gpu_used or self._early is not None):
             return
         memory = parse_cell_options(line) if explicit else None
@@ -432,6 +455,8 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
             reservation=int(reply.get("reservation") or 0),
             restore=bool(reply.get("restore")),
             granted_at=time.monotonic(),
+            generation=self.membership.generation,
+            keep=_keep_seconds(reply),
         )
         self.lease = lease
         self.gc_hold.release()  # (a process the driver held is restored before its grant)
@@ -465,23 +490,37 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
         lease.start_bytes = self._device_bytes(cached=True)
 
     def release(self, lease: Lease) -> None:
-        """The cell ended: give the lease back with its peak and the bytes now on the device."""
+        """Give the lease back now, with its peak and the bytes now on the device."""
+        gpu_bytes, peak = self._lease_figures(lease)
+        self._give_back(lease, max(lease.peak, peak), gpu_bytes, 0.0)
+
+    def _lease_figures(self, lease: Lease) -> tuple[int, int]:
+        """The bytes on the device now, and the peak since the lease began."""
         gpu_bytes = self._device_bytes()
         peak = max(lease.start_bytes, gpu_bytes)
         torch = self._cuda_torch()
         if torch is not None:
             with contextlib.suppress(Exception):
                 peak = max(peak, int(torch.cuda.max_memory_allocated()))
+        return gpu_bytes, peak
+
+    def _give_back(self, lease: Lease, peak: int, gpu_bytes: int, idle: float) -> None:
+        """Send the release; ``idle``: seconds since the last cell under it ended (kept)."""
+        body: dict[str, Any] = {
+            "request_id": lease.request_id,
+            "peak_bytes": peak,
+            "gpu_bytes": gpu_bytes,
+        }
+        if idle > 0:
+            body["idle_seconds"] = idle
         with self.membership.report_lock:
             self.lease = None
             self.state = "resident"
             self.peaks.append(peak)
-            self._send(
-                "release",
-                {"request_id": lease.request_id, "peak_bytes": peak, "gpu_bytes": gpu_bytes},
-            )
+            self._send("release", body)
         if self._listeners:
             self.notify()
+        torch = self._cuda_torch()
         if (
             torch is not None  # (the pool serves torch's storages, not another library's)
             and self.engine is not None
@@ -613,6 +652,14 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire):
             return self.footprint.last
         with self.lock:
             return self.footprint.measure(engine, force)
+
+
+def _keep_seconds(reply: dict) -> float:
+    """How long a grant lets the kernel keep its lease between cells (0: not at all)."""
+    keep = reply.get("keep_seconds")
+    if isinstance(keep, bool) or not isinstance(keep, int | float) or not 0 < keep < KEEP_AGE:
+        return 0.0
+    return float(keep)
 
 
 __all__ = [
