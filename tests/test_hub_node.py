@@ -227,7 +227,7 @@ async def test_kill_9_of_the_node_broker_loses_no_users_state(hub, node, alice, 
     assert status == "ok" and out.split()[-1] == digests[bob_kernel], out
     status, out = await alice.run_cell(alice_kernel, "print('digest', digest())", timeout=120)
     assert status == "ok" and out.split()[-1] == digests[alice_kernel], out
-    pool = await alice.pool()
+    pool = await state(alice, alice_kernel, "resident")  # (once the lease it kept went back)
     users = {k["kernel_id"]: k["user"] for k in pool["kernels"]}
     assert users == {bob_kernel: bob.name, alice_kernel: alice.name}
     assert sum(1 for k in pool["kernels"] if k["state"] == "resident") == 1, pool
