@@ -95,20 +95,22 @@ class KeptLease:
     membership: Membership
     _keeper: Keeper
     _keep_lock: threading.Lock
-    _lease_figures: Callable[[Lease], tuple[int, int]]
-    _give_back: Callable[[Lease, int, int, float], None]
+    _give_back: Callable[[Lease, float], None]
 
     def _cell_ended(self, lease: Lease) -> None:
-        """The cell holding ``lease`` ended: keep the lease for the next cell, or give it back."""
-        gpu_bytes, peak = self._lease_figures(lease)
+        """The cell holding ``lease`` ended: keep the lease for the next cell, or give it back.
+
+        A kept lease is measured (its peak, the bytes on the device) when it is given back, off
+        the cell's path: torch's peak counts every cell since the grant; on simulated devices,
+        which have no allocator to ask, the bytes left by each cell but the last go unseen."""
         now = time.monotonic()
-        with self._keep_lock:
-            lease.peak, lease.gpu_bytes = max(lease.peak, peak), gpu_bytes
-            if lease.keep > 0 and not lease.wanted and now - lease.granted_at < KEEP_AGE:
-                lease.kept_at = now
-                self._keeper.arm(now + lease.keep)
-                return
-            self._give_back(lease, lease.peak, gpu_bytes, 0.0)
+        if lease.keep > 0 and not lease.wanted and now - lease.granted_at < KEEP_AGE:
+            with self._keep_lock:
+                if not lease.wanted:  # (asked back meanwhile: given back below)
+                    lease.kept_at = now
+                    self._keeper.arm(now + lease.keep)
+                    return
+        self._give_back(lease, 0.0)
 
     def _claim_kept(self) -> bool:
         """A gated cell starts: whether the kernel holds a lease it may run under (a kept one
@@ -156,8 +158,7 @@ class KeptLease:
 
     def _give_back_kept(self, lease: Lease) -> None:
         assert lease.kept_at is not None
-        idle = max(0.0, time.monotonic() - lease.kept_at)
-        self._give_back(lease, lease.peak, lease.gpu_bytes, idle)
+        self._give_back(lease, max(0.0, time.monotonic() - lease.kept_at))
 
     def _close_keeper(self) -> None:
         self._hand_back_kept()

@@ -89,9 +89,6 @@ class Lease:
     """When the last cell under it ended, while it is kept; None while a cell holds it."""
     wanted: bool = False
     """The broker asked for it back: given back when its cell ends."""
-    peak: int = 0
-    gpu_bytes: int = 0
-    """The peak of its cells so far, and the bytes on the device when the last one ended."""
 
 
 @dataclass
@@ -490,22 +487,18 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire, KeptLease):
         lease.start_bytes = self._device_bytes(cached=True)
 
     def release(self, lease: Lease) -> None:
-        """Give the lease back now, with its peak and the bytes now on the device."""
-        gpu_bytes, peak = self._lease_figures(lease)
-        self._give_back(lease, max(lease.peak, peak), gpu_bytes, 0.0)
+        """Give the lease back now."""
+        self._give_back(lease, 0.0)
 
-    def _lease_figures(self, lease: Lease) -> tuple[int, int]:
-        """The bytes on the device now, and the peak since the lease began."""
+    def _give_back(self, lease: Lease, idle: float) -> None:
+        """Send the release with the lease's peak and the bytes now on the device; ``idle``:
+        seconds since the last cell under it ended (kept: see .kept_lease)."""
         gpu_bytes = self._device_bytes()
         peak = max(lease.start_bytes, gpu_bytes)
         torch = self._cuda_torch()
         if torch is not None:
             with contextlib.suppress(Exception):
                 peak = max(peak, int(torch.cuda.max_memory_allocated()))
-        return gpu_bytes, peak
-
-    def _give_back(self, lease: Lease, peak: int, gpu_bytes: int, idle: float) -> None:
-        """Send the release; ``idle``: seconds since the last cell under it ended (kept)."""
         body: dict[str, Any] = {
             "request_id": lease.request_id,
             "peak_bytes": peak,
@@ -520,7 +513,6 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire, KeptLease):
             self._send("release", body)
         if self._listeners:
             self.notify()
-        torch = self._cuda_torch()
         if (
             torch is not None  # (the pool serves torch's storages, not another library's)
             and self.engine is not None
