@@ -10,6 +10,7 @@ tests/broker_service.py), the runtime driven as IPython drives it (the gate at t
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -190,3 +191,31 @@ async def test_cells_run_back_to_back_take_fewer_leases(
         assert 1 <= taken < 6, taken
     else:
         assert taken == 6
+
+
+def test_the_keeper_ends_the_latest_window_once_and_survives_a_failure() -> None:
+    """A window moved before it ended ends once, not before its new deadline; a failure to give
+    a lease back is logged and the next window still ends."""
+    ended: list[float] = []
+    done = threading.Event()
+
+    def expire() -> None:
+        ended.append(time.monotonic())
+        if len(ended) == 1:
+            raise RuntimeError("the broker client is closed")
+        done.set()
+
+    keeper = kept_lease.Keeper(expire)
+    try:
+        keeper.arm(time.monotonic() + 0.2)
+        moved = time.monotonic() + 0.4
+        keeper.arm(moved)  # a cell ended meanwhile: its window replaces the first
+        deadline = time.monotonic() + 10
+        while not ended and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(ended) == 1 and ended[0] >= moved
+        keeper.arm(time.monotonic())
+        assert done.wait(10)
+        assert len(ended) == 2
+    finally:
+        keeper.close()

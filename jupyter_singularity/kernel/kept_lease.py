@@ -26,6 +26,7 @@ A mixin of :class:`~.runtime.Runtime`.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,8 @@ from .membership import Membership
 
 if TYPE_CHECKING:
     from .runtime import Lease
+
+log = logging.getLogger(__name__)
 
 #: A lease this old (seconds since its grant) is given back when its cell ends, kept or not.
 KEEP_AGE = 1.0
@@ -84,6 +87,8 @@ class Keeper:
                 self._cv.release()
                 try:
                     self._expire()
+                except Exception:  # (the next window must still end: the thread goes on)
+                    log.exception("jupyter-singularity: giving a kept lease back failed")
                 finally:
                     self._cv.acquire()
 
