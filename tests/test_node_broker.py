@@ -161,6 +161,7 @@ def api_pool_over_socket(socket: Path) -> dict:
             "socket_group = 'no-such-group-here': no such group",
         ),
         ("--SingularityBroker.idle_timeout=-1", "SingularityBroker.idle_timeout = -1.0"),
+        ("--SingularityBroker.lease_keep=-1", "SingularityBroker.lease_keep = -1.0: must be"),
         ("--SingularityBroker.identity=ldap", "SingularityBroker.identity = 'ldap': expected"),
         ("--config=/no/such/broker_config.py", "/no/such/broker_config.py does not exist"),
         ("--config={tmp}/broken.py", "the configuration file {tmp}/broken.py: SyntaxError"),

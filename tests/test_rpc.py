@@ -1424,6 +1424,7 @@ async def test_a_poisoned_sequence_counter_does_not_lock_the_kernel_out(
     await wait_in_pool(kernel_id)
     status, text, _ = await run(kernel_id, GPU_CELL)
     assert status == "ok" and "ran on the GPU" in text, text
+    await state(kernel_id, "resident")  # (the lease it kept a moment is back: the kernel is quiet)
     service = singularity_app.service
     key = service._connections[kernel_id].key  # what a process holding the key could send
     window = service._rpc._guard._windows[kernel_id]

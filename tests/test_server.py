@@ -585,6 +585,8 @@ async def _matches(fetch, predicate):
         ),
         ({"quota_file": "/no/such/quotas.yaml"}, "does not exist"),
         ({"idle_timeout": -5.0}, "SingularityApp.idle_timeout = -5.0"),
+        ({"lease_keep": 2.0}, "SingularityApp.lease_keep = 2.0: must be a number of seconds from"),
+        ({"lease_keep": math.nan}, "SingularityApp.lease_keep = nan: must be"),
         ({"offload_timeout": 0.0}, "SingularityApp.offload_timeout = 0.0: must be"),
         ({"lease_stall_timeout": float("inf")}, "SingularityApp.lease_stall_timeout = inf"),
         (
