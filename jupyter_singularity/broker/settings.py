@@ -30,6 +30,7 @@ from .service import BrokerService, Emit
 MAX_LEASE_KEEP = 0.5
 """The longest lease_keep: a kept lease is for cells run back to back, not for a person's next
 cell (a kernel gives back any lease a second old when its cell ends)."""
+
 MIN_HOST_MEMORY_LIMIT = 1 << 20
 """The smallest host_memory_limit: the kernel runtime moves GPU state in storages of 1 MiB and more,
 so a smaller budget holds none of it, and since a bare number is bytes, a limit such as 1 or 512 is
