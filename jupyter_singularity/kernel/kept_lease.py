@@ -100,7 +100,7 @@ class KeptLease:
     membership: Membership
     _keeper: Keeper
     _keep_lock: threading.Lock
-    _give_back: Callable[[Lease, float], None]
+    release: Callable[[Lease, float], None]
 
     def _cell_ended(self, lease: Lease) -> None:
         """The cell holding ``lease`` ended: keep the lease for the next cell, or give it back.
@@ -115,7 +115,7 @@ class KeptLease:
                     lease.kept_at = now
                     self._keeper.arm(now + lease.keep)
                     return
-        self._give_back(lease, 0.0)
+        self.release(lease, 0.0)
 
     def _claim_kept(self) -> bool:
         """A gated cell starts: whether the kernel holds a lease it may run under (a kept one
@@ -163,7 +163,7 @@ class KeptLease:
 
     def _give_back_kept(self, lease: Lease) -> None:
         assert lease.kept_at is not None
-        self._give_back(lease, max(0.0, time.monotonic() - lease.kept_at))
+        self.release(lease, max(0.0, time.monotonic() - lease.kept_at))
 
     def _close_keeper(self) -> None:
         self._hand_back_kept()

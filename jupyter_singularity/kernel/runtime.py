@@ -344,11 +344,10 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire, KeptLease):
         """The top of a cell: take a lease if the kernel uses the GPU (or ``%%singularity`` asks)."""
         explicit = line is not None
         if self.lease is not None:
-            if not explicit or self.lease.kept_at is None:
-                if self._claim_kept():
-                    return
-            else:  # its own reservation, in a lease of its own
+            if explicit:  # its own reservation, in a lease of its own (not one kept)
                 self._hand_back_kept()
+            if self._claim_kept():
+                return
         if not (explicit or self.gpu_used or self._early is not None):
             return
         memory = parse_cell_options(line) if explicit else None
@@ -486,12 +485,8 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire, KeptLease):
                 torch.cuda.reset_peak_memory_stats()
         lease.start_bytes = self._device_bytes(cached=True)
 
-    def release(self, lease: Lease) -> None:
-        """Give the lease back now."""
-        self._give_back(lease, 0.0)
-
-    def _give_back(self, lease: Lease, idle: float) -> None:
-        """Send the release with the lease's peak and the bytes now on the device; ``idle``:
+    def release(self, lease: Lease, idle: float = 0.0) -> None:
+        """Give the lease back now, with its peak and the bytes now on the device; ``idle``:
         seconds since the last cell under it ended (kept: see .kept_lease)."""
         gpu_bytes = self._device_bytes()
         peak = max(lease.start_bytes, gpu_bytes)
