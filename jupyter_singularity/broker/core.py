@@ -653,9 +653,6 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         self._set_home(kernel, device)
         kernel.used_gpu = True
         kernel.lease = Lease(request.request_id, device, placement.reservation, now, request.hold)
-        # What kept it from being offloaded may be gone once its cell ran: until then its lease
-        # holds the memory, and a request waits for that lease instead of being refused.
-        kernel.refused = ""
         self._incremental.touch(kernel)
         kernel.last_activity = now
         self._allow_pool(kernel, placement.reservation)

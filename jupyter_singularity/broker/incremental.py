@@ -907,10 +907,12 @@ def _heap(ranks: Iterable[tuple]) -> list[tuple]:
 def _unfreeable(kernel: Kernel) -> bool:
     """Memory no eviction can free: pinned, refused or failed kernels, and what an offload left
     behind (e.g. a CUDA context), which stays until the kernel runs again. (A kernel that stopped
-    answering holds its memory only until it answers again or ends: see ``_DeviceView.stalled``.)"""
+    answering holds its memory only until it answers again or ends: see ``_DeviceView.stalled``;
+    a refused kernel that holds a lease, a kept one say, only until the lease ends, which clears
+    the refusal.)"""
     return kernel.stalled_since is None and (
         kernel.pinned
-        or bool(kernel.refused)
+        or (bool(kernel.refused) and kernel.lease is None)
         or kernel.state == KernelState.ERROR
         or (
             kernel.lease is None
