@@ -111,6 +111,10 @@ TESTS = {
         "test_a_lower_allowance_gives_pinned_memory_back",
     ): "a lower allowance gives pinned memory back",
     (
+        "test_gpu_tensor_tier.py",
+        "test_a_swap_victim_reports_only_room_the_gpu_has_back",
+    ): "a swap's victim reports only room free on the GPU",
+    (
         "test_gpu_other_libraries.py",
         "test_cuda_outside_torch_is_booked_gated_and_evicted_by_the_driver[cupy]",
     ): "a CuPy kernel: booked, gated, evicted by the driver tier, intact",

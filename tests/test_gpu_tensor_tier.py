@@ -126,3 +126,40 @@ def test_a_lower_allowance_gives_pinned_memory_back(engine: TensorEngine) -> Non
     engine.offload()  # pageable memory now
     engine.restore()
     assert [float(t.sum()) for t in tensors] == before
+
+
+class _ReportedAgainstTheGpu:
+    """A swap victim's room reports, each beside what the GPU had free again at that moment."""
+
+    def __init__(self) -> None:
+        self.free_at_start = torch.cuda.mem_get_info()[0]
+        self.reports: list[tuple[int, int]] = []
+
+    def freed(self, nbytes: int, handed_back) -> None:
+        room = handed_back(nbytes)  # every time: the broker's report is throttled, not this
+        self.reports.append((room, torch.cuda.mem_get_info()[0] - self.free_at_start))
+
+    def wait_room_back(self) -> None:
+        raise AssertionError("the offload did not fail: no room to take back")
+
+
+def test_a_swap_victim_reports_only_room_the_gpu_has_back(engine: TensorEngine) -> None:
+    """A pipelined swap's victim frees its storages one by one and says how much room it made:
+    the other kernel restores into that room at once, from another process, so it must be free
+    on the GPU then, not held in this process's caching allocator until the offload ends.
+    Small storages share the allocator's 20 MiB segments, so some reports lag their storages."""
+    torch.cuda.empty_cache()  # the large storages get segments of their own
+    tensors = [torch.randn(16 * MIB, device="cuda") for _ in range(8)]  # 64 MiB each
+    tensors += [torch.randn(MIB // 2, device="cuda") for _ in range(12)]  # 2 MiB each
+    before = [float(t.sum()) for t in tensors]
+    torch.cuda.synchronize()
+    report = _ReportedAgainstTheGpu()
+    engine.offload(swap=report)
+    assert len(report.reports) == len(tensors)
+    rooms = [room for room, _ in report.reports]
+    assert rooms == sorted(rooms) and rooms[-1] >= 8 * 64 * MIB
+    assert any(rooms[:-1])  # room before the end: the swap is pipelined
+    for room, free_again in report.reports:
+        assert room <= free_again + 2 * MIB, report.reports  # (the driver's own granularity)
+    engine.restore()
+    assert [float(t.sum()) for t in tensors] == before

@@ -20,6 +20,7 @@ from test_offload import MIB, engine, fail_on_call, raw, shrinking  # noqa: E402
 
 from jupyter_singularity.kernel import offload as offload_module  # noqa: E402
 from jupyter_singularity.kernel import swap as swap_module  # noqa: E402
+from jupyter_singularity.kernel.device_room import CudaReservation, device_room  # noqa: E402
 from jupyter_singularity.kernel.offload import OffloadError, TensorEngine  # noqa: E402
 from jupyter_singularity.kernel.swap import Allowance, RoomReport  # noqa: E402
 
@@ -81,8 +82,8 @@ class RoomLog:
     def on_device(self) -> int:
         return sum(t.untyped_storage().nbytes() for t in self.tensors)
 
-    def freed(self, nbytes: int) -> None:
-        self.reports.append((nbytes, self.on_device()))
+    def freed(self, nbytes: int, handed_back) -> None:
+        self.reports.append((handed_back(nbytes), self.on_device()))
 
     def wait_room_back(self) -> None:
         self.asked_back.append(self.on_device())
@@ -207,9 +208,33 @@ def test_a_victim_reports_what_it_freed_a_few_times_per_swap_not_per_storage() -
     sent: list[tuple[str, dict]] = []
     report = RoomReport(lambda kind, body: sent.append((kind, body)), lambda *a, **k: {})
     for done in range(1, 1001):
-        report.freed(done * MIB)  # 1,000 storages of 1 MiB freed in well under 5 ms each
+        report.freed(done * MIB, lambda n: n)  # 1,000 storages of 1 MiB, well under 5 ms each
     assert 1 <= len(sent) < 100
     assert all(kind == "freed" for kind, _ in sent)
+
+
+def test_a_victim_reports_only_the_room_the_device_has_back() -> None:
+    """On CUDA a freed storage's block stays in torch's cache until it is handed to the
+    driver: a report says what the device has back, asked only when a report is due, and
+    never goes down."""
+    sent: list[int] = []
+    asked: list[int] = []
+    back = {"bytes": 0}
+
+    def handed_back(freed: int) -> int:
+        asked.append(freed)
+        return back["bytes"]
+
+    report = RoomReport(lambda kind, body: sent.append(body["bytes"]), lambda *a, **k: {})
+    report.freed(64 * MIB, handed_back)  # due (a step's worth), but nothing is back yet
+    back["bytes"] = 40 * MIB
+    report.freed(65 * MIB, handed_back)  # not due: not asked
+    time.sleep(swap_module.REPORT_INTERVAL)
+    report.freed(66 * MIB, handed_back)
+    back["bytes"] = 30 * MIB  # a smaller figure is never sent
+    report.freed(130 * MIB, handed_back)
+    assert asked == [64 * MIB, 66 * MIB, 130 * MIB]
+    assert sent == [40 * MIB]
 
 
 class _Restores(swap_module.CellRestores):
@@ -248,3 +273,37 @@ def test_a_cell_granted_while_an_early_restore_starts_finds_it_started(monkeypat
     assert restores.finish_early_restore(give_back=True) is None
     pushing.join()
     assert restores._early_restore is None
+
+
+class _Allocator:
+    """torch.cuda's reservation as a caching allocator keeps it: freed blocks stay reserved
+    until ``empty_cache``, and only whole free segments go back to the driver."""
+
+    def __init__(self, reserved: int) -> None:
+        self.reserved, self.releasable = reserved, 0
+
+    def memory_reserved(self, device: object) -> int:
+        return self.reserved
+
+    def empty_cache(self) -> None:
+        self.reserved -= self.releasable
+        self.releasable = 0
+
+
+def test_on_cuda_a_victim_hands_back_only_what_left_its_reservation() -> None:
+    cuda = _Allocator(reserved=200 * MIB)
+    room = CudaReservation(cuda, {"cuda:0"})
+    cuda.releasable = 44 * MIB  # 64 MiB of storages freed; 20 MiB share a segment still in use
+    assert room.handed_back(64 * MIB) == 44 * MIB
+    assert cuda.reserved == 156 * MIB  # the cache went to the driver before the report
+    cuda.releasable = 80 * MIB  # with blocks cached before the offload: never more than freed
+    assert room.handed_back(100 * MIB) == 100 * MIB
+
+
+def test_on_cuda_an_incoming_restore_asks_room_for_what_its_reservation_grew_by() -> None:
+    cuda = _Allocator(reserved=10 * MIB)
+    room = CudaReservation(cuda, {"cuda:0"})
+    assert room.needed(2 * MIB, 2 * MIB) == 2 * MIB
+    cuda.reserved += 20 * MIB  # that 2 MiB storage took a 20 MiB segment
+    assert room.needed(4 * MIB, 2 * MIB) == 22 * MIB
+    assert device_room(torch, [], simulated=True).needed(4 * MIB, 2 * MIB) == 4 * MIB

@@ -76,6 +76,7 @@ from .cuda_probes import (
     inside,
     multiprocessing_shared,
 )
+from .device_room import device_room
 from .host_tape import (
     Buffer,
     Slot,
@@ -891,6 +892,7 @@ class TensorEngine:
         far is back before refilling it."""
         shrunk: list[Slot] = []
         freed = 0
+        meter = device_room(torch, [slot.storage for slot in slots], self.simulated)
         try:
             for slot in slots:
                 if free_early:
@@ -900,7 +902,7 @@ class TensorEngine:
                 shrunk.append(slot)
                 if swap is not None:
                     freed += slot.nbytes
-                    swap.freed(freed)
+                    swap.freed(freed, meter.handed_back)
         except Exception as exc:
             spilled = [buffer for buffer in tape.buffers if buffer.spill is not None]
             try:
@@ -944,6 +946,7 @@ class TensorEngine:
         them: the host copy stays whole."""
         restored: list[Slot] = []
         one_thread = room is not None and self.simulated  # the incoming side of a swap
+        meter = device_room(torch, [slot.storage for slot in slots], self.simulated)
         done = total - sum(slot.nbytes for slot in slots)
         back = 0
         given_back = 0  # the tape's bytes before this may be gone from host memory
@@ -952,7 +955,7 @@ class TensorEngine:
                 for slot in slots:
                     back += slot.nbytes
                     if room is not None:
-                        room(back)
+                        room(meter.needed(back, slot.nbytes))
                     restored.append(slot)
                     _resize(slot.storage, slot.nbytes)
                     if self.simulated:

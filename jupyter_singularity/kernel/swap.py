@@ -8,7 +8,8 @@ early, storage by storage, never past the room it was given (:class:`Allowance`)
 cell still waits for the grant proper; at the grant the allowance opens and the restore finishes.
 So a swap costs about the longer of the two copies, not their sum (on CUDA the two processes copy
 on their own streams, one each way over the full-duplex bus; on simulated devices each copy runs
-in its own process).
+in its own process). On CUDA the room is counted in what the driver has back and what the
+incoming kernel's allocator reserves, not in the bytes of the storages (see .device_room).
 
 Nothing may be lost, and the room an early restore fills is never more than the victim freed:
 
@@ -103,13 +104,18 @@ class RoomReport:
 
     def __init__(self, send: Callable[[str, dict], None], request: Callable[..., dict]) -> None:
         self._send, self._request = send, request
-        self._sent, self._at = 0, 0.0
+        self._freed, self._sent, self._at = 0, 0, 0.0
 
-    def freed(self, nbytes: int) -> None:
+    def freed(self, nbytes: int, handed_back: Callable[[int], int]) -> None:
+        """Storages of ``nbytes`` are freed so far; ``handed_back(nbytes)``, asked only when a
+        report is due, says how much of that the device has back (see .device_room)."""
         now = time.monotonic()
-        if nbytes - self._sent >= REPORT_STEP or now - self._at >= REPORT_INTERVAL:
-            self._sent, self._at = nbytes, now
-            self._send("freed", {"bytes": nbytes})
+        if nbytes - self._freed >= REPORT_STEP or now - self._at >= REPORT_INTERVAL:
+            self._freed, self._at = nbytes, now
+            room = handed_back(nbytes)
+            if room > self._sent:
+                self._sent = room
+                self._send("freed", {"bytes": room})
 
     def wait_room_back(self) -> None:
         """Block until the broker says the room this offload freed is free again (the incoming
