@@ -11,7 +11,8 @@
    offload and restore GB/s against the pinned copy (>= 0.9 on the second, warm-pool move), our
    full eviction (tensor tier + driver tier of the context) against the driver tier alone on the
    same state (>= 5x faster), GPU memory left after eviction (0 MiB), the first cell's restore
-   latency, and a cell run while the pinned pool is prepared against one after.
+   latency, a cell run while the pinned pool is prepared against one after, and a pipelined swap's
+   cell against the same state's offload and restoring cell one after the other (<= 0.6).
 
 Exit status 0 only when every named test passed (or was not applicable, with the reason) and every
 applicable figure was measured and met its goal. The last line printed is the summary as one JSON
@@ -77,6 +78,10 @@ TESTS = {
         "test_gpu_pool.py",
         "test_the_broker_evicts_an_idle_kernel_for_another",
     ): "a first cell evicts an idle kernel",
+    (
+        "test_gpu_pool.py",
+        "test_a_swap_brings_both_kernels_back_intact",
+    ): "two pipelined swaps: both kernels intact",
     (
         "test_gpu_pool.py",
         "test_an_eviction_leaves_nothing_of_the_kernel_on_the_gpu",
@@ -387,6 +392,27 @@ class Check:
             pool.get("restore_cell_seconds"),
             "info: the cell that restores, whole",
             gpu_only=False,
+        )
+        # A swap's cell against the same state's offload and restoring cell one after the other.
+        restores = pool.get("restore_cell_seconds") or []
+        offload = pool.get("offload_2_seconds")
+        apart = offload + restores[1] if offload and len(restores) == 2 else None
+        swaps = [pool.get(f"swap_{index}_cell_seconds") for index in (1, 2)]
+        ratios = [swap / apart for swap in swaps] if apart and all(swaps) else None
+        figure(
+            "swap_over_offload_plus_restore",
+            ratios,
+            "<= 0.6 (the two copies overlap, one each way over the bus)",
+            ratios is not None and max(ratios) <= 0.6,
+        )
+        victim = [
+            (pool.get(f"swap_{index}_offload_bytes"), pool.get(f"swap_{index}_offload_seconds"))
+            for index in (1, 2)
+        ]
+        figure(
+            "swap_victim_offload_gbps",
+            [n / s / 1e9 for n, s in victim] if all(n and s for n, s in victim) else None,
+            "info: the victim's copy while the incoming kernel's crosses the other way",
         )
         during, after = pool.get("loop_seconds_while_pool_prepared"), pool.get("loop_seconds_after")
         figure(

@@ -149,6 +149,35 @@ async def _run(server: PoolServer, size: StateSize, run: dict) -> None:
     run["evicted_for_b"] = _eviction(server, a, pid, since)
     run["b"] = {"losses": reference["losses"], "digest": reference["digest"]}
     run["a"]["losses"], run["a"]["digest"] = losses, digests[-1]
+    # A's next cell, then B's, reserves room that only the other's eviction makes: each is a
+    # pipelined swap, the victim's offload and the incoming kernel's restore at once.
+    run["swaps"] = [
+        await _swap(server, a, b, digests[-1]),
+        await _swap(server, b, a, reference["digest"]),
+    ]
+
+
+async def _swap(server: PoolServer, incoming: str, victim: str, digest: str) -> dict:
+    """``incoming`` (offloaded, its state in host memory) runs a cell reserving the whole device
+    but half the idle ``victim``'s booking (its CUDA context stays within that half): the broker
+    evicts the victim, whose freed memory the incoming kernel restores into as it goes."""
+    booked = _idle(server, victim)["gpu_bytes"]
+    total = server.api("singularity/api/pool")["devices"][0]["total_bytes"]
+    reserve = (total - booked // 2) >> 20
+    since = time.time()
+    cell = await _cell(server, incoming, f"%%singularity --memory {reserve}MiB\n{DIGEST_CELL}")
+    offloaded = _since(server.record(victim), since)
+    restored = _since(server.record(incoming), since)
+    out = next((e for e in offloaded if e["new_state"] in ("offloaded", "spilled")), None)
+    back = next((e for e in restored if e["new_state"] == "running"), None)
+    return {
+        "cell_seconds": cell["cell_seconds"],
+        "offload_bytes": None if out is None else out["nbytes"],
+        "offload_seconds": None if out is None else out["duration"],
+        "restore_bytes": None if back is None else back["nbytes"],
+        "restore_seconds": None if back is None else back["duration"],
+        "identical": cell["digest"] == digest,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +242,13 @@ def test_the_broker_evicts_an_idle_kernel_for_another(pool_run: dict) -> None:
     assert _measured(pool_run, "evicted_for_b", "state") in ("offloaded", "spilled")
 
 
+def test_a_swap_brings_both_kernels_back_intact(pool_run: dict) -> None:
+    for swap in _measured(pool_run, "swaps"):
+        assert _measured(swap, "offload_bytes") > 0  # the victim was evicted
+        assert _measured(swap, "restore_bytes") > 0
+        assert swap["identical"] is True
+
+
 @pytest.mark.gpu
 def test_an_eviction_leaves_nothing_of_the_kernel_on_the_gpu(pool_run: dict) -> None:
     """NVML must see the kernel's process (its own pid, as the broker verified it) while it
@@ -245,6 +281,10 @@ def test_figures(pool_run: dict, record_property) -> None:
         for index, move in enumerate(_measured(pool_run, moves)):
             figures[f"{name}_{index + 1}_bytes"] = _measured(move, "nbytes")
             figures[f"{name}_{index + 1}_seconds"] = _measured(move, "seconds")
+    for index, swap in enumerate(_measured(pool_run, "swaps")):
+        for key in ("cell_seconds", "offload_bytes", "offload_seconds"):
+            figures[f"swap_{index + 1}_{key}"] = _measured(swap, key)
+        figures[f"swap_{index + 1}_restore_bytes"] = _measured(swap, "restore_bytes")
     if not _simulated():
         for index, move in enumerate(_measured(pool_run, "offloads")):
             figures[f"offload_{index + 1}_driver_seconds"] = _measured(move, "driver_seconds")
