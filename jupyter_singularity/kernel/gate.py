@@ -313,15 +313,24 @@ class WaitLine:
         self._show(self.text(waiting))
 
     def restoring(self, total: int, source: str) -> None:
+        """The restore starts: a line already shown says so at once; otherwise the line appears
+        at the restore's progress once the wait lasts (a restore over within ``LINE_DELAY``
+        shows nothing, and costs its cell no output messages)."""
         self._restore = (total, source)
         self._progress = 0.0
-        self._show(self.text(None))
+        if self._handle is not None:
+            self._show(self.text(None))
 
     def progress(self, done: int, total: int) -> None:
         if total <= 0:
             return
         self._progress = min(1.0, done / total)
-        if time.monotonic() - self._last_shown >= 0.25 or done >= total:
+        now = time.monotonic()
+        if self._handle is None:
+            due = done < total and now - self.started >= LINE_DELAY
+        else:
+            due = done >= total or now - self._last_shown >= 0.25
+        if due:
             self._show(self.text(None))
 
     def _show(self, text: str) -> None:
