@@ -1291,6 +1291,40 @@ async def test_bad_offload_reply_fails_the_offload(service, pooled, caplog) -> N
     assert "bad offload reply: field 'host_bytes' must be an integer" in caplog.text
 
 
+async def test_room_no_booking_holds_goes_to_the_incoming_kernel_before_any_is_freed(
+    service, pooled
+) -> None:
+    """A request reserves its peak plus a margin, often more than the state it restores: what
+    the device has free beside the victim's booking is the incoming kernel's at once, while the
+    victim has freed nothing yet; then what the victim frees, up to the incoming kernel's state."""
+    incoming, victim = await pooled("in"), await pooled("v")
+    incoming.on("offload", lambda body: {"host_bytes": 6 * GiB, "gpu_bytes": 0})
+    await call(incoming, "acquire", {"request_id": "r1", "memory": 6 * GiB})
+    incoming.send("release", {"request_id": "r1", "peak_bytes": 6 * GiB, "gpu_bytes": 6 * GiB})
+    await wait_until(lambda: service.kernel("in")["state"] == "resident")
+    service.offload("in")
+    await wait_until(lambda: service.kernel("in")["state"] == "offloaded")
+    await call(victim, "acquire", {"request_id": "r1", "memory": 12 * GiB})
+    victim.send("release", {"request_id": "r1", "peak_bytes": 12 * GiB, "gpu_bytes": 12 * GiB})
+    await wait_until(lambda: service.kernel("v")["state"] == "resident")
+
+    rooms: list[dict] = []
+    incoming.on("room", lambda body: rooms.append(body) or None)
+    let_go = threading.Event()
+
+    def offload_when_let_go(body: dict) -> dict:
+        let_go.wait(10)
+        victim.send("freed", {"bytes": 12 * GiB})
+        return {"host_bytes": 12 * GiB, "gpu_bytes": 0}
+
+    victim.on("offload", offload_when_let_go)
+    cell = asyncio.ensure_future(call(incoming, "acquire", {"request_id": "r2"}, 20))
+    await wait_until(lambda: rooms == [{"bytes": 4 * GiB}])  # 16 GiB, 12 booked by the victim
+    let_go.set()
+    await wait_until(lambda: rooms == [{"bytes": 4 * GiB}, {"bytes": 6 * GiB}])
+    assert (await cell)["granted"]
+
+
 @pytest.mark.parametrize("service", [Policy(fair_share_rate=1e9)], indirect=True)
 async def test_a_grant_over_room_lent_in_a_swap_waits_until_it_is_given_back(
     service, pooled
@@ -1323,15 +1357,16 @@ async def test_a_grant_over_room_lent_in_a_swap_waits_until_it_is_given_back(
 
     victim.on("offload", offload_with_room)
     incoming_cell = asyncio.ensure_future(call(incoming, "acquire", {"request_id": "r2"}, 20))
-    await wait_until(lambda: rooms == [{"bytes": 6 * GiB}])
+    # The 4 GiB no booking holds at once, then the victim's freed bytes, up to "in"'s state.
+    await wait_until(lambda: rooms == [{"bytes": 4 * GiB}, {"bytes": 6 * GiB}])
     # quinn has no GPU time today, "in"'s user has some: quinn's request goes first.
     other_cell = asyncio.ensure_future(
         call(other, "acquire", {"request_id": "r1", "memory": 11 * GiB}, 20)
     )
     await wait_until(lambda: service.kernel("q")["state"] == "queued")
     let_go.set()
-    await wait_until(lambda: len(rooms) == 2)
-    assert "revoke" in rooms[1], rooms
+    await wait_until(lambda: len(rooms) == 3)
+    assert "revoke" in rooms[2], rooms
     await asyncio.sleep(0.3)
     assert not other_cell.done()  # granted in the core, not told until the room is back
     incoming.send("room_returned", {})

@@ -5,10 +5,12 @@ request is granted once their offloads are reported; the bookings and the ledger
 swap. What changes is only when the bytes move. When an ``Offload`` makes room on the device that
 a queued request claims, and that request's kernel has its whole state in host memory (not on
 disk, not checkpointed by the driver), the victim is asked to free its storages one by one as
-their copies end and to report the bytes freed (``freed``); the broker passes the sum freed by the
-swap's victims to the incoming kernel (``room`` push, ``bytes``), which restores early within it
-(see :mod:`jupyter_singularity.kernel.swap`). The incoming kernel's device memory is thus never
-more than what the victims no longer use, within their bookings.
+their copies end and to report the bytes freed (``freed``); the broker passes the room to the
+incoming kernel (``room`` push, ``bytes``), which restores early within it (see
+:mod:`jupyter_singularity.kernel.swap`): what no booking held on the device when the swap began
+(a request's reservation, its peak plus a margin, often asks more than the state it restores)
+plus the sum freed by the swap's victims, at most the incoming kernel's state. The incoming
+kernel's device memory is thus never more than what no other kernel holds or is promised.
 
 A victim whose offload fails after freeing storages asks for its room back (``room_back``); the
 broker revokes the incoming kernel's room (``room`` push, ``revoke``) and answers once that kernel
@@ -43,6 +45,8 @@ class Swap:
 
     incoming: str
     device: int
+    free: int = 0
+    """Room no booking held on the device when the swap began: the incoming kernel's at once."""
     freed: dict[str, int] = field(default_factory=dict)
     """Bytes freed so far, by victim (those still offloading, and those done)."""
     victims: set[str] = field(default_factory=set)
@@ -76,11 +80,14 @@ class SwapRoom:
         if swap is None or swap.device != action.device:
             if swap is not None and (swap.victims or (swap.given and not swap.returned.is_set())):
                 return False  # still tied to another device's room
-            swap = table[incoming] = Swap(incoming, action.device)
+            booked = self.core.device_bookings()[action.device]
+            free = self.core.devices[action.device].total_bytes - booked
+            swap = table[incoming] = Swap(incoming, action.device, free=max(0, free))
         elif swap.revoked:
             return False
         swap.victims.add(action.kernel_id)
         table[action.kernel_id] = swap
+        self._give_room(swap)
         return True
 
     def _incoming_on(self, device: int) -> str | None:
@@ -138,7 +145,13 @@ class SwapRoom:
         if not self._claims(swap):
             self._revoke(swap, "the request no longer claims this GPU")
             return
-        room = sum(swap.freed.values())
+        self._give_room(swap)
+
+    def _give_room(self, swap: Swap) -> None:
+        """Pass on the room free since the swap began and freed by its victims, at most the
+        incoming kernel's state, when it grew."""
+        state = self.core.kernels[swap.incoming].host_bytes
+        room = min(state, swap.free + sum(swap.freed.values()))
         if room > swap.given:
             swap.given = room
             self._spawn(self._rpc.push(swap.incoming, "room", {"bytes": room}))
