@@ -1,15 +1,19 @@
 """A swap against its two copies, on simulated devices, through real kernels and a real pool.
 
-Two kernels of ``--mib`` MiB each (tensors of ``--tensor-mib``) share one simulated device that
-holds only one of them. Each round, in the same run:
+Two kernels of ``--mib`` MiB each (tensors of ``--tensor-mib``) share one simulated device of
+``--device-mib`` MiB. By default it holds one state and one tensor of the other: nearly all of the
+incoming kernel's room is what the victim frees as it goes. With ``--device-mib`` twice the state,
+both states fit and only the margin a cell reserves forces the eviction: the incoming kernel then
+restores into the room no booking holds, at once. Each round, in the same run:
 
 1. the components, one after the other: the resident kernel is offloaded (``offload_s``, the
    kernel's own measure), then the other restored (``restore_s``), both on request;
 2. a swap: a cell of the kernel now offloaded evicts the other one, and is timed from
    ``execute_request`` to its first output (``swap_s``: lease, both copies, the cell's start).
 
-Without pipelining a swap costs about ``offload_s + restore_s``; with it the victim frees each
-storage as its copy ends and the incoming kernel restores into that room meanwhile (see
+Without pipelining a swap costs about ``offload_s + restore_s``; with it the incoming kernel
+restores into the room free on the device at once and into each storage the victim frees as its
+copy ends (see
 ``jupyter_singularity.broker.swaps``), so about the larger of the two. Goal (issue 13):
 ``swap_s / (offload_s + restore_s) <= 0.6``; min / median / max over ``--runs`` runs (each the
 median of ``--rounds`` rounds). The two copies run in two processes: it needs two free cores.
@@ -31,7 +35,8 @@ two threads (as a swap's sides copy on simulated devices), against the same two 
 the other, each as torch copies memory alone (on every core); best of three each. A GPU's copies
 cross a full-duplex bus, one direction each, where the two sides do not share bandwidth.
 
-Run: ``python bench/swap_pipeline.py [--mib 1024] [--tensor-mib 64] [--runs 3] [--rounds 3]``.
+Run: ``python bench/swap_pipeline.py [--mib 1024] [--tensor-mib 64] [--device-mib N] [--runs 3]
+[--rounds 3]``.
 """
 
 from __future__ import annotations
@@ -100,8 +105,8 @@ def memory_floor(mib: int, tries: int = 3) -> float:
     return min(at_once() for _ in range(tries)) / min(apart() for _ in range(tries))
 
 
-async def one_run(mib: int, tensor_mib: int, rounds: int) -> dict:
-    async with embedded_pool(f"simulated:1x{2 * mib}MiB") as service:
+async def one_run(mib: int, tensor_mib: int, device_mib: int, rounds: int) -> dict:
+    async with embedded_pool(f"simulated:1x{device_mib}MiB") as service:
         kernels = [await start("singularity-provisioner") for _ in range(2)]
         try:
             state = STATE.format(tensor_mib=tensor_mib, count=mib // tensor_mib)
@@ -155,8 +160,8 @@ async def one_run(mib: int, tensor_mib: int, rounds: int) -> dict:
     return medians
 
 
-async def run(mib: int, tensor_mib: int, runs: int, rounds: int) -> dict:
-    results = [await one_run(mib, tensor_mib, rounds) for _ in range(runs)]
+async def run(mib: int, tensor_mib: int, device_mib: int, runs: int, rounds: int) -> dict:
+    results = [await one_run(mib, tensor_mib, device_mib, rounds) for _ in range(runs)]
 
     def spread(name: str, key: str | None = None) -> list[float]:
         values = sorted(result[name] if key is None else result[name][key] for result in results)
@@ -168,6 +173,7 @@ async def run(mib: int, tensor_mib: int, runs: int, rounds: int) -> dict:
     return {
         "state_mib": mib,
         "tensor_mib": tensor_mib,
+        "device_mib": device_mib,
         "runs": runs,
         "rounds_per_run": rounds,
         "offload_s_min_median_max": spread("offload_s"),
@@ -191,10 +197,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mib", type=int, default=1024, help="state of each kernel, MiB")
     parser.add_argument("--tensor-mib", type=int, default=64, help="size of each tensor, MiB")
+    parser.add_argument(
+        "--device-mib", type=int, help="the simulated device, MiB (default: state + one tensor)"
+    )
     parser.add_argument("--runs", type=int, default=3, help="runs (min / median / max)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per run (median)")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.mib, args.tensor_mib, args.runs, args.rounds)), indent=2))
+    device_mib = args.device_mib or args.mib + args.tensor_mib
+    result = run(args.mib, args.tensor_mib, device_mib, args.runs, args.rounds)
+    print(json.dumps(asyncio.run(result), indent=2))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from broker_service import GiB, call, wait_until
@@ -94,6 +95,32 @@ async def test_a_waiting_request_gets_a_kept_lease_back_at_once(
     keeper._post_execute()
     assert keeper.lease is None
     assert (await waiting)["granted"]
+
+
+@pytest.mark.parametrize("service", [Policy(lease_keep=KEEP)], indirect=True)
+async def test_a_cell_interrupted_before_it_ran_does_not_hold_the_lease_it_took_over(
+    service, pooled, monkeypatch
+) -> None:
+    """A kept lease is taken over at the next cell's execute_request. Interrupted before IPython
+    ran it, that cell has no post_execute: the lease is let go with the request, not held until
+    some later cell ends while other kernels wait for it."""
+    never_expires(monkeypatch)
+    keeper = runtime_of(await pooled("k0"))
+    other = await pooled("k1")
+    await cell(keeper, "--memory 16GiB")
+    assert keeper.lease is not None and keeper.lease.kept_at is not None
+
+    async def interrupted(*args) -> None:
+        raise KeyboardInterrupt  # before the cell ran
+
+    handlers = {"execute_request": interrupted}
+    keeper._wrap_execute_request(SimpleNamespace(kernel=SimpleNamespace(shell_handlers=handlers)))
+    request = {"content": {"code": "x = 1"}}
+    with pytest.raises(KeyboardInterrupt):
+        await asyncio.to_thread(asyncio.run, handlers["execute_request"](None, None, request))
+    granted = await call(other, "acquire", {"request_id": "r1", **WHOLE}, 20)
+    assert granted["granted"], granted
+    assert keeper.lease is None
 
 
 @pytest.mark.parametrize("service", [Policy(lease_keep=KEEP)], indirect=True)

@@ -38,6 +38,7 @@ from jupyter_singularity.broker import service as service_module
 from jupyter_singularity.broker.identity import Identity
 from jupyter_singularity.broker.model import Policy
 from jupyter_singularity.broker.pool_events import LEASE_SCHEMA, QUEUE_SCHEMA
+from jupyter_singularity.broker.quotas import Quotas
 from jupyter_singularity.broker.rpc import MAX_MESSAGE_BYTES, RPCServer
 from jupyter_singularity.kernel import client as client_module
 from jupyter_singularity.kernel import membership
@@ -1291,12 +1292,16 @@ async def test_bad_offload_reply_fails_the_offload(service, pooled, caplog) -> N
     assert "bad offload reply: field 'host_bytes' must be an integer" in caplog.text
 
 
+@pytest.mark.parametrize("quota, at_once", [(None, 4 * GiB), (14 * GiB, 2 * GiB)])
 async def test_room_no_booking_holds_goes_to_the_incoming_kernel_before_any_is_freed(
-    service, pooled
+    service, pooled, quota: int | None, at_once: int
 ) -> None:
     """A request reserves its peak plus a margin, often more than the state it restores: what
-    the device has free beside the victim's booking is the incoming kernel's at once, while the
-    victim has freed nothing yet; then what the victim frees, up to the incoming kernel's state."""
+    the device has free beside the victim's booking (within the user's GPU memory quota) is the
+    incoming kernel's at once, while the victim has freed nothing yet; then what the victim
+    frees, up to the incoming kernel's state."""
+    if quota is not None:
+        service.set_quotas(Quotas({"default": {"gpu_memory": quota}}))
     incoming, victim = await pooled("in"), await pooled("v")
     incoming.on("offload", lambda body: {"host_bytes": 6 * GiB, "gpu_bytes": 0})
     await call(incoming, "acquire", {"request_id": "r1", "memory": 6 * GiB})
@@ -1319,9 +1324,9 @@ async def test_room_no_booking_holds_goes_to_the_incoming_kernel_before_any_is_f
 
     victim.on("offload", offload_when_let_go)
     cell = asyncio.ensure_future(call(incoming, "acquire", {"request_id": "r2"}, 20))
-    await wait_until(lambda: rooms == [{"bytes": 4 * GiB}])  # 16 GiB, 12 booked by the victim
+    await wait_until(lambda: rooms == [{"bytes": at_once}])  # 16 GiB, 12 booked by the victim
     let_go.set()
-    await wait_until(lambda: rooms == [{"bytes": 4 * GiB}, {"bytes": 6 * GiB}])
+    await wait_until(lambda: rooms == [{"bytes": at_once}, {"bytes": 6 * GiB}])
     assert (await cell)["granted"]
 
 

@@ -1,8 +1,8 @@
 """Pipelined swaps through a real server, real kernels and a real pool (simulated devices).
 
-Two kernels of 96 MiB each cannot share the 256 MiB device (each reserves its peak plus the
-margin), so a cell of one evicts the other: the victim frees its storages as it copies them and
-the waiting kernel restores into that room meanwhile (see jupyter_singularity.broker.swaps).
+Two kernels of 96 MiB each cannot share the 160 MiB device, so a cell of one evicts the other:
+the waiting kernel restores into the 64 MiB free beside the victim at once, and into the room the
+victim frees as it copies its storages meanwhile (see jupyter_singularity.broker.swaps).
 Each test checks that both kernels' bytes are intact and that no booking is left behind.
 """
 
@@ -42,7 +42,7 @@ print([(t.kind, t.reason, bool(t.error)) for t in Runtime.current.transfers])
 
 @pytest.fixture
 def singularity_devices() -> str:
-    return "simulated:1x256MiB"
+    return "simulated:1x160MiB"
 
 
 async def made(run, kernel_id: str, seed: int) -> str:
@@ -93,7 +93,8 @@ async def test_a_swap_restores_the_incoming_kernel_while_the_victim_offloads(
     )
 
     assert await digest_of(run, incoming) == incoming_digest
-    # The incoming kernel restored early, into the room the victim freed (reason "swap").
+    # The incoming kernel restored early (reason "swap"): into the room free beside the victim,
+    # then into what the victim freed.
     moves = await transfers(run, incoming)
     # ... and kept it: the grant came while the victim's report was being handled, and the
     # room was not taken back (which would offload it again and restore it a second time).
@@ -147,12 +148,12 @@ async def test_the_incoming_kernel_dying_mid_restore_costs_the_victim_nothing(
     no_booking_leaked(await get_pool())
 
 
-@pytest.mark.parametrize("singularity_devices", ["simulated:1x512MiB"])
+@pytest.mark.parametrize("singularity_devices", ["simulated:1x160MiB"])
 async def test_two_victims_make_room_together(
     start_kernel, wait_in_pool, run, state, get_pool, jp_fetch, singularity_devices
 ):
-    """The incoming kernel asks for nearly the whole device: both resident kernels are evicted,
-    and it restores into the room the two free together."""
+    """The incoming kernel asks for nearly the whole device: both resident kernels (48 MiB each)
+    are evicted, and it restores into the 64 MiB free beside them and the room the two free."""
     incoming, first, second = await start_kernel(), await start_kernel(), await start_kernel()
     await wait_in_pool([incoming, first, second])
     digests = {}
@@ -174,7 +175,7 @@ async def test_two_victims_make_room_together(
         assert status == "ok", out
 
     status, out, _ = await run(
-        incoming, "%%singularity --memory 500MiB\nprint('digest', digest())", timeout=120
+        incoming, "%%singularity --memory 150MiB\nprint('digest', digest())", timeout=120
     )
     assert status == "ok" and out.split("digest")[-1].strip() == digests[incoming], out
     assert "('restore', 'swap', False)" in await transfers(run, incoming)

@@ -80,15 +80,25 @@ class SwapRoom:
         if swap is None or swap.device != action.device:
             if swap is not None and (swap.victims or (swap.given and not swap.returned.is_set())):
                 return False  # still tied to another device's room
-            booked = self.core.device_bookings()[action.device]
-            free = self.core.devices[action.device].total_bytes - booked
-            swap = table[incoming] = Swap(incoming, action.device, free=max(0, free))
+            swap = table[incoming] = Swap(incoming, action.device, self._unbooked(incoming, action))
         elif swap.revoked:
             return False
         swap.victims.add(action.kernel_id)
         table[action.kernel_id] = swap
         self._give_room(swap)
         return True
+
+    def _unbooked(self, incoming: str, action: Offload) -> int:
+        """Room no booking holds on the device, within the GPU memory quota of the incoming
+        kernel's user (whose kernels the victims may be)."""
+        core = self.core
+        free = core.devices[action.device].total_bytes - core.device_bookings()[action.device]
+        kernel = core.kernels[incoming]
+        quota = core.limits(kernel.user, kernel.groups).gpu_memory
+        if quota is not None:
+            held = sum(k.booking() for k in core.kernels.values() if k.user == kernel.user)
+            free = min(free, quota - held)
+        return max(0, free)
 
     def _incoming_on(self, device: int) -> str | None:
         """The queued kernel whose request claims ``device`` and whose state is all in host

@@ -45,6 +45,8 @@ class EarlyAcquire:
     _granted: Callable[[str, dict], Lease]
     _restore_for_cell: Callable[[Lease, Waiting, WaitLine], None]
     _claim_kept: Callable[[], bool]
+    _leave_cell: Callable[[], Lease | None]
+    _depth: int
     _hand_back_kept: Callable[[], None]
     _early: tuple[Waiting, concurrent.futures.Future | None] | None = None
     _handler_patch: tuple[dict, Any, Any] | None = None
@@ -100,7 +102,11 @@ class EarlyAcquire:
                     runtime._send_early(str(content.get("code") or ""))
             except Exception:
                 log.exception("jupyter-singularity: early lease request failed")
-            return await original(stream, ident, parent, *args, **kw)
+            try:
+                return await original(stream, ident, parent, *args, **kw)
+            finally:
+                if not runtime._depth:  # interrupted before IPython ran the cell: no post_execute
+                    runtime._leave_cell()
 
         handlers["execute_request"] = execute_request
         self._handler_patch = (handlers, original, execute_request)

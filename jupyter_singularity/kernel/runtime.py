@@ -317,15 +317,20 @@ class Runtime(CellRestores, BrokerPushes, EarlyAcquire, KeptLease):
         self._depth = max(0, self._depth - 1)
         if self._depth:
             return
+        held = self._leave_cell()
+        if held is None and not (self.gpu_used or self.simulated) and cuda_driver_initialised():
+            self._cuda_started_ungated()
+
+    def _leave_cell(self) -> Lease | None:
+        """End what the cell took: an acquire sent early that it never used, the lease it holds
+        (kept for the next cell, or given back). Returns that lease."""
         early, self._early = self._early, None
         if early is not None:
             self._abandon(early)
         lease = self.lease
-        if lease is not None:
-            if lease.kept_at is None:  # (else this cell did not take the kept lease over)
-                self._cell_ended(lease)
-        elif not (self.gpu_used or self.simulated) and cuda_driver_initialised():
-            self._cuda_started_ungated()
+        if lease is not None and lease.kept_at is None:  # (else the cell did not take it over)
+            self._cell_ended(lease)
+        return lease
 
     def _cuda_started_ungated(self) -> None:
         """The cell that just ended started CUDA outside torch's gated path (CuPy, JAX, Numba,

@@ -11,7 +11,8 @@ on their own streams, one each way over the full-duplex bus; on simulated device
 in its own process). On CUDA the room is counted in what the driver has back and what the
 incoming kernel's allocator reserves, not in the bytes of the storages (see .device_room).
 
-Nothing may be lost, and the room an early restore fills is never more than the victim freed:
+Nothing may be lost, and the room an early restore fills is never more than the broker gave (what
+no booking held and what the victims freed):
 
 * a victim whose offload fails after it freed storages asks the broker for its room back
   (``room_back``) and waits for the answer before refilling them; the broker first revokes the
