@@ -410,6 +410,11 @@ class Check:
             for index in (1, 2)
         ]
         figure(
+            "swap_incoming_checkpointed_by_the_driver",
+            [pool.get(f"swap_{index}_incoming_checkpointed") for index in (1, 2)],
+            "info: such a kernel restores after the grant, not during the eviction",
+        )
+        figure(
             "swap_victim_offload_gbps",
             [n / s / 1e9 for n, s in victim] if all(n and s for n, s in victim) else None,
             "info: the victim's copy while the incoming kernel's crosses the other way",

@@ -160,10 +160,13 @@ async def _run(server: PoolServer, size: StateSize, run: dict) -> None:
 async def _swap(server: PoolServer, incoming: str, victim: str, digest: str) -> dict:
     """``incoming`` (offloaded, its state in host memory) runs a cell reserving the whole device
     but half the idle ``victim``'s booking (its CUDA context stays within that half): the broker
-    evicts the victim, whose freed memory the incoming kernel restores into as it goes."""
+    evicts the victim while the incoming kernel restores, into the room free beside the victim
+    and what the victim frees. A kernel whose context the driver tier checkpointed restores
+    after the grant instead (docs/admin.md, "Swaps overlap"): whether it was is recorded."""
     booked = _idle(server, victim)["gpu_bytes"]
     total = server.api("singularity/api/pool")["devices"][0]["total_bytes"]
     reserve = (total - booked // 2) >> 20
+    checkpointed = server.record(incoming)["context"]["checkpointed"]
     since = time.time()
     cell = await _cell(server, incoming, f"%%singularity --memory {reserve}MiB\n{DIGEST_CELL}")
     offloaded = _since(server.record(victim), since)
@@ -175,7 +178,7 @@ async def _swap(server: PoolServer, incoming: str, victim: str, digest: str) -> 
         "offload_bytes": None if out is None else out["nbytes"],
         "offload_seconds": None if out is None else out["duration"],
         "restore_bytes": None if back is None else back["nbytes"],
-        "restore_seconds": None if back is None else back["duration"],
+        "incoming_checkpointed": bool(checkpointed),
         "identical": cell["digest"] == digest,
     }
 
@@ -285,6 +288,7 @@ def test_figures(pool_run: dict, record_property) -> None:
         for key in ("cell_seconds", "offload_bytes", "offload_seconds"):
             figures[f"swap_{index + 1}_{key}"] = _measured(swap, key)
         figures[f"swap_{index + 1}_restore_bytes"] = _measured(swap, "restore_bytes")
+        figures[f"swap_{index + 1}_incoming_checkpointed"] = swap["incoming_checkpointed"]
     if not _simulated():
         for index, move in enumerate(_measured(pool_run, "offloads")):
             figures[f"offload_{index + 1}_driver_seconds"] = _measured(move, "driver_seconds")

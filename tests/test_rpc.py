@@ -1292,18 +1292,23 @@ async def test_bad_offload_reply_fails_the_offload(service, pooled, caplog) -> N
     assert "bad offload reply: field 'host_bytes' must be an integer" in caplog.text
 
 
-@pytest.mark.parametrize("quota, at_once", [(None, 4 * GiB), (14 * GiB, 2 * GiB)])
+@pytest.mark.parametrize(
+    "quota, context, at_once",
+    [(None, 0, 4 * GiB), (14 * GiB, 0, 2 * GiB), (None, GiB // 2, 7 * GiB // 2)],
+    ids=["free", "within-quota", "context-left-on-the-gpu"],
+)
 async def test_room_no_booking_holds_goes_to_the_incoming_kernel_before_any_is_freed(
-    service, pooled, quota: int | None, at_once: int
+    service, pooled, quota: int | None, context: int, at_once: int
 ) -> None:
     """A request reserves its peak plus a margin, often more than the state it restores: what
     the device has free beside the victim's booking (within the user's GPU memory quota) is the
     incoming kernel's at once, while the victim has freed nothing yet; then what the victim
-    frees, up to the incoming kernel's state."""
+    frees, up to the incoming kernel's state. An incoming kernel whose CUDA context stayed on
+    the GPU (no driver tier here) restores early too, its context booked there."""
     if quota is not None:
         service.set_quotas(Quotas({"default": {"gpu_memory": quota}}))
     incoming, victim = await pooled("in"), await pooled("v")
-    incoming.on("offload", lambda body: {"host_bytes": 6 * GiB, "gpu_bytes": 0})
+    incoming.on("offload", lambda body: {"host_bytes": 6 * GiB, "gpu_bytes": context})
     await call(incoming, "acquire", {"request_id": "r1", "memory": 6 * GiB})
     incoming.send("release", {"request_id": "r1", "peak_bytes": 6 * GiB, "gpu_bytes": 6 * GiB})
     await wait_until(lambda: service.kernel("in")["state"] == "resident")

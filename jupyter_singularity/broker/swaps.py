@@ -101,8 +101,10 @@ class SwapRoom:
         return max(0, free)
 
     def _incoming_on(self, device: int) -> str | None:
-        """The queued kernel whose request claims ``device`` and whose state is all in host
-        memory, ready to restore early (the waiting requests only, not every kernel)."""
+        """The queued kernel whose request claims ``device`` and whose tensors are all in host
+        memory, ready to restore early (the waiting requests only, not every kernel). What it
+        left on a GPU (the CUDA context, where the driver tier did not take it) must be on that
+        one; a context the driver tier holds checkpointed comes back with the grant."""
         for request in self.core.queue():
             kernel = self.core.kernels[request.kernel_id]
             if (
@@ -113,7 +115,7 @@ class SwapRoom:
                 and kernel.state == KernelState.QUEUED
                 and kernel.host_bytes
                 and not kernel.disk_bytes
-                and not kernel.gpu_bytes
+                and kernel.device in (None, device)
             ):
                 connection = self._connections.get(kernel.kernel_id)
                 if connection is not None and connection.checkpointed_uuid is None:
