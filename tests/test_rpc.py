@@ -1292,6 +1292,23 @@ async def test_bad_offload_reply_fails_the_offload(service, pooled, caplog) -> N
     assert "bad offload reply: field 'host_bytes' must be an integer" in caplog.text
 
 
+async def _offloaded_beside_a_victim(service, incoming, victim, context: int = 0) -> list[dict]:
+    """Kernel "in" offloaded (6 GiB in host memory, ``context`` left on the GPU), "v" resident
+    with 12 GiB of the 16 GiB GPU; the room pushes "in" hears from now on."""
+    incoming.on("offload", lambda body: {"host_bytes": 6 * GiB, "gpu_bytes": context})
+    await call(incoming, "acquire", {"request_id": "r1", "memory": 6 * GiB})
+    incoming.send("release", {"request_id": "r1", "peak_bytes": 6 * GiB, "gpu_bytes": 6 * GiB})
+    await wait_until(lambda: service.kernel("in")["state"] == "resident")
+    service.offload("in")
+    await wait_until(lambda: service.kernel("in")["state"] == "offloaded")
+    await call(victim, "acquire", {"request_id": "r1", "memory": 12 * GiB})
+    victim.send("release", {"request_id": "r1", "peak_bytes": 12 * GiB, "gpu_bytes": 12 * GiB})
+    await wait_until(lambda: service.kernel("v")["state"] == "resident")
+    rooms: list[dict] = []
+    incoming.on("room", lambda body: rooms.append(body) or None)
+    return rooms
+
+
 @pytest.mark.parametrize(
     "quota, context, at_once",
     [(None, 0, 4 * GiB), (14 * GiB, 0, 2 * GiB), (None, GiB // 2, 7 * GiB // 2)],
@@ -1308,18 +1325,7 @@ async def test_room_no_booking_holds_goes_to_the_incoming_kernel_before_any_is_f
     if quota is not None:
         service.set_quotas(Quotas({"default": {"gpu_memory": quota}}))
     incoming, victim = await pooled("in"), await pooled("v")
-    incoming.on("offload", lambda body: {"host_bytes": 6 * GiB, "gpu_bytes": context})
-    await call(incoming, "acquire", {"request_id": "r1", "memory": 6 * GiB})
-    incoming.send("release", {"request_id": "r1", "peak_bytes": 6 * GiB, "gpu_bytes": 6 * GiB})
-    await wait_until(lambda: service.kernel("in")["state"] == "resident")
-    service.offload("in")
-    await wait_until(lambda: service.kernel("in")["state"] == "offloaded")
-    await call(victim, "acquire", {"request_id": "r1", "memory": 12 * GiB})
-    victim.send("release", {"request_id": "r1", "peak_bytes": 12 * GiB, "gpu_bytes": 12 * GiB})
-    await wait_until(lambda: service.kernel("v")["state"] == "resident")
-
-    rooms: list[dict] = []
-    incoming.on("room", lambda body: rooms.append(body) or None)
+    rooms = await _offloaded_beside_a_victim(service, incoming, victim, context)
     let_go = threading.Event()
 
     def offload_when_let_go(body: dict) -> dict:
@@ -1345,18 +1351,7 @@ async def test_a_grant_over_room_lent_in_a_swap_waits_until_it_is_given_back(
     that room back: the device never holds both."""
     incoming, victim = await pooled("in"), await pooled("v")
     other = await pooled("q", Identity("quinn", (), uid=os.getuid()))
-    incoming.on("offload", lambda body: {"host_bytes": 6 * GiB, "gpu_bytes": 0})
-    await call(incoming, "acquire", {"request_id": "r1", "memory": 6 * GiB})
-    incoming.send("release", {"request_id": "r1", "peak_bytes": 6 * GiB, "gpu_bytes": 6 * GiB})
-    await wait_until(lambda: service.kernel("in")["state"] == "resident")
-    service.offload("in")
-    await wait_until(lambda: service.kernel("in")["state"] == "offloaded")
-    await call(victim, "acquire", {"request_id": "r1", "memory": 12 * GiB})
-    victim.send("release", {"request_id": "r1", "peak_bytes": 12 * GiB, "gpu_bytes": 12 * GiB})
-    await wait_until(lambda: service.kernel("v")["state"] == "resident")
-
-    rooms: list[dict] = []
-    incoming.on("room", lambda body: rooms.append(body) or None)
+    rooms = await _offloaded_beside_a_victim(service, incoming, victim)
     let_go = threading.Event()
 
     def offload_with_room(body: dict) -> dict:
