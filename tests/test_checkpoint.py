@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -931,6 +932,52 @@ async def test_service_checkpoints_the_context_after_the_tensors_and_restores_it
         await _until(lambda: service.kernel("k1")["context"]["checkpointed"])
         assert service.kernel_stopping("k1", "shut down") is True
         assert service.kernel_stopping("k2", "shut down") is False
+
+
+@needs_cc
+async def test_a_swap_brings_a_checkpointed_kernel_back_first_and_gives_it_room_meanwhile(
+    fake: Fake, tmp_path: Path
+) -> None:
+    """A kernel whose process the driver tier holds checkpointed restores early in a swap too:
+    the driver brings the process back onto its GPU first (its context booked there), then the
+    kernel gets the room no booking holds, and what the victim frees as it offloads."""
+    rooms: list[dict] = []
+    let_go = threading.Event()
+
+    def victim_offload(body: dict) -> dict:
+        assert body["room"] is True  # paired with the checkpointed kernel's swap
+        let_go.wait(10)
+        victim.send("freed", {"bytes": STATE})
+        return {"host_bytes": STATE, "gpu_bytes": CONTEXT}
+
+    policy = Policy(host_memory_limit=64 * GiB, migration=False)  # both stay on GPU A
+    async with fake_driver_pool(fake, tmp_path, policy) as pool:
+        service, ask = pool.service, pool.ask
+        incoming = await pool.kernel("k1", room=lambda body: rooms.append(body) or None)
+        await pool.run_cell(incoming, "k1", "r1")
+        service.offload("k1")
+        await _until(lambda: service.kernel("k1")["context"]["checkpointed"])
+        assert fake.calls() == ["lock", "checkpoint"]
+        victim = await pool.kernel("k2", offload=victim_offload)
+        await ask(victim, "acquire", {"request_id": "r1", "memory": STATE, "bound_uuid": GPU_A})
+        victim.send("release", {"request_id": "r1", "peak_bytes": STATE, "gpu_bytes": STATE})
+        await _until(lambda: service.kernel("k2")["state"] == "resident")
+
+        cell = asyncio.ensure_future(ask(incoming, "acquire", {"request_id": "r2"}))
+        # 16 GiB, 12 booked by the victim: the context comes back out of the 4 GiB free, and
+        # the rest of that room goes to the kernel while the victim has freed nothing yet.
+        await _until(lambda: rooms == [{"bytes": 4 * GiB - CONTEXT}])
+        assert fake.calls()[-2:] == ["restore", "unlock"]
+        record = service.kernel("k1")
+        assert record["context"]["checkpointed"] is False, record["context"]
+        assert (record["device"], record["gpu_bytes"]) == (0, CONTEXT), record
+        let_go.set()
+        await _until(lambda: rooms[-1] == {"bytes": STATE})
+        grant = await cell
+        assert grant["granted"] and grant["restore"] and grant["device"]["uuid"] == GPU_A
+        assert fake.calls().count("restore") == 1  # not again at the grant
+        incoming.send("restored", {"gpu_bytes": STATE})
+        await _until(lambda: service.kernel("k1")["state"] == "running")
 
 
 @needs_cc

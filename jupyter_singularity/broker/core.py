@@ -324,6 +324,18 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         self._schedule(now)
         return self._drain()
 
+    def context_back(self, kernel_id: str, device: int, nbytes: int, now: float) -> list[Action]:
+        """The driver tier brought a queued kernel's process back onto ``device`` ahead of its
+        grant (a swap: see broker/swaps.py): its CUDA context is booked there, as one the driver
+        tier never took, until its restore."""
+        kernel = self._kernel(kernel_id)
+        if kernel.state != KernelState.QUEUED or kernel.device not in (None, device):
+            return []  # granted meanwhile: its lease books the device
+        self._move(kernel, device)
+        kernel.gpu_bytes = nbytes
+        self._schedule(now)
+        return self._drain()
+
     def spilled(self, kernel_id: str, now: float, host_bytes: int, disk_bytes: int) -> list[Action]:
         """The kernel's host copy moved (partly) to disk to respect the host-memory budget."""
         kernel = self._kernel(kernel_id)

@@ -239,11 +239,19 @@ class StateMoves(SwapRoom):
         return True
 
     async def _restore_context(self, grant: Grant) -> None:
-        """Driver tier: bring the process back, onto the granted GPU (a UUID remap migrates it)."""
+        """Driver tier: bring the process back, onto the granted GPU (a UUID remap migrates it),
+        unless a swap brought it back already (or is bringing it back: see .swaps)."""
         connection = self._connections.get(grant.kernel_id)
+        if connection is not None and connection.waking is not None:
+            await asyncio.shield(connection.waking)  # (it logs its own failure)
+        await self._driver_restore(grant.kernel_id, grant.device)
+
+    async def _driver_restore(self, kernel_id: str, device: int) -> None:
+        """Driver tier: bring a checkpointed process back onto ``device``."""
+        connection = self._connections.get(kernel_id)
         if connection is None or connection.checkpointed_uuid is None or connection.pid is None:
             return
-        target = self.core.devices[grant.device].uuid
+        target = self.core.devices[device].uuid
         pairs = (
             ()
             if target == connection.checkpointed_uuid
@@ -252,12 +260,12 @@ class StateMoves(SwapRoom):
         seconds = await asyncio.to_thread(self._driver.restore, connection.pid, pairs)
         connection.checkpointed_uuid = None
         connection.driver_bytes = 0
-        self.core.release_driver_copy(grant.kernel_id)
+        self.core.release_driver_copy(kernel_id)
         connection.context_seconds["restore"] = seconds
         self.log.info(
             "jupyter-singularity: %s restored onto GPU %d in %.2f s%s",
-            grant.kernel_id,
-            grant.device,
+            kernel_id,
+            device,
             seconds,
             " (migrated)" if pairs else "",
         )

@@ -10,7 +10,10 @@ incoming kernel (``room`` push, ``bytes``), which restores early within it (see
 :mod:`jupyter_singularity.kernel.swap`): what no booking held on the device when the swap began
 (a request's reservation, its peak plus a margin, often asks more than the state it restores)
 plus the sum freed by the swap's victims, at most the incoming kernel's state. The incoming
-kernel's device memory is thus never more than what no other kernel holds or is promised.
+kernel's device memory is thus never more than what no other kernel holds or is promised. A
+kernel whose process the driver tier holds checkpointed off that GPU is brought back first, out
+of the free room, its CUDA context booked there from then on (``core.context_back``); it gets
+room only then (a kernel cannot make CUDA calls while checkpointed).
 
 A victim whose offload fails after freeing storages asks for its room back (``room_back``); the
 broker revokes the incoming kernel's room (``room`` push, ``revoke``) and answers once that kernel
@@ -23,12 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..protocol import MAX_STORED_BYTES, count_field
-from .model import Grant, KernelState, Offload
+from .checkpoint import CheckpointError
+from .model import Action, Grant, KernelState, Offload
 
 if TYPE_CHECKING:
     from .core import BrokerCore
@@ -47,6 +51,10 @@ class Swap:
     device: int
     free: int = 0
     """Room no booking held on the device when the swap began: the incoming kernel's at once."""
+    context: int = 0
+    """The incoming kernel's CUDA context, which the driver tier holds checkpointed: brought
+    back onto the device first, out of ``free``; no room is given before."""
+    woken: bool = False
     freed: dict[str, int] = field(default_factory=dict)
     """Bytes freed so far, by victim (those still offloading, and those done)."""
     victims: set[str] = field(default_factory=set)
@@ -66,6 +74,9 @@ class SwapRoom:
     _connections: dict[str, KernelConnection]
     _spawn: Callable[[Any], None]
     _answer_grant: Callable[[Grant], None]
+    _apply: Callable[[list[Action]], None]
+    _driver_restore: Callable[[str, int], Awaitable[None]]
+    clock: Callable[[], float]
     _swaps: dict[str, Swap]
     """Each swap under way, by its incoming kernel and by each of its victims."""
 
@@ -80,7 +91,14 @@ class SwapRoom:
         if swap is None or swap.device != action.device:
             if swap is not None and (swap.victims or (swap.given and not swap.returned.is_set())):
                 return False  # still tied to another device's room
-            swap = table[incoming] = Swap(incoming, action.device, self._unbooked(incoming, action))
+            swap = Swap(incoming, action.device, self._unbooked(incoming, action))
+            connection = self._connections[incoming]
+            if connection.checkpointed_uuid is not None:
+                if swap.free < connection.driver_bytes:
+                    return False  # no room for its context: it restores after its grant
+                swap.context = connection.driver_bytes
+                connection.waking = asyncio.ensure_future(self._wake(swap, connection))
+            table[incoming] = swap
         elif swap.revoked:
             return False
         swap.victims.add(action.kernel_id)
@@ -118,10 +136,33 @@ class SwapRoom:
                 and kernel.device in (None, device)
             ):
                 connection = self._connections.get(kernel.kernel_id)
-                if connection is not None and connection.checkpointed_uuid is None:
-                    return kernel.kernel_id
-                return None
+                frozen = None if connection is None else connection.checkpointed_uuid
+                if connection is None or frozen not in (None, self.core.devices[device].uuid):
+                    return None  # (a checkpointed process moves to another GPU at its grant)
+                return kernel.kernel_id
         return None
+
+    async def _wake(self, swap: Swap, connection: KernelConnection) -> None:
+        """Driver tier, for a swap: bring the incoming kernel's process back onto the device
+        ahead of its grant, its context booked there, so its tensors can follow meanwhile."""
+        try:
+            await self._driver_restore(swap.incoming, swap.device)
+        except (CheckpointError, ValueError) as err:
+            self.log.warning(
+                "jupyter-singularity: %s restores after its grant: the driver could not bring "
+                "it back for a swap: %s",
+                swap.incoming,
+                err,
+            )
+            return
+        finally:
+            connection.waking = None
+        if swap.incoming not in self.core.kernels:
+            return
+        self._apply(self.core.context_back(swap.incoming, swap.device, swap.context, self.clock()))
+        swap.woken = True
+        if not swap.revoked and self._claims(swap):
+            self._give_room(swap)
 
     def _claims(self, swap: Swap) -> bool:
         """Whether the room is still the incoming kernel's: its request claims the device, or
@@ -162,8 +203,10 @@ class SwapRoom:
     def _give_room(self, swap: Swap) -> None:
         """Pass on the room free since the swap began and freed by its victims, at most the
         incoming kernel's state, when it grew."""
-        state = self.core.kernels[swap.incoming].host_bytes
-        room = min(state, swap.free + sum(swap.freed.values()))
+        if swap.context and not swap.woken:
+            return
+        state = self.core.kernels[swap.incoming].host_bytes - swap.context
+        room = min(state, swap.free - swap.context + sum(swap.freed.values()))
         if room > swap.given:
             swap.given = room
             self._spawn(self._rpc.push(swap.incoming, "room", {"bytes": room}))
