@@ -412,7 +412,7 @@ class Check:
         figure(
             "swap_incoming_checkpointed_by_the_driver",
             [pool.get(f"swap_{index}_incoming_checkpointed") for index in (1, 2)],
-            "info: such a kernel restores after the grant, not during the eviction",
+            "info: the driver brings such a kernel back first, out of the room free beside the victim",
         )
         figure(
             "swap_victim_offload_gbps",

@@ -161,8 +161,8 @@ async def _swap(server: PoolServer, incoming: str, victim: str, digest: str) -> 
     """``incoming`` (offloaded, its state in host memory) runs a cell reserving the whole device
     but half the idle ``victim``'s booking (its CUDA context stays within that half): the broker
     evicts the victim while the incoming kernel restores, into the room free beside the victim
-    and what the victim frees. A kernel whose context the driver tier checkpointed restores
-    after the grant instead (docs/admin.md, "Swaps overlap"): whether it was is recorded."""
+    and what the victim frees. A kernel whose context the driver tier checkpointed is brought
+    back by the driver first (docs/admin.md, "Swaps overlap"): whether it was is recorded."""
     booked = _idle(server, victim)["gpu_bytes"]
     total = server.api("singularity/api/pool")["devices"][0]["total_bytes"]
     reserve = (total - booked // 2) >> 20
