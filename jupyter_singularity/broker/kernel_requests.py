@@ -64,7 +64,7 @@ class KernelConnection:
     """UUID of the GPU the driver tier checkpointed this kernel's process off, if it did."""
     driver_bytes: int = 0
     """GPU memory of the process the driver tier keeps in host memory while it holds it."""
-    waking: asyncio.Task | None = None
+    waking: asyncio.Future | None = None
     """The driver tier bringing the process back ahead of its grant, for a swap (see .swaps)."""
     unusable: str = ""
     """Why the process cannot use CUDA any more (a failed driver checkpoint left it so): its GPU

@@ -677,10 +677,11 @@ class BrokerService(KernelRequests, StateMoves, Watchdog, KeptLeases):
         if waiter is not None and not waiter.done():
             waiter.set_result(reply)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Future:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)

@@ -72,7 +72,7 @@ class SwapRoom:
     offload_timeout: float
     _rpc: RPCServer
     _connections: dict[str, KernelConnection]
-    _spawn: Callable[[Any], None]
+    _spawn: Callable[[Any], asyncio.Future]
     _answer_grant: Callable[[Grant], None]
     _apply: Callable[[list[Action]], None]
     _driver_restore: Callable[[str, int], Awaitable[None]]
@@ -97,7 +97,7 @@ class SwapRoom:
                 if swap.free < connection.driver_bytes:
                     return False  # no room for its context: it restores after its grant
                 swap.context = connection.driver_bytes
-                connection.waking = asyncio.ensure_future(self._wake(swap, connection))
+                connection.waking = self._spawn(self._wake(swap, connection))
             table[incoming] = swap
         elif swap.revoked:
             return False
