@@ -527,6 +527,27 @@ def test_resident_kernel_quota_offloads_own_idle_kernels_or_denies():
     assert "resident-kernel quota: 1 of 1" in deny.reason
 
 
+def test_a_kernel_waiting_with_its_state_on_a_gpu_counts_against_the_resident_quota():
+    """A kernel whose request waits while its state stays on the GPU (an offload that could
+    free nothing) is resident whatever comes of that request: another kernel of the user is not
+    granted beside it (found by the state machine, where that request was then denied and left
+    the kernel resident beside the one granted meanwhile)."""
+    core = make(
+        sim("1x16GiB"),
+        quotas={"user:alice": {"max_resident_kernels": 1}},
+        kernels={"a1": "alice", "a2": "alice"},
+    )
+    run_cell(core, "a1", "r1", T0, T0 + 1, peak=GiB)
+    assert ids(core.offload("a1", T0 + 2), Offload) == ["a1"]
+    assert of(core.acquire("a2", "r2", T0 + 3, memory=GiB), Wait)  # a1 is leaving
+    assert of(core.acquire("a1", "r3", T0 + 4, memory=6 * GiB), Wait)  # for its offload
+    # Its offload freed nothing: a1 waits with its state on the GPU; a2's request comes first.
+    actions = core.offloaded("a1", T0 + 5, host_bytes=0, gpu_bytes=GiB // 8)
+    assert [grant.kernel_id for grant in of(actions, Grant)] == ["a1"]
+    assert "resident-kernel quota" in one(actions, Deny).reason
+    assert core.kernels["a2"].state == S.COLD
+
+
 def test_quota_changes_apply_to_waiting_requests():
     core = make(kernels={"a1": "alice", "a2": "alice"})
     core.acquire("a1", "r1", T0, memory=GiB)

@@ -402,8 +402,9 @@ class Placement:
         return _NO_KERNELS, "", f"{what}; offload or unpin one of them first"
 
 
-_HOLDING_STATES = frozenset((*LEASE_STATES, KernelState.RESIDENT))
-"""States of a kernel that counts against its user's resident-kernel quota."""
+_HOLDING_STATES = frozenset((*LEASE_STATES, KernelState.RESIDENT, KernelState.QUEUED))
+"""States of a kernel on a device that counts against its user's resident-kernel quota (queued:
+a request of a kernel that holds GPU state there waits, or it will be denied and stay)."""
 
 
 @dataclass
