@@ -467,6 +467,10 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
 
     # ---------------------------------------------------------------------------------- queries
 
+    def booked_by(self, user: str) -> int:
+        """GPU memory the user's kernels book, on every device."""
+        return sum(kernel.booking() for kernel in self._by_user.get(user, {}).values())
+
     def limits(self, user: str, groups: Iterable[str] = ()) -> Limits:
         key = (user, tuple(groups))
         limits = self._limits_cache.get(key)

@@ -114,8 +114,7 @@ class SwapRoom:
         kernel = core.kernels[incoming]
         quota = core.limits(kernel.user, kernel.groups).gpu_memory
         if quota is not None:
-            held = sum(k.booking() for k in core.kernels.values() if k.user == kernel.user)
-            free = min(free, quota - held)
+            free = min(free, quota - core.booked_by(kernel.user))
         return max(0, free)
 
     def _incoming_on(self, device: int) -> str | None:
