@@ -981,6 +981,103 @@ async def test_a_swap_brings_a_checkpointed_kernel_back_first_and_gives_it_room_
 
 
 @needs_cc
+async def test_a_kernel_whose_request_ends_while_a_swap_wakes_it_goes_back_to_the_driver(
+    fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver brings a checkpointed kernel back for a swap, and its request ends meanwhile
+    (the cell was interrupted): the driver takes the process back, as it was before the swap,
+    rather than leave its context on the GPU with no booking; its next grant restores it."""
+    rooms: list[dict] = []
+    let_go, restoring, restore_may_end = threading.Event(), threading.Event(), threading.Event()
+
+    def victim_offload(body: dict) -> dict:
+        let_go.wait(10)
+        # Nothing left for the driver: the fake knows one process, the incoming kernel's here.
+        return {"host_bytes": STATE, "gpu_bytes": 0}
+
+    policy = Policy(host_memory_limit=64 * GiB, migration=False)
+    async with fake_driver_pool(fake, tmp_path, policy) as pool:
+        service, ask = pool.service, pool.ask
+        incoming = await pool.kernel("k1", room=lambda body: rooms.append(body) or None)
+        await pool.run_cell(incoming, "k1", "r1")
+        service.offload("k1")
+        await _until(lambda: service.kernel("k1")["context"]["checkpointed"])
+        victim = await pool.kernel("k2", offload=victim_offload)
+        await ask(victim, "acquire", {"request_id": "r1", "memory": STATE, "bound_uuid": GPU_A})
+        victim.send("release", {"request_id": "r1", "peak_bytes": STATE, "gpu_bytes": STATE})
+        await _until(lambda: service.kernel("k2")["state"] == "resident")
+        driver_restore = service._driver.restore
+
+        def slow_restore(pid: int, pairs: Any = ()) -> float:
+            restoring.set()
+            restore_may_end.wait(10)
+            return driver_restore(pid, pairs)
+
+        monkeypatch.setattr(service._driver, "restore", slow_restore)
+        cell = asyncio.ensure_future(ask(incoming, "acquire", {"request_id": "r2"}))
+        await _until(restoring.is_set)  # the swap is waking it
+        incoming.send("cancel", {"request_id": "r2"})
+        assert (await cell)["granted"] is False
+        let_go.set()
+        await _until(lambda: service.kernel("k2")["state"] == "offloaded")
+        restore_may_end.set()
+        await _until(lambda: fake.calls()[-4:] == ["restore", "unlock", "lock", "checkpoint"])
+        record = await _until(lambda: (r := service.kernel("k1"))["context"]["checkpointed"] and r)
+        assert (record["state"], record["device"], record["gpu_bytes"]) == ("offloaded", None, 0)
+        assert record["host_bytes"] == STATE + CONTEXT  # the driver's copy, beside the tensors'
+        assert rooms == []  # no room while the process was not the kernel's to use
+        grant = await ask(incoming, "acquire", {"request_id": "r3"})
+        assert grant["granted"] and grant["restore"] and fake.calls()[-2:] == ["restore", "unlock"]
+
+
+@needs_cc
+async def test_a_kernel_placed_on_another_gpu_while_a_swap_wakes_it_migrates_there(
+    fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver brings a checkpointed kernel back onto GPU A for a swap, and meanwhile GPU B
+    frees up and its request is granted there: the driver takes the process back once it is
+    done, and the grant then brings it onto B (a UUID remap), not leaving it on A."""
+    let_go, restoring, restore_may_end = threading.Event(), threading.Event(), threading.Event()
+
+    def victim_offload(body: dict) -> dict:
+        let_go.wait(10)
+        return {"host_bytes": STATE, "gpu_bytes": 0}  # (the fake knows one process: k1's)
+
+    async with fake_driver_pool(fake, tmp_path, Policy(host_memory_limit=64 * GiB)) as pool:
+        service, ask = pool.service, pool.ask
+        incoming = await pool.kernel("k1")
+        await pool.run_cell(incoming, "k1", "r1")
+        service.offload("k1")
+        await _until(lambda: service.kernel("k1")["context"]["checkpointed"])
+        victim = await pool.kernel("k2", offload=victim_offload)
+        await ask(victim, "acquire", {"request_id": "r1", "memory": STATE, "bound_uuid": GPU_A})
+        victim.send("release", {"request_id": "r1", "peak_bytes": STATE, "gpu_bytes": STATE})
+        await _until(lambda: service.kernel("k2")["state"] == "resident")
+        busy = await pool.kernel("k3")  # runs a cell on B: the incoming kernel claims A
+        await ask(busy, "acquire", {"request_id": "r1", "memory": STATE, "bound_uuid": GPU_B})
+        driver_restore = service._driver.restore
+
+        def slow_restore(pid: int, pairs: Any = ()) -> float:
+            restoring.set()
+            restore_may_end.wait(10)
+            return driver_restore(pid, pairs)
+
+        monkeypatch.setattr(service._driver, "restore", slow_restore)
+        cell = asyncio.ensure_future(ask(incoming, "acquire", {"request_id": "r2"}))
+        await _until(restoring.is_set)  # the swap is waking it, onto A
+        assert not fake.pairs()
+        service.unregister_kernel("k3")  # B is free: the request is granted there at once
+        await _until(lambda: (service.kernel("k1")["lease"] or {}).get("device") == 1)
+        restore_may_end.set()
+        grant = await cell
+        assert grant["granted"] and grant["device"]["uuid"] == GPU_B
+        assert fake.calls()[-6:] == ["restore", "unlock", "lock", "checkpoint", "restore", "unlock"]
+        a, b = (bytes(gpu_uuid_to_cuuuid(u).bytes) for u in (GPU_A, GPU_B))
+        assert fake.pairs() == [(a, b)]
+        let_go.set()
+
+
+@needs_cc
 async def test_state_the_tensor_tier_refuses_goes_whole_with_the_driver_tier(
     fake: Fake, tmp_path: Path
 ) -> None:

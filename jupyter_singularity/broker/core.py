@@ -325,14 +325,21 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         return self._drain()
 
     def context_back(self, kernel_id: str, device: int, nbytes: int, now: float) -> list[Action]:
-        """The driver tier brought a queued kernel's process back onto ``device`` ahead of its
-        grant (a swap: see broker/swaps.py): its CUDA context is booked there, as one the driver
-        tier never took, until its restore."""
+        """The driver tier brought the process of a kernel whose state is off the GPU back onto
+        ``device`` ahead of its grant (a swap: see broker/swaps.py): its CUDA context (``nbytes``,
+        in host memory until now) is booked there, as one the driver tier never took, until its
+        restore."""
         kernel = self._kernel(kernel_id)
-        if kernel.state != KernelState.QUEUED or kernel.device not in (None, device):
+        off = (KernelState.QUEUED, KernelState.OFFLOADED, KernelState.SPILLED)
+        if (
+            kernel.state not in off
+            or kernel.lease is not None
+            or kernel.device not in (None, device)
+        ):
             return []  # granted meanwhile: its lease books the device
         self._move(kernel, device)
         kernel.gpu_bytes = nbytes
+        self._hold_host(kernel, max(0, kernel.host_bytes - nbytes))
         self._schedule(now)
         return self._drain()
 

@@ -97,7 +97,9 @@ class StateMoves(SwapRoom):
         else:
             self._stash_transfer(action.kernel_id, reply)
             host_bytes, gpu_bytes = reply["host_bytes"], reply["gpu_bytes"]
-            if gpu_bytes and await self._checkpoint_context(action, host_bytes, gpu_bytes):
+            if gpu_bytes and await self._checkpoint_context(
+                action.kernel_id, action.device, host_bytes, gpu_bytes
+            ):
                 # What was left on the GPU is now in host memory, the driver's copy of it.
                 host_bytes, gpu_bytes = host_bytes + gpu_bytes, 0
             connection = self._connections.get(action.kernel_id)
@@ -181,18 +183,18 @@ class StateMoves(SwapRoom):
             )
 
     async def _checkpoint_context(
-        self, action: Offload, host_bytes: int, context_bytes: int
+        self, kernel_id: str, device: int, host_bytes: int, context_bytes: int
     ) -> bool:
         """Driver tier: checkpoint what the tensor tier left (``context_bytes``: the CUDA context)
-        off the GPU, into host memory beside the kernel's ``host_bytes``, if the host budget has
-        room for it. A failure that leaves the process unable to use CUDA marks its connection
-        ``unusable`` (see :meth:`_left_unusable`)."""
-        connection = self._connections.get(action.kernel_id)
+        off GPU ``device``, into host memory beside the kernel's ``host_bytes``, if the host
+        budget has room for it. A failure that leaves the process unable to use CUDA marks its
+        connection ``unusable`` (see :meth:`_left_unusable`)."""
+        connection = self._connections.get(kernel_id)
         if connection is None or connection.pid is None or not self.driver_capability.available:
             if connection is not None:
                 connection.context_note = self.driver_capability.reason or "process unknown"
             return False
-        if not self.core.reserve_driver_copy(action.kernel_id, host_bytes + context_bytes):
+        if not self.core.reserve_driver_copy(kernel_id, host_bytes + context_bytes):
             connection.context_note = (
                 f"host memory has no room for the driver's copy of the CUDA context "
                 f"({format_size(context_bytes)}) within host_memory_limit or the user's "
@@ -203,21 +205,21 @@ class StateMoves(SwapRoom):
             seconds = await asyncio.to_thread(self._driver.checkpoint, connection.pid)
         except (CheckpointError, ValueError) as err:
             connection.context_note = str(err)
-            if not self._left_unusable(action.kernel_id, connection, err):
+            if not self._left_unusable(kernel_id, connection, err):
                 self.log.warning(
                     "jupyter-singularity: %s keeps its CUDA context on the GPU: %s",
-                    action.kernel_id,
+                    kernel_id,
                     err,
                 )
             return False
-        connection.checkpointed_uuid = self.core.devices[action.device].uuid
+        connection.checkpointed_uuid = self.core.devices[device].uuid
         connection.driver_bytes = context_bytes
         connection.context_note = ""
         connection.context_seconds["checkpoint"] = seconds
         self.log.info(
             "jupyter-singularity: %s checkpointed off GPU %d in %.2f s",
-            action.kernel_id,
-            action.device,
+            kernel_id,
+            device,
             seconds,
         )
         return True

@@ -76,6 +76,7 @@ class SwapRoom:
     _answer_grant: Callable[[Grant], None]
     _apply: Callable[[list[Action]], None]
     _driver_restore: Callable[[str, int], Awaitable[None]]
+    _checkpoint_context: Callable[[str, int, int, int], Awaitable[bool]]
     clock: Callable[[], float]
     _swaps: dict[str, Swap]
     """Each swap under way, by its incoming kernel and by each of its victims."""
@@ -143,25 +144,43 @@ class SwapRoom:
 
     async def _wake(self, swap: Swap, connection: KernelConnection) -> None:
         """Driver tier, for a swap: bring the incoming kernel's process back onto the device
-        ahead of its grant, its context booked there, so its tensors can follow meanwhile."""
+        ahead of its grant, its context booked there, so its tensors can follow meanwhile.
+
+        If by then its request no longer claims the device (it ended, or the kernel is placed on
+        another GPU), the driver takes the process back, as it was before the swap: its grant
+        then brings it back onto the GPU it is granted (a grant waits for all this)."""
         try:
-            await self._driver_restore(swap.incoming, swap.device)
-        except (CheckpointError, ValueError) as err:
-            self.log.warning(
-                "jupyter-singularity: %s restores after its grant: the driver could not bring "
-                "it back for a swap: %s",
-                swap.incoming,
-                err,
-            )
-            return
+            try:
+                await self._driver_restore(swap.incoming, swap.device)
+            except (CheckpointError, ValueError) as err:
+                self.log.warning(
+                    "jupyter-singularity: %s restores after its grant: the driver could not "
+                    "bring it back for a swap: %s",
+                    swap.incoming,
+                    err,
+                )
+                return
+            kernel = self.core.kernels.get(swap.incoming)
+            if kernel is None:
+                return
+            if not self._claims(swap):
+                state = kernel.host_bytes - swap.context
+                if await self._checkpoint_context(swap.incoming, swap.device, state, swap.context):
+                    return
+                self.log.warning(  # (its context stays booked on the device, as if never taken)
+                    "jupyter-singularity: %s keeps its CUDA context on GPU %d: its request moved "
+                    "or ended while a swap brought it back, and the driver could not take it "
+                    "again",
+                    swap.incoming,
+                    swap.device,
+                )
+            now = self.clock()
+            self._apply(self.core.context_back(swap.incoming, swap.device, swap.context, now))
+            swap.woken = True
+            if not swap.revoked and self._claims(swap):
+                self._give_room(swap)
         finally:
             connection.waking = None
-        if swap.incoming not in self.core.kernels:
-            return
-        self._apply(self.core.context_back(swap.incoming, swap.device, swap.context, self.clock()))
-        swap.woken = True
-        if not swap.revoked and self._claims(swap):
-            self._give_room(swap)
 
     def _claims(self, swap: Swap) -> bool:
         """Whether the room is still the incoming kernel's: its request claims the device, or
@@ -204,7 +223,7 @@ class SwapRoom:
         incoming kernel's state, when it grew."""
         if swap.context and not swap.woken:
             return
-        state = self.core.kernels[swap.incoming].host_bytes - swap.context
+        state = self.core.kernels[swap.incoming].host_bytes  # (its context left it, woken)
         room = min(state, swap.free - swap.context + sum(swap.freed.values()))
         if room > swap.given:
             swap.given = room
