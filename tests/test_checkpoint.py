@@ -45,7 +45,7 @@ from jupyter_singularity.broker.checkpoint import (
     gpu_uuid_to_cuuuid,
     restore_args_layout,
 )
-from jupyter_singularity.broker.identity import server_owner
+from jupyter_singularity.broker.identity import Identity, server_owner
 from jupyter_singularity.broker.ledger import Ledger
 from jupyter_singularity.broker.model import Policy
 from jupyter_singularity.broker.processes import kernel_pid
@@ -819,9 +819,11 @@ class Pool:
         self.service = service
         self.clients: list[BrokerClient] = []
 
-    async def kernel(self, kernel_id: str, **handlers: Any) -> BrokerClient:
+    async def kernel(
+        self, kernel_id: str, identity: Identity | None = None, **handlers: Any
+    ) -> BrokerClient:
         """A registered kernel that said hello; its tensor tier moves STATE, leaves CONTEXT."""
-        env = self.service.register_kernel(kernel_id, server_owner()).env
+        env = self.service.register_kernel(kernel_id, identity or server_owner()).env
         client = BrokerClient(env[ENV_BROKER_URL], kernel_id, env[ENV_KERNEL_KEY].encode())
         client.on("offload", lambda body: {"host_bytes": STATE, "gpu_bytes": CONTEXT})
         for type, handler in handlers.items():
@@ -1075,6 +1077,58 @@ async def test_a_kernel_placed_on_another_gpu_while_a_swap_wakes_it_migrates_the
         a, b = (bytes(gpu_uuid_to_cuuuid(u).bytes) for u in (GPU_A, GPU_B))
         assert fake.pairs() == [(a, b)]
         let_go.set()
+
+
+@needs_cc
+async def test_a_grant_over_a_context_a_swap_is_waking_waits_until_the_driver_took_it_back(
+    fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver brings a checkpointed kernel back for a swap, into room no booking holds; a
+    request of a user with no GPU time today overtakes it, and is granted too much of the GPU
+    for that context beside it. That grant is told only once the driver has taken the context
+    back off the GPU: the device never holds both."""
+    let_go, restoring, restore_may_end = threading.Event(), threading.Event(), threading.Event()
+
+    def victim_offload(body: dict) -> dict:
+        let_go.wait(10)
+        return {"host_bytes": STATE, "gpu_bytes": 0}  # (the fake knows one process: k1's)
+
+    policy = Policy(host_memory_limit=64 * GiB, migration=False, fair_share_rate=1e9)
+    async with fake_driver_pool(fake, tmp_path, policy) as pool:
+        service, ask = pool.service, pool.ask
+        incoming = await pool.kernel("k1")
+        await pool.run_cell(incoming, "k1", "r1")
+        service.offload("k1")
+        await _until(lambda: service.kernel("k1")["context"]["checkpointed"])
+        victim = await pool.kernel("k2", offload=victim_offload)
+        await ask(victim, "acquire", {"request_id": "r1", "memory": STATE, "bound_uuid": GPU_A})
+        victim.send("release", {"request_id": "r1", "peak_bytes": STATE, "gpu_bytes": STATE})
+        await _until(lambda: service.kernel("k2")["state"] == "resident")
+        other = await pool.kernel("q", Identity("quinn", (), uid=os.getuid()))
+        driver_restore = service._driver.restore
+
+        def slow_restore(pid: int, pairs: Any = ()) -> float:
+            restoring.set()
+            restore_may_end.wait(10)
+            return driver_restore(pid, pairs)
+
+        monkeypatch.setattr(service._driver, "restore", slow_restore)
+        incoming_cell = asyncio.ensure_future(ask(incoming, "acquire", {"request_id": "r2"}))
+        await _until(restoring.is_set)  # the swap is waking it, out of the 4 GiB free
+        big = {"request_id": "r1", "memory": 16 * GiB - CONTEXT // 2, "bound_uuid": GPU_A}
+        other_cell = asyncio.ensure_future(ask(other, "acquire", big))
+        await _until(lambda: service.kernel("q")["state"] == "queued")
+        let_go.set()  # the victim is off the GPU: quinn goes first
+        await _until(lambda: (service.kernel("q")["lease"] or {}).get("device") == 0)
+        await asyncio.sleep(0.3)
+        assert not other_cell.done()  # granted in the core, not told while the context lands
+        restore_may_end.set()
+        assert (await other_cell)["granted"]
+        assert fake.calls()[-4:] == ["restore", "unlock", "lock", "checkpoint"]
+        assert service.kernel("k1")["context"]["checkpointed"] is True
+        other.send("release", {"request_id": "r1", "peak_bytes": GiB, "gpu_bytes": GiB})
+        assert (await incoming_cell)["granted"]
+        assert fake.calls()[-2:] == ["restore", "unlock"]
 
 
 @needs_cc

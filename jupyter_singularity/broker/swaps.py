@@ -54,6 +54,8 @@ class Swap:
     context: int = 0
     """The incoming kernel's CUDA context, which the driver tier holds checkpointed: brought
     back onto the device first, out of ``free``; no room is given before."""
+    waking: bool = False
+    """The driver is bringing the context back: it lands in room no booking holds yet."""
     woken: bool = False
     freed: dict[str, int] = field(default_factory=dict)
     """Bytes freed so far, by victim (those still offloading, and those done)."""
@@ -95,9 +97,9 @@ class SwapRoom:
             swap = Swap(incoming, action.device, self._unbooked(incoming, action))
             connection = self._connections[incoming]
             if connection.checkpointed_uuid is not None:
-                if swap.free < connection.driver_bytes:
-                    return False  # no room for its context: it restores after its grant
-                swap.context = connection.driver_bytes
+                if swap.free < connection.driver_bytes or connection.waking is not None:
+                    return False  # no room for its context (or an earlier swap's wake is on)
+                swap.context, swap.waking = connection.driver_bytes, True
                 connection.waking = self._spawn(self._wake(swap, connection))
             table[incoming] = swap
         elif swap.revoked:
@@ -147,8 +149,9 @@ class SwapRoom:
         ahead of its grant, its context booked there, so its tensors can follow meanwhile.
 
         If by then its request no longer claims the device (it ended, or the kernel is placed on
-        another GPU), the driver takes the process back, as it was before the swap: its grant
-        then brings it back onto the GPU it is granted (a grant waits for all this)."""
+        another GPU), or the room was taken back meanwhile, the driver takes the process back,
+        as it was before the swap: its grant then brings it back onto the GPU it is granted (a
+        grant waits for all this), and a grant that took the room back is told then."""
         try:
             try:
                 await self._driver_restore(swap.incoming, swap.device)
@@ -163,13 +166,13 @@ class SwapRoom:
             kernel = self.core.kernels.get(swap.incoming)
             if kernel is None:
                 return
-            if not self._claims(swap):
+            if swap.revoked or not self._claims(swap):
                 state = kernel.host_bytes - swap.context
                 if await self._checkpoint_context(swap.incoming, swap.device, state, swap.context):
                     return
                 self.log.warning(  # (its context stays booked on the device, as if never taken)
-                    "jupyter-singularity: %s keeps its CUDA context on GPU %d: its request moved "
-                    "or ended while a swap brought it back, and the driver could not take it "
+                    "jupyter-singularity: %s keeps its CUDA context on GPU %d: a swap brought it "
+                    "back, the room was no longer its own, and the driver could not take it "
                     "again",
                     swap.incoming,
                     swap.device,
@@ -181,6 +184,11 @@ class SwapRoom:
                 self._give_room(swap)
         finally:
             connection.waking = None
+            swap.waking = False
+            if swap.revoked and not swap.given:
+                swap.returned.set()
+            if not swap.victims and self._settled(swap):
+                self._drop_swap(swap)
 
     def _claims(self, swap: Swap) -> bool:
         """Whether the room is still the incoming kernel's: its request claims the device, or
@@ -198,7 +206,7 @@ class SwapRoom:
         swap.revoked = reason
         if swap.given:
             self._spawn(self._rpc.push(swap.incoming, "room", {"revoke": reason}))
-        else:
+        elif not swap.waking:  # (else once the driver took the context back: see _wake)
             swap.returned.set()  # it never had any
 
     def _on_freed(
@@ -275,22 +283,24 @@ class SwapRoom:
             if swap.device != grant.device or self._settled(swap):
                 continue
             device = self.core.devices[grant.device]
-            if device.total_bytes - self.core.device_bookings()[grant.device] >= swap.given:
+            lent = swap.given + (swap.context if swap.waking else 0)
+            if device.total_bytes - self.core.device_bookings()[grant.device] >= lent:
                 continue  # the room fits beside every booking
             self._revoke(swap, "another request was granted this GPU first")
             return swap
         return None
 
     def _settled(self, swap: Swap) -> bool:
-        """Whether the room of ``swap`` needs no more watching: none was given, it came back,
-        its kernel's process is gone (its memory with it; a kernel restarted under the same id
-        is cold) or it was granted this GPU (the room is booked)."""
+        """Whether the room of ``swap`` needs no more watching: its kernel's process is gone
+        (its memory with it; a kernel restarted under the same id is cold), or no context is
+        landing in it and none was given, it came back, or it was granted this GPU (the room is
+        booked)."""
         kernel = self.core.kernels.get(swap.incoming)
-        return (
+        if kernel is None or kernel.state == KernelState.COLD:
+            return True
+        return not swap.waking and (
             not swap.given
             or swap.returned.is_set()
-            or kernel is None
-            or kernel.state == KernelState.COLD
             or (kernel.lease is not None and kernel.lease.device == swap.device)
         )
 
