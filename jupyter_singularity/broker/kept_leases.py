@@ -13,6 +13,7 @@ is held) and charges it up to the end of its last cell: the release says how lon
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,7 @@ class KeptLeases:
 
     core: BrokerCore
     _rpc: RPCServer
-    _spawn: Callable[[Any], None]
+    _spawn: Callable[[Any], asyncio.Future]
     _keepable: dict[str, str]
 
     def _keep_seconds(self, grant: Grant) -> float:

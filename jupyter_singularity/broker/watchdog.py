@@ -46,7 +46,7 @@ class Watchdog:
     _rpc: RPCServer
     _connections: dict[str, KernelConnection]
     _apply: Callable[[list[Action]], None]
-    _spawn: Callable[[Any], None]
+    _spawn: Callable[[Any], asyncio.Future]
     _left_unusable: Callable[[str, KernelConnection, Exception], bool]
     inventory: DeviceInventory
     unregister_kernel: Callable[..., None]
