@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import logging
 import os
 import re
@@ -982,6 +983,44 @@ async def test_a_swap_brings_a_checkpointed_kernel_back_first_and_gives_it_room_
         await _until(lambda: service.kernel("k1")["state"] == "running")
 
 
+@dataclasses.dataclass
+class Waking:
+    """Kernel k1 checkpointed off GPU A, k2 resident there with STATE: k1's next request evicts
+    k2, whose offload waits for ``let_go``, and the driver brings k1 back for the swap, its
+    restore begun (``restoring``) and held until ``restore_may_end``."""
+
+    incoming: BrokerClient
+    let_go: threading.Event = dataclasses.field(default_factory=threading.Event)
+    restoring: threading.Event = dataclasses.field(default_factory=threading.Event)
+    restore_may_end: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+async def _waking(pool: Pool, monkeypatch: pytest.MonkeyPatch, **handlers: Any) -> Waking:
+    service = pool.service
+    waking = Waking(await pool.kernel("k1", **handlers))
+    await pool.run_cell(waking.incoming, "k1", "r1")
+    service.offload("k1")
+    await _until(lambda: service.kernel("k1")["context"]["checkpointed"])
+
+    def victim_offload(body: dict) -> dict:
+        waking.let_go.wait(10)
+        return {"host_bytes": STATE, "gpu_bytes": 0}  # (the fake knows one process: k1's)
+
+    victim = await pool.kernel("k2", offload=victim_offload)
+    await pool.ask(victim, "acquire", {"request_id": "r1", "memory": STATE, "bound_uuid": GPU_A})
+    victim.send("release", {"request_id": "r1", "peak_bytes": STATE, "gpu_bytes": STATE})
+    await _until(lambda: service.kernel("k2")["state"] == "resident")
+    driver_restore = service._driver.restore
+
+    def held_restore(pid: int, pairs: Any = ()) -> float:
+        waking.restoring.set()
+        waking.restore_may_end.wait(10)
+        return driver_restore(pid, pairs)
+
+    monkeypatch.setattr(service._driver, "restore", held_restore)
+    return waking
+
+
 @needs_cc
 async def test_a_kernel_whose_request_ends_while_a_swap_wakes_it_goes_back_to_the_driver(
     fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -990,39 +1029,18 @@ async def test_a_kernel_whose_request_ends_while_a_swap_wakes_it_goes_back_to_th
     (the cell was interrupted): the driver takes the process back, as it was before the swap,
     rather than leave its context on the GPU with no booking; its next grant restores it."""
     rooms: list[dict] = []
-    let_go, restoring, restore_may_end = threading.Event(), threading.Event(), threading.Event()
-
-    def victim_offload(body: dict) -> dict:
-        let_go.wait(10)
-        # Nothing left for the driver: the fake knows one process, the incoming kernel's here.
-        return {"host_bytes": STATE, "gpu_bytes": 0}
-
     policy = Policy(host_memory_limit=64 * GiB, migration=False)
     async with fake_driver_pool(fake, tmp_path, policy) as pool:
         service, ask = pool.service, pool.ask
-        incoming = await pool.kernel("k1", room=lambda body: rooms.append(body) or None)
-        await pool.run_cell(incoming, "k1", "r1")
-        service.offload("k1")
-        await _until(lambda: service.kernel("k1")["context"]["checkpointed"])
-        victim = await pool.kernel("k2", offload=victim_offload)
-        await ask(victim, "acquire", {"request_id": "r1", "memory": STATE, "bound_uuid": GPU_A})
-        victim.send("release", {"request_id": "r1", "peak_bytes": STATE, "gpu_bytes": STATE})
-        await _until(lambda: service.kernel("k2")["state"] == "resident")
-        driver_restore = service._driver.restore
-
-        def slow_restore(pid: int, pairs: Any = ()) -> float:
-            restoring.set()
-            restore_may_end.wait(10)
-            return driver_restore(pid, pairs)
-
-        monkeypatch.setattr(service._driver, "restore", slow_restore)
+        waking = await _waking(pool, monkeypatch, room=lambda body: rooms.append(body) or None)
+        incoming = waking.incoming
         cell = asyncio.ensure_future(ask(incoming, "acquire", {"request_id": "r2"}))
-        await _until(restoring.is_set)  # the swap is waking it
+        await _until(waking.restoring.is_set)
         incoming.send("cancel", {"request_id": "r2"})
         assert (await cell)["granted"] is False
-        let_go.set()
+        waking.let_go.set()
         await _until(lambda: service.kernel("k2")["state"] == "offloaded")
-        restore_may_end.set()
+        waking.restore_may_end.set()
         await _until(lambda: fake.calls()[-4:] == ["restore", "unlock", "lock", "checkpoint"])
         record = await _until(lambda: (r := service.kernel("k1"))["context"]["checkpointed"] and r)
         assert (record["state"], record["device"], record["gpu_bytes"]) == ("offloaded", None, 0)
@@ -1039,44 +1057,23 @@ async def test_a_kernel_placed_on_another_gpu_while_a_swap_wakes_it_migrates_the
     """The driver brings a checkpointed kernel back onto GPU A for a swap, and meanwhile GPU B
     frees up and its request is granted there: the driver takes the process back once it is
     done, and the grant then brings it onto B (a UUID remap), not leaving it on A."""
-    let_go, restoring, restore_may_end = threading.Event(), threading.Event(), threading.Event()
-
-    def victim_offload(body: dict) -> dict:
-        let_go.wait(10)
-        return {"host_bytes": STATE, "gpu_bytes": 0}  # (the fake knows one process: k1's)
-
     async with fake_driver_pool(fake, tmp_path, Policy(host_memory_limit=64 * GiB)) as pool:
         service, ask = pool.service, pool.ask
-        incoming = await pool.kernel("k1")
-        await pool.run_cell(incoming, "k1", "r1")
-        service.offload("k1")
-        await _until(lambda: service.kernel("k1")["context"]["checkpointed"])
-        victim = await pool.kernel("k2", offload=victim_offload)
-        await ask(victim, "acquire", {"request_id": "r1", "memory": STATE, "bound_uuid": GPU_A})
-        victim.send("release", {"request_id": "r1", "peak_bytes": STATE, "gpu_bytes": STATE})
-        await _until(lambda: service.kernel("k2")["state"] == "resident")
+        waking = await _waking(pool, monkeypatch)
         busy = await pool.kernel("k3")  # runs a cell on B: the incoming kernel claims A
         await ask(busy, "acquire", {"request_id": "r1", "memory": STATE, "bound_uuid": GPU_B})
-        driver_restore = service._driver.restore
-
-        def slow_restore(pid: int, pairs: Any = ()) -> float:
-            restoring.set()
-            restore_may_end.wait(10)
-            return driver_restore(pid, pairs)
-
-        monkeypatch.setattr(service._driver, "restore", slow_restore)
-        cell = asyncio.ensure_future(ask(incoming, "acquire", {"request_id": "r2"}))
-        await _until(restoring.is_set)  # the swap is waking it, onto A
+        cell = asyncio.ensure_future(ask(waking.incoming, "acquire", {"request_id": "r2"}))
+        await _until(waking.restoring.is_set)  # onto A
         assert not fake.pairs()
         service.unregister_kernel("k3")  # B is free: the request is granted there at once
         await _until(lambda: (service.kernel("k1")["lease"] or {}).get("device") == 1)
-        restore_may_end.set()
+        waking.restore_may_end.set()
         grant = await cell
         assert grant["granted"] and grant["device"]["uuid"] == GPU_B
         assert fake.calls()[-6:] == ["restore", "unlock", "lock", "checkpoint", "restore", "unlock"]
         a, b = (bytes(gpu_uuid_to_cuuuid(u).bytes) for u in (GPU_A, GPU_B))
         assert fake.pairs() == [(a, b)]
-        let_go.set()
+        waking.let_go.set()
 
 
 @needs_cc
@@ -1087,42 +1084,21 @@ async def test_a_grant_over_a_context_a_swap_is_waking_waits_until_the_driver_to
     request of a user with no GPU time today overtakes it, and is granted too much of the GPU
     for that context beside it. That grant is told only once the driver has taken the context
     back off the GPU: the device never holds both."""
-    let_go, restoring, restore_may_end = threading.Event(), threading.Event(), threading.Event()
-
-    def victim_offload(body: dict) -> dict:
-        let_go.wait(10)
-        return {"host_bytes": STATE, "gpu_bytes": 0}  # (the fake knows one process: k1's)
-
     policy = Policy(host_memory_limit=64 * GiB, migration=False, fair_share_rate=1e9)
     async with fake_driver_pool(fake, tmp_path, policy) as pool:
         service, ask = pool.service, pool.ask
-        incoming = await pool.kernel("k1")
-        await pool.run_cell(incoming, "k1", "r1")
-        service.offload("k1")
-        await _until(lambda: service.kernel("k1")["context"]["checkpointed"])
-        victim = await pool.kernel("k2", offload=victim_offload)
-        await ask(victim, "acquire", {"request_id": "r1", "memory": STATE, "bound_uuid": GPU_A})
-        victim.send("release", {"request_id": "r1", "peak_bytes": STATE, "gpu_bytes": STATE})
-        await _until(lambda: service.kernel("k2")["state"] == "resident")
+        waking = await _waking(pool, monkeypatch)
         other = await pool.kernel("q", Identity("quinn", (), uid=os.getuid()))
-        driver_restore = service._driver.restore
-
-        def slow_restore(pid: int, pairs: Any = ()) -> float:
-            restoring.set()
-            restore_may_end.wait(10)
-            return driver_restore(pid, pairs)
-
-        monkeypatch.setattr(service._driver, "restore", slow_restore)
-        incoming_cell = asyncio.ensure_future(ask(incoming, "acquire", {"request_id": "r2"}))
-        await _until(restoring.is_set)  # the swap is waking it, out of the 4 GiB free
+        incoming_cell = asyncio.ensure_future(ask(waking.incoming, "acquire", {"request_id": "r2"}))
+        await _until(waking.restoring.is_set)  # out of the 4 GiB free
         big = {"request_id": "r1", "memory": 16 * GiB - CONTEXT // 2, "bound_uuid": GPU_A}
         other_cell = asyncio.ensure_future(ask(other, "acquire", big))
         await _until(lambda: service.kernel("q")["state"] == "queued")
-        let_go.set()  # the victim is off the GPU: quinn goes first
+        waking.let_go.set()  # the victim is off the GPU: quinn goes first
         await _until(lambda: (service.kernel("q")["lease"] or {}).get("device") == 0)
         await asyncio.sleep(0.3)
         assert not other_cell.done()  # granted in the core, not told while the context lands
-        restore_may_end.set()
+        waking.restore_may_end.set()
         assert (await other_cell)["granted"]
         assert fake.calls()[-4:] == ["restore", "unlock", "lock", "checkpoint"]
         assert service.kernel("k1")["context"]["checkpointed"] is True
