@@ -1108,6 +1108,39 @@ async def test_a_grant_over_a_context_a_swap_is_waking_waits_until_the_driver_to
 
 
 @needs_cc
+async def test_a_kernel_brought_back_for_a_swap_and_not_granted_goes_back_to_the_driver(
+    fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver brought a checkpointed kernel back for a swap (its context booked on the GPU)
+    and its cell then stops waiting: once it gave back the room it restored into, the driver
+    takes its process back, rather than leave its context on the GPU until its next cell."""
+    rooms: list[dict] = []
+    policy = Policy(host_memory_limit=64 * GiB, migration=False)
+    async with fake_driver_pool(fake, tmp_path, policy) as pool:
+        service, ask = pool.service, pool.ask
+        waking = await _waking(pool, monkeypatch, room=lambda body: rooms.append(body) or None)
+        waking.restore_may_end.set()  # (the driver brings it back at once)
+        incoming = waking.incoming
+        cell = asyncio.ensure_future(ask(incoming, "acquire", {"request_id": "r2"}))
+        await _until(lambda: rooms == [{"bytes": 4 * GiB - CONTEXT}])
+        record = service.kernel("k1")
+        assert (record["device"], record["gpu_bytes"], record["host_bytes"]) == (0, CONTEXT, STATE)
+        incoming.send("cancel", {"request_id": "r2"})
+        assert (await cell)["granted"] is False
+        await asyncio.sleep(0.2)
+        assert fake.calls()[-2:] == ["restore", "unlock"]  # its early restore may still be on
+        incoming.send("room_returned", {})  # undone
+        await _until(lambda: fake.calls()[-2:] == ["lock", "checkpoint"])
+        record = await _until(lambda: (r := service.kernel("k1"))["device"] is None and r)
+        assert record["context"]["checkpointed"] is True
+        assert (record["gpu_bytes"], record["booked_bytes"]) == (0, 0)
+        assert record["host_bytes"] == STATE + CONTEXT
+        waking.let_go.set()
+        grant = await ask(incoming, "acquire", {"request_id": "r3"})
+        assert grant["granted"] and grant["restore"] and fake.calls()[-2:] == ["restore", "unlock"]
+
+
+@needs_cc
 async def test_state_the_tensor_tier_refuses_goes_whole_with_the_driver_tier(
     fake: Fake, tmp_path: Path
 ) -> None:

@@ -343,6 +343,20 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         self._schedule(now)
         return self._drain()
 
+    def context_off(self, kernel_id: str, nbytes: int, now: float) -> list[Action]:
+        """The driver tier took back the process of a kernel whose context a swap had brought
+        back (``context_back``) and that was not granted: the context (``nbytes``) is in host
+        memory again, off the GPU."""
+        kernel = self._kernel(kernel_id)
+        off = (KernelState.QUEUED, KernelState.OFFLOADED, KernelState.SPILLED)
+        if kernel.state not in off or kernel.lease is not None or kernel.device is None:
+            return []
+        self._move(kernel, None)
+        kernel.gpu_bytes = 0
+        self._hold_host(kernel, kernel.host_bytes + nbytes, reserved=0)
+        self._schedule(now)
+        return self._drain()
+
     def spilled(self, kernel_id: str, now: float, host_bytes: int, disk_bytes: int) -> list[Action]:
         """The kernel's host copy moved (partly) to disk to respect the host-memory budget."""
         kernel = self._kernel(kernel_id)

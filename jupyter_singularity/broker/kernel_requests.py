@@ -64,8 +64,9 @@ class KernelConnection:
     """UUID of the GPU the driver tier checkpointed this kernel's process off, if it did."""
     driver_bytes: int = 0
     """GPU memory of the process the driver tier keeps in host memory while it holds it."""
-    waking: asyncio.Future | None = None
-    """The driver tier bringing the process back ahead of its grant, for a swap (see .swaps)."""
+    driver_busy: asyncio.Future | None = None
+    """The driver tier moving the process for a swap (see .swaps): bringing it back ahead of its
+    grant, or taking it back after a swap it was not granted. A grant waits for it."""
     unusable: str = ""
     """Why the process cannot use CUDA any more (a failed driver checkpoint left it so): its GPU
     cells are refused with this until the kernel is restarted."""

@@ -244,8 +244,8 @@ class StateMoves(SwapRoom):
         """Driver tier: bring the process back, onto the granted GPU (a UUID remap migrates it),
         unless a swap brought it back already (or is bringing it back: see .swaps)."""
         connection = self._connections.get(grant.kernel_id)
-        if connection is not None and connection.waking is not None:
-            await asyncio.shield(connection.waking)  # (it logs its own failure)
+        if connection is not None and connection.driver_busy is not None:
+            await asyncio.shield(connection.driver_busy)  # (it logs its own failure)
         await self._driver_restore(grant.kernel_id, grant.device)
 
     async def _driver_restore(self, kernel_id: str, device: int) -> None:

@@ -13,7 +13,8 @@ plus the sum freed by the swap's victims, at most the incoming kernel's state. T
 kernel's device memory is thus never more than what no other kernel holds or is promised. A
 kernel whose process the driver tier holds checkpointed off that GPU is brought back first, out
 of the free room, its CUDA context booked there from then on (``core.context_back``); it gets
-room only then (a kernel cannot make CUDA calls while checkpointed).
+room only then (a kernel cannot make CUDA calls while checkpointed). Should it not be granted that
+GPU after all, the driver takes the process back (``core.context_off``).
 
 A victim whose offload fails after freeing storages asks for its room back (``room_back``); the
 broker revokes the incoming kernel's room (``room`` push, ``revoke``) and answers once that kernel
@@ -97,10 +98,10 @@ class SwapRoom:
             swap = Swap(incoming, action.device, self._unbooked(incoming, action))
             connection = self._connections[incoming]
             if connection.checkpointed_uuid is not None:
-                if swap.free < connection.driver_bytes or connection.waking is not None:
-                    return False  # no room for its context (or an earlier swap's wake is on)
+                if swap.free < connection.driver_bytes or connection.driver_busy is not None:
+                    return False  # no room for its context (or the driver is busy with it)
                 swap.context, swap.waking = connection.driver_bytes, True
-                connection.waking = self._spawn(self._wake(swap, connection))
+                connection.driver_busy = self._spawn(self._wake(swap, connection))
             table[incoming] = swap
         elif swap.revoked:
             return False
@@ -183,7 +184,7 @@ class SwapRoom:
             if not swap.revoked and self._claims(swap):
                 self._give_room(swap)
         finally:
-            connection.waking = None
+            connection.driver_busy = None
             swap.waking = False
             if swap.revoked and not swap.given:
                 swap.returned.set()
@@ -334,3 +335,35 @@ class SwapRoom:
         swap.victims.clear()
         if table.get(swap.incoming) is swap:
             del table[swap.incoming]
+        self._take_back_if_left(swap)
+
+    def _take_back_if_left(self, swap: Swap) -> None:
+        """A kernel the driver brought back for ``swap`` whose request then ended without a
+        grant, what it restored early given back: the driver takes its process back, or its
+        context would stay booked on the GPU until its next cell."""
+        kernel = self.core.kernels.get(swap.incoming)
+        connection = self._connections.get(swap.incoming)
+        if (
+            swap.woken
+            and kernel is not None
+            and kernel.request is None
+            and kernel.lease is None
+            and kernel.device == swap.device
+            and (not swap.given or swap.returned.is_set())
+            and connection is not None
+            and connection.driver_busy is None
+            and connection.checkpointed_uuid is None
+        ):
+            connection.driver_busy = self._spawn(self._take_back(swap, connection))
+
+    async def _take_back(self, swap: Swap, connection: KernelConnection) -> None:
+        try:
+            kernel = self.core.kernels.get(swap.incoming)
+            if kernel is None or kernel.lease is not None:
+                return  # (granted meanwhile: its lease books the context)
+            if await self._checkpoint_context(
+                swap.incoming, swap.device, kernel.host_bytes, swap.context
+            ):
+                self._apply(self.core.context_off(swap.incoming, swap.context, self.clock()))
+        finally:
+            connection.driver_busy = None
