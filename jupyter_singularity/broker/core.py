@@ -330,9 +330,8 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         in host memory until now) is booked there, as one the driver tier never took, until its
         restore."""
         kernel = self._kernel(kernel_id)
-        off = (KernelState.QUEUED, KernelState.OFFLOADED, KernelState.SPILLED)
-        if (
-            kernel.state not in off
+        if (  # (its host copy idle, queued or not)
+            kernel.state not in SPILLABLE_STATES
             or kernel.lease is not None
             or kernel.device not in (None, device)
         ):
@@ -348,8 +347,11 @@ class BrokerCore(Scheduling, HostBudget, Placement, Rejoin):
         back (``context_back``) and that was not granted: the context (``nbytes``) is in host
         memory again, off the GPU."""
         kernel = self._kernel(kernel_id)
-        off = (KernelState.QUEUED, KernelState.OFFLOADED, KernelState.SPILLED)
-        if kernel.state not in off or kernel.lease is not None or kernel.device is None:
+        if (
+            kernel.state not in SPILLABLE_STATES
+            or kernel.lease is not None
+            or kernel.device is None
+        ):
             return []
         self._move(kernel, None)
         kernel.gpu_bytes = 0
