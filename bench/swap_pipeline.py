@@ -13,8 +13,8 @@ restores into the room no booking holds, at once. Each round, in the same run:
 
 Without pipelining a swap costs about ``offload_s + restore_s``; with it the incoming kernel
 restores into the room free on the device at once and into each storage the victim frees as its
-copy ends (see ``jupyter_singularity.broker.swaps``), so about the larger of the two. Goal (issue 13):
-``swap_s / (offload_s + restore_s) <= 0.6``; min / median / max over ``--runs`` runs (each the
+copy ends (see ``jupyter_singularity.broker.swaps``), so about the larger of the two. Goal (issue
+13): ``swap_s / (offload_s + restore_s) <= 0.6``; min / median / max over ``--runs`` runs (each the
 median of ``--rounds`` rounds). The two copies run in two processes: it needs two free cores.
 
 On simulated devices each copy is CPU work, so beside the seconds it says where they went, read
